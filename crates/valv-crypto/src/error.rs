@@ -1,0 +1,14 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    /// Authentication failed: wrong key, wrong context, or a tampered ciphertext.
+    #[error("decryption failed: the ciphertext does not authenticate under this key and context")]
+    Authentication,
+    #[error("malformed ciphertext: {0}")]
+    Malformed(&'static str),
+    #[error("key-encryption key {provider} version {version} is not available")]
+    UnknownKek { provider: String, version: u32 },
+    #[error("key file: {0}")]
+    KeyFile(String),
+}

@@ -1,0 +1,34 @@
+//! Data keys and their wrapped form.
+
+use zeroize::Zeroizing;
+
+/// A 256-bit symmetric data key. Its bytes are zeroized when it is dropped and never printed.
+#[derive(Clone)]
+pub struct DataKey(Zeroizing<[u8; 32]>);
+
+impl DataKey {
+    /// A data key from 32 bytes of fresh randomness supplied by the caller.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        DataKey(Zeroizing::new(bytes))
+    }
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(<redacted>)")
+    }
+}
+
+/// A data key encrypted under a key-encryption key of a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrappedKey {
+    /// Which provider wrapped it (e.g. `file`).
+    pub provider: String,
+    /// Which version of the provider's KEK.
+    pub kek_version: u32,
+    /// nonce || ciphertext || tag.
+    pub ciphertext: Vec<u8>,
+}

@@ -1,0 +1,21 @@
+//! Valv's key hierarchy, free of I/O and of the clock: randomness comes in as arguments.
+//!
+//! - [`provider`]: the [`KeyProvider`] trait that holds key-encryption keys (KEKs) and wraps data
+//!   keys, and the local key-file provider.
+//! - [`keys`]: data keys (256-bit, zeroized on drop) and their wrapped form.
+//! - [`aead`]: AES-256-GCM sealing whose additional data binds purpose, type, id, version and
+//!   patient, so a ciphertext moved elsewhere fails to open.
+//! - [`blind`]: blind-index tokens, HMAC-SHA256 over a search parameter and a normalised value.
+
+pub mod aead;
+pub mod blind;
+mod error;
+pub mod hex;
+pub mod keys;
+pub mod provider;
+
+pub use aead::{open, seal, Aad};
+pub use blind::BlindIndexKey;
+pub use error::CryptoError;
+pub use keys::{DataKey, WrappedKey};
+pub use provider::{KeyProvider, LocalKeyProvider};
