@@ -1,1 +1,337 @@
-//! placeholder
+//! Valv's HTTPS server. A request is read top to bottom in [`handle`] and [`fhir`]:
+//!
+//! ```text
+//! TLS (rustls, 1.3)                          serve()
+//!   -> route and security headers            handle() / dispatch()
+//!   -> authenticate (API key -> Principal)   fhir::authenticate
+//!   -> parse (URL, headers, body)            parse_interaction()
+//!   -> locate / decide / audit / act         fhir::execute
+//!   -> respond (FHIR JSON or OperationOutcome)
+//! ```
+
+pub mod audit;
+pub mod auth;
+pub mod error;
+pub mod fhir;
+pub mod metrics;
+pub mod policy;
+pub mod query;
+pub mod tls;
+
+use crate::error::ApiError;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+use valv_fhir::date;
+use valv_store::vault::{Resource, Vault};
+
+/// Everything a request needs, shared by all connections.
+pub struct App {
+    pub vault: Vault,
+    pub audit: Arc<dyn audit::AuditSink>,
+    pub metrics: metrics::Metrics,
+    /// The public FHIR base URL, e.g. `https://127.0.0.1:8443/fhir`.
+    pub base_url: String,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// When the server started (the CapabilityStatement's date).
+    pub started: String,
+}
+
+/// A successful answer before it becomes an HTTP response (or a batch entry).
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Option<Value>,
+    /// Type, id, version and last-updated time of the resource concerned (ETag, Last-Modified).
+    pub resource: Option<(String, String, u64, i64)>,
+    /// Send a Location header (creates and updates).
+    pub location: bool,
+    /// A non-JSON body with its content type.
+    pub text: Option<(&'static str, String)>,
+}
+
+impl Reply {
+    pub fn json(status: StatusCode, body: Value) -> Self {
+        Reply { status, body: Some(body), resource: None, location: false, text: None }
+    }
+    pub fn text(content_type: &'static str, text: String) -> Self {
+        Reply { status: StatusCode::OK, body: None, resource: None, location: false, text: Some((content_type, text)) }
+    }
+    pub fn resource(status: StatusCode, r: Resource) -> Self {
+        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None }
+    }
+
+    /// This reply as a batch-response entry.
+    pub fn into_entry(self, base: &str) -> Value {
+        let mut response = json!({"status": format!("{} {}", self.status.as_u16(), self.status.canonical_reason().unwrap_or(""))});
+        if let Some((t, id, v, lu)) = &self.resource {
+            response["etag"] = json!(format!("W/\"{v}\""));
+            response["lastModified"] = json!(date::format_instant(*lu));
+            if self.location {
+                response["location"] = json!(format!("{base}/{t}/{id}/_history/{v}"));
+            }
+        }
+        let mut e = json!({"response": response});
+        if let Some(b) = self.body {
+            e["resource"] = b;
+        }
+        e
+    }
+
+    fn into_response(self, base: &str) -> Response<Full<Bytes>> {
+        let mut builder = Response::builder().status(self.status);
+        if let Some((t, id, v, lu)) = &self.resource {
+            builder = builder.header(header::ETAG, format!("W/\"{v}\"")).header(header::LAST_MODIFIED, http_date(*lu));
+            if self.location {
+                builder = builder.header(header::LOCATION, format!("{base}/{t}/{id}/_history/{v}"));
+            }
+        }
+        let (ct, bytes) = match (self.text, self.body) {
+            (Some((ct, text)), _) => (ct, Bytes::from(text)),
+            (None, Some(body)) => (FHIR_JSON, Bytes::from(serde_json::to_vec(&body).unwrap_or_default())),
+            (None, None) => return builder.body(Full::new(Bytes::new())).unwrap_or_default(),
+        };
+        builder.header(header::CONTENT_TYPE, ct).body(Full::new(bytes)).unwrap_or_default()
+    }
+}
+
+const FHIR_JSON: &str = "application/fhir+json; charset=utf-8";
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// RFC 9110 IMF-fixdate, for Last-Modified.
+pub fn http_date(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let (y, m, d) = date::civil_from_days(days);
+    let sod = secs.rem_euclid(86_400);
+    const WD: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+    const MO: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        WD[(days + 4).rem_euclid(7) as usize],
+        MO[(m as usize).saturating_sub(1) % 12],
+        sod / 3600,
+        (sod % 3600) / 60,
+        sod % 60
+    )
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&e.outcome()).unwrap_or_default();
+    let mut r = Response::builder().status(e.status).header(header::CONTENT_TYPE, FHIR_JSON);
+    if e.status == StatusCode::UNAUTHORIZED {
+        r = r.header(header::WWW_AUTHENTICATE, "Bearer realm=\"valv\"");
+    }
+    r.body(Full::new(Bytes::from(body))).unwrap_or_default()
+}
+
+fn security_headers(h: &mut HeaderMap) {
+    for (name, value) in [
+        ("strict-transport-security", "max-age=63072000; includeSubDomains"),
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("content-security-policy", "default-src 'none'; frame-ancestors 'none'"),
+        ("referrer-policy", "no-referrer"),
+        ("cache-control", "no-store"),
+        ("cross-origin-resource-policy", "same-origin"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    valv_crypto::hex::encode(&b)
+}
+
+/// One request, start to finish: route, run, add headers, count, log.
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    let rid = request_id();
+    let method = req.method().clone();
+    let (route, result) = dispatch(&app, req, &rid, peer).await;
+    let mut resp = match result {
+        Ok(r) => r.into_response(&app.base_url),
+        Err(e) => error_response(&e),
+    };
+    security_headers(resp.headers_mut());
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    app.metrics.observe(route, status, started.elapsed());
+    // Route names and status only: paths and queries can carry patient data.
+    tracing::info!(request_id = %rid, method = %method, route, status, micros = started.elapsed().as_micros() as u64, "request");
+    resp
+}
+
+async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/healthz" => ("healthz", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", "ok\n".into()))),
+        "/readyz" => ("readyz", match only_get(&req) {
+            Ok(()) => app.vault.store().ping().await.map(|()| Reply::text("text/plain; charset=utf-8", "ready\n".into())).map_err(|_| ApiError::unavailable("storage is not ready")),
+            Err(e) => Err(e),
+        }),
+        "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
+        "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
+            Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
+        })),
+        p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
+        _ => ("unknown", Err(ApiError::not_found("no such endpoint; the FHIR API is under /fhir"))),
+    }
+}
+
+fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
+        Ok(())
+    } else {
+        Err(ApiError::method_not_allowed(format!("{} is not allowed here; use GET", req.method())))
+    }
+}
+
+async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+    let now = now_ms();
+    if let Err(e) = check_accept(req.headers()) {
+        return ("fhir_invalid", Err(e));
+    }
+    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let source = peer.ip().to_string();
+    let principal = match fhir::authenticate(app, authz.as_deref(), rid, &source, now).await {
+        Ok(p) => p,
+        Err(e) => return ("fhir_unauthenticated", Err(e)),
+    };
+    let return_representation = !req
+        .headers()
+        .get("prefer")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.contains("return=minimal"));
+    let purpose_of_use = req.headers().get("x-purpose-of-use").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let interaction = match parse_interaction(app, req).await {
+        Ok(i) => i,
+        Err(e) => return ("fhir_invalid", Err(e)),
+    };
+    let route = interaction.route();
+    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
+    (route, fhir::execute(app, &ctx, interaction).await)
+}
+
+fn check_accept(h: &HeaderMap) -> Result<(), ApiError> {
+    match h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
+        Some(a) if !(a.contains("json") || a.contains("*/*") || a.contains("application/*")) => Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "not-supported",
+            format!("cannot answer in '{a}': Valv speaks application/fhir+json"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// URL, headers and body -> an interaction. Reads the body only for POST and PUT, bounded.
+async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::Interaction, ApiError> {
+    use fhir::Interaction as I;
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let pairs = query::parse(req.uri().query().unwrap_or("")).map_err(ApiError::bad_request)?;
+    let if_match = match req.headers().get(header::IF_MATCH).and_then(|v| v.to_str().ok()) {
+        Some(tag) => Some(valv_fhir::bundle::parse_etag(tag).ok_or_else(|| ApiError::bad_request(format!("If-Match '{tag}' is not a version ETag such as W/\"1\"")))?),
+        None => None,
+    };
+    let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let body = if method == Method::POST || method == Method::PUT { Some(read_json_body(app, req).await?) } else { None };
+    let not_allowed = |allowed: &str| ApiError::method_not_allowed(format!("{method} is not allowed on {path}; allowed: {allowed}"));
+    let t = |s: &str| s.to_string();
+    Ok(match (segs.as_slice(), body) {
+        ([], Some(body)) if method == Method::POST => I::Bundle { body },
+        ([], _) => return Err(not_allowed("POST (transaction or batch Bundle)")),
+        ([rt], None) if method == Method::GET => I::Search { resource_type: t(rt), pairs },
+        ([rt], Some(body)) if method == Method::POST => I::Create { resource_type: t(rt), body },
+        ([_], _) => return Err(not_allowed("GET (search), POST (create)")),
+        ([rt, "_history"], None) if method == Method::GET => I::HistoryType { resource_type: t(rt), pairs },
+        ([rt, id], None) if method == Method::GET => I::Read { resource_type: t(rt), id: t(id) },
+        ([rt, id], Some(body)) if method == Method::PUT => I::Update { resource_type: t(rt), id: t(id), body, if_match },
+        ([rt, id], None) if method == Method::DELETE => I::Delete { resource_type: t(rt), id: t(id), if_match },
+        ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), DELETE")),
+        ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
+        ([rt, id, "_history", v], None) if method == Method::GET => {
+            let version = v.parse().map_err(|_| ApiError::not_found(format!("'{v}' is not a version of {rt}/{id}")))?;
+            I::VRead { resource_type: t(rt), id: t(id), version }
+        }
+        ([_, _, "_history", ..], _) => return Err(not_allowed("GET")),
+        _ => return Err(ApiError::not_found(format!("no FHIR interaction at {path}"))),
+    })
+}
+
+async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<Value, ApiError> {
+    let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if media != "application/fhir+json" && media != "application/json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            format!("Content-Type '{ct}' is not supported: send application/fhir+json"),
+        ));
+    }
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the body exceeds the limit of {} bytes", app.max_body_bytes))
+    };
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes) {
+        return Err(too_large());
+    }
+    let bytes = Limited::new(req.into_body(), app.max_body_bytes).collect().await.map_err(|e| {
+        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            too_large()
+        } else {
+            ApiError::bad_request("the request body could not be read")
+        }
+    })?;
+    let bytes = bytes.to_bytes();
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "structure", "the body must be a JSON object (a FHIR resource)"));
+    }
+    Ok(value)
+}
+
+/// Accepts connections until `shutdown` resolves: TLS handshake (bounded in time), then HTTP/1.1
+/// or HTTP/2 as negotiated.
+pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let Ok((tcp, peer)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let (app, acceptor) = (app.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+                    let svc = hyper::service::service_fn(move |req| {
+                        let app = app.clone();
+                        async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+                    });
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(15));
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        }
+    }
+}

@@ -1,1 +1,123 @@
-//! placeholder
+//! Storage for Valv: the backend-neutral [`Store`] trait, its SQLite implementation, and the
+//! [`vault::Vault`] that encrypts, indexes and versions resources on top of any `Store`.
+//!
+//! Backends see only sealed bytes, blind-index tokens, wrapped keys and plain ids and times; no
+//! backend type crosses the trait, and nothing above this crate branches on the backend.
+
+mod error;
+mod keycache;
+pub mod sqlite;
+pub mod vault;
+
+pub use error::StoreError;
+
+use async_trait::async_trait;
+pub use valv_crypto::WrappedKey;
+
+/// A blind-index token (HMAC-SHA256 output).
+pub type Token = [u8; 32];
+
+/// One stored version of a resource, as the backend holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    pub resource_type: String,
+    pub id: String,
+    pub version: u64,
+    /// The owning patient (whose data key sealed `body`), or `None` for tenant data.
+    pub patient: Option<String>,
+    pub deleted: bool,
+    /// Milliseconds since the Unix epoch.
+    pub last_updated: i64,
+    /// The sealed resource; empty for a deletion.
+    pub body: Vec<u8>,
+}
+
+/// What the current state of a resource must be for a write to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The resource must not exist yet (create).
+    Absent,
+    /// The current version must be exactly this one (update, delete).
+    Version(u64),
+}
+
+/// One write of a commit: a new version and the search tokens of the new current state.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub expect: Expect,
+    pub version: StoredVersion,
+    pub tokens: Vec<Token>,
+}
+
+/// A resource's place without its content: enough to locate the patient and decide on access
+/// before anything is decrypted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub id: String,
+    pub version: u64,
+    pub patient: Option<String>,
+    pub deleted: bool,
+    pub last_updated: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    #[default]
+    Created,
+    LastUpdatedAsc,
+    LastUpdatedDesc,
+}
+
+/// Candidate selection for a search: every group must match (AND), a group matches when the
+/// resource has any of its tokens (OR).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub resource_type: String,
+    pub token_groups: Vec<Vec<Token>>,
+    pub ids: Option<Vec<String>>,
+    /// Each inner list is ORed ranges `[from, to)` of last-updated milliseconds; lists are ANDed.
+    pub last_updated: Vec<Vec<(i64, i64)>>,
+    pub order: Order,
+}
+
+/// A service account's API key, stored by hash only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub hash: [u8; 32],
+    pub created: i64,
+    pub revoked: Option<i64>,
+}
+
+/// The persistence contract every backend implements (SQLite here, PostgreSQL later).
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// A wrapped key by name (`tenant`, `blind-index`, `patient:<id>`).
+    async fn get_key(&self, name: &str) -> Result<Option<WrappedKey>, StoreError>;
+    /// Stores a wrapped key unless one exists under the name; returns the one that is stored.
+    async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError>;
+    /// Current state of a resource without its body.
+    async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError>;
+    /// The current version (a deletion has an empty body).
+    async fn read_current(&self, resource_type: &str, id: &str) -> Result<Option<StoredVersion>, StoreError>;
+    async fn read_version(&self, resource_type: &str, id: &str, version: u64) -> Result<Option<StoredVersion>, StoreError>;
+    /// Current versions of many resources of one type, in the order of `ids` (missing ones skipped).
+    async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError>;
+    /// Versions newest first: of one resource when `id` is given, else of a whole type.
+    /// Returns the page and the total number of versions.
+    async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize)
+        -> Result<(Vec<StoredVersion>, usize), StoreError>;
+    /// Applies all writes atomically and durably (fsync) or none of them.
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError>;
+    /// Candidates for a search, in the filter's order, deleted resources excluded.
+    async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError>;
+    async fn insert_api_key(&self, record: &ApiKeyRecord) -> Result<(), StoreError>;
+    async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError>;
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+    /// Marks a key revoked; false if no active key has that id or name.
+    async fn revoke_api_key(&self, id_or_name: &str, now: i64) -> Result<bool, StoreError>;
+    /// Cheap liveness check for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

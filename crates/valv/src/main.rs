@@ -1,1 +1,262 @@
-fn main() {}
+//! The `valv` command: serve the API, initialise a data directory, manage API keys, generate
+//! synthetic patients and import FHIR bundles.
+
+mod config;
+mod datadir;
+mod import;
+mod synth;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "valv", version, about = "Valv: a FHIR R4 patient-record server with encryption at rest, audit and access control built in")]
+struct Cli {
+    /// The data directory (configuration, database, keys, certificates, audit log).
+    #[arg(long, global = true, env = "VALV_DATA_DIR", default_value = "./valv-data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTPS (initialising the data directory on first start).
+    Serve {
+        /// Also load synthetic demo patients if the store has none.
+        #[arg(long)]
+        demo: bool,
+        /// Listen address (overrides the configuration).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Create the data directory as first start does, without serving.
+    Init,
+    /// Manage API keys for service accounts.
+    Apikey {
+        #[command(subcommand)]
+        action: ApikeyAction,
+    },
+    /// Write synthetic patients as FHIR transaction bundles (never real data).
+    Synth {
+        #[arg(long, default_value_t = 10)]
+        patients: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed for reproducible output (random when left out).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Import FHIR transaction or batch bundles (e.g. Synthea output), each file atomically.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApikeyAction {
+    /// Create a key; the key itself is the last line of standard output, shown only once.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "service")]
+        role: String,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key by id or name.
+    Revoke { id_or_name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(message: &str) -> ExitCode {
+    eprintln!("valv: {message}");
+    ExitCode::FAILURE
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).with_current_span(false).try_init();
+}
+
+fn random_u64() -> Result<u64, String> {
+    valv_store::vault::random_bytes::<8>().map(u64::from_le_bytes).map_err(|e| e.to_string())
+}
+
+fn today() -> (i32, u32, u32) {
+    let (y, m, d) = valv_fhir::date::civil_from_days(valv_server::now_ms().div_euclid(86_400_000));
+    (y as i32, m, d)
+}
+
+async fn ensure_initialised(dir: &std::path::Path) -> Result<(), String> {
+    if !datadir::is_initialised(dir) {
+        let key = datadir::init(dir).await?;
+        println!("Initialised a new Valv data directory at {}", dir.display());
+        println!("Admin API key (shown once; store it in your secret manager now):");
+        println!("{key}");
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let dir = cli.data_dir;
+    match cli.command {
+        Command::Init => {
+            let key = datadir::init(&dir).await?;
+            println!("Initialised a new Valv data directory at {}", dir.display());
+            println!("Admin API key (shown once; store it in your secret manager now):");
+            println!("{key}");
+            Ok(())
+        }
+        Command::Serve { demo, listen } => {
+            ensure_initialised(&dir).await?;
+            let opened = datadir::open(&dir, listen.as_deref()).await?;
+            init_logging(&opened.config.log.level);
+            if demo {
+                load_demo(&opened).await?;
+            }
+            serve(opened).await
+        }
+        Command::Apikey { action } => apikey(&dir, action).await,
+        Command::Synth { patients, out, seed } => {
+            let seed = match seed {
+                Some(s) => s,
+                None => random_u64()?,
+            };
+            std::fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+            let mut rng = synth::SynthRng::new(seed);
+            for i in 0..patients {
+                let bundle = synth::patient_bundle(&mut rng, today());
+                let path = out.join(format!("patient-{:06}.json", i + 1));
+                let text = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            }
+            println!("wrote {patients} synthetic patient bundles to {} (seed {seed})", out.display());
+            Ok(())
+        }
+        Command::Import { files } => {
+            if !datadir::is_initialised(&dir) {
+                return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
+            }
+            let opened = datadir::open(&dir, None).await?;
+            let s = import::run(&opened.app, &files).await;
+            println!(
+                "imported {} resources from {} of {} files in {:.1} s ({:.0} resources/s); {} rejected",
+                s.resources,
+                s.files_ok,
+                files.len(),
+                s.seconds,
+                s.resources as f64 / s.seconds.max(1e-9),
+                s.rejected.len()
+            );
+            for (path, why) in &s.rejected {
+                println!("rejected {}: {why}", path.display());
+            }
+            if s.rejected.is_empty() { Ok(()) } else { Err(format!("{} file(s) rejected; nothing of them was stored", s.rejected.len())) }
+        }
+    }
+}
+
+async fn load_demo(opened: &datadir::Opened) -> Result<(), String> {
+    let store = opened.app.vault.store();
+    let existing = store
+        .search(&valv_store::Filter { resource_type: "Patient".into(), ..Default::default() })
+        .await
+        .map_err(|e| e.to_string())?;
+    if !existing.is_empty() {
+        println!("demo: {} patients already present; loading none", existing.len());
+        return Ok(());
+    }
+    let mut rng = synth::SynthRng::new(random_u64()?);
+    let mut total = 0;
+    for _ in 0..20 {
+        total += import::import_bundle(&opened.app, synth::patient_bundle(&mut rng, today())).await?;
+    }
+    println!("demo: loaded 20 synthetic patients ({total} resources)");
+    Ok(())
+}
+
+async fn serve(opened: datadir::Opened) -> Result<(), String> {
+    let (cert, key) = datadir::tls_files(&opened);
+    let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
+    let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);
+    let tls = valv_server::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12)?;
+    let addr = opened.config.server.listen.clone();
+    let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("Valv serving HTTPS on https://{local}/fhir (metadata: https://{local}/fhir/metadata)");
+    tracing::info!(address = %local, "listening");
+    valv_server::serve(opened.app.clone(), listener, tls, shutdown_signal()).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), String> {
+    if !datadir::is_initialised(dir) {
+        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
+    }
+    let opened = datadir::open(dir, None).await?;
+    let store = opened.app.vault.store();
+    let now = valv_server::now_ms();
+    match action {
+        ApikeyAction::Create { name, role } => {
+            let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
+            let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
+            let (key, record) = valv_server::auth::new_api_key(&name, &role, now, r32, r16)?;
+            store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
+            println!("created API key '{name}' (id {}, role {role}); it is shown only once:", record.id);
+            println!("{key}");
+        }
+        ApikeyAction::List => {
+            for k in store.list_api_keys().await.map_err(|e| e.to_string())? {
+                let state = match k.revoked {
+                    Some(t) => format!("revoked {}", valv_fhir::date::format_instant(t)),
+                    None => "active".into(),
+                };
+                println!("{}  {:<24} {:<8} created {}  {state}", k.id, k.name, k.role, valv_fhir::date::format_instant(k.created));
+            }
+        }
+        ApikeyAction::Revoke { id_or_name } => {
+            if store.revoke_api_key(&id_or_name, now).await.map_err(|e| e.to_string())? {
+                println!("revoked API key '{id_or_name}'");
+            } else {
+                return Err(format!("no active API key with id or name '{id_or_name}'"));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! Bundles: parsing transaction and batch requests (with `urn:uuid:` reference resolution, as
+//! Synthea writes them), and building searchset, history and response bundles.
+
+use crate::FhirError;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    Transaction,
+    Batch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+/// One request entry of a transaction or batch.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub full_url: Option<String>,
+    pub method: Method,
+    pub resource_type: String,
+    /// The logical id for PUT, DELETE and GET; assigned by [`resolve_references`] for POST.
+    pub id: Option<String>,
+    /// The query part of a GET search (`Observation?code=x`).
+    pub query: Option<String>,
+    pub resource: Option<Value>,
+    /// `request.ifMatch` as a version number.
+    pub if_match: Option<u64>,
+}
+
+/// Parses and checks a transaction or batch Bundle. Every check that can fail does so here,
+/// before anything is written.
+pub fn parse(bundle: Value) -> Result<(BundleKind, Vec<Entry>), FhirError> {
+    let Value::Object(mut map) = bundle else {
+        return Err(FhirError::structure("a Bundle must be a JSON object"));
+    };
+    let kind = match map.get("type").and_then(Value::as_str) {
+        Some("transaction") => BundleKind::Transaction,
+        Some("batch") => BundleKind::Batch,
+        Some(other) => {
+            return Err(FhirError::processing(format!(
+                "Bundle.type '{other}' cannot be processed: POST /fhir takes 'transaction' or 'batch'"
+            )))
+        }
+        None => return Err(FhirError::structure("Bundle.type is required")),
+    };
+    let entries = match map.remove("entry") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(FhirError::structure("Bundle.entry must be an array")),
+    };
+    let parsed = entries.into_iter().enumerate().map(|(i, e)| parse_entry(i, e, kind)).collect::<Result<Vec<_>, _>>()?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, e) in parsed.iter().enumerate() {
+        if let Some(u) = &e.full_url {
+            if !seen.insert(u.as_str()) {
+                return Err(FhirError::processing(format!("Bundle.entry[{i}].fullUrl '{u}' appears more than once")));
+            }
+        }
+    }
+    Ok((kind, parsed))
+}
+
+fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirError> {
+    let at = |m: &str| FhirError::structure(format!("Bundle.entry[{i}]: {m}"));
+    let Value::Object(mut e) = entry else { return Err(at("an entry must be an object")) };
+    let full_url = match e.remove("fullUrl") {
+        None => None,
+        Some(Value::String(s)) => Some(s),
+        Some(_) => return Err(at("fullUrl must be a string")),
+    };
+    let request = e.remove("request").ok_or_else(|| at("request is required in a transaction or batch"))?;
+    let method = match request.get("method").and_then(Value::as_str) {
+        Some("GET") => Method::Get,
+        Some("POST") => Method::Post,
+        Some("PUT") => Method::Put,
+        Some("DELETE") => Method::Delete,
+        Some(m) => return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: request.method '{m}' is not supported"))),
+        None => return Err(at("request.method is required")),
+    };
+    if method == Method::Get && kind == BundleKind::Transaction {
+        return Err(FhirError::not_supported(format!(
+            "Bundle.entry[{i}]: GET inside a transaction is not supported; use a batch for reads"
+        )));
+    }
+    if request.get("ifNoneExist").is_some() || request.get("ifNoneMatch").is_some() || request.get("ifModifiedSince").is_some() {
+        return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: conditional requests are not supported")));
+    }
+    let url = request.get("url").and_then(Value::as_str).ok_or_else(|| at("request.url is required"))?;
+    let (path, query) = match url.split_once('?') {
+        Some((p, q)) => (p, Some(q.to_string())),
+        None => (url, None),
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (resource_type, id) = match (method, segments.as_slice()) {
+        (Method::Post, [t]) if query.is_none() => ((*t).to_string(), None),
+        (Method::Get, [t]) => ((*t).to_string(), None),
+        (Method::Put | Method::Delete | Method::Get, [t, id]) if query.is_none() => ((*t).to_string(), Some((*id).to_string())),
+        _ => return Err(FhirError::processing(format!("Bundle.entry[{i}]: request.url '{url}' does not fit method {method:?}"))),
+    };
+    if method == Method::Delete && id.is_none() || (method == Method::Put && id.is_none()) {
+        return Err(FhirError::processing(format!("Bundle.entry[{i}]: conditional {method:?} is not supported")));
+    }
+    if !crate::r4::is_resource_type(&resource_type) {
+        return Err(FhirError::processing(format!("Bundle.entry[{i}]: '{resource_type}' is not an R4 resource type")));
+    }
+    if let Some(id) = &id {
+        if !crate::id::is_valid_id(id) {
+            return Err(FhirError::processing(format!("Bundle.entry[{i}]: '{id}' is not a valid id")));
+        }
+    }
+    let if_match = match request.get("ifMatch").and_then(Value::as_str) {
+        Some(tag) => Some(parse_etag(tag).ok_or_else(|| at(&format!("ifMatch '{tag}' is not a version ETag")))?),
+        None => None,
+    };
+    let resource = e.remove("resource");
+    match (method, &resource) {
+        (Method::Post | Method::Put, None) => return Err(at("resource is required for POST and PUT")),
+        (Method::Post | Method::Put, Some(r)) => {
+            let rt = r.get("resourceType").and_then(Value::as_str);
+            if rt != Some(resource_type.as_str()) {
+                return Err(FhirError::processing(format!(
+                    "Bundle.entry[{i}]: resource.resourceType {rt:?} does not match request.url '{url}'"
+                )));
+            }
+            if method == Method::Put && r.get("id").and_then(Value::as_str).is_some_and(|rid| Some(rid) != id.as_deref()) {
+                return Err(FhirError::processing(format!("Bundle.entry[{i}]: resource.id does not match request.url '{url}'")));
+            }
+        }
+        _ => {}
+    }
+    Ok(Entry { full_url, method, resource_type, id, query, resource, if_match })
+}
+
+/// Parses a weak or strong ETag (`W/"3"`, `"3"`, `3`) into a version number.
+pub fn parse_etag(tag: &str) -> Option<u64> {
+    let t = tag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    t.trim_matches('"').parse().ok()
+}
+
+/// Assigns ids to POST entries (through `new_id`) and rewrites every reference to an entry's
+/// fullUrl into `Type/id`. A `urn:uuid:` or `urn:oid:` reference that names no entry is an error:
+/// a transaction must not store a dangling placeholder.
+pub fn resolve_references(entries: &mut [Entry], mut new_id: impl FnMut() -> String) -> Result<(), FhirError> {
+    let mut map: HashMap<String, String> = HashMap::new();
+    for e in entries.iter_mut() {
+        if e.method == Method::Post {
+            e.id = Some(new_id());
+        }
+        if let (Some(full), Some(id)) = (&e.full_url, &e.id) {
+            if matches!(e.method, Method::Post | Method::Put) {
+                map.insert(full.clone(), format!("{}/{id}", e.resource_type));
+            }
+        }
+    }
+    for (i, e) in entries.iter_mut().enumerate() {
+        if let Some(r) = e.resource.as_mut() {
+            rewrite(r, &map).map_err(|bad| {
+                FhirError::processing(format!("Bundle.entry[{i}]: reference '{bad}' does not resolve to an entry of this Bundle"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn rewrite(value: &mut Value, map: &HashMap<String, String>) -> Result<(), String> {
+    match value {
+        Value::Object(obj) => {
+            for (k, v) in obj.iter_mut() {
+                if let ("reference", Value::String(s)) = (k.as_str(), &mut *v) {
+                    if let Some(target) = map.get(s.as_str()) {
+                        *s = target.clone();
+                    } else if s.starts_with("urn:uuid:") || s.starts_with("urn:oid:") {
+                        return Err(s.clone());
+                    }
+                } else {
+                    rewrite(v, map)?;
+                }
+            }
+            Ok(())
+        }
+        Value::Array(items) => items.iter_mut().try_for_each(|v| rewrite(v, map)),
+        _ => Ok(()),
+    }
+}
+
+/// One `Bundle.link`.
+pub fn link(relation: &str, url: &str) -> Value {
+    json!({"relation": relation, "url": url})
+}
+
+/// A `searchset` or `history` Bundle.
+pub fn collection(kind: &str, id: &str, total: Option<usize>, links: Vec<Value>, entries: Vec<Value>) -> Value {
+    let mut b = Map::new();
+    b.insert("resourceType".into(), json!("Bundle"));
+    b.insert("id".into(), json!(id));
+    b.insert("type".into(), json!(kind));
+    if let Some(t) = total {
+        b.insert("total".into(), json!(t));
+    }
+    if !links.is_empty() {
+        b.insert("link".into(), Value::Array(links));
+    }
+    if !entries.is_empty() {
+        b.insert("entry".into(), Value::Array(entries));
+    }
+    Value::Object(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx(entries: Value) -> Value {
+        json!({"resourceType":"Bundle","type":"transaction","entry":entries})
+    }
+
+    #[test]
+    fn resolves_urn_uuid() {
+        let b = tx(json!([
+            {"fullUrl":"urn:uuid:a","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
+            {"fullUrl":"urn:uuid:b","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:a"}},
+             "request":{"method":"POST","url":"Observation"}}
+        ]));
+        let (kind, mut entries) = parse(b).expect("parses");
+        assert_eq!(kind, BundleKind::Transaction);
+        let mut n = 0;
+        resolve_references(&mut entries, || {
+            n += 1;
+            format!("id{n}")
+        })
+        .expect("resolves");
+        assert_eq!(entries[1].resource.as_ref().map(|r| r["subject"]["reference"].clone()), Some(json!("Patient/id1")));
+    }
+
+    #[test]
+    fn dangling_urn_is_rejected() {
+        let b = tx(json!([{"fullUrl":"urn:uuid:b","resource":{"resourceType":"Observation","subject":{"reference":"urn:uuid:zz"}},
+             "request":{"method":"POST","url":"Observation"}}]));
+        let (_, mut entries) = parse(b).expect("parses");
+        assert!(resolve_references(&mut entries, || "x".into()).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_entries() {
+        for e in [
+            json!([{"resource":{"resourceType":"Patient"}}]),
+            json!([{"resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Observation"}}]),
+            json!([{"request":{"method":"PATCH","url":"Patient/1"}}]),
+            json!([{"request":{"method":"GET","url":"Patient/1"}}]),
+            json!([{"request":{"method":"DELETE","url":"Patient"}}]),
+            json!([{"resource":{"resourceType":"Patient","id":"2"},"request":{"method":"PUT","url":"Patient/1"}}]),
+            json!([{"fullUrl":"x","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}},
+                   {"fullUrl":"x","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient"}}]),
+        ] {
+            assert!(parse(tx(e.clone())).is_err(), "{e}");
+        }
+        assert!(parse(json!({"resourceType":"Bundle","type":"collection"})).is_err());
+    }
+
+    #[test]
+    fn etags() {
+        assert_eq!(parse_etag("W/\"3\""), Some(3));
+        assert_eq!(parse_etag("\"12\""), Some(12));
+        assert_eq!(parse_etag("W/\"x\""), None);
+    }
+}

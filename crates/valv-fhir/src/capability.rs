@@ -1,0 +1,87 @@
+//! The CapabilityStatement served at `GET /fhir/metadata`: it states exactly what Valv does.
+
+use crate::search::{params_for, ParamKind};
+use serde_json::{json, Value};
+
+/// Resource types that are never stored through the REST API: they are operation payloads, or
+/// produced by the server itself (AuditEvent comes from the audit log).
+pub fn is_storable(resource_type: &str) -> bool {
+    !matches!(resource_type, "Parameters" | "OperationOutcome" | "AuditEvent")
+}
+
+fn kind_code(k: ParamKind) -> &'static str {
+    match k {
+        ParamKind::Token => "token",
+        ParamKind::String => "string",
+        ParamKind::Reference => "reference",
+        ParamKind::Date => "date",
+    }
+}
+
+fn resource_entry(t: &str) -> Value {
+    let mut params = vec![
+        json!({"name":"_id","type":"token"}),
+        json!({"name":"_lastUpdated","type":"date"}),
+    ];
+    params.extend(params_for(t).iter().map(|p| json!({"name": p.name, "type": kind_code(p.kind)})));
+    let interactions: Vec<Value> = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+        .iter()
+        .map(|c| json!({ "code": c }))
+        .collect();
+    json!({
+        "type": t,
+        "interaction": interactions,
+        "versioning": "versioned-update",
+        "readHistory": true,
+        "updateCreate": false,
+        "conditionalCreate": false,
+        "conditionalUpdate": false,
+        "conditionalDelete": "not-supported",
+        "searchParam": params,
+    })
+}
+
+/// The CapabilityStatement. `date` is the server's start time (an R4 dateTime), `base` the
+/// FHIR base URL.
+pub fn capability_statement(software_version: &str, date: &str, base: &str) -> Value {
+    let resources: Vec<Value> = crate::r4::resource_types().iter().copied().filter(|t| is_storable(t)).map(resource_entry).collect();
+    json!({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": date,
+        "kind": "instance",
+        "publisher": "Valv",
+        "software": {"name": "Valv", "version": software_version},
+        "implementation": {"description": "Valv patient-record server", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {
+                "cors": false,
+                "description": "HTTPS only. Every request except GET /metadata needs a bearer credential (an API key in this version). Resources are encrypted at rest with per-patient keys.",
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}],
+                             "text": "Bearer API keys"}]
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_search_params_truthfully() {
+        let cs = capability_statement("0.1.0", "2026-01-01", "https://localhost/fhir");
+        let obs = cs["rest"][0]["resource"].as_array().and_then(|r| r.iter().find(|e| e["type"] == "Observation")).cloned();
+        let obs = obs.expect("Observation listed");
+        let names: Vec<&str> = obs["searchParam"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
+        for n in ["_id", "patient", "code", "date", "status"] {
+            assert!(names.contains(&n), "{n}");
+        }
+        assert!(!cs["rest"][0]["resource"].as_array().is_some_and(|r| r.iter().any(|e| e["type"] == "AuditEvent")));
+    }
+}

@@ -1,0 +1,718 @@
+//! The search parameters Valv supports: their definitions, the index keys extracted from a
+//! resource, the parsing of a search request, and the precise matching of a decrypted resource.
+//!
+//! Index keys are plain strings here; the store turns each into a blind-index token by keyed
+//! hashing (`type | param | key`), so it never stores a searchable value in the clear. String
+//! values get a fixed number of keys each (16 prefix slots plus one exact key) so that the number of
+//! tokens does not reveal a name's length. Date values get calendar-bucket keys ([`crate::date`]).
+
+use crate::date::{self, Interval, Prefix};
+use crate::{reference, FhirError};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    Token,
+    String,
+    Reference,
+    Date,
+}
+
+#[derive(Debug)]
+pub struct ParamDef {
+    pub name: &'static str,
+    pub kind: ParamKind,
+    /// Element paths (dot-separated; `x[x]` matches any choice-type element `x…`).
+    pub paths: &'static [&'static str],
+    /// For references: the only target type that counts (e.g. `patient` -> Patient).
+    pub target: Option<&'static str>,
+}
+
+const fn p(name: &'static str, kind: ParamKind, paths: &'static [&'static str]) -> ParamDef {
+    ParamDef { name, kind, paths, target: None }
+}
+const fn patient(paths: &'static [&'static str]) -> ParamDef {
+    ParamDef { name: "patient", kind: ParamKind::Reference, paths, target: Some("Patient") }
+}
+
+use ParamKind::{Date as D, Reference as R, String as S, Token as T};
+
+const IDENT: ParamDef = p("identifier", T, &["identifier"]);
+const SUBJECT: ParamDef = p("subject", R, &["subject"]);
+const STATUS: ParamDef = p("status", T, &["status"]);
+const CATEGORY: ParamDef = p("category", T, &["category"]);
+const CODE: ParamDef = p("code", T, &["code"]);
+const ENCOUNTER: ParamDef = p("encounter", R, &["encounter"]);
+const NAME: ParamDef = p("name", S, &["name"]);
+const FAMILY: ParamDef = p("family", S, &["name.family"]);
+const GIVEN: ParamDef = p("given", S, &["name.given"]);
+
+const PATIENT: &[ParamDef] = &[
+    IDENT,
+    NAME, FAMILY, GIVEN,
+    p("birthdate", D, &["birthDate"]),
+    p("gender", T, &["gender"]),
+    p("active", T, &["active"]),
+    p("address", S, &["address"]),
+    p("organization", R, &["managingOrganization"]),
+    p("general-practitioner", R, &["generalPractitioner"]),
+];
+const PRACTITIONER: &[ParamDef] =
+    &[IDENT, NAME, FAMILY, GIVEN, p("gender", T, &["gender"]), p("active", T, &["active"])];
+const ORGANIZATION: &[ParamDef] = &[
+    IDENT,
+    p("name", S, &["name", "alias"]),
+    p("partof", R, &["partOf"]),
+    p("type", T, &["type"]),
+    p("active", T, &["active"]),
+];
+const OBSERVATION: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, CODE, CATEGORY, STATUS, ENCOUNTER,
+    p("date", D, &["effective[x]"]),
+    p("performer", R, &["performer"]),
+];
+const CONDITION: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, CODE, CATEGORY, ENCOUNTER,
+    p("clinical-status", T, &["clinicalStatus"]),
+    p("verification-status", T, &["verificationStatus"]),
+    p("onset-date", D, &["onset[x]"]),
+    p("recorded-date", D, &["recordedDate"]),
+];
+const ENCOUNTER_PARAMS: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, STATUS,
+    p("date", D, &["period"]),
+    p("class", T, &["class"]),
+    p("type", T, &["type"]),
+    p("participant", R, &["participant.individual"]),
+    p("service-provider", R, &["serviceProvider"]),
+];
+const PROCEDURE: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, CODE, CATEGORY, STATUS, ENCOUNTER,
+    p("date", D, &["performed[x]"]),
+];
+const MEDICATION_REQUEST: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, STATUS, CATEGORY, ENCOUNTER,
+    p("code", T, &["medication[x]"]),
+    p("intent", T, &["intent"]),
+    p("authoredon", D, &["authoredOn"]),
+    p("date", D, &["dosageInstruction.timing.event"]),
+    p("requester", R, &["requester"]),
+];
+const ALLERGY: &[ParamDef] = &[
+    IDENT, patient(&["patient"]),
+    p("code", T, &["code", "reaction.substance"]),
+    p("category", T, &["category"]),
+    p("clinical-status", T, &["clinicalStatus"]),
+    p("criticality", T, &["criticality"]),
+    p("date", D, &["recordedDate"]),
+];
+const IMMUNIZATION: &[ParamDef] = &[
+    IDENT, patient(&["patient"]), STATUS,
+    p("date", D, &["occurrence[x]"]),
+    p("vaccine-code", T, &["vaccineCode"]),
+];
+const DIAGNOSTIC_REPORT: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, CODE, CATEGORY, STATUS, ENCOUNTER,
+    p("date", D, &["effective[x]"]),
+    p("result", R, &["result"]),
+];
+const DOCUMENT_REFERENCE: &[ParamDef] = &[
+    p("identifier", T, &["masterIdentifier", "identifier"]),
+    patient(&["subject"]), SUBJECT, STATUS, CATEGORY,
+    p("type", T, &["type"]),
+    p("date", D, &["date"]),
+    p("encounter", R, &["context.encounter"]),
+    p("period", D, &["context.period"]),
+];
+const CARE_TEAM: &[ParamDef] = &[
+    IDENT, patient(&["subject"]), SUBJECT, STATUS, CATEGORY,
+    p("date", D, &["period"]),
+    p("participant", R, &["participant.member"]),
+];
+const CONSENT: &[ParamDef] = &[
+    IDENT, patient(&["patient"]), STATUS, CATEGORY,
+    p("date", D, &["dateTime"]),
+    p("scope", T, &["scope"]),
+    p("actor", R, &["provision.actor.reference"]),
+];
+
+/// The search parameters of a resource type (beyond `_id` and `_lastUpdated`, which every type has).
+pub fn params_for(resource_type: &str) -> &'static [ParamDef] {
+    match resource_type {
+        "Patient" => PATIENT,
+        "Practitioner" => PRACTITIONER,
+        "Organization" => ORGANIZATION,
+        "Observation" => OBSERVATION,
+        "Condition" => CONDITION,
+        "Encounter" => ENCOUNTER_PARAMS,
+        "Procedure" => PROCEDURE,
+        "MedicationRequest" => MEDICATION_REQUEST,
+        "AllergyIntolerance" => ALLERGY,
+        "Immunization" => IMMUNIZATION,
+        "DiagnosticReport" => DIAGNOSTIC_REPORT,
+        "DocumentReference" => DOCUMENT_REFERENCE,
+        "CareTeam" => CARE_TEAM,
+        "Consent" => CONSENT,
+        _ => &[],
+    }
+}
+
+/// Every value at a path, arrays flattened (`name.given` on a Patient with two names gives every
+/// given name of both).
+pub fn values_at<'a>(resource: &'a Value, path: &str) -> Vec<&'a Value> {
+    let mut current = vec![resource];
+    for segment in path.split('.') {
+        let mut next = Vec::new();
+        for v in current {
+            let Value::Object(map) = v else { continue };
+            let matched: Vec<&Value> = match segment.strip_suffix("[x]") {
+                Some(stem) => map
+                    .iter()
+                    .filter(|(k, _)| {
+                        k.strip_prefix(stem).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+                    })
+                    .map(|(_, v)| v)
+                    .collect(),
+                None => map.get(segment).into_iter().collect(),
+            };
+            for m in matched {
+                match m {
+                    Value::Array(items) => next.extend(items.iter()),
+                    other => next.push(other),
+                }
+            }
+        }
+        current = next;
+    }
+    current
+}
+
+/// One index key of a resource: the parameter and the key string (hashed by the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexKey {
+    pub param: &'static str,
+    pub key: String,
+}
+
+/// String prefix slots per value: longer search strings are narrowed by their first 16
+/// characters and then matched after decryption.
+pub const PREFIX_SLOTS: usize = 16;
+
+/// All index keys of a resource for its type's search parameters.
+pub fn index_keys(resource_type: &str, resource: &Value) -> Vec<IndexKey> {
+    let mut out = Vec::new();
+    for def in params_for(resource_type) {
+        let mut keys: Vec<String> = Vec::new();
+        for path in def.paths {
+            for v in values_at(resource, path) {
+                match def.kind {
+                    ParamKind::Token => token_keys(v, &mut keys),
+                    ParamKind::String => {
+                        for s in string_values(v) {
+                            string_keys(s, &mut keys);
+                        }
+                    }
+                    ParamKind::Reference => reference_keys(v, def.target, &mut keys),
+                    ParamKind::Date => {
+                        if let Some(i) = date_value(v) {
+                            keys.extend(date::index_keys(&i));
+                        }
+                    }
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        out.extend(keys.into_iter().map(|key| IndexKey { param: def.name, key }));
+    }
+    out
+}
+
+fn push_coding(system: Option<&str>, code: &str, out: &mut Vec<String>) {
+    out.push(format!("v:{code}"));
+    match system {
+        Some(s) => {
+            out.push(format!("s:{s}|{code}"));
+            out.push(format!("s:{s}|"));
+        }
+        None => out.push(format!("n:{code}")),
+    }
+}
+
+fn token_keys(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::String(s) => push_coding(None, s, out),
+        Value::Bool(b) => push_coding(None, if *b { "true" } else { "false" }, out),
+        Value::Object(map) => {
+            if let Some(Value::Array(codings)) = map.get("coding") {
+                codings.iter().for_each(|c| token_keys(c, out));
+            }
+            let system = map.get("system").and_then(Value::as_str);
+            let code = map.get("code").or_else(|| map.get("value")).and_then(Value::as_str);
+            if let Some(code) = code {
+                push_coding(system, code, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The searchable strings in a value: itself, or the parts of a HumanName or Address.
+fn string_values(v: &Value) -> Vec<&str> {
+    match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Object(map) => {
+            let mut out = Vec::new();
+            for field in ["text", "family", "given", "prefix", "suffix", "line", "city", "district", "state", "postalCode", "country"] {
+                match map.get(field) {
+                    Some(Value::String(s)) => out.push(s.as_str()),
+                    Some(Value::Array(items)) => out.extend(items.iter().filter_map(Value::as_str)),
+                    _ => {}
+                }
+            }
+            out
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Lower case, common Latin diacritics removed, whitespace collapsed: R4 string search is
+/// case- and accent-insensitive.
+pub fn normalize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.chars().flat_map(char::to_lowercase) {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+            continue;
+        }
+        if space {
+            out.push(' ');
+            space = false;
+        }
+        out.push(fold_diacritic(c));
+    }
+    out
+}
+
+fn fold_diacritic(c: char) -> char {
+    match c {
+        'à' | 'á' | 'â' | 'ã' | 'ä' | 'å' | 'ā' | 'ą' => 'a',
+        'ç' | 'ć' | 'č' => 'c',
+        'è' | 'é' | 'ê' | 'ë' | 'ē' | 'ę' | 'ě' => 'e',
+        'ì' | 'í' | 'î' | 'ï' | 'ī' => 'i',
+        'ñ' | 'ń' | 'ň' => 'n',
+        'ò' | 'ó' | 'ô' | 'õ' | 'ö' | 'ø' | 'ō' | 'ő' => 'o',
+        'ù' | 'ú' | 'û' | 'ü' | 'ū' | 'ů' | 'ű' => 'u',
+        'ý' | 'ÿ' => 'y',
+        'ś' | 'š' | 'ş' => 's',
+        'ź' | 'ż' | 'ž' => 'z',
+        'ł' => 'l',
+        'ř' => 'r',
+        'ť' => 't',
+        'ď' => 'd',
+        other => other,
+    }
+}
+
+fn string_keys(s: &str, out: &mut Vec<String>) {
+    let norm = normalize(s);
+    let chars: Vec<char> = norm.chars().collect();
+    for slot in 1..=PREFIX_SLOTS {
+        if slot <= chars.len() {
+            out.push(format!("p:{}", chars[..slot].iter().collect::<String>()));
+        } else {
+            // Filler keys keep the count of tokens per value constant; nobody searches for them.
+            out.push(format!("f:{slot}:{norm}"));
+        }
+    }
+    out.push(format!("e:{s}"));
+}
+
+fn reference_keys(v: &Value, target: Option<&str>, out: &mut Vec<String>) {
+    let Some(r) = v.get("reference").and_then(Value::as_str).and_then(reference::parse) else { return };
+    if target.is_some_and(|t| t != r.resource_type) {
+        return;
+    }
+    out.push(format!("r:{}", r.key()));
+    out.push(format!("i:{}", r.id));
+}
+
+fn date_value(v: &Value) -> Option<Interval> {
+    match v {
+        Value::String(s) => date::parse(s).ok(),
+        Value::Object(map) => {
+            let start = map.get("start").and_then(Value::as_str).and_then(|s| date::parse(s).ok());
+            let end = map.get("end").and_then(Value::as_str).and_then(|s| date::parse(s).ok());
+            if start.is_none() && end.is_none() {
+                return None;
+            }
+            Some(Interval {
+                start: start.map_or(Interval::ALL.start, |i| i.start),
+                end: end.map_or(Interval::ALL.end, |i| i.end),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// How results are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortOrder {
+    /// The order resources were first created (stable under updates).
+    #[default]
+    Created,
+    LastUpdatedAsc,
+    LastUpdatedDesc,
+}
+
+/// A parsed search request for one resource type.
+#[derive(Debug)]
+pub struct SearchRequest {
+    pub conditions: Vec<Condition>,
+    pub count: usize,
+    pub offset: usize,
+    pub sort: SortOrder,
+    /// `_summary=count` or `_count=0`: the total only.
+    pub count_only: bool,
+}
+
+pub const DEFAULT_COUNT: usize = 20;
+pub const MAX_COUNT: usize = 1000;
+
+/// One search parameter of the request; its alternatives (comma-separated values) are ORed, the
+/// conditions of a request are ANDed.
+#[derive(Debug)]
+pub struct Condition {
+    pub param: String,
+    pub test: Test,
+}
+
+#[derive(Debug)]
+pub enum Test {
+    Id(Vec<String>),
+    LastUpdated(Vec<(Prefix, Interval)>),
+    Indexed { def: &'static ParamDef, alternatives: Vec<Alternative> },
+}
+
+#[derive(Debug)]
+pub enum Alternative {
+    Token(String),
+    String { value: String, exact: bool },
+    Reference(Vec<String>),
+    Date(Prefix, Interval),
+}
+
+impl Condition {
+    /// The index keys a matching resource carries at least one of, or `None` when this
+    /// condition cannot narrow the candidates (e.g. a `ne` date).
+    pub fn candidate_keys(&self) -> Option<Vec<String>> {
+        let Test::Indexed { alternatives, .. } = &self.test else { return None };
+        let mut keys = Vec::new();
+        for alt in alternatives {
+            match alt {
+                Alternative::Token(k) => keys.push(k.clone()),
+                Alternative::String { value, exact: true } => keys.push(format!("e:{value}")),
+                Alternative::String { value, exact: false } => {
+                    let norm: String = normalize(value).chars().take(PREFIX_SLOTS).collect();
+                    keys.push(format!("p:{norm}"));
+                }
+                Alternative::Reference(ks) => keys.extend(ks.iter().cloned()),
+                Alternative::Date(prefix, search) => keys.extend(date::query_keys(&prefix.candidate_interval(search)?)),
+            }
+        }
+        Some(keys)
+    }
+
+    /// True when a match on the candidate keys is already a precise match, so the store's
+    /// count is exact without decrypting.
+    pub fn keys_are_exact(&self) -> bool {
+        match &self.test {
+            Test::Id(_) | Test::LastUpdated(_) => true,
+            Test::Indexed { alternatives, .. } => alternatives.iter().all(|a| match a {
+                Alternative::Token(_) | Alternative::Reference(_) => true,
+                Alternative::String { value, exact } => *exact || normalize(value).chars().count() <= PREFIX_SLOTS,
+                Alternative::Date(..) => false,
+            }),
+        }
+    }
+
+    /// The precise test on a decrypted resource.
+    pub fn matches(&self, resource_type: &str, resource: &Value) -> bool {
+        match &self.test {
+            Test::Id(ids) => resource.get("id").and_then(Value::as_str).is_some_and(|id| ids.iter().any(|i| i == id)),
+            Test::LastUpdated(alts) => {
+                let lu = resource.pointer("/meta/lastUpdated").and_then(Value::as_str).and_then(|s| date::parse(s).ok());
+                lu.is_some_and(|t| alts.iter().any(|(p, s)| p.matches(s, &t)))
+            }
+            Test::Indexed { def, alternatives } => {
+                let values: Vec<&Value> = def.paths.iter().flat_map(|path| values_at(resource, path)).collect();
+                let _ = resource_type;
+                alternatives.iter().any(|alt| alternative_matches(def, alt, &values))
+            }
+        }
+    }
+}
+
+fn alternative_matches(def: &ParamDef, alt: &Alternative, values: &[&Value]) -> bool {
+    match alt {
+        Alternative::Token(k) => values.iter().any(|v| {
+            let mut keys = Vec::new();
+            token_keys(v, &mut keys);
+            keys.contains(k)
+        }),
+        Alternative::String { value, exact } => {
+            let wanted = normalize(value);
+            values.iter().flat_map(|v| string_values(v)).any(|s| if *exact { s == value } else { normalize(s).starts_with(&wanted) })
+        }
+        Alternative::Reference(ks) => values.iter().any(|v| {
+            let mut keys = Vec::new();
+            reference_keys(v, def.target, &mut keys);
+            keys.iter().any(|k| ks.contains(k))
+        }),
+        Alternative::Date(prefix, search) => {
+            values.iter().filter_map(|v| date_value(v)).any(|t| prefix.matches(search, &t))
+        }
+    }
+}
+
+/// Parameters that shape the result rather than select it, and are accepted and handled or
+/// harmless.
+const RESULT_PARAMS: &[&str] = &["_count", "_offset", "_sort", "_summary", "_total", "_format", "_pretty"];
+
+/// Parses a search request. Unknown parameters and modifiers are rejected rather than ignored: a
+/// silently ignored typo would widen a query and disclose more than was asked for.
+pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<SearchRequest, FhirError> {
+    let mut req = SearchRequest { conditions: Vec::new(), count: DEFAULT_COUNT, offset: 0, sort: SortOrder::Created, count_only: false };
+    for (raw_name, value) in pairs {
+        let (name, modifier) = match raw_name.split_once(':') {
+            Some((n, m)) => (n, Some(m)),
+            None => (raw_name.as_str(), None),
+        };
+        if RESULT_PARAMS.contains(&name) {
+            apply_result_param(&mut req, name, value)?;
+            continue;
+        }
+        if value.is_empty() {
+            return Err(FhirError::invalid(format!("search parameter '{raw_name}' has an empty value")));
+        }
+        let test = match name {
+            "_id" => {
+                no_modifier(raw_name, modifier)?;
+                Test::Id(value.split(',').map(str::to_string).collect())
+            }
+            "_lastUpdated" => {
+                no_modifier(raw_name, modifier)?;
+                let alts = value.split(',').map(parse_date_alt).collect::<Result<_, _>>()?;
+                Test::LastUpdated(alts)
+            }
+            _ => {
+                let def = params_for(resource_type).iter().find(|d| d.name == name).ok_or_else(|| {
+                    FhirError::invalid(format!("unknown search parameter '{name}' for {resource_type}"))
+                })?;
+                let alternatives = value.split(',').map(|v| parse_alternative(def, modifier, v, raw_name)).collect::<Result<_, _>>()?;
+                Test::Indexed { def, alternatives }
+            }
+        };
+        req.conditions.push(Condition { param: name.to_string(), test });
+    }
+    Ok(req)
+}
+
+fn no_modifier(raw: &str, modifier: Option<&str>) -> Result<(), FhirError> {
+    match modifier {
+        None => Ok(()),
+        Some(m) => Err(FhirError::not_supported(format!("modifier ':{m}' is not supported on '{raw}'"))),
+    }
+}
+
+fn parse_usize(name: &str, value: &str) -> Result<usize, FhirError> {
+    value.parse().map_err(|_| FhirError::invalid(format!("'{name}' must be a non-negative integer, got '{value}'")))
+}
+
+fn apply_result_param(req: &mut SearchRequest, name: &str, value: &str) -> Result<(), FhirError> {
+    match name {
+        "_count" => {
+            let n = parse_usize(name, value)?;
+            req.count_only |= n == 0;
+            req.count = n.min(MAX_COUNT);
+        }
+        "_offset" => req.offset = parse_usize(name, value)?,
+        "_sort" => {
+            req.sort = match value {
+                "_lastUpdated" => SortOrder::LastUpdatedAsc,
+                "-_lastUpdated" => SortOrder::LastUpdatedDesc,
+                other => return Err(FhirError::not_supported(format!("_sort={other} is not supported (only _lastUpdated and -_lastUpdated)"))),
+            }
+        }
+        "_summary" => match value {
+            "count" => req.count_only = true,
+            "false" => {}
+            other => return Err(FhirError::not_supported(format!("_summary={other} is not supported"))),
+        },
+        "_format" if !value.contains("json") => {
+            return Err(FhirError::not_supported(format!("_format={value} is not supported: Valv speaks JSON only")))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn parse_date_alt(v: &str) -> Result<(Prefix, Interval), FhirError> {
+    let (prefix, rest) = Prefix::split(v)?;
+    Ok((prefix, date::parse(rest)?))
+}
+
+fn parse_alternative(def: &ParamDef, modifier: Option<&str>, v: &str, raw: &str) -> Result<Alternative, FhirError> {
+    match (def.kind, modifier) {
+        (ParamKind::String, None) => Ok(Alternative::String { value: v.to_string(), exact: false }),
+        (ParamKind::String, Some("exact")) => Ok(Alternative::String { value: v.to_string(), exact: true }),
+        (ParamKind::Token, None) => Ok(Alternative::Token(token_query_key(v))),
+        (ParamKind::Reference, None) => reference_query_keys(def, v).map(Alternative::Reference),
+        (ParamKind::Reference, Some(t)) if crate::r4::is_resource_type(t) => {
+            reference_query_keys(def, &format!("{t}/{v}")).map(Alternative::Reference)
+        }
+        (ParamKind::Date, None) => {
+            let (prefix, interval) = parse_date_alt(v)?;
+            Ok(Alternative::Date(prefix, interval))
+        }
+        (_, Some(m)) => Err(FhirError::not_supported(format!("modifier ':{m}' is not supported on '{raw}'"))),
+    }
+}
+
+fn token_query_key(v: &str) -> String {
+    match v.split_once('|') {
+        None => format!("v:{v}"),
+        Some(("", code)) => format!("n:{code}"),
+        Some((system, "")) => format!("s:{system}|"),
+        Some((system, code)) => format!("s:{system}|{code}"),
+    }
+}
+
+fn reference_query_keys(def: &ParamDef, v: &str) -> Result<Vec<String>, FhirError> {
+    if let Some(r) = reference::parse(v) {
+        return Ok(vec![format!("r:{}", r.key())]);
+    }
+    if crate::id::is_valid_id(v) {
+        return Ok(vec![match def.target {
+            Some(t) => format!("r:{t}/{v}"),
+            None => format!("i:{v}"),
+        }]);
+    }
+    Err(FhirError::invalid(format!("'{v}' is not a valid reference for search parameter '{}'", def.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+        q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    fn hit(t: &str, r: &Value, q: &[(&str, &str)]) -> bool {
+        let req = parse_request(t, &pairs(q)).expect("parses");
+        let keys: Vec<String> = index_keys(t, r).into_iter().map(|k| format!("{}={}", k.param, k.key)).collect();
+        req.conditions.iter().all(|c| {
+            let by_keys = match c.candidate_keys() {
+                Some(ks) => ks.iter().any(|k| keys.contains(&format!("{}={k}", c.param))),
+                None => true,
+            };
+            let precise = c.matches(t, r);
+            // The index never loses a true match.
+            assert!(!precise || by_keys, "{c:?} matched precisely but not by keys");
+            precise
+        })
+    }
+
+    fn patient() -> Value {
+        json!({"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"2024-01-02T03:04:05.000Z"},
+            "identifier":[{"system":"urn:mrn","value":"MRN-1"}],
+            "name":[{"family":"Öberg","given":["Anna","Maria"]}],
+            "birthDate":"1980-04-12","gender":"female","active":true,
+            "address":[{"city":"Göteborg","line":["Storgatan 1"]}]})
+    }
+
+    #[test]
+    fn patient_params() {
+        let p = patient();
+        assert!(hit("Patient", &p, &[("family", "oberg")]));
+        assert!(hit("Patient", &p, &[("family", "Öb")]));
+        assert!(!hit("Patient", &p, &[("family", "berg")]));
+        assert!(hit("Patient", &p, &[("family:exact", "Öberg")]));
+        assert!(!hit("Patient", &p, &[("family:exact", "oberg")]));
+        assert!(hit("Patient", &p, &[("given", "mar")]));
+        assert!(hit("Patient", &p, &[("name", "anna")]));
+        assert!(hit("Patient", &p, &[("identifier", "urn:mrn|MRN-1")]));
+        assert!(hit("Patient", &p, &[("identifier", "MRN-1")]));
+        assert!(!hit("Patient", &p, &[("identifier", "urn:other|MRN-1")]));
+        assert!(hit("Patient", &p, &[("birthdate", "1980")]));
+        assert!(hit("Patient", &p, &[("birthdate", "ge1980-04-12"), ("birthdate", "lt1980-04-13")]));
+        assert!(!hit("Patient", &p, &[("birthdate", "gt1980-04-12")]));
+        assert!(hit("Patient", &p, &[("gender", "female,male")]));
+        assert!(hit("Patient", &p, &[("active", "true")]));
+        assert!(hit("Patient", &p, &[("address", "goteborg")]));
+        assert!(hit("Patient", &p, &[("_id", "p1")]));
+        assert!(hit("Patient", &p, &[("_lastUpdated", "ge2024-01-01")]));
+        assert!(!hit("Patient", &p, &[("_lastUpdated", "lt2024-01-01")]));
+    }
+
+    #[test]
+    fn observation_params() {
+        let o = json!({"resourceType":"Observation","status":"final",
+            "subject":{"reference":"Patient/p1"},"encounter":{"reference":"Encounter/e1"},
+            "code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},
+            "category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],
+            "effectiveDateTime":"2020-06-01T10:00:00+02:00"});
+        assert!(hit("Observation", &o, &[("patient", "p1")]));
+        assert!(hit("Observation", &o, &[("patient", "Patient/p1")]));
+        assert!(hit("Observation", &o, &[("subject", "Patient/p1")]));
+        assert!(hit("Observation", &o, &[("subject:Patient", "p1")]));
+        assert!(!hit("Observation", &o, &[("patient", "p2")]));
+        assert!(hit("Observation", &o, &[("code", "http://loinc.org|8867-4")]));
+        assert!(hit("Observation", &o, &[("code", "http://loinc.org|")]));
+        assert!(!hit("Observation", &o, &[("code", "|8867-4")]));
+        assert!(hit("Observation", &o, &[("category", "vital-signs")]));
+        assert!(hit("Observation", &o, &[("status", "final")]));
+        assert!(hit("Observation", &o, &[("date", "2020-06")]));
+        assert!(hit("Observation", &o, &[("date", "gt2020-05-31")]));
+        assert!(!hit("Observation", &o, &[("date", "lt2020-06-01")]));
+        assert!(hit("Observation", &o, &[("date", "le2020-06-01")]));
+        assert!(hit("Observation", &o, &[("encounter", "Encounter/e1")]));
+    }
+
+    #[test]
+    fn period_dates() {
+        let e = json!({"resourceType":"Encounter","period":{"start":"2020-01-01T08:00:00Z","end":"2020-01-03T08:00:00Z"}});
+        assert!(hit("Encounter", &e, &[("date", "2020-01-02")]) == false, "eq needs containment");
+        assert!(hit("Encounter", &e, &[("date", "2020-01")]));
+        assert!(hit("Encounter", &e, &[("date", "ge2020-01-02")]));
+        let open = json!({"resourceType":"Encounter","period":{"start":"2020-01-01T08:00:00Z"}});
+        assert!(hit("Encounter", &open, &[("date", "gt2100")]));
+    }
+
+    #[test]
+    fn bad_requests() {
+        for q in [
+            vec![("nonsense", "1")],
+            vec![("family:contains", "x")],
+            vec![("birthdate", "1980-99")],
+            vec![("_count", "-1")],
+            vec![("_sort", "family")],
+            vec![("family", "")],
+            vec![("patient", "a b")],
+            vec![("birthdate", "sa1980")],
+        ] {
+            assert!(parse_request("Patient", &pairs(&q)).is_err() || parse_request("Observation", &pairs(&q)).is_err(), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn string_keys_are_fixed_in_number() {
+        let a = index_keys("Organization", &json!({"name":"A"}));
+        let b = index_keys("Organization", &json!({"name":"A much longer organisation name"}));
+        assert_eq!(a.len(), b.len());
+        assert_eq!(a.len(), PREFIX_SLOTS + 1);
+    }
+}

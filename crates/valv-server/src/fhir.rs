@@ -1,0 +1,589 @@
+//! The FHIR request path, top to bottom: authenticate -> parse -> locate -> decide -> audit ->
+//! act -> respond. Every interaction, whether it arrives on its own or inside a batch, runs
+//! through [`execute`]; transactions run through [`transaction`] so they commit atomically.
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{self, Principal};
+use crate::error::ApiError;
+use crate::policy::{self, Action};
+use crate::{App, Reply};
+use hyper::StatusCode;
+use serde_json::{json, Value};
+use valv_fhir::bundle::{self, BundleKind, Method};
+use valv_fhir::{capability, compartment, date, r4, search};
+use valv_store::vault::{self, Committed, Resource, WriteOp};
+
+/// What the caller asked for, parsed from the URL, headers and body.
+#[derive(Debug)]
+pub enum Interaction {
+    Read { resource_type: String, id: String },
+    VRead { resource_type: String, id: String, version: u64 },
+    Search { resource_type: String, pairs: Vec<(String, String)> },
+    HistoryInstance { resource_type: String, id: String, pairs: Vec<(String, String)> },
+    HistoryType { resource_type: String, pairs: Vec<(String, String)> },
+    Create { resource_type: String, body: Value },
+    Update { resource_type: String, id: String, body: Value, if_match: Option<u64> },
+    Delete { resource_type: String, id: String, if_match: Option<u64> },
+    Bundle { body: Value },
+}
+
+impl Interaction {
+    pub fn route(&self) -> &'static str {
+        match self {
+            Interaction::Read { .. } => "fhir_read",
+            Interaction::VRead { .. } => "fhir_vread",
+            Interaction::Search { .. } => "fhir_search",
+            Interaction::HistoryInstance { .. } | Interaction::HistoryType { .. } => "fhir_history",
+            Interaction::Create { .. } => "fhir_create",
+            Interaction::Update { .. } => "fhir_update",
+            Interaction::Delete { .. } => "fhir_delete",
+            Interaction::Bundle { .. } => "fhir_bundle",
+        }
+    }
+}
+
+/// Everything about the request that goes into audit entries.
+pub struct Ctx {
+    pub principal: Principal,
+    pub request_id: String,
+    pub source: String,
+    pub now: i64,
+    pub purpose_of_use: Option<String>,
+    /// Return the resource after a write (`Prefer: return=representation`, the default).
+    pub return_representation: bool,
+}
+
+/// One audit entry's varying part.
+struct Touch<'a> {
+    interaction: &'static str,
+    action: Action,
+    resource_type: &'a str,
+    id: Option<&'a str>,
+    version: Option<u64>,
+    patient: Option<&'a str>,
+    query: Option<String>,
+}
+
+impl Ctx {
+    fn event(&self, t: &Touch<'_>, outcome: Outcome, status: u16, reason: &str) -> Result<AuditEvent, ApiError> {
+        Ok(AuditEvent {
+            event_id: vault::new_id()?,
+            time: self.now,
+            request_id: self.request_id.clone(),
+            action: t.action.code(),
+            interaction: t.interaction,
+            outcome,
+            status,
+            agent_id: self.principal.id.clone(),
+            agent_name: self.principal.name.clone(),
+            roles: self.principal.roles.clone(),
+            source_address: self.source.clone(),
+            purpose_of_use: self.purpose_of_use.clone(),
+            patient: t.patient.map(str::to_string),
+            resource_type: Some(t.resource_type.to_string()),
+            resource_id: t.id.map(str::to_string),
+            version: t.version,
+            query: t.query.clone(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+/// Makes entries durable, or fails the request with 503 (fail closed).
+async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+    let n = events.len() as u64;
+    match app.audit.record(events).await {
+        Ok(()) => {
+            app.metrics.audit_entries.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            app.metrics.audit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(error = %e, "audit append failed; refusing the request");
+            Err(ApiError::unavailable("the audit log cannot record this request, so it is refused"))
+        }
+    }
+}
+
+/// Decides, and on a denial records it and returns 403.
+async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, ApiError> {
+    let d = policy::decide(&ctx.principal, touch.action, touch.resource_type, touch.patient);
+    if d.permit {
+        return Ok(d.reason);
+    }
+    audit(app, vec![ctx.event(touch, Outcome::Denied, 403, &d.reason)?]).await?;
+    Err(ApiError::forbidden(format!("access denied ({})", d.reason)))
+}
+
+/// Records a failed act after its attempt was recorded, then passes the error on.
+async fn audit_failure(app: &App, ctx: &Ctx, touch: &Touch<'_>, err: ApiError) -> ApiError {
+    let reason = format!("failed: {}", err.code);
+    match ctx.event(touch, Outcome::Error, err.status.as_u16(), &reason) {
+        Ok(ev) => match audit(app, vec![ev]).await {
+            Ok(()) => err,
+            Err(audit_err) => audit_err,
+        },
+        Err(e) => e,
+    }
+}
+
+/// Checks the type in a URL: known to R4 (else 404) and storable (else 405).
+pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
+    if !r4::is_resource_type(resource_type) {
+        return Err(ApiError::not_found(format!("'{resource_type}' is not a FHIR R4 resource type")));
+    }
+    if !capability::is_storable(resource_type) {
+        return Err(ApiError::method_not_allowed(format!("{resource_type} resources cannot be stored or read through this endpoint")));
+    }
+    Ok(())
+}
+
+pub fn check_id(id: &str) -> Result<(), ApiError> {
+    if valv_fhir::id::is_valid_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!("'{id}' is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")))
+    }
+}
+
+/// The body of a create or update: a JSON object of the URL's type.
+pub fn check_body(resource_type: &str, body: &Value) -> Result<(), ApiError> {
+    let rt = body
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "structure", "the body must be a JSON object with a string resourceType"))?;
+    if !r4::is_resource_type(rt) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("'{rt}' is not a FHIR R4 resource type")));
+    }
+    if rt != resource_type {
+        return Err(ApiError::bad_request(format!("the body is a {rt} but the URL names {resource_type}")));
+    }
+    r4::validate(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", e.to_string()))
+}
+
+/// Runs one interaction for an authenticated caller.
+pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<Reply, ApiError> {
+    match interaction {
+        Interaction::Read { resource_type, id } => read(app, ctx, &resource_type, &id, None).await,
+        Interaction::VRead { resource_type, id, version } => read(app, ctx, &resource_type, &id, Some(version)).await,
+        Interaction::Search { resource_type, pairs } => search_type(app, ctx, &resource_type, &pairs).await,
+        Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
+        Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
+        Interaction::Create { resource_type, body } => create(app, ctx, &resource_type, body).await,
+        Interaction::Update { resource_type, id, body, if_match } => update(app, ctx, &resource_type, &id, body, if_match).await,
+        Interaction::Delete { resource_type, id, if_match } => delete(app, ctx, &resource_type, &id, if_match).await,
+        Interaction::Bundle { body } => process_bundle(app, ctx, body).await,
+    }
+}
+
+async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Option<u64>) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_id(id)?;
+    let located = app.vault.locate(resource_type, id).await?;
+    let patient = located.as_ref().and_then(|l| l.patient.clone());
+    let touch = Touch {
+        interaction: if version.is_some() { "vread" } else { "read" },
+        action: Action::Read,
+        resource_type,
+        id: Some(id),
+        version,
+        patient: patient.as_deref(),
+        query: None,
+    };
+    let reason = authorize(app, ctx, &touch).await?;
+    let found = match version {
+        None => app.vault.read(resource_type, id, ctx.now).await,
+        Some(v) => app.vault.vread(resource_type, id, v, ctx.now).await,
+    };
+    let result = match found {
+        Ok(Some(r)) if r.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::not_found(match version {
+            None => format!("{resource_type}/{id} is not known"),
+            Some(v) => format!("{resource_type}/{id} has no version {v}"),
+        })),
+        Err(e) => {
+            if matches!(e, valv_store::StoreError::Integrity(_)) {
+                app.metrics.integrity_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(e.into())
+        }
+    };
+    match result {
+        Ok(r) => {
+            let touch = Touch { version: Some(r.version), ..touch };
+            audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+            Ok(Reply::resource(StatusCode::OK, r))
+        }
+        Err(err) => Err(audit_failure(app, ctx, &touch, err).await),
+    }
+}
+
+async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    let query = crate::query::encode(pairs);
+    let touch = Touch { interaction: "search-type", action: Action::Search, resource_type, id: None, version: None, patient: None, query: Some(query) };
+    let req = match search::parse_request(resource_type, pairs) {
+        Ok(r) => r,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+    };
+    let reason = authorize(app, ctx, &touch).await?;
+    let principal = &ctx.principal;
+    let visible = |l: &valv_store::Located| policy::decide(principal, Action::Search, resource_type, l.patient.as_deref()).permit;
+    let page = match app.vault.search(resource_type, &req, &visible, ctx.now).await {
+        Ok(p) => p,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+    };
+    // One entry per patient whose data is in the response; one for the search itself otherwise.
+    let mut patients: Vec<Option<&str>> = Vec::new();
+    for r in &page.resources {
+        let p = r.patient.as_deref();
+        if !patients.contains(&p) {
+            patients.push(p);
+        }
+    }
+    if patients.is_empty() {
+        patients.push(None);
+    }
+    let events = patients
+        .iter()
+        .map(|p| ctx.event(&Touch { patient: *p, query: touch.query.clone(), ..touch }, Outcome::Success, 200, &reason))
+        .collect::<Result<Vec<_>, _>>()?;
+    audit(app, events).await?;
+    let mut links = vec![bundle::link("self", &format!("{}/{resource_type}?{}", app.base_url, touch.query.as_deref().unwrap_or("")))];
+    if !req.count_only && req.offset + req.count < page.total {
+        let mut next: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_offset").cloned().collect();
+        next.push(("_offset".into(), (req.offset + req.count).to_string()));
+        links.push(bundle::link("next", &format!("{}/{resource_type}?{}", app.base_url, crate::query::encode(&next))));
+    }
+    let entries = page
+        .resources
+        .into_iter()
+        .map(|r| {
+            json!({
+                "fullUrl": format!("{}/{}/{}", app.base_url, r.resource_type, r.id),
+                "resource": r.body,
+                "search": {"mode": "match"},
+            })
+        })
+        .collect();
+    Ok(Reply::json(StatusCode::OK, bundle::collection("searchset", &vault::new_id()?, Some(page.total), links, entries)))
+}
+
+async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    let mut count = search::DEFAULT_COUNT;
+    let mut offset = 0;
+    for (k, v) in pairs {
+        let n = || v.parse::<usize>().map_err(|_| ApiError::bad_request(format!("'{k}' must be a non-negative integer")));
+        match k.as_str() {
+            "_count" => count = n()?.min(search::MAX_COUNT),
+            "_offset" => offset = n()?,
+            "_format" | "_pretty" => {}
+            other => return Err(ApiError::new(StatusCode::BAD_REQUEST, "not-supported", format!("history parameter '{other}' is not supported"))),
+        }
+    }
+    let patient = match id {
+        Some(id) => {
+            check_id(id)?;
+            let l = app.vault.locate(resource_type, id).await?.ok_or_else(|| ApiError::not_found(format!("{resource_type}/{id} is not known")))?;
+            l.patient
+        }
+        None => None,
+    };
+    let touch = Touch { interaction: "history", action: Action::History, resource_type, id, version: None, patient: patient.as_deref(), query: None };
+    let reason = authorize(app, ctx, &touch).await?;
+    let (versions, total) = match app.vault.history(resource_type, id, offset, count, ctx.now).await {
+        Ok(v) => v,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+    };
+    let mut patients: Vec<Option<&str>> = versions.iter().map(|r| r.patient.as_deref()).collect();
+    patients.dedup();
+    if patients.is_empty() {
+        patients.push(patient.as_deref());
+    }
+    let events = patients
+        .iter()
+        .map(|p| ctx.event(&Touch { patient: *p, query: None, ..touch }, Outcome::Success, 200, &reason))
+        .collect::<Result<Vec<_>, _>>()?;
+    audit(app, events).await?;
+    let base = match id {
+        Some(id) => format!("{}/{resource_type}/{id}/_history", app.base_url),
+        None => format!("{}/{resource_type}/_history", app.base_url),
+    };
+    let mut links = vec![bundle::link("self", &base)];
+    if offset + count < total {
+        links.push(bundle::link("next", &format!("{base}?_count={count}&_offset={}", offset + count)));
+    }
+    let entries = versions.into_iter().map(|r| history_entry(&app.base_url, r)).collect();
+    Ok(Reply::json(StatusCode::OK, bundle::collection("history", &vault::new_id()?, Some(total), links, entries)))
+}
+
+fn history_entry(base: &str, r: Resource) -> Value {
+    let url = format!("{}/{}", r.resource_type, r.id);
+    let (method, status) = match (r.deleted, r.version) {
+        (true, _) => ("DELETE", "204"),
+        (false, 1) => ("POST", "201"),
+        (false, _) => ("PUT", "200"),
+    };
+    let mut e = json!({
+        "fullUrl": format!("{base}/{url}"),
+        "request": {"method": method, "url": if method == "POST" { r.resource_type.clone() } else { url }},
+        "response": {"status": status, "etag": format!("W/\"{}\"", r.version), "lastModified": date::format_instant(r.last_updated)},
+    });
+    if let (Some(body), Value::Object(map)) = (r.body, &mut e) {
+        map.insert("resource".into(), body);
+    }
+    e
+}
+
+/// The patients a new body places the resource with (owner first) or `[None]`.
+fn body_patients(resource_type: &str, id: &str, body: &Value) -> Vec<Option<String>> {
+    let ps: Vec<Option<String>> = compartment::patients(resource_type, id, body).into_iter().map(Some).collect();
+    if ps.is_empty() { vec![None] } else { ps }
+}
+
+/// Decides and records the attempt for every patient a write touches; all must be permitted.
+async fn authorize_write(app: &App, ctx: &Ctx, interaction: &'static str, action: Action, resource_type: &str, id: &str, patients: &[Option<String>]) -> Result<Vec<AuditEvent>, ApiError> {
+    let mut events = Vec::new();
+    for p in patients {
+        let touch = Touch { interaction, action, resource_type, id: Some(id), version: None, patient: p.as_deref(), query: None };
+        let reason = authorize(app, ctx, &touch).await?;
+        events.push(ctx.event(&touch, Outcome::Success, 0, &reason)?);
+    }
+    Ok(events)
+}
+
+async fn commit_one(app: &App, ctx: &Ctx, op: WriteOp, interaction: &'static str, action: Action, resource_type: &str, id: &str, patient: Option<&str>) -> Result<Committed, ApiError> {
+    match app.vault.commit(vec![op], ctx.now).await {
+        Ok(mut c) => c.pop().ok_or_else(|| ApiError::internal("the store returned no result")),
+        Err(e) => {
+            let touch = Touch { interaction, action, resource_type, id: Some(id), version: None, patient, query: None };
+            Err(audit_failure(app, ctx, &touch, e.into()).await)
+        }
+    }
+}
+
+async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_body(resource_type, &body)?;
+    let id = vault::new_id()?;
+    let patients = body_patients(resource_type, &id, &body);
+    let events = authorize_write(app, ctx, "create", Action::Create, resource_type, &id, &patients).await?;
+    audit(app, events).await?;
+    let op = WriteOp::Create { resource_type: resource_type.to_string(), id: id.clone(), body };
+    let c = commit_one(app, ctx, op, "create", Action::Create, resource_type, &id, patients[0].as_deref()).await?;
+    Ok(write_reply(ctx, StatusCode::CREATED, c.resource))
+}
+
+async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value, if_match: Option<u64>) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_id(id)?;
+    check_body(resource_type, &body)?;
+    if let Some(body_id) = body.get("id") {
+        if body_id.as_str() != Some(id) {
+            return Err(ApiError::bad_request(format!("the body's id {body_id} does not match the URL's id '{id}'")));
+        }
+    } else {
+        return Err(ApiError::bad_request("an update body must carry the resource id"));
+    }
+    // Both the patient the resource belonged to and the one it will belong to are touched.
+    let mut patients = body_patients(resource_type, id, &body);
+    if let Some(old) = app.vault.locate(resource_type, id).await?.and_then(|l| l.patient) {
+        if !patients.contains(&Some(old.clone())) {
+            patients.push(Some(old));
+        }
+    }
+    let events = authorize_write(app, ctx, "update", Action::Update, resource_type, id, &patients).await?;
+    audit(app, events).await?;
+    let op = WriteOp::Update { resource_type: resource_type.to_string(), id: id.to_string(), body, if_match };
+    let c = commit_one(app, ctx, op, "update", Action::Update, resource_type, id, patients[0].as_deref()).await?;
+    Ok(write_reply(ctx, StatusCode::OK, c.resource))
+}
+
+async fn delete(app: &App, ctx: &Ctx, resource_type: &str, id: &str, if_match: Option<u64>) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_id(id)?;
+    let located = app.vault.locate(resource_type, id).await?.ok_or_else(|| ApiError::not_found(format!("{resource_type}/{id} is not known")))?;
+    let patients = vec![located.patient.clone()];
+    let events = authorize_write(app, ctx, "delete", Action::Delete, resource_type, id, &patients).await?;
+    audit(app, events).await?;
+    let op = WriteOp::Delete { resource_type: resource_type.to_string(), id: id.to_string(), if_match };
+    match app.vault.commit(vec![op], ctx.now).await {
+        Ok(_) => Ok(Reply::json(StatusCode::OK, valv_fhir::outcome::success(&format!("{resource_type}/{id} deleted")))),
+        Err(e) => {
+            let touch = Touch { interaction: "delete", action: Action::Delete, resource_type, id: Some(id), version: None, patient: located.patient.as_deref(), query: None };
+            Err(audit_failure(app, ctx, &touch, e.into()).await)
+        }
+    }
+}
+
+fn write_reply(ctx: &Ctx, status: StatusCode, r: Resource) -> Reply {
+    let mut reply = Reply::resource(status, r);
+    reply.location = true;
+    if !ctx.return_representation {
+        reply.body = None;
+    }
+    reply
+}
+
+async fn process_bundle(app: &App, ctx: &Ctx, body: Value) -> Result<Reply, ApiError> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return Err(ApiError::bad_request("POST /fhir takes a Bundle of type transaction or batch"));
+    }
+    let (kind, entries) = bundle::parse(body)?;
+    match kind {
+        BundleKind::Transaction => transaction(app, ctx, entries).await,
+        BundleKind::Batch => batch(app, ctx, entries).await,
+    }
+}
+
+/// All entries or none: every entry is checked, decided and audited before one atomic commit.
+async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> Result<Reply, ApiError> {
+    let mut id_error = None;
+    bundle::resolve_references(&mut entries, || {
+        vault::new_id().unwrap_or_else(|e| {
+            id_error = Some(e);
+            String::new()
+        })
+    })?;
+    if let Some(e) = id_error {
+        return Err(e.into());
+    }
+    let mut ops = Vec::with_capacity(entries.len());
+    let mut events = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        let at = |err: ApiError| ApiError { diagnostics: format!("Bundle.entry[{i}]: {}", err.diagnostics), ..err };
+        check_type(&e.resource_type).map_err(at)?;
+        let id = e.id.clone().unwrap_or_default();
+        let (op, interaction, action, patients) = match e.method {
+            Method::Post | Method::Put => {
+                let mut body = e.resource.unwrap_or(Value::Null);
+                if let (Method::Put, Value::Object(m)) = (e.method, &mut body) {
+                    m.entry("id").or_insert_with(|| Value::String(id.clone()));
+                }
+                check_body(&e.resource_type, &body).map_err(at)?;
+                let patients = body_patients(&e.resource_type, &id, &body);
+                if e.method == Method::Post {
+                    (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body }, "create", Action::Create, patients)
+                } else {
+                    let op = WriteOp::Update { resource_type: e.resource_type.clone(), id: id.clone(), body, if_match: e.if_match };
+                    (op, "update", Action::Update, patients)
+                }
+            }
+            Method::Delete => {
+                let patient = app.vault.locate(&e.resource_type, &id).await?.and_then(|l| l.patient);
+                (WriteOp::Delete { resource_type: e.resource_type.clone(), id: id.clone(), if_match: e.if_match }, "delete", Action::Delete, vec![patient])
+            }
+            Method::Get => return Err(ApiError::bad_request("GET is not supported inside a transaction")),
+        };
+        events.extend(authorize_write(app, ctx, interaction, action, &e.resource_type, &id, &patients).await?);
+        ops.push(op);
+    }
+    audit(app, events).await?;
+    let committed = match app.vault.commit(ops, ctx.now).await {
+        Ok(c) => c,
+        Err(e) => {
+            let touch = Touch { interaction: "transaction", action: Action::Update, resource_type: "Bundle", id: None, version: None, patient: None, query: None };
+            return Err(audit_failure(app, ctx, &touch, e.into()).await);
+        }
+    };
+    let entries = committed.into_iter().map(|c| response_entry(&app.base_url, &c)).collect();
+    Ok(Reply::json(StatusCode::OK, bundle::collection("transaction-response", &vault::new_id()?, None, vec![], entries)))
+}
+
+fn response_entry(base: &str, c: &Committed) -> Value {
+    let r = &c.resource;
+    let status = match (c.created, r.deleted) {
+        (_, true) => "204 No Content",
+        (true, _) => "201 Created",
+        _ => "200 OK",
+    };
+    let mut response = json!({"status": status, "etag": format!("W/\"{}\"", r.version), "lastModified": date::format_instant(r.last_updated)});
+    if !r.deleted {
+        response["location"] = json!(format!("{base}/{}/{}/_history/{}", r.resource_type, r.id, r.version));
+    }
+    let mut e = json!({"response": response});
+    if let Some(b) = &r.body {
+        e["fullUrl"] = json!(format!("{base}/{}/{}", r.resource_type, r.id));
+        e["resource"] = b.clone();
+    }
+    e
+}
+
+/// Each entry on its own, as if sent alone; one failure does not stop the others.
+async fn batch(app: &App, ctx: &Ctx, entries: Vec<bundle::Entry>) -> Result<Reply, ApiError> {
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let interaction = match batch_interaction(e) {
+            Ok(i) => i,
+            Err(err) => {
+                out.push(error_entry(&err));
+                continue;
+            }
+        };
+        match Box::pin(execute(app, ctx, interaction)).await {
+            Ok(reply) => out.push(reply.into_entry(&app.base_url)),
+            Err(err) if err.status == StatusCode::SERVICE_UNAVAILABLE => return Err(err),
+            Err(err) => out.push(error_entry(&err)),
+        }
+    }
+    Ok(Reply::json(StatusCode::OK, bundle::collection("batch-response", &vault::new_id()?, None, vec![], out)))
+}
+
+fn batch_interaction(e: bundle::Entry) -> Result<Interaction, ApiError> {
+    let resource_type = e.resource_type;
+    Ok(match (e.method, e.id) {
+        (Method::Get, Some(id)) => Interaction::Read { resource_type, id },
+        (Method::Get, None) => {
+            let pairs = crate::query::parse(e.query.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;
+            Interaction::Search { resource_type, pairs }
+        }
+        (Method::Post, _) => Interaction::Create { resource_type, body: e.resource.unwrap_or(Value::Null) },
+        (Method::Put, Some(id)) => {
+            let mut body = e.resource.unwrap_or(Value::Null);
+            if let Value::Object(m) = &mut body {
+                m.entry("id").or_insert_with(|| Value::String(id.clone()));
+            }
+            Interaction::Update { resource_type, id, body, if_match: e.if_match }
+        }
+        (Method::Delete, Some(id)) => Interaction::Delete { resource_type, id, if_match: e.if_match },
+        _ => return Err(ApiError::bad_request("this batch entry's request is not supported")),
+    })
+}
+
+fn error_entry(err: &ApiError) -> Value {
+    json!({"response": {"status": format!("{} {}", err.status.as_u16(), err.status.canonical_reason().unwrap_or("")), "outcome": err.outcome()}})
+}
+
+/// Authenticates a FHIR request, recording a failure as an audit entry.
+pub async fn authenticate(app: &App, authorization: Option<&str>, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
+    match auth::authenticate(&**app.vault.store(), authorization).await {
+        Ok(p) => Ok(p),
+        Err(err) => {
+            app.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let event = AuditEvent {
+                event_id: vault::new_id()?,
+                time: now,
+                request_id: request_id.to_string(),
+                action: "E",
+                interaction: "authenticate",
+                outcome: Outcome::Denied,
+                status: err.status.as_u16(),
+                agent_id: String::new(),
+                agent_name: String::new(),
+                roles: Vec::new(),
+                source_address: source.to_string(),
+                purpose_of_use: None,
+                patient: None,
+                resource_type: None,
+                resource_id: None,
+                version: None,
+                query: None,
+                reason: if authorization.is_some() { "invalid-credential".into() } else { "no-credential".into() },
+            };
+            audit(app, vec![event]).await?;
+            Err(err)
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! Prometheus metrics: requests by route and status, latency histograms by route, and audit
+//! failures. Labels are route names, never paths or queries, so no patient data reaches them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    latency: Mutex<BTreeMap<&'static str, Histogram>>,
+    pub audit_failures: AtomicU64,
+    pub audit_entries: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub integrity_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
+        if let Ok(mut r) = self.requests.lock() {
+            *r.entry((route, status)).or_default() += 1;
+        }
+        let secs = elapsed.as_secs_f64();
+        if let Ok(mut l) = self.latency.lock() {
+            let h = l.entry(route).or_default();
+            h.count += 1;
+            h.sum += secs;
+            for (i, le) in BUCKETS.iter().enumerate() {
+                if secs <= *le {
+                    h.buckets[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP valv_http_requests_total HTTP requests by route and status.\n# TYPE valv_http_requests_total counter\n");
+        if let Ok(r) = self.requests.lock() {
+            for ((route, status), n) in r.iter() {
+                let _ = writeln!(out, "valv_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            }
+        }
+        out.push_str("# HELP valv_http_request_duration_seconds Request latency by route.\n# TYPE valv_http_request_duration_seconds histogram\n");
+        if let Ok(l) = self.latency.lock() {
+            for (route, h) in l.iter() {
+                for (i, le) in BUCKETS.iter().enumerate() {
+                    let _ = writeln!(out, "valv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {}", h.buckets[i]);
+                }
+                let _ = writeln!(out, "valv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", h.count);
+                let _ = writeln!(out, "valv_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", h.sum);
+                let _ = writeln!(out, "valv_http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
+            }
+        }
+        for (name, help, v) in [
+            ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
+            ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
+            ("valv_auth_failures_total", "Requests with a missing, unknown or revoked credential.", &self.auth_failures),
+            ("valv_integrity_failures_total", "Stored records that failed to authenticate on read.", &self.integrity_failures),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_and_buckets() {
+        let m = Metrics::default();
+        m.observe("fhir_read", 200, Duration::from_millis(2));
+        m.observe("fhir_read", 200, Duration::from_millis(30));
+        let text = m.render();
+        assert!(text.contains("valv_http_requests_total{route=\"fhir_read\",status=\"200\"} 2"));
+        assert!(text.contains("valv_http_request_duration_seconds_bucket{route=\"fhir_read\",le=\"0.0025\"} 1"));
+        assert!(text.contains("valv_http_request_duration_seconds_count{route=\"fhir_read\"} 2"));
+    }
+}

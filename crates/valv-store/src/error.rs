@@ -1,0 +1,33 @@
+//! The crate's one error type.
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} has been deleted")]
+    Gone(String),
+    /// A concurrent writer changed the resource, or it exists already.
+    #[error("version conflict: {0}")]
+    Conflict(String),
+    /// An If-Match version check failed.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+    /// The resource exists and update-as-create or a duplicate create was asked for.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// Stored data failed to authenticate or parse: tampering or corruption.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+    #[error("key provider: {0}")]
+    Key(#[from] valv_crypto::CryptoError),
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("invalid: {0}")]
+    Invalid(#[from] valv_fhir::FhirError),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}

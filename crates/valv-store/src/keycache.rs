@@ -1,0 +1,63 @@
+//! A bounded cache of unwrapped data keys: entries expire after a time-to-live and the oldest
+//! goes when the cache is full; a dropped key is zeroized by [`valv_crypto::DataKey`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use valv_crypto::DataKey;
+
+pub struct KeyCache {
+    entries: Mutex<HashMap<String, (DataKey, Instant)>>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        KeyCache { entries: Mutex::new(HashMap::new()), capacity, ttl }
+    }
+
+    pub fn get(&self, name: &str) -> Option<DataKey> {
+        let mut map = self.entries.lock().ok()?;
+        match map.get(name) {
+            Some((k, at)) if at.elapsed() < self.ttl => Some(k.clone()),
+            Some(_) => {
+                map.remove(name);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn insert(&self, name: &str, key: DataKey) {
+        let Ok(mut map) = self.entries.lock() else { return };
+        if map.len() >= self.capacity && !map.contains_key(name) {
+            let ttl = self.ttl;
+            map.retain(|_, (_, at)| at.elapsed() < ttl);
+            if map.len() >= self.capacity {
+                if let Some(oldest) = map.iter().min_by_key(|(_, (_, at))| *at).map(|(n, _)| n.clone()) {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        map.insert(name.to_string(), (key, Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_and_expiring() {
+        let c = KeyCache::new(2, Duration::from_secs(60));
+        for n in ["a", "b", "c"] {
+            c.insert(n, DataKey::from_bytes([1; 32]));
+        }
+        assert!(c.get("a").is_none(), "oldest evicted");
+        assert!(c.get("c").is_some());
+        let short = KeyCache::new(2, Duration::from_millis(0));
+        short.insert("x", DataKey::from_bytes([1; 32]));
+        assert!(short.get("x").is_none(), "expired");
+    }
+}

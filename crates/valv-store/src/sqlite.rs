@@ -1,0 +1,409 @@
+//! The embedded SQLite backend: WAL journal, `synchronous=FULL` (every commit is fsynced),
+//! one writer thread that commits concurrent requests in groups (one fsync per group, each
+//! request in its own savepoint so one conflict fails only its own request), and a small pool of
+//! reader connections.
+
+use crate::{ApiKeyRecord, Expect, Filter, Located, Order, Store, StoreError, StoredVersion, Write, WrappedKey};
+use async_trait::async_trait;
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use tokio::sync::oneshot;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE resources (
+    rid INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    patient TEXT,
+    last_updated INTEGER NOT NULL,
+    UNIQUE (type, id)
+);
+CREATE INDEX resources_type_updated ON resources (type, last_updated);
+CREATE INDEX resources_patient ON resources (patient);
+CREATE TABLE versions (
+    rid INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    patient TEXT,
+    last_updated INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (rid, version)
+) WITHOUT ROWID;
+CREATE TABLE search_tokens (
+    token BLOB NOT NULL,
+    rid INTEGER NOT NULL,
+    PRIMARY KEY (token, rid)
+) WITHOUT ROWID;
+CREATE INDEX search_tokens_rid ON search_tokens (rid);
+CREATE TABLE data_keys (
+    name TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    kek_version INTEGER NOT NULL,
+    wrapped BLOB NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    role TEXT NOT NULL,
+    hash BLOB NOT NULL UNIQUE,
+    created INTEGER NOT NULL,
+    revoked INTEGER
+);
+"#];
+
+const READERS: usize = 4;
+/// Most requests one group commit takes.
+const MAX_GROUP: usize = 256;
+
+type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+
+pub struct SqliteStore {
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    writer: Mutex<mpsc::Sender<Job>>,
+    /// Small administrative writes (keys, API keys) go through their own connection.
+    admin: Mutex<Connection>,
+}
+
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Deleted content is overwritten, so freed pages do not keep old ciphertext around longer
+    // than needed (it is encrypted either way).
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let done: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(done) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut first = connect(path)?;
+        migrate(&mut first)?;
+        let readers = (0..READERS).map(|_| connect(path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let writer_conn = connect(path)?;
+        std::thread::Builder::new()
+            .name("valv-sqlite-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx))
+            .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first) })
+    }
+
+    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        let conn = self.readers[i].lock().map_err(|_| StoreError::Backend("reader lock poisoned".into()))?;
+        f(&conn)
+    }
+
+    fn with_admin<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let conn = self.admin.lock().map_err(|_| StoreError::Backend("admin lock poisoned".into()))?;
+        f(&conn)
+    }
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let results = commit_group(&mut conn, &group);
+        for ((_, reply), result) in group.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
+
+/// Applies each job in its own savepoint inside one transaction, then commits once.
+fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<(), StoreError>> {
+    let fail_all = |why: String| group.iter().map(|_| Err(StoreError::Backend(why.clone()))).collect();
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(format!("cannot begin: {e}")),
+    };
+    let mut results = Vec::with_capacity(group.len());
+    for (writes, _) in group {
+        let outcome = tx.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| apply_writes(&tx, writes));
+        let closed = match &outcome {
+            Ok(()) => tx.execute_batch("RELEASE job"),
+            Err(_) => tx.execute_batch("ROLLBACK TO job; RELEASE job"),
+        };
+        if let Err(e) = closed {
+            return fail_all(format!("savepoint failed: {e}"));
+        }
+        results.push(outcome);
+    }
+    match tx.commit() {
+        Ok(()) => results,
+        Err(e) => fail_all(format!("commit failed: {e}")),
+    }
+}
+
+fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
+    for w in writes {
+        let v = &w.version;
+        let current: Option<(i64, u64)> = conn
+            .prepare_cached("SELECT rid, version FROM resources WHERE type = ?1 AND id = ?2")?
+            .query_row(params![v.resource_type, v.id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let rid = match (w.expect, current) {
+            (Expect::Absent, None) => {
+                conn.prepare_cached(
+                    "INSERT INTO resources (type, id, version, deleted, patient, last_updated) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![v.resource_type, v.id, v.version, v.deleted, v.patient, v.last_updated])?;
+                conn.last_insert_rowid()
+            }
+            (Expect::Absent, Some(_)) => {
+                return Err(StoreError::Conflict(format!("{}/{} already exists", v.resource_type, v.id)))
+            }
+            (Expect::Version(want), Some((rid, have))) if want == have => {
+                conn.prepare_cached("UPDATE resources SET version = ?1, deleted = ?2, patient = ?3, last_updated = ?4 WHERE rid = ?5")?
+                    .execute(params![v.version, v.deleted, v.patient, v.last_updated, rid])?;
+                conn.prepare_cached("DELETE FROM search_tokens WHERE rid = ?1")?.execute(params![rid])?;
+                rid
+            }
+            (Expect::Version(want), Some((_, have))) => {
+                return Err(StoreError::Conflict(format!(
+                    "{}/{} is at version {have}, not {want}",
+                    v.resource_type, v.id
+                )))
+            }
+            (Expect::Version(_), None) => return Err(StoreError::NotFound(format!("{}/{}", v.resource_type, v.id))),
+        };
+        conn.prepare_cached(
+            "INSERT INTO versions (rid, version, deleted, patient, last_updated, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![rid, v.version, v.deleted, v.patient, v.last_updated, v.body])?;
+        let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO search_tokens (token, rid) VALUES (?1, ?2)")?;
+        for t in &w.tokens {
+            insert.execute(params![&t[..], rid])?;
+        }
+    }
+    Ok(())
+}
+
+fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
+    Ok(StoredVersion {
+        resource_type: r.get(0)?,
+        id: r.get(1)?,
+        version: r.get(2)?,
+        deleted: r.get(3)?,
+        patient: r.get(4)?,
+        last_updated: r.get(5)?,
+        body: r.get(6)?,
+    })
+}
+
+const VERSION_COLUMNS: &str = "r.type, r.id, v.version, v.deleted, v.patient, v.last_updated, v.body";
+
+fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
+    let hash: Vec<u8> = r.get(3)?;
+    let mut h = [0u8; 32];
+    if hash.len() == 32 {
+        h.copy_from_slice(&hash);
+    }
+    Ok(ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: h, created: r.get(4)?, revoked: r.get(5)? })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get_key(&self, name: &str) -> Result<Option<WrappedKey>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT provider, kek_version, wrapped FROM data_keys WHERE name = ?1")?
+                .query_row(params![name], |r| Ok(WrappedKey { provider: r.get(0)?, kek_version: r.get(1)?, ciphertext: r.get(2)? }))
+                .optional()?)
+        })
+    }
+
+    async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError> {
+        self.with_admin(|c| {
+            c.prepare_cached("INSERT OR IGNORE INTO data_keys (name, provider, kek_version, wrapped, created) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![name, key.provider, key.kek_version, key.ciphertext, now])?;
+            Ok(c.prepare_cached("SELECT provider, kek_version, wrapped FROM data_keys WHERE name = ?1")?
+                .query_row(params![name], |r| Ok(WrappedKey { provider: r.get(0)?, kek_version: r.get(1)?, ciphertext: r.get(2)? }))?)
+        })
+    }
+
+    async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT id, version, patient, deleted, last_updated FROM resources WHERE type = ?1 AND id = ?2")?
+                .query_row(params![resource_type, id], |r| {
+                    Ok(Located { id: r.get(0)?, version: r.get(1)?, patient: r.get(2)?, deleted: r.get(3)?, last_updated: r.get(4)? })
+                })
+                .optional()?)
+        })
+    }
+
+    async fn read_current(&self, resource_type: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!(
+                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version WHERE r.type = ?1 AND r.id = ?2"
+            );
+            Ok(c.prepare_cached(&sql)?.query_row(params![resource_type, id], row_to_version).optional()?)
+        })
+    }
+
+    async fn read_version(&self, resource_type: &str, id: &str, version: u64) -> Result<Option<StoredVersion>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!(
+                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid WHERE r.type = ?1 AND r.id = ?2 AND v.version = ?3"
+            );
+            Ok(c.prepare_cached(&sql)?.query_row(params![resource_type, id, version], row_to_version).optional()?)
+        })
+    }
+
+    async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!(
+                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version WHERE r.type = ?1 AND r.id = ?2"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(v) = stmt.query_row(params![resource_type, id], row_to_version).optional()? {
+                    out.push(v);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize)
+        -> Result<(Vec<StoredVersion>, usize), StoreError> {
+        self.with_reader(|c| {
+            let (where_, args): (&str, Vec<&dyn rusqlite::ToSql>) = match &id {
+                Some(id) => ("r.type = ?1 AND r.id = ?2", vec![&resource_type, id]),
+                None => ("r.type = ?1", vec![&resource_type]),
+            };
+            let total: usize = c
+                .prepare_cached(&format!("SELECT count(*) FROM resources r JOIN versions v ON v.rid = r.rid WHERE {where_}"))?
+                .query_row(params_from_iter(args.iter()), |r| r.get(0))?;
+            let sql = format!(
+                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid WHERE {where_} \
+                 ORDER BY v.last_updated DESC, v.version DESC LIMIT {count} OFFSET {offset}"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params_from_iter(args.iter()), row_to_version)?.collect::<Result<Vec<_>, _>>()?;
+            Ok((rows, total))
+        })
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Backend("writer lock poisoned".into()))?
+            .send((writes, tx))
+            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Backend("the writer thread dropped a commit".into()))?
+    }
+
+    async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError> {
+        self.with_reader(|c| {
+            let mut sql = String::from("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE r.type = ? AND r.deleted = 0");
+            let mut args: Vec<rusqlite::types::Value> = vec![filter.resource_type.clone().into()];
+            for group in &filter.token_groups {
+                sql.push_str(" AND r.rid IN (SELECT rid FROM search_tokens WHERE token IN (");
+                sql.push_str(&vec!["?"; group.len()].join(","));
+                sql.push_str("))");
+                args.extend(group.iter().map(|t| rusqlite::types::Value::Blob(t.to_vec())));
+            }
+            if let Some(ids) = &filter.ids {
+                sql.push_str(" AND r.id IN (");
+                sql.push_str(&vec!["?"; ids.len()].join(","));
+                sql.push(')');
+                args.extend(ids.iter().map(|i| rusqlite::types::Value::Text(i.clone())));
+            }
+            for ranges in &filter.last_updated {
+                let parts: Vec<&str> = ranges.iter().map(|_| "(r.last_updated >= ? AND r.last_updated < ?)").collect();
+                sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
+                for (from, to) in ranges {
+                    args.push((*from).into());
+                    args.push((*to).into());
+                }
+            }
+            sql.push_str(match filter.order {
+                Order::Created => " ORDER BY r.rid",
+                Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
+                Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
+            });
+            let mut stmt = c.prepare(&sql)?;
+            let rows = stmt
+                .query_map(params_from_iter(args.iter()), |r| {
+                    Ok(Located { id: r.get(0)?, version: r.get(1)?, patient: r.get(2)?, deleted: r.get(3)?, last_updated: r.get(4)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, name, role, hash, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict(format!("an API key named '{}' already exists", k.name))
+                }
+                other => other.into(),
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT id, name, role, hash, created, revoked FROM api_keys WHERE hash = ?1")?
+                .query_row(params![&hash[..]], row_to_api_key)
+                .optional()?)
+        })
+    }
+
+    async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, name, role, hash, created, revoked FROM api_keys ORDER BY created, name")?;
+            let rows = stmt.query_map([], row_to_api_key)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn revoke_api_key(&self, id_or_name: &str, now: i64) -> Result<bool, StoreError> {
+        self.with_admin(|c| {
+            let n = c.execute(
+                "UPDATE api_keys SET revoked = ?1 WHERE (id = ?2 OR name = ?2) AND revoked IS NULL",
+                params![now, id_or_name],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+}

@@ -1,0 +1,405 @@
+//! The vault: resources in, sealed versions and blind-index tokens out, over any [`Store`].
+//!
+//! Each resource version is sealed with the data key of the patient whose compartment owns it
+//! (or the tenant key), its additional data binding purpose, type, id, version and patient.
+//! Search values become HMAC tokens under the blind-index key. Data keys are stored wrapped by the
+//! key provider's KEK and cached unwrapped for a bounded time.
+
+use crate::keycache::KeyCache;
+use crate::{Expect, Filter, Located, Order, Store, StoreError, StoredVersion, Token, Write};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use valv_crypto::{Aad, BlindIndexKey, DataKey, KeyProvider};
+use valv_fhir::search::{SearchRequest, SortOrder, Test};
+use valv_fhir::{compartment, date, r4, search};
+
+const TENANT_KEY: &str = "tenant";
+const BLIND_KEY: &str = "blind-index";
+
+/// A resource version as the vault hands it out: decrypted, with its place.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resource {
+    pub resource_type: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated: i64,
+    pub deleted: bool,
+    pub patient: Option<String>,
+    /// `None` for a deletion.
+    pub body: Option<Value>,
+}
+
+/// One change of a commit.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// A new resource with a server-assigned id (see [`new_id`]).
+    Create { resource_type: String, id: String, body: Value },
+    Update { resource_type: String, id: String, body: Value, if_match: Option<u64> },
+    Delete { resource_type: String, id: String, if_match: Option<u64> },
+}
+
+impl WriteOp {
+    fn target(&self) -> (&str, &str) {
+        match self {
+            WriteOp::Create { resource_type, id, .. }
+            | WriteOp::Update { resource_type, id, .. }
+            | WriteOp::Delete { resource_type, id, .. } => (resource_type, id),
+        }
+    }
+}
+
+/// What a committed change produced.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub resource: Resource,
+    /// True if the operation created the resource.
+    pub created: bool,
+    /// False for a delete of something already deleted (nothing was written).
+    pub changed: bool,
+}
+
+/// A page of search results.
+#[derive(Debug)]
+pub struct SearchPage {
+    /// Every match the caller may see, not only this page.
+    pub total: usize,
+    pub resources: Vec<Resource>,
+}
+
+/// Fresh randomness; the operating system's generator is the only source.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], StoreError> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b).map_err(|e| StoreError::Backend(format!("no randomness: {e}")))?;
+    Ok(b)
+}
+
+/// A server-assigned logical id (a random UUID).
+pub fn new_id() -> Result<String, StoreError> {
+    Ok(valv_fhir::id::uuid_from_bytes(random_bytes()?))
+}
+
+pub struct Vault {
+    store: Arc<dyn Store>,
+    provider: Arc<dyn KeyProvider>,
+    blind: BlindIndexKey,
+    tenant: DataKey,
+    cache: KeyCache,
+}
+
+fn patient_key_name(patient: &str) -> String {
+    format!("patient:{patient}")
+}
+
+impl Vault {
+    /// Opens the vault, creating the tenant and blind-index keys on first use.
+    pub async fn open(store: Arc<dyn Store>, provider: Arc<dyn KeyProvider>, now: i64) -> Result<Self, StoreError> {
+        let tenant = load_or_create_key(&*store, &*provider, TENANT_KEY, now).await?;
+        let blind = BlindIndexKey::new(load_or_create_key(&*store, &*provider, BLIND_KEY, now).await?);
+        Ok(Vault { store, provider, blind, tenant, cache: KeyCache::new(100_000, Duration::from_secs(300)) })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// A named non-patient data key (e.g. `audit`), created on first use.
+    pub async fn named_key(&self, name: &str, now: i64) -> Result<DataKey, StoreError> {
+        load_or_create_key(&*self.store, &*self.provider, name, now).await
+    }
+
+    /// The data key sealing a patient's resources (created on first use), or the tenant key.
+    async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<DataKey, StoreError> {
+        let Some(p) = patient else { return Ok(self.tenant.clone()) };
+        let name = patient_key_name(p);
+        if let Some(k) = self.cache.get(&name) {
+            return Ok(k);
+        }
+        let key = load_or_create_key(&*self.store, &*self.provider, &name, now).await?;
+        self.cache.insert(&name, key.clone());
+        Ok(key)
+    }
+
+    /// Where a resource is, without decrypting it.
+    pub async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError> {
+        self.store.locate(resource_type, id).await
+    }
+
+    async fn open_version(&self, v: StoredVersion, now: i64) -> Result<Resource, StoreError> {
+        let body = if v.deleted {
+            None
+        } else {
+            let key = self.key_for(v.patient.as_deref(), now).await?;
+            let aad = Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") };
+            let plain = valv_crypto::open(&key, &aad, &v.body).map_err(|e| {
+                tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
+                StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
+            })?;
+            Some(serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?)
+        };
+        Ok(Resource {
+            resource_type: v.resource_type,
+            id: v.id,
+            version: v.version,
+            last_updated: v.last_updated,
+            deleted: v.deleted,
+            patient: v.patient,
+            body,
+        })
+    }
+
+    /// The current version (a deletion comes back with `deleted` set and no body).
+    pub async fn read(&self, resource_type: &str, id: &str, now: i64) -> Result<Option<Resource>, StoreError> {
+        match self.store.read_current(resource_type, id).await? {
+            Some(v) => Ok(Some(self.open_version(v, now).await?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn vread(&self, resource_type: &str, id: &str, version: u64, now: i64) -> Result<Option<Resource>, StoreError> {
+        match self.store.read_version(resource_type, id, version).await? {
+            Some(v) => Ok(Some(self.open_version(v, now).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Versions newest first (of one resource, or of a type) and the total count.
+    pub async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize, now: i64)
+        -> Result<(Vec<Resource>, usize), StoreError> {
+        let (rows, total) = self.store.history(resource_type, id, offset, count).await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(self.open_version(r, now).await?);
+        }
+        Ok((out, total))
+    }
+
+    /// Applies every operation or none: validation, version checks, sealing and indexing all
+    /// happen before the single atomic store commit.
+    pub async fn commit(&self, ops: Vec<WriteOp>, now: i64) -> Result<Vec<Committed>, StoreError> {
+        let mut seen = HashSet::new();
+        for op in &ops {
+            let (t, id) = op.target();
+            if !seen.insert((t.to_string(), id.to_string())) {
+                return Err(StoreError::Invalid(valv_fhir::FhirError::processing(format!(
+                    "{t}/{id} is changed more than once in one request"
+                ))));
+            }
+        }
+        let mut writes = Vec::with_capacity(ops.len());
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            if let Some((write, committed)) = self.prepare(op, now).await? {
+                writes.push(write);
+                results.push(committed);
+            }
+        }
+        if !writes.is_empty() {
+            self.store.commit(writes).await?;
+        }
+        Ok(results)
+    }
+
+    async fn prepare(&self, op: WriteOp, now: i64) -> Result<Option<(Write, Committed)>, StoreError> {
+        match op {
+            WriteOp::Create { resource_type, id, body } => {
+                let w = self.seal_version(&resource_type, &id, 1, body, now).await?;
+                Ok(Some((Write { expect: Expect::Absent, version: w.0, tokens: w.1 }, Committed { resource: w.2, created: true, changed: true })))
+            }
+            WriteOp::Update { resource_type, id, body, if_match } => {
+                let current = self.store.locate(&resource_type, &id).await?.ok_or_else(|| {
+                    StoreError::NotAllowed(format!(
+                        "{resource_type}/{id} does not exist, and Valv assigns ids itself: create it with POST /fhir/{resource_type}"
+                    ))
+                })?;
+                check_if_match(&resource_type, &id, if_match, current.version)?;
+                let w = self.seal_version(&resource_type, &id, current.version + 1, body, now).await?;
+                Ok(Some((
+                    Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1 },
+                    Committed { resource: w.2, created: false, changed: true },
+                )))
+            }
+            WriteOp::Delete { resource_type, id, if_match } => {
+                let current = self
+                    .store
+                    .locate(&resource_type, &id)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("{resource_type}/{id}")))?;
+                check_if_match(&resource_type, &id, if_match, current.version)?;
+                if current.deleted {
+                    return Ok(None);
+                }
+                let version = StoredVersion {
+                    resource_type: resource_type.clone(),
+                    id: id.clone(),
+                    version: current.version + 1,
+                    patient: current.patient.clone(),
+                    deleted: true,
+                    last_updated: now,
+                    body: Vec::new(),
+                };
+                let resource = Resource {
+                    resource_type,
+                    id,
+                    version: version.version,
+                    last_updated: now,
+                    deleted: true,
+                    patient: current.patient,
+                    body: None,
+                };
+                Ok(Some((
+                    Write { expect: Expect::Version(current.version), version, tokens: Vec::new() },
+                    Committed { resource, created: false, changed: true },
+                )))
+            }
+        }
+    }
+
+    /// Validates a body, stamps id and meta, seals it and computes its tokens.
+    async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, now: i64)
+        -> Result<(StoredVersion, Vec<Token>, Resource), StoreError> {
+        stamp(&mut body, id, version, now)?;
+        r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
+        let patients = compartment::patients(resource_type, id, &body);
+        let patient = patients.into_iter().next();
+        let key = self.key_for(patient.as_deref(), now).await?;
+        let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
+        let aad = Aad { purpose: "resource", resource_type, id, version, patient: patient.as_deref().unwrap_or("") };
+        let sealed = valv_crypto::seal(&key, random_bytes()?, &aad, &plain);
+        let tokens = search::index_keys(resource_type, &body)
+            .iter()
+            .map(|k| self.blind.token(resource_type, k.param, &k.key))
+            .collect();
+        let stored = StoredVersion {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version,
+            patient: patient.clone(),
+            deleted: false,
+            last_updated: now,
+            body: sealed,
+        };
+        let resource = Resource {
+            resource_type: resource_type.to_string(),
+            id: id.to_string(),
+            version,
+            last_updated: now,
+            deleted: false,
+            patient,
+            body: Some(body),
+        };
+        Ok((stored, tokens, resource))
+    }
+
+    /// Runs a search. `visible` decides, from a resource's place alone, whether the caller may
+    /// see it; invisible resources are neither returned nor counted.
+    pub async fn search(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
+        -> Result<SearchPage, StoreError> {
+        let (filter, exact) = self.filter_for(resource_type, req);
+        let candidates: Vec<Located> = self.store.search(&filter).await?.into_iter().filter(|l| visible(l)).collect();
+        if exact {
+            let total = candidates.len();
+            if req.count_only {
+                return Ok(SearchPage { total, resources: Vec::new() });
+            }
+            let ids: Vec<String> = candidates.iter().skip(req.offset).take(req.count).map(|l| l.id.clone()).collect();
+            let mut resources = Vec::with_capacity(ids.len());
+            for v in self.store.read_many(resource_type, &ids).await? {
+                resources.push(self.open_version(v, now).await?);
+            }
+            return Ok(SearchPage { total, resources });
+        }
+        // Some condition needs the plaintext: decrypt every candidate and test precisely.
+        let mut matched = Vec::new();
+        for chunk in candidates.chunks(500) {
+            let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
+            for v in self.store.read_many(resource_type, &ids).await? {
+                let r = self.open_version(v, now).await?;
+                let body = r.body.as_ref();
+                if body.is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
+                    matched.push(r);
+                }
+            }
+        }
+        let total = matched.len();
+        let resources = if req.count_only { Vec::new() } else { matched.into_iter().skip(req.offset).take(req.count).collect() };
+        Ok(SearchPage { total, resources })
+    }
+
+    fn filter_for(&self, resource_type: &str, req: &SearchRequest) -> (Filter, bool) {
+        let mut filter = Filter {
+            resource_type: resource_type.to_string(),
+            order: match req.sort {
+                SortOrder::Created => Order::Created,
+                SortOrder::LastUpdatedAsc => Order::LastUpdatedAsc,
+                SortOrder::LastUpdatedDesc => Order::LastUpdatedDesc,
+            },
+            ..Filter::default()
+        };
+        let mut exact = true;
+        for c in &req.conditions {
+            exact &= c.keys_are_exact();
+            match &c.test {
+                Test::Id(ids) => {
+                    filter.ids = Some(match filter.ids.take() {
+                        None => ids.clone(),
+                        Some(prev) => prev.into_iter().filter(|i| ids.contains(i)).collect(),
+                    });
+                }
+                Test::LastUpdated(alts) => {
+                    let ranges: Option<Vec<(i64, i64)>> = alts
+                        .iter()
+                        .map(|(p, s)| p.candidate_interval(s).map(|i| (i.start.saturating_mul(1000), i.end.saturating_mul(1000))))
+                        .collect();
+                    match ranges {
+                        Some(r) => filter.last_updated.push(r),
+                        None => exact = false,
+                    }
+                }
+                Test::Indexed { def, .. } => {
+                    if let Some(keys) = c.candidate_keys() {
+                        filter.token_groups.push(keys.iter().map(|k| self.blind.token(resource_type, def.name, k)).collect());
+                    }
+                }
+            }
+        }
+        (filter, exact)
+    }
+}
+
+fn check_if_match(resource_type: &str, id: &str, if_match: Option<u64>, current: u64) -> Result<(), StoreError> {
+    match if_match {
+        Some(v) if v != current => Err(StoreError::PreconditionFailed(format!(
+            "If-Match names version {v} but {resource_type}/{id} is at version {current}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Sets `id`, `meta.versionId` and `meta.lastUpdated`, keeping the rest of `meta`.
+fn stamp(body: &mut Value, id: &str, version: u64, now: i64) -> Result<(), StoreError> {
+    let Value::Object(map) = body else {
+        return Err(StoreError::Invalid(valv_fhir::FhirError::structure("a resource must be a JSON object")));
+    };
+    map.insert("id".into(), Value::String(id.to_string()));
+    let meta = map.entry("meta").or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(meta) = meta else {
+        return Err(StoreError::Invalid(valv_fhir::FhirError::structure("meta must be an object")));
+    };
+    meta.insert("versionId".into(), Value::String(version.to_string()));
+    meta.insert("lastUpdated".into(), Value::String(date::format_instant(now)));
+    Ok(())
+}
+
+async fn load_or_create_key(store: &dyn Store, provider: &dyn KeyProvider, name: &str, now: i64) -> Result<DataKey, StoreError> {
+    let wrapped = match store.get_key(name).await? {
+        Some(w) => w,
+        None => {
+            let fresh = DataKey::from_bytes(random_bytes()?);
+            let w = provider.wrap(&fresh, name, random_bytes()?)?;
+            store.put_key_if_absent(name, &w, now).await?
+        }
+    };
+    Ok(provider.unwrap(&wrapped, name)?)
+}

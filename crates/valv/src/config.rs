@@ -1,0 +1,164 @@
+//! Configuration: `valv.toml` in the data directory, then `VALV_*` environment overrides.
+//! Secrets are referenced by path (key file, TLS key), never written inline.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub keys: KeysConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on (HTTPS only).
+    pub listen: String,
+    /// Public base URL used in links and Location headers (`<public_url>/fhir`).
+    pub public_url: String,
+    /// TLS certificate chain and private key (PEM), relative to the data directory.
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// Allow TLS 1.2 (AEAD suites only) besides TLS 1.3.
+    pub allow_tls12: bool,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysConfig {
+    /// Key provider: `file` (local key file). PKCS#11, KMS and Vault transit come later.
+    pub provider: String,
+    /// The key-encryption key file (mode 0600), relative to the data directory.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// SQLite database file, relative to the data directory.
+    pub sqlite: PathBuf,
+    /// Audit log file, relative to the data directory.
+    pub audit_log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug` (an EnvFilter directive).
+    pub level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8443".into(),
+            public_url: "https://127.0.0.1:8443".into(),
+            tls_cert: "tls/cert.pem".into(),
+            tls_key: "tls/key.pem".into(),
+            allow_tls12: false,
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig { provider: "file".into(), key_file: "keys/kek.key".into() }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { sqlite: "valv.db".into(), audit_log: "audit/audit.log".into() }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { server: ServerConfig::default(), keys: KeysConfig::default(), storage: StorageConfig::default(), log: LogConfig::default() }
+    }
+}
+
+pub const FILE_NAME: &str = "valv.toml";
+
+impl Config {
+    /// Reads `valv.toml` from the data directory (defaults if absent), then applies overrides.
+    pub fn load(data_dir: &Path) -> Result<Config, String> {
+        let path = data_dir.join(FILE_NAME);
+        let mut cfg = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        Ok(cfg)
+    }
+
+    /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
+    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        if let Some(v) = get("VALV_LISTEN") {
+            self.server.listen = v;
+        }
+        if let Some(v) = get("VALV_PUBLIC_URL") {
+            self.server.public_url = v;
+        }
+        if let Some(v) = get("VALV_TLS_CERT") {
+            self.server.tls_cert = v.into();
+        }
+        if let Some(v) = get("VALV_TLS_KEY") {
+            self.server.tls_key = v.into();
+        }
+        if let Some(v) = get("VALV_ALLOW_TLS12") {
+            self.server.allow_tls12 = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = get("VALV_MAX_BODY_BYTES") {
+            self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_KEY_FILE") {
+            self.keys.key_file = v.into();
+        }
+        if let Some(v) = get("VALV_LOG") {
+            self.log.level = v;
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_and_round_trip() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "VALV_LISTEN" => Some("127.0.0.1:9999".into()),
+            "VALV_ALLOW_TLS12" => Some("true".into()),
+            _ => None,
+        })
+        .expect("valid");
+        assert_eq!(c.server.listen, "127.0.0.1:9999");
+        assert!(c.server.allow_tls12);
+        let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
+        assert_eq!(back.server.listen, "127.0.0.1:9999");
+        assert!(c.apply_env(|k| (k == "VALV_MAX_BODY_BYTES").then(|| "lots".to_string())).is_err());
+        assert!(toml::from_str::<Config>("[server]\nnonsense = 1\n").is_err(), "unknown keys are rejected");
+    }
+}

@@ -1,0 +1,141 @@
+//! The data directory: created on first start (configuration, key file, self-signed TLS
+//! certificate, database, first admin API key) and opened into a running [`App`].
+
+use crate::config::{self, Config};
+use std::fs::{self, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use valv_crypto::LocalKeyProvider;
+use valv_server::audit::FileAuditLog;
+use valv_server::App;
+use valv_store::sqlite::SqliteStore;
+use valv_store::vault::{random_bytes, Vault};
+use valv_store::Store;
+
+pub struct Opened {
+    pub app: Arc<App>,
+    pub config: Config,
+    pub data_dir: PathBuf,
+}
+
+pub fn is_initialised(dir: &Path) -> bool {
+    dir.join(config::FILE_NAME).exists()
+}
+
+fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
+}
+
+/// Writes a file only the owner can read, refusing to overwrite one that exists.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        create_private_dir(parent)?;
+    }
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", dir.display()))
+}
+
+/// Creates the data directory as first start does. Returns the first admin API key, which is
+/// shown once and stored only as a hash.
+pub async fn init(dir: &Path) -> Result<String, String> {
+    if is_initialised(dir) {
+        return Err(format!("{} is already initialised", dir.display()));
+    }
+    create_private_dir(dir)?;
+    let cfg = Config::load(dir)?;
+    let key_file = resolve(dir, &cfg.keys.key_file);
+    if !key_file.exists() {
+        let provider = LocalKeyProvider::generate(random_bytes().map_err(|e| e.to_string())?);
+        write_secret(&key_file, provider.to_file_text().as_bytes())?;
+    }
+    let cert = resolve(dir, &cfg.server.tls_cert);
+    let key = resolve(dir, &cfg.server.tls_key);
+    if !cert.exists() && !key.exists() {
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let generated = rcgen::generate_simple_self_signed(names).map_err(|e| format!("generating a TLS certificate: {e}"))?;
+        write_secret(&key, generated.signing_key.serialize_pem().as_bytes())?;
+        fs::write(&cert, generated.cert.pem()).map_err(|e| format!("writing {}: {e}", cert.display()))?;
+    }
+    let opened = open(dir, None).await?;
+    let (api_key, record) = valv_server::auth::new_api_key(
+        "admin",
+        "admin",
+        valv_server::now_ms(),
+        random_bytes().map_err(|e| e.to_string())?,
+        random_bytes().map_err(|e| e.to_string())?,
+    )?;
+    opened.app.vault.store().insert_api_key(&record).await.map_err(|e| e.to_string())?;
+    // The configuration goes last: its presence marks a complete initialisation.
+    fs::write(dir.join(config::FILE_NAME), header() + &cfg.to_toml()).map_err(|e| format!("writing configuration: {e}"))?;
+    Ok(api_key)
+}
+
+fn header() -> String {
+    "# Valv configuration. Secrets are referenced by path, never written here.\n\
+     # Every value can be overridden by a VALV_* environment variable (see docs/OPERATIONS.md).\n\n"
+        .to_string()
+}
+
+/// Refuses a key file that others can read, as ssh does for private keys.
+fn read_key_file(path: &Path) -> Result<LocalKeyProvider, String> {
+    let meta = fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!("key file {} is readable by others; run chmod 600 on it", path.display()));
+    }
+    let text = zeroize::Zeroizing::new(fs::read_to_string(path).map_err(|e| format!("key file {}: {e}", path.display()))?);
+    LocalKeyProvider::parse(&text).map_err(|e| e.to_string())
+}
+
+/// Opens an initialised data directory into an [`App`] (storage, keys, audit log).
+pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
+    let mut cfg = Config::load(dir)?;
+    if let Some(addr) = listen {
+        cfg.server.listen = addr.to_string();
+        if std::env::var_os("VALV_PUBLIC_URL").is_none() {
+            cfg.server.public_url = format!("https://{addr}");
+        }
+    }
+    if cfg.keys.provider != "file" {
+        return Err(format!("key provider '{}' is not available in this version (only 'file')", cfg.keys.provider));
+    }
+    let provider = Arc::new(read_key_file(&resolve(dir, &cfg.keys.key_file))?);
+    let db = resolve(dir, &cfg.storage.sqlite);
+    // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
+    if !db.exists() {
+        write_secret(&db, b"")?;
+    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).map_err(|e| e.to_string())?);
+    let audit_path = resolve(dir, &cfg.storage.audit_log);
+    if !audit_path.exists() {
+        write_secret(&audit_path, b"")?;
+    }
+    let now = valv_server::now_ms();
+    let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
+    let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
+    let audit = Arc::new(FileAuditLog::open(&audit_path, audit_key).map_err(|e| e.to_string())?);
+    let app = App {
+        vault,
+        audit,
+        metrics: Default::default(),
+        base_url: format!("{}/fhir", cfg.server.public_url.trim_end_matches('/')),
+        max_body_bytes: cfg.server.max_body_bytes,
+        started: valv_fhir::date::format_instant(now),
+    };
+    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf() })
+}
+
+pub fn tls_files(opened: &Opened) -> (PathBuf, PathBuf) {
+    (resolve(&opened.data_dir, &opened.config.server.tls_cert), resolve(&opened.data_dir, &opened.config.server.tls_key))
+}
