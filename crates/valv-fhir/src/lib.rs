@@ -13,7 +13,6 @@ pub mod date;
 mod error;
 pub mod id;
 pub mod outcome;
-#[path = "r4_stub.rs"]
 pub mod r4;
 pub mod reference;
 pub mod search;

@@ -1,0 +1,93 @@
+//! Create, read, vread, update with If-Match, delete, history, metadata and credentials.
+
+use crate::harness::Server;
+use serde_json::json;
+
+#[tokio::test]
+async fn metadata_is_open_and_fhir_needs_a_credential() {
+    let s = Server::start("meta");
+    let m = s.request("GET", "/fhir/metadata", None, None, &[]).await;
+    assert_eq!(m.status, 200);
+    assert_eq!(m.json["resourceType"], "CapabilityStatement");
+    assert_eq!(m.json["fhirVersion"], "4.0.1");
+    assert_eq!(m.header("strict-transport-security"), Some("max-age=63072000; includeSubDomains"));
+    assert_eq!(m.header("x-content-type-options"), Some("nosniff"));
+    let none = s.request("GET", "/fhir/Patient", None, None, &[]).await;
+    none.outcome(401);
+    let bad = s.request("GET", "/fhir/Patient", Some("valv_0000000000000000000000000000000000000000000000000000000000000000"), None, &[]).await;
+    bad.outcome(401);
+    assert_eq!(s.request("GET", "/healthz", None, None, &[]).await.status, 200);
+    assert_eq!(s.request("GET", "/readyz", None, None, &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn api_keys_can_be_created_used_and_revoked() {
+    let s = Server::start("apikey");
+    let out = crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "importer", "--role", "service"]);
+    let key = crate::harness::last_line(&out);
+    assert_eq!(s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.status, 200);
+    let listed = crate::harness::run_ok(&s.data, &["apikey", "list"]);
+    assert!(listed.contains("importer") && !listed.contains(&key), "list shows names, never keys");
+    crate::harness::run_ok(&s.data, &["apikey", "revoke", "importer"]);
+    s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.outcome(401);
+}
+
+#[tokio::test]
+async fn crud_versions_if_match_and_history() {
+    let s = Server::start("crud");
+    let created = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Berg"}],"gender":"female"})).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let id = created.id();
+    assert_eq!(created.header("etag"), Some("W/\"1\""));
+    assert!(created.header("location").is_some_and(|l| l.ends_with(&format!("/fhir/Patient/{id}/_history/1"))));
+    assert!(created.header("last-modified").is_some());
+    assert_eq!(created.json["meta"]["versionId"], "1");
+
+    let read = s.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.json["name"][0]["family"], "Berg");
+
+    let mut body = read.json.clone();
+    body["name"][0]["family"] = json!("Lind");
+    let updated = s.put(&format!("/fhir/Patient/{id}"), &body, &[("if-match", "W/\"1\"")]).await;
+    assert_eq!(updated.status, 200, "{}", updated.text);
+    assert_eq!(updated.json["meta"]["versionId"], "2");
+
+    // A stale If-Match loses, and changes nothing.
+    body["name"][0]["family"] = json!("Stale");
+    let stale = s.put(&format!("/fhir/Patient/{id}"), &body, &[("if-match", "W/\"1\"")]).await;
+    stale.outcome(412);
+    assert_eq!(s.get(&format!("/fhir/Patient/{id}")).await.json["name"][0]["family"], "Lind");
+
+    let v1 = s.get(&format!("/fhir/Patient/{id}/_history/1")).await;
+    assert_eq!(v1.json["name"][0]["family"], "Berg");
+    s.get(&format!("/fhir/Patient/{id}/_history/9")).await.outcome(404);
+
+    let del = s.delete(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(del.status, 200, "{}", del.text);
+    s.get(&format!("/fhir/Patient/{id}")).await.outcome(410);
+    assert_eq!(s.get(&format!("/fhir/Patient/{id}/_history/2")).await.json["name"][0]["family"], "Lind");
+
+    let hist = s.get(&format!("/fhir/Patient/{id}/_history")).await;
+    assert_eq!(hist.status, 200);
+    assert_eq!(hist.json["type"], "history");
+    assert_eq!(hist.total(), 3);
+    let methods: Vec<&str> = hist.json["entry"].as_array().expect("entries").iter().filter_map(|e| e["request"]["method"].as_str()).collect();
+    assert_eq!(methods, vec!["DELETE", "PUT", "POST"], "newest first");
+
+    let type_hist = s.get("/fhir/Patient/_history").await;
+    assert_eq!(type_hist.total(), 3);
+    // Update after delete brings the resource back as a new version.
+    body["name"][0]["family"] = json!("Back");
+    let back = s.put(&format!("/fhir/Patient/{id}"), &body, &[]).await;
+    assert_eq!(back.status, 200, "{}", back.text);
+    assert_eq!(back.json["meta"]["versionId"], "4");
+}
+
+#[tokio::test]
+async fn update_of_unknown_id_is_refused() {
+    let s = Server::start("upcreate");
+    let r = s.put("/fhir/Patient/client-chosen", &json!({"resourceType":"Patient","id":"client-chosen"}), &[]).await;
+    r.outcome(405);
+    s.get("/fhir/Patient/client-chosen").await.outcome(404);
+}

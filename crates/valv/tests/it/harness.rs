@@ -1,0 +1,226 @@
+//! Starts the real `valv` binary in a temporary data directory and talks HTTPS to it.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub fn valv() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_valv"))
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).expect("randomness");
+    let dir = std::env::temp_dir().join(format!("valv-it-{tag}-{}", u64::from_le_bytes(r)));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Runs a `valv` subcommand against a data directory; returns stdout, panics on failure.
+pub fn run_ok(data: &Path, args: &[&str]) -> String {
+    let out = valv().arg("--data-dir").arg(data).args(args).output().expect("run valv");
+    assert!(out.status.success(), "valv {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+pub fn last_line(s: &str) -> String {
+    s.lines().last().unwrap_or("").trim().to_string()
+}
+
+pub struct Server {
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    pub port: u16,
+    pub admin_key: String,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Server {
+    pub fn start(tag: &str) -> Server {
+        Self::start_with(tag, &[])
+    }
+
+    /// Initialises a data directory, then serves it with extra `VALV_*` variables.
+    pub fn start_with(tag: &str, env: &[(&str, &str)]) -> Server {
+        let dir = temp_dir(tag);
+        let data = dir.join("valv-data");
+        let admin_key = last_line(&run_ok(&data, &["init"]));
+        assert!(admin_key.starts_with("valv_"), "init prints the admin key last: {admin_key}");
+        let mut s = Server {
+            tls: client_tls(&data.join("tls/cert.pem")),
+            dir,
+            data,
+            port: 0,
+            admin_key,
+            child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        s.restart();
+        s
+    }
+
+    /// (Re)starts the server process on a fresh port and waits until it answers.
+    pub fn restart(&mut self) {
+        self.port = free_port();
+        let mut cmd = valv();
+        cmd.arg("--data-dir").arg(&self.data).args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)]);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.stdout(Stdio::null()).stderr(Stdio::from(
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).expect("log file"),
+        ));
+        self.child = Some(cmd.spawn().expect("spawn valv serve"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("valv serve did not start; see {}", self.dir.join("server.log").display());
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn request(&self, method: &str, path: &str, key: Option<&str>, body: Option<&Value>, headers: &[(&str, &str)]) -> Resp {
+        let raw = body.map(|b| serde_json::to_vec(b).expect("json"));
+        self.request_raw(method, path, key, raw, headers).await
+    }
+
+    pub async fn request_raw(&self, method: &str, path: &str, key: Option<&str>, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Resp {
+        self.try_request(method, path, key, body, headers).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A handle that can talk to the server from other tasks.
+    pub fn client(&self) -> Client {
+        Client { port: self.port, tls: self.tls.clone(), admin_key: self.admin_key.clone() }
+    }
+
+    pub async fn try_request(&self, method: &str, path: &str, key: Option<&str>, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Resp, String> {
+        self.client().try_request(method, path, key, body, headers).await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, Some(&self.admin_key), None, &[]).await
+    }
+    pub async fn post(&self, path: &str, body: &Value) -> Resp {
+        self.request("POST", path, Some(&self.admin_key), Some(body), &[]).await
+    }
+    pub async fn put(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
+        self.request("PUT", path, Some(&self.admin_key), Some(body), headers).await
+    }
+    pub async fn delete(&self, path: &str) -> Resp {
+        self.request("DELETE", path, Some(&self.admin_key), None, &[]).await
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    pub port: u16,
+    pub admin_key: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl Client {
+    /// One request on a fresh connection; a failed connection is an error rather than a panic.
+    pub async fn try_request(&self, method: &str, path: &str, key: Option<&str>, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Resp, String> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.map_err(|e| format!("connect: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(conn);
+        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let has_ct = headers.iter().any(|(h, _)| h.eq_ignore_ascii_case("content-type"));
+        if body.is_some() && !has_ct {
+            req = req.header("content-type", "application/fhir+json");
+        }
+        for (h, v) in headers {
+            req = req.header(*h, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| format!("send: {e}"))?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
+        let bytes = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Resp { status, headers, json, text: String::from_utf8_lossy(&bytes).to_string() })
+    }
+
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub json: Value,
+    pub text: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn id(&self) -> String {
+        self.json["id"].as_str().unwrap_or_else(|| panic!("no id in {}", self.text)).to_string()
+    }
+    /// Asserts an OperationOutcome with the given status and returns its diagnostics.
+    pub fn outcome(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "expected {status}, got {}: {}", self.status, self.text);
+        assert_eq!(self.json["resourceType"], "OperationOutcome", "{}", self.text);
+        let d = self.json["issue"][0]["diagnostics"].as_str().unwrap_or("").to_string();
+        assert!(!d.is_empty(), "OperationOutcome without diagnostics: {}", self.text);
+        d
+    }
+    pub fn total(&self) -> u64 {
+        self.json["total"].as_u64().unwrap_or_else(|| panic!("no total: {}", self.text))
+    }
+    pub fn entry_ids(&self) -> Vec<String> {
+        self.json["entry"].as_array().map(|a| a.iter().filter_map(|e| e["resource"]["id"].as_str().map(str::to_string)).collect()).unwrap_or_default()
+    }
+}
+
+fn client_tls(cert: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).expect("cert file") {
+        roots.add(c.expect("cert")).expect("add root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}

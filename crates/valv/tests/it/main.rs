@@ -1,0 +1,9 @@
+//! Integration tests: each starts the real `valv` binary in a temporary data directory.
+//! One test binary for the whole crate keeps link time down.
+
+mod bundles;
+mod crud;
+mod errors;
+mod harness;
+mod search;
+mod security;
