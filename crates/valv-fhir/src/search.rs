@@ -685,7 +685,7 @@ mod tests {
     #[test]
     fn period_dates() {
         let e = json!({"resourceType":"Encounter","period":{"start":"2020-01-01T08:00:00Z","end":"2020-01-03T08:00:00Z"}});
-        assert!(hit("Encounter", &e, &[("date", "2020-01-02")]) == false, "eq needs containment");
+        assert!(!hit("Encounter", &e, &[("date", "2020-01-02")]), "eq needs containment");
         assert!(hit("Encounter", &e, &[("date", "2020-01")]));
         assert!(hit("Encounter", &e, &[("date", "ge2020-01-02")]));
         let open = json!({"resourceType":"Encounter","period":{"start":"2020-01-01T08:00:00Z"}});

@@ -347,21 +347,23 @@ fn body_patients(resource_type: &str, id: &str, body: &Value) -> Vec<Option<Stri
 async fn authorize_write(app: &App, ctx: &Ctx, interaction: &'static str, action: Action, resource_type: &str, id: &str, patients: &[Option<String>]) -> Result<Vec<AuditEvent>, ApiError> {
     let mut events = Vec::new();
     for p in patients {
-        let touch = Touch { interaction, action, resource_type, id: Some(id), version: None, patient: p.as_deref(), query: None };
+        let touch = write_touch(interaction, action, resource_type, id, p.as_deref());
         let reason = authorize(app, ctx, &touch).await?;
         events.push(ctx.event(&touch, Outcome::Success, 0, &reason)?);
     }
     Ok(events)
 }
 
-async fn commit_one(app: &App, ctx: &Ctx, op: WriteOp, interaction: &'static str, action: Action, resource_type: &str, id: &str, patient: Option<&str>) -> Result<Committed, ApiError> {
+/// Commits one write whose attempt is already audited; a failure is audited as well.
+async fn commit_one(app: &App, ctx: &Ctx, op: WriteOp, touch: &Touch<'_>) -> Result<Committed, ApiError> {
     match app.vault.commit(vec![op], ctx.now).await {
         Ok(mut c) => c.pop().ok_or_else(|| ApiError::internal("the store returned no result")),
-        Err(e) => {
-            let touch = Touch { interaction, action, resource_type, id: Some(id), version: None, patient, query: None };
-            Err(audit_failure(app, ctx, &touch, e.into()).await)
-        }
+        Err(e) => Err(audit_failure(app, ctx, touch, e.into()).await),
     }
+}
+
+fn write_touch<'a>(interaction: &'static str, action: Action, resource_type: &'a str, id: &'a str, patient: Option<&'a str>) -> Touch<'a> {
+    Touch { interaction, action, resource_type, id: Some(id), version: None, patient, query: None }
 }
 
 async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Result<Reply, ApiError> {
@@ -372,7 +374,7 @@ async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Resul
     let events = authorize_write(app, ctx, "create", Action::Create, resource_type, &id, &patients).await?;
     audit(app, events).await?;
     let op = WriteOp::Create { resource_type: resource_type.to_string(), id: id.clone(), body };
-    let c = commit_one(app, ctx, op, "create", Action::Create, resource_type, &id, patients[0].as_deref()).await?;
+    let c = commit_one(app, ctx, op, &write_touch("create", Action::Create, resource_type, &id, patients[0].as_deref())).await?;
     Ok(write_reply(ctx, StatusCode::CREATED, c.resource))
 }
 
@@ -397,7 +399,7 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     let events = authorize_write(app, ctx, "update", Action::Update, resource_type, id, &patients).await?;
     audit(app, events).await?;
     let op = WriteOp::Update { resource_type: resource_type.to_string(), id: id.to_string(), body, if_match };
-    let c = commit_one(app, ctx, op, "update", Action::Update, resource_type, id, patients[0].as_deref()).await?;
+    let c = commit_one(app, ctx, op, &write_touch("update", Action::Update, resource_type, id, patients[0].as_deref())).await?;
     Ok(write_reply(ctx, StatusCode::OK, c.resource))
 }
 
@@ -409,12 +411,10 @@ async fn delete(app: &App, ctx: &Ctx, resource_type: &str, id: &str, if_match: O
     let events = authorize_write(app, ctx, "delete", Action::Delete, resource_type, id, &patients).await?;
     audit(app, events).await?;
     let op = WriteOp::Delete { resource_type: resource_type.to_string(), id: id.to_string(), if_match };
+    let touch = write_touch("delete", Action::Delete, resource_type, id, located.patient.as_deref());
     match app.vault.commit(vec![op], ctx.now).await {
         Ok(_) => Ok(Reply::json(StatusCode::OK, valv_fhir::outcome::success(&format!("{resource_type}/{id} deleted")))),
-        Err(e) => {
-            let touch = Touch { interaction: "delete", action: Action::Delete, resource_type, id: Some(id), version: None, patient: located.patient.as_deref(), query: None };
-            Err(audit_failure(app, ctx, &touch, e.into()).await)
-        }
+        Err(e) => Err(audit_failure(app, ctx, &touch, e.into()).await),
     }
 }
 

@@ -407,3 +407,74 @@ impl Store for SqliteStore {
         self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db() -> std::path::PathBuf {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("random");
+        std::env::temp_dir().join(format!("valv-store-test-{}.db", u64::from_le_bytes(r)))
+    }
+
+    fn version(id: &str, v: u64) -> StoredVersion {
+        StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] }
+    }
+
+    #[tokio::test]
+    async fn version_checks_and_atomic_groups() {
+        let path = temp_db();
+        let store = SqliteStore::open(&path).expect("open");
+        store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![[1; 32]] }]).await.expect("create");
+        // A second create of the same id, and an update from a stale version, conflict (409).
+        let dup = store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![] }]).await;
+        assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+        store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![[2; 32]] }]).await.expect("update");
+        let stale = store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![] }]).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
+        // A request whose second write fails leaves its first write undone.
+        let mixed = store
+            .commit(vec![
+                Write { expect: Expect::Absent, version: version("b", 1), tokens: vec![] },
+                Write { expect: Expect::Version(7), version: version("a", 8), tokens: vec![] },
+            ])
+            .await;
+        assert!(mixed.is_err());
+        assert!(store.locate("Patient", "b").await.expect("locate").is_none(), "nothing of a failed request stays");
+        // Tokens follow the current version only.
+        let hits = store.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[2; 32]]], ..Filter::default() }).await.expect("search");
+        assert_eq!(hits.len(), 1);
+        let old = store.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[1; 32]]], ..Filter::default() }).await.expect("search");
+        assert!(old.is_empty());
+        let (hist, total) = store.history("Patient", Some("a"), 0, 10).await.expect("history");
+        assert_eq!(total, 2);
+        assert_eq!(hist[0].version, 2, "newest first");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_group_commits_and_keep_their_own_outcomes() {
+        let path = temp_db();
+        let store = std::sync::Arc::new(SqliteStore::open(&path).expect("open"));
+        let mut tasks = Vec::new();
+        for i in 0..64 {
+            let s = store.clone();
+            // Every fourth request conflicts with an id taken by another.
+            let id = if i % 4 == 0 { "shared".to_string() } else { format!("p{i}") };
+            tasks.push(tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![] }]).await.is_ok() }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await.expect("task"));
+        }
+        assert_eq!(ok, 48 + 1, "every distinct id once, the shared id once");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}

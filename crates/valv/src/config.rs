@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -82,12 +82,6 @@ impl Default for StorageConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".into() }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config { server: ServerConfig::default(), keys: KeysConfig::default(), storage: StorageConfig::default(), log: LogConfig::default() }
     }
 }
 

@@ -153,7 +153,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
             }
             let opened = datadir::open(&dir, None).await?;
-            let s = import::run(&opened.app, &files).await;
+            let s = import::run(opened.app.clone(), &files).await;
             println!(
                 "imported {} resources from {} of {} files in {:.1} s ({:.0} resources/s); {} rejected",
                 s.resources,

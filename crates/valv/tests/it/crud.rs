@@ -91,3 +91,30 @@ async fn update_of_unknown_id_is_refused() {
     r.outcome(405);
     s.get("/fhir/Patient/client-chosen").await.outcome(404);
 }
+
+#[tokio::test]
+async fn concurrent_updates_never_lose_one_silently() {
+    let s = Server::start("race");
+    let id = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let (client, id) = (s.client(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::to_vec(&json!({"resourceType":"Patient","id":id,"name":[{"family":format!("W{i}")}]})).expect("json");
+            client.try_request("PUT", &format!("/fhir/Patient/{id}"), Some(&client.admin_key), Some(body), &[]).await.expect("response")
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let r = t.await.expect("task");
+        match r.status {
+            200 => ok += 1,
+            409 => assert_eq!(r.json["issue"][0]["code"], "conflict", "{}", r.text),
+            other => panic!("unexpected {other}: {}", r.text),
+        }
+    }
+    // Every acknowledged update is a version of its own: none overwrote another unseen.
+    let now = s.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(now.json["meta"]["versionId"], (1 + ok).to_string());
+    assert_eq!(s.get(&format!("/fhir/Patient/{id}/_history")).await.total(), 1 + ok as u64);
+}

@@ -8,7 +8,10 @@ fn cc(system: &str, code: &str) -> Value {
 }
 
 /// (type, resource, [(query, expected to match)]) — `{P}` is the patient id, `{O}` an Organization.
-fn cases() -> Vec<(&'static str, Value, Vec<(&'static str, bool)>)> {
+/// A resource type, a resource of it, and queries with whether each must match.
+type Case = (&'static str, Value, Vec<(&'static str, bool)>);
+
+fn cases() -> Vec<Case> {
     let subj = json!({"reference":"Patient/{P}"});
     let ident = json!([{"system":"urn:test","value":"ID-{T}"}]);
     vec![
