@@ -179,8 +179,9 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
 async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Option<u64>) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     check_id(id)?;
-    let located = app.vault.locate(resource_type, id).await?;
-    let patient = located.as_ref().and_then(|l| l.patient.clone());
+    // Fetched sealed: the patient it belongs to is known before anything is decrypted.
+    let stored = app.vault.fetch(resource_type, id, version).await?;
+    let patient = stored.as_ref().and_then(|v| v.patient.clone());
     let touch = Touch {
         interaction: if version.is_some() { "vread" } else { "read" },
         action: Action::Read,
@@ -191,31 +192,26 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
         query: None,
     };
     let reason = authorize(app, ctx, &touch).await?;
-    let found = match version {
-        None => app.vault.read(resource_type, id, ctx.now).await,
-        Some(v) => app.vault.vread(resource_type, id, v, ctx.now).await,
-    };
-    let result = match found {
-        Ok(Some(r)) if r.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
-        Ok(Some(r)) => Ok(r),
-        Ok(None) => Err(ApiError::not_found(match version {
+    let opened = match &stored {
+        Some(v) if v.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
+        Some(v) => app.vault.open_bytes(v, ctx.now).await.map_err(|e| {
+            app.metrics.integrity_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            ApiError::from(e)
+        }),
+        None => Err(ApiError::not_found(match version {
             None => format!("{resource_type}/{id} is not known"),
             Some(v) => format!("{resource_type}/{id} has no version {v}"),
         })),
-        Err(e) => {
-            if matches!(e, valv_store::StoreError::Integrity(_)) {
-                app.metrics.integrity_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Err(e.into())
-        }
     };
-    match result {
-        Ok(r) => {
-            let touch = Touch { version: Some(r.version), ..touch };
+    match (opened, stored) {
+        (Ok(bytes), Some(v)) => {
+            let touch = Touch { version: Some(v.version), ..touch };
             audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
-            Ok(Reply::resource(StatusCode::OK, r))
+            // The stored JSON is exactly the representation: sent as it is, not re-serialised.
+            Ok(Reply::raw_resource(StatusCode::OK, &v, bytes))
         }
-        Err(err) => Err(audit_failure(app, ctx, &touch, err).await),
+        (Err(err), _) => Err(audit_failure(app, ctx, &touch, err).await),
+        (Ok(_), None) => Err(ApiError::internal("opened a resource that was not fetched")),
     }
 }
 

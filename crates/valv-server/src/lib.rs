@@ -56,8 +56,8 @@ pub struct Reply {
     pub resource: Option<(String, String, u64, i64)>,
     /// Send a Location header (creates and updates).
     pub location: bool,
-    /// A non-JSON body with its content type.
-    pub text: Option<(&'static str, String)>,
+    /// A body sent as it is, with its content type (plain text, or stored FHIR JSON).
+    pub text: Option<(&'static str, Bytes)>,
 }
 
 impl Reply {
@@ -65,7 +65,17 @@ impl Reply {
         Reply { status, body: Some(body), resource: None, location: false, text: None }
     }
     pub fn text(content_type: &'static str, text: String) -> Self {
-        Reply { status: StatusCode::OK, body: None, resource: None, location: false, text: Some((content_type, text)) }
+        Reply { status: StatusCode::OK, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))) }
+    }
+    /// A stored resource's JSON bytes as they are.
+    pub fn raw_resource(status: StatusCode, v: &valv_store::StoredVersion, json: Vec<u8>) -> Self {
+        Reply {
+            status,
+            body: None,
+            resource: Some((v.resource_type.clone(), v.id.clone(), v.version, v.last_updated)),
+            location: false,
+            text: Some((FHIR_JSON, Bytes::from(json))),
+        }
     }
     pub fn resource(status: StatusCode, r: Resource) -> Self {
         Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None }
@@ -84,6 +94,8 @@ impl Reply {
         let mut e = json!({"response": response});
         if let Some(b) = self.body {
             e["resource"] = b;
+        } else if let Some((FHIR_JSON, raw)) = &self.text {
+            e["resource"] = serde_json::from_slice(raw).unwrap_or(Value::Null);
         }
         e
     }
@@ -97,7 +109,7 @@ impl Reply {
             }
         }
         let (ct, bytes) = match (self.text, self.body) {
-            (Some((ct, text)), _) => (ct, Bytes::from(text)),
+            (Some((ct, bytes)), _) => (ct, bytes),
             (None, Some(body)) => (FHIR_JSON, Bytes::from(serde_json::to_vec(&body).unwrap_or_default())),
             (None, None) => return builder.body(Full::new(Bytes::new())).unwrap_or_default(),
         };

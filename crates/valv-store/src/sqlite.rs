@@ -80,6 +80,9 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     // Deleted content is overwritten, so freed pages do not keep old ciphertext around longer
     // than needed (it is encrypted either way).
     conn.pragma_update(None, "secure_delete", "ON")?;
+    // One plan per statement whatever the bound values: without this, the bundled build's STAT4
+    // makes SQLite re-prepare cached statements on every new binding.
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(conn)
 }
 

@@ -126,16 +126,31 @@ impl Vault {
         self.store.locate(resource_type, id).await
     }
 
+    /// A stored version, still sealed: its place (patient, deleted) can be judged before it is
+    /// opened. `version: None` gives the current one.
+    pub async fn fetch(&self, resource_type: &str, id: &str, version: Option<u64>) -> Result<Option<StoredVersion>, StoreError> {
+        match version {
+            None => self.store.read_current(resource_type, id).await,
+            Some(v) => self.store.read_version(resource_type, id, v).await,
+        }
+    }
+
+    /// The plaintext JSON of a stored (not deleted) version; fails loudly if it does not
+    /// authenticate under its patient's key and its own type, id and version.
+    pub async fn open_bytes(&self, v: &StoredVersion, now: i64) -> Result<Vec<u8>, StoreError> {
+        let key = self.key_for(v.patient.as_deref(), now).await?;
+        let aad = Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") };
+        valv_crypto::open(&key, &aad, &v.body).map_err(|e| {
+            tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
+            StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
+        })
+    }
+
     async fn open_version(&self, v: StoredVersion, now: i64) -> Result<Resource, StoreError> {
         let body = if v.deleted {
             None
         } else {
-            let key = self.key_for(v.patient.as_deref(), now).await?;
-            let aad = Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") };
-            let plain = valv_crypto::open(&key, &aad, &v.body).map_err(|e| {
-                tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
-                StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
-            })?;
+            let plain = self.open_bytes(&v, now).await?;
             Some(serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?)
         };
         Ok(Resource {
@@ -152,13 +167,6 @@ impl Vault {
     /// The current version (a deletion comes back with `deleted` set and no body).
     pub async fn read(&self, resource_type: &str, id: &str, now: i64) -> Result<Option<Resource>, StoreError> {
         match self.store.read_current(resource_type, id).await? {
-            Some(v) => Ok(Some(self.open_version(v, now).await?)),
-            None => Ok(None),
-        }
-    }
-
-    pub async fn vread(&self, resource_type: &str, id: &str, version: u64, now: i64) -> Result<Option<Resource>, StoreError> {
-        match self.store.read_version(resource_type, id, version).await? {
             Some(v) => Ok(Some(self.open_version(v, now).await?)),
             None => Ok(None),
         }
