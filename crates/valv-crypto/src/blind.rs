@@ -11,18 +11,22 @@ impl BlindIndexKey {
         BlindIndexKey(key)
     }
 
-    /// HMAC-SHA256 over length-prefixed (type, param, key).
-    pub fn token(&self, resource_type: &str, param: &str, key: &str) -> [u8; 32] {
+    /// HMAC-SHA256 over length-prefixed (type, param, key), truncated to 128 bits: ample against
+    /// collisions at any realistic index size, and half the index pages of a full tag.
+    pub fn token(&self, resource_type: &str, param: &str, key: &str) -> [u8; 16] {
         let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(self.0.expose()) {
             Ok(m) => m,
             // HMAC accepts keys of any length; this arm cannot be reached with a 32-byte key.
-            Err(_) => return [0; 32],
+            Err(_) => return [0; 16],
         };
         for field in [resource_type, param, key] {
             mac.update(&(field.len() as u32).to_be_bytes());
             mac.update(field.as_bytes());
         }
-        mac.finalize().into_bytes().into()
+        let tag = mac.finalize().into_bytes();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag[..16]);
+        out
     }
 }
 

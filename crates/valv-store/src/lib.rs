@@ -14,8 +14,8 @@ pub use error::StoreError;
 use async_trait::async_trait;
 pub use valv_crypto::WrappedKey;
 
-/// A blind-index token (HMAC-SHA256 output).
-pub type Token = [u8; 32];
+/// A blind-index token (truncated HMAC-SHA256).
+pub type Token = [u8; 16];
 
 /// One stored version of a resource, as the backend holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]

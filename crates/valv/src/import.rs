@@ -63,7 +63,7 @@ fn read_bundle(path: &Path) -> Result<serde_json::Value, String> {
 
 /// Bundles in flight at once: concurrent transactions share the store's and the audit log's
 /// group commits (one fsync for many), which is where import throughput comes from.
-const IN_FLIGHT: usize = 8;
+const IN_FLIGHT: usize = 32;
 
 pub async fn run(app: Arc<App>, files: &[PathBuf]) -> Summary {
     let started = Instant::now();
