@@ -126,7 +126,8 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
             let rt = r.get("resourceType").and_then(Value::as_str);
             if rt != Some(resource_type.as_str()) {
                 return Err(FhirError::processing(format!(
-                    "Bundle.entry[{i}]: resource.resourceType {rt:?} does not match request.url '{url}'"
+                    "Bundle.entry[{i}]: resource.resourceType '{}' does not match request.url '{url}'",
+                    rt.unwrap_or("(missing)")
                 )));
             }
             if method == Method::Put && r.get("id").and_then(Value::as_str).is_some_and(|rid| Some(rid) != id.as_deref()) {

@@ -60,8 +60,7 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str) -> V
             "security": {
                 "cors": false,
                 "description": "HTTPS only. Every request except GET /metadata needs a bearer credential (an API key in this version). Resources are encrypted at rest with per-patient keys.",
-                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "OAuth"}],
-                             "text": "Bearer API keys"}]
+                "service": [{"text": "Bearer API keys (service accounts)"}]
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

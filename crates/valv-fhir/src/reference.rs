@@ -13,11 +13,12 @@ impl LocalRef {
     }
 }
 
-/// Parses the `reference` string of a Reference into a local `Type/id`, accepting relative
-/// references, version-specific ones and absolute URLs whose last segments name a type and id.
-/// Contained (`#x`), `urn:` and other forms give `None`.
+/// Parses the `reference` string of a Reference into a local `Type/id`, accepting relative and
+/// version-specific references. Absolute URLs, contained (`#x`) and `urn:` references give
+/// `None`: a resource on another server must not decide whose key seals this one or match a
+/// local patient's searches.
 pub fn parse(reference: &str) -> Option<LocalRef> {
-    if reference.starts_with('#') || reference.starts_with("urn:") {
+    if reference.starts_with('#') || reference.contains(':') {
         return None;
     }
     let path = reference.split(['?', '#']).next().unwrap_or(reference);
@@ -60,7 +61,8 @@ mod tests {
     fn forms() {
         let p = parse("Patient/123").expect("relative");
         assert_eq!(p.key(), "Patient/123");
-        assert_eq!(parse("https://x.org/fhir/Patient/1/_history/2").map(|r| r.key()), Some("Patient/1".into()));
+        assert_eq!(parse("Patient/1/_history/2").map(|r| r.key()), Some("Patient/1".into()));
+        assert_eq!(parse("https://other.example/fhir/Patient/1"), None, "another server's patient is not ours");
         assert_eq!(parse("#contained"), None);
         assert_eq!(parse("urn:uuid:1234"), None);
         assert_eq!(parse("NotAType/1"), None);

@@ -59,6 +59,8 @@ pub struct AuditError(pub String);
 pub trait AuditSink: Send + Sync {
     /// Returns once every entry is durable, or fails (and then the request must fail).
     async fn record(&self, events: Vec<AuditEvent>) -> Result<(), AuditError>;
+    /// Whether an append failed within `window_ms` before `now_ms` (for readiness).
+    fn failed_within(&self, now_ms: i64, window_ms: i64) -> bool;
 }
 
 type Job = (Vec<Vec<u8>>, oneshot::Sender<Result<(), AuditError>>);
@@ -66,6 +68,8 @@ type Job = (Vec<Vec<u8>>, oneshot::Sender<Result<(), AuditError>>);
 pub struct FileAuditLog {
     key: DataKey,
     tx: Mutex<mpsc::Sender<Job>>,
+    /// When the last append failed (ms since the epoch), 0 if never.
+    last_failure: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl FileAuditLog {
@@ -79,11 +83,13 @@ impl FileAuditLog {
             .open(path)
             .map_err(|e| AuditError(format!("opening {}: {e}", path.display())))?;
         let (tx, rx) = mpsc::channel::<Job>();
+        let last_failure = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let failures = last_failure.clone();
         std::thread::Builder::new()
             .name("valv-audit-writer".into())
-            .spawn(move || writer_loop(file, rx))
+            .spawn(move || writer_loop(file, rx, &failures))
             .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
-        Ok(FileAuditLog { key, tx: Mutex::new(tx) })
+        Ok(FileAuditLog { key, tx: Mutex::new(tx), last_failure })
     }
 
     fn seal_line(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
@@ -99,7 +105,7 @@ impl FileAuditLog {
     }
 }
 
-fn writer_loop(mut file: File, rx: mpsc::Receiver<Job>) {
+fn writer_loop(mut file: File, rx: mpsc::Receiver<Job>, last_failure: &std::sync::atomic::AtomicI64) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(job) = rx.try_recv() {
@@ -107,6 +113,10 @@ fn writer_loop(mut file: File, rx: mpsc::Receiver<Job>) {
         }
         let bytes: Vec<u8> = group.iter().flat_map(|(lines, _)| lines.iter().flatten().copied()).collect();
         let result = file.write_all(&bytes).and_then(|()| file.sync_data()).map_err(|e| AuditError(e.to_string()));
+        if result.is_err() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+            last_failure.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
         for (_, reply) in group {
             let _ = reply.send(match &result {
                 Ok(()) => Ok(()),
@@ -130,6 +140,11 @@ impl AuditSink for FileAuditLog {
             .send((lines, tx))
             .map_err(|_| AuditError("the audit writer has stopped".into()))?;
         rx.await.map_err(|_| AuditError("the audit writer dropped an entry".into()))?
+    }
+
+    fn failed_within(&self, now_ms: i64, window_ms: i64) -> bool {
+        let last = self.last_failure.load(std::sync::atomic::Ordering::Relaxed);
+        last != 0 && now_ms - last < window_ms
     }
 }
 

@@ -61,11 +61,11 @@ pub fn new_api_key(name: &str, role: &str, now: i64, random: [u8; 32], id_random
 /// Resolves the `Authorization` header to a principal.
 pub async fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Result<Principal, ApiError> {
     let header = authorization.ok_or_else(|| ApiError::unauthorized("this request needs a credential: Authorization: Bearer <key>"))?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .map(str::trim)
-        .ok_or_else(|| ApiError::unauthorized("the Authorization header must use the Bearer scheme"))?;
+    // The scheme name is case-insensitive (RFC 9110 §11.1).
+    let token = match header.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        _ => return Err(ApiError::unauthorized("the Authorization header must use the Bearer scheme")),
+    };
     if !token.starts_with("valv_") || token.len() != 69 {
         return Err(ApiError::unauthorized("the bearer credential is not valid"));
     }

@@ -11,11 +11,13 @@ pub struct ApiError {
     /// R4 IssueType code.
     pub code: &'static str,
     pub diagnostics: String,
+    /// Whether an audit entry already records this failure (so it is recorded exactly once).
+    pub audited: bool,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        ApiError { status, code, diagnostics: diagnostics.into() }
+        ApiError { status, code, diagnostics: diagnostics.into(), audited: false }
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", d)
@@ -37,6 +39,10 @@ impl ApiError {
     }
     pub fn internal(d: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", d)
+    }
+
+    pub fn recorded(self) -> Self {
+        ApiError { audited: true, ..self }
     }
 
     pub fn outcome(&self) -> serde_json::Value {

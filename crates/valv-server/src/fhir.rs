@@ -28,6 +28,21 @@ pub enum Interaction {
 }
 
 impl Interaction {
+    /// The resource type named by the URL (`Bundle` for transactions and batches).
+    pub fn resource_type(&self) -> &str {
+        match self {
+            Interaction::Read { resource_type, .. }
+            | Interaction::VRead { resource_type, .. }
+            | Interaction::Search { resource_type, .. }
+            | Interaction::HistoryInstance { resource_type, .. }
+            | Interaction::HistoryType { resource_type, .. }
+            | Interaction::Create { resource_type, .. }
+            | Interaction::Update { resource_type, .. }
+            | Interaction::Delete { resource_type, .. } => resource_type,
+            Interaction::Bundle { .. } => "Bundle",
+        }
+    }
+
     pub fn route(&self) -> &'static str {
         match self {
             Interaction::Read { .. } => "fhir_read",
@@ -100,7 +115,8 @@ async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
         Err(e) => {
             app.metrics.audit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(error = %e, "audit append failed; refusing the request");
-            Err(ApiError::unavailable("the audit log cannot record this request, so it is refused"))
+            // Nothing more can be recorded: do not try again for this request.
+            Err(ApiError::unavailable("the audit log cannot record this request, so it is refused").recorded())
         }
     }
 }
@@ -112,19 +128,37 @@ async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, Ap
         return Ok(d.reason);
     }
     audit(app, vec![ctx.event(touch, Outcome::Denied, 403, &d.reason)?]).await?;
-    Err(ApiError::forbidden(format!("access denied ({})", d.reason)))
+    Err(ApiError::forbidden(format!("access denied ({})", d.reason)).recorded())
 }
 
 /// Records a failed act after its attempt was recorded, then passes the error on.
 async fn audit_failure(app: &App, ctx: &Ctx, touch: &Touch<'_>, err: ApiError) -> ApiError {
+    if err.audited {
+        return err;
+    }
     let reason = format!("failed: {}", err.code);
     match ctx.event(touch, Outcome::Error, err.status.as_u16(), &reason) {
         Ok(ev) => match audit(app, vec![ev]).await {
-            Ok(()) => err,
+            Ok(()) => err.recorded(),
             Err(audit_err) => audit_err,
         },
         Err(e) => e,
     }
+}
+
+/// Records a failure that happened before the request reached an interaction's own auditing
+/// (unparseable URL or body, unknown type, invalid id), so every attempt leaves an entry.
+pub async fn record_unaudited(app: &App, ctx: &Ctx, resource_type: Option<&str>, err: ApiError) -> ApiError {
+    let touch = Touch {
+        interaction: "request",
+        action: Action::Search,
+        resource_type: resource_type.unwrap_or(""),
+        id: None,
+        version: None,
+        patient: None,
+        query: None,
+    };
+    audit_failure(app, ctx, &touch, err).await
 }
 
 /// Checks the type in a URL: known to R4 (else 404) and storable (else 405).
@@ -293,8 +327,12 @@ async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pa
         Ok(v) => v,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
     };
-    let mut patients: Vec<Option<&str>> = versions.iter().map(|r| r.patient.as_deref()).collect();
-    patients.dedup();
+    let mut patients: Vec<Option<&str>> = Vec::new();
+    for p in versions.iter().map(|r| r.patient.as_deref()) {
+        if !patients.contains(&p) {
+            patients.push(p);
+        }
+    }
     if patients.is_empty() {
         patients.push(patient.as_deref());
     }
@@ -511,17 +549,29 @@ fn response_entry(base: &str, c: &Committed) -> Value {
 async fn batch(app: &App, ctx: &Ctx, entries: Vec<bundle::Entry>) -> Result<Reply, ApiError> {
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
+        let resource_type = e.resource_type.clone();
         let interaction = match batch_interaction(e) {
             Ok(i) => i,
             Err(err) => {
+                let err = record_unaudited(app, ctx, Some(&resource_type), err).await;
+                if err.status == StatusCode::SERVICE_UNAVAILABLE {
+                    return Err(err);
+                }
                 out.push(error_entry(&err));
                 continue;
             }
         };
+        let resource_type = interaction.resource_type().to_string();
         match Box::pin(execute(app, ctx, interaction)).await {
             Ok(reply) => out.push(reply.into_entry(&app.base_url)),
             Err(err) if err.status == StatusCode::SERVICE_UNAVAILABLE => return Err(err),
-            Err(err) => out.push(error_entry(&err)),
+            Err(err) => {
+                let err = record_unaudited(app, ctx, Some(&resource_type), err).await;
+                if err.status == StatusCode::SERVICE_UNAVAILABLE {
+                    return Err(err);
+                }
+                out.push(error_entry(&err));
+            }
         }
     }
     Ok(Reply::json(StatusCode::OK, bundle::collection("batch-response", &vault::new_id()?, None, vec![], out)))

@@ -180,6 +180,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
         Ok(r) => r.into_response(&app.base_url),
         Err(e) => error_response(&e),
     };
+    if method == Method::HEAD {
+        // Headers only: a body on a HEAD response is a protocol error in HTTP/2.
+        *resp.body_mut() = Full::new(Bytes::new());
+    }
     security_headers(resp.headers_mut());
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
@@ -196,7 +200,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
     match path.as_str() {
         "/healthz" => ("healthz", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", "ok\n".into()))),
         "/readyz" => ("readyz", match only_get(&req) {
-            Ok(()) => app.vault.store().ping().await.map(|()| Reply::text("text/plain; charset=utf-8", "ready\n".into())).map_err(|_| ApiError::unavailable("storage is not ready")),
+            Ok(()) => readiness(app).await,
             Err(e) => Err(e),
         }),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
@@ -206,6 +210,16 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         _ => ("unknown", Err(ApiError::not_found("no such endpoint; the FHIR API is under /fhir"))),
     }
+}
+
+/// Ready when storage answers and the audit log has not failed in the last ten seconds (a
+/// server that cannot audit refuses every FHIR request, so it should not receive them).
+async fn readiness(app: &App) -> Result<Reply, ApiError> {
+    app.vault.store().ping().await.map_err(|_| ApiError::unavailable("storage is not ready"))?;
+    if app.audit.failed_within(now_ms(), 10_000) {
+        return Err(ApiError::unavailable("the audit log failed recently"));
+    }
+    Ok(Reply::text("text/plain; charset=utf-8", "ready\n".into()))
 }
 
 fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
@@ -218,9 +232,6 @@ fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
 
 async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
     let now = now_ms();
-    if let Err(e) = check_accept(req.headers()) {
-        return ("fhir_invalid", Err(e));
-    }
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.ip().to_string();
     let principal = match fhir::authenticate(app, authz.as_deref(), rid, &source, now).await {
@@ -233,13 +244,21 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAd
         .and_then(|v| v.to_str().ok())
         .is_some_and(|p| p.contains("return=minimal"));
     let purpose_of_use = req.headers().get("x-purpose-of-use").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
+    let url_type = req.uri().path().split('/').nth(2).filter(|t| valv_fhir::r4::is_resource_type(t)).map(str::to_string);
+    if let Err(e) = check_accept(req.headers()) {
+        return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
+    }
     let interaction = match parse_interaction(app, req).await {
         Ok(i) => i,
-        Err(e) => return ("fhir_invalid", Err(e)),
+        Err(e) => return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await)),
     };
     let route = interaction.route();
-    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
-    (route, fhir::execute(app, &ctx, interaction).await)
+    let resource_type = interaction.resource_type().to_string();
+    match fhir::execute(app, &ctx, interaction).await {
+        Ok(reply) => (route, Ok(reply)),
+        Err(e) => (route, Err(fhir::record_unaudited(app, &ctx, Some(&resource_type), e).await)),
+    }
 }
 
 fn check_accept(h: &HeaderMap) -> Result<(), ApiError> {

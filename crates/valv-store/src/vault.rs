@@ -197,11 +197,17 @@ impl Vault {
         }
         let mut writes = Vec::with_capacity(ops.len());
         let mut results = Vec::with_capacity(ops.len());
+        let written_patients: HashSet<String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                WriteOp::Create { resource_type, id, .. } | WriteOp::Update { resource_type, id, .. } if resource_type == "Patient" => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
         for op in ops {
-            if let Some((write, committed)) = self.prepare(op, now).await? {
-                writes.push(write);
-                results.push(committed);
-            }
+            let (write, committed) = self.prepare(op, &written_patients, now).await?;
+            writes.extend(write);
+            results.push(committed);
         }
         if !writes.is_empty() {
             self.store.commit(writes).await?;
@@ -209,11 +215,12 @@ impl Vault {
         Ok(results)
     }
 
-    async fn prepare(&self, op: WriteOp, now: i64) -> Result<Option<(Write, Committed)>, StoreError> {
+    /// The write an operation needs (none for deleting what is already deleted) and its result.
+    async fn prepare(&self, op: WriteOp, written: &HashSet<String>, now: i64) -> Result<(Option<Write>, Committed), StoreError> {
         match op {
             WriteOp::Create { resource_type, id, body } => {
-                let w = self.seal_version(&resource_type, &id, 1, body, now).await?;
-                Ok(Some((Write { expect: Expect::Absent, version: w.0, tokens: w.1 }, Committed { resource: w.2, created: true, changed: true })))
+                let w = self.seal_version(&resource_type, &id, 1, body, written, now).await?;
+                Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1 }), Committed { resource: w.2, created: true, changed: true }))
             }
             WriteOp::Update { resource_type, id, body, if_match } => {
                 let current = self.store.locate(&resource_type, &id).await?.ok_or_else(|| {
@@ -222,11 +229,11 @@ impl Vault {
                     ))
                 })?;
                 check_if_match(&resource_type, &id, if_match, current.version)?;
-                let w = self.seal_version(&resource_type, &id, current.version + 1, body, now).await?;
-                Ok(Some((
-                    Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1 },
+                let w = self.seal_version(&resource_type, &id, current.version + 1, body, written, now).await?;
+                Ok((
+                    Some(Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1 }),
                     Committed { resource: w.2, created: false, changed: true },
-                )))
+                ))
             }
             WriteOp::Delete { resource_type, id, if_match } => {
                 let current = self
@@ -236,7 +243,16 @@ impl Vault {
                     .ok_or_else(|| StoreError::NotFound(format!("{resource_type}/{id}")))?;
                 check_if_match(&resource_type, &id, if_match, current.version)?;
                 if current.deleted {
-                    return Ok(None);
+                    let resource = Resource {
+                        resource_type,
+                        id,
+                        version: current.version,
+                        last_updated: current.last_updated,
+                        deleted: true,
+                        patient: current.patient,
+                        body: None,
+                    };
+                    return Ok((None, Committed { resource, created: false, changed: false }));
                 }
                 let version = StoredVersion {
                     resource_type: resource_type.clone(),
@@ -256,21 +272,38 @@ impl Vault {
                     patient: current.patient,
                     body: None,
                 };
-                Ok(Some((
-                    Write { expect: Expect::Version(current.version), version, tokens: Vec::new() },
+                Ok((
+                    Some(Write { expect: Expect::Version(current.version), version, tokens: Vec::new() }),
                     Committed { resource, created: false, changed: true },
-                )))
+                ))
             }
         }
     }
 
+    /// A resource may only be placed in the compartment of a patient that exists (or is written in
+    /// the same commit): otherwise any client could make the vault mint keys for invented ids and
+    /// file data under them. Checked before any key is looked up or created.
+    async fn check_owner_exists(&self, resource_type: &str, id: &str, patient: Option<&str>, written: &HashSet<String>) -> Result<(), StoreError> {
+        let Some(p) = patient else { return Ok(()) };
+        if resource_type == "Patient" || written.contains(p) {
+            return Ok(());
+        }
+        match self.store.locate("Patient", p).await? {
+            Some(l) if !l.deleted => Ok(()),
+            _ => Err(StoreError::Invalid(valv_fhir::FhirError::processing(format!(
+                "{resource_type}/{id} refers to Patient/{p}, which does not exist on this server"
+            )))),
+        }
+    }
+
     /// Validates a body, stamps id and meta, seals it and computes its tokens.
-    async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, now: i64)
+    async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &HashSet<String>, now: i64)
         -> Result<(StoredVersion, Vec<Token>, Resource), StoreError> {
         stamp(&mut body, id, version, now)?;
         r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
         let patients = compartment::patients(resource_type, id, &body);
         let patient = patients.into_iter().next();
+        self.check_owner_exists(resource_type, id, patient.as_deref(), written).await?;
         let key = self.key_for(patient.as_deref(), now).await?;
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
         let aad = Aad { purpose: "resource", resource_type, id, version, patient: patient.as_deref().unwrap_or("") };

@@ -18,8 +18,10 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on (HTTPS only).
     pub listen: String,
-    /// Public base URL used in links and Location headers (`<public_url>/fhir`).
-    pub public_url: String,
+    /// Public base URL used in links and Location headers (`<public_url>/fhir`); when unset,
+    /// `https://<listen>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
     /// TLS certificate chain and private key (PEM), relative to the data directory.
     pub tls_cert: PathBuf,
     pub tls_key: PathBuf,
@@ -58,7 +60,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:8443".into(),
-            public_url: "https://127.0.0.1:8443".into(),
+            public_url: None,
             tls_cert: "tls/cert.pem".into(),
             tls_key: "tls/key.pem".into(),
             allow_tls12: false,
@@ -88,6 +90,12 @@ impl Default for LogConfig {
 pub const FILE_NAME: &str = "valv.toml";
 
 impl Config {
+    /// The FHIR base URL links and Location headers use.
+    pub fn fhir_base(&self) -> String {
+        let public = self.server.public_url.clone().unwrap_or_else(|| format!("https://{}", self.server.listen));
+        format!("{}/fhir", public.trim_end_matches('/'))
+    }
+
     /// Reads `valv.toml` from the data directory (defaults if absent), then applies overrides.
     pub fn load(data_dir: &Path) -> Result<Config, String> {
         let path = data_dir.join(FILE_NAME);
@@ -101,13 +109,13 @@ impl Config {
     }
 
     /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
-    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`.
+    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_AUDIT_LOG`, `VALV_LOG`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
             self.server.listen = v;
         }
         if let Some(v) = get("VALV_PUBLIC_URL") {
-            self.server.public_url = v;
+            self.server.public_url = Some(v);
         }
         if let Some(v) = get("VALV_TLS_CERT") {
             self.server.tls_cert = v.into();
@@ -120,6 +128,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_AUDIT_LOG") {
+            self.storage.audit_log = v.into();
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();

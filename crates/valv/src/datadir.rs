@@ -84,7 +84,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
 
 fn header() -> String {
     "# Valv configuration. Secrets are referenced by path, never written here.\n\
-     # Every value can be overridden by a VALV_* environment variable (see docs/OPERATIONS.md).\n\n"
+     # Every value can be overridden by a VALV_* environment variable (see docs/API.md).\n\n"
         .to_string()
 }
 
@@ -92,7 +92,7 @@ fn header() -> String {
 fn read_key_file(path: &Path) -> Result<LocalKeyProvider, String> {
     let meta = fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!("key file {} is readable by others; run chmod 600 on it", path.display()));
+        return Err(format!("key file {} is open to group or others; run chmod 600 on it", path.display()));
     }
     let text = zeroize::Zeroizing::new(fs::read_to_string(path).map_err(|e| format!("key file {}: {e}", path.display()))?);
     LocalKeyProvider::parse(&text).map_err(|e| e.to_string())
@@ -103,9 +103,6 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     let mut cfg = Config::load(dir)?;
     if let Some(addr) = listen {
         cfg.server.listen = addr.to_string();
-        if std::env::var_os("VALV_PUBLIC_URL").is_none() {
-            cfg.server.public_url = format!("https://{addr}");
-        }
     }
     if cfg.keys.provider != "file" {
         return Err(format!("key provider '{}' is not available in this version (only 'file')", cfg.keys.provider));
@@ -129,7 +126,7 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
         vault,
         audit,
         metrics: Default::default(),
-        base_url: format!("{}/fhir", cfg.server.public_url.trim_end_matches('/')),
+        base_url: cfg.fhir_base(),
         max_body_bytes: cfg.server.max_body_bytes,
         started: valv_fhir::date::format_instant(now),
     };

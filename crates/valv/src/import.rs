@@ -51,7 +51,7 @@ pub async fn import_bundle(app: &App, body: serde_json::Value) -> Result<usize, 
         .and_then(|e| e.as_array())
         .map_or(0, |a| a.iter().filter(|e| e.pointer("/response/outcome").is_some()).count());
     if failed > 0 {
-        return Err(format!("{failed} of {entries} batch entries failed"));
+        return Err(format!("{failed} of {entries} batch entries failed (the other entries of this batch were stored)"));
     }
     Ok(entries)
 }

@@ -166,7 +166,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             for (path, why) in &s.rejected {
                 println!("rejected {}: {why}", path.display());
             }
-            if s.rejected.is_empty() { Ok(()) } else { Err(format!("{} file(s) rejected; nothing of them was stored", s.rejected.len())) }
+            if s.rejected.is_empty() { Ok(()) } else { Err(format!("{} file(s) rejected; a rejected transaction stored nothing", s.rejected.len())) }
         }
     }
 }

@@ -115,3 +115,18 @@ async fn import_command_reports_what_it_took_and_rejected() {
     run_ok(&s.data, &args);
     assert_eq!(count(&s, "Patient").await, 5);
 }
+
+#[tokio::test]
+async fn transaction_responses_line_up_with_requests() {
+    let s = Server::start("txlineup");
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    assert_eq!(s.delete(&format!("/fhir/Patient/{p}")).await.status, 200);
+    let bundle = json!({"resourceType":"Bundle","type":"transaction","entry":[
+        {"request":{"method":"DELETE","url":format!("Patient/{p}")}},
+        {"fullUrl":"urn:uuid:x","resource":{"resourceType":"Patient","gender":"female"},"request":{"method":"POST","url":"Patient"}}
+    ]});
+    let r = s.post("/fhir", &bundle).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let statuses: Vec<&str> = r.json["entry"].as_array().expect("entries").iter().filter_map(|e| e["response"]["status"].as_str()).collect();
+    assert_eq!(statuses, vec!["204 No Content", "201 Created"], "one response per request entry, in order");
+}

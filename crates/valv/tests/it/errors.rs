@@ -54,6 +54,7 @@ async fn bad_inputs_table() {
         case("SQL injection in a search value", "GET", "/fhir/Patient?family=x%27%3B%20DROP%20TABLE%20resources%3B--", None, 200, ""),
         case("SQL injection as parameter name", "GET", "/fhir/Patient?1%3D1%3B--=x", None, 400, "unknown search parameter"),
         case("transaction with dangling urn:uuid", "POST", "/fhir", Some("{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{\"fullUrl\":\"urn:uuid:a\",\"resource\":{\"resourceType\":\"Observation\",\"status\":\"final\",\"code\":{\"text\":\"x\"},\"subject\":{\"reference\":\"urn:uuid:nowhere\"}},\"request\":{\"method\":\"POST\",\"url\":\"Observation\"}}]}"), 422, "does not resolve"),
+        case("reference to a patient that does not exist", "POST", "/fhir/Observation", Some("{\"resourceType\":\"Observation\",\"status\":\"final\",\"code\":{\"text\":\"x\"},\"subject\":{\"reference\":\"Patient/ghost\"}}"), 422, "does not exist"),
         case("collection bundle posted to base", "POST", "/fhir", Some("{\"resourceType\":\"Bundle\",\"type\":\"collection\"}"), 422, "collection"),
         case("same resource twice in a transaction", "POST", "/fhir", Some(&format!("{{\"resourceType\":\"Bundle\",\"type\":\"transaction\",\"entry\":[{{\"resource\":{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}},\"request\":{{\"method\":\"PUT\",\"url\":\"Patient/{p}\"}}}},{{\"request\":{{\"method\":\"DELETE\",\"url\":\"Patient/{p}\"}}}}]}}")), 422, "more than once"),
     ];

@@ -92,6 +92,17 @@ impl Server {
         panic!("valv serve did not start; see {}", self.dir.join("server.log").display());
     }
 
+    /// Sets an environment variable for the next (re)start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Lines in the audit log (each one sealed entry).
+    pub fn audit_lines(&self) -> usize {
+        std::fs::read_to_string(self.data.join("audit/audit.log")).map_or(0, |t| t.lines().count())
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
