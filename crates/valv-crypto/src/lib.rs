@@ -6,16 +6,19 @@
 //! - [`aead`]: AES-256-GCM sealing whose additional data binds purpose, type, id, version and
 //!   patient, so a ciphertext moved elsewhere fails to open.
 //! - [`blind`]: blind-index tokens, HMAC-SHA256 over a search parameter and a normalised value.
+//! - [`mac`]: MACs over records the server trusts, so database writes without the keys are caught.
 
 pub mod aead;
 pub mod blind;
 mod error;
 pub mod hex;
 pub mod keys;
+pub mod mac;
 pub mod provider;
 
 pub use aead::{open, seal, Aad};
 pub use blind::BlindIndexKey;
 pub use error::CryptoError;
 pub use keys::{DataKey, WrappedKey};
+pub use mac::RecordMac;
 pub use provider::{KeyProvider, LocalKeyProvider};

@@ -6,6 +6,7 @@
 
 use crate::error::ApiError;
 use sha2::{Digest, Sha256};
+use valv_crypto::RecordMac;
 use valv_store::{ApiKeyRecord, Store};
 
 /// Roles an API key may hold in this version (the policy work adds the clinical roles).
@@ -38,8 +39,37 @@ pub fn hash_api_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// A new API key and the record that stores it (hash only).
-pub fn new_api_key(name: &str, role: &str, now: i64, random: [u8; 32], id_random: [u8; 16]) -> Result<(String, ApiKeyRecord), String> {
+fn record_fields(r: &ApiKeyRecord) -> [Vec<u8>; 6] {
+    [
+        r.id.clone().into_bytes(),
+        r.name.clone().into_bytes(),
+        r.role.clone().into_bytes(),
+        r.hash.to_vec(),
+        r.created.to_string().into_bytes(),
+        r.revoked.map_or_else(|| b"active".to_vec(), |t| t.to_string().into_bytes()),
+    ]
+}
+
+/// The MAC an API-key record must carry.
+pub fn api_key_mac(macs: &RecordMac, r: &ApiKeyRecord) -> Vec<u8> {
+    let fields = record_fields(r);
+    macs.tag("api-key", &fields.iter().map(Vec::as_slice).collect::<Vec<_>>())
+}
+
+fn api_key_mac_ok(macs: &RecordMac, r: &ApiKeyRecord) -> bool {
+    let fields = record_fields(r);
+    macs.verify("api-key", &fields.iter().map(Vec::as_slice).collect::<Vec<_>>(), &r.mac)
+}
+
+/// The same record, revoked at `now`, with its new MAC.
+pub fn revoked(macs: &RecordMac, r: &ApiKeyRecord, now: i64) -> ApiKeyRecord {
+    let mut out = ApiKeyRecord { revoked: Some(now), ..r.clone() };
+    out.mac = api_key_mac(macs, &out);
+    out
+}
+
+/// A new API key and the record that stores it (hash only, MAC'd).
+pub fn new_api_key(macs: &RecordMac, name: &str, role: &str, now: i64, random: [u8; 32], id_random: [u8; 16]) -> Result<(String, ApiKeyRecord), String> {
     if !API_KEY_ROLES.contains(&role) {
         return Err(format!("role '{role}' is not an API-key role (one of: {})", API_KEY_ROLES.join(", ")));
     }
@@ -47,19 +77,21 @@ pub fn new_api_key(name: &str, role: &str, now: i64, random: [u8; 32], id_random
         return Err("a key name is 1 to 64 characters of letters, digits, '-', '_' and '.'".into());
     }
     let key = format!("valv_{}", valv_crypto::hex::encode(&random));
-    let record = ApiKeyRecord {
+    let mut record = ApiKeyRecord {
         id: valv_fhir::id::uuid_from_bytes(id_random),
         name: name.to_string(),
         role: role.to_string(),
         hash: hash_api_key(&key),
         created: now,
         revoked: None,
+        mac: Vec::new(),
     };
+    record.mac = api_key_mac(macs, &record);
     Ok((key, record))
 }
 
 /// Resolves the `Authorization` header to a principal.
-pub async fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Result<Principal, ApiError> {
+pub async fn authenticate(store: &dyn Store, macs: &RecordMac, authorization: Option<&str>) -> Result<Principal, ApiError> {
     let header = authorization.ok_or_else(|| ApiError::unauthorized("this request needs a credential: Authorization: Bearer <key>"))?;
     // The scheme name is case-insensitive (RFC 9110 §11.1).
     let token = match header.split_once(' ') {
@@ -70,6 +102,10 @@ pub async fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Res
         return Err(ApiError::unauthorized("the bearer credential is not valid"));
     }
     let record = store.find_api_key(&hash_api_key(token)).await.map_err(ApiError::from)?;
+    if let Some(r) = record.as_ref().filter(|r| !api_key_mac_ok(macs, r)) {
+        tracing::error!(key_id = %r.id, "API key record fails its MAC: inserted or altered outside Valv");
+        return Err(ApiError::unauthorized("the bearer credential is not valid"));
+    }
     match record {
         Some(r) if r.revoked.is_none() => Ok(Principal {
             kind: PrincipalKind::Service,
@@ -88,12 +124,28 @@ pub async fn authenticate(store: &dyn Store, authorization: Option<&str>) -> Res
 mod tests {
     use super::*;
 
+    fn macs() -> RecordMac {
+        RecordMac::new(valv_crypto::DataKey::from_bytes([3; 32]))
+    }
+
     #[test]
     fn key_shape_and_hash() {
-        let (key, rec) = new_api_key("importer", "service", 1, [7; 32], [1; 16]).expect("valid");
+        let (key, rec) = new_api_key(&macs(), "importer", "service", 1, [7; 32], [1; 16]).expect("valid");
         assert_eq!(key.len(), 69);
         assert_eq!(rec.hash, hash_api_key(&key));
-        assert!(new_api_key("x", "superuser", 1, [7; 32], [1; 16]).is_err());
-        assert!(new_api_key("bad name", "service", 1, [7; 32], [1; 16]).is_err());
+        assert!(new_api_key(&macs(), "x", "superuser", 1, [7; 32], [1; 16]).is_err());
+        assert!(new_api_key(&macs(), "bad name", "service", 1, [7; 32], [1; 16]).is_err());
+    }
+
+    #[test]
+    fn records_are_bound_by_their_mac() {
+        let (_, rec) = new_api_key(&macs(), "importer", "service", 1, [7; 32], [1; 16]).expect("valid");
+        assert!(api_key_mac_ok(&macs(), &rec));
+        let promoted = ApiKeyRecord { role: "admin".into(), ..rec.clone() };
+        assert!(!api_key_mac_ok(&macs(), &promoted), "a role edited in the database does not verify");
+        let r = revoked(&macs(), &rec, 5);
+        assert!(api_key_mac_ok(&macs(), &r));
+        let unrevoked = ApiKeyRecord { revoked: None, ..r };
+        assert!(!api_key_mac_ok(&macs(), &unrevoked), "un-revoking in the database does not verify");
     }
 }

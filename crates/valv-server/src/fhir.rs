@@ -604,7 +604,7 @@ fn error_entry(err: &ApiError) -> Value {
 
 /// Authenticates a FHIR request, recording a failure as an audit entry.
 pub async fn authenticate(app: &App, authorization: Option<&str>, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
-    match auth::authenticate(&**app.vault.store(), authorization).await {
+    match auth::authenticate(&**app.vault.store(), &app.records, authorization).await {
         Ok(p) => Ok(p),
         Err(err) => {
             app.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -38,6 +38,8 @@ use valv_store::vault::{Resource, Vault};
 /// Everything a request needs, shared by all connections.
 pub struct App {
     pub vault: Vault,
+    /// MACs over trusted records (API keys).
+    pub records: valv_crypto::RecordMac,
     pub audit: Arc<dyn audit::AuditSink>,
     pub metrics: metrics::Metrics,
     /// The public FHIR base URL, e.g. `https://127.0.0.1:8443/fhir`.

@@ -89,6 +89,9 @@ pub struct ApiKeyRecord {
     pub hash: [u8; 32],
     pub created: i64,
     pub revoked: Option<i64>,
+    /// MAC over the fields above under the server's record key: a row inserted or edited
+    /// directly in the database does not verify.
+    pub mac: Vec<u8>,
 }
 
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).
@@ -116,8 +119,8 @@ pub trait Store: Send + Sync {
     async fn insert_api_key(&self, record: &ApiKeyRecord) -> Result<(), StoreError>;
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError>;
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
-    /// Marks a key revoked; false if no active key has that id or name.
-    async fn revoke_api_key(&self, id_or_name: &str, now: i64) -> Result<bool, StoreError>;
+    /// Marks a key revoked (with the record's new MAC); false if no active key has that id.
+    async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -57,7 +57,8 @@ CREATE TABLE api_keys (
     role TEXT NOT NULL,
     hash BLOB NOT NULL UNIQUE,
     created INTEGER NOT NULL,
-    revoked INTEGER
+    revoked INTEGER,
+    mac BLOB NOT NULL
 );
 "#];
 
@@ -243,7 +244,7 @@ fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     if hash.len() == 32 {
         h.copy_from_slice(&hash);
     }
-    Ok(ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: h, created: r.get(4)?, revoked: r.get(5)? })
+    Ok(ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: h, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)? })
 }
 
 #[async_trait]
@@ -381,8 +382,8 @@ impl Store for SqliteStore {
     async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
         self.with_admin(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, name, role, hash, created, revoked) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked],
+                "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked, k.mac],
             )
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -396,7 +397,7 @@ impl Store for SqliteStore {
 
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached("SELECT id, name, role, hash, created, revoked FROM api_keys WHERE hash = ?1")?
+            Ok(c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac FROM api_keys WHERE hash = ?1")?
                 .query_row(params![&hash[..]], row_to_api_key)
                 .optional()?)
         })
@@ -404,18 +405,15 @@ impl Store for SqliteStore {
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT id, name, role, hash, created, revoked FROM api_keys ORDER BY created, name")?;
+            let mut stmt = c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac FROM api_keys ORDER BY created, name")?;
             let rows = stmt.query_map([], row_to_api_key)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
 
-    async fn revoke_api_key(&self, id_or_name: &str, now: i64) -> Result<bool, StoreError> {
+    async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError> {
         self.with_admin(|c| {
-            let n = c.execute(
-                "UPDATE api_keys SET revoked = ?1 WHERE (id = ?2 OR name = ?2) AND revoked IS NULL",
-                params![now, id_or_name],
-            )?;
+            let n = c.execute("UPDATE api_keys SET revoked = ?1, mac = ?2 WHERE id = ?3 AND revoked IS NULL", params![revoked, mac, id])?;
             Ok(n > 0)
         })
     }

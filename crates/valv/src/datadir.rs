@@ -70,6 +70,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     }
     let opened = open(dir, None).await?;
     let (api_key, record) = valv_server::auth::new_api_key(
+        &opened.app.records,
         "admin",
         "admin",
         valv_server::now_ms(),
@@ -121,9 +122,11 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     let now = valv_server::now_ms();
     let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
+    let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let audit = Arc::new(FileAuditLog::open(&audit_path, audit_key).map_err(|e| e.to_string())?);
     let app = App {
         vault,
+        records,
         audit,
         metrics: Default::default(),
         base_url: cfg.fhir_base(),

@@ -236,7 +236,7 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
         ApikeyAction::Create { name, role } => {
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
-            let (key, record) = valv_server::auth::new_api_key(&name, &role, now, r32, r16)?;
+            let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, now, r32, r16)?;
             store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
             println!("created API key '{name}' (id {}, role {role}); it is shown only once:", record.id);
             println!("{key}");
@@ -251,11 +251,16 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             }
         }
         ApikeyAction::Revoke { id_or_name } => {
-            if store.revoke_api_key(&id_or_name, now).await.map_err(|e| e.to_string())? {
-                println!("revoked API key '{id_or_name}'");
-            } else {
+            let keys = store.list_api_keys().await.map_err(|e| e.to_string())?;
+            let found = keys.iter().find(|k| k.revoked.is_none() && (k.id == id_or_name || k.name == id_or_name));
+            let Some(key) = found else {
                 return Err(format!("no active API key with id or name '{id_or_name}'"));
+            };
+            let r = valv_server::auth::revoked(&opened.app.records, key, now);
+            if !store.revoke_api_key(&r.id, now, &r.mac).await.map_err(|e| e.to_string())? {
+                return Err(format!("API key '{id_or_name}' changed while revoking it; try again"));
             }
+            println!("revoked API key '{id_or_name}'");
         }
     }
     Ok(())

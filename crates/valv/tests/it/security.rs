@@ -129,3 +129,29 @@ async fn every_acknowledged_create_survives_kill_9() {
         assert_eq!(r.status, 200, "acknowledged Observation/{id} was lost: {}", r.text);
     }
 }
+
+#[tokio::test]
+async fn api_keys_written_into_the_database_directly_do_not_work() {
+    use sha2::Digest;
+    let mut s = Server::start("forgekey");
+    let key = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "reporter", "--role", "service"]));
+    assert_eq!(s.get("/fhir/Patient").await.status, 200);
+    s.kill9();
+    let forged = format!("valv_{}", "ab".repeat(32));
+    {
+        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("open db");
+        // A DBA mints an admin key of their own, copying a real row's MAC...
+        let hash = sha2::Sha256::digest(forged.as_bytes()).to_vec();
+        db.execute(
+            "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac) SELECT 'forged', 'forged', 'admin', ?1, created, NULL, mac FROM api_keys WHERE name = 'admin'",
+            [hash],
+        )
+        .expect("insert");
+        // ... and promotes the service key to admin.
+        db.execute("UPDATE api_keys SET role = 'admin' WHERE name = 'reporter'", []).expect("update");
+    }
+    s.restart();
+    s.request("GET", "/fhir/Patient", Some(&forged), None, &[]).await.outcome(401);
+    s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.outcome(401);
+    assert_eq!(s.get("/fhir/Patient").await.status, 200, "the untouched admin key still works");
+}
