@@ -347,7 +347,14 @@ impl Vault {
             let ids: Vec<String> = candidates.iter().skip(req.offset).take(req.count).map(|l| l.id.clone()).collect();
             let mut resources = Vec::with_capacity(ids.len());
             for v in self.store.read_many(resource_type, &ids).await? {
-                resources.push(self.open_version(v, now).await?);
+                let r = self.open_version(v, now).await?;
+                // The index is not authenticated: a token row copied in the database must not
+                // put a resource into results it does not match.
+                if r.body.as_ref().is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
+                    resources.push(r);
+                } else {
+                    tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
+                }
             }
             return Ok(SearchPage { total, resources });
         }

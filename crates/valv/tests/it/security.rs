@@ -155,3 +155,23 @@ async fn api_keys_written_into_the_database_directly_do_not_work() {
     s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.outcome(401);
     assert_eq!(s.get("/fhir/Patient").await.status, 200, "the untouched admin key still works");
 }
+
+#[tokio::test]
+async fn search_tokens_copied_in_the_database_do_not_leak_other_resources() {
+    let mut s = Server::start("forgetoken");
+    let a = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Target"}]})).await.id();
+    let b = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Bystander"}]})).await.id();
+    s.kill9();
+    {
+        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("open db");
+        // Give the bystander every search token of the target.
+        db.execute(
+            "INSERT OR IGNORE INTO search_tokens (token, rid) SELECT t.token, (SELECT rid FROM resources WHERE id = ?2) FROM search_tokens t JOIN resources r ON r.rid = t.rid WHERE r.id = ?1",
+            rusqlite::params![a, b],
+        )
+        .expect("copy tokens");
+    }
+    s.restart();
+    let r = s.get("/fhir/Patient?family=target").await;
+    assert_eq!(r.entry_ids(), vec![a.clone()], "only the real match is returned: {}", r.text);
+}
