@@ -92,6 +92,8 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     // One plan per statement whatever the bound values: without this, the bundled build's STAT4
     // makes SQLite re-prepare cached statements on every new binding.
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Search statements vary in shape (one per combination of parameters); keep many.
+    conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
 
@@ -369,7 +371,8 @@ impl Store for SqliteStore {
                 Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
                 Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
             });
-            let mut stmt = c.prepare(&sql)?;
+            // Same query shape, same SQL text: cached like every other statement.
+            let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt
                 .query_map(params_from_iter(args.iter()), |r| {
                     Ok(Located { id: r.get(0)?, version: r.get(1)?, patient: r.get(2)?, deleted: r.get(3)?, last_updated: r.get(4)? })
