@@ -118,3 +118,50 @@ async fn concurrent_updates_never_lose_one_silently() {
     assert_eq!(now.json["meta"]["versionId"], (1 + ok).to_string());
     assert_eq!(s.get(&format!("/fhir/Patient/{id}/_history")).await.total(), 1 + ok as u64);
 }
+
+#[tokio::test]
+async fn first_start_initialises_prints_the_key_once_and_serves_demo_data() {
+    use std::io::{BufRead, BufReader};
+    let dir = crate::harness::temp_dir("firststart");
+    let data = dir.join("valv-data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let mut child = crate::harness::valv()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["serve", "--demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut key = String::new();
+    let mut serving = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if line.starts_with("valv_") {
+            key = line.trim().to_string();
+        }
+        if line.contains("serving HTTPS") {
+            serving = true;
+            break;
+        }
+    }
+    assert!(serving && key.len() == 69, "first start prints the admin key, then serves");
+    let mode = |p: &str| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join(p)).expect("file").permissions()) & 0o777;
+    assert_eq!(mode("keys/kek.key"), 0o600);
+    assert_eq!(mode("valv.db"), 0o600);
+    assert_eq!(mode("tls/key.pem"), 0o600);
+    assert_eq!(mode("."), 0o700);
+    // A server handle for requests; the process is ours, so the harness must not kill another.
+    let tls = crate::harness::Server::client_for(&data, port, &key);
+    let meta = tls.try_request("GET", "/fhir/metadata", None, None, &[]).await.expect("metadata");
+    assert_eq!(meta.status, 200);
+    let patients = tls.try_request("GET", "/fhir/Patient?_summary=count", Some(&key), None, &[]).await.expect("count");
+    assert_eq!(patients.json["total"], 20, "--demo loads 20 synthetic patients");
+    let _ = child.kill();
+    let _ = child.wait();
+    // A second start prints no key: it is shown once.
+    let again = crate::harness::valv().arg("--data-dir").arg(&data).args(["apikey", "list"]).output().expect("list");
+    assert!(!String::from_utf8_lossy(&again.stdout).contains("valv_"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

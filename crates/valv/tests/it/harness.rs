@@ -120,6 +120,11 @@ impl Server {
         self.try_request(method, path, key, body, headers).await.unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// A client for a server this harness did not start (data directory, port, key).
+    pub fn client_for(data: &Path, port: u16, admin_key: &str) -> Client {
+        Client { port, tls: client_tls(&data.join("tls/cert.pem")), admin_key: admin_key.to_string() }
+    }
+
     /// A handle that can talk to the server from other tasks.
     pub fn client(&self) -> Client {
         Client { port: self.port, tls: self.tls.clone(), admin_key: self.admin_key.clone() }
