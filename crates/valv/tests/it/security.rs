@@ -175,3 +175,31 @@ async fn search_tokens_copied_in_the_database_do_not_leak_other_resources() {
     let r = s.get("/fhir/Patient?family=target").await;
     assert_eq!(r.entry_ids(), vec![a.clone()], "only the real match is returned: {}", r.text);
 }
+
+#[tokio::test]
+async fn only_tls_1_3_and_no_plain_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Server::start("tls");
+    // Plain HTTP on the port gets no HTTP answer.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.expect("connect");
+    tcp.write_all(b"GET /fhir/metadata HTTP/1.1\r\nHost: localhost\r\n\r\n").await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await;
+    assert!(!buf.starts_with(b"HTTP/"), "plain HTTP must not be served");
+    // A client that offers only TLS 1.2 is refused by default.
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(s.data.join("tls/cert.pem")).expect("cert") {
+        roots.add(c.expect("cert")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls12 = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let result = tokio_rustls::TlsConnector::from(Arc::new(tls12)).connect(name, tcp).await;
+    assert!(result.is_err(), "TLS 1.2 handshake must fail unless allow_tls12 is set");
+}
