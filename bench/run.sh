@@ -50,6 +50,12 @@ for e in b.get("entry",[]):
 pid=$(fetch "/fhir/Patient?_count=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
 echo "ids: $(wc -l < "$out/obs-ids") observations, $(wc -l < "$out/mrns") patient identifiers"
 
+# Every script ends with the same report: requests/s, p50 and p99 in ms, errors.
+report='done = function(summary, latency, requests)
+  io.write(string.format("RESULT %.0f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
+end'
 cat > "$out/list.lua" <<LUA
 local items = {}
 local prefix, method, body = "", "GET", nil
@@ -62,10 +68,7 @@ request = function()
   item = item:gsub("|", "%%7C")
   return wrk.format("GET", prefix .. item, {["Authorization"] = "Bearer $admin"})
 end
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
+$report
 LUA
 cat > "$out/create.lua" <<LUA
 wrk.method = "POST"
@@ -73,16 +76,10 @@ wrk.headers["Authorization"] = "Bearer $admin"
 wrk.headers["Content-Type"] = "application/fhir+json"
 wrk.headers["Prefer"] = "return=minimal"
 wrk.body = '{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/$pid"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}'
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
+$report
 LUA
 cat > "$out/plain.lua" <<LUA
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %.0f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
-    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
-end
+$report
 LUA
 
 declare -A RPS
