@@ -228,10 +228,7 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
     let reason = authorize(app, ctx, &touch).await?;
     let opened = match &stored {
         Some(v) if v.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
-        Some(v) => app.vault.open_bytes(v, ctx.now).await.map_err(|e| {
-            app.metrics.integrity_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            ApiError::from(e)
-        }),
+        Some(v) => app.vault.open_bytes(v, ctx.now).await.map_err(ApiError::from),
         None => Err(ApiError::not_found(match version {
             None => format!("{resource_type}/{id} is not known"),
             Some(v) => format!("{resource_type}/{id} has no version {v}"),

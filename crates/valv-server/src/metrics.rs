@@ -24,7 +24,6 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     pub audit_entries: AtomicU64,
     pub auth_failures: AtomicU64,
-    pub integrity_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -69,10 +68,14 @@ impl Metrics {
             ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
             ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
             ("valv_auth_failures_total", "Requests with a missing, unknown or revoked credential.", &self.auth_failures),
-            ("valv_integrity_failures_total", "Stored records that failed to authenticate on read.", &self.integrity_failures),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
+        let _ = writeln!(
+            out,
+            "# HELP valv_integrity_failures_total Stored records that failed to authenticate when opened.\n# TYPE valv_integrity_failures_total counter\nvalv_integrity_failures_total {}",
+            valv_store::vault::integrity_failures()
+        );
         out
     }
 }

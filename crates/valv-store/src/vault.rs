@@ -16,6 +16,14 @@ use valv_fhir::search::{SearchRequest, SortOrder, Test};
 use valv_fhir::{compartment, date, r4, search};
 
 const TENANT_KEY: &str = "tenant";
+
+/// Stored versions that failed to authenticate, over the process's life (for metrics).
+static INTEGRITY_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many stored versions have failed to authenticate since the process started.
+pub fn integrity_failures() -> u64 {
+    INTEGRITY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
+}
 const BLIND_KEY: &str = "blind-index";
 
 /// A resource version as the vault hands it out: decrypted, with its place.
@@ -141,6 +149,7 @@ impl Vault {
         let key = self.key_for(v.patient.as_deref(), now).await?;
         let aad = Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") };
         valv_crypto::open(&key, &aad, &v.body).map_err(|e| {
+            INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
             StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
         })
@@ -308,10 +317,14 @@ impl Vault {
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
         let aad = Aad { purpose: "resource", resource_type, id, version, patient: patient.as_deref().unwrap_or("") };
         let sealed = valv_crypto::seal(&key, random_bytes()?, &aad, &plain);
-        let tokens = search::index_keys(resource_type, &body)
+        let mut tokens: Vec<Token> = search::index_keys(resource_type, &body)
             .iter()
             .map(|k| self.blind.token(resource_type, k.param, &k.key))
             .collect();
+        // Stored in token order, not extraction order: the order would otherwise tell which
+        // tokens belong to which parameter and how the plaintext values sort.
+        tokens.sort_unstable();
+        tokens.dedup();
         let stored = StoredVersion {
             resource_type: resource_type.to_string(),
             id: id.to_string(),

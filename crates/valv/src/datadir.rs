@@ -42,7 +42,12 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
     f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
+/// Creates a directory only its owner can enter; one that exists already keeps its mode (it may
+/// be shared, like /tmp, and is the operator's to secure).
 fn create_private_dir(dir: &Path) -> Result<(), String> {
+    if dir.exists() {
+        return Ok(());
+    }
     fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", dir.display()))
 }
