@@ -128,6 +128,11 @@ pub fn parse(value: &str) -> Result<Interval, FhirError> {
             let day_start = days_from_civil(year, m, d) * DAY;
             let (secs, precision) = parse_time_of_day(t).ok_or_else(bad)?;
             let start = day_start + secs;
+            // A zone offset can push the first or last day of the calendar outside years 1-9999,
+            // where nothing can be indexed or formatted.
+            if start < Interval::ALL.start || start + precision > Interval::ALL.end {
+                return Err(FhirError::invalid(format!("'{value}' lies outside years 0001-9999 in UTC")));
+            }
             Ok(Interval { start, end: start + precision })
         }
         _ => Err(bad()),
@@ -185,7 +190,10 @@ pub enum Prefix {
 impl Prefix {
     /// Splits a leading prefix off a search value (`ge2020` -> (Ge, "2020")).
     pub fn split(value: &str) -> Result<(Prefix, &str), FhirError> {
-        let (p, rest) = value.split_at(value.len().min(2));
+        // `get` rather than slicing: the first two bytes need not end on a character boundary.
+        let (Some(p), Some(rest)) = (value.get(..2), value.get(2..)) else {
+            return Ok((Prefix::Eq, value));
+        };
         let prefix = match p {
             "eq" => Prefix::Eq,
             "ne" => Prefix::Ne,
@@ -390,6 +398,11 @@ mod tests {
         assert!(!Prefix::Lt.matches(&s, &inside));
         assert_eq!(Prefix::split("le2020").expect("le"), (Prefix::Le, "2020"));
         assert_eq!(Prefix::split("2020").expect("plain"), (Prefix::Eq, "2020"));
+        // Found by the search_params fuzz target: a multi-byte character across byte 2.
+        assert_eq!(Prefix::split("a€").expect("no panic"), (Prefix::Eq, "a€"));
+        assert!(parse("a€").is_err());
+        assert!(parse("9999-12-31T23:59-14:00").is_err(), "past year 9999 in UTC");
+        assert!(parse("0001-01-01T00:00+14:00").is_err(), "before year 1 in UTC");
     }
 
     fn day_interval() -> impl Strategy<Value = Interval> {

@@ -50,6 +50,7 @@ async fn bad_inputs_table() {
         case("unknown search parameter", "GET", "/fhir/Patient?colour=red", None, 400, "colour"),
         case("unsupported modifier", "GET", "/fhir/Patient?family:contains=x", None, 400, "modifier"),
         case("bad date in search", "GET", "/fhir/Patient?birthdate=19800412", None, 400, "19800412"),
+        case("multi-byte characters in a date (fuzz finding)", "GET", "/fhir/Patient?_lastUpdated=a%E2%82%AC", None, 400, "not a valid FHIR date"),
         case("bad _count", "GET", "/fhir/Patient?_count=many", None, 400, "_count"),
         case("SQL injection in a search value", "GET", "/fhir/Patient?family=x%27%3B%20DROP%20TABLE%20resources%3B--", None, 200, ""),
         case("SQL injection as parameter name", "GET", "/fhir/Patient?1%3D1%3B--=x", None, 400, "unknown search parameter"),
