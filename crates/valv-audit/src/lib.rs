@@ -1,0 +1,28 @@
+//! Valv's verifiable audit log, as pure functions: no I/O, no clock, no randomness. Keys, leaves,
+//! sizes and texts come in as arguments.
+//!
+//! - [`merkle`]: the RFC 6962 / RFC 9162 Merkle tree over SHA-256, inclusion and consistency
+//!   proofs (generation and strict verification), and their subtree variants.
+//! - [`note`]: C2SP signed-note v1 with Ed25519 keys: signing, parsing, verifier keys
+//!   (`<name>+<key id>+<base64 key>`), verification.
+//! - [`checkpoint`]: C2SP tlog-checkpoint v1 (origin, tree size, root hash, signed as a note by
+//!   the key named like the origin) and C2SP tlog-proof v1 inclusion receipts.
+//! - [`entry`]: canonical audit-entry bytes (RFC 8785 JSON Canonicalization Scheme) and the
+//!   entry's leaf hash.
+//!
+//! The wire formats are summarised in the shared FORMATS.md; the specifications are the
+//! authority.
+
+pub mod checkpoint;
+pub mod entry;
+mod error;
+pub mod merkle;
+pub mod note;
+
+pub use checkpoint::{
+    build_receipt, open_checkpoint, sign_checkpoint, verify_receipt, Checkpoint, Receipt,
+};
+pub use entry::{canonical_json, entry_leaf_hash};
+pub use error::AuditError;
+pub use merkle::{Hash, EMPTY_ROOT};
+pub use note::{Note, NoteSignature, Signer, Verifier};
