@@ -65,4 +65,7 @@ pub enum AuditError {
     /// ECMAScript represents exactly (|n| > 2^53 - 1).
     #[error("number {0} is not an exactly representable integer")]
     UnsupportedNumber(String),
+    /// An audit entry could not be turned into JSON.
+    #[error("audit entry: {0}")]
+    Entry(String),
 }

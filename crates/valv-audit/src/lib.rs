@@ -9,6 +9,7 @@
 //!   the key named like the origin) and C2SP tlog-proof v1 inclusion receipts.
 //! - [`entry`]: canonical audit-entry bytes (RFC 8785 JSON Canonicalization Scheme) and the
 //!   entry's leaf hash.
+//! - [`record`]: the audit entry itself (IHE BALP fields) and its leaf.
 //!
 //! The wire formats are summarised in the shared FORMATS.md; the specifications are the
 //! authority.
@@ -18,6 +19,7 @@ pub mod entry;
 mod error;
 pub mod merkle;
 pub mod note;
+pub mod record;
 
 pub use checkpoint::{
     build_receipt, open_checkpoint, sign_checkpoint, verify_receipt, Checkpoint, Receipt,
@@ -26,3 +28,4 @@ pub use entry::{canonical_json, entry_leaf_hash};
 pub use error::AuditError;
 pub use merkle::{Hash, EMPTY_ROOT};
 pub use note::{Note, NoteSignature, Signer, Verifier};
+pub use record::{AuditEvent, Outcome};

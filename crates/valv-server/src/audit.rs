@@ -1,55 +1,18 @@
 //! The audit seam: every FHIR request hands its entries to an [`AuditSink`] and waits until they
 //! are durable before anything leaves the server. If the sink fails, the request fails with 503.
 //!
-//! This version's sink, [`FileAuditLog`], appends each entry sealed with the audit data key
-//! (AES-256-GCM, bound to the entry's id) to `audit/audit.log`, one writer thread committing
-//! concurrent requests' entries together with one fsync. The verifiable log (Merkle tree, signed
-//! checkpoints, proofs) replaces it behind the same trait.
+//! [`StoreAuditLog`] seals each entry with the audit data key (AES-256-GCM, bound to the entry's
+//! leaf hash) and appends it with its Merkle leaf hash to the store's append-only audit table,
+//! through the store's group-commit writer (one fsync for many requests). The tree, signed
+//! checkpoints and proofs are computed over those leaf hashes.
 
 use async_trait::async_trait;
-use base64::Engine as _;
-use serde::Serialize;
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::path::Path;
-use std::sync::{mpsc, Mutex};
-use tokio::sync::oneshot;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use valv_crypto::{Aad, DataKey};
+use valv_store::{AuditRow, Store};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Success,
-    Denied,
-    Error,
-}
-
-/// One audit entry (IHE BALP fields). Never holds resource content: ids, codes and the query.
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditEvent {
-    pub event_id: String,
-    /// Milliseconds since the Unix epoch.
-    pub time: i64,
-    pub request_id: String,
-    /// C, R, U, D or E (BALP / AuditEvent.action).
-    pub action: &'static str,
-    /// read, vread, search-type, create, update, delete, history, transaction, batch, authenticate.
-    pub interaction: &'static str,
-    pub outcome: Outcome,
-    pub status: u16,
-    pub agent_id: String,
-    pub agent_name: String,
-    pub roles: Vec<String>,
-    pub source_address: String,
-    pub purpose_of_use: Option<String>,
-    pub patient: Option<String>,
-    pub resource_type: Option<String>,
-    pub resource_id: Option<String>,
-    pub version: Option<u64>,
-    pub query: Option<String>,
-    /// The policy rule that decided, or why it failed.
-    pub reason: String,
-}
+pub use valv_audit::{AuditEvent, Outcome};
 
 #[derive(Debug, thiserror::Error)]
 #[error("audit log unavailable: {0}")]
@@ -63,101 +26,130 @@ pub trait AuditSink: Send + Sync {
     fn failed_within(&self, now_ms: i64, window_ms: i64) -> bool;
 }
 
-type Job = (Vec<Vec<u8>>, oneshot::Sender<Result<(), AuditError>>);
-
-pub struct FileAuditLog {
+pub struct StoreAuditLog {
+    store: Arc<dyn Store>,
     key: DataKey,
-    tx: Mutex<mpsc::Sender<Job>>,
+    /// Fault injection for tests of the fail-closed path: every append fails.
+    fail_appends: bool,
     /// When the last append failed (ms since the epoch), 0 if never.
-    last_failure: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    last_failure: AtomicI64,
 }
 
-impl FileAuditLog {
-    pub fn open(path: &Path, key: DataKey) -> Result<Self, AuditError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| AuditError(format!("creating {}: {e}", dir.display())))?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| AuditError(format!("opening {}: {e}", path.display())))?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        let last_failure = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
-        let failures = last_failure.clone();
-        std::thread::Builder::new()
-            .name("valv-audit-writer".into())
-            .spawn(move || writer_loop(file, rx, &failures))
-            .map_err(|e| AuditError(format!("starting the audit writer: {e}")))?;
-        Ok(FileAuditLog { key, tx: Mutex::new(tx), last_failure })
+fn aad_id(leaf: &[u8; 32]) -> String {
+    valv_crypto::hex::encode(leaf)
+}
+
+impl StoreAuditLog {
+    pub fn new(store: Arc<dyn Store>, key: DataKey, fail_appends: bool) -> Self {
+        StoreAuditLog { store, key, fail_appends, last_failure: AtomicI64::new(0) }
     }
 
-    fn seal_line(&self, event: &AuditEvent) -> Result<Vec<u8>, AuditError> {
-        let plain = serde_json::to_vec(event).map_err(|e| AuditError(e.to_string()))?;
+    fn seal(&self, event: &AuditEvent) -> Result<AuditRow, AuditError> {
+        let (bytes, leaf_hash) = event.leaf().map_err(|e| AuditError(e.to_string()))?;
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce).map_err(|e| AuditError(format!("no randomness: {e}")))?;
-        let aad = Aad { purpose: "audit", resource_type: "", id: &event.event_id, version: 0, patient: "" };
-        let sealed = valv_crypto::seal(&self.key, nonce, &aad, &plain);
-        let mut line = format!("{} ", event.event_id).into_bytes();
-        line.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(sealed).as_bytes());
-        line.push(b'\n');
-        Ok(line)
+        let id = aad_id(&leaf_hash);
+        let aad = Aad { purpose: "audit", resource_type: "", id: &id, version: 0, patient: "" };
+        Ok(AuditRow { leaf_hash, sealed: valv_crypto::seal(&self.key, nonce, &aad, &bytes) })
     }
-}
 
-fn writer_loop(mut file: File, rx: mpsc::Receiver<Job>, last_failure: &std::sync::atomic::AtomicI64) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while let Ok(job) = rx.try_recv() {
-            group.push(job);
-        }
-        let bytes: Vec<u8> = group.iter().flat_map(|(lines, _)| lines.iter().flatten().copied()).collect();
-        let result = file.write_all(&bytes).and_then(|()| file.sync_data()).map_err(|e| AuditError(e.to_string()));
-        if result.is_err() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-            last_failure.store(now, std::sync::atomic::Ordering::Relaxed);
-        }
-        for (_, reply) in group {
-            let _ = reply.send(match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(AuditError(e.0.clone())),
-            });
-        }
+    fn note_failure(&self) {
+        self.last_failure.store(crate::now_ms(), Ordering::Relaxed);
     }
 }
 
 #[async_trait]
-impl AuditSink for FileAuditLog {
+impl AuditSink for StoreAuditLog {
     async fn record(&self, events: Vec<AuditEvent>) -> Result<(), AuditError> {
         if events.is_empty() {
             return Ok(());
         }
-        let lines = events.iter().map(|e| self.seal_line(e)).collect::<Result<Vec<_>, _>>()?;
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .lock()
-            .map_err(|_| AuditError("audit writer lock poisoned".into()))?
-            .send((lines, tx))
-            .map_err(|_| AuditError("the audit writer has stopped".into()))?;
-        rx.await.map_err(|_| AuditError("the audit writer dropped an entry".into()))?
+        let rows = events.iter().map(|e| self.seal(e)).collect::<Result<Vec<_>, _>>()?;
+        if self.fail_appends {
+            self.note_failure();
+            return Err(AuditError("fault injection: audit appends are set to fail".into()));
+        }
+        match self.store.append_audit(rows).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.note_failure();
+                Err(AuditError(e.to_string()))
+            }
+        }
     }
 
     fn failed_within(&self, now_ms: i64, window_ms: i64) -> bool {
-        let last = self.last_failure.load(std::sync::atomic::Ordering::Relaxed);
+        let last = self.last_failure.load(Ordering::Relaxed);
         last != 0 && now_ms - last < window_ms
     }
 }
 
-/// Reads back and decrypts an audit file (for tests and, later, export).
-pub fn read_all(path: &Path, key: &DataKey) -> Result<Vec<serde_json::Value>, AuditError> {
-    let text = std::fs::read_to_string(path).map_err(|e| AuditError(e.to_string()))?;
-    text.lines()
-        .map(|line| {
-            let (id, b64) = line.split_once(' ').ok_or_else(|| AuditError("malformed line".into()))?;
-            let sealed = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| AuditError(e.to_string()))?;
-            let aad = Aad { purpose: "audit", resource_type: "", id, version: 0, patient: "" };
-            let plain = valv_crypto::open(key, &aad, &sealed).map_err(|e| AuditError(e.to_string()))?;
-            serde_json::from_slice(&plain).map_err(|e| AuditError(e.to_string()))
-        })
-        .collect()
+/// Opens a stored entry: its canonical JSON bytes, checked against the leaf hash it is bound to.
+pub fn open_entry(key: &DataKey, row: &AuditRow) -> Result<Vec<u8>, AuditError> {
+    let id = aad_id(&row.leaf_hash);
+    let aad = Aad { purpose: "audit", resource_type: "", id: &id, version: 0, patient: "" };
+    let bytes = valv_crypto::open(key, &aad, &row.sealed).map_err(|e| AuditError(e.to_string()))?;
+    if valv_audit::merkle::leaf_hash(&bytes) != row.leaf_hash {
+        return Err(AuditError("entry does not match its leaf hash".into()));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use valv_store::sqlite::SqliteStore;
+
+    fn event(i: u64) -> AuditEvent {
+        AuditEvent {
+            event_id: format!("{i:032x}"),
+            time: 1,
+            request_id: "r".into(),
+            action: "R",
+            interaction: "read",
+            outcome: Outcome::Success,
+            status: 200,
+            agent_id: "k".into(),
+            agent_name: "k".into(),
+            roles: vec![],
+            source_address: "127.0.0.1".into(),
+            purpose_of_use: None,
+            patient: Some(format!("patient-{i}")),
+            resource_type: Some("Patient".into()),
+            resource_id: None,
+            version: None,
+            query: None,
+            reason: "test".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_are_appended_in_order_sealed_and_bound_to_their_leaf() {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("random");
+        let path = std::env::temp_dir().join(format!("valv-audit-test-{}.db", u64::from_le_bytes(r)));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let key = DataKey::from_bytes([9; 32]);
+        let log = StoreAuditLog::new(store.clone(), key.clone(), false);
+        log.record(vec![event(0), event(1)]).await.expect("append");
+        log.record(vec![event(2)]).await.expect("append");
+        assert_eq!(store.audit_size().await.expect("size"), 3);
+        let rows = store.audit_entries(0, 3).await.expect("rows");
+        for (i, row) in rows.iter().enumerate() {
+            let bytes = open_entry(&key, row).expect("opens");
+            assert_eq!(bytes, event(i as u64).canonical_bytes().expect("canonical"), "entry {i} in order");
+            assert!(!row.sealed.windows(9).any(|w| w == b"patient-0"), "sealed at rest");
+        }
+        let mut moved = rows[1].clone();
+        moved.leaf_hash = rows[0].leaf_hash;
+        assert!(open_entry(&key, &moved).is_err(), "a body moved to another leaf does not open");
+        let failing = StoreAuditLog::new(store.clone(), key, true);
+        assert!(failing.record(vec![event(3)]).await.is_err());
+        assert!(failing.failed_within(crate::now_ms(), 10_000));
+        assert_eq!(store.audit_size().await.expect("size"), 3, "a failed append adds nothing");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
 }

@@ -94,6 +94,14 @@ pub struct ApiKeyRecord {
     pub mac: Vec<u8>,
 }
 
+/// One audit entry as the backend holds it: its Merkle leaf hash (over the canonical plaintext)
+/// and the entry sealed with the audit key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub leaf_hash: [u8; 32],
+    pub sealed: Vec<u8>,
+}
+
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -121,6 +129,13 @@ pub trait Store: Send + Sync {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Marks a key revoked (with the record's new MAC); false if no active key has that id.
     async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError>;
+    /// Appends audit entries durably (fsync) in order; returns the leaf index of the first.
+    /// There is no call that edits or removes entries.
+    async fn append_audit(&self, rows: Vec<AuditRow>) -> Result<u64, StoreError>;
+    /// Entries with leaf index in `[from, to)`, in order.
+    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// How many audit entries are stored.
+    async fn audit_size(&self) -> Result<u64, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -60,13 +60,28 @@ CREATE TABLE api_keys (
     revoked INTEGER,
     mac BLOB NOT NULL
 );
+"#, r#"
+-- The audit log: append-only by contract (no code path updates or deletes a row). The leaf
+-- index is idx; entries are sealed; the leaf hash is over the canonical plaintext entry.
+CREATE TABLE audit_entries (
+    idx INTEGER PRIMARY KEY,
+    leaf_hash BLOB NOT NULL,
+    sealed BLOB NOT NULL
+);
 "#];
 
 const READERS: usize = 4;
 /// Most requests one group commit takes.
 const MAX_GROUP: usize = 256;
 
-type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
+/// What the writer thread commits: resource writes, or audit entries (answered with the first
+/// leaf index).
+enum Work {
+    Writes(Vec<Write>),
+    Audit(Vec<crate::AuditRow>),
+}
+
+type Job = (Work, oneshot::Sender<Result<u64, StoreError>>);
 
 pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
@@ -109,6 +124,17 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
+    /// Hands work to the writer thread and waits for its group's commit.
+    async fn submit(&self, work: Work) -> Result<u64, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Backend("writer lock poisoned".into()))?
+            .send((work, tx))
+            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
+        rx.await.map_err(|_| StoreError::Backend("the writer thread dropped a commit".into()))?
+    }
+
     /// Opens (creating if needed) the database file and runs pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut first = connect(path)?;
@@ -152,17 +178,20 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
 }
 
 /// Applies each job in its own savepoint inside one transaction, then commits once.
-fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<(), StoreError>> {
+fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<u64, StoreError>> {
     let fail_all = |why: String| group.iter().map(|_| Err(StoreError::Backend(why.clone()))).collect();
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return fail_all(format!("cannot begin: {e}")),
     };
     let mut results = Vec::with_capacity(group.len());
-    for (writes, _) in group {
-        let outcome = tx.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| apply_writes(&tx, writes));
+    for (work, _) in group {
+        let outcome = tx.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| match work {
+            Work::Writes(writes) => apply_writes(&tx, writes).map(|()| 0),
+            Work::Audit(rows) => append_audit_rows(&tx, rows),
+        });
         let closed = match &outcome {
-            Ok(()) => tx.execute_batch("RELEASE job"),
+            Ok(_) => tx.execute_batch("RELEASE job"),
             Err(_) => tx.execute_batch("ROLLBACK TO job; RELEASE job"),
         };
         if let Err(e) = closed {
@@ -174,6 +203,16 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<(), StoreErr
         Ok(()) => results,
         Err(e) => fail_all(format!("commit failed: {e}")),
     }
+}
+
+/// Appends entries at the end of the log; returns the first one's leaf index.
+fn append_audit_rows(conn: &Connection, rows: &[crate::AuditRow]) -> Result<u64, StoreError> {
+    let next: u64 = conn.prepare_cached("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")?.query_row([], |r| r.get(0))?;
+    let mut insert = conn.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed) VALUES (?1, ?2, ?3)")?;
+    for (i, row) in rows.iter().enumerate() {
+        insert.execute(params![next + i as u64, &row.leaf_hash[..], row.sealed])?;
+    }
+    Ok(next)
 }
 
 fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
@@ -333,13 +372,32 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.writer
-            .lock()
-            .map_err(|_| StoreError::Backend("writer lock poisoned".into()))?
-            .send((writes, tx))
-            .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
-        rx.await.map_err(|_| StoreError::Backend("the writer thread dropped a commit".into()))?
+        self.submit(Work::Writes(writes)).await.map(|_| ())
+    }
+
+    async fn append_audit(&self, rows: Vec<crate::AuditRow>) -> Result<u64, StoreError> {
+        self.submit(Work::Audit(rows)).await
+    }
+
+    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<crate::AuditRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT leaf_hash, sealed FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+            let rows = stmt
+                .query_map(params![from, to], |r| {
+                    let h: Vec<u8> = r.get(0)?;
+                    let mut leaf_hash = [0u8; 32];
+                    if h.len() == 32 {
+                        leaf_hash.copy_from_slice(&h);
+                    }
+                    Ok(crate::AuditRow { leaf_hash, sealed: r.get(1)? })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn audit_size(&self) -> Result<u64, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT count(*) FROM audit_entries")?.query_row([], |r| r.get(0))?))
     }
 
     async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError> {

@@ -43,10 +43,12 @@ pub struct KeysConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
-    /// SQLite database file, relative to the data directory.
+    /// SQLite database file, relative to the data directory (it holds the audit log too).
     pub sqlite: PathBuf,
-    /// Audit log file, relative to the data directory.
-    pub audit_log: PathBuf,
+    /// Fault injection for testing the fail-closed path: every audit append fails, so every FHIR
+    /// request is refused with 503. Never set it in production.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub fail_audit_appends: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,7 +79,7 @@ impl Default for KeysConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { sqlite: "valv.db".into(), audit_log: "audit/audit.log".into() }
+        StorageConfig { sqlite: "valv.db".into(), fail_audit_appends: false }
     }
 }
 
@@ -109,7 +111,7 @@ impl Config {
     }
 
     /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
-    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_AUDIT_LOG`, `VALV_LOG`.
+    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, and `VALV_FAULT_AUDIT_APPENDS` (tests only).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
             self.server.listen = v;
@@ -129,8 +131,8 @@ impl Config {
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;
         }
-        if let Some(v) = get("VALV_AUDIT_LOG") {
-            self.storage.audit_log = v.into();
+        if let Some(v) = get("VALV_FAULT_AUDIT_APPENDS") {
+            self.storage.fail_audit_appends = matches!(v.as_str(), "1" | "true" | "yes");
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();

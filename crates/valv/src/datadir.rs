@@ -8,7 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use valv_crypto::LocalKeyProvider;
-use valv_server::audit::FileAuditLog;
+use valv_server::audit::StoreAuditLog;
 use valv_server::App;
 use valv_store::sqlite::SqliteStore;
 use valv_store::vault::{random_bytes, Vault};
@@ -120,15 +120,11 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
         write_secret(&db, b"")?;
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).map_err(|e| e.to_string())?);
-    let audit_path = resolve(dir, &cfg.storage.audit_log);
-    if !audit_path.exists() {
-        write_secret(&audit_path, b"")?;
-    }
     let now = valv_server::now_ms();
     let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
-    let audit = Arc::new(FileAuditLog::open(&audit_path, audit_key).map_err(|e| e.to_string())?);
+    let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, cfg.storage.fail_audit_appends));
     let app = App {
         vault,
         records,

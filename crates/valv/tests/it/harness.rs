@@ -98,9 +98,16 @@ impl Server {
         self.env.push((key.to_string(), value.to_string()));
     }
 
-    /// Lines in the audit log (each one sealed entry).
+    /// Entries in the audit log (read from the database beside the running server).
     pub fn audit_lines(&self) -> usize {
-        std::fs::read_to_string(self.data.join("audit/audit.log")).map_or(0, |t| t.lines().count())
+        self.audit_rows().len()
+    }
+
+    /// Every stored audit entry: (leaf hash, sealed bytes).
+    pub fn audit_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let db = rusqlite::Connection::open(self.data.join("valv.db")).expect("open db");
+        let mut stmt = db.prepare("SELECT leaf_hash, sealed FROM audit_entries ORDER BY idx").expect("query");
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("rows").collect::<Result<_, _>>().expect("rows")
     }
 
     /// SIGKILL: no shutdown code runs.
