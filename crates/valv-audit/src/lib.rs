@@ -10,12 +10,14 @@
 //! - [`entry`]: canonical audit-entry bytes (RFC 8785 JSON Canonicalization Scheme) and the
 //!   entry's leaf hash.
 //! - [`record`]: the audit entry itself (IHE BALP fields) and its leaf.
+//! - [`frontier`]: the right edge of a growing tree, for O(log n) appends and roots.
 //!
 //! The wire formats are summarised in the shared FORMATS.md; the specifications are the
 //! authority.
 
 pub mod checkpoint;
 pub mod entry;
+pub mod frontier;
 mod error;
 pub mod merkle;
 pub mod note;
@@ -25,6 +27,7 @@ pub use checkpoint::{
     build_receipt, open_checkpoint, sign_checkpoint, verify_receipt, Checkpoint, Receipt,
 };
 pub use entry::{canonical_json, entry_leaf_hash};
+pub use frontier::Frontier;
 pub use error::AuditError;
 pub use merkle::{Hash, EMPTY_ROOT};
 pub use note::{Note, NoteSignature, Signer, Verifier};

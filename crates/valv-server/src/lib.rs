@@ -13,6 +13,7 @@ pub mod audit;
 pub mod auth;
 pub mod error;
 pub mod fhir;
+pub mod integrator;
 pub mod metrics;
 pub mod policy;
 pub mod query;
@@ -48,6 +49,8 @@ pub struct App {
     pub max_body_bytes: usize,
     /// When the server started (the CapabilityStatement's date).
     pub started: String,
+    /// The audit log's verifier key (C2SP vkey), served at `/audit/key`.
+    pub audit_vkey: String,
 }
 
 /// A successful answer before it becomes an HTTP response (or a batch entry).
@@ -205,6 +208,11 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
             Ok(()) => readiness(app).await,
             Err(e) => Err(e),
         }),
+        "/audit/checkpoint" => ("audit_checkpoint", match only_get(&req) {
+            Ok(()) => latest_checkpoint(app).await,
+            Err(e) => Err(e),
+        }),
+        "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
             Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
@@ -222,6 +230,14 @@ async fn readiness(app: &App) -> Result<Reply, ApiError> {
         return Err(ApiError::unavailable("the audit log failed recently"));
     }
     Ok(Reply::text("text/plain; charset=utf-8", "ready\n".into()))
+}
+
+/// The latest signed checkpoint (C2SP tlog-checkpoint): public, like the log's key.
+async fn latest_checkpoint(app: &App) -> Result<Reply, ApiError> {
+    match app.vault.store().latest_checkpoint().await? {
+        Some(cp) => Ok(Reply::text("text/plain; charset=utf-8", cp.note)),
+        None => Err(ApiError::unavailable("no checkpoint has been signed yet")),
+    }
 }
 
 fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {

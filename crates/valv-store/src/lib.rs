@@ -102,6 +102,15 @@ pub struct AuditRow {
     pub sealed: Vec<u8>,
 }
 
+/// A signed checkpoint of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub size: u64,
+    pub root: [u8; 32],
+    /// The C2SP signed note.
+    pub note: String,
+}
+
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -136,6 +145,12 @@ pub trait Store: Send + Sync {
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<AuditRow>, StoreError>;
     /// How many audit entries are stored.
     async fn audit_size(&self) -> Result<u64, StoreError>;
+    /// Leaf hashes with index in `[from, to)`, in order.
+    async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Records a signed checkpoint (durably); sizes only grow.
+    async fn save_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError>;
+    /// The checkpoint of the largest size, if any.
+    async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -68,6 +68,13 @@ CREATE TABLE audit_entries (
     leaf_hash BLOB NOT NULL,
     sealed BLOB NOT NULL
 );
+"#, r#"
+-- Signed checkpoints (C2SP signed notes), one per tree size the integrator signed.
+CREATE TABLE audit_checkpoints (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    note TEXT NOT NULL
+);
 "#];
 
 const READERS: usize = 4;
@@ -393,6 +400,42 @@ impl Store for SqliteStore {
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
+        })
+    }
+
+    async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT leaf_hash FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+            let rows = stmt
+                .query_map(params![from, to], |r| {
+                    let h: Vec<u8> = r.get(0)?;
+                    Ok(h)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|h| <[u8; 32]>::try_from(h.as_slice()).map_err(|_| StoreError::Integrity("an audit leaf hash is not 32 bytes".into())))
+                .collect()
+        })
+    }
+
+    async fn save_checkpoint(&self, cp: &crate::StoredCheckpoint) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.execute("INSERT INTO audit_checkpoints (size, root, note) VALUES (?1, ?2, ?3)", params![cp.size, &cp.root[..], cp.note])?;
+            Ok(())
+        })
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<crate::StoredCheckpoint>, StoreError> {
+        self.with_reader(|c| {
+            let row = c
+                .prepare_cached("SELECT size, root, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")?
+                .query_row([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))
+                .optional()?;
+            row.map(|(size, root, note)| {
+                let root = <[u8; 32]>::try_from(root.as_slice()).map_err(|_| StoreError::Integrity("a checkpoint root is not 32 bytes".into()))?;
+                Ok(crate::StoredCheckpoint { size, root, note })
+            })
+            .transpose()
         })
     }
 

@@ -18,6 +18,8 @@ pub struct Opened {
     pub app: Arc<App>,
     pub config: Config,
     pub data_dir: PathBuf,
+    /// The Ed25519 seed that signs audit checkpoints (a data key wrapped by the KEK).
+    pub checkpoint_seed: valv_crypto::DataKey,
 }
 
 pub fn is_initialised(dir: &Path) -> bool {
@@ -124,6 +126,9 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
+    let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;
+    let origin = valv_server::integrator::origin_for(checkpoint_seed.expose())?;
+    let audit_vkey = valv_audit::Signer::new(&origin, checkpoint_seed.expose()).map_err(|e| e.to_string())?.verifier().to_vkey();
     let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, cfg.storage.fail_audit_appends));
     let app = App {
         vault,
@@ -133,8 +138,9 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
         base_url: cfg.fhir_base(),
         max_body_bytes: cfg.server.max_body_bytes,
         started: valv_fhir::date::format_instant(now),
+        audit_vkey,
     };
-    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf() })
+    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }
 
 pub fn tls_files(opened: &Opened) -> (PathBuf, PathBuf) {

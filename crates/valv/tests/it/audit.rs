@@ -62,3 +62,48 @@ async fn when_the_audit_log_cannot_write_no_patient_data_leaves() {
     assert_eq!(s.get("/fhir/Patient?family=unrecorded").await.total(), 0);
     assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
 }
+
+async fn signed_checkpoint(s: &Server) -> (valv_audit::Checkpoint, String) {
+    let vkey = s.request("GET", "/audit/key", None, None, &[]).await.text;
+    let verifier = valv_audit::Verifier::from_vkey(vkey.trim()).expect("a C2SP verifier key");
+    let note = s.request("GET", "/audit/checkpoint", None, None, &[]).await.text;
+    (valv_audit::open_checkpoint(&note, &verifier).expect("checkpoint verifies under /audit/key"), note)
+}
+
+#[tokio::test]
+async fn checkpoints_are_signed_soon_and_cover_exactly_the_stored_entries() {
+    let mut s = Server::start("checkpoint");
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    for _ in 0..5 {
+        assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    }
+    // Integrated within about a second of being durable.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (cp, _) = loop {
+        let (cp, note) = signed_checkpoint(&s).await;
+        if cp.size as usize >= s.audit_lines() || std::time::Instant::now() > deadline {
+            break (cp, note);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let leaves: Vec<[u8; 32]> = s.audit_rows().iter().map(|(l, _)| l.as_slice().try_into().expect("32 bytes")).collect();
+    assert_eq!(cp.size as usize, leaves.len(), "the checkpoint covers every stored entry");
+    assert_eq!(cp.root, valv_audit::merkle::root(&leaves), "its root is the RFC 6962 root of the stored leaves");
+    assert!(cp.origin.starts_with("valv.local/audit/"));
+
+    // An entry changed in the database: the server refuses to sign on top of it.
+    s.kill9();
+    {
+        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
+        db.execute("UPDATE audit_entries SET leaf_hash = zeroblob(32) WHERE idx = 1", []).expect("tamper");
+    }
+    let out = crate::harness::valv()
+        .arg("--data-dir")
+        .arg(&s.data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "serve must refuse a log that no longer matches its checkpoint");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no longer hash to the root"), "{err}");
+}

@@ -1,0 +1,101 @@
+//! The audit integrator: folds durable entries into the Merkle tree, in leaf-index order, and
+//! signs a C2SP checkpoint for every new tree size, at most about one interval after the entries
+//! became durable. Only one integrator signs: the serving process.
+//!
+//! On start it rebuilds the tree from every stored leaf and checks the last stored checkpoint
+//! against it; a log shorter than its checkpoint, or one whose root differs, is refused, so the
+//! server never signs a checkpoint inconsistent with one it signed before.
+
+use std::sync::Arc;
+use std::time::Duration;
+use valv_audit::{sign_checkpoint, Checkpoint, Frontier, Signer, Verifier};
+use valv_store::{Store, StoredCheckpoint};
+
+/// Leaves read from the store per query while catching up.
+const CHUNK: u64 = 10_000;
+
+pub struct Integrator {
+    store: Arc<dyn Store>,
+    signer: Signer,
+    frontier: Frontier,
+}
+
+/// The log's name: stable for the installation because it derives from its signing key.
+pub fn origin_for(seed: &[u8; 32]) -> Result<String, String> {
+    use sha2::Digest;
+    let public = Signer::new("valv", seed).map_err(|e| e.to_string())?.verifier().public_key();
+    let digest = sha2::Sha256::digest(public);
+    Ok(format!("valv.local/audit/{}", valv_crypto::hex::encode(&digest[..8])))
+}
+
+impl Integrator {
+    /// Rebuilds the tree and checks it against the last checkpoint; signs the empty tree on a new log.
+    pub async fn start(store: Arc<dyn Store>, seed: &[u8; 32]) -> Result<Self, String> {
+        let origin = origin_for(seed)?;
+        let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
+        let mut it = Integrator { store, signer, frontier: Frontier::new() };
+        let last = it.store.latest_checkpoint().await.map_err(|e| e.to_string())?;
+        let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
+        if let Some(cp) = &last {
+            if cp.size > size {
+                return Err(format!(
+                    "the audit log holds {size} entries but its last signed checkpoint covers {}: it was truncated or rolled back",
+                    cp.size
+                ));
+            }
+            it.catch_up(cp.size).await?;
+            if it.frontier.root() != cp.root {
+                return Err(format!("the audit log's first {} entries no longer hash to the root signed for them: entries were changed", cp.size));
+            }
+        } else {
+            it.sign_current().await?;
+        }
+        Ok(it)
+    }
+
+    pub fn verifier(&self) -> Verifier {
+        self.signer.verifier()
+    }
+
+    async fn catch_up(&mut self, to: u64) -> Result<(), String> {
+        while self.frontier.size() < to {
+            let from = self.frontier.size();
+            let leaves = self.store.audit_leaves(from, to.min(from + CHUNK)).await.map_err(|e| e.to_string())?;
+            if leaves.is_empty() {
+                return Err(format!("audit entries from {from} are missing"));
+            }
+            leaves.into_iter().for_each(|l| self.frontier.push(l));
+        }
+        Ok(())
+    }
+
+    async fn sign_current(&self) -> Result<StoredCheckpoint, String> {
+        let cp = Checkpoint { origin: self.signer.name().to_string(), size: self.frontier.size(), root: self.frontier.root() };
+        let note = sign_checkpoint(&cp, &self.signer).map_err(|e| e.to_string())?;
+        let stored = StoredCheckpoint { size: cp.size, root: cp.root, note };
+        self.store.save_checkpoint(&stored).await.map_err(|e| e.to_string())?;
+        Ok(stored)
+    }
+
+    /// Integrates what became durable since the last step and signs it; `None` if nothing new.
+    pub async fn step(&mut self) -> Result<Option<StoredCheckpoint>, String> {
+        let size = self.store.audit_size().await.map_err(|e| e.to_string())?;
+        if size <= self.frontier.size() {
+            return Ok(None);
+        }
+        self.catch_up(size).await?;
+        self.sign_current().await.map(Some)
+    }
+}
+
+/// Runs the integrator every `interval` until the process ends; failures are logged and retried.
+pub fn spawn(mut integrator: Integrator, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = integrator.step().await {
+                tracing::error!(error = %e, "audit integration failed; retrying");
+            }
+        }
+    })
+}
