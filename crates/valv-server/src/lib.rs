@@ -10,6 +10,7 @@
 //! ```
 
 pub mod audit;
+pub mod auditlog;
 pub mod auth;
 pub mod error;
 pub mod fhir;
@@ -212,6 +213,8 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
             Ok(()) => latest_checkpoint(app).await,
             Err(e) => Err(e),
         }),
+        "/audit/proof/inclusion" => ("audit_proof", proof_route(app, &req, true).await),
+        "/audit/proof/consistency" => ("audit_proof", proof_route(app, &req, false).await),
         "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
@@ -230,6 +233,38 @@ async fn readiness(app: &App) -> Result<Reply, ApiError> {
         return Err(ApiError::unavailable("the audit log failed recently"));
     }
     Ok(Reply::text("text/plain; charset=utf-8", "ready\n".into()))
+}
+
+/// `GET /audit/proof/inclusion?index=I&size=N` (JSON, or a C2SP tlog-proof receipt with
+/// `Accept: text/plain`) and `GET /audit/proof/consistency?from=M&to=N` (JSON).
+async fn proof_route(app: &App, req: &Request<Incoming>, inclusion: bool) -> Result<Reply, ApiError> {
+    use base64::Engine as _;
+    only_get(req)?;
+    let pairs = query::parse(req.uri().query().unwrap_or("")).map_err(ApiError::bad_request)?;
+    let number = |name: &str| -> Result<u64, ApiError> {
+        let v = pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).ok_or_else(|| ApiError::bad_request(format!("'{name}' is required")))?;
+        v.parse().map_err(|_| ApiError::bad_request(format!("'{name}' must be a non-negative integer, got '{v}'")))
+    };
+    let store = &**app.vault.store();
+    let b64 = |hs: Vec<[u8; 32]>| hs.iter().map(|h| base64::engine::general_purpose::STANDARD.encode(h)).collect::<Vec<_>>();
+    let invalid = |e: auditlog::ProofError| match e {
+        auditlog::ProofError::Invalid(m) => ApiError::bad_request(m),
+        auditlog::ProofError::Store(s) => s.into(),
+    };
+    if inclusion {
+        let (index, size) = (number("index")?, number("size")?);
+        let wants_text = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("text/plain"));
+        if wants_text {
+            let text = auditlog::receipt(store, index, size).await.map_err(invalid)?;
+            return Ok(Reply::text("text/plain; charset=utf-8", text));
+        }
+        let proof = auditlog::inclusion(store, index, size).await.map_err(invalid)?;
+        Ok(Reply::json(StatusCode::OK, json!({"index": index, "tree_size": size, "proof": b64(proof)})))
+    } else {
+        let (from, to) = (number("from")?, number("to")?);
+        let proof = auditlog::consistency(store, from, to).await.map_err(invalid)?;
+        Ok(Reply::json(StatusCode::OK, json!({"from": from, "to": to, "proof": b64(proof)})))
+    }
 }
 
 /// The latest signed checkpoint (C2SP tlog-checkpoint): public, like the log's key.

@@ -151,6 +151,10 @@ pub trait Store: Send + Sync {
     async fn save_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError>;
     /// The checkpoint of the largest size, if any.
     async fn latest_checkpoint(&self) -> Result<Option<StoredCheckpoint>, StoreError>;
+    /// The checkpoint signed for exactly this size, if any.
+    async fn checkpoint_at(&self, size: u64) -> Result<Option<StoredCheckpoint>, StoreError>;
+    /// Every stored checkpoint, smallest size first.
+    async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }

@@ -131,6 +131,21 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 impl SqliteStore {
+    fn query_checkpoints(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<crate::StoredCheckpoint>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT size, root, note FROM audit_checkpoints {tail}"))?;
+            let rows = stmt
+                .query_map(args, |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter()
+                .map(|(size, root, note)| {
+                    let root = <[u8; 32]>::try_from(root.as_slice()).map_err(|_| StoreError::Integrity("a checkpoint root is not 32 bytes".into()))?;
+                    Ok(crate::StoredCheckpoint { size, root, note })
+                })
+                .collect()
+        })
+    }
+
     /// Hands work to the writer thread and waits for its group's commit.
     async fn submit(&self, work: Work) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
@@ -426,17 +441,15 @@ impl Store for SqliteStore {
     }
 
     async fn latest_checkpoint(&self) -> Result<Option<crate::StoredCheckpoint>, StoreError> {
-        self.with_reader(|c| {
-            let row = c
-                .prepare_cached("SELECT size, root, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1")?
-                .query_row([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, String>(2)?)))
-                .optional()?;
-            row.map(|(size, root, note)| {
-                let root = <[u8; 32]>::try_from(root.as_slice()).map_err(|_| StoreError::Integrity("a checkpoint root is not 32 bytes".into()))?;
-                Ok(crate::StoredCheckpoint { size, root, note })
-            })
-            .transpose()
-        })
+        Ok(self.query_checkpoints("ORDER BY size DESC LIMIT 1", params![])?.pop())
+    }
+
+    async fn checkpoint_at(&self, size: u64) -> Result<Option<crate::StoredCheckpoint>, StoreError> {
+        Ok(self.query_checkpoints("WHERE size = ?1", params![size])?.pop())
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<crate::StoredCheckpoint>, StoreError> {
+        self.query_checkpoints("ORDER BY size", params![])
     }
 
     async fn audit_size(&self) -> Result<u64, StoreError> {

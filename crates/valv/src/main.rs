@@ -49,10 +49,34 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Verify the audit log, or print an inclusion proof.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Import FHIR transaction or batch bundles (e.g. Synthea output), each file atomically.
     Import {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Recompute the tree from every stored entry and check every stored checkpoint, plus the
+    /// given ones saved earlier (e.g. by an auditor); exit 1 naming each problem found.
+    Verify {
+        /// A signed checkpoint saved earlier (repeatable).
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+    },
+    /// Print a C2SP tlog-proof inclusion receipt for one entry.
+    Proof {
+        #[arg(long)]
+        index: u64,
+        /// Tree size to prove against (must have a signed checkpoint); default: the latest.
+        #[arg(long)]
+        size: Option<u64>,
     },
 }
 
@@ -132,6 +156,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             serve(opened).await
         }
         Command::Apikey { action } => apikey(&dir, action).await,
+        Command::Audit { action } => audit(&dir, action).await,
         Command::Synth { patients, out, seed } => {
             let seed = match seed {
                 Some(s) => s,
@@ -225,6 +250,50 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String> {
+    if !datadir::is_initialised(dir) {
+        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
+    }
+    let opened = datadir::open(dir, None).await?;
+    let store = opened.app.vault.store();
+    match action {
+        AuditAction::Verify { checkpoints } => {
+            let claims = checkpoints
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .map(|note| valv_server::auditlog::Claim { source: format!("checkpoint {}", p.display()), note })
+                        .map_err(|e| format!("{}: {e}", p.display()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
+            let verifier = valv_audit::Verifier::from_vkey(&opened.app.audit_vkey).map_err(|e| e.to_string())?;
+            let report = valv_server::auditlog::verify(&**store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            for p in &report.problems {
+                println!("PROBLEM {p}");
+            }
+            let summary = format!(
+                "{} entries, {} stored checkpoints, {} given checkpoints: {}",
+                report.entries,
+                report.checkpoints,
+                report.external,
+                if report.problems.is_empty() { "the log verifies".to_string() } else { format!("{} problem(s)", report.problems.len()) }
+            );
+            println!("{summary}");
+            if report.problems.is_empty() { Ok(()) } else { Err("the audit log does not verify".into()) }
+        }
+        AuditAction::Proof { index, size } => {
+            let size = match size {
+                Some(s) => s,
+                None => store.latest_checkpoint().await.map_err(|e| e.to_string())?.map(|c| c.size).ok_or("no checkpoint has been signed yet")?,
+            };
+            let text = valv_server::auditlog::receipt(&**store, index, size).await.map_err(|e| e.to_string())?;
+            print!("{text}");
+            Ok(())
+        }
+    }
 }
 
 async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), String> {

@@ -107,3 +107,120 @@ async fn checkpoints_are_signed_soon_and_cover_exactly_the_stored_entries() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no longer hash to the root"), "{err}");
 }
+
+/// Waits until the latest checkpoint covers every stored entry; returns its signed note.
+async fn settled_checkpoint(s: &Server) -> String {
+    for _ in 0..50 {
+        let (cp, note) = signed_checkpoint(s).await;
+        if cp.size as usize == s.audit_lines() {
+            return note;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no checkpoint covered the log within 5 s");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read").flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Runs `valv audit verify` on a data directory; returns (success, stdout).
+fn verify(data: &std::path::Path, checkpoints: &[&std::path::Path]) -> (bool, String) {
+    let mut cmd = crate::harness::valv();
+    cmd.arg("--data-dir").arg(data).args(["audit", "verify"]);
+    for c in checkpoints {
+        cmd.arg("--checkpoint").arg(c);
+    }
+    let out = cmd.output().expect("run verify");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+#[tokio::test]
+async fn verify_detects_edit_delete_swap_insert_and_rollback() {
+    let mut s = Server::start("tamper");
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    for _ in 0..6 {
+        s.get(&format!("/fhir/Patient/{p}")).await;
+    }
+    let early = s.dir.join("early.checkpoint");
+    std::fs::write(&early, settled_checkpoint(&s).await).expect("save");
+    s.kill9();
+    let snapshot = s.dir.join("snapshot");
+    copy_dir(&s.data, &snapshot);
+    s.restart();
+    for _ in 0..6 {
+        s.get(&format!("/fhir/Patient/{p}")).await;
+    }
+    let later = s.dir.join("later.checkpoint");
+    std::fs::write(&later, settled_checkpoint(&s).await).expect("save");
+    s.kill9();
+
+    let (ok, out) = verify(&s.data, &[&early, &later]);
+    assert!(ok, "an untouched log verifies: {out}");
+    assert!(out.contains("the log verifies"), "{out}");
+
+    let scenarios: [(&str, &str, &str); 5] = [
+        ("edit", "UPDATE audit_entries SET sealed = zeroblob(length(sealed)) WHERE idx = 3", "entry 3"),
+        ("edit leaf", "UPDATE audit_entries SET leaf_hash = (SELECT leaf_hash FROM audit_entries WHERE idx = 0) WHERE idx = 3", "no longer hash"),
+        ("delete", "DELETE FROM audit_entries WHERE idx = 4", "missing"),
+        ("swap", "UPDATE audit_entries SET idx = CASE idx WHEN 2 THEN 5 WHEN 5 THEN 2 END + 1000000 WHERE idx IN (2, 5); UPDATE audit_entries SET idx = idx - 1000000 WHERE idx >= 1000000", "no longer hash"),
+        ("insert", "UPDATE audit_entries SET idx = idx + 1000000 WHERE idx >= 3; UPDATE audit_entries SET idx = idx - 999999 WHERE idx >= 1000000; INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT 3, leaf_hash, sealed FROM audit_entries WHERE idx = 1", "no longer hash"),
+    ];
+    for (name, sql, says) in scenarios {
+        let copy = s.dir.join(format!("tampered-{}", name.replace(' ', "-")));
+        copy_dir(&s.data, &copy);
+        rusqlite::Connection::open(copy.join("valv.db")).expect("db").execute_batch(sql).expect(name);
+        let (ok, out) = verify(&copy, &[&early, &later]);
+        assert!(!ok, "{name}: verify must fail: {out}");
+        assert!(out.contains(says), "{name}: verify must say '{says}': {out}");
+    }
+    // The database rolled back to an earlier copy: its own checkpoints agree with it, but the
+    // auditor's later checkpoint does not.
+    let (ok, out) = verify(&snapshot, &[&early]);
+    assert!(ok, "the snapshot on its own is consistent: {out}");
+    let (ok, out) = verify(&snapshot, &[&early, &later]);
+    assert!(!ok && out.contains("rolled back"), "a rollback is caught by a later checkpoint: {out}");
+}
+
+#[tokio::test]
+async fn proofs_verify_against_the_signed_checkpoint() {
+    use base64::Engine as _;
+    let s = Server::start("proofs");
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    for _ in 0..9 {
+        s.get(&format!("/fhir/Patient/{p}")).await;
+    }
+    let note = settled_checkpoint(&s).await;
+    let vkey = s.request("GET", "/audit/key", None, None, &[]).await.text;
+    let verifier = valv_audit::Verifier::from_vkey(vkey.trim()).expect("vkey");
+    let cp = valv_audit::open_checkpoint(&note, &verifier).expect("checkpoint");
+    let leaves: Vec<[u8; 32]> = s.audit_rows().iter().map(|(l, _)| l.as_slice().try_into().expect("32")).collect();
+    let decode = |v: &serde_json::Value| -> Vec<[u8; 32]> {
+        v.as_array().expect("proof").iter().map(|h| {
+            base64::engine::general_purpose::STANDARD.decode(h.as_str().expect("b64")).expect("b64").try_into().expect("32 bytes")
+        }).collect()
+    };
+    for index in [0, 3, cp.size - 1] {
+        let r = s.request("GET", &format!("/audit/proof/inclusion?index={index}&size={}", cp.size), None, None, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let proof = decode(&r.json["proof"]);
+        valv_audit::merkle::verify_inclusion(index, cp.size, &leaves[index as usize], &proof, &cp.root).expect("inclusion verifies");
+        let receipt = s.request("GET", &format!("/audit/proof/inclusion?index={index}&size={}", cp.size), None, None, &[("accept", "text/plain")]).await.text;
+        let (rcp, ri) = valv_audit::verify_receipt(&receipt, &verifier, &leaves[index as usize]).expect("receipt verifies");
+        assert_eq!((rcp.size, ri), (cp.size, index));
+    }
+    let r = s.request("GET", &format!("/audit/proof/consistency?from=2&to={}", cp.size), None, None, &[]).await;
+    let proof = decode(&r.json["proof"]);
+    let root2 = valv_audit::merkle::root(&leaves[..2]);
+    valv_audit::merkle::verify_consistency(2, cp.size, &root2, &cp.root, &proof).expect("consistency verifies");
+    s.request("GET", "/audit/proof/inclusion?index=5&size=3", None, None, &[]).await.outcome(400);
+    s.request("GET", "/audit/proof/inclusion?index=x", None, None, &[]).await.outcome(400);
+}
