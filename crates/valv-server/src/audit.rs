@@ -29,6 +29,8 @@ pub trait AuditSink: Send + Sync {
 pub struct StoreAuditLog {
     store: Arc<dyn Store>,
     key: DataKey,
+    /// The blind-index key: entries carry their patient's token for the access-log index.
+    blind: valv_crypto::BlindIndexKey,
     /// Fault injection for tests of the fail-closed path: every append fails.
     fail_appends: bool,
     /// When the last append failed (ms since the epoch), 0 if never.
@@ -40,8 +42,8 @@ fn aad_id(leaf: &[u8; 32]) -> String {
 }
 
 impl StoreAuditLog {
-    pub fn new(store: Arc<dyn Store>, key: DataKey, fail_appends: bool) -> Self {
-        StoreAuditLog { store, key, fail_appends, last_failure: AtomicI64::new(0) }
+    pub fn new(store: Arc<dyn Store>, key: DataKey, blind: valv_crypto::BlindIndexKey, fail_appends: bool) -> Self {
+        StoreAuditLog { store, key, blind, fail_appends, last_failure: AtomicI64::new(0) }
     }
 
     fn seal(&self, event: &AuditEvent) -> Result<AuditRow, AuditError> {
@@ -50,7 +52,8 @@ impl StoreAuditLog {
         getrandom::fill(&mut nonce).map_err(|e| AuditError(format!("no randomness: {e}")))?;
         let id = aad_id(&leaf_hash);
         let aad = Aad { purpose: "audit", resource_type: "", id: &id, version: 0, patient: "" };
-        Ok(AuditRow { leaf_hash, sealed: valv_crypto::seal(&self.key, nonce, &aad, &bytes) })
+        let patient_token = event.patient.as_deref().map(|p| self.blind.token("AuditEvent", "patient", p));
+        Ok(AuditRow { leaf_hash, sealed: valv_crypto::seal(&self.key, nonce, &aad, &bytes), patient_token })
     }
 
     fn note_failure(&self) {
@@ -130,7 +133,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("valv-audit-test-{}.db", u64::from_le_bytes(r)));
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
         let key = DataKey::from_bytes([9; 32]);
-        let log = StoreAuditLog::new(store.clone(), key.clone(), false);
+        let blind = || valv_crypto::BlindIndexKey::new(DataKey::from_bytes([4; 32]));
+        let log = StoreAuditLog::new(store.clone(), key.clone(), blind(), false);
         log.record(vec![event(0), event(1)]).await.expect("append");
         log.record(vec![event(2)]).await.expect("append");
         assert_eq!(store.audit_size().await.expect("size"), 3);
@@ -143,7 +147,10 @@ mod tests {
         let mut moved = rows[1].clone();
         moved.leaf_hash = rows[0].leaf_hash;
         assert!(open_entry(&key, &moved).is_err(), "a body moved to another leaf does not open");
-        let failing = StoreAuditLog::new(store.clone(), key, true);
+        let token = blind().token("AuditEvent", "patient", "patient-1");
+        let mine = store.audit_entries_for(&token).await.expect("by patient");
+        assert_eq!(mine.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "the patient index finds exactly their entry");
+        let failing = StoreAuditLog::new(store.clone(), key, blind(), true);
         assert!(failing.record(vec![event(3)]).await.is_err());
         assert!(failing.failed_within(crate::now_ms(), 10_000));
         assert_eq!(store.audit_size().await.expect("size"), 3, "a failed append adds nothing");

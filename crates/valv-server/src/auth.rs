@@ -10,7 +10,7 @@ use valv_crypto::RecordMac;
 use valv_store::{ApiKeyRecord, Store};
 
 /// Roles an API key may hold in this version (the policy work adds the clinical roles).
-pub const API_KEY_ROLES: &[&str] = &["admin", "service"];
+pub const API_KEY_ROLES: &[&str] = &["admin", "service", "auditor"];
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,6 +25,8 @@ pub enum Interaction {
     Update { resource_type: String, id: String, body: Value, if_match: Option<u64> },
     Delete { resource_type: String, id: String, if_match: Option<u64> },
     Bundle { body: Value },
+    /// `GET /fhir/Patient/{id}/$access-log`
+    AccessLog { id: String },
 }
 
 impl Interaction {
@@ -40,6 +42,7 @@ impl Interaction {
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
+            Interaction::AccessLog { .. } => "Patient",
         }
     }
 
@@ -53,6 +56,7 @@ impl Interaction {
             Interaction::Update { .. } => "fhir_update",
             Interaction::Delete { .. } => "fhir_delete",
             Interaction::Bundle { .. } => "fhir_bundle",
+            Interaction::AccessLog { .. } => "fhir_access_log",
         }
     }
 }
@@ -69,18 +73,18 @@ pub struct Ctx {
 }
 
 /// One audit entry's varying part.
-struct Touch<'a> {
-    interaction: &'static str,
-    action: Action,
-    resource_type: &'a str,
-    id: Option<&'a str>,
-    version: Option<u64>,
-    patient: Option<&'a str>,
-    query: Option<String>,
+pub(crate) struct Touch<'a> {
+    pub(crate) interaction: &'static str,
+    pub(crate) action: Action,
+    pub(crate) resource_type: &'a str,
+    pub(crate) id: Option<&'a str>,
+    pub(crate) version: Option<u64>,
+    pub(crate) patient: Option<&'a str>,
+    pub(crate) query: Option<String>,
 }
 
 impl Ctx {
-    fn event(&self, t: &Touch<'_>, outcome: Outcome, status: u16, reason: &str) -> Result<AuditEvent, ApiError> {
+    pub(crate) fn event(&self, t: &Touch<'_>, outcome: Outcome, status: u16, reason: &str) -> Result<AuditEvent, ApiError> {
         Ok(AuditEvent {
             event_id: vault::new_id()?,
             time: self.now,
@@ -105,7 +109,7 @@ impl Ctx {
 }
 
 /// Makes entries durable, or fails the request with 503 (fail closed).
-async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+pub(crate) async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
     let n = events.len() as u64;
     match app.audit.record(events).await {
         Ok(()) => {
@@ -122,7 +126,7 @@ async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
 }
 
 /// Decides, and on a denial records it and returns 403.
-async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, ApiError> {
+pub(crate) async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, ApiError> {
     let d = policy::decide(&ctx.principal, touch.action, touch.resource_type, touch.patient);
     if d.permit {
         return Ok(d.reason);
@@ -132,7 +136,7 @@ async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, Ap
 }
 
 /// Records a failed act after its attempt was recorded, then passes the error on.
-async fn audit_failure(app: &App, ctx: &Ctx, touch: &Touch<'_>, err: ApiError) -> ApiError {
+pub(crate) async fn audit_failure(app: &App, ctx: &Ctx, touch: &Touch<'_>, err: ApiError) -> ApiError {
     if err.audited {
         return err;
     }
@@ -200,7 +204,9 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
     match interaction {
         Interaction::Read { resource_type, id } => read(app, ctx, &resource_type, &id, None).await,
         Interaction::VRead { resource_type, id, version } => read(app, ctx, &resource_type, &id, Some(version)).await,
+        Interaction::Search { resource_type, pairs } if resource_type == "AuditEvent" => crate::auditapi::search(app, ctx, &pairs).await,
         Interaction::Search { resource_type, pairs } => search_type(app, ctx, &resource_type, &pairs).await,
+        Interaction::AccessLog { id } => crate::auditapi::access_log(app, ctx, &id).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
         Interaction::Create { resource_type, body } => create(app, ctx, &resource_type, body).await,

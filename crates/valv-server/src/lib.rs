@@ -10,6 +10,7 @@
 //! ```
 
 pub mod audit;
+pub mod auditapi;
 pub mod auditlog;
 pub mod auth;
 pub mod error;
@@ -221,6 +222,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
             Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
         })),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
+        p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),
         _ => ("unknown", Err(ApiError::not_found("no such endpoint; the FHIR API is under /fhir"))),
     }
 }
@@ -314,6 +316,21 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAd
     }
 }
 
+/// `GET /audit/entries/{index}`: one entry's canonical bytes, for auditors and admins.
+async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> Result<Reply, ApiError> {
+    only_get(&req)?;
+    let now = now_ms();
+    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let source = peer.ip().to_string();
+    let principal = fhir::authenticate(app, authz.as_deref(), rid, &source, now).await?;
+    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
+    let index = req.uri().path().trim_start_matches("/audit/entries/").to_string();
+    match auditapi::entry(app, &ctx, &index).await {
+        Ok(r) => Ok(r),
+        Err(e) => Err(fhir::record_unaudited(app, &ctx, Some("AuditEvent"), e).await),
+    }
+}
+
 fn check_accept(h: &HeaderMap) -> Result<(), ApiError> {
     match h.get(header::ACCEPT).and_then(|v| v.to_str().ok()) {
         Some(a) if !(a.contains("json") || a.contains("*/*") || a.contains("application/*")) => Err(ApiError::new(
@@ -352,6 +369,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::In
         ([rt, id], None) if method == Method::DELETE => I::Delete { resource_type: t(rt), id: t(id), if_match },
         ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), DELETE")),
         ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
+        (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id) },
         ([rt, id, "_history", v], None) if method == Method::GET => {
             let version = v.parse().map_err(|_| ApiError::not_found(format!("'{v}' is not a version of {rt}/{id}")))?;
             I::VRead { resource_type: t(rt), id: t(id), version }

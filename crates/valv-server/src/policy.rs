@@ -39,7 +39,14 @@ pub struct Decision {
 /// Decides whether `principal` may perform `action` on a resource of `resource_type` in
 /// `patient`'s compartment (`None`: outside any compartment, or a type-level search).
 pub fn decide(principal: &Principal, action: Action, resource_type: &str, patient: Option<&str>) -> Decision {
-    let _ = (action, resource_type, patient);
+    let _ = (action, patient);
+    // The audit log is read by auditors and admins only, and never written through the API.
+    if resource_type == "AuditEvent" {
+        return match principal.roles.iter().find(|r| r.as_str() == "admin" || r.as_str() == "auditor") {
+            Some(role) if matches!(action, Action::Read | Action::Search) => Decision { permit: true, reason: format!("role-{role}-audit-reader") },
+            _ => Decision { permit: false, reason: "audit-log-needs-auditor-or-admin".into() },
+        };
+    }
     if let Some(role) = principal.roles.iter().find(|r| r.as_str() == "admin" || r.as_str() == "service") {
         Decision { permit: true, reason: format!("role-{role}-full-access") }
     } else {
@@ -63,5 +70,14 @@ mod tests {
         let d = decide(&p("nurse"), Action::Read, "Patient", Some("x"));
         assert!(!d.permit);
         assert_eq!(d.reason, "no-role-permits");
+        assert!(!decide(&p("auditor"), Action::Read, "Patient", Some("x")).permit, "auditors see no clinical data");
+    }
+
+    #[test]
+    fn audit_log_is_for_auditors_and_admins() {
+        assert!(decide(&p("auditor"), Action::Search, "AuditEvent", None).permit);
+        assert!(decide(&p("admin"), Action::Read, "AuditEvent", None).permit);
+        assert!(!decide(&p("service"), Action::Search, "AuditEvent", None).permit);
+        assert!(!decide(&p("auditor"), Action::Delete, "AuditEvent", None).permit);
     }
 }

@@ -100,6 +100,9 @@ pub struct ApiKeyRecord {
 pub struct AuditRow {
     pub leaf_hash: [u8; 32],
     pub sealed: Vec<u8>,
+    /// Blind-index token of the patient the entry concerns, so a patient's access log is found
+    /// without decrypting the whole log.
+    pub patient_token: Option<Token>,
 }
 
 /// A signed checkpoint of the audit log.
@@ -145,6 +148,8 @@ pub trait Store: Send + Sync {
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<AuditRow>, StoreError>;
     /// How many audit entries are stored.
     async fn audit_size(&self) -> Result<u64, StoreError>;
+    /// The leaf indices and rows of every entry carrying this patient token, in order.
+    async fn audit_entries_for(&self, patient_token: &Token) -> Result<Vec<(u64, AuditRow)>, StoreError>;
     /// Leaf hashes with index in `[from, to)`, in order.
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;
     /// Records a signed checkpoint (durably); sizes only grow.

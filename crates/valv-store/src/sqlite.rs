@@ -75,6 +75,10 @@ CREATE TABLE audit_checkpoints (
     root BLOB NOT NULL,
     note TEXT NOT NULL
 );
+"#, r#"
+-- A patient's access log without decrypting everyone's: the blind-index token of the entry's patient.
+ALTER TABLE audit_entries ADD COLUMN patient_token BLOB;
+CREATE INDEX audit_entries_patient ON audit_entries (patient_token) WHERE patient_token IS NOT NULL;
 "#];
 
 const READERS: usize = 4;
@@ -230,9 +234,9 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<u64, StoreEr
 /// Appends entries at the end of the log; returns the first one's leaf index.
 fn append_audit_rows(conn: &Connection, rows: &[crate::AuditRow]) -> Result<u64, StoreError> {
     let next: u64 = conn.prepare_cached("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")?.query_row([], |r| r.get(0))?;
-    let mut insert = conn.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed) VALUES (?1, ?2, ?3)")?;
+    let mut insert = conn.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token) VALUES (?1, ?2, ?3, ?4)")?;
     for (i, row) in rows.iter().enumerate() {
-        insert.execute(params![next + i as u64, &row.leaf_hash[..], row.sealed])?;
+        insert.execute(params![next + i as u64, &row.leaf_hash[..], row.sealed, row.patient_token.as_ref().map(|t| &t[..])])?;
     }
     Ok(next)
 }
@@ -285,6 +289,19 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// (leaf index, row). A leaf hash or token of the wrong length (only by tampering) is carried
+/// through zero-filled or dropped, so verification reports it instead of the read failing.
+fn row_to_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, crate::AuditRow)> {
+    let h: Vec<u8> = r.get(1)?;
+    let mut leaf_hash = [0u8; 32];
+    if h.len() == 32 {
+        leaf_hash.copy_from_slice(&h);
+    }
+    let token: Option<Vec<u8>> = r.get(3)?;
+    let patient_token = token.and_then(|t| <crate::Token>::try_from(t.as_slice()).ok());
+    Ok((r.get(0)?, crate::AuditRow { leaf_hash, sealed: r.get(2)?, patient_token }))
 }
 
 fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
@@ -403,17 +420,16 @@ impl Store for SqliteStore {
 
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<crate::AuditRow>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT leaf_hash, sealed FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
-            let rows = stmt
-                .query_map(params![from, to], |r| {
-                    let h: Vec<u8> = r.get(0)?;
-                    let mut leaf_hash = [0u8; 32];
-                    if h.len() == 32 {
-                        leaf_hash.copy_from_slice(&h);
-                    }
-                    Ok(crate::AuditRow { leaf_hash, sealed: r.get(1)? })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+            let rows = stmt.query_map(params![from, to], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows.into_iter().map(|(_, row)| row).collect())
+        })
+    }
+
+    async fn audit_entries_for(&self, patient_token: &crate::Token) -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token FROM audit_entries WHERE patient_token = ?1 ORDER BY idx")?;
+            let rows = stmt.query_map(params![&patient_token[..]], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }

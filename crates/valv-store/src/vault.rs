@@ -112,6 +112,11 @@ impl Vault {
         &self.store
     }
 
+    /// The blind-index token of a patient id in the audit log's patient index.
+    pub fn audit_patient_token(&self, patient: &str) -> Token {
+        self.blind.token("AuditEvent", "patient", patient)
+    }
+
     /// A named non-patient data key (e.g. `audit`), created on first use.
     pub async fn named_key(&self, name: &str, now: i64) -> Result<DataKey, StoreError> {
         load_or_create_key(&*self.store, &*self.provider, name, now).await

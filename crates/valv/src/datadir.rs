@@ -129,7 +129,8 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;
     let origin = valv_server::integrator::origin_for(checkpoint_seed.expose())?;
     let audit_vkey = valv_audit::Signer::new(&origin, checkpoint_seed.expose()).map_err(|e| e.to_string())?.verifier().to_vkey();
-    let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, cfg.storage.fail_audit_appends));
+    let blind = valv_crypto::BlindIndexKey::new(vault.named_key("blind-index", now).await.map_err(|e| e.to_string())?);
+    let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, blind, cfg.storage.fail_audit_appends));
     let app = App {
         vault,
         records,

@@ -224,3 +224,61 @@ async fn proofs_verify_against_the_signed_checkpoint() {
     s.request("GET", "/audit/proof/inclusion?index=5&size=3", None, None, &[]).await.outcome(400);
     s.request("GET", "/audit/proof/inclusion?index=x", None, None, &[]).await.outcome(400);
 }
+
+#[tokio::test]
+async fn auditors_read_the_log_as_audit_events_and_a_patients_access_log_verifies() {
+    use base64::Engine as _;
+    let s = Server::start("auditapi");
+    let auditor = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "auditor", "--role", "auditor"]));
+    let service = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "svc", "--role", "service"]));
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    let other = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
+    s.request("GET", &format!("/fhir/Patient/{p}"), Some(&service), None, &[]).await;
+    s.get(&format!("/fhir/Patient/{other}")).await;
+    // Auditors see the log but no clinical data; services do not see the log.
+    s.request("GET", &format!("/fhir/Patient/{p}"), Some(&auditor), None, &[]).await.outcome(403);
+    s.request("GET", "/fhir/AuditEvent", Some(&service), None, &[]).await.outcome(403);
+    let events = s.request("GET", &format!("/fhir/AuditEvent?patient={p}&outcome=0"), Some(&auditor), None, &[]).await;
+    assert_eq!(events.status, 200, "{}", events.text);
+    let entries = events.json["entry"].as_array().expect("entries").clone();
+    assert!(entries.len() >= 2, "create and read of the patient: {}", events.text);
+    assert!(entries.iter().all(|e| e["resource"]["entity"][0]["what"]["reference"] == format!("Patient/{p}")));
+    assert!(entries.iter().any(|e| e["resource"]["agent"][0]["who"]["display"] == "svc"), "who accessed is named");
+    let denied = s.request("GET", "/fhir/AuditEvent?outcome=4&action=R", Some(&auditor), None, &[]).await;
+    assert!(denied.total() >= 1, "the auditor's own refused read is in the log: {}", denied.text);
+
+    // The patient's access log carries everything an independent verifier needs.
+    settled_checkpoint(&s).await;
+    let log = s.request("GET", &format!("/fhir/Patient/{p}/$access-log"), Some(&auditor), None, &[]).await;
+    assert_eq!(log.status, 200, "{}", log.text);
+    let params = log.json["parameter"].as_array().expect("parameters");
+    let get = |name: &str| params.iter().find(|x| x["name"] == name).and_then(|x| x["valueString"].as_str()).expect(name).to_string();
+    let verifier = valv_audit::Verifier::from_vkey(&get("logKey")).expect("vkey");
+    let cp = valv_audit::open_checkpoint(&get("checkpoint"), &verifier).expect("checkpoint");
+    let mut proven = 0;
+    for entry in params.iter().filter(|x| x["name"] == "entry") {
+        let parts = entry["part"].as_array().expect("parts");
+        let part = |n: &str| parts.iter().find(|x| x["name"] == n);
+        let canonical = part("canonical").and_then(|x| x["valueString"].as_str()).expect("canonical");
+        assert!(canonical.contains(&format!("\"patient\":\"{p}\"")), "only this patient's entries");
+        assert!(!canonical.contains(&other));
+        let leaf = valv_audit::merkle::leaf_hash(canonical.as_bytes());
+        let index: u64 = part("index").and_then(|x| x["valueString"].as_str()).and_then(|i| i.parse().ok()).expect("index");
+        let proof: Vec<[u8; 32]> = parts
+            .iter()
+            .filter(|x| x["name"] == "proof")
+            .map(|x| base64::engine::general_purpose::STANDARD.decode(x["valueBase64Binary"].as_str().expect("b64")).expect("b64").try_into().expect("32"))
+            .collect();
+        if part("pending").is_none() {
+            valv_audit::merkle::verify_inclusion(index, cp.size, &leaf, &proof, &cp.root).expect("each entry is proven in the signed tree");
+            proven += 1;
+        }
+    }
+    assert!(proven >= 2, "{}", log.text);
+    // One entry's canonical bytes, for auditors.
+    let one = s.request("GET", "/audit/entries/0", Some(&auditor), None, &[]).await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    assert_eq!(valv_audit::merkle::leaf_hash(one.text.as_bytes()).to_vec(), s.audit_rows()[0].0, "the bytes hash to the stored leaf");
+    s.request("GET", "/audit/entries/0", Some(&service), None, &[]).await.outcome(403);
+    s.request("GET", "/audit/entries/999999", Some(&auditor), None, &[]).await.outcome(404);
+}

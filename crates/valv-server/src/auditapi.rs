@@ -1,0 +1,269 @@
+//! The audit log over HTTP for the people who review it: one entry's canonical bytes
+//! (`/audit/entries/{index}`), entries as FHIR AuditEvent resources (`/fhir/AuditEvent?…`), and a
+//! patient's access log with everything an independent verifier needs
+//! (`/fhir/Patient/{id}/$access-log`). Every read of the log is itself audited.
+//!
+//! Searches without a patient scan and decrypt the whole log; a patient's entries are found
+//! through their blind-index token.
+
+use crate::audit::open_entry;
+use crate::error::ApiError;
+use crate::fhir::{audit, audit_failure, authorize, Ctx, Touch};
+use crate::policy::Action;
+use crate::{App, Reply};
+use base64::Engine as _;
+use hyper::StatusCode;
+use serde_json::{json, Value};
+use valv_audit::{merkle, Outcome};
+use valv_fhir::date::{self, Prefix};
+use valv_store::AuditRow;
+
+const CHUNK: u64 = 5_000;
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn audit_key(app: &App, now: i64) -> Result<valv_crypto::DataKey, ApiError> {
+    Ok(app.vault.named_key("audit", now).await?)
+}
+
+/// Opens a stored entry into its canonical bytes and parsed JSON.
+fn open(key: &valv_crypto::DataKey, index: u64, row: &AuditRow) -> Result<(Vec<u8>, Value), ApiError> {
+    let bytes = open_entry(key, row).map_err(|e| ApiError::internal(format!("audit entry {index} failed its integrity check: {e}")))?;
+    let value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("audit entry {index} is unreadable: {e}")))?;
+    Ok((bytes, value))
+}
+
+pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError> {
+    let index: u64 = index.parse().map_err(|_| ApiError::bad_request(format!("'{index}' is not a leaf index")))?;
+    let id = index.to_string();
+    let touch = Touch { interaction: "audit-read", action: Action::Read, resource_type: "AuditEvent", id: Some(&id), version: None, patient: None, query: None };
+    let reason = authorize(app, ctx, &touch).await?;
+    let key = audit_key(app, ctx.now).await?;
+    let row = app.vault.store().audit_entries(index, index + 1).await?.pop();
+    let Some(row) = row else {
+        return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("there is no audit entry {index}"))).await);
+    };
+    let (bytes, _) = match open(&key, index, &row) {
+        Ok(v) => v,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
+    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    let mut reply = Reply::text("application/json", String::from_utf8_lossy(&bytes).into_owned());
+    reply.status = StatusCode::OK;
+    Ok(reply)
+}
+
+/// One entry as an R4 AuditEvent shaped after IHE BALP; its id is the leaf index.
+pub fn to_audit_event(index: u64, e: &Value) -> Value {
+    let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
+    let outcome = match s("outcome") {
+        "success" => "0",
+        "denied" => "4",
+        _ => "8",
+    };
+    let mut entities = Vec::new();
+    if let Some(p) = e.get("patient").and_then(Value::as_str) {
+        entities.push(json!({"what": {"reference": format!("Patient/{p}")},
+            "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1", "display": "Person"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1", "display": "Patient"}}));
+    }
+    if let (Some(t), Some(id)) = (e.get("resource_type").and_then(Value::as_str), e.get("resource_id").and_then(Value::as_str)) {
+        let what = match e.get("version").and_then(Value::as_u64) {
+            Some(v) => format!("{t}/{id}/_history/{v}"),
+            None => format!("{t}/{id}"),
+        };
+        entities.push(json!({"what": {"reference": what}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"}}));
+    }
+    if let Some(q) = e.get("query").and_then(Value::as_str).filter(|q| !q.is_empty()) {
+        entities.push(json!({"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}, "query": b64(q.as_bytes())}));
+    }
+    let roles: Vec<Value> = e.get("roles").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).map(|r| json!({"text": r})).collect()).unwrap_or_default();
+    let mut agent = json!({"who": {"display": s("agent_name")}, "requestor": true});
+    if !s("agent_id").is_empty() {
+        agent["who"]["identifier"] = json!({"system": "urn:valv:principal", "value": s("agent_id")});
+    }
+    if !roles.is_empty() {
+        agent["role"] = Value::Array(roles);
+    }
+    if !s("source_address").is_empty() {
+        agent["network"] = json!({"address": s("source_address"), "type": "2"});
+    }
+    if agent["who"]["display"] == "" {
+        agent["who"]["display"] = json!("unauthenticated caller");
+    }
+    let mut event = json!({
+        "resourceType": "AuditEvent",
+        "id": index.to_string(),
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest", "display": "RESTful Operation"},
+        "subtype": [{"system": "urn:valv:interaction", "code": s("interaction")}],
+        "action": s("action"),
+        "recorded": date::format_instant(e.get("time").and_then(Value::as_i64).unwrap_or(0)),
+        "outcome": outcome,
+        "outcomeDesc": s("reason"),
+        "agent": [agent],
+        "source": {"observer": {"display": "Valv"}, "type": [{"system": "http://terminology.hl7.org/CodeSystem/security-source-type", "code": "4", "display": "Application Server"}]},
+    });
+    if let Some(p) = e.get("purpose_of_use").and_then(Value::as_str) {
+        event["purposeOfEvent"] = json!([{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": p}]}]);
+    }
+    if !entities.is_empty() {
+        event["entity"] = Value::Array(entities);
+    }
+    event
+}
+
+/// `patient`, `agent`, `date`, `outcome`, `action` filters over decrypted entries.
+struct Filters {
+    patient: Option<String>,
+    agent: Option<String>,
+    dates: Vec<(Prefix, date::Interval)>,
+    outcome: Option<String>,
+    action: Option<String>,
+    count: usize,
+    offset: usize,
+}
+
+fn parse_filters(pairs: &[(String, String)]) -> Result<Filters, ApiError> {
+    let mut f = Filters { patient: None, agent: None, dates: Vec::new(), outcome: None, action: None, count: 50, offset: 0 };
+    for (k, v) in pairs {
+        match k.as_str() {
+            "patient" => f.patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_string()),
+            "agent" => f.agent = Some(v.clone()),
+            "date" => {
+                let (p, rest) = Prefix::split(v)?;
+                f.dates.push((p, date::parse(rest)?));
+            }
+            "outcome" => f.outcome = Some(v.clone()),
+            "action" => f.action = Some(v.clone()),
+            "_count" => f.count = v.parse::<usize>().map_err(|_| ApiError::bad_request("'_count' must be a number"))?.min(1000),
+            "_offset" => f.offset = v.parse().map_err(|_| ApiError::bad_request("'_offset' must be a number"))?,
+            "_format" | "_pretty" => {}
+            other => return Err(ApiError::bad_request(format!("unknown search parameter '{other}' for AuditEvent (patient, agent, date, outcome, action)"))),
+        }
+    }
+    Ok(f)
+}
+
+impl Filters {
+    fn matches(&self, e: &Value) -> bool {
+        let s = |k: &str| e.get(k).and_then(Value::as_str);
+        let outcome_code = match s("outcome") {
+            Some("success") => "0",
+            Some("denied") => "4",
+            _ => "8",
+        };
+        let time = e.get("time").and_then(Value::as_i64).unwrap_or(0).div_euclid(1000);
+        let t = date::Interval { start: time, end: time + 1 };
+        self.patient.as_deref().is_none_or(|p| s("patient") == Some(p))
+            && self.agent.as_deref().is_none_or(|a| s("agent_id") == Some(a) || s("agent_name") == Some(a))
+            && self.outcome.as_deref().is_none_or(|o| o == outcome_code || s("outcome") == Some(o))
+            && self.action.as_deref().is_none_or(|a| s("action") == Some(a))
+            && self.dates.iter().all(|(p, d)| p.matches(d, &t))
+    }
+}
+
+/// Entries to consider: a patient's through the index, otherwise the whole log.
+async fn candidates(app: &App, patient: Option<&str>) -> Result<Vec<(u64, AuditRow)>, ApiError> {
+    let store = app.vault.store();
+    if let Some(p) = patient {
+        return Ok(store.audit_entries_for(&app.vault.audit_patient_token(p)).await?);
+    }
+    let size = store.audit_size().await?;
+    let mut out = Vec::with_capacity(size as usize);
+    let mut from = 0;
+    while from < size {
+        let rows = store.audit_entries(from, size.min(from + CHUNK)).await?;
+        if rows.is_empty() {
+            break;
+        }
+        out.extend(rows.into_iter().enumerate().map(|(i, r)| (from + i as u64, r)));
+        from = out.len() as u64;
+    }
+    Ok(out)
+}
+
+pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
+    let query = crate::query::encode(pairs);
+    let touch = Touch { interaction: "search-type", action: Action::Search, resource_type: "AuditEvent", id: None, version: None, patient: None, query: Some(query.clone()) };
+    let filters = match parse_filters(pairs) {
+        Ok(f) => f,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
+    let reason = authorize(app, ctx, &touch).await?;
+    let key = audit_key(app, ctx.now).await?;
+    let mut matched = Vec::new();
+    for (index, row) in candidates(app, filters.patient.as_deref()).await? {
+        let (_, e) = match open(&key, index, &row) {
+            Ok(v) => v,
+            Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
+        };
+        if filters.matches(&e) {
+            matched.push(to_audit_event(index, &e));
+        }
+    }
+    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    let total = matched.len();
+    let entries = matched
+        .into_iter()
+        .skip(filters.offset)
+        .take(filters.count)
+        .map(|r| json!({"fullUrl": format!("{}/AuditEvent/{}", app.base_url, r["id"].as_str().unwrap_or("")), "resource": r, "search": {"mode": "match"}}))
+        .collect();
+    let links = vec![valv_fhir::bundle::link("self", &format!("{}/AuditEvent?{query}", app.base_url))];
+    Ok(Reply::json(StatusCode::OK, valv_fhir::bundle::collection("searchset", &valv_store::vault::new_id()?, Some(total), links, entries)))
+}
+
+/// Who accessed this patient's record, each entry with its canonical bytes and an inclusion
+/// proof against the latest signed checkpoint, plus that checkpoint and the log's key.
+pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, ApiError> {
+    crate::fhir::check_id(patient)?;
+    let touch = Touch { interaction: "access-log", action: Action::Read, resource_type: "AuditEvent", id: None, version: None, patient: Some(patient), query: None };
+    let reason = authorize(app, ctx, &touch).await?;
+    let key = audit_key(app, ctx.now).await?;
+    let store = app.vault.store();
+    let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
+    let leaves = if checkpoint.size > 0 { store.audit_leaves(0, checkpoint.size).await? } else { Vec::new() };
+    let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": app.audit_vkey})];
+    for (index, row) in candidates(app, Some(patient)).await? {
+        let (bytes, e) = match open(&key, index, &row) {
+            Ok(v) => v,
+            Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
+        };
+        let mut parts = vec![
+            json!({"name": "index", "valueString": index.to_string()}),
+            json!({"name": "canonical", "valueString": String::from_utf8_lossy(&bytes)}),
+            json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}),
+        ];
+        if index < checkpoint.size {
+            let proof = merkle::inclusion_proof(&leaves, index).map_err(|e| ApiError::internal(e.to_string()))?;
+            parts.extend(proof.iter().map(|h| json!({"name": "proof", "valueBase64Binary": b64(h)})));
+        } else {
+            parts.push(json!({"name": "pending", "valueString": "recorded after the latest checkpoint; ask again in a second"}));
+        }
+        parts.push(json!({"name": "event", "resource": to_audit_event(index, &e)}));
+        params.push(json!({"name": "entry", "part": parts}));
+    }
+    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    Ok(Reply::json(StatusCode::OK, json!({"resourceType": "Parameters", "parameter": params})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_events_are_valid_r4() {
+        let e = json!({"event_id":"ab","time":1700000000000i64,"request_id":"r","action":"R","interaction":"read","outcome":"denied",
+            "status":403,"agent_id":"k","agent_name":"svc","roles":["service"],"source_address":"127.0.0.1","purpose_of_use":"TREAT",
+            "patient":"p1","resource_type":"Observation","resource_id":"o1","version":2,"query":"code=x","reason":"no-role-permits"});
+        let ev = to_audit_event(7, &e);
+        valv_fhir::r4::validate(&ev).unwrap_or_else(|err| panic!("{err}: {ev}"));
+        assert_eq!(ev["outcome"], "4");
+        assert_eq!(ev["entity"][0]["what"]["reference"], "Patient/p1");
+        let bare = json!({"event_id":"ab","time":0,"request_id":"r","action":"E","interaction":"authenticate","outcome":"denied","status":401,
+            "agent_id":"","agent_name":"","roles":[],"source_address":"","reason":"no-credential"});
+        valv_fhir::r4::validate(&to_audit_event(0, &bare)).unwrap_or_else(|err| panic!("{err}"));
+    }
+}
