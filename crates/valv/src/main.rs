@@ -70,6 +70,14 @@ enum AuditAction {
         #[arg(long = "checkpoint")]
         checkpoints: Vec<PathBuf>,
     },
+    /// Print entries, decrypted, one per line: `{"index","leaf_hash","entry"}` (jsonl).
+    Export {
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+        /// First leaf index to export.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+    },
     /// Print a C2SP tlog-proof inclusion receipt for one entry.
     Proof {
         #[arg(long)]
@@ -283,6 +291,30 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             );
             println!("{summary}");
             if report.problems.is_empty() { Ok(()) } else { Err("the audit log does not verify".into()) }
+        }
+        AuditAction::Export { format, since } => {
+            if format != "jsonl" {
+                return Err(format!("export format '{format}' is not supported (jsonl)"));
+            }
+            let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
+            let size = store.audit_size().await.map_err(|e| e.to_string())?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut index = since;
+            while index < size {
+                let rows = store.audit_entries(index, size.min(index + 5_000)).await.map_err(|e| e.to_string())?;
+                if rows.is_empty() {
+                    return Err(format!("audit entries from {index} are missing; run 'valv audit verify'"));
+                }
+                for row in rows {
+                    let bytes = valv_server::audit::open_entry(&audit_key, &row).map_err(|e| format!("entry {index}: {e}"))?;
+                    let entry = String::from_utf8(bytes).map_err(|e| format!("entry {index}: {e}"))?;
+                    let leaf = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, row.leaf_hash);
+                    use std::io::Write as _;
+                    writeln!(out, "{{\"index\":{index},\"leaf_hash\":\"{leaf}\",\"entry\":{entry}}}").map_err(|e| e.to_string())?;
+                    index += 1;
+                }
+            }
+            Ok(())
         }
         AuditAction::Proof { index, size } => {
             let size = match size {
