@@ -6,5 +6,6 @@ mod bundles;
 mod crud;
 mod errors;
 mod harness;
+mod independent;
 mod search;
 mod security;

@@ -1,0 +1,100 @@
+//! Audit log benchmark: durable appends per second through the store's group-commit writer under
+//! concurrency, and full-log verification rate. Run with
+//! `cargo run --release -p valv-server --example audit_bench -- [SECONDS] [CONCURRENCY] [VERIFY_ENTRIES]`
+//! (defaults 10 256 200000); `bench/run-audit.sh` wraps it and prints the machine.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use valv_audit::{AuditEvent, Outcome};
+use valv_crypto::{BlindIndexKey, DataKey};
+use valv_server::audit::{AuditSink, StoreAuditLog};
+use valv_store::sqlite::SqliteStore;
+use valv_store::Store;
+
+fn event(i: u64) -> AuditEvent {
+    AuditEvent {
+        event_id: format!("{i:032x}"),
+        time: 1_700_000_000_000 + i as i64,
+        request_id: format!("{i:024x}"),
+        action: "R",
+        interaction: "read",
+        outcome: Outcome::Success,
+        status: 200,
+        agent_id: "6f1c2a9e-0000-4000-8000-000000000001".into(),
+        agent_name: "bench".into(),
+        roles: vec!["service".into()],
+        source_address: "127.0.0.1".into(),
+        purpose_of_use: Some("TREAT".into()),
+        patient: Some(format!("patient-{}", i % 1000)),
+        resource_type: Some("Observation".into()),
+        resource_id: Some(format!("obs-{i}")),
+        version: Some(1),
+        query: None,
+        reason: "role-service-full-access".into(),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let seconds = args.first().copied().unwrap_or(10);
+    let concurrency = args.get(1).copied().unwrap_or(256);
+    let verify_entries = args.get(2).copied().unwrap_or(200_000);
+    let dir = std::env::temp_dir().join(format!("valv-audit-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("bench.db"))?);
+    let key = DataKey::from_bytes([7; 32]);
+    let log = Arc::new(StoreAuditLog::new(store.clone(), key.clone(), BlindIndexKey::new(DataKey::from_bytes([8; 32])), false));
+
+    // 1. Durable appends: `concurrency` tasks, each waiting for its entry to be fsynced.
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let (log, done) = (log.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut i = t * 1_000_000_000;
+                while Instant::now() < deadline {
+                    if log.record(vec![event(i)]).await.is_err() {
+                        break;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await?;
+    }
+    let n = done.load(Ordering::Relaxed);
+    let secs = started.elapsed().as_secs_f64();
+    println!("durable appends: {n} in {secs:.1} s with {concurrency} concurrent writers = {:.0} entries/s", n as f64 / secs);
+
+    // 2. Full verification over at least `verify_entries` entries (appended in large batches).
+    let mut size = store.audit_size().await?;
+    let mut next = 9_000_000_000u64;
+    while size < verify_entries {
+        let batch: Vec<AuditEvent> = (0..1000).map(|k| event(next + k)).collect();
+        next += 1000;
+        log.record(batch).await?;
+        size = store.audit_size().await?;
+    }
+    let seed = [9u8; 32];
+    let origin = valv_server::integrator::origin_for(&seed)?;
+    let verifier = valv_audit::Signer::new(&origin, &seed)?.verifier();
+    let started = Instant::now();
+    let report = valv_server::auditlog::verify(&*store, &key, &verifier, &[]).await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "full verify: {} entries (decrypt, leaf check, tree) in {secs:.2} s = {:.0} entries/s; problems: {}",
+        report.entries,
+        report.entries as f64 / secs,
+        report.problems.len()
+    );
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
