@@ -19,6 +19,7 @@ pub mod integrator;
 pub mod metrics;
 pub mod policy;
 pub mod query;
+pub mod siem;
 pub mod tls;
 
 use crate::error::ApiError;

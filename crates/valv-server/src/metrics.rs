@@ -1,5 +1,5 @@
-//! Prometheus metrics: requests by route and status, latency histograms by route, and audit
-//! failures. Labels are route names, never paths or queries, so no patient data reaches them.
+//! Prometheus metrics: requests by route and status, latency histograms by route, audit
+//! failures and SIEM forwarding. Labels are route names, never paths or queries, so no patient data reaches them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +24,11 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     pub audit_entries: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Audit entries written to the SIEM collector (see [`crate::siem`]).
+    pub siem_forwarded: AtomicU64,
+    pub siem_failures: AtomicU64,
+    /// Stored audit entries not yet forwarded (a gauge).
+    pub siem_lag: AtomicU64,
 }
 
 impl Metrics {
@@ -68,6 +73,8 @@ impl Metrics {
             ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
             ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
             ("valv_auth_failures_total", "Requests with a missing, unknown or revoked credential.", &self.auth_failures),
+            ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
+            ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
@@ -75,6 +82,11 @@ impl Metrics {
             out,
             "# HELP valv_integrity_failures_total Stored records that failed to authenticate when opened.\n# TYPE valv_integrity_failures_total counter\nvalv_integrity_failures_total {}",
             valv_store::vault::integrity_failures()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP valv_siem_lag_entries Stored audit entries not yet forwarded to the SIEM collector.\n# TYPE valv_siem_lag_entries gauge\nvalv_siem_lag_entries {}",
+            self.siem_lag.load(Ordering::Relaxed)
         );
         out
     }

@@ -146,7 +146,7 @@ pub trait Store: Send + Sync {
     async fn append_audit(&self, rows: Vec<AuditRow>) -> Result<u64, StoreError>;
     /// Entries with leaf index in `[from, to)`, in order.
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<AuditRow>, StoreError>;
-    /// How many audit entries are stored.
+    /// The size of the log: one more than the highest leaf index (0 when empty).
     async fn audit_size(&self) -> Result<u64, StoreError>;
     /// The leaf indices and rows of every entry carrying this patient token, in order.
     async fn audit_entries_for(&self, patient_token: &Token) -> Result<Vec<(u64, AuditRow)>, StoreError>;

@@ -11,6 +11,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub storage: StorageConfig,
     pub log: LogConfig,
+    pub siem: SiemConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +84,47 @@ impl Default for StorageConfig {
     }
 }
 
+/// Live forwarding of audit entries to a SIEM collector as RFC 5424 syslog over TLS (RFC 5425).
+/// Off unless `address` is set. The messages carry the full audit entries (patient ids, queries):
+/// TLS only, and the collector's certificate must chain to `ca_file` and name `server_name`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiemConfig {
+    /// The collector, `host:port` (e.g. rsyslog's imtcp with the gtls driver, usually port 6514).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The name the collector's certificate must carry; default: the host part of `address`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// CA certificates (PEM) trusted for the collector, relative to the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl SiemConfig {
+    /// The forwarder's settings, `None` when forwarding is off.
+    pub fn settings(&self, data_dir: &Path) -> Result<Option<valv_server::siem::Settings>, String> {
+        let Some(address) = self.address.as_deref().filter(|a| !a.trim().is_empty()) else { return Ok(None) };
+        let Some(ca_file) = &self.ca_file else {
+            return Err("[siem] address is set but ca_file is not: the collector's certificate must be checked against a CA".into());
+        };
+        let server_name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => {
+                let host = address.rsplit_once(':').map(|(h, _)| h).ok_or_else(|| format!("[siem] address '{address}' must be host:port"))?;
+                host.trim_start_matches('[').trim_end_matches(']').to_string()
+            }
+        };
+        let ca_file = if ca_file.is_absolute() { ca_file.clone() } else { data_dir.join(ca_file) };
+        Ok(Some(valv_server::siem::Settings {
+            address: address.to_string(),
+            server_name,
+            ca_file,
+            position_file: data_dir.join(valv_server::siem::POSITION_FILE),
+        }))
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".into() }
@@ -111,7 +153,8 @@ impl Config {
     }
 
     /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
-    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, and `VALV_FAULT_AUDIT_APPENDS` (tests only).
+    /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, `VALV_SIEM_ADDRESS`,
+    /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, and `VALV_FAULT_AUDIT_APPENDS` (tests only).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
             self.server.listen = v;
@@ -140,6 +183,15 @@ impl Config {
         if let Some(v) = get("VALV_LOG") {
             self.log.level = v;
         }
+        if let Some(v) = get("VALV_SIEM_ADDRESS") {
+            self.siem.address = Some(v);
+        }
+        if let Some(v) = get("VALV_SIEM_SERVER_NAME") {
+            self.siem.server_name = Some(v);
+        }
+        if let Some(v) = get("VALV_SIEM_CA_FILE") {
+            self.siem.ca_file = Some(v.into());
+        }
         Ok(())
     }
 
@@ -167,5 +219,21 @@ mod tests {
         assert_eq!(back.server.listen, "127.0.0.1:9999");
         assert!(c.apply_env(|k| (k == "VALV_MAX_BODY_BYTES").then(|| "lots".to_string())).is_err());
         assert!(toml::from_str::<Config>("[server]\nnonsense = 1\n").is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn siem_is_off_without_an_address_and_needs_a_ca() {
+        let dir = Path::new("/data");
+        let mut c = Config::default();
+        assert!(c.siem.settings(dir).expect("valid").is_none());
+        c.apply_env(|k| (k == "VALV_SIEM_ADDRESS").then(|| "siem.example:6514".to_string())).expect("valid");
+        assert!(c.siem.settings(dir).is_err(), "no CA file");
+        c.apply_env(|k| (k == "VALV_SIEM_CA_FILE").then(|| "siem-ca.pem".to_string())).expect("valid");
+        let s = c.siem.settings(dir).expect("valid").expect("on");
+        assert_eq!((s.server_name.as_str(), s.ca_file.as_path()), ("siem.example", Path::new("/data/siem-ca.pem")));
+        assert_eq!(s.position_file, Path::new("/data/siem.position"));
+        let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
+        assert_eq!(back.siem.address.as_deref(), Some("siem.example:6514"));
+        assert!(toml::from_str::<Config>("[siem]\nport = 1\n").is_err(), "unknown keys are rejected");
     }
 }

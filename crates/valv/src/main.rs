@@ -233,6 +233,9 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let integrator = valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
     valv_server::integrator::spawn(integrator, std::time::Duration::from_secs(1));
+    if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
+        valv_server::siem::spawn(opened.app.clone(), siem)?;
+    }
     println!("Valv serving HTTPS on https://{local}/fhir (metadata: https://{local}/fhir/metadata)");
     tracing::info!(address = %local, "listening");
     valv_server::serve(opened.app.clone(), listener, tls, shutdown_signal()).await;

@@ -9,3 +9,4 @@ mod harness;
 mod independent;
 mod search;
 mod security;
+mod siem;
