@@ -139,7 +139,7 @@ fn write_position(path: &Path, next: u64) -> std::io::Result<()> {
 }
 
 /// RFC 5424 HOSTNAME: printable US-ASCII without spaces, at most 255 characters, `-` if unknown.
-fn hostname() -> String {
+pub fn hostname() -> String {
     let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").or_else(|_| std::fs::read_to_string("/etc/hostname")).unwrap_or_default();
     let clean: String = raw.trim().chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
     if clean.is_empty() { "-".into() } else { clean }
@@ -147,6 +147,14 @@ fn hostname() -> String {
 
 /// One framed message: `MSG-LEN SP SYSLOG-MSG` (RFC 5425 section 4.3).
 pub fn frame(index: u64, row: &AuditRow, entry: &[u8], host: &str, procid: u32) -> Vec<u8> {
+    let msg = message(index, row, entry, host, procid);
+    let mut framed = format!("{} ", msg.len()).into_bytes();
+    framed.extend_from_slice(&msg);
+    framed
+}
+
+/// One RFC 5424 SYSLOG-MSG for an entry (also what `valv audit export --format syslog` prints).
+pub fn message(index: u64, row: &AuditRow, entry: &[u8], host: &str, procid: u32) -> Vec<u8> {
     // Only the timestamp and outcome are read from the entry; MSG is its bytes unchanged, so a
     // receiver can recompute the leaf hash from them.
     let parsed: serde_json::Value = serde_json::from_slice(entry).unwrap_or_default();
@@ -158,9 +166,7 @@ pub fn frame(index: u64, row: &AuditRow, entry: &[u8], host: &str, procid: u32) 
     // MSG is UTF-8, which RFC 5424 section 6.4 marks with a BOM.
     msg.extend_from_slice(b"\xEF\xBB\xBF");
     msg.extend_from_slice(entry);
-    let mut framed = format!("{} ", msg.len()).into_bytes();
-    framed.extend_from_slice(&msg);
-    framed
+    msg
 }
 
 struct Forwarder {

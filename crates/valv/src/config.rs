@@ -12,6 +12,20 @@ pub struct Config {
     pub storage: StorageConfig,
     pub log: LogConfig,
     pub siem: SiemConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often new audit entries are folded into the tree and a checkpoint signed.
+    pub checkpoint_interval_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { checkpoint_interval_ms: 1000 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +190,13 @@ impl Config {
         }
         if let Some(v) = get("VALV_FAULT_AUDIT_APPENDS") {
             self.storage.fail_audit_appends = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = get("VALV_CHECKPOINT_INTERVAL_MS") {
+            self.audit.checkpoint_interval_ms = v
+                .parse()
+                .ok()
+                .filter(|ms| (10..=3_600_000).contains(ms))
+                .ok_or_else(|| format!("VALV_CHECKPOINT_INTERVAL_MS must be 10 to 3600000 milliseconds, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();

@@ -70,7 +70,8 @@ enum AuditAction {
         #[arg(long = "checkpoint")]
         checkpoints: Vec<PathBuf>,
     },
-    /// Print entries, decrypted, one per line: `{"index","leaf_hash","entry"}` (jsonl).
+    /// Print entries, decrypted, one per line: `{"index","leaf_hash","entry"}` (jsonl) or RFC 5424
+    /// syslog messages as SIEM forwarding sends them (syslog).
     Export {
         #[arg(long, default_value = "jsonl")]
         format: String,
@@ -232,7 +233,7 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let integrator = valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
-    valv_server::integrator::spawn(integrator, std::time::Duration::from_secs(1));
+    valv_server::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::siem::spawn(opened.app.clone(), siem)?;
     }
@@ -296,9 +297,10 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             if report.problems.is_empty() { Ok(()) } else { Err("the audit log does not verify".into()) }
         }
         AuditAction::Export { format, since } => {
-            if format != "jsonl" {
-                return Err(format!("export format '{format}' is not supported (jsonl)"));
+            if format != "jsonl" && format != "syslog" {
+                return Err(format!("export format '{format}' is not supported (jsonl, syslog)"));
             }
+            let (host, procid) = (valv_server::siem::hostname(), std::process::id());
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -310,10 +312,15 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 }
                 for row in rows {
                     let bytes = valv_server::audit::open_entry(&audit_key, &row).map_err(|e| format!("entry {index}: {e}"))?;
-                    let entry = String::from_utf8(bytes).map_err(|e| format!("entry {index}: {e}"))?;
-                    let leaf = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, row.leaf_hash);
                     use std::io::Write as _;
-                    writeln!(out, "{{\"index\":{index},\"leaf_hash\":\"{leaf}\",\"entry\":{entry}}}").map_err(|e| e.to_string())?;
+                    if format == "syslog" {
+                        out.write_all(&valv_server::siem::message(index, &row, &bytes, &host, procid)).map_err(|e| e.to_string())?;
+                        out.write_all(b"\n").map_err(|e| e.to_string())?;
+                    } else {
+                        let entry = String::from_utf8(bytes).map_err(|e| format!("entry {index}: {e}"))?;
+                        let leaf = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, row.leaf_hash);
+                        writeln!(out, "{{\"index\":{index},\"leaf_hash\":\"{leaf}\",\"entry\":{entry}}}").map_err(|e| e.to_string())?;
+                    }
                     index += 1;
                 }
             }

@@ -221,6 +221,11 @@ async fn proofs_verify_against_the_signed_checkpoint() {
     let proof = decode(&r.json["proof"]);
     let root2 = valv_audit::merkle::root(&leaves[..2]);
     valv_audit::merkle::verify_consistency(2, cp.size, &root2, &cp.root, &proof).expect("consistency verifies");
+    // The same entries as RFC 5424 messages, as SIEM forwarding sends them.
+    let syslog = crate::harness::run_ok(&s.data, &["audit", "export", "--format", "syslog"]);
+    let lines: Vec<&str> = syslog.lines().collect();
+    assert_eq!(lines.len(), s.audit_lines());
+    assert!(lines.iter().enumerate().all(|(i, l)| l.starts_with("<10") && l.contains(&format!("index=\"{i}\""))), "{syslog}");
     s.request("GET", "/audit/proof/inclusion?index=5&size=3", None, None, &[]).await.outcome(400);
     s.request("GET", "/audit/proof/inclusion?index=x", None, None, &[]).await.outcome(400);
 }
