@@ -139,13 +139,13 @@ mod tests {
         log.record(vec![event(2)]).await.expect("append");
         assert_eq!(store.audit_size().await.expect("size"), 3);
         let rows = store.audit_entries(0, 3).await.expect("rows");
-        for (i, row) in rows.iter().enumerate() {
+        for (i, (_, row)) in rows.iter().enumerate() {
             let bytes = open_entry(&key, row).expect("opens");
             assert_eq!(bytes, event(i as u64).canonical_bytes().expect("canonical"), "entry {i} in order");
             assert!(!row.sealed.windows(9).any(|w| w == b"patient-0"), "sealed at rest");
         }
-        let mut moved = rows[1].clone();
-        moved.leaf_hash = rows[0].leaf_hash;
+        let mut moved = rows[1].1.clone();
+        moved.leaf_hash = rows[0].1.leaf_hash;
         assert!(open_entry(&key, &moved).is_err(), "a body moved to another leaf does not open");
         let token = blind().token("AuditEvent", "patient", "patient-1");
         let mine = store.audit_entries_for(&token).await.expect("by patient");

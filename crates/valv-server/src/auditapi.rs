@@ -41,7 +41,7 @@ pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError>
     let touch = Touch { interaction: "audit-read", action: Action::Read, resource_type: "AuditEvent", id: Some(&id), version: None, patient: None, query: None };
     let reason = authorize(app, ctx, &touch).await?;
     let key = audit_key(app, ctx.now).await?;
-    let row = app.vault.store().audit_entries(index, index + 1).await?.pop();
+    let row = app.vault.store().audit_entries(index, index + 1).await?.pop().map(|(_, r)| r);
     let Some(row) = row else {
         return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("there is no audit entry {index}"))).await);
     };
@@ -171,15 +171,13 @@ async fn candidates(app: &App, patient: Option<&str>) -> Result<Vec<(u64, AuditR
         return Ok(store.audit_entries_for(&app.vault.audit_patient_token(p)).await?);
     }
     let size = store.audit_size().await?;
-    let mut out = Vec::with_capacity(size as usize);
+    let mut out = Vec::new();
     let mut from = 0;
     while from < size {
         let rows = store.audit_entries(from, size.min(from + CHUNK)).await?;
-        if rows.is_empty() {
-            break;
-        }
-        out.extend(rows.into_iter().enumerate().map(|(i, r)| (from + i as u64, r)));
-        from = out.len() as u64;
+        // Rows carry their own indices, so a hole left by a deleted row is skipped, not misnumbered.
+        from = size.min(from + CHUNK);
+        out.extend(rows);
     }
     Ok(out)
 }
@@ -231,6 +229,10 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
             Ok(v) => v,
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
         };
+        // The index is not authenticated: only entries that name this patient belong here.
+        if e.get("patient").and_then(Value::as_str) != Some(patient) {
+            continue;
+        }
         let mut parts = vec![
             json!({"name": "index", "valueString": index.to_string()}),
             json!({"name": "canonical", "valueString": String::from_utf8_lossy(&bytes)}),

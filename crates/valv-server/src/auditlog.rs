@@ -48,6 +48,8 @@ pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, 
     let size = store.audit_size().await?;
     report.entries = size;
     let mut frontier = Frontier::new();
+    // Event ids are random, so two equal leaf hashes mean an entry was copied.
+    let mut seen: std::collections::HashMap<Hash, u64> = std::collections::HashMap::new();
     let mut roots_at = std::collections::BTreeMap::new();
     let wanted_sizes: std::collections::BTreeSet<u64> = wanted.iter().map(|w| w.1).collect();
     if wanted_sizes.contains(&0) {
@@ -67,8 +69,14 @@ pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, 
                 break;
             }
         }
-        for row in rows {
+        for (stored_index, row) in rows {
             let index = frontier.size();
+            if stored_index != index {
+                report.problems.push(format!("entry {index} is missing: the next stored entry has index {stored_index}"));
+            }
+            if let Some(first) = seen.insert(row.leaf_hash, index) {
+                report.problems.push(format!("entry {index} duplicates entry {first} (a copied row)"));
+            }
             if open_entry(audit_key, &row).is_err() {
                 report.problems.push(format!("entry {index}: its sealed content does not open or does not match its leaf hash (edited)"));
             }
@@ -95,7 +103,8 @@ pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, 
 
 /// All leaf hashes of the first `size` entries.
 async fn leaves(store: &dyn Store, size: u64) -> Result<Vec<Hash>, StoreError> {
-    let mut out = Vec::with_capacity(size as usize);
+    // Not `with_capacity(size)`: a size read from a tampered table must not reserve memory.
+    let mut out = Vec::new();
     while (out.len() as u64) < size {
         let from = out.len() as u64;
         let chunk = store.audit_leaves(from, size.min(from + CHUNK)).await?;

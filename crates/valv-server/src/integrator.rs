@@ -36,7 +36,13 @@ impl Integrator {
         let mut it = Integrator { store, signer, frontier: Frontier::new() };
         let last = it.store.latest_checkpoint().await.map_err(|e| e.to_string())?;
         let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
-        if let Some(cp) = &last {
+        if let Some(stored) = &last {
+            // The columns beside the note are a convenience; only the signed note is trusted.
+            let cp = valv_audit::open_checkpoint(&stored.note, &it.signer.verifier())
+                .map_err(|e| format!("the last stored checkpoint (size {}) is not validly signed by this log's key: {e}", stored.size))?;
+            if cp.size != stored.size || cp.root != stored.root {
+                return Err(format!("the last stored checkpoint's columns (size {}) disagree with its signed note (size {})", stored.size, cp.size));
+            }
             if cp.size > size {
                 return Err(format!(
                     "the audit log holds {size} entries but its last signed checkpoint covers {}: it was truncated or rolled back",

@@ -245,8 +245,11 @@ impl Forwarder {
             }
         };
         let mut buf = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
+        for (i, (stored_index, row)) in rows.iter().enumerate() {
             let index = self.next + i as u64;
+            if *stored_index != index {
+                return Err(format!("audit entry {index} is missing; forwarding stops until the log is repaired (run valv audit verify)"));
+            }
             // A corrupt entry stops forwarding here (counted and retried) rather than being
             // skipped: the collector's sequence must not silently lose an entry.
             let entry = crate::audit::open_entry(&key, row).map_err(|e| format!("audit entry {index} does not open: {e}"))?;

@@ -144,13 +144,15 @@ pub trait Store: Send + Sync {
     /// Appends audit entries durably (fsync) in order; returns the leaf index of the first.
     /// There is no call that edits or removes entries.
     async fn append_audit(&self, rows: Vec<AuditRow>) -> Result<u64, StoreError>;
-    /// Entries with leaf index in `[from, to)`, in order.
-    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<AuditRow>, StoreError>;
+    /// Entries with leaf index in `[from, to)`, in order, each with its index (a gap left by a
+    /// deleted row shows as a skipped index; callers decide what that means).
+    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<(u64, AuditRow)>, StoreError>;
     /// The size of the log: one more than the highest leaf index (0 when empty).
     async fn audit_size(&self) -> Result<u64, StoreError>;
     /// The leaf indices and rows of every entry carrying this patient token, in order.
     async fn audit_entries_for(&self, patient_token: &Token) -> Result<Vec<(u64, AuditRow)>, StoreError>;
-    /// Leaf hashes with index in `[from, to)`, in order.
+    /// Leaf hashes with index in `[from, to)`, in order; an error if any index in the range is
+    /// missing (so a tree is never built over a log with a hole in it).
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;
     /// Records a signed checkpoint (durably); sizes only grow.
     async fn save_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError>;

@@ -418,11 +418,11 @@ impl Store for SqliteStore {
         self.submit(Work::Audit(rows)).await
     }
 
-    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<crate::AuditRow>, StoreError> {
+    async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
             let rows = stmt.query_map(params![from, to], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
-            Ok(rows.into_iter().map(|(_, row)| row).collect())
+            Ok(rows)
         })
     }
 
@@ -436,15 +436,18 @@ impl Store for SqliteStore {
 
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT leaf_hash FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
             let rows = stmt
-                .query_map(params![from, to], |r| {
-                    let h: Vec<u8> = r.get(0)?;
-                    Ok(h)
-                })?
+                .query_map(params![from, to], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, Vec<u8>>(1)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             rows.into_iter()
-                .map(|h| <[u8; 32]>::try_from(h.as_slice()).map_err(|_| StoreError::Integrity("an audit leaf hash is not 32 bytes".into())))
+                .enumerate()
+                .map(|(i, (idx, h))| {
+                    if idx != from + i as u64 {
+                        return Err(StoreError::Integrity(format!("audit entry {} is missing", from + i as u64)));
+                    }
+                    <[u8; 32]>::try_from(h.as_slice()).map_err(|_| StoreError::Integrity(format!("audit leaf hash {idx} is not 32 bytes")))
+                })
                 .collect()
         })
     }

@@ -163,6 +163,9 @@ impl Config {
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
         cfg.apply_env(|k| std::env::var(k).ok())?;
+        if !(10..=3_600_000).contains(&cfg.audit.checkpoint_interval_ms) {
+            return Err(format!("audit.checkpoint_interval_ms must be 10 to 3600000, got {}", cfg.audit.checkpoint_interval_ms));
+        }
         Ok(cfg)
     }
 

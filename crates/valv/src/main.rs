@@ -310,7 +310,10 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 if rows.is_empty() {
                     return Err(format!("audit entries from {index} are missing; run 'valv audit verify'"));
                 }
-                for row in rows {
+                for (stored_index, row) in rows {
+                    if stored_index != index {
+                        return Err(format!("audit entry {index} is missing; run 'valv audit verify'"));
+                    }
                     let bytes = valv_server::audit::open_entry(&audit_key, &row).map_err(|e| format!("entry {index}: {e}"))?;
                     use std::io::Write as _;
                     if format == "syslog" {

@@ -167,7 +167,8 @@ async fn verify_detects_edit_delete_swap_insert_and_rollback() {
     assert!(ok, "an untouched log verifies: {out}");
     assert!(out.contains("the log verifies"), "{out}");
 
-    let scenarios: [(&str, &str, &str); 5] = [
+    let scenarios: [(&str, &str, &str); 6] = [
+        ("duplicate", "INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT (SELECT max(idx) + 1 FROM audit_entries), leaf_hash, sealed FROM audit_entries WHERE idx = 2", "duplicates entry 2"),
         ("edit", "UPDATE audit_entries SET sealed = zeroblob(length(sealed)) WHERE idx = 3", "entry 3"),
         ("edit leaf", "UPDATE audit_entries SET leaf_hash = (SELECT leaf_hash FROM audit_entries WHERE idx = 0) WHERE idx = 3", "no longer hash"),
         ("delete", "DELETE FROM audit_entries WHERE idx = 4", "missing"),
@@ -227,6 +228,15 @@ async fn proofs_verify_against_the_signed_checkpoint() {
     assert_eq!(lines.len(), s.audit_lines());
     assert!(lines.iter().enumerate().all(|(i, l)| l.starts_with("<10") && l.contains(&format!("index=\"{i}\""))), "{syslog}");
     s.request("GET", "/audit/proof/inclusion?index=5&size=3", None, None, &[]).await.outcome(400);
+    // A row planted far beyond the end: proofs refuse the hole instead of reserving memory for it.
+    let far: u64 = 1 << 40;
+    rusqlite::Connection::open(s.data.join("valv.db"))
+        .expect("db")
+        .execute("INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT ?1, leaf_hash, sealed FROM audit_entries WHERE idx = 0", [far as i64])
+        .expect("plant");
+    let r = s.request("GET", &format!("/audit/proof/inclusion?index=0&size={}", far + 1), None, None, &[]).await;
+    assert!(r.status >= 400, "{}", r.text);
+    assert_eq!(s.request("GET", "/healthz", None, None, &[]).await.status, 200, "the server is still up");
     s.request("GET", "/audit/proof/inclusion?index=x", None, None, &[]).await.outcome(400);
 }
 
