@@ -44,7 +44,17 @@ fn resource_entry(t: &str) -> Value {
 /// The CapabilityStatement. `date` is the server's start time (an R4 dateTime), `base` the
 /// FHIR base URL.
 pub fn capability_statement(software_version: &str, date: &str, base: &str) -> Value {
-    let resources: Vec<Value> = crate::r4::resource_types().iter().copied().filter(|t| is_storable(t)).map(resource_entry).collect();
+    let mut resources: Vec<Value> = crate::r4::resource_types().iter().copied().filter(|t| is_storable(t)).map(resource_entry).collect();
+    // AuditEvents come from the audit log: searchable by auditors, never written through the API.
+    let audit_params: Vec<Value> = [("patient", "reference"), ("agent", "token"), ("date", "date"), ("outcome", "token"), ("action", "token")]
+        .iter()
+        .map(|(name, kind)| json!({"name": name, "type": kind}))
+        .collect();
+    resources.push(json!({"type": "AuditEvent", "interaction": [{"code": "search-type"}], "searchParam": audit_params}));
+    if let Some(patient) = resources.iter_mut().find(|r| r["type"] == "Patient") {
+        patient["operation"] = json!([{"name": "access-log", "definition": "urn:valv:operation:access-log",
+            "documentation": "Who accessed this patient's record, each entry with its inclusion proof, the signed checkpoint and the log key"}]);
+    }
     json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -81,6 +91,8 @@ mod tests {
         for n in ["_id", "patient", "code", "date", "status"] {
             assert!(names.contains(&n), "{n}");
         }
-        assert!(!cs["rest"][0]["resource"].as_array().is_some_and(|r| r.iter().any(|e| e["type"] == "AuditEvent")));
+        let audit = cs["rest"][0]["resource"].as_array().and_then(|r| r.iter().find(|e| e["type"] == "AuditEvent")).cloned().expect("AuditEvent listed");
+        assert_eq!(audit["interaction"], serde_json::json!([{"code": "search-type"}]), "search only, never written");
+        crate::r4::validate(&cs).expect("the CapabilityStatement is valid R4");
     }
 }
