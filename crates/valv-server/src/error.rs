@@ -65,7 +65,6 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} is not known")),
-            StoreError::Gone(what) => ApiError::new(StatusCode::GONE, "deleted", format!("{what} has been deleted")),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::PreconditionFailed(m) => ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", m),
             StoreError::NotAllowed(m) => ApiError::method_not_allowed(m),

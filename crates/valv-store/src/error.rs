@@ -4,8 +4,6 @@
 pub enum StoreError {
     #[error("{0} not found")]
     NotFound(String),
-    #[error("{0} has been deleted")]
-    Gone(String),
     /// A concurrent writer changed the resource, or it exists already.
     #[error("version conflict: {0}")]
     Conflict(String),

@@ -178,13 +178,6 @@ impl Vault {
         })
     }
 
-    /// The current version (a deletion comes back with `deleted` set and no body).
-    pub async fn read(&self, resource_type: &str, id: &str, now: i64) -> Result<Option<Resource>, StoreError> {
-        match self.store.read_current(resource_type, id).await? {
-            Some(v) => Ok(Some(self.open_version(v, now).await?)),
-            None => Ok(None),
-        }
-    }
 
     /// Versions newest first (of one resource, or of a type) and the total count.
     pub async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize, now: i64)
