@@ -16,7 +16,7 @@ pub mod keys;
 pub mod mac;
 pub mod provider;
 
-pub use aead::{open, seal, Aad};
+pub use aead::{open, seal, Aad, BulkOpener, Cipher, OpenInPlace};
 pub use blind::BlindIndexKey;
 pub use error::CryptoError;
 pub use keys::{DataKey, WrappedKey};

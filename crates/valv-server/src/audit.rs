@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use valv_crypto::{Aad, DataKey};
+use valv_crypto::{Aad, Cipher, DataKey};
 use valv_store::{AuditRow, Store};
 
 pub use valv_audit::{AuditEvent, Outcome};
@@ -28,7 +28,7 @@ pub trait AuditSink: Send + Sync {
 
 pub struct StoreAuditLog {
     store: Arc<dyn Store>,
-    key: DataKey,
+    cipher: Cipher,
     /// The blind-index key: entries carry their patient's token for the access-log index.
     blind: valv_crypto::BlindIndexKey,
     /// Fault injection for tests of the fail-closed path: every append fails.
@@ -37,13 +37,13 @@ pub struct StoreAuditLog {
     last_failure: AtomicI64,
 }
 
-fn aad_id(leaf: &[u8; 32]) -> String {
-    valv_crypto::hex::encode(leaf)
+fn aad_id(leaf: &[u8; 32]) -> valv_crypto::hex::Hex32 {
+    valv_crypto::hex::encode_32(leaf)
 }
 
 impl StoreAuditLog {
     pub fn new(store: Arc<dyn Store>, key: DataKey, blind: valv_crypto::BlindIndexKey, fail_appends: bool) -> Self {
-        StoreAuditLog { store, key, blind, fail_appends, last_failure: AtomicI64::new(0) }
+        StoreAuditLog { store, cipher: Cipher::new(&key), blind, fail_appends, last_failure: AtomicI64::new(0) }
     }
 
     fn seal(&self, event: &AuditEvent) -> Result<AuditRow, AuditError> {
@@ -51,9 +51,9 @@ impl StoreAuditLog {
         let mut nonce = [0u8; 12];
         getrandom::fill(&mut nonce).map_err(|e| AuditError(format!("no randomness: {e}")))?;
         let id = aad_id(&leaf_hash);
-        let aad = Aad { purpose: "audit", resource_type: "", id: &id, version: 0, patient: "" };
+        let aad = Aad { purpose: "audit", resource_type: "", id: id.as_str(), version: 0, patient: "" };
         let patient_token = event.patient.as_deref().map(|p| self.blind.token("AuditEvent", "patient", p));
-        Ok(AuditRow { leaf_hash, sealed: valv_crypto::seal(&self.key, nonce, &aad, &bytes), patient_token })
+        Ok(AuditRow { leaf_hash, sealed: self.cipher.seal(nonce, &aad, &bytes), patient_token })
     }
 
     fn note_failure(&self) {
@@ -88,11 +88,17 @@ impl AuditSink for StoreAuditLog {
 }
 
 /// Opens a stored entry: its canonical JSON bytes, checked against the leaf hash it is bound to.
-pub fn open_entry(key: &DataKey, row: &AuditRow) -> Result<Vec<u8>, AuditError> {
-    let id = aad_id(&row.leaf_hash);
-    let aad = Aad { purpose: "audit", resource_type: "", id: &id, version: 0, patient: "" };
-    let bytes = valv_crypto::open(key, &aad, &row.sealed).map_err(|e| AuditError(e.to_string()))?;
-    if valv_audit::merkle::leaf_hash(&bytes) != row.leaf_hash {
+pub fn open_entry(cipher: &Cipher, row: &AuditRow) -> Result<Vec<u8>, AuditError> {
+    let mut sealed = row.sealed.clone();
+    Ok(open_entry_in_place(cipher, &row.leaf_hash, &mut sealed)?.to_vec())
+}
+
+/// [`open_entry`] without copying: the entry is opened inside its sealed bytes.
+pub fn open_entry_in_place<'a>(cipher: &impl valv_crypto::OpenInPlace, leaf_hash: &[u8; 32], sealed: &'a mut [u8]) -> Result<&'a [u8], AuditError> {
+    let id = aad_id(leaf_hash);
+    let aad = Aad { purpose: "audit", resource_type: "", id: id.as_str(), version: 0, patient: "" };
+    let bytes = cipher.open_in_place(&aad, sealed).map_err(|e| AuditError(e.to_string()))?;
+    if valv_audit::merkle::leaf_hash(bytes) != *leaf_hash {
         return Err(AuditError("entry does not match its leaf hash".into()));
     }
     Ok(bytes)
@@ -140,13 +146,13 @@ mod tests {
         assert_eq!(store.audit_size().await.expect("size"), 3);
         let rows = store.audit_entries(0, 3).await.expect("rows");
         for (i, (_, row)) in rows.iter().enumerate() {
-            let bytes = open_entry(&key, row).expect("opens");
+            let bytes = open_entry(&Cipher::new(&key), row).expect("opens");
             assert_eq!(bytes, event(i as u64).canonical_bytes().expect("canonical"), "entry {i} in order");
             assert!(!row.sealed.windows(9).any(|w| w == b"patient-0"), "sealed at rest");
         }
         let mut moved = rows[1].1.clone();
         moved.leaf_hash = rows[0].1.leaf_hash;
-        assert!(open_entry(&key, &moved).is_err(), "a body moved to another leaf does not open");
+        assert!(open_entry(&Cipher::new(&key), &moved).is_err(), "a body moved to another leaf does not open");
         let token = blind().token("AuditEvent", "patient", "patient-1");
         let mine = store.audit_entries_for(&token).await.expect("by patient");
         assert_eq!(mine.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "the patient index finds exactly their entry");

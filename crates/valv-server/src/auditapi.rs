@@ -24,13 +24,13 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn audit_key(app: &App, now: i64) -> Result<valv_crypto::DataKey, ApiError> {
-    Ok(app.vault.named_key("audit", now).await?)
+async fn audit_cipher(app: &App, now: i64) -> Result<valv_crypto::Cipher, ApiError> {
+    Ok(valv_crypto::Cipher::new(&app.vault.named_key("audit", now).await?))
 }
 
 /// Opens a stored entry into its canonical bytes and parsed JSON.
-fn open(key: &valv_crypto::DataKey, index: u64, row: &AuditRow) -> Result<(Vec<u8>, Value), ApiError> {
-    let bytes = open_entry(key, row).map_err(|e| ApiError::internal(format!("audit entry {index} failed its integrity check: {e}")))?;
+fn open(cipher: &valv_crypto::Cipher, index: u64, row: &AuditRow) -> Result<(Vec<u8>, Value), ApiError> {
+    let bytes = open_entry(cipher, row).map_err(|e| ApiError::internal(format!("audit entry {index} failed its integrity check: {e}")))?;
     let value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("audit entry {index} is unreadable: {e}")))?;
     Ok((bytes, value))
 }
@@ -40,12 +40,12 @@ pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError>
     let id = index.to_string();
     let touch = Touch { interaction: "audit-read", action: Action::Read, resource_type: "AuditEvent", id: Some(&id), version: None, patient: None, query: None };
     let reason = authorize(app, ctx, &touch).await?;
-    let key = audit_key(app, ctx.now).await?;
+    let cipher = audit_cipher(app, ctx.now).await?;
     let row = app.vault.store().audit_entries(index, index + 1).await?.pop().map(|(_, r)| r);
     let Some(row) = row else {
         return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("there is no audit entry {index}"))).await);
     };
-    let (bytes, _) = match open(&key, index, &row) {
+    let (bytes, _) = match open(&cipher, index, &row) {
         Ok(v) => v,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
@@ -190,10 +190,10 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
     let reason = authorize(app, ctx, &touch).await?;
-    let key = audit_key(app, ctx.now).await?;
+    let cipher = audit_cipher(app, ctx.now).await?;
     let mut matched = Vec::new();
     for (index, row) in candidates(app, filters.patient.as_deref()).await? {
-        let (_, e) = match open(&key, index, &row) {
+        let (_, e) = match open(&cipher, index, &row) {
             Ok(v) => v,
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
         };
@@ -219,13 +219,13 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
     crate::fhir::check_id(patient)?;
     let touch = Touch { interaction: "access-log", action: Action::Read, resource_type: "AuditEvent", id: None, version: None, patient: Some(patient), query: None };
     let reason = authorize(app, ctx, &touch).await?;
-    let key = audit_key(app, ctx.now).await?;
+    let cipher = audit_cipher(app, ctx.now).await?;
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
     let leaves = if checkpoint.size > 0 { store.audit_leaves(0, checkpoint.size).await? } else { Vec::new() };
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": app.audit_vkey})];
     for (index, row) in candidates(app, Some(patient)).await? {
-        let (bytes, e) = match open(&key, index, &row) {
+        let (bytes, e) = match open(&cipher, index, &row) {
             Ok(v) => v,
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
         };

@@ -4,9 +4,11 @@
 //! Proofs are computed from the stored leaf hashes (one pass over the first `size` leaves per
 //! proof); they reveal hashes only, so they are public like the checkpoints they verify against.
 
-use crate::audit::open_entry;
+use crate::audit::open_entry_in_place;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use valv_audit::{merkle, open_checkpoint, Frontier, Hash, Verifier};
-use valv_crypto::DataKey;
+use valv_crypto::{BulkOpener, DataKey};
 use valv_store::{Store, StoreError, StoredCheckpoint};
 
 const CHUNK: u64 = 10_000;
@@ -29,7 +31,11 @@ pub struct Claim {
 /// Recomputes the tree from every stored entry — each opened with the audit key and checked
 /// against its leaf hash — then checks every stored checkpoint and every given one: signature by
 /// this log's key, size within the log, root equal to the recomputed root at that size.
-pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, external: &[Claim]) -> Result<Report, StoreError> {
+///
+/// Reading and opening entries is the costly part, so chunks are read and opened by concurrent
+/// tasks (a bounded window of them, on every core) while this task folds the results into the
+/// tree in log order.
+pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verifier, external: &[Claim]) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let stored = store.checkpoints().await?;
     let mut claims: Vec<(String, String)> = stored.iter().map(|c| (format!("stored checkpoint of size {}", c.size), c.note.clone())).collect();
@@ -47,50 +53,31 @@ pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, 
     }
     let size = store.audit_size().await?;
     report.entries = size;
-    let mut frontier = Frontier::new();
-    // Event ids are random, so two equal leaf hashes mean an entry was copied.
-    let mut seen: std::collections::HashMap<Hash, u64> = std::collections::HashMap::new();
-    let mut roots_at = std::collections::BTreeMap::new();
-    let wanted_sizes: std::collections::BTreeSet<u64> = wanted.iter().map(|w| w.1).collect();
-    if wanted_sizes.contains(&0) {
-        roots_at.insert(0, frontier.root());
-    }
-    while frontier.size() < size {
-        let from = frontier.size();
-        let to = size.min(from + CHUNK);
-        let rows = store.audit_entries(from, to).await?;
-        if rows.len() as u64 != to - from {
-            report.problems.push(format!(
-                "entries are missing: indices {from}..{to} should hold {} entries but hold {} (deleted rows or altered indices)",
-                to - from,
-                rows.len()
-            ));
-            if rows.is_empty() {
-                break;
-            }
+    let mut rebuild = Rebuild::new(wanted.iter().map(|w| w.1).collect());
+    let opener = Arc::new(BulkOpener::new(audit_key).map_err(|e| StoreError::Backend(format!("audit key: {e}")))?);
+    let window = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut inflight = std::collections::VecDeque::new();
+    let mut from = 0;
+    while from < size || !inflight.is_empty() {
+        if from < size && inflight.len() < window {
+            let to = size.min(from + CHUNK);
+            inflight.push_back(tokio::spawn(check_chunk(store.clone(), opener.clone(), from, to)));
+            from = to;
+            continue;
         }
-        for (stored_index, row) in rows {
-            let index = frontier.size();
-            if stored_index != index {
-                report.problems.push(format!("entry {index} is missing: the next stored entry has index {stored_index}"));
-            }
-            if let Some(first) = seen.insert(row.leaf_hash, index) {
-                report.problems.push(format!("entry {index} duplicates entry {first} (a copied row)"));
-            }
-            if open_entry(audit_key, &row).is_err() {
-                report.problems.push(format!("entry {index}: its sealed content does not open or does not match its leaf hash (edited)"));
-            }
-            frontier.push(row.leaf_hash);
-            if wanted_sizes.contains(&frontier.size()) {
-                roots_at.insert(frontier.size(), frontier.root());
-            }
+        if let Some(next) = inflight.pop_front() {
+            let checked = next.await.map_err(|e| StoreError::Backend(format!("entry check stopped: {e}")))??;
+            rebuild.take(&checked, &mut report.problems);
         }
     }
+    for (first, copy) in rebuild.copies(&**store).await? {
+        report.problems.push(format!("entry {copy} duplicates entry {first} (a copied row)"));
+    }
+    let frontier_size = rebuild.frontier.size();
     for (source, cp_size, cp_root) in wanted {
-        match roots_at.get(&cp_size) {
+        match rebuild.roots_at.get(&cp_size) {
             None => report.problems.push(format!(
-                "{source}: covers {cp_size} entries but the log holds {}: entries were deleted or the database was rolled back",
-                frontier.size()
+                "{source}: covers {cp_size} entries but the log holds {frontier_size}: entries were deleted or the database was rolled back"
             )),
             Some(root) if *root != cp_root => report.problems.push(format!(
                 "{source}: the first {cp_size} entries no longer hash to its root: an entry before index {cp_size} was edited, deleted, inserted or reordered"
@@ -99,6 +86,85 @@ pub async fn verify(store: &dyn Store, audit_key: &DataKey, log_key: &Verifier, 
         }
     }
     Ok(report)
+}
+
+/// One chunk of stored entries, read and opened: (stored index, leaf hash, whether it opened
+/// and matched its leaf hash) per row.
+async fn check_chunk(store: Arc<dyn Store>, opener: Arc<BulkOpener>, from: u64, to: u64) -> Result<Vec<(u64, Hash, bool)>, StoreError> {
+    let rows = store.audit_entries(from, to).await?;
+    Ok(rows.into_iter().map(|(index, mut row)| (index, row.leaf_hash, open_entry_in_place(&*opener, &row.leaf_hash, &mut row.sealed).is_ok())).collect())
+}
+
+/// The tree rebuilt entry by entry, noting holes, copies and edits, and the roots at the sizes
+/// some checkpoint claims.
+struct Rebuild {
+    frontier: Frontier,
+    /// (first 8 bytes of the leaf hash, stored index) of every entry. Event ids are random, so two equal
+    /// leaf hashes mean an entry was copied; sorting these finds them without a hash map.
+    prefixes: Vec<(u64, u64)>,
+    wanted_sizes: BTreeSet<u64>,
+    roots_at: BTreeMap<u64, Hash>,
+    /// The stored index the next row should carry.
+    expected: u64,
+}
+
+impl Rebuild {
+    fn new(wanted_sizes: BTreeSet<u64>) -> Self {
+        let frontier = Frontier::new();
+        let mut roots_at = BTreeMap::new();
+        if wanted_sizes.contains(&0) {
+            roots_at.insert(0, frontier.root());
+        }
+        Rebuild { frontier, prefixes: Vec::new(), wanted_sizes, roots_at, expected: 0 }
+    }
+
+    fn take(&mut self, rows: &[(u64, Hash, bool)], problems: &mut Vec<String>) {
+        for &(stored_index, leaf_hash, opened) in rows {
+            let index = self.frontier.size();
+            if stored_index != self.expected {
+                problems.push(format!(
+                    "entries are missing before index {index}: the next stored entry has index {stored_index}, expected {} (deleted rows or altered indices)",
+                    self.expected
+                ));
+            }
+            self.expected = stored_index + 1;
+            self.prefixes.push((prefix(&leaf_hash), stored_index));
+            if !opened {
+                problems.push(format!("entry {index}: its sealed content does not open or does not match its leaf hash (edited)"));
+            }
+            self.frontier.push(leaf_hash);
+            if self.wanted_sizes.contains(&self.frontier.size()) {
+                self.roots_at.insert(self.frontier.size(), self.frontier.root());
+            }
+        }
+    }
+
+    /// (first stored index, later stored index) of every pair of entries with the same leaf hash,
+    /// in order of the later one. Entries whose hashes share only their first 8 bytes are told apart by
+    /// reading their full hashes back.
+    async fn copies(&mut self, store: &dyn Store) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.prefixes.sort_unstable();
+        let mut copies = Vec::new();
+        for group in self.prefixes.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+            let mut firsts: Vec<(Hash, u64)> = Vec::new();
+            for &(_, index) in group {
+                let leaf = store.audit_leaves(index, index + 1).await?.into_iter().next();
+                match (leaf, firsts.iter().find(|(h, _)| Some(*h) == leaf)) {
+                    (Some(_), Some(&(_, first))) => copies.push((first, index)),
+                    (Some(h), None) => firsts.push((h, index)),
+                    (None, _) => {}
+                }
+            }
+        }
+        copies.sort_by_key(|c| c.1);
+        Ok(copies)
+    }
+}
+
+fn prefix(hash: &Hash) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(b)
 }
 
 /// All leaf hashes of the first `size` entries.

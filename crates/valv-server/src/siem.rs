@@ -87,7 +87,7 @@ pub fn spawn(app: Arc<App>, settings: Settings) -> Result<tokio::task::JoinHandl
         conn: None,
         next,
         position_saved: true,
-        key: None,
+        cipher: None,
     };
     tracing::info!(collector = %settings.address, from_index = next, "forwarding audit entries to the SIEM collector");
     Ok(tokio::spawn(forwarder.run()))
@@ -182,7 +182,7 @@ struct Forwarder {
     next: u64,
     /// Whether `next` is on disk (a failed position write is retried before the next batch).
     position_saved: bool,
-    key: Option<valv_crypto::DataKey>,
+    cipher: Option<valv_crypto::Cipher>,
 }
 
 /// What one step achieved.
@@ -236,12 +236,13 @@ impl Forwarder {
         if rows.is_empty() {
             return Err(format!("audit entries from {} are missing", self.next));
         }
-        let key = match &self.key {
-            Some(k) => k.clone(),
+        let cipher = match &self.cipher {
+            Some(c) => c.clone(),
             None => {
                 let k = self.app.vault.named_key("audit", crate::now_ms()).await.map_err(|e| format!("loading the audit key: {e}"))?;
-                self.key = Some(k.clone());
-                k
+                let c = valv_crypto::Cipher::new(&k);
+                self.cipher = Some(c.clone());
+                c
             }
         };
         let mut buf = Vec::new();
@@ -252,7 +253,7 @@ impl Forwarder {
             }
             // A corrupt entry stops forwarding here (counted and retried) rather than being
             // skipped: the collector's sequence must not silently lose an entry.
-            let entry = crate::audit::open_entry(&key, row).map_err(|e| format!("audit entry {index} does not open: {e}"))?;
+            let entry = crate::audit::open_entry(&cipher, row).map_err(|e| format!("audit entry {index} does not open: {e}"))?;
             buf.extend_from_slice(&frame(index, row, &entry, &self.header_host, self.procid));
         }
         let conn = self.connection().await?;

@@ -282,7 +282,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 .collect::<Result<Vec<_>, _>>()?;
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
             let verifier = valv_audit::Verifier::from_vkey(&opened.app.audit_vkey).map_err(|e| e.to_string())?;
-            let report = valv_server::auditlog::verify(&**store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            let report = valv_server::auditlog::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
             for p in &report.problems {
                 println!("PROBLEM {p}");
             }
@@ -302,6 +302,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             }
             let (host, procid) = (valv_server::siem::hostname(), std::process::id());
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
+            let cipher = valv_crypto::Cipher::new(&audit_key);
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut index = since;
@@ -314,7 +315,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                     if stored_index != index {
                         return Err(format!("audit entry {index} is missing; run 'valv audit verify'"));
                     }
-                    let bytes = valv_server::audit::open_entry(&audit_key, &row).map_err(|e| format!("entry {index}: {e}"))?;
+                    let bytes = valv_server::audit::open_entry(&cipher, &row).map_err(|e| format!("entry {index}: {e}"))?;
                     use std::io::Write as _;
                     if format == "syslog" {
                         out.write_all(&valv_server::siem::message(index, &row, &bytes, &host, procid)).map_err(|e| e.to_string())?;
