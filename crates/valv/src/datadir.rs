@@ -10,7 +10,7 @@ use std::sync::Arc;
 use valv_crypto::LocalKeyProvider;
 use valv_server::audit::StoreAuditLog;
 use valv_server::App;
-use valv_store::sqlite::SqliteStore;
+use valv_store::sqlite::{Access, SqliteStore};
 use valv_store::vault::{random_bytes, Vault};
 use valv_store::Store;
 
@@ -108,6 +108,11 @@ fn read_key_file(path: &Path) -> Result<LocalKeyProvider, String> {
 
 /// Opens an initialised data directory into an [`App`] (storage, keys, audit log).
 pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
+    open_for(dir, listen, Access::Serve).await
+}
+
+/// [`open`] for a given use of the database (see [`Access`]).
+pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Result<Opened, String> {
     let mut cfg = Config::load(dir)?;
     if let Some(addr) = listen {
         cfg.server.listen = addr.to_string();
@@ -121,7 +126,7 @@ pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     if !db.exists() {
         write_secret(&db, b"")?;
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).map_err(|e| e.to_string())?);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_for(&db, access).map_err(|e| e.to_string())?);
     let now = valv_server::now_ms();
     let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;

@@ -268,7 +268,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
     if !datadir::is_initialised(dir) {
         return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
     }
-    let opened = datadir::open(dir, None).await?;
+    let opened = datadir::open_for(dir, None, valv_store::sqlite::Access::Scan).await?;
     let store = opened.app.vault.store();
     match action {
         AuditAction::Verify { checkpoints } => {
