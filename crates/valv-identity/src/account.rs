@@ -91,8 +91,8 @@ mod tests {
     fn roles() {
         assert!(check_roles(&["physician".into()]).is_ok());
         assert!(check_roles(&[]).is_err());
-        assert!(check_roles(&["root".into()]).unwrap_err().contains("not a role"));
-        assert!(check_roles(&["nurse".into(), "nurse".into()]).unwrap_err().contains("twice"));
+        assert!(check_roles(&["root".into()]).expect_err("unknown role").contains("not a role"));
+        assert!(check_roles(&["nurse".into(), "nurse".into()]).expect_err("repeated role").contains("twice"));
     }
 
     #[test]
