@@ -114,6 +114,29 @@ pub struct StoredCheckpoint {
     pub note: String,
 }
 
+/// A user account as the backend holds it: sealed (the server decides its content), found by a
+/// blind token of the user name or by the hash of a pending enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    pub id: String,
+    pub username_token: Token,
+    /// Grows by one with every update; updates name the version they replace.
+    pub version: u64,
+    pub sealed: Vec<u8>,
+    pub enrollment_hash: Option<[u8; 32]>,
+}
+
+/// A login session: only the hash of its bearer token is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRow {
+    pub token_hash: [u8; 32],
+    pub user_id: String,
+    pub created: i64,
+    pub last_seen: i64,
+    /// MAC over token hash, user id and creation time (rows forged in the database are refused).
+    pub mac: Vec<u8>,
+}
+
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -141,6 +164,22 @@ pub trait Store: Send + Sync {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Marks a key revoked (with the record's new MAC); false if no active key has that id.
     async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError>;
+    /// Adds a user; a conflict if the id or user name token exists.
+    async fn insert_user(&self, user: &UserRow) -> Result<(), StoreError>;
+    /// Replaces a user whose stored version is `user.version - 1`; a conflict otherwise.
+    async fn update_user(&self, user: &UserRow) -> Result<(), StoreError>;
+    async fn user(&self, id: &str) -> Result<Option<UserRow>, StoreError>;
+    async fn user_by_name(&self, username_token: &Token) -> Result<Option<UserRow>, StoreError>;
+    async fn user_by_enrollment(&self, hash: &[u8; 32]) -> Result<Option<UserRow>, StoreError>;
+    async fn users(&self) -> Result<Vec<UserRow>, StoreError>;
+    async fn insert_session(&self, session: &SessionRow) -> Result<(), StoreError>;
+    async fn session(&self, token_hash: &[u8; 32]) -> Result<Option<SessionRow>, StoreError>;
+    /// Records activity on a session (idle timeout).
+    async fn touch_session(&self, token_hash: &[u8; 32], last_seen: i64) -> Result<(), StoreError>;
+    /// Ends one session; false if there was none.
+    async fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Ends every session of a user; returns how many there were.
+    async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError>;
     /// Appends audit entries durably (fsync) in order; returns the leaf index of the first.
     /// There is no call that edits or removes entries.
     async fn append_audit(&self, rows: Vec<AuditRow>) -> Result<u64, StoreError>;

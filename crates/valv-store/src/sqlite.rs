@@ -3,7 +3,7 @@
 //! request in its own savepoint so one conflict fails only its own request), and a small pool of
 //! reader connections.
 
-use crate::{ApiKeyRecord, Expect, Filter, Located, Order, Store, StoreError, StoredVersion, Write, WrappedKey};
+use crate::{ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
 use async_trait::async_trait;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use std::path::Path;
@@ -79,6 +79,25 @@ CREATE TABLE audit_checkpoints (
 -- A patient's access log without decrypting everyone's: the blind-index token of the entry's patient.
 ALTER TABLE audit_entries ADD COLUMN patient_token BLOB;
 CREATE INDEX audit_entries_patient ON audit_entries (patient_token) WHERE patient_token IS NOT NULL;
+"#, r#"
+-- People and service users. The record is sealed (name, roles, password hash, TOTP secret…);
+-- the user name is only a blind token.
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    username_token BLOB NOT NULL UNIQUE,
+    version INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    enrollment_hash BLOB UNIQUE
+);
+-- Login sessions: the SHA-256 of the bearer token, never the token.
+CREATE TABLE sessions (
+    token_hash BLOB PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users (id),
+    created INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    mac BLOB NOT NULL
+);
+CREATE INDEX sessions_user ON sessions (user_id);
 "#];
 
 const READERS: usize = 4;
@@ -319,6 +338,19 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
 
 /// (leaf index, row). A leaf hash or token of the wrong length (only by tampering) is carried
 /// through zero-filled or dropped, so verification reports it instead of the read failing.
+const USER_COLUMNS: &str = "SELECT id, username_token, version, sealed, enrollment_hash FROM users";
+
+fn row_to_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        id: r.get(0)?,
+        // A token of the wrong length reads as zeros, which no user name blinds to.
+        username_token: <crate::Token>::try_from(r.get_ref(1)?.as_blob()?).unwrap_or_default(),
+        version: r.get(2)?,
+        sealed: r.get(3)?,
+        enrollment_hash: r.get_ref(4)?.as_blob_or_null()?.and_then(|h| <[u8; 32]>::try_from(h).ok()),
+    })
+}
+
 fn row_to_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, crate::AuditRow)> {
     // Borrowed, not copied: verification reads millions of rows. A hash of the wrong length
     // reads as zeros, which no entry hashes to, so verification reports the row.
@@ -579,6 +611,101 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn insert_user(&self, u: &UserRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.execute(
+                "INSERT INTO users (id, username_token, version, sealed, enrollment_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![u.id, &u.username_token[..], u.version, u.sealed, u.enrollment_hash.as_ref().map(|h| &h[..])],
+            )
+            .map_err(|e| match e {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::Conflict("a user with that name exists already".into())
+                }
+                other => other.into(),
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn update_user(&self, u: &UserRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let n = c.execute(
+                "UPDATE users SET version = ?1, sealed = ?2, enrollment_hash = ?3 WHERE id = ?4 AND version = ?5",
+                params![u.version, u.sealed, u.enrollment_hash.as_ref().map(|h| &h[..]), u.id, u.version.saturating_sub(1)],
+            )?;
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!("user {} was changed concurrently", u.id)))
+            }
+        })
+    }
+
+    async fn user(&self, id: &str) -> Result<Option<UserRow>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached(&format!("{USER_COLUMNS} WHERE id = ?1"))?.query_row(params![id], row_to_user).optional()?))
+    }
+
+    async fn user_by_name(&self, token: &crate::Token) -> Result<Option<UserRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!("{USER_COLUMNS} WHERE username_token = ?1"))?.query_row(params![&token[..]], row_to_user).optional()?)
+        })
+    }
+
+    async fn user_by_enrollment(&self, hash: &[u8; 32]) -> Result<Option<UserRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!("{USER_COLUMNS} WHERE enrollment_hash = ?1"))?.query_row(params![&hash[..]], row_to_user).optional()?)
+        })
+    }
+
+    async fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!("{USER_COLUMNS} ORDER BY id"))?;
+            let rows = stmt.query_map([], row_to_user)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn insert_session(&self, s: &SessionRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.execute(
+                "INSERT INTO sessions (token_hash, user_id, created, last_seen, mac) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![&s.token_hash[..], s.user_id, s.created, s.last_seen, s.mac],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn session(&self, token_hash: &[u8; 32]) -> Result<Option<SessionRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached("SELECT token_hash, user_id, created, last_seen, mac FROM sessions WHERE token_hash = ?1")?
+                .query_row(params![&token_hash[..]], |r| {
+                    Ok(SessionRow {
+                        token_hash: <[u8; 32]>::try_from(r.get_ref(0)?.as_blob()?).unwrap_or([0; 32]),
+                        user_id: r.get(1)?,
+                        created: r.get(2)?,
+                        last_seen: r.get(3)?,
+                        mac: r.get(4)?,
+                    })
+                })
+                .optional()?)
+        })
+    }
+
+    async fn touch_session(&self, token_hash: &[u8; 32], last_seen: i64) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.execute("UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE token_hash = ?2", params![last_seen, &token_hash[..]])?;
+            Ok(())
+        })
+    }
+
+    async fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])? > 0))
+    }
+
+    async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError> {
+        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])?))
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
     }
@@ -596,6 +723,35 @@ mod tests {
 
     fn version(id: &str, v: u64) -> StoredVersion {
         StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] }
+    }
+
+    #[tokio::test]
+    async fn users_update_only_from_the_version_read_and_sessions_end() {
+        let path = temp_db();
+        let store = SqliteStore::open(&path).expect("open");
+        let u = UserRow { id: "u1".into(), username_token: [1; 16], version: 1, sealed: vec![1], enrollment_hash: Some([9; 32]) };
+        store.insert_user(&u).await.expect("insert");
+        let same_name = UserRow { id: "u2".into(), ..u.clone() };
+        assert!(matches!(store.insert_user(&same_name).await, Err(StoreError::Conflict(_))), "user names are unique");
+        assert_eq!(store.user_by_enrollment(&[9; 32]).await.expect("read").map(|r| r.id), Some("u1".into()));
+        let v2 = UserRow { version: 2, sealed: vec![2], enrollment_hash: None, ..u.clone() };
+        store.update_user(&v2).await.expect("update from version 1");
+        assert!(matches!(store.update_user(&v2).await, Err(StoreError::Conflict(_))), "a second writer that read version 1 loses");
+        assert_eq!(store.user_by_name(&[1; 16]).await.expect("read"), Some(v2));
+        assert_eq!(store.user_by_enrollment(&[9; 32]).await.expect("read"), None);
+
+        let s = SessionRow { token_hash: [3; 32], user_id: "u1".into(), created: 10, last_seen: 10, mac: vec![7] };
+        store.insert_session(&s).await.expect("session");
+        store.insert_session(&SessionRow { token_hash: [4; 32], ..s.clone() }).await.expect("session");
+        store.touch_session(&[3; 32], 50).await.expect("touch");
+        store.touch_session(&[3; 32], 40).await.expect("touch");
+        assert_eq!(store.session(&[3; 32]).await.expect("read").map(|r| r.last_seen), Some(50), "activity never moves back");
+        assert!(store.delete_session(&[3; 32]).await.expect("delete"));
+        assert!(!store.delete_session(&[3; 32]).await.expect("delete"));
+        assert_eq!(store.delete_sessions_of("u1").await.expect("delete all"), 1);
+        assert_eq!(store.session(&[4; 32]).await.expect("read"), None);
+        drop(store);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[tokio::test]
