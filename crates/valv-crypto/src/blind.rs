@@ -4,6 +4,7 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+#[derive(Clone)]
 pub struct BlindIndexKey(crate::DataKey);
 
 impl BlindIndexKey {

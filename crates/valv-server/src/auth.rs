@@ -31,6 +31,8 @@ pub struct Principal {
 pub enum PrincipalKind {
     /// A service account holding an API key.
     Service,
+    /// A person signed in with a session token.
+    User,
     /// An operator at the server's console running the `valv` command (imports, demo data).
     Local,
 }
@@ -90,14 +92,30 @@ pub fn new_api_key(macs: &RecordMac, name: &str, role: &str, now: i64, random: [
     Ok((key, record))
 }
 
-/// Resolves the `Authorization` header to a principal.
-pub async fn authenticate(store: &dyn Store, macs: &RecordMac, authorization: Option<&str>) -> Result<Principal, ApiError> {
-    let header = authorization.ok_or_else(|| ApiError::unauthorized("this request needs a credential: Authorization: Bearer <key>"))?;
+/// The bearer credential of an `Authorization` header.
+pub fn bearer(authorization: Option<&str>) -> Result<&str, ApiError> {
+    let header = authorization.ok_or_else(|| ApiError::unauthorized("this request needs a credential: Authorization: Bearer <key or access token>"))?;
     // The scheme name is case-insensitive (RFC 9110 §11.1).
-    let token = match header.split_once(' ') {
-        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
-        _ => return Err(ApiError::unauthorized("the Authorization header must use the Bearer scheme")),
-    };
+    match header.split_once(' ') {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => Ok(rest.trim()),
+        _ => Err(ApiError::unauthorized("the Authorization header must use the Bearer scheme")),
+    }
+}
+
+/// The principal of a signed-in person.
+pub fn user_principal(user: &crate::identity::User) -> Principal {
+    Principal {
+        kind: PrincipalKind::User,
+        id: user.id.clone(),
+        name: user.username.clone(),
+        roles: user.roles.clone(),
+        units: user.units.clone(),
+        mfa: user.totp_confirmed,
+    }
+}
+
+/// Resolves an API key to a principal.
+pub async fn authenticate(store: &dyn Store, macs: &RecordMac, token: &str) -> Result<Principal, ApiError> {
     if !token.starts_with("valv_") || token.len() != 69 {
         return Err(ApiError::unauthorized("the bearer credential is not valid"));
     }

@@ -13,11 +13,13 @@ pub struct ApiError {
     pub diagnostics: String,
     /// Whether an audit entry already records this failure (so it is recorded exactly once).
     pub audited: bool,
+    /// Seconds for a Retry-After header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        ApiError { status, code, diagnostics: diagnostics.into(), audited: false }
+        ApiError { status, code, diagnostics: diagnostics.into(), audited: false, retry_after: None }
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", d)
@@ -39,6 +41,10 @@ impl ApiError {
     }
     pub fn internal(d: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", d)
+    }
+
+    pub fn retry_after(self, seconds: u64) -> Self {
+        ApiError { retry_after: Some(seconds), ..self }
     }
 
     pub fn recorded(self) -> Self {

@@ -607,9 +607,17 @@ fn error_entry(err: &ApiError) -> Value {
 
 /// Authenticates a FHIR request, recording a failure as an audit entry.
 pub async fn authenticate(app: &App, authorization: Option<&str>, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
-    match auth::authenticate(&**app.vault.store(), &app.records, authorization).await {
+    let result = match auth::bearer(authorization) {
+        Ok(token) if token.starts_with(valv_identity::codes::SESSION_PREFIX) => match app.identity.session(token, now).await {
+            Ok(user) => Ok(auth::user_principal(&user)),
+            Err(reason) => Err((ApiError::unauthorized("the access token is not valid or the session has ended; sign in again"), reason)),
+        },
+        Ok(token) => auth::authenticate(&**app.vault.store(), &app.records, token).await.map_err(|e| (e, "invalid-credential")),
+        Err(e) => Err((e, if authorization.is_some() { "malformed-credential" } else { "no-credential" })),
+    };
+    match result {
         Ok(p) => Ok(p),
-        Err(err) => {
+        Err((err, reason)) => {
             app.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let event = AuditEvent {
                 event_id: vault::new_id()?,
@@ -629,7 +637,7 @@ pub async fn authenticate(app: &App, authorization: Option<&str>, request_id: &s
                 resource_id: None,
                 version: None,
                 query: None,
-                reason: if authorization.is_some() { "invalid-credential".into() } else { "no-credential".into() },
+                reason: reason.to_string(),
             };
             audit(app, vec![event]).await?;
             Err(err)

@@ -13,8 +13,11 @@ pub mod audit;
 pub mod auditapi;
 pub mod auditlog;
 pub mod auth;
+pub mod authapi;
+pub mod clock;
 pub mod error;
 pub mod fhir;
+pub mod identity;
 pub mod integrator;
 pub mod metrics;
 pub mod policy;
@@ -54,6 +57,10 @@ pub struct App {
     pub started: String,
     /// The audit log's verifier key (C2SP vkey), served at `/audit/key`.
     pub audit_vkey: String,
+    /// People: accounts, logins, sessions.
+    pub identity: identity::Identity,
+    /// What time it is (the system clock; tests may set it).
+    pub clock: Arc<dyn clock::Clock>,
 }
 
 /// A successful answer before it becomes an HTTP response (or a batch entry).
@@ -73,7 +80,14 @@ impl Reply {
         Reply { status, body: Some(body), resource: None, location: false, text: None }
     }
     pub fn text(content_type: &'static str, text: String) -> Self {
-        Reply { status: StatusCode::OK, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))) }
+        Self::text_with_status(StatusCode::OK, content_type, text)
+    }
+    pub fn text_with_status(status: StatusCode, content_type: &'static str, text: String) -> Self {
+        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))) }
+    }
+    /// A status without a body (204).
+    pub fn empty(status: StatusCode) -> Self {
+        Reply { status, body: None, resource: None, location: false, text: None }
     }
     /// A stored resource's JSON bytes as they are.
     pub fn raw_resource(status: StatusCode, v: &valv_store::StoredVersion, json: Vec<u8>) -> Self {
@@ -155,6 +169,9 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     if e.status == StatusCode::UNAUTHORIZED {
         r = r.header(header::WWW_AUTHENTICATE, "Bearer realm=\"valv\"");
     }
+    if let Some(seconds) = e.retry_after {
+        r = r.header(header::RETRY_AFTER, seconds.to_string());
+    }
     r.body(Full::new(Bytes::from(body))).unwrap_or_default()
 }
 
@@ -219,6 +236,8 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr
         "/audit/proof/consistency" => ("audit_proof", proof_route(app, &req, false).await),
         "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
+        p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
+        p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
             Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
         })),
@@ -278,7 +297,7 @@ async fn latest_checkpoint(app: &App) -> Result<Reply, ApiError> {
     }
 }
 
-fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
+pub(crate) fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
     if req.method() == Method::GET || req.method() == Method::HEAD {
         Ok(())
     } else {
@@ -287,7 +306,7 @@ fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
 }
 
 async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
-    let now = now_ms();
+    let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.ip().to_string();
     let principal = match fhir::authenticate(app, authz.as_deref(), rid, &source, now).await {
@@ -320,7 +339,7 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAd
 /// `GET /audit/entries/{index}`: one entry's canonical bytes, for auditors and admins.
 async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> Result<Reply, ApiError> {
     only_get(&req)?;
-    let now = now_ms();
+    let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.ip().to_string();
     let principal = fhir::authenticate(app, authz.as_deref(), rid, &source, now).await?;
@@ -380,7 +399,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::In
     })
 }
 
-async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<Value, ApiError> {
+pub(crate) async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<Value, ApiError> {
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if media != "application/fhir+json" && media != "application/json" {

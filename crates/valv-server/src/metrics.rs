@@ -24,6 +24,11 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     pub audit_entries: AtomicU64,
     pub auth_failures: AtomicU64,
+    pub logins: AtomicU64,
+    pub login_failures: AtomicU64,
+    pub lockouts: AtomicU64,
+    /// `/auth/*` requests refused by the per-address rate limit.
+    pub auth_rate_limited: AtomicU64,
     /// Audit entries written to the SIEM collector (see [`crate::siem`]).
     pub siem_forwarded: AtomicU64,
     pub siem_failures: AtomicU64,
@@ -73,6 +78,10 @@ impl Metrics {
             ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
             ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
             ("valv_auth_failures_total", "Requests with a missing, unknown or revoked credential.", &self.auth_failures),
+            ("valv_logins_total", "Successful sign-ins.", &self.logins),
+            ("valv_login_failures_total", "Failed sign-ins (any reason).", &self.login_failures),
+            ("valv_lockouts_total", "Accounts locked after repeated failed sign-ins.", &self.lockouts),
+            ("valv_auth_rate_limited_total", "Requests to /auth/* refused by the per-address rate limit (429).", &self.auth_rate_limited),
             ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
         ] {

@@ -13,6 +13,98 @@ pub struct Config {
     pub log: LogConfig,
     pub siem: SiemConfig,
     pub audit: AuditConfig,
+    pub auth: AuthConfig,
+}
+
+/// Sign-in: password hashing, policy, MFA, sessions, lockout and rate limits (docs/SECURITY.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Argon2id memory (KiB), passes and lanes; OWASP's first recommendation by default.
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// Least zxcvbn strength (0-4) of a new password.
+    pub min_password_score: u8,
+    /// Days before a password must be changed; 0 (the default, as NIST SP 800-63B advises): never.
+    pub max_password_age_days: u32,
+    /// Require a second factor of every role, not only of those that see patient data.
+    pub mfa_for_all_roles: bool,
+    /// The issuer authenticator apps show.
+    pub totp_issuer: String,
+    pub session_idle_minutes: u32,
+    pub session_absolute_hours: u32,
+    /// Consecutive failures that lock an account, and the first lockout (doubling each time).
+    pub lockout_threshold: u32,
+    pub lockout_minutes: u32,
+    pub lockout_max_hours: u32,
+    /// Requests a minute per client address to /auth/*, and the burst allowed at once.
+    pub rate_per_minute: u32,
+    pub rate_burst: u32,
+    /// Password hashes at once (default: half the cores) and how many more may wait.
+    pub hash_concurrency: usize,
+    pub hash_queue: usize,
+    /// Every login answer takes at least this long (ms), so its timing tells nothing.
+    pub login_floor_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        let d = valv_server::identity::Settings::default();
+        AuthConfig {
+            argon2_memory_kib: d.cost.memory_kib,
+            argon2_iterations: d.cost.iterations,
+            argon2_parallelism: d.cost.parallelism,
+            min_password_score: d.min_score,
+            max_password_age_days: d.max_password_age_days,
+            mfa_for_all_roles: d.mfa_for_all,
+            totp_issuer: d.issuer,
+            session_idle_minutes: (d.session.idle_ms / 60_000) as u32,
+            session_absolute_hours: (d.session.absolute_ms / 3_600_000) as u32,
+            lockout_threshold: d.lockout.threshold,
+            lockout_minutes: (d.lockout.base_ms / 60_000) as u32,
+            lockout_max_hours: (d.lockout.max_ms / 3_600_000) as u32,
+            rate_per_minute: d.rate.per_minute,
+            rate_burst: d.rate.burst,
+            hash_concurrency: d.hash_concurrency,
+            hash_queue: d.hash_queue,
+            login_floor_ms: d.login_floor_ms,
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn settings(&self) -> Result<valv_server::identity::Settings, String> {
+        let positive = |name: &str, v: u64| if v == 0 { Err(format!("auth.{name} must be at least 1")) } else { Ok(()) };
+        positive("session_idle_minutes", self.session_idle_minutes.into())?;
+        positive("session_absolute_hours", self.session_absolute_hours.into())?;
+        positive("lockout_threshold", self.lockout_threshold.into())?;
+        positive("lockout_minutes", self.lockout_minutes.into())?;
+        positive("rate_per_minute", self.rate_per_minute.into())?;
+        positive("rate_burst", self.rate_burst.into())?;
+        positive("hash_concurrency", self.hash_concurrency as u64)?;
+        if self.min_password_score > 4 {
+            return Err(format!("auth.min_password_score is 0 to 4, got {}", self.min_password_score));
+        }
+        Ok(valv_server::identity::Settings {
+            cost: valv_identity::password::Cost { memory_kib: self.argon2_memory_kib, iterations: self.argon2_iterations, parallelism: self.argon2_parallelism },
+            min_score: self.min_password_score,
+            session: valv_identity::limits::SessionTimes { idle_ms: i64::from(self.session_idle_minutes) * 60_000, absolute_ms: i64::from(self.session_absolute_hours) * 3_600_000 },
+            lockout: valv_identity::limits::Lockout {
+                threshold: self.lockout_threshold,
+                base_ms: i64::from(self.lockout_minutes) * 60_000,
+                max_ms: i64::from(self.lockout_max_hours.max(1)) * 3_600_000,
+            },
+            rate: valv_identity::limits::Rate { per_minute: self.rate_per_minute, burst: self.rate_burst },
+            mfa_for_all: self.mfa_for_all_roles,
+            issuer: self.totp_issuer.clone(),
+            max_password_age_days: self.max_password_age_days,
+            hash_concurrency: self.hash_concurrency,
+            hash_queue: self.hash_queue,
+            login_floor_ms: self.login_floor_ms,
+            enrollment_ttl_ms: 24 * 3_600_000,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -135,6 +135,9 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let origin = valv_server::integrator::origin_for(checkpoint_seed.expose())?;
     let audit_vkey = valv_audit::Signer::new(&origin, checkpoint_seed.expose()).map_err(|e| e.to_string())?.verifier().to_vkey();
     let blind = valv_crypto::BlindIndexKey::new(vault.named_key("blind-index", now).await.map_err(|e| e.to_string())?);
+    let identity_key = vault.named_key("identity", now).await.map_err(|e| e.to_string())?;
+    let identity_macs = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
+    let identity = valv_server::identity::Identity::new(vault.store().clone(), &identity_key, blind.clone(), identity_macs, cfg.auth.settings()?)?;
     let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, blind, cfg.storage.fail_audit_appends));
     let app = App {
         vault,
@@ -145,6 +148,8 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         max_body_bytes: cfg.server.max_body_bytes,
         started: valv_fhir::date::format_instant(now),
         audit_vkey,
+        identity,
+        clock: valv_server::clock::from_env()?,
     };
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }

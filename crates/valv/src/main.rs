@@ -39,6 +39,11 @@ enum Command {
         #[command(subcommand)]
         action: ApikeyAction,
     },
+    /// Manage people's accounts (only admins, or the operator at this console, can).
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
     /// Write synthetic patients as FHIR transaction bundles (never real data).
     Synth {
         #[arg(long, default_value_t = 10)]
@@ -87,6 +92,55 @@ enum AuditAction {
         #[arg(long)]
         size: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum UserAction {
+    /// Create a user; prints a one-time enrollment token (valid 24 h) for the person to set their
+    /// password and enroll TOTP. With --password-stdin the password is read from standard input
+    /// and the TOTP otpauth:// URI is the last line of output (scripted provisioning).
+    Add {
+        #[arg(long)]
+        username: String,
+        /// A role (repeatable): physician, nurse, assistant, external_specialist, patient, support, admin, auditor, service.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        /// A care unit (repeatable).
+        #[arg(long = "unit")]
+        units: Vec<String>,
+        /// Display name (default: the user name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The Practitioner resource this user is.
+        #[arg(long)]
+        practitioner: Option<String>,
+        /// The Patient resource this user is (role patient).
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List,
+    /// Show one user.
+    Show { username: String },
+    /// Disable a user (no login; sessions end). Users are never deleted.
+    Disable { username: String },
+    Enable { username: String },
+    /// Lift a lockout.
+    Unlock { username: String },
+    /// Remove the user's TOTP and recovery codes; prints a new enrollment token.
+    ResetMfa { username: String },
+    /// Replace the user's roles and units (their sessions end).
+    SetRoles {
+        username: String,
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+        #[arg(long = "unit")]
+        units: Vec<String>,
+    },
+    /// End every session of the user.
+    RevokeSessions { username: String },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +220,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Apikey { action } => apikey(&dir, action).await,
         Command::Audit { action } => audit(&dir, action).await,
+        Command::User { action } => user(&dir, action).await,
         Command::Synth { patients, out, seed } => {
             let seed = match seed {
                 Some(s) => s,
@@ -340,6 +395,78 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             Ok(())
         }
     }
+}
+
+async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
+    use valv_server::identity::{AdminChange, NewUser};
+    if !datadir::is_initialised(dir) {
+        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
+    }
+    let opened = datadir::open(dir, None).await?;
+    let app = &opened.app;
+    let ident = &app.identity;
+    let now = app.clock.now_ms();
+    let e = |e: valv_server::error::ApiError| e.diagnostics;
+    match action {
+        UserAction::Add { username, roles, units, name, practitioner, patient, password_stdin } => {
+            let spec = NewUser { username: username.clone(), display_name: name.unwrap_or_default(), roles, units, practitioner, patient };
+            // The password is read and checked before the user exists, so a refused password
+            // leaves nothing behind.
+            let mut password = zeroize::Zeroizing::new(String::new());
+            if password_stdin {
+                std::io::stdin().read_line(&mut password).map_err(|err| format!("reading the password from standard input: {err}"))?;
+                let pw = password.trim_end_matches(['\n', '\r']);
+                valv_identity::password::check(pw, &spec.username, &spec.display_name, ident.settings.min_score).map_err(|r| r.to_string())?;
+            }
+            let (created, token) = ident.create(spec, now).await.map_err(e)?;
+            valv_server::authapi::audit_local(app, "user-create", Some(&created), "console".into(), now).await.map_err(e)?;
+            if password_stdin {
+                let password = password.trim_end_matches(['\n', '\r']);
+                let (uri, codes) = ident.provision(&username, password, now).await.map_err(e)?;
+                valv_server::authapi::audit_local(app, "enroll", Some(&created), "console-provisioned".into(), now).await.map_err(e)?;
+                println!("created user '{username}' (id {}), active; recovery codes (each works once):", created.id);
+                for c in codes {
+                    println!("  {c}");
+                }
+                println!("{uri}");
+            } else {
+                println!("created user '{username}' (id {}); enrollment token (valid 24 h, shown once):", created.id);
+                println!("{token}");
+            }
+        }
+        UserAction::List => {
+            let users = ident.list().await.map_err(e)?;
+            valv_server::authapi::audit_local(app, "user-read", None, "console-list".into(), now).await.map_err(e)?;
+            for u in users {
+                println!("{:<24} {:<9} {:<36} {}", u.username, u.state_at(now), u.id, u.roles.join(","));
+            }
+        }
+        UserAction::Show { username } => {
+            let u = ident.get(&username).await.map_err(e)?;
+            valv_server::authapi::audit_local(app, "user-read", Some(&u), "console-show".into(), now).await.map_err(e)?;
+            println!("{}", serde_json::to_string_pretty(&u.summary(now)).unwrap_or_default());
+        }
+        other => {
+            let (username, change) = match other {
+                UserAction::Disable { username } => (username, AdminChange::Disable),
+                UserAction::Enable { username } => (username, AdminChange::Enable),
+                UserAction::Unlock { username } => (username, AdminChange::Unlock),
+                UserAction::ResetMfa { username } => (username, AdminChange::ResetMfa),
+                UserAction::RevokeSessions { username } => (username, AdminChange::RevokeSessions),
+                UserAction::SetRoles { username, roles, units } => (username, AdminChange::SetRoles { roles, units }),
+                UserAction::Add { .. } | UserAction::List | UserAction::Show { .. } => return Err("unreachable user action".into()),
+            };
+            let interaction = change.interaction();
+            let (u, token) = ident.admin(&username, change, now).await.map_err(e)?;
+            valv_server::authapi::audit_local(app, interaction, Some(&u), "console".into(), now).await.map_err(e)?;
+            println!("{username}: {} ({})", interaction.trim_start_matches("user-"), u.state_at(now));
+            if let Some(t) = token {
+                println!("new enrollment token (valid 24 h, shown once):");
+                println!("{t}");
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), String> {

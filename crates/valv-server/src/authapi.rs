@@ -1,0 +1,377 @@
+//! `/auth/*` (sign-in, enrollment, logout, password change) and `/admin/users` (admins manage
+//! people). Every attempt, successful or not, is an audit entry with its reason; the caller of
+//! a failed login only ever learns that it failed.
+//!
+//! All of `/auth/*` is rate-limited per client address (429 with Retry-After); the first refusal
+//! of a burst is audited and every refusal is counted in the metrics.
+
+use crate::audit::{AuditEvent, Outcome};
+use crate::auth::{self, Principal, PrincipalKind};
+use crate::error::ApiError;
+use crate::fhir;
+use crate::identity::{AdminChange, Login, LoginOutcome, NewUser, User, LOGIN_FAILED};
+use crate::{App, Reply};
+use hyper::body::Incoming;
+use hyper::{header, Method, Request, StatusCode};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use valv_store::vault;
+
+/// Who an event is about and who did it.
+struct Who<'a> {
+    agent_id: &'a str,
+    agent_name: &'a str,
+    roles: &'a [String],
+}
+
+const NOBODY: Who<'static> = Who { agent_id: "", agent_name: "", roles: &[] };
+
+fn who(p: &Principal) -> Who<'_> {
+    Who { agent_id: &p.id, agent_name: &p.name, roles: &p.roles }
+}
+
+fn user_who(u: &User) -> Who<'_> {
+    Who { agent_id: &u.id, agent_name: &u.username, roles: &u.roles }
+}
+
+/// One identity audit entry (action E; the entity is the user concerned).
+#[allow(clippy::too_many_arguments)]
+fn event(rid: &str, source: &str, now: i64, interaction: &'static str, outcome: Outcome, status: StatusCode, agent: &Who<'_>, target: Option<&User>, reason: &str) -> Result<AuditEvent, ApiError> {
+    Ok(AuditEvent {
+        event_id: vault::new_id()?,
+        time: now,
+        request_id: rid.to_string(),
+        action: "E",
+        interaction,
+        outcome,
+        status: status.as_u16(),
+        agent_id: agent.agent_id.to_string(),
+        agent_name: agent.agent_name.to_string(),
+        roles: agent.roles.to_vec(),
+        source_address: source.to_string(),
+        purpose_of_use: None,
+        patient: None,
+        resource_type: target.map(|_| "User".to_string()),
+        resource_id: target.map(|u| u.id.clone()),
+        version: None,
+        query: None,
+        reason: reason.to_string(),
+    })
+}
+
+/// Records an action of the operator at the server's console (`valv user …`).
+pub async fn audit_local(app: &App, interaction: &'static str, target: Option<&User>, reason: String, now: i64) -> Result<(), ApiError> {
+    let name = format!("console:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
+    let roles = vec!["admin".to_string()];
+    let agent = Who { agent_id: "local-operator", agent_name: &name, roles: &roles };
+    let rid = vault::new_id()?;
+    record(app, vec![event(&rid, "console", now, interaction, Outcome::Success, StatusCode::OK, &agent, target, &reason)?]).await
+}
+
+async fn record(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
+    fhir::audit(app, events).await
+}
+
+fn body_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
+    body.get(name).and_then(Value::as_str).ok_or_else(|| ApiError::bad_request(format!("'{name}' (a string) is required")))
+}
+
+fn opt_field<'a>(body: &'a Value, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad_request(format!("'{name}' must be a string"))),
+    }
+}
+
+fn string_list(body: &Value, name: &str) -> Result<Vec<String>, ApiError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(items)) => {
+            items.iter().map(|v| v.as_str().map(str::to_string).ok_or_else(|| ApiError::bad_request(format!("'{name}' must be a list of strings")))).collect()
+        }
+        Some(_) => Err(ApiError::bad_request(format!("'{name}' must be a list of strings"))),
+    }
+}
+
+fn json_reply(status: StatusCode, body: Value) -> Reply {
+    Reply::text_with_status(status, "application/json", serde_json::to_string(&body).unwrap_or_default())
+}
+
+/// `POST /auth/login|logout|enroll|enroll/confirm|password`, `GET /auth/me`.
+pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+    let now = app.clock.now_ms();
+    let source = peer.ip().to_string();
+    let path = req.uri().path().to_string();
+    let route = match path.as_str() {
+        "/auth/login" => "auth_login",
+        "/auth/logout" => "auth_logout",
+        "/auth/enroll" => "auth_enroll",
+        "/auth/enroll/confirm" => "auth_enroll",
+        "/auth/password" => "auth_password",
+        "/auth/me" => "auth_me",
+        _ => return ("unknown", Err(ApiError::not_found("no such endpoint under /auth"))),
+    };
+    if let Err((wait, first)) = app.identity.rate_limit(&source, now) {
+        app.metrics.auth_rate_limited.fetch_add(1, Ordering::Relaxed);
+        if first {
+            let audited = match event(rid, &source, now, "rate-limit", Outcome::Denied, StatusCode::TOO_MANY_REQUESTS, &NOBODY, None, "too-many-requests-from-address") {
+                Ok(ev) => record(app, vec![ev]).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = audited {
+                return (route, Err(e));
+            }
+        }
+        return (route, Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("too many requests from this address; retry in {wait} s")).retry_after(wait)));
+    }
+    let started = std::time::Instant::now();
+    let result = match (route, req.method().clone()) {
+        ("auth_me", Method::GET) => me(app, &req, rid, &source, now).await,
+        ("auth_me", _) => Err(ApiError::method_not_allowed("use GET")),
+        ("auth_logout", Method::POST) => {
+            let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            logout(app, authz.as_deref(), rid, &source, now).await
+        }
+        (_, Method::POST) => {
+            let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+            match crate::read_json_body(app, req).await {
+                Err(e) => Err(e),
+                Ok(body) => match path.as_str() {
+                    "/auth/login" => {
+                        let r = login(app, &body, rid, &source, now).await;
+                        // Every answer takes at least the floor, so its timing tells nothing.
+                        let floor = std::time::Duration::from_millis(app.identity.settings.login_floor_ms);
+                        if let Some(rest) = floor.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(rest).await;
+                        }
+                        r
+                    }
+                    "/auth/enroll" => enroll(app, &body, rid, &source, now).await,
+                    "/auth/enroll/confirm" => confirm(app, &body, rid, &source, now).await,
+                    _ => change_password(app, authz.as_deref(), &body, rid, &source, now).await,
+                },
+            }
+        }
+        _ => Err(ApiError::method_not_allowed("use POST")),
+    };
+    (route, result)
+}
+
+async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let attempt: Login = serde_json::from_value(body.clone()).map_err(|e| ApiError::bad_request(format!("a login is {{username, password, totp}} or {{username, password, recovery_code}}: {e}")))?;
+    match app.identity.login(&attempt, now).await? {
+        LoginOutcome::Ok { user, token, expires_in, used_recovery } => {
+            let mut events = vec![event(rid, source, now, "login", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), if used_recovery { "password-and-recovery-code" } else { "password-and-totp" })?];
+            if used_recovery {
+                events.push(event(rid, source, now, "recovery-code-use", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), &format!("{} recovery codes left", user.recovery.len()))?);
+            }
+            record(app, events).await?;
+            app.metrics.logins.fetch_add(1, Ordering::Relaxed);
+            Ok(json_reply(StatusCode::OK, json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in})))
+        }
+        LoginOutcome::Failed { user, reason, locked_now } => {
+            app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
+            let agent = user.as_ref().map_or(NOBODY, user_who);
+            let mut events = vec![event(rid, source, now, "login", Outcome::Denied, StatusCode::UNAUTHORIZED, &agent, user.as_ref(), reason)?];
+            if locked_now {
+                app.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
+                let until = user.as_ref().and_then(|u| u.failures.locked_until).map(valv_fhir::date::format_instant).unwrap_or_default();
+                tracing::warn!(user_id = %agent.agent_id, "account locked after repeated failed logins");
+                events.push(event(rid, source, now, "lockout", Outcome::Denied, StatusCode::UNAUTHORIZED, &agent, user.as_ref(), &format!("locked until {until}"))?);
+            }
+            record(app, events).await?;
+            Err(ApiError::unauthorized(LOGIN_FAILED).recorded())
+        }
+    }
+}
+
+/// The signed-in person behind an `Authorization` header (sessions only).
+async fn session_user(app: &App, authorization: Option<&str>, rid: &str, source: &str, now: i64) -> Result<(User, String), ApiError> {
+    let token = auth::bearer(authorization)?.to_string();
+    if !token.starts_with(valv_identity::codes::SESSION_PREFIX) {
+        return Err(ApiError::unauthorized("this needs a person's access token (from POST /auth/login)"));
+    }
+    let principal = fhir::authenticate(app, authorization, rid, source, now).await?;
+    let user = app.identity.by_id(&principal.id).await?.ok_or_else(|| ApiError::unauthorized("the session's user is unknown"))?;
+    Ok((user, token))
+}
+
+async fn logout(app: &App, authorization: Option<&str>, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let (user, token) = session_user(app, authorization, rid, source, now).await?;
+    app.identity.logout(&token).await?;
+    record(app, vec![event(rid, source, now, "logout", Outcome::Success, StatusCode::NO_CONTENT, &user_who(&user), Some(&user), "logout")?]).await?;
+    Ok(Reply::empty(StatusCode::NO_CONTENT))
+}
+
+async fn me(app: &App, req: &Request<Incoming>, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = fhir::authenticate(app, authz, rid, source, now).await?;
+    let mut body = json!({"id": principal.id, "name": principal.name, "roles": principal.roles, "units": principal.units, "mfa": principal.mfa,
+        "kind": match principal.kind { PrincipalKind::User => "user", PrincipalKind::Service => "service", PrincipalKind::Local => "local" }});
+    if principal.kind == PrincipalKind::User {
+        if let Some(u) = app.identity.by_id(&principal.id).await? {
+            body["user"] = u.summary(now);
+        }
+    }
+    Ok(json_reply(StatusCode::OK, body))
+}
+
+async fn enroll(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let token = body_field(body, "token")?;
+    let password = body_field(body, "password")?;
+    match app.identity.enroll(token, password, now).await {
+        Ok(e) => {
+            record(app, vec![event(rid, source, now, "enroll", Outcome::Success, StatusCode::OK, &user_who(&e.user), Some(&e.user), "password-set-totp-issued")?]).await?;
+            Ok(json_reply(
+                StatusCode::OK,
+                json!({"otpauth_uri": e.otpauth_uri, "secret": e.secret_base32, "next": "POST /auth/enroll/confirm with {token, totp}: a code from the authenticator app"}),
+            ))
+        }
+        Err(err) => fail(app, rid, source, now, "enroll", err).await,
+    }
+}
+
+async fn confirm(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let token = body_field(body, "token")?;
+    let code = body_field(body, "totp")?;
+    match app.identity.confirm(token, code, now).await {
+        Ok((user, codes)) => {
+            record(app, vec![event(rid, source, now, "enroll-confirm", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), "totp-confirmed-account-active")?]).await?;
+            Ok(json_reply(StatusCode::OK, json!({"recovery_codes": codes, "note": "each recovery code works once; keep them somewhere safe"})))
+        }
+        Err(err) => fail(app, rid, source, now, "enroll-confirm", err).await,
+    }
+}
+
+async fn change_password(app: &App, authorization: Option<&str>, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let (user, _) = session_user(app, authorization, rid, source, now).await?;
+    let current = body_field(body, "current_password")?;
+    let new = body_field(body, "new_password")?;
+    let code = opt_field(body, "totp")?;
+    match app.identity.change_password(&user, current, new, code, now).await {
+        Ok(()) => {
+            record(
+                app,
+                vec![
+                    event(rid, source, now, "password-change", Outcome::Success, StatusCode::NO_CONTENT, &user_who(&user), Some(&user), "password-changed")?,
+                    event(rid, source, now, "session-revoke", Outcome::Success, StatusCode::NO_CONTENT, &user_who(&user), Some(&user), "all-sessions-after-password-change")?,
+                ],
+            )
+            .await?;
+            Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        Err(err) => {
+            let ev = event(rid, source, now, "password-change", Outcome::Denied, err.status, &user_who(&user), Some(&user), &err.diagnostics)?;
+            record(app, vec![ev]).await?;
+            Err(err.recorded())
+        }
+    }
+}
+
+/// Records a failed enrollment step (the person is not known by a session, only by a token).
+async fn fail(app: &App, rid: &str, source: &str, now: i64, interaction: &'static str, err: ApiError) -> Result<Reply, ApiError> {
+    let outcome = if err.status.is_server_error() { Outcome::Error } else { Outcome::Denied };
+    record(app, vec![event(rid, source, now, interaction, outcome, err.status, &NOBODY, None, &err.diagnostics)?]).await?;
+    Err(err.recorded())
+}
+
+/// `/admin/users…`: admins (API key or session) manage people. Every call is audited with the
+/// admin as agent and the user as entity.
+pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> Result<Reply, ApiError> {
+    let now = app.clock.now_ms();
+    let source = peer.ip().to_string();
+    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let principal = fhir::authenticate(app, authz.as_deref(), rid, &source, now).await?;
+    let path = req.uri().path().trim_start_matches("/admin/users").trim_start_matches('/').to_string();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let interaction = admin_interaction(req.method(), &segs);
+    if !principal.roles.iter().any(|r| r == "admin") {
+        record(app, vec![event(rid, &source, now, interaction, Outcome::Denied, StatusCode::FORBIDDEN, &who(&principal), None, "users-need-admin")?]).await?;
+        return Err(ApiError::forbidden("only admins manage users").recorded());
+    }
+    let method = req.method().clone();
+    // Actions (disable, unlock…) need no body; a body, when sent, must be JSON.
+    let has_body = req.headers().contains_key(header::CONTENT_TYPE);
+    let body = if (method == Method::POST || method == Method::PUT) && has_body { Some(crate::read_json_body(app, req).await) } else { None };
+    let result = admin_act(app, &method, &segs, body, now).await;
+    match result {
+        Ok((reply, target)) => {
+            record(app, vec![event(rid, &source, now, interaction, Outcome::Success, reply.status, &who(&principal), target.as_ref(), "admin")?]).await?;
+            Ok(reply)
+        }
+        Err(err) => {
+            let outcome = if err.status.is_server_error() { Outcome::Error } else { Outcome::Denied };
+            record(app, vec![event(rid, &source, now, interaction, outcome, err.status, &who(&principal), None, &err.diagnostics)?]).await?;
+            Err(err.recorded())
+        }
+    }
+}
+
+fn admin_interaction(method: &Method, segs: &[&str]) -> &'static str {
+    match (method.as_str(), segs) {
+        ("GET", [] | [_]) => "user-read",
+        ("POST", []) => "user-create",
+        ("PUT", [_, "roles"]) => "user-set-roles",
+        ("POST", [_, action]) => admin_change(action).map_or("user-admin", |c| c.interaction()),
+        _ => "user-admin",
+    }
+}
+
+fn admin_change(action: &str) -> Option<AdminChange> {
+    Some(match action {
+        "disable" => AdminChange::Disable,
+        "enable" => AdminChange::Enable,
+        "unlock" => AdminChange::Unlock,
+        "reset-mfa" => AdminChange::ResetMfa,
+        "revoke-sessions" => AdminChange::RevokeSessions,
+        _ => return None,
+    })
+}
+
+async fn admin_act(app: &App, method: &Method, segs: &[&str], body: Option<Result<Value, ApiError>>, now: i64) -> Result<(Reply, Option<User>), ApiError> {
+    let body = body.transpose()?;
+    let ident = &app.identity;
+    match (method.as_str(), segs, body) {
+        ("GET", [], None) => {
+            let users = ident.list().await?;
+            let list: Vec<Value> = users.iter().map(|u| u.summary(now)).collect();
+            Ok((json_reply(StatusCode::OK, json!({"users": list})), None))
+        }
+        ("GET", [name], None) => {
+            let user = ident.get(name).await?;
+            Ok((json_reply(StatusCode::OK, user.summary(now)), Some(user)))
+        }
+        ("POST", [], Some(body)) => {
+            let spec = NewUser {
+                username: body_field(&body, "username")?.to_string(),
+                display_name: opt_field(&body, "display_name")?.unwrap_or_default().to_string(),
+                roles: string_list(&body, "roles")?,
+                units: string_list(&body, "units")?,
+                practitioner: opt_field(&body, "practitioner")?.map(str::to_string),
+                patient: opt_field(&body, "patient")?.map(str::to_string),
+            };
+            let (user, token) = ident.create(spec, now).await?;
+            let expires = user.enrollment_expires.map(valv_fhir::date::format_instant);
+            Ok((json_reply(StatusCode::CREATED, json!({"user": user.summary(now), "enrollment_token": token, "enrollment_expires": expires})), Some(user)))
+        }
+        ("PUT", [name, "roles"], Some(body)) => {
+            let change = AdminChange::SetRoles { roles: string_list(&body, "roles")?, units: string_list(&body, "units")? };
+            let (user, _) = ident.admin(name, change, now).await?;
+            Ok((json_reply(StatusCode::OK, user.summary(now)), Some(user)))
+        }
+        ("POST", [name, action], _) => {
+            let change = admin_change(action).ok_or_else(|| ApiError::not_found(format!("'{action}' is not a user action (disable, enable, unlock, reset-mfa, revoke-sessions)")))?;
+            let (user, token) = ident.admin(name, change, now).await?;
+            let mut out = json!({"user": user.summary(now)});
+            if let Some(t) = token {
+                out["enrollment_token"] = json!(t);
+            }
+            Ok((json_reply(StatusCode::OK, out), Some(user)))
+        }
+        _ => Err(ApiError::method_not_allowed(
+            "use GET /admin/users[/{name}], POST /admin/users, PUT /admin/users/{name}/roles, POST /admin/users/{name}/{disable|enable|unlock|reset-mfa|revoke-sessions}",
+        )),
+    }
+}
