@@ -55,19 +55,30 @@ impl Server {
 
     /// Initialises a data directory, then serves it with extra `VALV_*` variables.
     pub fn start_with(tag: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_configured(tag, env, "")
+    }
+
+    /// As [`Server::start_with`], with the `key = value` lines of `toml` replacing those keys in
+    /// the `valv.toml` that init wrote (section headers in `toml` are for the reader).
+    pub fn start_configured(tag: &str, env: &[(&str, &str)], toml: &str) -> Server {
         let dir = temp_dir(tag);
         let data = dir.join("valv-data");
         let admin_key = last_line(&run_ok(&data, &["init"]));
+        if !toml.is_empty() {
+            let path = data.join("valv.toml");
+            let mut text = std::fs::read_to_string(&path).expect("valv.toml");
+            for line in toml.lines().filter(|l| l.contains('=')) {
+                let key = line.split('=').next().unwrap_or("").trim();
+                let old = text.lines().find(|l| l.split('=').next().is_some_and(|k| k.trim() == key)).unwrap_or_else(|| panic!("valv.toml has no key {key}")).to_string();
+                text = text.replacen(&old, line, 1);
+            }
+            std::fs::write(&path, text).expect("write valv.toml");
+        }
         assert!(admin_key.starts_with("valv_"), "init prints the admin key last: {admin_key}");
-        let mut s = Server {
-            tls: client_tls(&data.join("tls/cert.pem")),
-            dir,
-            data,
-            port: 0,
-            admin_key,
-            child: None,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
+        // Every server reads its time from this file once a test writes it (system time before).
+        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.push(("VALV_TEST_CLOCK_FILE".into(), dir.join("clock").display().to_string()));
+        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, child: None, env };
         s.restart();
         s
     }
@@ -90,6 +101,16 @@ impl Server {
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("valv serve did not start; see {}", self.dir.join("server.log").display());
+    }
+
+    /// The test clock's file (the server reads the time from it when `VALV_TEST_CLOCK_FILE` is set).
+    pub fn clock_file(&self) -> PathBuf {
+        self.dir.join("clock")
+    }
+
+    /// Sets the server's clock (ms since the epoch); needs `VALV_TEST_CLOCK_FILE` = [`Server::clock_file`].
+    pub fn set_clock(&self, ms: i64) {
+        std::fs::write(self.clock_file(), ms.to_string()).expect("write clock");
     }
 
     /// Sets an environment variable for the next (re)start.

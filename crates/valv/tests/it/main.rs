@@ -6,6 +6,7 @@ mod bundles;
 mod crud;
 mod errors;
 mod harness;
+mod identity;
 mod independent;
 mod search;
 mod security;
