@@ -10,11 +10,10 @@ use crate::auth::{self, Principal, PrincipalKind};
 use crate::error::ApiError;
 use crate::fhir;
 use crate::identity::{AdminChange, Login, LoginOutcome, NewUser, User, LOGIN_FAILED};
-use crate::{App, Reply};
+use crate::{App, ClientCert, Peer, Reply};
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, StatusCode};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use valv_store::vault;
 
@@ -100,9 +99,9 @@ fn json_reply(status: StatusCode, body: Value) -> Reply {
 }
 
 /// `POST /auth/login|logout|enroll|enroll/confirm|password`, `GET /auth/me`.
-pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> (&'static str, Result<Reply, ApiError>) {
     let now = app.clock.now_ms();
-    let source = peer.ip().to_string();
+    let source = peer.source();
     let path = req.uri().path().to_string();
     let route = match path.as_str() {
         "/auth/login" => "auth_login",
@@ -128,7 +127,7 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: Sock
     }
     let started = std::time::Instant::now();
     let result = match (route, req.method().clone()) {
-        ("auth_me", Method::GET) => me(app, &req, rid, &source, now).await,
+        ("auth_me", Method::GET) => me(app, &req, &peer.cert, rid, &source, now).await,
         ("auth_me", _) => Err(ApiError::method_not_allowed("use GET")),
         ("auth_logout", Method::POST) => {
             let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -193,7 +192,7 @@ async fn session_user(app: &App, authorization: Option<&str>, rid: &str, source:
     if !token.starts_with(valv_identity::codes::SESSION_PREFIX) {
         return Err(ApiError::unauthorized("this needs a person's access token (from POST /auth/login)"));
     }
-    let principal = fhir::authenticate(app, authorization, rid, source, now).await?;
+    let principal = fhir::authenticate(app, authorization, &ClientCert::None, rid, source, now).await?;
     let user = app.identity.by_id(&principal.id).await?.ok_or_else(|| ApiError::unauthorized("the session's user is unknown"))?;
     Ok((user, token))
 }
@@ -205,9 +204,9 @@ async fn logout(app: &App, authorization: Option<&str>, rid: &str, source: &str,
     Ok(Reply::empty(StatusCode::NO_CONTENT))
 }
 
-async fn me(app: &App, req: &Request<Incoming>, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+async fn me(app: &App, req: &Request<Incoming>, cert: &ClientCert, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = fhir::authenticate(app, authz, rid, source, now).await?;
+    let principal = fhir::authenticate(app, authz, cert, rid, source, now).await?;
     let mut body = json!({"id": principal.id, "name": principal.name, "roles": principal.roles, "units": principal.units, "mfa": principal.mfa,
         "kind": match principal.kind { PrincipalKind::User => "user", PrincipalKind::Service => "service", PrincipalKind::Local => "local" }});
     if principal.kind == PrincipalKind::User {
@@ -279,11 +278,11 @@ async fn fail(app: &App, rid: &str, source: &str, now: i64, interaction: &'stati
 
 /// `/admin/users…`: admins (API key or session) manage people. Every call is audited with the
 /// admin as agent and the user as entity.
-pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> Result<Reply, ApiError> {
+pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> Result<Reply, ApiError> {
     let now = app.clock.now_ms();
-    let source = peer.ip().to_string();
+    let source = peer.source();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let principal = fhir::authenticate(app, authz.as_deref(), rid, &source, now).await?;
+    let principal = fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
     let path = req.uri().path().trim_start_matches("/admin/users").trim_start_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let interaction = admin_interaction(req.method(), &segs);

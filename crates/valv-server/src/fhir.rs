@@ -606,14 +606,32 @@ fn error_entry(err: &ApiError) -> Value {
 }
 
 /// Authenticates a FHIR request, recording a failure as an audit entry.
-pub async fn authenticate(app: &App, authorization: Option<&str>, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
-    let result = match auth::bearer(authorization) {
+/// The principal of a bearer credential (session token or API key), or why there is none.
+async fn bearer_principal(app: &App, authorization: Option<&str>, now: i64) -> Result<Principal, (ApiError, &'static str)> {
+    match auth::bearer(authorization) {
         Ok(token) if token.starts_with(valv_identity::codes::SESSION_PREFIX) => match app.identity.session(token, now).await {
             Ok(user) => Ok(auth::user_principal(&user)),
             Err(reason) => Err((ApiError::unauthorized("the access token is not valid or the session has ended; sign in again"), reason)),
         },
         Ok(token) => auth::authenticate(&**app.vault.store(), &app.records, token).await.map_err(|e| (e, "invalid-credential")),
         Err(e) => Err((e, if authorization.is_some() { "malformed-credential" } else { "no-credential" })),
+    }
+}
+
+/// Who is calling: the bearer credential when there is one (API key or session token), else the
+/// service named by the connection's client certificate.
+pub async fn authenticate(app: &App, authorization: Option<&str>, cert: &crate::ClientCert, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
+    let result = match (authorization, cert) {
+        (None, crate::ClientCert::Service(s)) => Ok(Principal {
+            kind: auth::PrincipalKind::Service,
+            id: format!("mtls:{}", s.name),
+            name: s.name.clone(),
+            roles: vec![s.role.clone()],
+            units: Vec::new(),
+            mfa: false,
+        }),
+        (None, crate::ClientCert::Unmapped) => Err((ApiError::unauthorized("the client certificate names no configured service"), "certificate-not-mapped")),
+        _ => bearer_principal(app, authorization, now).await,
     };
     match result {
         Ok(p) => Ok(p),

@@ -61,6 +61,31 @@ pub struct App {
     pub identity: identity::Identity,
     /// What time it is (the system clock; tests may set it).
     pub clock: Arc<dyn clock::Clock>,
+    /// Services that authenticate with a client certificate (mutual TLS).
+    pub cert_services: Vec<tls::ServiceCert>,
+}
+
+/// Who is at the other end of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The client certificate's standing, decided once per connection.
+    pub cert: ClientCert,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientCert {
+    None,
+    /// Verified against the client CA and mapped to a configured service.
+    Service(tls::ServiceCert),
+    /// Verified against the client CA but naming no configured service.
+    Unmapped,
+}
+
+impl Peer {
+    pub fn source(&self) -> String {
+        self.addr.ip().to_string()
+    }
 }
 
 /// A successful answer before it becomes an HTTP response (or a batch entry).
@@ -196,7 +221,7 @@ fn request_id() -> String {
 }
 
 /// One request, start to finish: route, run, add headers, count, log.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let rid = request_id();
     let method = req.method().clone();
@@ -220,7 +245,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> 
     resp
 }
 
-async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> (&'static str, Result<Reply, ApiError>) {
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/healthz" => ("healthz", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", "ok\n".into()))),
@@ -305,11 +330,11 @@ pub(crate) fn only_get(req: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
-async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> (&'static str, Result<Reply, ApiError>) {
+async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> (&'static str, Result<Reply, ApiError>) {
     let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let source = peer.ip().to_string();
-    let principal = match fhir::authenticate(app, authz.as_deref(), rid, &source, now).await {
+    let source = peer.source();
+    let principal = match fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await {
         Ok(p) => p,
         Err(e) => return ("fhir_unauthenticated", Err(e)),
     };
@@ -337,12 +362,12 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAd
 }
 
 /// `GET /audit/entries/{index}`: one entry's canonical bytes, for auditors and admins.
-async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: SocketAddr) -> Result<Reply, ApiError> {
+async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> Result<Reply, ApiError> {
     only_get(&req)?;
     let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let source = peer.ip().to_string();
-    let principal = fhir::authenticate(app, authz.as_deref(), rid, &source, now).await?;
+    let source = peer.source();
+    let principal = fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
     let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
     let index = req.uri().path().trim_start_matches("/audit/entries/").to_string();
     match auditapi::entry(app, &ctx, &index).await {
@@ -440,14 +465,19 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Server
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => {
-                let Ok((tcp, peer)) = accepted else { continue };
+                let Ok((tcp, addr)) = accepted else { continue };
                 let _ = tcp.set_nodelay(true);
                 let (app, acceptor) = (app.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
+                    let cert = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                        None => ClientCert::None,
+                        Some(c) => tls::service_for(c, &app.cert_services).map_or(ClientCert::Unmapped, ClientCert::Service),
+                    };
+                    let peer = Arc::new(Peer { addr, cert });
                     let svc = hyper::service::service_fn(move |req| {
-                        let app = app.clone();
-                        async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
+                        let (app, peer) = (app.clone(), peer.clone());
+                        async move { Ok::<_, Infallible>(handle(app, req, &peer).await) }
                     });
                     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(15));

@@ -14,6 +14,63 @@ pub struct Config {
     pub siem: SiemConfig,
     pub audit: AuditConfig,
     pub auth: AuthConfig,
+    pub mtls: MtlsConfig,
+}
+
+/// Mutual TLS for services: a client CA, and which certificates act as which service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtlsConfig {
+    /// CA certificates (PEM) client certificates must chain to, relative to the data directory.
+    /// Unset: no client certificates are asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MtlsService>,
+}
+
+/// A certificate valid for `dns_name` (subjectAltName) acts as service `name` with `role`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsService {
+    pub name: String,
+    pub dns_name: String,
+    #[serde(default = "service_role")]
+    pub role: String,
+}
+
+fn service_role() -> String {
+    "service".into()
+}
+
+impl MtlsConfig {
+    /// The client CA's PEM (None when mutual TLS is off) and the services, checked.
+    pub fn load(&self, data_dir: &Path) -> Result<(Option<Vec<u8>>, Vec<valv_server::tls::ServiceCert>), String> {
+        let Some(ca) = &self.client_ca else {
+            if !self.services.is_empty() {
+                return Err("[mtls] lists services but no client_ca to verify their certificates".into());
+            }
+            return Ok((None, Vec::new()));
+        };
+        let path = if ca.is_absolute() { ca.clone() } else { data_dir.join(ca) };
+        let pem = std::fs::read(&path).map_err(|e| format!("[mtls] client_ca {}: {e}", path.display()))?;
+        let mut services = Vec::new();
+        for s in &self.services {
+            if !valv_server::auth::API_KEY_ROLES.contains(&s.role.as_str()) {
+                return Err(format!("[mtls] service '{}': role '{}' is not a service role ({})", s.name, s.role, valv_server::auth::API_KEY_ROLES.join(", ")));
+            }
+            if rustls_dns_ok(&s.dns_name) {
+                services.push(valv_server::tls::ServiceCert { name: s.name.clone(), dns_name: s.dns_name.clone(), role: s.role.clone() });
+            } else {
+                return Err(format!("[mtls] service '{}': '{}' is not a DNS name", s.name, s.dns_name));
+            }
+        }
+        Ok((Some(pem), services))
+    }
+}
+
+fn rustls_dns_ok(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
 }
 
 /// Sign-in: password hashing, policy, MFA, sessions, lockout and rate limits (docs/SECURITY.md).

@@ -150,6 +150,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         audit_vkey,
         identity,
         clock: valv_server::clock::from_env()?,
+        cert_services: cfg.mtls.load(dir)?.1,
     };
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }

@@ -283,7 +283,8 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let (cert, key) = datadir::tls_files(&opened);
     let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);
-    let tls = valv_server::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12)?;
+    let (client_ca, _) = opened.config.mtls.load(&opened.data_dir)?;
+    let tls = valv_server::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12, client_ca.as_deref())?;
     let addr = opened.config.server.listen.clone();
     let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;

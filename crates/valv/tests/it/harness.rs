@@ -59,7 +59,8 @@ impl Server {
     }
 
     /// As [`Server::start_with`], with the `key = value` lines of `toml` replacing those keys in
-    /// the `valv.toml` that init wrote (section headers in `toml` are for the reader).
+    /// the `valv.toml` that init wrote; keys and tables it lacks are appended (so they land in
+    /// its last section, `[mtls]`).
     pub fn start_configured(tag: &str, env: &[(&str, &str)], toml: &str) -> Server {
         let dir = temp_dir(tag);
         let data = dir.join("valv-data");
@@ -67,10 +68,15 @@ impl Server {
         if !toml.is_empty() {
             let path = data.join("valv.toml");
             let mut text = std::fs::read_to_string(&path).expect("valv.toml");
-            for line in toml.lines().filter(|l| l.contains('=')) {
+            for line in toml.lines().map(str::trim).filter(|l| !l.is_empty()) {
                 let key = line.split('=').next().unwrap_or("").trim();
-                let old = text.lines().find(|l| l.split('=').next().is_some_and(|k| k.trim() == key)).unwrap_or_else(|| panic!("valv.toml has no key {key}")).to_string();
-                text = text.replacen(&old, line, 1);
+                let existing = text.lines().find(|l| if line.starts_with('[') { l.trim() == line } else { l.split('=').next().is_some_and(|k| k.trim() == key) }).map(str::to_string);
+                match existing {
+                    Some(_) if line.starts_with('[') => {}
+                    Some(old) => text = text.replacen(&old, line, 1),
+                    // New keys and tables go at the end, which is the last section init wrote ([mtls]).
+                    None => text = format!("{}\n{line}\n", text.trim_end()),
+                }
             }
             std::fs::write(&path, text).expect("write valv.toml");
         }
@@ -153,6 +159,21 @@ impl Server {
         Client { port, tls: client_tls(&data.join("tls/cert.pem")), admin_key: admin_key.to_string() }
     }
 
+    /// A client presenting a client certificate (PEM chain and key) for mutual TLS.
+    pub fn client_with_cert(&self, chain_pem: &str, key_pem: &str) -> Client {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>().expect("chain");
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots(&self.data.join("tls/cert.pem")))
+            .with_client_auth_cert(chain, key)
+            .expect("client cert");
+        Client { port: self.port, tls: Arc::new(tls), admin_key: self.admin_key.clone() }
+    }
+
     /// A handle that can talk to the server from other tasks.
     pub fn client(&self) -> Client {
         Client { port: self.port, tls: self.tls.clone(), admin_key: self.admin_key.clone() }
@@ -184,6 +205,10 @@ pub struct Client {
 }
 
 impl Client {
+    pub async fn get(&self, path: &str, key: Option<&str>) -> Result<Resp, String> {
+        self.try_request("GET", path, key, None, &[]).await
+    }
+
     /// One request on a fresh connection; a failed connection is an error rather than a panic.
     pub async fn try_request(&self, method: &str, path: &str, key: Option<&str>, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Resp, String> {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.map_err(|e| format!("connect: {e}"))?;
@@ -253,12 +278,17 @@ impl Resp {
     }
 }
 
-fn client_tls(cert: &Path) -> Arc<rustls::ClientConfig> {
+fn roots(cert: &Path) -> rustls::RootCertStore {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).expect("cert file") {
         roots.add(c.expect("cert")).expect("add root");
     }
+    roots
+}
+
+fn client_tls(cert: &Path) -> Arc<rustls::ClientConfig> {
+    let roots = roots(cert);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)

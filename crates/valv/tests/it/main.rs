@@ -8,6 +8,7 @@ mod errors;
 mod harness;
 mod identity;
 mod independent;
+mod mtls;
 mod search;
 mod security;
 mod siem;
