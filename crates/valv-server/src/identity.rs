@@ -527,6 +527,10 @@ impl Identity {
     /// Counts a failure (locking the account at the threshold).
     async fn failed(&self, mut user: User, reason: &'static str, now: i64) -> Result<LoginOutcome, ApiError> {
         for _ in 0..5 {
+            // An attempt that raced with the one that locked the account does not count again.
+            if user.failures.locked(now) {
+                return Ok(LoginOutcome::Failed { user: Some(user), reason: "locked", locked_now: false });
+            }
             let (failures, locked_now) = self.settings.lockout.after_failure(user.failures, now);
             user.failures = failures;
             match self.save(&mut user).await {
