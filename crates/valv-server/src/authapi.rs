@@ -110,6 +110,7 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
         "/auth/enroll/confirm" => "auth_enroll",
         "/auth/password" => "auth_password",
         "/auth/me" => "auth_me",
+        p if p.starts_with("/auth/oidc/") => "auth_oidc",
         _ => return ("unknown", Err(ApiError::not_found("no such endpoint under /auth"))),
     };
     if let Err((wait, first)) = app.identity.rate_limit(&source, now) {
@@ -124,6 +125,14 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
             }
         }
         return (route, Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("too many requests from this address; retry in {wait} s")).retry_after(wait)));
+    }
+    if route == "auth_oidc" {
+        let query = req.uri().query().unwrap_or("").to_string();
+        let result = match req.method() == Method::GET {
+            true => oidc_route(app, path.trim_start_matches("/auth/oidc/"), &query, rid, &source, now).await,
+            false => Err(ApiError::method_not_allowed("use GET")),
+        };
+        return (route, result);
     }
     let started = std::time::Instant::now();
     let result = match (route, req.method().clone()) {
@@ -183,6 +192,42 @@ async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Re
             record(app, events).await?;
             Err(ApiError::unauthorized(LOGIN_FAILED).recorded())
         }
+    }
+}
+
+/// `GET /auth/oidc/{provider}/login` redirects to the provider; `GET /auth/oidc/{provider}/callback`
+/// finishes the sign-in and answers the provider's access token for this API.
+async fn oidc_route(app: &App, rest: &str, query: &str, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+    let (name, step) = rest.split_once('/').ok_or_else(|| ApiError::not_found("use /auth/oidc/{provider}/login"))?;
+    match step {
+        "login" => app.oidc.start(name, now).await.map(Reply::redirect).map_err(ApiError::not_found),
+        "callback" => {
+            let pairs = crate::query::parse(query).map_err(ApiError::bad_request)?;
+            let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            if let Some(err) = get("error") {
+                let ev = event(rid, source, now, "login-sso", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, &format!("provider-error: {}", err.chars().take(64).collect::<String>()))?;
+                record(app, vec![ev]).await?;
+                return Err(ApiError::unauthorized("the identity provider did not sign the person in").recorded());
+            }
+            let (Some(code), Some(state)) = (get("code"), get("state")) else {
+                return Err(ApiError::bad_request("the callback needs 'code' and 'state'"));
+            };
+            match app.oidc.finish(name, &code, &state, now).await {
+                Ok(signed) => {
+                    let p = &signed.principal;
+                    let agent = Who { agent_id: &p.id, agent_name: &p.name, roles: &p.roles };
+                    record(app, vec![event(rid, source, now, "login-sso", Outcome::Success, StatusCode::OK, &agent, None, &format!("oidc:{name}"))?]).await?;
+                    app.metrics.logins.fetch_add(1, Ordering::Relaxed);
+                    Ok(json_reply(StatusCode::OK, json!({"access_token": signed.access_token, "token_type": "Bearer", "expires_in": signed.expires_in, "id": p.id, "roles": p.roles})))
+                }
+                Err(reason) => {
+                    app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
+                    record(app, vec![event(rid, source, now, "login-sso", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, reason)?]).await?;
+                    Err(ApiError::unauthorized("single sign-on failed; start again").recorded())
+                }
+            }
+        }
+        _ => Err(ApiError::not_found("use /auth/oidc/{provider}/login")),
     }
 }
 

@@ -20,6 +20,7 @@ pub mod fhir;
 pub mod identity;
 pub mod integrator;
 pub mod metrics;
+pub mod oidc;
 pub mod policy;
 pub mod query;
 pub mod siem;
@@ -61,6 +62,8 @@ pub struct App {
     pub identity: identity::Identity,
     /// What time it is (the system clock; tests may set it).
     pub clock: Arc<dyn clock::Clock>,
+    /// Single sign-on providers.
+    pub oidc: oidc::Oidc,
     /// Services that authenticate with a client certificate (mutual TLS).
     pub cert_services: Vec<tls::ServiceCert>,
 }
@@ -98,21 +101,27 @@ pub struct Reply {
     pub location: bool,
     /// A body sent as it is, with its content type (plain text, or stored FHIR JSON).
     pub text: Option<(&'static str, Bytes)>,
+    /// A Location to redirect to (browser sign-in).
+    pub redirect: Option<String>,
 }
 
 impl Reply {
     pub fn json(status: StatusCode, body: Value) -> Self {
-        Reply { status, body: Some(body), resource: None, location: false, text: None }
+        Reply { status, body: Some(body), resource: None, location: false, text: None, redirect: None }
     }
     pub fn text(content_type: &'static str, text: String) -> Self {
         Self::text_with_status(StatusCode::OK, content_type, text)
     }
     pub fn text_with_status(status: StatusCode, content_type: &'static str, text: String) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))) }
+        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))), redirect: None }
+    }
+    /// 302 to `url`.
+    pub fn redirect(url: String) -> Self {
+        Reply { redirect: Some(url), ..Self::empty(StatusCode::FOUND) }
     }
     /// A status without a body (204).
     pub fn empty(status: StatusCode) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: None }
+        Reply { status, body: None, resource: None, location: false, text: None, redirect: None }
     }
     /// A stored resource's JSON bytes as they are.
     pub fn raw_resource(status: StatusCode, v: &valv_store::StoredVersion, json: Vec<u8>) -> Self {
@@ -122,10 +131,11 @@ impl Reply {
             resource: Some((v.resource_type.clone(), v.id.clone(), v.version, v.last_updated)),
             location: false,
             text: Some((FHIR_JSON, Bytes::from(json))),
+            redirect: None,
         }
     }
     pub fn resource(status: StatusCode, r: Resource) -> Self {
-        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None }
+        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None, redirect: None }
     }
 
     /// This reply as a batch-response entry.
@@ -149,6 +159,9 @@ impl Reply {
 
     fn into_response(self, base: &str) -> Response<Full<Bytes>> {
         let mut builder = Response::builder().status(self.status);
+        if let Some(url) = &self.redirect {
+            builder = builder.header(header::LOCATION, url);
+        }
         if let Some((t, id, v, lu)) = &self.resource {
             builder = builder.header(header::ETAG, format!("W/\"{v}\"")).header(header::LAST_MODIFIED, http_date(*lu));
             if self.location {

@@ -15,6 +15,111 @@ pub struct Config {
     pub audit: AuditConfig,
     pub auth: AuthConfig,
     pub mtls: MtlsConfig,
+    pub oidc: OidcConfig,
+}
+
+/// Single sign-on: OpenID Connect providers whose tokens Valv accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OidcConfig {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<OidcProvider>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcProvider {
+    /// Used in URLs: `/auth/oidc/<name>/login`.
+    pub name: String,
+    /// `https://…`, exactly as in the provider's tokens.
+    pub issuer: String,
+    /// The audience API access tokens must carry (this server's resource identifier).
+    pub audience: String,
+    pub client_id: String,
+    /// A file holding the client secret (mode 0600), relative to the data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret_file: Option<PathBuf>,
+    /// This server's callback URL as registered at the provider; unset: no browser sign-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+    #[serde(default = "oidc_algorithms")]
+    pub algorithms: Vec<String>,
+    /// Refuse tokens that show no second factor.
+    #[serde(default = "yes")]
+    pub require_mfa: bool,
+    #[serde(default = "oidc_amr")]
+    pub mfa_amr: Vec<String>,
+    #[serde(default)]
+    pub mfa_acr: Vec<String>,
+    #[serde(default = "oidc_roles_claim")]
+    pub roles_claim: String,
+    #[serde(default = "oidc_units_claim")]
+    pub units_claim: String,
+    #[serde(default = "oidc_username_claim")]
+    pub username_claim: String,
+    /// CA certificates (PEM) for the provider's HTTPS; default: the system's bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn oidc_algorithms() -> Vec<String> {
+    ["RS256", "PS256", "ES256", "EdDSA"].map(String::from).to_vec()
+}
+fn yes() -> bool {
+    true
+}
+fn oidc_amr() -> Vec<String> {
+    ["mfa", "otp", "hwk", "swk", "sc", "fpt", "face", "iris", "retina"].map(String::from).to_vec()
+}
+fn oidc_roles_claim() -> String {
+    "roles".into()
+}
+fn oidc_units_claim() -> String {
+    "units".into()
+}
+fn oidc_username_claim() -> String {
+    "preferred_username".into()
+}
+
+const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+impl OidcConfig {
+    pub fn settings(&self, data_dir: &Path) -> Result<Vec<valv_server::oidc::ProviderSettings>, String> {
+        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { data_dir.join(p) };
+        let mut out = Vec::new();
+        for p in &self.providers {
+            let client_secret = match &p.client_secret_file {
+                Some(f) => {
+                    let path = resolve(f);
+                    let meta = std::fs::metadata(&path).map_err(|e| format!("[oidc] {}: client secret {}: {e}", p.name, path.display()))?;
+                    if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
+                        return Err(format!("[oidc] {}: client secret {} is open to group or others; chmod 600 it", p.name, path.display()));
+                    }
+                    Some(std::fs::read_to_string(&path).map_err(|e| format!("[oidc] {}: {e}", p.name))?.trim().to_string())
+                }
+                None => None,
+            };
+            let ca = p.ca_file.as_ref().map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), resolve);
+            let ca_pem = std::fs::read(&ca).map_err(|e| format!("[oidc] {}: CA file {}: {e}", p.name, ca.display()))?;
+            out.push(valv_server::oidc::ProviderSettings {
+                name: p.name.clone(),
+                issuer: p.issuer.clone(),
+                audience: p.audience.clone(),
+                client_id: p.client_id.clone(),
+                client_secret,
+                redirect_uri: p.redirect_uri.clone(),
+                algorithms: p.algorithms.clone(),
+                require_mfa: p.require_mfa,
+                mfa_amr: p.mfa_amr.clone(),
+                mfa_acr: p.mfa_acr.clone(),
+                roles_claim: p.roles_claim.clone(),
+                units_claim: p.units_claim.clone(),
+                username_claim: p.username_claim.clone(),
+                ca_pem,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// Mutual TLS for services: a client CA, and which certificates act as which service.

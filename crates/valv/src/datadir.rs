@@ -151,6 +151,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         identity,
         clock: valv_server::clock::from_env()?,
         cert_services: cfg.mtls.load(dir)?.1,
+        oidc: valv_server::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
     };
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }

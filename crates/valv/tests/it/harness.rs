@@ -59,8 +59,8 @@ impl Server {
     }
 
     /// As [`Server::start_with`], with the `key = value` lines of `toml` replacing those keys in
-    /// the `valv.toml` that init wrote; keys and tables it lacks are appended (so they land in
-    /// its last section, `[mtls]`).
+    /// the `valv.toml` that init wrote; keys it lacks go under their section's header, and
+    /// `[[array]]` tables are appended.
     pub fn start_configured(tag: &str, env: &[(&str, &str)], toml: &str) -> Server {
         let dir = temp_dir(tag);
         let data = dir.join("valv-data");
@@ -68,14 +68,27 @@ impl Server {
         if !toml.is_empty() {
             let path = data.join("valv.toml");
             let mut text = std::fs::read_to_string(&path).expect("valv.toml");
+            // The section the lines below belong to, while it is one init wrote.
+            let mut section: Option<String> = None;
             for line in toml.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                if line.starts_with("[[") {
+                    section = None;
+                    text = format!("{}\n{line}\n", text.trim_end());
+                    continue;
+                }
+                if line.starts_with('[') {
+                    section = text.lines().any(|l| l.trim() == line).then(|| line.to_string());
+                    if section.is_none() {
+                        text = format!("{}\n{line}\n", text.trim_end());
+                    }
+                    continue;
+                }
                 let key = line.split('=').next().unwrap_or("").trim();
-                let existing = text.lines().find(|l| if line.starts_with('[') { l.trim() == line } else { l.split('=').next().is_some_and(|k| k.trim() == key) }).map(str::to_string);
-                match existing {
-                    Some(_) if line.starts_with('[') => {}
-                    Some(old) => text = text.replacen(&old, line, 1),
-                    // New keys and tables go at the end, which is the last section init wrote ([mtls]).
-                    None => text = format!("{}\n{line}\n", text.trim_end()),
+                let existing = text.lines().find(|l| l.split('=').next().is_some_and(|k| k.trim() == key)).map(str::to_string);
+                match (existing, &section) {
+                    (Some(old), _) => text = text.replacen(&old, line, 1),
+                    (None, Some(header)) => text = text.replacen(&format!("{header}\n"), &format!("{header}\n{line}\n"), 1),
+                    (None, None) => text = format!("{}\n{line}\n", text.trim_end()),
                 }
             }
             std::fs::write(&path, text).expect("write valv.toml");
