@@ -9,6 +9,7 @@ mod harness;
 mod identity;
 mod independent;
 mod mtls;
+mod oidc;
 mod search;
 mod security;
 mod siem;
