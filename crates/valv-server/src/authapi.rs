@@ -179,6 +179,11 @@ async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Re
             app.metrics.logins.fetch_add(1, Ordering::Relaxed);
             Ok(json_reply(StatusCode::OK, json!({"access_token": token, "token_type": "Bearer", "expires_in": expires_in})))
         }
+        LoginOutcome::Failed { user: Some(user), reason: "password-expired", .. } => {
+            // Only someone who gave the password and the second factor learns this.
+            record(app, vec![event(rid, source, now, "login", Outcome::Denied, StatusCode::FORBIDDEN, &user_who(&user), Some(&user), "password-expired")?]).await?;
+            Err(ApiError::forbidden("the password has expired: change it with POST /auth/password {username, current_password, new_password, totp}").recorded())
+        }
         LoginOutcome::Failed { user, reason, locked_now } => {
             app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
             let agent = user.as_ref().map_or(NOBODY, user_who);
@@ -289,8 +294,24 @@ async fn confirm(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> 
     }
 }
 
+/// `POST /auth/password`: with a session, or (an expired password) with the user name; either
+/// way the current password and a TOTP code are asked again. Without a session, a wrong answer
+/// counts towards lockout like a failed login.
 async fn change_password(app: &App, authorization: Option<&str>, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
-    let (user, _) = session_user(app, authorization, rid, source, now).await?;
+    let signed_in = authorization.is_some();
+    let user = if signed_in {
+        session_user(app, authorization, rid, source, now).await?.0
+    } else {
+        let username = body_field(body, "username")?;
+        let found = app.identity.find(username).await?.filter(|u| u.state == valv_identity::UserState::Active && !u.failures.locked(now));
+        match found {
+            Some(u) => u,
+            None => {
+                record(app, vec![event(rid, source, now, "password-change", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, "unknown-locked-or-inactive-user")?]).await?;
+                return Err(ApiError::unauthorized(LOGIN_FAILED).recorded());
+            }
+        }
+    };
     let current = body_field(body, "current_password")?;
     let new = body_field(body, "new_password")?;
     let code = opt_field(body, "totp")?;
@@ -307,8 +328,16 @@ async fn change_password(app: &App, authorization: Option<&str>, body: &Value, r
             Ok(Reply::empty(StatusCode::NO_CONTENT))
         }
         Err(err) => {
-            let ev = event(rid, source, now, "password-change", Outcome::Denied, err.status, &user_who(&user), Some(&user), &err.diagnostics)?;
-            record(app, vec![ev]).await?;
+            let mut events = vec![event(rid, source, now, "password-change", Outcome::Denied, err.status, &user_who(&user), Some(&user), &err.diagnostics)?];
+            if !signed_in && err.status == StatusCode::FORBIDDEN {
+                if app.identity.count_failure(user.clone(), now).await? {
+                    app.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
+                    events.push(event(rid, source, now, "lockout", Outcome::Denied, StatusCode::UNAUTHORIZED, &user_who(&user), Some(&user), "locked after failed password changes")?);
+                }
+                record(app, events).await?;
+                return Err(ApiError::unauthorized(LOGIN_FAILED).recorded());
+            }
+            record(app, events).await?;
             Err(err.recorded())
         }
     }

@@ -524,6 +524,15 @@ impl Identity {
         }
     }
 
+    /// Counts a failed attempt by other means than login (a password change without a session);
+    /// returns whether it locked the account.
+    pub async fn count_failure(&self, user: User, now: i64) -> Result<bool, ApiError> {
+        match self.failed(user, "wrong-credentials", now).await? {
+            LoginOutcome::Failed { locked_now, .. } => Ok(locked_now),
+            LoginOutcome::Ok { .. } => Ok(false),
+        }
+    }
+
     /// Counts a failure (locking the account at the threshold).
     async fn failed(&self, mut user: User, reason: &'static str, now: i64) -> Result<LoginOutcome, ApiError> {
         for _ in 0..5 {

@@ -483,6 +483,7 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, now, r32, r16)?;
             store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
+            valv_server::authapi::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role})", record.id, name), now).await.map_err(|e| e.diagnostics)?;
             println!("created API key '{name}' (id {}, role {role}); it is shown only once:", record.id);
             println!("{key}");
         }
@@ -505,6 +506,7 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             if !store.revoke_api_key(&r.id, now, &r.mac).await.map_err(|e| e.to_string())? {
                 return Err(format!("API key '{id_or_name}' changed while revoking it; try again"));
             }
+            valv_server::authapi::audit_local(&opened.app, "apikey-revoke", None, format!("key {} ({})", r.id, r.name), now).await.map_err(|e| e.diagnostics)?;
             println!("revoked API key '{id_or_name}'");
         }
     }

@@ -383,12 +383,39 @@ async fn admin_surface_and_cli() {
     assert_eq!(listed.json["users"].as_array().map(Vec::len), Some(1), "{}", listed.text);
     assert!(!listed.text.contains("argon2") && !listed.text.contains("totp_secret"), "no secrets in user listings");
 
+    run_ok(&s.data, &["apikey", "create", "--name", "lab-import", "--role", "service"]);
+    run_ok(&s.data, &["apikey", "revoke", "lab-import"]);
+
     // Reset MFA: sessions end, a new enrollment token is issued.
     let reset = run_ok(&s.data, &["user", "reset-mfa", "per.dahl"]);
     assert!(last_line(&reset).starts_with("valve_"), "{reset}");
     s.request("GET", "/auth/me", Some(&t), None, &[]).await.outcome(401);
     let log = audit_export(&s);
-    for what in ["user-disable", "user-enable", "user-set-roles", "user-reset-mfa", "users-need-admin", "console:"] {
+    for what in ["user-disable", "user-enable", "user-set-roles", "user-reset-mfa", "users-need-admin", "console:", "apikey-create", "apikey-revoke"] {
         assert!(log.contains(what), "audited: {what}");
     }
+}
+
+#[tokio::test]
+async fn expired_passwords_are_changed_before_signing_in() {
+    let s = Server::start_configured("ident-expiry", &[], &format!("{FAST}max_password_age_days = 90\n"));
+    let mut now = now_ms();
+    s.set_clock(now);
+    let secret = enrolled(&s, "lisa.ny", "nurse", now).await;
+    now += 91 * 24 * 60 * MIN;
+    s.set_clock(now);
+    // Wrong password: the generic answer. Right password and code: told to change it.
+    login(&s, "lisa.ny", "not the password at all", Some(&totp(&secret, now))).await.outcome(401);
+    let expired = login(&s, "lisa.ny", PASSWORD, Some(&totp(&secret, now))).await;
+    assert!(expired.outcome(403).contains("expired"), "{}", expired.text);
+    // Changing it without a session needs the same proof; wrong proofs count towards lockout.
+    let wrong = auth(&s, "/auth/password", None, json!({"username": "lisa.ny", "current_password": "nope nope nope", "new_password": "amber kestrel lantern", "totp": totp(&secret, now)})).await;
+    wrong.outcome(401);
+    let changed = auth(&s, "/auth/password", None, json!({"username": "lisa.ny", "current_password": PASSWORD, "new_password": "amber kestrel lantern", "totp": totp(&secret, now)})).await;
+    assert_eq!(changed.status, 204, "{}", changed.text);
+    now += 30_000;
+    s.set_clock(now);
+    access_token(&login(&s, "lisa.ny", "amber kestrel lantern", Some(&totp(&secret, now))).await);
+    let log = audit_export(&s);
+    assert!(log.contains("password-expired") && log.contains("\"interaction\":\"password-change\""));
 }
