@@ -168,10 +168,31 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
 }
 
 async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
-    let attempt: Login = serde_json::from_value(body.clone()).map_err(|e| ApiError::bad_request(format!("a login is {{username, password, totp}} or {{username, password, recovery_code}}: {e}")))?;
-    match app.identity.login(&attempt, now).await? {
+    // Every attempt leaves an entry, including those that fail before a password is checked.
+    let outcome = match serde_json::from_value::<Login>(body.clone()) {
+        Err(e) => Err(ApiError::bad_request(format!("a login is {{username, password, totp}} or {{username, password, recovery_code}}: {e}"))),
+        Ok(attempt) => match app.identity.login(&attempt, now).await {
+            Ok(o) => Ok((attempt, o)),
+            Err(e) => Err(e),
+        },
+    };
+    let (attempt, outcome) = match outcome {
+        Ok(x) => x,
+        Err(err) => {
+            app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
+            let result = if err.status.is_server_error() { Outcome::Error } else { Outcome::Denied };
+            record(app, vec![event(rid, source, now, "login", result, err.status, &NOBODY, None, &err.diagnostics)?]).await?;
+            return Err(err.recorded());
+        }
+    };
+    match outcome {
         LoginOutcome::Ok { user, token, expires_in, used_recovery } => {
-            let mut events = vec![event(rid, source, now, "login", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), if used_recovery { "password-and-recovery-code" } else { "password-and-totp" })?];
+            let how = match (used_recovery, attempt.totp.is_some()) {
+                (true, _) => "password-and-recovery-code",
+                (false, true) => "password-and-totp",
+                (false, false) => "password-only",
+            };
+            let mut events = vec![event(rid, source, now, "login", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), how)?];
             if used_recovery {
                 events.push(event(rid, source, now, "recovery-code-use", Outcome::Success, StatusCode::OK, &user_who(&user), Some(&user), &format!("{} recovery codes left", user.recovery.len()))?);
             }

@@ -34,6 +34,8 @@ pub fn from_env() -> Result<std::sync::Arc<dyn Clock>, String> {
         None => Ok(std::sync::Arc::new(SystemClock)),
         Some(_) if !cfg!(debug_assertions) => Err("VALV_TEST_CLOCK_FILE is set, but a release build only uses the system clock; unset it".into()),
         Some(path) => {
+            // Said on stderr too: this runs before logging is set up.
+            eprintln!("valv: using the test clock in VALV_TEST_CLOCK_FILE: times are not the system's");
             tracing::warn!("using the test clock in VALV_TEST_CLOCK_FILE: times are not the system's");
             Ok(std::sync::Arc::new(FileClock(PathBuf::from(path))))
         }

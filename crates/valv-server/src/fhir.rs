@@ -614,6 +614,8 @@ async fn bearer_principal(app: &App, authorization: Option<&str>, now: i64) -> R
         }),
         Ok(token) if token.starts_with(valv_identity::codes::SESSION_PREFIX) => match app.identity.session(token, now).await {
             Ok(user) => Ok(auth::user_principal(&user)),
+            // The session could not be checked: not the caller's fault, and not a verdict on it.
+            Err(reason @ "storage") => Err((ApiError::unavailable("sessions cannot be checked right now"), reason)),
             Err(reason) => Err((ApiError::unauthorized("the access token is not valid or the session has ended; sign in again"), reason)),
         },
         Ok(token) => auth::authenticate(&**app.vault.store(), &app.records, token).await.map_err(|e| (e, "invalid-credential")),

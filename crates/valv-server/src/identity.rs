@@ -36,7 +36,8 @@ pub struct Settings {
     pub issuer: String,
     /// Passwords older than this must be changed before login (0: never).
     pub max_password_age_days: u32,
-    /// Password hashes computed at once; more wait (up to `hash_queue`), beyond that 503.
+    /// Password hashes computed at once (0: half the cores); more wait (up to `hash_queue`),
+    /// beyond that 503.
     pub hash_concurrency: usize,
     pub hash_queue: usize,
     /// Every login answer takes at least this long, so its timing tells nothing.
@@ -55,7 +56,7 @@ impl Default for Settings {
             mfa_for_all: true,
             issuer: "Valv".into(),
             max_password_age_days: 0,
-            hash_concurrency: std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            hash_concurrency: 0,
             hash_queue: 64,
             login_floor_ms: 250,
             enrollment_ttl_ms: 24 * 3_600_000,
@@ -79,7 +80,7 @@ pub struct User {
     pub created: i64,
     /// Argon2id PHC string.
     pub password: Option<String>,
-    /// The previous passwords' hashes, newest first (at most five).
+    /// The previous passwords' hashes, newest first: with the current one, the last five.
     pub password_history: Vec<String>,
     pub password_changed: Option<i64>,
     /// Hex of the TOTP secret (the whole record is sealed).
@@ -94,7 +95,8 @@ pub struct User {
     pub sessions_valid_after: i64,
     #[serde(skip)]
     pub version: u64,
-    #[serde(skip)]
+    /// Hash of the pending enrollment token. Sealed with the record; the row's column of the same
+    /// value is only the index it is found by (a hash written into that column alone opens nothing).
     enrollment_hash: Option<[u8; 32]>,
 }
 
@@ -195,7 +197,10 @@ fn random<const N: usize>() -> Result<[u8; N], ApiError> {
 }
 
 impl Identity {
-    pub fn new(store: Arc<dyn Store>, key: &valv_crypto::DataKey, blind: BlindIndexKey, macs: RecordMac, settings: Settings) -> Result<Self, String> {
+    pub fn new(store: Arc<dyn Store>, key: &valv_crypto::DataKey, blind: BlindIndexKey, macs: RecordMac, mut settings: Settings) -> Result<Self, String> {
+        if settings.hash_concurrency == 0 {
+            settings.hash_concurrency = std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2));
+        }
         let hasher = Hasher::new(settings.cost)?;
         let mut salt = [0u8; 16];
         getrandom::fill(&mut salt).map_err(|e| e.to_string())?;
@@ -243,7 +248,6 @@ impl Identity {
             return Err(StoreError::Integrity(format!("user record {} does not match its row", row.id)).into());
         }
         user.version = row.version;
-        user.enrollment_hash = row.enrollment_hash;
         Ok(user)
     }
 
@@ -385,8 +389,13 @@ impl Identity {
         if !codes::is_token(ENROLLMENT_PREFIX, token) {
             return Err(invalid());
         }
-        let row = self.store.user_by_enrollment(&codes::secret_hash(token)).await?.ok_or_else(invalid)?;
+        let hash = codes::secret_hash(token);
+        let row = self.store.user_by_enrollment(&hash).await?.ok_or_else(invalid)?;
         let user = self.open(row)?;
+        if user.enrollment_hash != Some(hash) {
+            tracing::error!(user_id = %user.id, "enrollment index does not match the sealed record: altered outside Valv");
+            return Err(invalid());
+        }
         if user.state != UserState::Pending || user.enrollment_expires.is_none_or(|t| now >= t) {
             return Err(invalid());
         }
@@ -396,8 +405,17 @@ impl Identity {
     /// Enrollment step one: the person sets their password and gets a TOTP secret to scan.
     pub async fn enroll(&self, token: &str, new_password: &str, now: i64) -> Result<Enrolled, ApiError> {
         let mut user = self.pending(token, now).await?;
-        let hash = self.new_password_hash(&user, new_password).await?;
-        Self::set_password(&mut user, hash, now);
+        // After an MFA reset the person may keep their password by giving it again.
+        let current = user.password.clone();
+        let pw = new_password.to_string();
+        let keeps_current = match current {
+            Some(phc) => self.hashing(move |h| h.verify(&phc, &pw)).await?,
+            None => false,
+        };
+        if !keeps_current {
+            let hash = self.new_password_hash(&user, new_password).await?;
+            Self::set_password(&mut user, hash, now);
+        }
         let secret = random::<{ totp::SECRET_LEN }>()?;
         user.totp_secret = Some(valv_crypto::hex::encode(&secret));
         user.totp_confirmed = false;
@@ -458,7 +476,8 @@ impl Identity {
     pub async fn login(&self, attempt: &Login, now: i64) -> Result<LoginOutcome, ApiError> {
         let user = if account::check_username(&attempt.username).is_ok() { self.find(&attempt.username).await? } else { None };
         let stored = user.as_ref().and_then(|u| u.password.clone()).unwrap_or_else(|| self.decoy.clone());
-        let pw = attempt.password.clone();
+        // No password is longer than the policy allows; a huge one is hashed as a short wrong one.
+        let pw = if attempt.password.len() > 4 * password::MAX_LENGTH { String::from("\u{0}") } else { attempt.password.clone() };
         let password_ok = self.hashing(move |h| h.verify(&stored, &pw)).await?;
         let Some(mut user) = user else {
             return Ok(LoginOutcome::Failed { user: None, reason: "unknown-user", locked_now: false });
@@ -487,7 +506,15 @@ impl Identity {
             return Ok(with_user(refuse("password-expired"), user));
         }
         user.failures = Failures::default();
-        self.save(&mut user).await?;
+        match self.save(&mut user).await {
+            Ok(()) => {}
+            // Another sign-in changed the account meanwhile (it may have used this very code):
+            // this one fails like any other, without telling why.
+            Err(e) if e.status == hyper::StatusCode::CONFLICT => return Ok(with_user(refuse("concurrent-sign-in"), user)),
+            Err(e) => return Err(e),
+        }
+        // Ended sessions are not kept: their rows would be a history of sign-in times.
+        let _ = self.store.delete_sessions_before(now - self.settings.session.absolute_ms).await;
         let token = codes::token(SESSION_PREFIX, &random()?);
         let hash = codes::secret_hash(&token);
         let mac = self.session_mac(&hash, &user.id, now);
@@ -581,7 +608,8 @@ impl Identity {
         }
         let user = match self.by_id(&row.user_id).await {
             Ok(Some(u)) => u,
-            _ => return Err("unknown-user"),
+            Ok(None) => return Err("unknown-user"),
+            Err(_) => return Err("storage"),
         };
         if user.state != UserState::Active || row.created < user.sessions_valid_after {
             return Err(self.end(&hash, "session-revoked").await);
@@ -661,7 +689,7 @@ impl Identity {
                 }
                 AdminChange::Enable => {
                     if user.state == UserState::Disabled {
-                        user.state = if user.totp_confirmed || user.password.is_some() { UserState::Active } else { UserState::Pending };
+                        user.state = if user.totp_confirmed { UserState::Active } else { UserState::Pending };
                     }
                 }
                 AdminChange::Unlock => user.failures = Failures::default(),

@@ -178,6 +178,8 @@ pub trait Store: Send + Sync {
     async fn touch_session(&self, token_hash: &[u8; 32], last_seen: i64) -> Result<(), StoreError>;
     /// Ends one session; false if there was none.
     async fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Removes sessions created before `created_before` (past their absolute lifetime).
+    async fn delete_sessions_before(&self, created_before: i64) -> Result<usize, StoreError>;
     /// Ends every session of a user; returns how many there were.
     async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError>;
     /// Appends audit entries durably (fsync) in order; returns the leaf index of the first.

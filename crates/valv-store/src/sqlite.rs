@@ -702,6 +702,10 @@ impl Store for SqliteStore {
         self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])? > 0))
     }
 
+    async fn delete_sessions_before(&self, created_before: i64) -> Result<usize, StoreError> {
+        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE created < ?1", params![created_before])?))
+    }
+
     async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError> {
         self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])?))
     }

@@ -203,7 +203,7 @@ pub struct AuthConfig {
     /// Requests a minute per client address to /auth/*, and the burst allowed at once.
     pub rate_per_minute: u32,
     pub rate_burst: u32,
-    /// Password hashes at once (default: half the cores) and how many more may wait.
+    /// Password hashes at once (0, the default: half the cores) and how many more may wait.
     pub hash_concurrency: usize,
     pub hash_queue: usize,
     /// Every login answer takes at least this long (ms), so its timing tells nothing.
@@ -244,7 +244,6 @@ impl AuthConfig {
         positive("lockout_minutes", self.lockout_minutes.into())?;
         positive("rate_per_minute", self.rate_per_minute.into())?;
         positive("rate_burst", self.rate_burst.into())?;
-        positive("hash_concurrency", self.hash_concurrency as u64)?;
         if self.min_password_score > 4 {
             return Err(format!("auth.min_password_score is 0 to 4, got {}", self.min_password_score));
         }
