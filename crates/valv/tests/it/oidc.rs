@@ -204,6 +204,7 @@ async fn single_sign_on_with_a_real_openid_provider() {
     assert_eq!(s.request("GET", "/auth/me", Some(&good), None, &[]).await.status, 200);
     let refused = [
         ("wrong audience", json!({"claims": {"aud": "https://elsewhere.test"}}), "jwt-wrong-audience"),
+        ("wrong issuer, signed with the provider's key", json!({"claims": {"iss": "https://evil.test"}}), "jwt-unknown-issuer"),
         ("expired", json!({"ttl": -600}), "jwt-expired"),
         ("alg none", json!({"alg": "none"}), "jwt-algorithm-not-allowed"),
         ("HS256 keyed with the public key", json!({"alg": "HS256"}), "jwt-algorithm-not-allowed"),
