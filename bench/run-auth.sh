@@ -95,6 +95,15 @@ reads() {
   read -r _ rps p50 p99 errors <<<"$line"
   printf '%-58s %7s reads/s   p50 %7s ms   p99 %7s ms   errors %s\n' "$name" "$rps" "$p50" "$p99" "$errors"
 }
+# Reads measured while a flood of wrong-password logins runs beside them.
+beside_flood() {
+  wrk -t1 -c"$FLOOD_CONNS" -d"$((SECONDS_PER_RUN + 2))s" -s "$out/flood.lua" "$base" >/dev/null 2>&1 &
+  local flood=$!
+  sleep 1
+  reads "$1"
+  wait "$flood" || true
+  flood_summary
+}
 flood_summary() {
   local a b c
   a=$(status_count 401); b=$(status_count 429); c=$(status_count 503)
@@ -108,12 +117,7 @@ curl -sk -H "Authorization: Bearer $admin" "$base/fhir/Observation?_count=1000" 
 write_read_script "$token"
 echo "== reads by a signed-in person ($(wc -l < "$out/obs-ids") observations), wrk -c$CONNS -d${SECONDS_PER_RUN}s"
 reads "1. alone"
-wrk -t1 -c"$FLOOD_CONNS" -d"$((SECONDS_PER_RUN + 2))s" -s "$out/flood.lua" "$base" >/dev/null 2>&1 &
-flood=$!
-sleep 1
-reads "2. beside a login flood, default limits"
-wait "$flood" || true
-flood_summary
+beside_flood "2. beside a login flood, default limits"
 
 # 3. The same flood with the per-address limit lifted: every attempt is hashed.
 stop_server
@@ -129,11 +133,6 @@ start_server
 sleep 31  # a fresh TOTP step for the new login
 token=$(login)
 write_read_script "$token"
-wrk -t1 -c"$FLOOD_CONNS" -d"$((SECONDS_PER_RUN + 2))s" -s "$out/flood.lua" "$base" >/dev/null 2>&1 &
-flood=$!
-sleep 1
-reads "3. beside a login flood, rate limit lifted (many addresses)"
-wait "$flood" || true
-flood_summary
-echo "   Argon2id: $(awk '/^argon2_memory_kib/ {print $3}' "$data/valv.toml") KiB, $(awk '/^argon2_iterations/ {print $3}' "$data/valv.toml") passes; hash concurrency $(awk '/^hash_concurrency/ {print $3}' "$data/valv.toml"), queue $(awk '/^hash_queue/ {print $3}' "$data/valv.toml")"
+beside_flood "3. beside a login flood, rate limit lifted (many addresses)"
+echo "   Argon2id: $(awk '/^argon2_memory_kib/ {print $3}' "$data/valv.toml") KiB, $(awk '/^argon2_iterations/ {print $3}' "$data/valv.toml") passes; hash concurrency $(awk '/^hash_concurrency/ {print $3}' "$data/valv.toml") (0: half the cores), queue $(awk '/^hash_queue/ {print $3}' "$data/valv.toml")"
 stop_server
