@@ -70,7 +70,7 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str) -> V
             "security": {
                 "cors": false,
                 "description": "HTTPS only. Every request except GET /metadata needs a bearer credential (an API key in this version). Resources are encrypted at rest with per-patient keys.",
-                "service": [{"text": "Bearer API keys (service accounts)"}]
+                "service": [{"text": "Bearer credentials: API keys (service accounts), session tokens from POST /auth/login (password + TOTP), or JWT access tokens from a configured OpenID Connect provider; or a client certificate (mutual TLS) mapped to a service"}]
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],

@@ -128,8 +128,9 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
     }
     if route == "auth_oidc" {
         let query = req.uri().query().unwrap_or("").to_string();
+        let browser = sso_cookie(req.headers());
         let result = match req.method() == Method::GET {
-            true => oidc_route(app, path.trim_start_matches("/auth/oidc/"), &query, rid, &source, now).await,
+            true => oidc_route(app, path.trim_start_matches("/auth/oidc/"), &query, browser.as_deref(), rid, &source, now).await,
             false => Err(ApiError::method_not_allowed("use GET")),
         };
         return (route, result);
@@ -146,20 +147,22 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
             let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
             match crate::read_json_body(app, req).await {
                 Err(e) => Err(e),
-                Ok(body) => match path.as_str() {
-                    "/auth/login" => {
-                        let r = login(app, &body, rid, &source, now).await;
-                        // Every answer takes at least the floor, so its timing tells nothing.
+                Ok(body) => {
+                    let r = match path.as_str() {
+                        "/auth/login" => login(app, &body, rid, &source, now).await,
+                        "/auth/enroll" => enroll(app, &body, rid, &source, now).await,
+                        "/auth/enroll/confirm" => confirm(app, &body, rid, &source, now).await,
+                        _ => change_password(app, authz.as_deref(), &body, rid, &source, now).await,
+                    };
+                    // Answers that check a password take at least the floor, so timing tells nothing.
+                    if matches!(path.as_str(), "/auth/login" | "/auth/password") {
                         let floor = std::time::Duration::from_millis(app.identity.settings.login_floor_ms);
                         if let Some(rest) = floor.checked_sub(started.elapsed()) {
                             tokio::time::sleep(rest).await;
                         }
-                        r
                     }
-                    "/auth/enroll" => enroll(app, &body, rid, &source, now).await,
-                    "/auth/enroll/confirm" => confirm(app, &body, rid, &source, now).await,
-                    _ => change_password(app, authz.as_deref(), &body, rid, &source, now).await,
-                },
+                    r
+                }
             }
         }
         _ => Err(ApiError::method_not_allowed("use POST")),
@@ -223,10 +226,19 @@ async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Re
 
 /// `GET /auth/oidc/{provider}/login` redirects to the provider; `GET /auth/oidc/{provider}/callback`
 /// finishes the sign-in and answers the provider's access token for this API.
-async fn oidc_route(app: &App, rest: &str, query: &str, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
+async fn oidc_route(app: &App, rest: &str, query: &str, browser: Option<&str>, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
     let (name, step) = rest.split_once('/').ok_or_else(|| ApiError::not_found("use /auth/oidc/{provider}/login"))?;
     match step {
-        "login" => app.oidc.start(name, now).await.map(Reply::redirect).map_err(ApiError::not_found),
+        "login" => match app.oidc.start(name, now).await {
+            Ok((url, secret)) => {
+                let mut reply = Reply::redirect(url);
+                // Ties the callback to this browser; sent back only to the sign-in endpoints.
+                reply.set_cookie = Some(format!("{SSO_COOKIE}={secret}; Path=/auth/oidc/; Secure; HttpOnly; SameSite=Lax; Max-Age=600"));
+                Ok(reply)
+            }
+            Err(crate::oidc::StartError::Unknown(m)) => Err(ApiError::not_found(m)),
+            Err(crate::oidc::StartError::Unavailable(m)) => Err(ApiError::unavailable(m).retry_after(5)),
+        },
         "callback" => {
             let pairs = crate::query::parse(query).map_err(ApiError::bad_request)?;
             let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
@@ -238,7 +250,9 @@ async fn oidc_route(app: &App, rest: &str, query: &str, rid: &str, source: &str,
             let (Some(code), Some(state)) = (get("code"), get("state")) else {
                 return Err(ApiError::bad_request("the callback needs 'code' and 'state'"));
             };
-            match app.oidc.finish(name, &code, &state, now).await {
+            let iss = get("iss");
+            let callback = crate::oidc::Callback { code: &code, state: &state, iss: iss.as_deref(), browser };
+            match app.oidc.finish(name, &callback, now).await {
                 Ok(signed) => {
                     let p = &signed.principal;
                     let agent = Who { agent_id: &p.id, agent_name: &p.name, roles: &p.roles };
@@ -255,6 +269,20 @@ async fn oidc_route(app: &App, rest: &str, query: &str, rid: &str, source: &str,
         }
         _ => Err(ApiError::not_found("use /auth/oidc/{provider}/login")),
     }
+}
+
+const SSO_COOKIE: &str = "valv_sso";
+
+/// The browser's sign-in cookie, if it sent one.
+fn sso_cookie(headers: &hyper::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == SSO_COOKIE)
+        .map(|(_, v)| v.to_string())
 }
 
 /// The signed-in person behind an `Authorization` header (sessions only).
@@ -323,12 +351,18 @@ async fn change_password(app: &App, authorization: Option<&str>, body: &Value, r
     let user = if signed_in {
         session_user(app, authorization, rid, source, now).await?.0
     } else {
+        // Only for a password that has expired: anything else signs in first.
         let username = body_field(body, "username")?;
-        let found = app.identity.find(username).await?.filter(|u| u.state == valv_identity::UserState::Active && !u.failures.locked(now));
-        match found {
+        let found = match valv_identity::account::check_username(username) {
+            Ok(()) => app.identity.find(username).await?,
+            Err(_) => None,
+        };
+        let usable = found.filter(|u| u.state == valv_identity::UserState::Active && !u.failures.locked(now) && app.identity.password_expired(u, now));
+        match usable {
             Some(u) => u,
             None => {
-                record(app, vec![event(rid, source, now, "password-change", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, "unknown-locked-or-inactive-user")?]).await?;
+                app.identity.decoy_check(body.get("current_password").and_then(Value::as_str).unwrap_or("")).await?;
+                record(app, vec![event(rid, source, now, "password-change", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, "no-expired-password-for-that-user")?]).await?;
                 return Err(ApiError::unauthorized(LOGIN_FAILED).recorded());
             }
         }

@@ -609,8 +609,9 @@ fn error_entry(err: &ApiError) -> Value {
 /// The principal of a bearer credential (session token or API key), or why there is none.
 async fn bearer_principal(app: &App, authorization: Option<&str>, now: i64) -> Result<Principal, (ApiError, &'static str)> {
     match auth::bearer(authorization) {
-        Ok(token) if valv_identity::jwt::looks_like_jwt(token) => app.oidc.authenticate(token, now).await.map_err(|reason| {
-            (ApiError::unauthorized("the identity provider's token is not accepted (issuer, audience, expiry, signature or second factor)"), reason)
+        Ok(token) if valv_identity::jwt::looks_like_jwt(token) => app.oidc.authenticate(token, now).await.map_err(|reason| match reason {
+            "oidc-provider-unreachable" => (ApiError::unavailable("the identity provider's keys cannot be fetched").retry_after(5), reason),
+            _ => (ApiError::unauthorized("the identity provider's token is not accepted (issuer, audience, expiry, signature or second factor)"), reason),
         }),
         Ok(token) if token.starts_with(valv_identity::codes::SESSION_PREFIX) => match app.identity.session(token, now).await {
             Ok(user) => Ok(auth::user_principal(&user)),

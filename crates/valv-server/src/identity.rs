@@ -500,9 +500,7 @@ impl Identity {
         if let Err(reason) = second_factor {
             return self.failed(user, reason, now).await;
         }
-        if self.settings.max_password_age_days > 0
-            && user.password_changed.is_some_and(|t| now - t > i64::from(self.settings.max_password_age_days) * 86_400_000)
-        {
+        if self.password_expired(&user, now) {
             return Ok(with_user(refuse("password-expired"), user));
         }
         user.failures = Failures::default();
@@ -549,6 +547,18 @@ impl Identity {
                 None => (Err("wrong-or-reused-totp"), false),
             },
         }
+    }
+
+    /// Whether `user`'s password is past the configured maximum age (never, when none is set).
+    pub fn password_expired(&self, user: &User, now: i64) -> bool {
+        self.settings.max_password_age_days > 0 && user.password_changed.is_some_and(|t| now - t > i64::from(self.settings.max_password_age_days) * 86_400_000)
+    }
+
+    /// Spends the time of a password check on nothing (answers about unknown accounts must take
+    /// as long as answers about real ones).
+    pub async fn decoy_check(&self, password: &str) -> Result<(), ApiError> {
+        let (decoy, pw) = (self.decoy.clone(), password.chars().take(password::MAX_LENGTH).collect::<String>());
+        self.hashing(move |h| h.verify(&decoy, &pw)).await.map(|_| ())
     }
 
     /// Counts a failed attempt by other means than login (a password change without a session);

@@ -103,17 +103,19 @@ pub struct Reply {
     pub text: Option<(&'static str, Bytes)>,
     /// A Location to redirect to (browser sign-in).
     pub redirect: Option<String>,
+    /// A Set-Cookie header (browser sign-in).
+    pub set_cookie: Option<String>,
 }
 
 impl Reply {
     pub fn json(status: StatusCode, body: Value) -> Self {
-        Reply { status, body: Some(body), resource: None, location: false, text: None, redirect: None }
+        Reply { status, body: Some(body), resource: None, location: false, text: None, redirect: None, set_cookie: None }
     }
     pub fn text(content_type: &'static str, text: String) -> Self {
         Self::text_with_status(StatusCode::OK, content_type, text)
     }
     pub fn text_with_status(status: StatusCode, content_type: &'static str, text: String) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))), redirect: None }
+        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))), redirect: None, set_cookie: None }
     }
     /// 302 to `url`.
     pub fn redirect(url: String) -> Self {
@@ -121,7 +123,7 @@ impl Reply {
     }
     /// A status without a body (204).
     pub fn empty(status: StatusCode) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: None, redirect: None }
+        Reply { status, body: None, resource: None, location: false, text: None, redirect: None, set_cookie: None }
     }
     /// A stored resource's JSON bytes as they are.
     pub fn raw_resource(status: StatusCode, v: &valv_store::StoredVersion, json: Vec<u8>) -> Self {
@@ -132,10 +134,11 @@ impl Reply {
             location: false,
             text: Some((FHIR_JSON, Bytes::from(json))),
             redirect: None,
+            set_cookie: None,
         }
     }
     pub fn resource(status: StatusCode, r: Resource) -> Self {
-        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None, redirect: None }
+        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None, redirect: None, set_cookie: None }
     }
 
     /// This reply as a batch-response entry.
@@ -161,6 +164,9 @@ impl Reply {
         let mut builder = Response::builder().status(self.status);
         if let Some(url) = &self.redirect {
             builder = builder.header(header::LOCATION, url);
+        }
+        if let Some(cookie) = &self.set_cookie {
+            builder = builder.header(header::SET_COOKIE, cookie);
         }
         if let Some((t, id, v, lu)) = &self.resource {
             builder = builder.header(header::ETAG, format!("W/\"{v}\"")).header(header::LAST_MODIFIED, http_date(*lu));

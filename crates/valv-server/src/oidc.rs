@@ -49,13 +49,16 @@ struct Provider {
     settings: ProviderSettings,
     tls: Arc<rustls::ClientConfig>,
     discovery: tokio::sync::Mutex<Option<Arc<Discovery>>>,
-    /// The provider's keys and when they were fetched (s since the epoch).
-    keys: Mutex<(Vec<Jwk>, i64)>,
+    /// The provider's keys, when they were fetched and when a fetch was last tried (s since the
+    /// epoch).
+    keys: Mutex<(Vec<Jwk>, i64, i64)>,
 }
 
 /// A browser sign-in in progress, found by its `state`.
 struct Pending {
     provider: usize,
+    /// SHA-256 of the cookie set on the browser that started the sign-in.
+    browser: [u8; 32],
     nonce: String,
     verifier: String,
     created: i64,
@@ -67,6 +70,8 @@ pub struct Oidc {
 }
 
 const REFETCH_AFTER_S: i64 = 30;
+/// Least time between two attempts to fetch keys (after a failure, or while none are held).
+const RETRY_FETCH_S: i64 = 5;
 const PENDING_TTL_S: i64 = 600;
 const MAX_PENDING: usize = 10_000;
 const LEEWAY_S: i64 = 60;
@@ -155,8 +160,14 @@ impl Oidc {
             if let Some(bad) = s.algorithms.iter().find(|a| !jwt::ALGORITHMS.contains(&a.as_str())) {
                 return Err(format!("OIDC provider '{}': algorithm '{bad}' is not supported ({})", s.name, jwt::ALGORITHMS.join(", ")));
             }
+            if s.audience == s.client_id {
+                return Err(format!("OIDC provider '{}': audience must differ from client_id, or ID tokens would pass as API access tokens", s.name));
+            }
+            if providers.iter().any(|p: &Provider| p.settings.name == s.name || p.settings.issuer == s.issuer) {
+                return Err(format!("OIDC provider '{}': another provider has the same name or issuer", s.name));
+            }
             let tls = tls_for(&s.ca_pem).map_err(|e| format!("OIDC provider '{}': {e}", s.name))?;
-            providers.push(Provider { settings: s, tls, discovery: tokio::sync::Mutex::new(None), keys: Mutex::new((Vec::new(), 0)) });
+            providers.push(Provider { settings: s, tls, discovery: tokio::sync::Mutex::new(None), keys: Mutex::new((Vec::new(), 0, 0)) });
         }
         Ok(Oidc { providers, pending: Mutex::new(HashMap::new()) })
     }
@@ -188,16 +199,23 @@ impl Oidc {
     /// The provider's keys, fetched when none are held or (on `refresh`) when the last fetch is
     /// older than 30 s.
     async fn keys(&self, p: &Provider, now: i64, refresh: bool) -> Result<Vec<Jwk>, String> {
-        let (held, fetched) = p.keys.lock().map(|k| k.clone()).unwrap_or_default();
+        let (held, fetched, tried) = p.keys.lock().map(|k| k.clone()).unwrap_or_default();
         let stale = refresh && now - fetched >= REFETCH_AFTER_S;
         if !held.is_empty() && !stale {
             return Ok(held);
+        }
+        // However many tokens arrive, the provider is asked at most every few seconds.
+        if now - tried < RETRY_FETCH_S {
+            return if held.is_empty() { Err("a recent fetch of the keys failed".into()) } else { Ok(held) };
+        }
+        if let Ok(mut k) = p.keys.lock() {
+            k.2 = now;
         }
         let d = self.discovery(p).await?;
         let doc = get_json(&p.tls, &d.jwks_uri).await?;
         let jwks: jwt::Jwks = serde_json::from_value(doc).map_err(|e| format!("{}: not a JWKS: {e}", d.jwks_uri))?;
         if let Ok(mut k) = p.keys.lock() {
-            *k = (jwks.keys.clone(), now);
+            *k = (jwks.keys.clone(), now, now);
         }
         Ok(jwks.keys)
     }
@@ -251,12 +269,17 @@ impl Oidc {
         self.principal(p, &claims)
     }
 
-    /// Starts a browser sign-in: the provider's authorization URL to redirect to.
-    pub async fn start(&self, name: &str, now_ms: i64) -> Result<String, String> {
-        let (index, p) = self.provider(name).ok_or_else(|| format!("no OIDC provider named '{name}'"))?;
-        let redirect = p.settings.redirect_uri.clone().ok_or_else(|| format!("OIDC provider '{name}' has no redirect_uri: browser sign-in is off"))?;
-        let d = self.discovery(p).await?;
-        let (state, nonce, verifier) = (random_b64()?, random_b64()?, random_b64()?);
+    /// Starts a browser sign-in: the provider's authorization URL to redirect to, and a secret for
+    /// a cookie on the browser (the callback must come from the same browser).
+    pub async fn start(&self, name: &str, now_ms: i64) -> Result<(String, String), StartError> {
+        let (index, p) = self.provider(name).ok_or_else(|| StartError::Unknown(format!("no OIDC provider named '{name}'")))?;
+        let redirect = p.settings.redirect_uri.clone().ok_or_else(|| StartError::Unknown(format!("OIDC provider '{name}' has no redirect_uri: browser sign-in is off")))?;
+        let d = self.discovery(p).await.map_err(|e| {
+            tracing::warn!(provider = %name, error = %e, "provider discovery failed");
+            StartError::Unavailable("the identity provider cannot be reached".into())
+        })?;
+        let fresh = || random_b64().map_err(StartError::Unavailable);
+        let (state, nonce, verifier, browser) = (fresh()?, fresh()?, fresh()?, fresh()?);
         let challenge = {
             use base64::Engine as _;
             use sha2::Digest as _;
@@ -266,9 +289,9 @@ impl Oidc {
         if let Ok(mut pending) = self.pending.lock() {
             pending.retain(|_, v| now - v.created < PENDING_TTL_S);
             if pending.len() >= MAX_PENDING {
-                return Err("too many sign-ins in progress; try again shortly".into());
+                return Err(StartError::Unavailable("too many sign-ins in progress; try again shortly".into()));
             }
-            pending.insert(state.clone(), Pending { provider: index, nonce: nonce.clone(), verifier, created: now });
+            pending.insert(state.clone(), Pending { provider: index, browser: sha256(&browser), nonce: nonce.clone(), verifier, created: now });
         }
         let query = form(&[
             ("response_type", "code"),
@@ -282,20 +305,28 @@ impl Oidc {
             ("resource", &p.settings.audience),
         ]);
         let sep = if d.authorization_endpoint.contains('?') { '&' } else { '?' };
-        Ok(format!("{}{sep}{query}", d.authorization_endpoint))
+        Ok((format!("{}{sep}{query}", d.authorization_endpoint), browser))
     }
 
     /// Finishes a browser sign-in: the state must be one this server issued and not yet used; the
     /// code is exchanged (with the PKCE verifier and the client secret); the ID token must carry
     /// the nonce; the access token must be valid for this server's API.
-    pub async fn finish(&self, name: &str, code: &str, state: &str, now_ms: i64) -> Result<SignedIn, &'static str> {
+    pub async fn finish(&self, name: &str, callback: &Callback<'_>, now_ms: i64) -> Result<SignedIn, &'static str> {
         let (index, p) = self.provider(name).ok_or("oidc-unknown-provider")?;
         let now = now_ms / 1000;
-        let pending = self.pending.lock().ok().and_then(|mut m| m.remove(state)).ok_or("oidc-unknown-or-used-state")?;
+        let pending = self.pending.lock().ok().and_then(|mut m| m.remove(callback.state)).ok_or("oidc-unknown-or-used-state")?;
         if pending.provider != index || now - pending.created >= PENDING_TTL_S {
             return Err("oidc-unknown-or-used-state");
         }
+        // The state is used up either way; only the browser that started may finish.
+        if callback.browser.map(sha256) != Some(pending.browser) {
+            return Err("oidc-other-browser");
+        }
         let s = &p.settings;
+        if callback.iss.is_some_and(|iss| iss != s.issuer) {
+            return Err("oidc-callback-wrong-issuer");
+        }
+        let code = callback.code;
         let d = self.discovery(p).await.map_err(|_| "oidc-provider-unreachable")?;
         let redirect = s.redirect_uri.clone().unwrap_or_default();
         let mut pairs = vec![("grant_type", "authorization_code"), ("code", code), ("redirect_uri", redirect.as_str()), ("code_verifier", pending.verifier.as_str()), ("client_id", s.client_id.as_str())];
@@ -316,15 +347,41 @@ impl Oidc {
         let access_token = tokens.get("access_token").and_then(Value::as_str).ok_or("oidc-no-access-token")?;
         let id_expect = Expect { issuer: &s.issuer, audience: &s.client_id, algorithms: &s.algorithms, now, leeway: LEEWAY_S, nonce: Some(&pending.nonce) };
         let id_claims = self.verify(p, id_token, &id_expect).await?;
-        let principal = self.principal(p, &id_claims)?;
+        self.principal(p, &id_claims)?;
         let api_expect = Expect { issuer: &s.issuer, audience: &s.audience, algorithms: &s.algorithms, now, leeway: LEEWAY_S, nonce: None };
         let api_claims = self.verify(p, access_token, &api_expect).await.map_err(|_| "oidc-access-token-not-for-this-server")?;
         if api_claims.get("sub") != id_claims.get("sub") {
             return Err("oidc-tokens-disagree");
         }
+        // What requests will be decided on: the access token's claims.
+        let principal = self.principal(p, &api_claims)?;
         let expires_in = api_claims.get("exp").and_then(Value::as_i64).map_or(0, |e| (e - now).max(0));
         Ok(SignedIn { principal, access_token: access_token.to_string(), expires_in })
     }
+}
+
+/// Why a browser sign-in could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// No such provider, or it has no browser sign-in.
+    Unknown(String),
+    /// The provider cannot be reached or too many sign-ins are in progress.
+    Unavailable(String),
+}
+
+/// What the provider's redirect brought back.
+pub struct Callback<'a> {
+    pub code: &'a str,
+    pub state: &'a str,
+    /// RFC 9207's `iss` parameter, when the provider sends it.
+    pub iss: Option<&'a str>,
+    /// The sign-in cookie of the browser presenting the callback.
+    pub browser: Option<&'a str>,
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(s.as_bytes()).into()
 }
 
 /// The `iss` of a token before verification (only to choose which provider verifies it).

@@ -482,8 +482,9 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, now, r32, r16)?;
-            store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
+            // Audited before it exists: a key is never created without its entry.
             valv_server::authapi::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role})", record.id, name), now).await.map_err(|e| e.diagnostics)?;
+            store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
             println!("created API key '{name}' (id {}, role {role}); it is shown only once:", record.id);
             println!("{key}");
         }

@@ -161,15 +161,22 @@ fn valv_config(issuer: &str, dir: &Path, ca_pem: &str) -> String {
     )
 }
 
-/// Valv's redirect to the provider for a browser sign-in.
-async fn start_sso(s: &Server) -> String {
+/// Valv's redirect to the provider for a browser sign-in, and the browser's sign-in cookie.
+async fn start_sso(s: &Server) -> (String, String) {
     let r = s.request("GET", "/auth/oidc/corp/login", None, None, &[]).await;
     assert_eq!(r.status, 302, "{}", r.text);
     let to = r.header("location").expect("location").to_string();
     for p in ["code_challenge_method=S256", "code_challenge=", "state=", "nonce=", "client_id=valv", "response_type=code"] {
         assert!(to.contains(p), "{p} in {to}");
     }
-    to
+    let cookie = r.header("set-cookie").expect("a sign-in cookie").to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("Secure") && cookie.contains("SameSite=Lax"), "{cookie}");
+    (to, cookie.split(';').next().unwrap_or("").to_string())
+}
+
+/// The browser (with its cookie) comes back to Valv's callback.
+async fn callback(s: &Server, query: &str, cookie: &str) -> crate::harness::Resp {
+    s.request("GET", &format!("/auth/oidc/corp/callback?{query}"), None, None, &[("cookie", cookie)]).await
 }
 
 #[tokio::test]
@@ -180,24 +187,32 @@ async fn single_sign_on_with_a_real_openid_provider() {
     let s = Server::start_configured("oidc", &[], &valv_config(&op.issuer, &dir, &ca_pem));
 
     // Browser sign-in for alice (physician, second factor): code + PKCE + state + nonce.
-    let query = op.sign_in(&start_sso(&s).await, "alice").await;
-    let done = s.request("GET", &format!("/auth/oidc/corp/callback?{query}"), None, None, &[]).await;
+    // A callback presented by another browser (without the sign-in cookie) gets nothing.
+    let (to, _) = start_sso(&s).await;
+    let stolen = op.sign_in(&to, "alice").await;
+    s.request("GET", &format!("/auth/oidc/corp/callback?{stolen}"), None, None, &[]).await.outcome(401);
+
+    let (to, cookie) = start_sso(&s).await;
+    let query = op.sign_in(&to, "alice").await;
+    let done = callback(&s, &query, &cookie).await;
     assert_eq!(done.status, 200, "{}", done.text);
     let token = done.json["access_token"].as_str().expect("access token").to_string();
     let me = s.request("GET", "/auth/me", Some(&token), None, &[]).await;
     assert_eq!((me.status, me.json["roles"][0].as_str(), me.json["units"][0].as_str(), me.json["mfa"].as_bool()), (200, Some("physician"), Some("cardiology"), Some(true)), "{}", me.text);
     assert_eq!(me.json["id"], "oidc:corp:alice");
     // The same callback again: the state was used up.
-    s.request("GET", &format!("/auth/oidc/corp/callback?{query}"), None, None, &[]).await.outcome(401);
+    callback(&s, &query, &cookie).await.outcome(401);
 
     // bob signs in with a password only: the provider is required to assert a second factor.
-    let query = op.sign_in(&start_sso(&s).await, "bob").await;
-    s.request("GET", &format!("/auth/oidc/corp/callback?{query}"), None, None, &[]).await.outcome(401);
+    let (to, cookie) = start_sso(&s).await;
+    let query = op.sign_in(&to, "bob").await;
+    callback(&s, &query, &cookie).await.outcome(401);
     // An ID token whose nonce is not the one this sign-in sent.
     let armed = op.request("POST", "/test/tamper", None, None, Some(&json!({"id_token": {"claims": {"nonce": "not-yours"}}}))).await;
     assert_eq!(armed.status, 200, "{}", armed.body);
-    let query = op.sign_in(&start_sso(&s).await, "alice").await;
-    s.request("GET", &format!("/auth/oidc/corp/callback?{query}"), None, None, &[]).await.outcome(401);
+    let (to, cookie) = start_sso(&s).await;
+    let query = op.sign_in(&to, "alice").await;
+    callback(&s, &query, &cookie).await.outcome(401);
 
     // Bearer tokens on the API: the good one, then every kind of bad one.
     let good = op.mint(json!({})).await;
@@ -241,7 +256,7 @@ async fn single_sign_on_with_a_real_openid_provider() {
     for (_, _, reason) in &refused {
         assert!(log.contains(reason), "audited: {reason}");
     }
-    for reason in ["oidc-unknown-or-used-state", "jwt-nonce-mismatch", "jwt-unknown-issuer", "\"interaction\":\"login-sso\""] {
+    for reason in ["oidc-unknown-or-used-state", "oidc-other-browser", "jwt-nonce-mismatch", "jwt-unknown-issuer", "\"interaction\":\"login-sso\""] {
         assert!(log.contains(reason), "audited: {reason}");
     }
     assert!(log.contains("oidc-no-second-factor"));
