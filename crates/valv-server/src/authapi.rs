@@ -146,6 +146,14 @@ pub async fn auth_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pee
         (_, Method::POST) => {
             let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
             match crate::read_json_body(app, req).await {
+                // A sign-in attempt with a body that is not JSON (or too large) is an attempt too.
+                Err(e) if path == "/auth/login" => {
+                    app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
+                    match event(rid, &source, now, "login", Outcome::Denied, e.status, &NOBODY, None, &e.diagnostics) {
+                        Ok(ev) => record(app, vec![ev]).await.and(Err(e.recorded())),
+                        Err(err) => Err(err),
+                    }
+                }
                 Err(e) => Err(e),
                 Ok(body) => {
                     let r = match path.as_str() {

@@ -135,8 +135,11 @@ async fn enrollment_login_totp_recovery_and_logout() {
     s.request("GET", "/auth/me", Some(&session), None, &[]).await.outcome(401);
     assert_eq!(s.request("GET", "/auth/me", Some(&second), None, &[]).await.status, 200, "logout ends only its own session");
 
+    let junk = s.request_raw("POST", "/auth/login", None, Some(b"{not json".to_vec()), &[("content-type", "application/json")]).await;
+    assert!(junk.outcome(400).contains("malformed JSON"));
+
     let log = audit_export(&s);
-    for reason in ["password-and-totp", "password-and-recovery-code", "wrong-or-reused-totp", "totp-missing", "wrong-recovery-code", "\"interaction\":\"logout\"", "\"interaction\":\"enroll-confirm\"", "\"interaction\":\"user-create\"", "recovery-code-use", "unknown-session"] {
+    for reason in ["malformed JSON", "password-and-totp", "password-and-recovery-code", "wrong-or-reused-totp", "totp-missing", "wrong-recovery-code", "\"interaction\":\"logout\"", "\"interaction\":\"enroll-confirm\"", "\"interaction\":\"user-create\"", "recovery-code-use", "unknown-session"] {
         assert!(log.contains(reason), "the audit log records {reason}");
     }
     assert!(!log.contains(PASSWORD), "no password in the audit log");
