@@ -70,6 +70,8 @@ pub struct Oidc {
 }
 
 const REFETCH_AFTER_S: i64 = 30;
+/// Keys are fetched again once this old, whatever tokens arrive.
+const KEYS_MAX_AGE_S: i64 = 600;
 /// Least time between two attempts to fetch keys (after a failure, or while none are held).
 const RETRY_FETCH_S: i64 = 5;
 const PENDING_TTL_S: i64 = 600;
@@ -197,10 +199,11 @@ impl Oidc {
     }
 
     /// The provider's keys, fetched when none are held or (on `refresh`) when the last fetch is
-    /// older than 30 s.
+    /// older than 30 s, and in any case once they are 10 minutes old (so a key the provider
+    /// withdraws stops being trusted within that time).
     async fn keys(&self, p: &Provider, now: i64, refresh: bool) -> Result<Vec<Jwk>, String> {
         let (held, fetched, tried) = p.keys.lock().map(|k| k.clone()).unwrap_or_default();
-        let stale = refresh && now - fetched >= REFETCH_AFTER_S;
+        let stale = (refresh && now - fetched >= REFETCH_AFTER_S) || now - fetched >= KEYS_MAX_AGE_S;
         if !held.is_empty() && !stale {
             return Ok(held);
         }
@@ -211,13 +214,26 @@ impl Oidc {
         if let Ok(mut k) = p.keys.lock() {
             k.2 = now;
         }
-        let d = self.discovery(p).await?;
-        let doc = get_json(&p.tls, &d.jwks_uri).await?;
-        let jwks: jwt::Jwks = serde_json::from_value(doc).map_err(|e| format!("{}: not a JWKS: {e}", d.jwks_uri))?;
-        if let Ok(mut k) = p.keys.lock() {
-            *k = (jwks.keys.clone(), now, now);
+        let fetched_now = async {
+            let d = self.discovery(p).await?;
+            let doc = get_json(&p.tls, &d.jwks_uri).await?;
+            serde_json::from_value::<jwt::Jwks>(doc).map_err(|e| format!("{}: not a JWKS: {e}", d.jwks_uri))
+        };
+        match fetched_now.await {
+            Ok(jwks) => {
+                if let Ok(mut k) = p.keys.lock() {
+                    *k = (jwks.keys.clone(), now, now);
+                }
+                Ok(jwks.keys)
+            }
+            // The provider is down: the keys held keep working (tokens it issued stay usable)
+            // until it answers again.
+            Err(e) if !held.is_empty() => {
+                tracing::warn!(provider = %p.settings.name, error = %e, "cannot refresh the provider's keys; using those held");
+                Ok(held)
+            }
+            Err(e) => Err(e),
         }
-        Ok(jwks.keys)
     }
 
     /// Verifies with the provider's keys, fetching them again once if the token names an

@@ -252,6 +252,15 @@ async fn single_sign_on_with_a_real_openid_provider() {
     assert_eq!(s.request("GET", "/auth/me", Some(&after), None, &[]).await.status, 200, "a rotated key is fetched");
     assert_eq!(s.request("GET", "/auth/me", Some(&good), None, &[]).await.status, 200, "the old key is still published");
 
+    // A key the provider withdraws stops being trusted once Valv's keys are 10 minutes old.
+    let long_lived = op.mint(json!({"ttl": 7200})).await;
+    let dropped = op.request("POST", "/test/rotate?drop_old=1", None, None, Some(&json!({}))).await;
+    assert_eq!(dropped.status, 200, "{}", dropped.body);
+    assert_eq!(s.request("GET", "/auth/me", Some(&long_lived), None, &[]).await.status, 200, "still trusted: keys fetched under 10 minutes ago");
+    s.set_clock(now + 12 * 60_000);
+    s.request("GET", "/auth/me", Some(&long_lived), None, &[]).await.outcome(401);
+    assert_eq!(s.request("GET", "/auth/me", Some(&op.mint(json!({"ttl": 7200})).await), None, &[]).await.status, 200);
+
     let log = run_ok(&s.data, &["audit", "export"]);
     for (_, _, reason) in &refused {
         assert!(log.contains(reason), "audited: {reason}");
