@@ -85,12 +85,11 @@ const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl OidcConfig {
     pub fn settings(&self, data_dir: &Path) -> Result<Vec<valv_server::oidc::ProviderSettings>, String> {
-        let resolve = |p: &PathBuf| if p.is_absolute() { p.clone() } else { data_dir.join(p) };
         let mut out = Vec::new();
         for p in &self.providers {
             let client_secret = match &p.client_secret_file {
                 Some(f) => {
-                    let path = resolve(f);
+                    let path = resolve(data_dir, f);
                     let meta = std::fs::metadata(&path).map_err(|e| format!("[oidc] {}: client secret {}: {e}", p.name, path.display()))?;
                     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o077 != 0 {
                         return Err(format!("[oidc] {}: client secret {} is open to group or others; chmod 600 it", p.name, path.display()));
@@ -99,7 +98,7 @@ impl OidcConfig {
                 }
                 None => None,
             };
-            let ca = p.ca_file.as_ref().map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), resolve);
+            let ca = p.ca_file.as_ref().map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), |f| resolve(data_dir, f));
             let ca_pem = std::fs::read(&ca).map_err(|e| format!("[oidc] {}: CA file {}: {e}", p.name, ca.display()))?;
             out.push(valv_server::oidc::ProviderSettings {
                 name: p.name.clone(),
@@ -157,7 +156,7 @@ impl MtlsConfig {
             }
             return Ok((None, Vec::new()));
         };
-        let path = if ca.is_absolute() { ca.clone() } else { data_dir.join(ca) };
+        let path = resolve(data_dir, ca);
         let pem = std::fs::read(&path).map_err(|e| format!("[mtls] client_ca {}: {e}", path.display()))?;
         let mut services = Vec::new();
         for s in &self.services {
@@ -382,7 +381,7 @@ impl SiemConfig {
                 host.trim_start_matches('[').trim_end_matches(']').to_string()
             }
         };
-        let ca_file = if ca_file.is_absolute() { ca_file.clone() } else { data_dir.join(ca_file) };
+        let ca_file = resolve(data_dir, ca_file);
         Ok(Some(valv_server::siem::Settings {
             address: address.to_string(),
             server_name,
@@ -399,6 +398,11 @@ impl Default for LogConfig {
 }
 
 pub const FILE_NAME: &str = "valv.toml";
+
+/// A path from the configuration: relative ones are relative to the data directory.
+pub fn resolve(data_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_path_buf() } else { data_dir.join(p) }
+}
 
 impl Config {
     /// The FHIR base URL links and Location headers use.

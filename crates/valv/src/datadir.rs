@@ -26,9 +26,7 @@ pub fn is_initialised(dir: &Path) -> bool {
     dir.join(config::FILE_NAME).exists()
 }
 
-fn resolve(dir: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
-}
+use config::resolve;
 
 /// Writes a file only the owner can read, refusing to overwrite one that exists.
 fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
@@ -109,6 +107,14 @@ fn read_key_file(path: &Path) -> Result<LocalKeyProvider, String> {
 /// Opens an initialised data directory into an [`App`] (storage, keys, audit log).
 pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     open_for(dir, listen, Access::Serve).await
+}
+
+/// [`open_for`] a data directory that must exist already (commands other than `serve` and `init`).
+pub async fn open_existing(dir: &Path, access: Access) -> Result<Opened, String> {
+    if !is_initialised(dir) {
+        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
+    }
+    open_for(dir, None, access).await
 }
 
 /// [`open`] for a given use of the database (see [`Access`]).

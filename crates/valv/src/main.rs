@@ -238,10 +238,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Import { files } => {
-            if !datadir::is_initialised(&dir) {
-                return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
-            }
-            let opened = datadir::open(&dir, None).await?;
+            let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Serve).await?;
             let s = import::run(opened.app.clone(), &files).await;
             println!(
                 "imported {} resources from {} of {} files in {:.1} s ({:.0} resources/s); {} rejected",
@@ -321,10 +318,7 @@ async fn shutdown_signal() {
 }
 
 async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String> {
-    if !datadir::is_initialised(dir) {
-        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
-    }
-    let opened = datadir::open_for(dir, None, valv_store::sqlite::Access::Scan).await?;
+    let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Scan).await?;
     let store = opened.app.vault.store();
     match action {
         AuditAction::Verify { checkpoints } => {
@@ -400,10 +394,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
 
 async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
     use valv_server::identity::{AdminChange, NewUser};
-    if !datadir::is_initialised(dir) {
-        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
-    }
-    let opened = datadir::open(dir, None).await?;
+    let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
     let app = &opened.app;
     let ident = &app.identity;
     let now = app.clock.now_ms();
@@ -471,12 +462,9 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
 }
 
 async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), String> {
-    if !datadir::is_initialised(dir) {
-        return Err(format!("{} is not initialised: run 'valv init' first", dir.display()));
-    }
-    let opened = datadir::open(dir, None).await?;
+    let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
     let store = opened.app.vault.store();
-    let now = valv_server::now_ms();
+    let now = opened.app.clock.now_ms();
     match action {
         ApikeyAction::Create { name, role } => {
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
