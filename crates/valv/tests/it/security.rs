@@ -25,7 +25,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[tokio::test]
 async fn canaries_never_reach_the_disk_in_plaintext() {
     let mut s = Server::start("canary");
-    let canaries = ["Quokkafamily", "CANARY-7781-ID", "1937-08-19", "canary clinical note about a wombat", "Wombatstreet 12"];
+    let canaries = ["Quokkafamily", "CANARY-7781-ID", "1937-08-19", "canary clinical note about a wombat", "Wombatstreet 12", "quokkalogin"];
     let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":canaries[0],"given":["Zebedee"]}],
         "identifier":[{"system":"urn:mrn","value":canaries[1]}],"birthDate":canaries[2],"address":[{"line":[canaries[4]],"city":"Umeå"}]})).await;
     assert_eq!(p.status, 201, "{}", p.text);
@@ -37,6 +37,9 @@ async fn canaries_never_reach_the_disk_in_plaintext() {
     for q in ["family=Quokkafamily", "identifier=CANARY-7781-ID", "birthdate=1937-08-19"] {
         assert_eq!(s.get(&format!("/fhir/Patient?{q}")).await.total(), 1, "{q}");
     }
+    // The patient's own account: user name and display name are sealed (the name only as a token).
+    let u = s.post("/admin/users", &json!({"username": canaries[5], "display_name": "Zebedee Quokkafamily", "roles": ["patient"], "patient": pid})).await;
+    assert_eq!(u.status, 201, "{}", u.text);
     // An update leaves an old version behind; it must be sealed too.
     let mut body = s.get(&format!("/fhir/Patient/{pid}")).await.json;
     body["gender"] = json!("female");
