@@ -172,6 +172,9 @@ pub struct Directory {
     consents: HashMap<String, Vec<(String, Consent)>>,
     parent: HashMap<String, String>,
     managing: HashMap<String, String>,
+    /// Followed resources that failed to open when read, with their patient: until a newer
+    /// version arrives, that patient's relationship facts are unverified.
+    unreadable: HashMap<(String, String), String>,
 }
 
 /// The facts about one person (or unit) and one patient the decision needs.
@@ -182,6 +185,7 @@ pub struct Relation {
     pub block: bool,
     pub consent_permit: bool,
     pub cross_org: bool,
+    pub unverified: bool,
 }
 
 impl Directory {
@@ -195,6 +199,7 @@ impl Directory {
         if self.entries.get(&key).is_some_and(|(v, _)| *v >= version) {
             return;
         }
+        self.unreadable.remove(&key);
         if let Some((_, old)) = self.entries.remove(&key) {
             self.forget(id, old);
         }
@@ -239,6 +244,11 @@ impl Directory {
         }
     }
 
+    /// Records a followed resource of `patient` that could not be read intact.
+    pub fn mark_unreadable(&mut self, resource_type: &str, id: &str, patient: &str) {
+        self.unreadable.insert((resource_type.to_string(), id.to_string()), patient.to_string());
+    }
+
     /// The top of an organisation's `partOf` chain (the care provider); cycles end the walk.
     pub fn provider_of(&self, org: &str) -> String {
         let mut at = org;
@@ -249,6 +259,11 @@ impl Directory {
             }
         }
         at.to_string()
+    }
+
+    /// The care provider holding a patient's record (its managing organisation's top).
+    pub fn managing_provider(&self, patient: &str) -> Option<String> {
+        self.managing.get(patient).map(|o| self.provider_of(o))
     }
 
     /// The references that stand for this person in care teams and consents: their
@@ -274,7 +289,7 @@ impl Directory {
 
     /// The facts relating `actors` (from [`Directory::actors`]) to `patient` at `now`.
     pub fn relation(&self, actors: &[String], units: &[String], patient: &str, resource_type: &str, now: i64) -> Relation {
-        let mut r = Relation::default();
+        let mut r = Relation { unverified: self.unreadable.values().any(|p| p == patient), ..Relation::default() };
         for (_, t) in self.teams.get(patient).into_iter().flatten() {
             if !(t.active && t.span.contains(now)) {
                 continue;

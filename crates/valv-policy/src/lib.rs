@@ -227,10 +227,13 @@ pub fn facts(dir: &Directory, subject: &Subject, q: &Question<'_>, settings: Set
         f.consultant = r.consultant;
         f.block = r.block;
         f.consent_permit = r.consent_permit;
+        f.unverified = r.unverified;
         f.cross_org = r.cross_org && subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) && !f.self_access;
     } else if subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) {
         // Staff with no unit belong to no care provider: every patient with one is another's.
-        f.cross_org = dir.relation(&[], &[], patient, q.resource_type, q.now).cross_org;
+        let r = dir.relation(&[], &[], patient, q.resource_type, q.now);
+        f.cross_org = r.cross_org;
+        f.unverified = r.unverified;
     }
     f
 }

@@ -68,6 +68,20 @@ fn clinicians_need_a_care_relationship() {
 }
 
 #[test]
+fn an_unreadable_care_team_or_consent_denies_staff_until_rewritten() {
+    let (e, mut d) = (Engine::with_defaults().unwrap(), world());
+    let dr = person("physician", Some("dr"));
+    d.mark_unreadable("Consent", "c9", "p1");
+    let no = ask(&e, &d, &dr, Action::Read, "Observation", Some("p1"));
+    assert!(!no.permit && no.rules == ["unverifiable-relationships"], "{no:?}");
+    assert!(ask(&e, &d, &dr, Action::Read, "Observation", Some("p3")).permit, "other patients are unaffected");
+    let svc = Subject { roles: vec!["service".into()], scopes: Some(Scopes::parse("system/*.rs").unwrap()), is_service: true, ..Subject::default() };
+    assert!(ask(&e, &d, &svc, Action::Read, "Observation", Some("p1")).permit, "services do not rest on relationships");
+    d.apply("Consent", "c9", 2, None);
+    assert!(ask(&e, &d, &dr, Action::Read, "Observation", Some("p1")).permit, "a newer version replaces the unreadable one");
+}
+
+#[test]
 fn assistants_see_administrative_data_only() {
     let (e, d) = (Engine::with_defaults().unwrap(), world());
     let a = person("assistant", None);

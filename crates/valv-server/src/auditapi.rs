@@ -9,12 +9,12 @@
 use crate::audit::open_entry;
 use crate::error::ApiError;
 use crate::fhir::{audit, audit_failure, authorize, Ctx, Touch};
-use crate::policy::Action;
+use valv_policy::Action;
 use crate::{App, Reply};
 use base64::Engine as _;
 use hyper::StatusCode;
 use serde_json::{json, Value};
-use valv_audit::{merkle, Outcome};
+use valv_audit::merkle;
 use valv_fhir::date::{self, Prefix};
 use valv_store::AuditRow;
 
@@ -39,7 +39,7 @@ pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError>
     let index: u64 = index.parse().map_err(|_| ApiError::bad_request(format!("'{index}' is not a leaf index")))?;
     let id = index.to_string();
     let touch = Touch { interaction: "audit-read", action: Action::Read, resource_type: "AuditEvent", id: Some(&id), version: None, patient: None, query: None };
-    let reason = authorize(app, ctx, &touch).await?;
+    let permit = authorize(app, ctx, &touch).await?;
     let cipher = audit_cipher(app, ctx.now).await?;
     let row = app.vault.store().audit_entries(index, index + 1).await?.pop().map(|(_, r)| r);
     let Some(row) = row else {
@@ -49,7 +49,7 @@ pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError>
         Ok(v) => v,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
-    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
     let mut reply = Reply::text("application/json", String::from_utf8_lossy(&bytes).into_owned());
     reply.status = StatusCode::OK;
     Ok(reply)
@@ -189,7 +189,9 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
         Ok(f) => f,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
-    let reason = authorize(app, ctx, &touch).await?;
+    // A search for one patient's entries is about that patient (a patient may search their own).
+    let touch = Touch { patient: filters.patient.as_deref(), ..touch };
+    let permit = authorize(app, ctx, &touch).await?;
     let cipher = audit_cipher(app, ctx.now).await?;
     let mut matched = Vec::new();
     for (index, row) in candidates(app, filters.patient.as_deref()).await? {
@@ -201,7 +203,7 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
             matched.push(to_audit_event(index, &e));
         }
     }
-    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
     let total = matched.len();
     let entries = matched
         .into_iter()
@@ -218,7 +220,7 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
 pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, ApiError> {
     crate::fhir::check_id(patient)?;
     let touch = Touch { interaction: "access-log", action: Action::Read, resource_type: "AuditEvent", id: None, version: None, patient: Some(patient), query: None };
-    let reason = authorize(app, ctx, &touch).await?;
+    let permit = authorize(app, ctx, &touch).await?;
     let cipher = audit_cipher(app, ctx.now).await?;
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
@@ -247,7 +249,7 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
         parts.push(json!({"name": "event", "resource": to_audit_event(index, &e)}));
         params.push(json!({"name": "entry", "part": parts}));
     }
-    audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
     Ok(Reply::json(StatusCode::OK, json!({"resourceType": "Parameters", "parameter": params})))
 }
 

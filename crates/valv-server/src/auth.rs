@@ -25,6 +25,19 @@ pub struct Principal {
     pub units: Vec<String>,
     /// Whether the caller proved a second factor.
     pub mfa: bool,
+    /// The Practitioner resource this person is (care teams name practitioners).
+    pub practitioner: Option<String>,
+    /// The Patient resource this person is (the `patient` role).
+    pub patient: Option<String>,
+    /// SMART scopes of the credential: they narrow a person's role and are a service's grant.
+    pub scopes: Option<valv_policy::Scopes>,
+}
+
+impl Principal {
+    /// A caller with only an id, a name and roles (services, console work).
+    pub fn basic(kind: PrincipalKind, id: String, name: String, roles: Vec<String>, scopes: Option<valv_policy::Scopes>) -> Principal {
+        Principal { kind, id, name, roles, units: Vec::new(), mfa: false, practitioner: None, patient: None, scopes }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,15 +54,21 @@ pub fn hash_api_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-fn record_fields(r: &ApiKeyRecord) -> [Vec<u8>; 6] {
-    [
+fn record_fields(r: &ApiKeyRecord) -> Vec<Vec<u8>> {
+    // Scopes join the MAC only when set, so keys made before scopes existed still verify, and
+    // scopes stripped in the database change the MAC's input.
+    let mut fields = vec![
         r.id.clone().into_bytes(),
         r.name.clone().into_bytes(),
         r.role.clone().into_bytes(),
         r.hash.to_vec(),
         r.created.to_string().into_bytes(),
         r.revoked.map_or_else(|| b"active".to_vec(), |t| t.to_string().into_bytes()),
-    ]
+    ];
+    if !r.scopes.is_empty() {
+        fields.push(r.scopes.clone().into_bytes());
+    }
+    fields
 }
 
 /// The MAC an API-key record must carry.
@@ -71,7 +90,8 @@ pub fn revoked(macs: &RecordMac, r: &ApiKeyRecord, now: i64) -> ApiKeyRecord {
 }
 
 /// A new API key and the record that stores it (hash only, MAC'd).
-pub fn new_api_key(macs: &RecordMac, name: &str, role: &str, now: i64, random: [u8; 32], id_random: [u8; 16]) -> Result<(String, ApiKeyRecord), String> {
+pub fn new_api_key(macs: &RecordMac, name: &str, role: &str, scopes: &str, now: i64, random: [u8; 32], id_random: [u8; 16]) -> Result<(String, ApiKeyRecord), String> {
+    let scopes = valv_policy::Scopes::parse(scopes)?.to_text();
     if !API_KEY_ROLES.contains(&role) {
         return Err(format!("role '{role}' is not an API-key role (one of: {})", API_KEY_ROLES.join(", ")));
     }
@@ -87,6 +107,7 @@ pub fn new_api_key(macs: &RecordMac, name: &str, role: &str, now: i64, random: [
         created: now,
         revoked: None,
         mac: Vec::new(),
+        scopes,
     };
     record.mac = api_key_mac(macs, &record);
     Ok((key, record))
@@ -111,6 +132,9 @@ pub fn user_principal(user: &crate::identity::User) -> Principal {
         roles: user.roles.clone(),
         units: user.units.clone(),
         mfa: user.totp_confirmed,
+        practitioner: user.practitioner.clone(),
+        patient: user.patient.clone(),
+        scopes: None,
     }
 }
 
@@ -125,14 +149,10 @@ pub async fn authenticate(store: &dyn Store, macs: &RecordMac, token: &str) -> R
         return Err(ApiError::unauthorized("the bearer credential is not valid"));
     }
     match record {
-        Some(r) if r.revoked.is_none() => Ok(Principal {
-            kind: PrincipalKind::Service,
-            id: r.id,
-            name: r.name,
-            roles: vec![r.role],
-            units: Vec::new(),
-            mfa: false,
-        }),
+        Some(r) if r.revoked.is_none() => {
+            let scopes = valv_policy::Scopes::parse(&r.scopes).map_err(|_| ApiError::unauthorized("the bearer credential is not valid"))?;
+            Ok(Principal::basic(PrincipalKind::Service, r.id, r.name, vec![r.role], (!scopes.is_empty()).then_some(scopes)))
+        }
         // Unknown and revoked keys get the same answer.
         _ => Err(ApiError::unauthorized("the bearer credential is not valid")),
     }
@@ -148,21 +168,25 @@ mod tests {
 
     #[test]
     fn key_shape_and_hash() {
-        let (key, rec) = new_api_key(&macs(), "importer", "service", 1, [7; 32], [1; 16]).expect("valid");
+        let (key, rec) = new_api_key(&macs(), "importer", "service", "system/*.c", 1, [7; 32], [1; 16]).expect("valid");
         assert_eq!(key.len(), 69);
         assert_eq!(rec.hash, hash_api_key(&key));
-        assert!(new_api_key(&macs(), "x", "superuser", 1, [7; 32], [1; 16]).is_err());
-        assert!(new_api_key(&macs(), "bad name", "service", 1, [7; 32], [1; 16]).is_err());
+        assert!(new_api_key(&macs(), "x", "superuser", "", 1, [7; 32], [1; 16]).is_err());
+        assert!(new_api_key(&macs(), "bad name", "service", "", 1, [7; 32], [1; 16]).is_err());
     }
 
     #[test]
     fn records_are_bound_by_their_mac() {
-        let (_, rec) = new_api_key(&macs(), "importer", "service", 1, [7; 32], [1; 16]).expect("valid");
+        let (_, rec) = new_api_key(&macs(), "importer", "service", "system/*.c", 1, [7; 32], [1; 16]).expect("valid");
         assert!(api_key_mac_ok(&macs(), &rec));
         let promoted = ApiKeyRecord { role: "admin".into(), ..rec.clone() };
         assert!(!api_key_mac_ok(&macs(), &promoted), "a role edited in the database does not verify");
         let r = revoked(&macs(), &rec, 5);
         assert!(api_key_mac_ok(&macs(), &r));
+        let widened = ApiKeyRecord { scopes: "system/*.cruds".into(), ..r.clone() };
+        assert!(!api_key_mac_ok(&macs(), &widened), "scopes edited in the database do not verify");
+        let stripped = ApiKeyRecord { scopes: String::new(), ..r.clone() };
+        assert!(!api_key_mac_ok(&macs(), &stripped), "scopes stripped in the database do not verify");
         let unrevoked = ApiKeyRecord { revoked: None, ..r };
         assert!(!api_key_mac_ok(&macs(), &unrevoked), "un-revoking in the database does not verify");
     }

@@ -423,10 +423,12 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let path = req.uri().path().trim_start_matches("/admin/users").trim_start_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let interaction = admin_interaction(req.method(), &segs);
-    if !principal.roles.iter().any(|r| r == "admin") {
-        record(app, vec![event(rid, &source, now, interaction, Outcome::Denied, StatusCode::FORBIDDEN, &who(&principal), None, "users-need-admin")?]).await?;
-        return Err(ApiError::forbidden("only admins manage users").recorded());
+    let decision = crate::grantapi::users_decision(app, &principal, now);
+    if !decision.permit {
+        record(app, vec![event(rid, &source, now, interaction, Outcome::Denied, StatusCode::FORBIDDEN, &who(&principal), None, &decision.reason())?]).await?;
+        return Err(ApiError::forbidden(format!("only admins manage users ({})", decision.reason())).recorded());
     }
+    let permit_reason = decision.reason();
     let method = req.method().clone();
     // Actions (disable, unlock…) need no body; a body, when sent, must be JSON.
     let has_body = req.headers().contains_key(header::CONTENT_TYPE);
@@ -434,7 +436,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let result = admin_act(app, &method, &segs, body, now).await;
     match result {
         Ok((reply, target)) => {
-            record(app, vec![event(rid, &source, now, interaction, Outcome::Success, reply.status, &who(&principal), target.as_ref(), "admin")?]).await?;
+            record(app, vec![event(rid, &source, now, interaction, Outcome::Success, reply.status, &who(&principal), target.as_ref(), &permit_reason)?]).await?;
             Ok(reply)
         }
         Err(err) => {

@@ -5,7 +5,7 @@
 use crate::audit::{AuditEvent, Outcome};
 use crate::auth::{self, Principal};
 use crate::error::ApiError;
-use crate::policy::{self, Action};
+use valv_policy::{Action, Decision, Question};
 use crate::{App, Reply};
 use hyper::StatusCode;
 use serde_json::{json, Value};
@@ -27,6 +27,8 @@ pub enum Interaction {
     Bundle { body: Value },
     /// `GET /fhir/Patient/{id}/$access-log`
     AccessLog { id: String },
+    /// `POST /fhir/Patient/{id}/$break-glass`
+    BreakGlass { id: String, body: Value },
 }
 
 impl Interaction {
@@ -42,7 +44,7 @@ impl Interaction {
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
-            Interaction::AccessLog { .. } => "Patient",
+            Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } => "Patient",
         }
     }
 
@@ -57,6 +59,7 @@ impl Interaction {
             Interaction::Delete { .. } => "fhir_delete",
             Interaction::Bundle { .. } => "fhir_bundle",
             Interaction::AccessLog { .. } => "fhir_access_log",
+            Interaction::BreakGlass { .. } => "fhir_break_glass",
         }
     }
 }
@@ -83,7 +86,32 @@ pub(crate) struct Touch<'a> {
     pub(crate) query: Option<String>,
 }
 
+/// A permitted access: the reason for its audit entry and the purpose of use it records
+/// (`BTG` when it rests on a break-glass grant, whatever the request declared).
+pub(crate) struct Permit {
+    pub(crate) reason: String,
+    pub(crate) purpose: Option<String>,
+}
+
 impl Ctx {
+    /// The purpose of use the request declared, or its caller's roles' default.
+    pub fn purpose(&self) -> &str {
+        self.purpose_of_use.as_deref().unwrap_or_else(|| valv_policy::purpose::default_for(&self.principal.roles))
+    }
+
+    pub(crate) fn question<'a>(&'a self, t: &Touch<'a>) -> Question<'a> {
+        Question { action: t.action, resource_type: t.resource_type, patient: t.patient, now: self.now, purpose: self.purpose() }
+    }
+
+    /// The entry of a permitted access.
+    pub(crate) fn permitted(&self, t: &Touch<'_>, status: u16, permit: &Permit) -> Result<AuditEvent, ApiError> {
+        let mut e = self.event(t, Outcome::Success, status, &permit.reason)?;
+        if permit.purpose.is_some() {
+            e.purpose_of_use.clone_from(&permit.purpose);
+        }
+        Ok(e)
+    }
+
     pub(crate) fn event(&self, t: &Touch<'_>, outcome: Outcome, status: u16, reason: &str) -> Result<AuditEvent, ApiError> {
         Ok(AuditEvent {
             event_id: vault::new_id()?,
@@ -97,7 +125,7 @@ impl Ctx {
             agent_name: self.principal.name.clone(),
             roles: self.principal.roles.clone(),
             source_address: self.source.clone(),
-            purpose_of_use: self.purpose_of_use.clone(),
+            purpose_of_use: Some(self.purpose().to_string()),
             patient: t.patient.map(str::to_string),
             resource_type: Some(t.resource_type.to_string()),
             resource_id: t.id.map(str::to_string),
@@ -126,13 +154,78 @@ pub(crate) async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiE
 }
 
 /// Decides, and on a denial records it and returns 403.
-pub(crate) async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<String, ApiError> {
-    let d = policy::decide(&ctx.principal, touch.action, touch.resource_type, touch.patient);
-    if d.permit {
-        return Ok(d.reason);
+pub(crate) async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<Permit, ApiError> {
+    let subject = app.access.subject(&ctx.principal);
+    let d = app.access.decide(&subject, &ctx.question(touch));
+    enforce(app, ctx, touch, d).await
+}
+
+/// Turns a decision into a permit, or records the denial and returns 403. A permit under a
+/// break-glass grant raises the alert (log event and metric; the grant waits for review).
+pub(crate) async fn enforce(app: &App, ctx: &Ctx, touch: &Touch<'_>, d: Decision) -> Result<Permit, ApiError> {
+    if let Some(e) = &d.error {
+        tracing::error!(error = %e, "policy evaluation failed; the request is denied");
     }
-    audit(app, vec![ctx.event(touch, Outcome::Denied, 403, &d.reason)?]).await?;
-    Err(ApiError::forbidden(format!("access denied ({})", d.reason)).recorded())
+    if d.permit {
+        if d.break_glass {
+            app.metrics.break_glass_accesses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(request_id = %ctx.request_id, agent = %ctx.principal.id, grant = d.grant.as_deref().unwrap_or(""), "break-glass access");
+        }
+        return Ok(Permit { reason: d.reason(), purpose: d.break_glass.then(|| "BTG".to_string()) });
+    }
+    app.metrics.access_denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let reason = d.reason();
+    audit(app, vec![ctx.event(touch, Outcome::Denied, 403, &reason)?]).await?;
+    Err(ApiError::forbidden(format!("access denied ({reason})")).recorded())
+}
+
+/// Decides a type-level search or history (may the caller see this type for some patient?)
+/// and returns a cache deciding each patient's results one by one.
+pub(crate) async fn authorize_filtered<'a>(app: &'a App, ctx: &'a Ctx, touch: &Touch<'_>) -> Result<Filter<'a>, ApiError> {
+    let subject = app.access.subject(&ctx.principal);
+    let d = app.access.may_search(&subject, &ctx.question(touch));
+    enforce(app, ctx, touch, d).await?;
+    Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), seen: std::sync::Mutex::new(Vec::new()) })
+}
+
+/// Per-patient decisions for the results of one search or history, each made once.
+pub(crate) struct Filter<'a> {
+    app: &'a App,
+    ctx: &'a Ctx,
+    subject: valv_policy::Subject,
+    action: Action,
+    resource_type: String,
+    seen: std::sync::Mutex<Vec<(Option<String>, Decision)>>,
+}
+
+impl Filter<'_> {
+    pub(crate) fn decision(&self, patient: Option<&str>) -> Decision {
+        if let Ok(seen) = self.seen.lock() {
+            if let Some((_, d)) = seen.iter().find(|(p, _)| p.as_deref() == patient) {
+                return d.clone();
+            }
+        }
+        let q = Question { action: self.action, resource_type: &self.resource_type, patient, now: self.ctx.now, purpose: self.ctx.purpose() };
+        let d = self.app.access.decide(&self.subject, &q);
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push((patient.map(str::to_string), d.clone()));
+        }
+        d
+    }
+
+    pub(crate) fn visible(&self, patient: Option<&str>) -> bool {
+        self.decision(patient).permit
+    }
+
+    /// The permit behind the results of one patient.
+    pub(crate) fn permit(&self, patient: Option<&str>) -> Permit {
+        let d = self.decision(patient);
+        if d.break_glass {
+            self.app.metrics.break_glass_accesses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(request_id = %self.ctx.request_id, agent = %self.ctx.principal.id, grant = d.grant.as_deref().unwrap_or(""), "break-glass access");
+        }
+        Permit { reason: d.reason(), purpose: d.break_glass.then(|| "BTG".to_string()) }
+    }
 }
 
 /// Records a failed act after its attempt was recorded, then passes the error on.
@@ -207,6 +300,7 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::Search { resource_type, pairs } if resource_type == "AuditEvent" => crate::auditapi::search(app, ctx, &pairs).await,
         Interaction::Search { resource_type, pairs } => search_type(app, ctx, &resource_type, &pairs).await,
         Interaction::AccessLog { id } => crate::auditapi::access_log(app, ctx, &id).await,
+        Interaction::BreakGlass { id, body } => crate::grantapi::break_glass(app, ctx, &id, body).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
         Interaction::Create { resource_type, body } => create(app, ctx, &resource_type, body).await,
@@ -224,14 +318,14 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
     let patient = stored.as_ref().and_then(|v| v.patient.clone());
     let touch = Touch {
         interaction: if version.is_some() { "vread" } else { "read" },
-        action: Action::Read,
+        action: if version.is_some() { Action::VRead } else { Action::Read },
         resource_type,
         id: Some(id),
         version,
         patient: patient.as_deref(),
         query: None,
     };
-    let reason = authorize(app, ctx, &touch).await?;
+    let permit = authorize(app, ctx, &touch).await?;
     let opened = match &stored {
         Some(v) if v.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
         Some(v) => app.vault.open_bytes(v, ctx.now).await.map_err(ApiError::from),
@@ -243,7 +337,7 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
     match (opened, stored) {
         (Ok(bytes), Some(v)) => {
             let touch = Touch { version: Some(v.version), ..touch };
-            audit(app, vec![ctx.event(&touch, Outcome::Success, 200, &reason)?]).await?;
+            audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
             // The stored JSON is exactly the representation: sent as it is, not re-serialised.
             Ok(Reply::raw_resource(StatusCode::OK, &v, bytes))
         }
@@ -260,9 +354,8 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         Ok(r) => r,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
     };
-    let reason = authorize(app, ctx, &touch).await?;
-    let principal = &ctx.principal;
-    let visible = |l: &valv_store::Located| policy::decide(principal, Action::Search, resource_type, l.patient.as_deref()).permit;
+    let filter = authorize_filtered(app, ctx, &touch).await?;
+    let visible = |l: &valv_store::Located| filter.visible(l.patient.as_deref());
     let page = match app.vault.search(resource_type, &req, &visible, ctx.now).await {
         Ok(p) => p,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
@@ -280,7 +373,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
     }
     let events = patients
         .iter()
-        .map(|p| ctx.event(&Touch { patient: *p, query: touch.query.clone(), ..touch }, Outcome::Success, 200, &reason))
+        .map(|p| ctx.permitted(&Touch { patient: *p, query: touch.query.clone(), ..touch }, 200, &filter.permit(*p)))
         .collect::<Result<Vec<_>, _>>()?;
     audit(app, events).await?;
     let mut links = vec![bundle::link("self", &format!("{}/{resource_type}?{}", app.base_url, touch.query.as_deref().unwrap_or("")))];
@@ -325,24 +418,42 @@ async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pa
         None => None,
     };
     let touch = Touch { interaction: "history", action: Action::History, resource_type, id, version: None, patient: patient.as_deref(), query: None };
-    let reason = authorize(app, ctx, &touch).await?;
-    let (versions, total) = match app.vault.history(resource_type, id, offset, count, ctx.now).await {
-        Ok(v) => v,
-        Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+    // An instance's history belongs to one patient; a type's history is filtered patient by
+    // patient, and paged after filtering so totals never count what the caller may not see.
+    let (versions, total, permits) = if id.is_some() {
+        let permit = authorize(app, ctx, &touch).await?;
+        let (versions, total) = match app.vault.history(resource_type, id, offset, count, ctx.now).await {
+            Ok(v) => v,
+            Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+        };
+        (versions, total, vec![(patient.clone(), permit)])
+    } else {
+        let filter = authorize_filtered(app, ctx, &touch).await?;
+        let all = match app.vault.history(resource_type, None, 0, i64::MAX as usize, ctx.now).await {
+            Ok((v, _)) => v,
+            Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+        };
+        let visible: Vec<Resource> = all.into_iter().filter(|r| filter.visible(r.patient.as_deref())).collect();
+        let total = visible.len();
+        let page: Vec<Resource> = visible.into_iter().skip(offset).take(count).collect();
+        let mut permits: Vec<(Option<String>, Permit)> = Vec::new();
+        for p in page.iter().map(|r| r.patient.clone()) {
+            if !permits.iter().any(|(q, _)| *q == p) {
+                let permit = filter.permit(p.as_deref());
+                permits.push((p, permit));
+            }
+        }
+        if permits.is_empty() {
+            permits.push((None, filter.permit(None)));
+        }
+        (page, total, permits)
     };
-    let mut patients: Vec<Option<&str>> = Vec::new();
-    for p in versions.iter().map(|r| r.patient.as_deref()) {
-        if !patients.contains(&p) {
-            patients.push(p);
+    let mut events = Vec::new();
+    for (p, permit) in &permits {
+        if id.is_none() || versions.iter().any(|r| r.patient == *p) || versions.is_empty() {
+            events.push(ctx.permitted(&Touch { patient: p.as_deref(), query: None, ..touch }, 200, permit)?);
         }
     }
-    if patients.is_empty() {
-        patients.push(patient.as_deref());
-    }
-    let events = patients
-        .iter()
-        .map(|p| ctx.event(&Touch { patient: *p, query: None, ..touch }, Outcome::Success, 200, &reason))
-        .collect::<Result<Vec<_>, _>>()?;
     audit(app, events).await?;
     let base = match id {
         Some(id) => format!("{}/{resource_type}/{id}/_history", app.base_url),
@@ -385,15 +496,23 @@ async fn authorize_write(app: &App, ctx: &Ctx, interaction: &'static str, action
     let mut events = Vec::new();
     for p in patients {
         let touch = write_touch(interaction, action, resource_type, id, p.as_deref());
-        let reason = authorize(app, ctx, &touch).await?;
-        events.push(ctx.event(&touch, Outcome::Success, 0, &reason)?);
+        let permit = authorize(app, ctx, &touch).await?;
+        events.push(ctx.permitted(&touch, 0, &permit)?);
     }
     Ok(events)
 }
 
+/// Commits writes and lets the access directory see them: a new care team or a withdrawn
+/// Consent counts from the next request.
+async fn commit(app: &App, ops: Vec<WriteOp>, now: i64) -> Result<Vec<Committed>, valv_store::StoreError> {
+    let committed = app.vault.commit(ops, now).await?;
+    app.access.observe(&committed);
+    Ok(committed)
+}
+
 /// Commits one write whose attempt is already audited; a failure is audited as well.
 async fn commit_one(app: &App, ctx: &Ctx, op: WriteOp, touch: &Touch<'_>) -> Result<Committed, ApiError> {
-    match app.vault.commit(vec![op], ctx.now).await {
+    match commit(app, vec![op], ctx.now).await {
         Ok(mut c) => c.pop().ok_or_else(|| ApiError::internal("the store returned no result")),
         Err(e) => Err(audit_failure(app, ctx, touch, e.into()).await),
     }
@@ -449,7 +568,7 @@ async fn delete(app: &App, ctx: &Ctx, resource_type: &str, id: &str, if_match: O
     audit(app, events).await?;
     let op = WriteOp::Delete { resource_type: resource_type.to_string(), id: id.to_string(), if_match };
     let touch = write_touch("delete", Action::Delete, resource_type, id, located.patient.as_deref());
-    match app.vault.commit(vec![op], ctx.now).await {
+    match commit(app, vec![op], ctx.now).await {
         Ok(_) => Ok(Reply::json(StatusCode::OK, valv_fhir::outcome::success(&format!("{resource_type}/{id} deleted")))),
         Err(e) => Err(audit_failure(app, ctx, &touch, e.into()).await),
     }
@@ -518,7 +637,7 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
         ops.push(op);
     }
     audit(app, events).await?;
-    let committed = match app.vault.commit(ops, ctx.now).await {
+    let committed = match commit(app, ops, ctx.now).await {
         Ok(c) => c,
         Err(e) => {
             let touch = Touch { interaction: "transaction", action: Action::Update, resource_type: "Bundle", id: None, version: None, patient: None, query: None };
@@ -628,14 +747,9 @@ async fn bearer_principal(app: &App, authorization: Option<&str>, now: i64) -> R
 /// service named by the connection's client certificate.
 pub async fn authenticate(app: &App, authorization: Option<&str>, cert: &crate::ClientCert, request_id: &str, source: &str, now: i64) -> Result<Principal, ApiError> {
     let result = match (authorization, cert) {
-        (None, crate::ClientCert::Service(s)) => Ok(Principal {
-            kind: auth::PrincipalKind::Service,
-            id: format!("mtls:{}", s.name),
-            name: s.name.clone(),
-            roles: vec![s.role.clone()],
-            units: Vec::new(),
-            mfa: false,
-        }),
+        (None, crate::ClientCert::Service(s)) => {
+            Ok(Principal::basic(auth::PrincipalKind::Service, format!("mtls:{}", s.name), s.name.clone(), vec![s.role.clone()], s.scopes.clone()))
+        }
         (None, crate::ClientCert::Unmapped) => Err((ApiError::unauthorized("the client certificate names no configured service"), "certificate-not-mapped")),
         _ => bearer_principal(app, authorization, now).await,
     };

@@ -9,6 +9,7 @@
 //!   -> respond (FHIR JSON or OperationOutcome)
 //! ```
 
+pub mod access;
 pub mod audit;
 pub mod auditapi;
 pub mod auditlog;
@@ -17,11 +18,11 @@ pub mod authapi;
 pub mod clock;
 pub mod error;
 pub mod fhir;
+pub mod grantapi;
 pub mod identity;
 pub mod integrator;
 pub mod metrics;
 pub mod oidc;
-pub mod policy;
 pub mod query;
 pub mod siem;
 pub mod tls;
@@ -66,6 +67,8 @@ pub struct App {
     pub oidc: oidc::Oidc,
     /// Services that authenticate with a client certificate (mutual TLS).
     pub cert_services: Vec<tls::ServiceCert>,
+    /// Need-to-know access: policies, care relationships and consents, grants.
+    pub access: access::Access,
 }
 
 /// Who is at the other end of a connection.
@@ -281,6 +284,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
         p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
+        p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
             Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
@@ -362,9 +366,15 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
         .get("prefer")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|p| p.contains("return=minimal"));
-    let purpose_of_use = req.headers().get("x-purpose-of-use").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let declared = req.headers().get("x-purpose-of-use").map(|v| v.to_str().unwrap_or("").trim().to_string());
+    let known = declared.as_deref().is_none_or(valv_policy::purpose::is_known);
+    let purpose_of_use = declared.filter(|_| known);
     let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
     let url_type = req.uri().path().split('/').nth(2).filter(|t| valv_fhir::r4::is_resource_type(t)).map(str::to_string);
+    if !known {
+        let e = ApiError::bad_request("X-Purpose-Of-Use must be an HL7 PurposeOfUse code such as TREAT, ETREAT, HPAYMT, HOPERAT or PATRQT");
+        return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
+    }
     if let Err(e) = check_accept(req.headers()) {
         return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
     }
@@ -434,6 +444,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::In
         ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), DELETE")),
         ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
         (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id) },
+        (["Patient", id, "$break-glass"], Some(body)) if method == Method::POST => I::BreakGlass { id: t(id), body },
         ([rt, id, "_history", v], None) if method == Method::GET => {
             let version = v.parse().map_err(|_| ApiError::not_found(format!("'{v}' is not a version of {rt}/{id}")))?;
             I::VRead { resource_type: t(rt), id: t(id), version }

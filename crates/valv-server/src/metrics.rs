@@ -24,6 +24,11 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     pub audit_entries: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Requests the access policy denied.
+    pub access_denied: AtomicU64,
+    /// Break-glass grants made, and accesses resting on one (each also an alert in the log).
+    pub break_glass_grants: AtomicU64,
+    pub break_glass_accesses: AtomicU64,
     pub logins: AtomicU64,
     pub login_failures: AtomicU64,
     pub lockouts: AtomicU64,
@@ -78,6 +83,9 @@ impl Metrics {
             ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
             ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
             ("valv_auth_failures_total", "Requests with a missing, unknown or revoked credential.", &self.auth_failures),
+            ("valv_access_denied_total", "Requests the access policy denied.", &self.access_denied),
+            ("valv_break_glass_grants_total", "Break-glass grants made (each waits for an auditor's review).", &self.break_glass_grants),
+            ("valv_break_glass_accesses_total", "Accesses resting on a break-glass grant.", &self.break_glass_accesses),
             ("valv_logins_total", "Successful sign-ins.", &self.logins),
             ("valv_login_failures_total", "Failed sign-ins (any reason).", &self.login_failures),
             ("valv_lockouts_total", "Accounts locked after repeated failed sign-ins.", &self.lockouts),

@@ -264,6 +264,13 @@ impl Oidc {
         }
         let sub = claims.get("sub").and_then(Value::as_str).ok_or("jwt-no-subject")?;
         let name = claims.get(&s.username_claim).and_then(Value::as_str).unwrap_or(sub);
+        // SMART's `fhirUser` names the Practitioner or Patient the person is.
+        let fhir_user = claims.get("fhirUser").and_then(Value::as_str).and_then(valv_fhir::reference::parse);
+        let as_type = |t: &str| fhir_user.as_ref().filter(|r| r.resource_type == t).map(|r| r.id.clone());
+        let scopes = match claims.get("scope").and_then(Value::as_str) {
+            Some(text) => Some(valv_policy::Scopes::parse(text).map_err(|_| "jwt-bad-scope")?).filter(|s| !s.is_empty()),
+            None => None,
+        };
         Ok(Principal {
             kind: PrincipalKind::User,
             id: format!("oidc:{}:{sub}", s.name),
@@ -271,6 +278,9 @@ impl Oidc {
             roles,
             units: jwt::strings(claims, &s.units_claim),
             mfa,
+            practitioner: as_type("Practitioner"),
+            patient: as_type("Patient"),
+            scopes,
         })
     }
 

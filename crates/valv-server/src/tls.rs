@@ -12,6 +12,8 @@ pub struct ServiceCert {
     pub name: String,
     pub dns_name: String,
     pub role: String,
+    /// SMART `system/` scopes the service acts by.
+    pub scopes: Option<valv_policy::Scopes>,
 }
 
 /// The server's TLS settings. With `client_ca`, clients may present a certificate, which must

@@ -92,6 +92,17 @@ pub struct ApiKeyRecord {
     /// MAC over the fields above under the server's record key: a row inserted or edited
     /// directly in the database does not verify.
     pub mac: Vec<u8>,
+    /// SMART scopes, space-separated ('' = none); part of the MAC when not empty.
+    pub scopes: String,
+}
+
+/// A break-glass or remote-support grant as stored: sealed whole, versioned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub id: String,
+    /// 1 when made; each change adds one (a stale writer gets a conflict).
+    pub version: u64,
+    pub sealed: Vec<u8>,
 }
 
 /// One audit entry as the backend holds it: its Merkle leaf hash (over the canonical plaintext)
@@ -164,6 +175,9 @@ pub trait Store: Send + Sync {
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
     /// Marks a key revoked (with the record's new MAC); false if no active key has that id.
     async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError>;
+    /// Adds a grant (version 1) or replaces the one at `version - 1`; a conflict otherwise.
+    async fn put_grant(&self, grant: &GrantRow) -> Result<(), StoreError>;
+    async fn grants(&self) -> Result<Vec<GrantRow>, StoreError>;
     /// Adds a user; a conflict if the id or user name token exists.
     async fn insert_user(&self, user: &UserRow) -> Result<(), StoreError>;
     /// Replaces a user whose stored version is `user.version - 1`; a conflict otherwise.

@@ -3,7 +3,7 @@
 //! request in its own savepoint so one conflict fails only its own request), and a small pool of
 //! reader connections.
 
-use crate::{ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
+use crate::{GrantRow, ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
 use async_trait::async_trait;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
 use std::path::Path;
@@ -98,6 +98,16 @@ CREATE TABLE sessions (
     mac BLOB NOT NULL
 );
 CREATE INDEX sessions_user ON sessions (user_id);
+"#, r#"
+-- SMART scopes of an API key (space-separated; '' = none). Covered by the key's MAC when set.
+ALTER TABLE api_keys ADD COLUMN scopes TEXT NOT NULL DEFAULT '';
+-- Break-glass and remote-support grants: the record is sealed (who, which patients, reason,
+-- times, reviews); versioned like users.
+CREATE TABLE grants (
+    id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    sealed BLOB NOT NULL
+);
 "#];
 
 const READERS: usize = 4;
@@ -379,7 +389,7 @@ fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     if hash.len() == 32 {
         h.copy_from_slice(&hash);
     }
-    Ok(ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: h, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)? })
+    Ok(ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: h, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)?, scopes: r.get(7)? })
 }
 
 #[async_trait]
@@ -575,8 +585,8 @@ impl Store for SqliteStore {
     async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
         self.with_admin(|c| {
             c.execute(
-                "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked, k.mac],
+                "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac, scopes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked, k.mac, k.scopes],
             )
             .map_err(|e| match e {
                 rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
@@ -590,7 +600,7 @@ impl Store for SqliteStore {
 
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
         self.with_reader(|c| {
-            Ok(c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac FROM api_keys WHERE hash = ?1")?
+            Ok(c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac, scopes FROM api_keys WHERE hash = ?1")?
                 .query_row(params![&hash[..]], row_to_api_key)
                 .optional()?)
         })
@@ -598,7 +608,7 @@ impl Store for SqliteStore {
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac FROM api_keys ORDER BY created, name")?;
+            let mut stmt = c.prepare_cached("SELECT id, name, role, hash, created, revoked, mac, scopes FROM api_keys ORDER BY created, name")?;
             let rows = stmt.query_map([], row_to_api_key)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -608,6 +618,29 @@ impl Store for SqliteStore {
         self.with_admin(|c| {
             let n = c.execute("UPDATE api_keys SET revoked = ?1, mac = ?2 WHERE id = ?3 AND revoked IS NULL", params![revoked, mac, id])?;
             Ok(n > 0)
+        })
+    }
+
+    async fn put_grant(&self, g: &GrantRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let n = if g.version == 1 {
+                c.execute("INSERT OR IGNORE INTO grants (id, version, sealed) VALUES (?1, ?2, ?3)", params![g.id, g.version, g.sealed])?
+            } else {
+                c.execute("UPDATE grants SET version = ?1, sealed = ?2 WHERE id = ?3 AND version = ?4", params![g.version, g.sealed, g.id, g.version - 1])?
+            };
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!("grant {} was changed concurrently", g.id)))
+            }
+        })
+    }
+
+    async fn grants(&self) -> Result<Vec<GrantRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, version, sealed FROM grants ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok(GrantRow { id: r.get(0)?, version: r.get(1)?, sealed: r.get(2)? }))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
         })
     }
 

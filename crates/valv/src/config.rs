@@ -16,6 +16,60 @@ pub struct Config {
     pub auth: AuthConfig,
     pub mtls: MtlsConfig,
     pub oidc: OidcConfig,
+    pub policy: PolicyConfig,
+}
+
+/// Need-to-know access: where operators' Cedar policies live and the settings that change facts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A directory of `*.cedar` files, relative to the data directory; unset: the defaults only.
+    /// A policy whose `@id` names a default replaces it; others are added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Use only the directory's policies, none of the defaults.
+    pub replace_defaults: bool,
+    /// Break-glass may override a patient's block (PdL: emergencies only). Flagged in the audit
+    /// entry and the review queue either way.
+    pub break_glass_overrides_block: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { dir: None, replace_defaults: false, break_glass_overrides_block: true }
+    }
+}
+
+impl PolicyConfig {
+    /// The policy engine: defaults plus the configured directory, validated against the schema.
+    pub fn engine(&self, data_dir: &Path) -> Result<valv_policy::Engine, String> {
+        let files = match &self.dir {
+            Some(dir) => policy_files(&resolve(data_dir, dir))?,
+            None if self.replace_defaults => return Err("policy.replace_defaults needs policy.dir".into()),
+            None => Vec::new(),
+        };
+        valv_policy::Engine::new(&files, self.replace_defaults).map_err(|e| e.to_string())
+    }
+
+    pub fn settings(&self) -> valv_policy::Settings {
+        valv_policy::Settings { break_glass_overrides_block: self.break_glass_overrides_block }
+    }
+}
+
+/// The `*.cedar` files of a directory, in name order (a missing directory is an error: the
+/// operator meant policies to be there).
+pub fn policy_files(dir: &Path) -> Result<Vec<valv_policy::PolicyFile>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("policy directory {}: {e}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cedar")).collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok(valv_policy::PolicyFile { name, text })
+        })
+        .collect()
 }
 
 /// Single sign-on: OpenID Connect providers whose tokens Valv accepts.
@@ -141,6 +195,9 @@ pub struct MtlsService {
     pub dns_name: String,
     #[serde(default = "service_role")]
     pub role: String,
+    /// SMART `system/` scopes the service acts by (e.g. `system/Observation.rs`).
+    #[serde(default)]
+    pub scopes: String,
 }
 
 fn service_role() -> String {
@@ -163,8 +220,13 @@ impl MtlsConfig {
             if !valv_server::auth::API_KEY_ROLES.contains(&s.role.as_str()) {
                 return Err(format!("[mtls] service '{}': role '{}' is not a service role ({})", s.name, s.role, valv_server::auth::API_KEY_ROLES.join(", ")));
             }
+            let scopes = valv_policy::Scopes::parse(&s.scopes).map_err(|e| format!("[mtls] service '{}': {e}", s.name))?;
+            if s.role == "service" && scopes.is_empty() {
+                return Err(format!("[mtls] service '{}': role service acts only as its scopes say; set scopes (e.g. \"system/Observation.rs\")", s.name));
+            }
             if rustls_dns_ok(&s.dns_name) {
-                services.push(valv_server::tls::ServiceCert { name: s.name.clone(), dns_name: s.dns_name.clone(), role: s.role.clone() });
+                let scopes = (!scopes.is_empty()).then_some(scopes);
+                services.push(valv_server::tls::ServiceCert { name: s.name.clone(), dns_name: s.dns_name.clone(), role: s.role.clone(), scopes });
             } else {
                 return Err(format!("[mtls] service '{}': '{}' is not a DNS name", s.name, s.dns_name));
             }

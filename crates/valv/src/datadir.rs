@@ -78,6 +78,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
         &opened.app.records,
         "admin",
         "admin",
+        "",
         valv_server::now_ms(),
         random_bytes().map_err(|e| e.to_string())?,
         random_bytes().map_err(|e| e.to_string())?,
@@ -145,6 +146,8 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let identity_macs = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let identity = valv_server::identity::Identity::new(vault.store().clone(), &identity_key, blind.clone(), identity_macs, cfg.auth.settings()?)?;
     let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, blind, cfg.storage.fail_audit_appends));
+    let grants_key = vault.named_key("grants", now).await.map_err(|e| e.to_string())?;
+    let access = valv_server::access::Access::new(cfg.policy.engine(dir)?, cfg.policy.settings(), vault.store().clone(), &grants_key);
     let app = App {
         vault,
         records,
@@ -158,7 +161,10 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         clock: valv_server::clock::from_env()?,
         cert_services: cfg.mtls.load(dir)?.1,
         oidc: valv_server::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
+        access,
     };
+    // Care teams, consents and grants are read once here; committed writes keep them current.
+    app.access.load(&app.vault, now).await?;
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }
 

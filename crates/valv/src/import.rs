@@ -16,20 +16,20 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// A context for work done at the console: the operator named by `$USER`, role admin.
+/// A context for work done at the console: the operator named by `$USER`, acting as a service
+/// that may create, read, update and delete any resource (`system/*.cruds`).
 pub fn local_ctx(purpose: &str) -> Ctx {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let mut rid = [0u8; 12];
     let _ = getrandom::fill(&mut rid);
     Ctx {
-        principal: valv_server::auth::Principal {
-            kind: valv_server::auth::PrincipalKind::Local,
-            id: format!("local:{user}"),
-            name: user,
-            roles: vec!["admin".into()],
-            units: Vec::new(),
-            mfa: false,
-        },
+        principal: valv_server::auth::Principal::basic(
+            valv_server::auth::PrincipalKind::Local,
+            format!("local:{user}"),
+            user,
+            vec!["service".into()],
+            valv_policy::Scopes::parse("system/*.cruds").ok(),
+        ),
         request_id: valv_crypto::hex::encode(&rid),
         source: "local".into(),
         now: valv_server::now_ms(),

@@ -4,6 +4,7 @@
 mod config;
 mod datadir;
 mod import;
+mod policycmd;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -59,10 +60,43 @@ enum Command {
         #[command(subcommand)]
         action: AuditAction,
     },
+    /// Check access policies, or explain one decision.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// Import FHIR transaction or batch bundles (e.g. Synthea output), each file atomically.
     Import {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Validate the policy set against the schema: the configured one, or defaults plus --dir.
+    Validate {
+        /// A directory of *.cedar files (default: policy.dir of the configuration).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Use only the directory's policies, none of the defaults.
+        #[arg(long)]
+        replace_defaults: bool,
+    },
+    /// Print the decision for a user, patient, action and resource type now, with its rules and facts.
+    Explain {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        patient: Option<String>,
+        /// read, vread, search, history, create, update or delete.
+        #[arg(long, default_value = "read")]
+        action: String,
+        #[arg(long = "type")]
+        resource_type: String,
+        /// HL7 PurposeOfUse code (default: the user's role's).
+        #[arg(long)]
+        purpose: Option<String>,
     },
 }
 
@@ -151,6 +185,10 @@ enum ApikeyAction {
         name: String,
         #[arg(long, default_value = "service")]
         role: String,
+        /// SMART `system/` scopes, space-separated (e.g. 'system/*.cruds', 'system/Observation.rs').
+        /// A service key acts only as its scopes say, so it needs them; on other roles they narrow.
+        #[arg(long, default_value = "")]
+        scope: String,
     },
     /// List keys (never the keys themselves).
     List,
@@ -221,6 +259,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Apikey { action } => apikey(&dir, action).await,
         Command::Audit { action } => audit(&dir, action).await,
         Command::User { action } => user(&dir, action).await,
+        Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {
+            policycmd::validate(&dir, policy_dir.as_deref(), replace_defaults.then_some(true))
+        }
+        Command::Policy { action: PolicyAction::Explain { user, patient, action, resource_type, purpose } } => {
+            policycmd::explain(&dir, policycmd::ExplainArgs { user, patient, action, resource_type, purpose }).await
+        }
         Command::Synth { patients, out, seed } => {
             let seed = match seed {
                 Some(s) => s,
@@ -466,14 +510,17 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
     let store = opened.app.vault.store();
     let now = opened.app.clock.now_ms();
     match action {
-        ApikeyAction::Create { name, role } => {
+        ApikeyAction::Create { name, role, scope } => {
+            if role == "service" && scope.trim().is_empty() {
+                return Err("a service key acts only as its scopes say: give --scope (e.g. --scope 'system/*.rs')".into());
+            }
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
-            let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, now, r32, r16)?;
+            let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, &scope, now, r32, r16)?;
             // Audited before it exists: a key is never created without its entry.
-            valv_server::authapi::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role})", record.id, name), now).await.map_err(|e| e.diagnostics)?;
+            valv_server::authapi::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role}, scopes '{}')", record.id, name, record.scopes), now).await.map_err(|e| e.diagnostics)?;
             store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
-            println!("created API key '{name}' (id {}, role {role}); it is shown only once:", record.id);
+            println!("created API key '{name}' (id {}, role {role}, scopes '{}'); it is shown only once:", record.id, record.scopes);
             println!("{key}");
         }
         ApikeyAction::List => {
@@ -482,7 +529,7 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
                     Some(t) => format!("revoked {}", valv_fhir::date::format_instant(t)),
                     None => "active".into(),
                 };
-                println!("{}  {:<24} {:<8} created {}  {state}", k.id, k.name, k.role, valv_fhir::date::format_instant(k.created));
+                println!("{}  {:<24} {:<8} created {}  {state}  scopes '{}'", k.id, k.name, k.role, valv_fhir::date::format_instant(k.created), k.scopes);
             }
         }
         ApikeyAction::Revoke { id_or_name } => {

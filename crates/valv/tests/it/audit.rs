@@ -17,7 +17,7 @@ async fn every_attempt_leaves_an_entry_before_the_answer() {
         ("GET", "/fhir/Patient?colour=red".into(), None),
     ];
     for (method, path, body) in attempts {
-        let r = s.request_raw(method, &path, Some(&s.admin_key), body.map(|b| b.as_bytes().to_vec()), &[]).await;
+        let r = s.request_raw(method, &path, Some(&s.data_key), body.map(|b| b.as_bytes().to_vec()), &[]).await;
         let after = s.audit_lines();
         assert!(after > before, "{method} {path} ({}) left no audit entry", r.status);
         before = after;
@@ -244,8 +244,8 @@ async fn proofs_verify_against_the_signed_checkpoint() {
 async fn auditors_read_the_log_as_audit_events_and_a_patients_access_log_verifies() {
     use base64::Engine as _;
     let s = Server::start("auditapi");
-    let auditor = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "auditor", "--role", "auditor"]));
-    let service = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "svc", "--role", "service"]));
+    let auditor = s.auditor_key.clone();
+    let service = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "svc", "--role", "service", "--scope", "system/*.rs"]));
     let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
     let other = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();
     s.request("GET", &format!("/fhir/Patient/{p}"), Some(&service), None, &[]).await;
@@ -316,7 +316,7 @@ async fn kill_9_under_concurrent_reads_never_loses_an_entry_for_data_sent() {
             let (client, p, answered) = (s.client(), p.clone(), answered.clone());
             readers.push(tokio::spawn(async move {
                 loop {
-                    match client.try_request("GET", &format!("/fhir/Patient/{p}"), Some(&client.admin_key), None, &[]).await {
+                    match client.try_request("GET", &format!("/fhir/Patient/{p}"), Some(&client.data_key), None, &[]).await {
                         Ok(r) if r.status == 200 => {
                             assert!(r.text.contains("Crash"));
                             let rid = r.header("x-request-id").expect("request id").to_string();

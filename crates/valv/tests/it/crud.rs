@@ -23,9 +23,15 @@ async fn metadata_is_open_and_fhir_needs_a_credential() {
 #[tokio::test]
 async fn api_keys_can_be_created_used_and_revoked() {
     let s = Server::start("apikey");
-    let out = crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "importer", "--role", "service"]);
+    let unscoped = crate::harness::valv().arg("--data-dir").arg(&s.data).args(["apikey", "create", "--name", "x", "--role", "service"]).output().expect("run");
+    assert!(!unscoped.status.success() && String::from_utf8_lossy(&unscoped.stderr).contains("--scope"), "a service key needs scopes");
+    let bad = crate::harness::valv().arg("--data-dir").arg(&s.data).args(["apikey", "create", "--name", "x", "--role", "service", "--scope", "system/Patient.zz"]).output().expect("run");
+    assert!(!bad.status.success(), "malformed scopes are refused");
+    let out = crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "importer", "--role", "service", "--scope", "system/Patient.rs"]);
     let key = crate::harness::last_line(&out);
     assert_eq!(s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.status, 200);
+    let write = s.request("POST", "/fhir/Patient", Some(&key), Some(&json!({"resourceType":"Patient"})), &[]).await;
+    assert!(write.outcome(403).contains("smart-scopes") || write.text.contains("no-policy-permits"), "the key's scopes allow no create: {}", write.text);
     let listed = crate::harness::run_ok(&s.data, &["apikey", "list"]);
     assert!(listed.contains("importer") && !listed.contains(&key), "list shows names, never keys");
     crate::harness::run_ok(&s.data, &["apikey", "revoke", "importer"]);
@@ -101,7 +107,7 @@ async fn concurrent_updates_never_lose_one_silently() {
         let (client, id) = (s.client(), id.clone());
         tasks.push(tokio::spawn(async move {
             let body = serde_json::to_vec(&json!({"resourceType":"Patient","id":id,"name":[{"family":format!("W{i}")}]})).expect("json");
-            client.try_request("PUT", &format!("/fhir/Patient/{id}"), Some(&client.admin_key), Some(body), &[]).await.expect("response")
+            client.try_request("PUT", &format!("/fhir/Patient/{id}"), Some(&client.data_key), Some(body), &[]).await.expect("response")
         }));
     }
     let mut ok = 0;
@@ -153,10 +159,13 @@ async fn first_start_initialises_prints_the_key_once_and_serves_demo_data() {
     assert_eq!(mode("tls/key.pem"), 0o600);
     assert_eq!(mode("."), 0o700);
     // A server handle for requests; the process is ours, so the harness must not kill another.
-    let tls = crate::harness::Server::client_for(&data, port, &key);
+    let reader = crate::harness::last_line(&crate::harness::run_ok(&data, &["apikey", "create", "--name", "counter", "--role", "service", "--scope", "system/Patient.s"]));
+    let tls = crate::harness::Server::client_for(&data, port, &reader);
     let meta = tls.try_request("GET", "/fhir/metadata", None, None, &[]).await.expect("metadata");
     assert_eq!(meta.status, 200);
-    let patients = tls.try_request("GET", "/fhir/Patient?_summary=count", Some(&key), None, &[]).await.expect("count");
+    let by_admin = tls.try_request("GET", "/fhir/Patient?_summary=count", Some(&key), None, &[]).await.expect("count");
+    assert_eq!(by_admin.status, 403, "the admin key manages users and configuration, never patient data: {}", by_admin.text);
+    let patients = tls.try_request("GET", "/fhir/Patient?_summary=count", Some(&reader), None, &[]).await.expect("count");
     assert_eq!(patients.json["total"], 20, "--demo loads 20 synthetic patients");
     let _ = child.kill();
     let _ = child.wait();

@@ -73,7 +73,7 @@ async fn bad_inputs_table() {
     cases.push(stale);
 
     for c in &cases {
-        let r = s.request_raw(c.method, &c.path, Some(&s.admin_key), c.body.clone(), &c.headers).await;
+        let r = s.request_raw(c.method, &c.path, Some(&s.data_key), c.body.clone(), &c.headers).await;
         if c.status == 200 {
             assert_eq!(r.status, 200, "{}: {}", c.what, r.text);
             continue;

@@ -42,7 +42,12 @@ pub struct Server {
     pub dir: PathBuf,
     pub data: PathBuf,
     pub port: u16,
+    /// The first admin key: users and configuration, no patient data.
     pub admin_key: String,
+    /// A service key holding `system/*.cruds`: the loader the FHIR helpers below use.
+    pub data_key: String,
+    /// An auditor's API key: the audit log and AuditEvents.
+    pub auditor_key: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
     tls: Arc<rustls::ClientConfig>,
@@ -94,10 +99,12 @@ impl Server {
             std::fs::write(&path, text).expect("write valv.toml");
         }
         assert!(admin_key.starts_with("valv_"), "init prints the admin key last: {admin_key}");
+        let data_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "loader", "--role", "service", "--scope", "system/*.cruds"]));
+        let auditor_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "audit-reader", "--role", "auditor"]));
         // Every server reads its time from this file once a test writes it (system time before).
         let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         env.push(("VALV_TEST_CLOCK_FILE".into(), dir.join("clock").display().to_string()));
-        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, child: None, env };
+        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, data_key, auditor_key, child: None, env };
         s.restart();
         s
     }
@@ -168,8 +175,8 @@ impl Server {
     }
 
     /// A client for a server this harness did not start (data directory, port, key).
-    pub fn client_for(data: &Path, port: u16, admin_key: &str) -> Client {
-        Client { port, tls: client_tls(&data.join("tls/cert.pem")), admin_key: admin_key.to_string() }
+    pub fn client_for(data: &Path, port: u16, data_key: &str) -> Client {
+        Client { port, tls: client_tls(&data.join("tls/cert.pem")), data_key: data_key.to_string() }
     }
 
     /// A client presenting a client certificate (PEM chain and key) for mutual TLS.
@@ -184,36 +191,41 @@ impl Server {
             .with_root_certificates(roots(&self.data.join("tls/cert.pem")))
             .with_client_auth_cert(chain, key)
             .expect("client cert");
-        Client { port: self.port, tls: Arc::new(tls), admin_key: self.admin_key.clone() }
+        Client { port: self.port, tls: Arc::new(tls), data_key: self.data_key.clone() }
     }
 
     /// A handle that can talk to the server from other tasks.
     pub fn client(&self) -> Client {
-        Client { port: self.port, tls: self.tls.clone(), admin_key: self.admin_key.clone() }
+        Client { port: self.port, tls: self.tls.clone(), data_key: self.data_key.clone() }
     }
 
     pub async fn try_request(&self, method: &str, path: &str, key: Option<&str>, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Resp, String> {
         self.client().try_request(method, path, key, body, headers).await
     }
 
+    /// The key the helpers below send: the admin's for `/admin/…`, the loader's for the rest.
+    fn key_for(&self, path: &str) -> &str {
+        if path.starts_with("/admin/") { &self.admin_key } else { &self.data_key }
+    }
+
     pub async fn get(&self, path: &str) -> Resp {
-        self.request("GET", path, Some(&self.admin_key), None, &[]).await
+        self.request("GET", path, Some(self.key_for(path)), None, &[]).await
     }
     pub async fn post(&self, path: &str, body: &Value) -> Resp {
-        self.request("POST", path, Some(&self.admin_key), Some(body), &[]).await
+        self.request("POST", path, Some(self.key_for(path)), Some(body), &[]).await
     }
     pub async fn put(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Resp {
-        self.request("PUT", path, Some(&self.admin_key), Some(body), headers).await
+        self.request("PUT", path, Some(self.key_for(path)), Some(body), headers).await
     }
     pub async fn delete(&self, path: &str) -> Resp {
-        self.request("DELETE", path, Some(&self.admin_key), None, &[]).await
+        self.request("DELETE", path, Some(self.key_for(path)), None, &[]).await
     }
 }
 
 #[derive(Clone)]
 pub struct Client {
     pub port: u16,
-    pub admin_key: String,
+    pub data_key: String,
     tls: Arc<rustls::ClientConfig>,
 }
 

@@ -123,7 +123,10 @@ async fn enrollment_login_totp_recovery_and_logout() {
 
     let me = s.request("GET", "/auth/me", Some(&session), None, &[]).await;
     assert_eq!((me.status, me.json["roles"][0].as_str(), me.json["mfa"].as_bool()), (200, Some("physician"), Some(true)), "{}", me.text);
-    assert_eq!(s.request("GET", "/fhir/Patient", Some(&session), None, &[]).await.status, 403, "no clinical access before the policy grants it");
+    let none = s.request("GET", "/fhir/Patient", Some(&session), None, &[]).await;
+    assert_eq!((none.status, none.json["total"].as_u64()), (200, Some(0)), "searches show only patients in the caller's care: none yet: {}", none.text);
+    let read = s.request("GET", "/fhir/Patient/someone", Some(&session), None, &[]).await;
+    assert_eq!(read.status, 403, "no read without a care relationship: {}", read.text);
 
     // A recovery code replaces the TOTP code once.
     let by_code = auth(&s, "/auth/login", None, json!({"username": "anna.berg", "password": PASSWORD, "recovery_code": recovery[3].to_lowercase()})).await;
@@ -386,7 +389,7 @@ async fn admin_surface_and_cli() {
     assert_eq!(listed.json["users"].as_array().map(Vec::len), Some(1), "{}", listed.text);
     assert!(!listed.text.contains("argon2") && !listed.text.contains("totp_secret"), "no secrets in user listings");
 
-    run_ok(&s.data, &["apikey", "create", "--name", "lab-import", "--role", "service"]);
+    run_ok(&s.data, &["apikey", "create", "--name", "lab-import", "--role", "service", "--scope", "system/*.c"]);
     run_ok(&s.data, &["apikey", "revoke", "lab-import"]);
 
     // Reset MFA: sessions end, a new enrollment token is issued.
@@ -394,7 +397,7 @@ async fn admin_surface_and_cli() {
     assert!(last_line(&reset).starts_with("valve_"), "{reset}");
     s.request("GET", "/auth/me", Some(&t), None, &[]).await.outcome(401);
     let log = audit_export(&s);
-    for what in ["user-disable", "user-enable", "user-set-roles", "user-reset-mfa", "users-need-admin", "console:", "apikey-create", "apikey-revoke"] {
+    for what in ["user-disable", "user-enable", "user-set-roles", "user-reset-mfa", "deny: no-policy-permits", "console:", "apikey-create", "apikey-revoke"] {
         assert!(log.contains(what), "audited: {what}");
     }
 }

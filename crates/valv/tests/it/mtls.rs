@@ -36,14 +36,16 @@ async fn client_certificates_authenticate_services() {
     let dir = crate::harness::temp_dir("mtls-ca");
     let ca_file = dir.join("client-ca.pem");
     std::fs::write(&ca_file, &good.pem).expect("write CA");
-    let config = format!("[mtls]\nclient_ca = \"{}\"\n[[mtls.services]]\nname = \"lab-importer\"\ndns_name = \"importer.svc.test\"\nrole = \"service\"\n", ca_file.display());
+    let config = format!("[mtls]\nclient_ca = \"{}\"\n[[mtls.services]]\nname = \"lab-importer\"\ndns_name = \"importer.svc.test\"\nrole = \"service\"\nscopes = \"system/Patient.rs\"\n", ca_file.display());
     let s = Server::start_configured("mtls", &[], &config);
 
     let (chain, key) = client_cert(&good, "importer.svc.test");
     let importer = s.client_with_cert(&chain, &key);
     let me = importer.get("/auth/me", None).await.expect("request");
     assert_eq!((me.status, me.json["name"].as_str(), me.json["kind"].as_str()), (200, Some("lab-importer"), Some("service")), "{}", me.text);
-    assert_eq!(importer.get("/fhir/Patient", None).await.expect("request").status, 200, "the service may search (role service)");
+    assert_eq!(importer.get("/fhir/Patient", None).await.expect("request").status, 200, "the service may search (its scopes say Patient.rs)");
+    let write = importer.try_request("POST", "/fhir/Patient", None, Some(b"{\"resourceType\":\"Patient\"}".to_vec()), &[]).await.expect("request");
+    assert_eq!(write.status, 403, "its scopes allow no create: {}", write.text);
 
     // No certificate: the handshake succeeds (people use tokens) but there is no identity.
     assert_eq!(s.client().get("/fhir/Patient", None).await.expect("request").status, 401);

@@ -95,7 +95,8 @@ async fn a_ciphertext_moved_to_another_row_fails_loudly() {
     }
     assert_eq!(s.get(&format!("/fhir/Observation/{a}")).await.status, 200, "the source row still reads");
     let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
-    assert!(metrics.contains("valv_integrity_failures_total 2"), "{metrics}");
+    // Three: the moved Patient row when the access directory read it at start, then each read.
+    assert!(metrics.contains("valv_integrity_failures_total 3"), "{metrics}");
 }
 
 #[tokio::test]
@@ -110,7 +111,7 @@ async fn every_acknowledged_create_survives_kill_9() {
             for i in 0.. {
                 let body = serde_json::to_vec(&json!({"resourceType":"Observation","status":"final","code":{"text":format!("w{w}-{i}")},
                     "subject":{"reference":format!("Patient/{p}")}})).expect("json");
-                match client.try_request("POST", "/fhir/Observation", Some(&client.admin_key), Some(body), &[]).await {
+                match client.try_request("POST", "/fhir/Observation", Some(&client.data_key), Some(body), &[]).await {
                     Ok(r) if r.status == 201 => acked.lock().expect("lock").push(r.id()),
                     Ok(r) => panic!("unexpected {}: {}", r.status, r.text),
                     // The server died under us: whatever was not acknowledged may be lost.
@@ -137,7 +138,9 @@ async fn every_acknowledged_create_survives_kill_9() {
 async fn api_keys_written_into_the_database_directly_do_not_work() {
     use sha2::Digest;
     let mut s = Server::start("forgekey");
-    let key = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "reporter", "--role", "service"]));
+    let key = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "reporter", "--role", "service", "--scope", "system/Patient.s"]));
+    let narrow = crate::harness::last_line(&crate::harness::run_ok(&s.data, &["apikey", "create", "--name", "narrow", "--role", "service", "--scope", "system/Patient.s"]));
+    assert_eq!(s.request("GET", "/fhir/Patient", Some(&narrow), None, &[]).await.status, 200);
     assert_eq!(s.get("/fhir/Patient").await.status, 200);
     s.kill9();
     let forged = format!("valv_{}", "ab".repeat(32));
@@ -152,11 +155,14 @@ async fn api_keys_written_into_the_database_directly_do_not_work() {
         .expect("insert");
         // ... and promotes the service key to admin.
         db.execute("UPDATE api_keys SET role = 'admin' WHERE name = 'reporter'", []).expect("update");
+        // ... and widens another key's scopes.
+        db.execute("UPDATE api_keys SET scopes = 'system/*.cruds' WHERE name = 'narrow'", []).expect("update");
     }
     s.restart();
     s.request("GET", "/fhir/Patient", Some(&forged), None, &[]).await.outcome(401);
     s.request("GET", "/fhir/Patient", Some(&key), None, &[]).await.outcome(401);
-    assert_eq!(s.get("/fhir/Patient").await.status, 200, "the untouched admin key still works");
+    s.request("GET", "/fhir/Patient", Some(&narrow), None, &[]).await.outcome(401);
+    assert_eq!(s.get("/fhir/Patient").await.status, 200, "untouched keys still work");
 }
 
 #[tokio::test]
