@@ -228,12 +228,12 @@ pub fn facts(dir: &Directory, subject: &Subject, q: &Question<'_>, settings: Set
         f.block = r.block;
         f.consent_permit = r.consent_permit;
         f.unverified = r.unverified;
-        f.cross_org = r.cross_org && subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) && !f.self_access;
+        f.cross_org = r.cross_org && !subject.units.is_empty() && subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) && !f.self_access;
     } else if subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) {
-        // Staff with no unit belong to no care provider: every patient with one is another's.
-        let r = dir.relation(&[], &[], patient, q.resource_type, q.now);
-        f.cross_org = r.cross_org;
-        f.unverified = r.unverified;
+        // Staff with no unit belong to no known care provider, so the cross-provider rule has
+        // nothing to compare; they reach a patient only through a care team naming them, which
+        // the patient's own provider keeps (a referral, in effect).
+        f.unverified = dir.relation(&[], &[], patient, q.resource_type, q.now).unverified;
     }
     f
 }

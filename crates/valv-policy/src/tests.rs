@@ -95,7 +95,10 @@ fn external_specialists_only_as_consultants_and_read_only() {
     let (e, d) = (Engine::with_defaults().unwrap(), world());
     let outside = Subject { roles: vec!["external_specialist".into()], practitioner: Some("spec".into()), ..Subject::default() };
     let r = ask(&e, &d, &outside, Action::Read, "Observation", Some("p1"));
-    assert!(!r.permit && r.rules == ["cross-provider-consent"], "from no care provider: consent needed {r:?}");
+    assert!(r.permit && r.rules == ["consultant-read"], "a consultant of no known provider, named on the care team: {r:?}");
+    let elsewhere = Subject { units: vec!["clinic".into()], ..outside.clone() };
+    let r = ask(&e, &d, &elsewhere, Action::Read, "Observation", Some("p1"));
+    assert!(!r.permit && r.rules == ["cross-provider-consent"], "staff of another provider need the patient's consent: {r:?}");
     let s = Subject { units: vec!["ward".into()], ..outside };
     let r = ask(&e, &d, &s, Action::Read, "Observation", Some("p1"));
     assert!(r.permit, "{r:?}");

@@ -184,8 +184,8 @@ pub(crate) async fn enforce(app: &App, ctx: &Ctx, touch: &Touch<'_>, d: Decision
 pub(crate) async fn authorize_filtered<'a>(app: &'a App, ctx: &'a Ctx, touch: &Touch<'_>) -> Result<Filter<'a>, ApiError> {
     let subject = app.access.subject(&ctx.principal);
     let d = app.access.may_search(&subject, &ctx.question(touch));
-    enforce(app, ctx, touch, d).await?;
-    Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), seen: std::sync::Mutex::new(Vec::new()) })
+    enforce(app, ctx, touch, d.clone()).await?;
+    Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), type_level: d, seen: std::sync::Mutex::new(Vec::new()) })
 }
 
 /// Per-patient decisions for the results of one search or history, each made once.
@@ -195,6 +195,9 @@ pub(crate) struct Filter<'a> {
     subject: valv_policy::Subject,
     action: Action,
     resource_type: String,
+    /// The decision that let the search run (it is the reason recorded for a search that found
+    /// nothing the caller may see).
+    type_level: Decision,
     seen: std::sync::Mutex<Vec<(Option<String>, Decision)>>,
 }
 
@@ -217,9 +220,13 @@ impl Filter<'_> {
         self.decision(patient).permit
     }
 
-    /// The permit behind the results of one patient.
+    /// The permit behind the results of one patient (`None` with nothing outside a compartment
+    /// shown: the search itself, which found nothing the caller may see).
     pub(crate) fn permit(&self, patient: Option<&str>) -> Permit {
-        let d = self.decision(patient);
+        let d = match self.decision(patient) {
+            d if patient.is_none() && !d.permit => self.type_level.clone(),
+            d => d,
+        };
         if d.break_glass {
             self.app.metrics.break_glass_accesses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(request_id = %self.ctx.request_id, agent = %self.ctx.principal.id, grant = d.grant.as_deref().unwrap_or(""), "break-glass access");

@@ -8,12 +8,12 @@ use std::io::Write as _;
 use std::process::Stdio;
 
 /// Generous limits so only the rate-limit test meets them; a short login floor so tests are fast.
-const FAST: &str = "[auth]\nrate_per_minute = 10000\nrate_burst = 10000\nlogin_floor_ms = 0\n";
-const PASSWORD: &str = "correct horse battery staple";
+pub(crate) const FAST: &str = "[auth]\nrate_per_minute = 10000\nrate_burst = 10000\nlogin_floor_ms = 0\n";
+pub(crate) const PASSWORD: &str = "correct horse battery staple";
 const MIN: i64 = 60_000;
 
 /// RFC 6238 code, computed here independently of Valv's implementation.
-fn totp(secret: &[u8], now_ms: i64) -> String {
+pub(crate) fn totp(secret: &[u8], now_ms: i64) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret);
     let tag = ring::hmac::sign(&key, &((now_ms / 1000 / 30) as u64).to_be_bytes());
     let h = tag.as_ref();
@@ -41,7 +41,7 @@ fn base32_decode(s: &str) -> Vec<u8> {
 }
 
 /// The secret of an `otpauth://` URI.
-fn secret_of(uri: &str) -> Vec<u8> {
+pub(crate) fn secret_of(uri: &str) -> Vec<u8> {
     assert!(uri.starts_with("otpauth://totp/"), "{uri}");
     let s = uri.split("secret=").nth(1).and_then(|r| r.split('&').next()).expect("secret parameter");
     base32_decode(s)
@@ -51,11 +51,11 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64
 }
 
-async fn auth(s: &Server, path: &str, token: Option<&str>, body: Value) -> Resp {
+pub(crate) async fn auth(s: &Server, path: &str, token: Option<&str>, body: Value) -> Resp {
     s.request("POST", path, token, Some(&body), &[("content-type", "application/json")]).await
 }
 
-async fn login(s: &Server, user: &str, password: &str, code: Option<&str>) -> Resp {
+pub(crate) async fn login(s: &Server, user: &str, password: &str, code: Option<&str>) -> Resp {
     let mut body = json!({"username": user, "password": password});
     if let Some(c) = code {
         body["totp"] = json!(c);
@@ -63,7 +63,7 @@ async fn login(s: &Server, user: &str, password: &str, code: Option<&str>) -> Re
     auth(s, "/auth/login", None, body).await
 }
 
-fn access_token(r: &Resp) -> String {
+pub(crate) fn access_token(r: &Resp) -> String {
     assert_eq!(r.status, 200, "login failed: {}", r.text);
     assert_eq!(r.json["token_type"], "Bearer");
     r.json["access_token"].as_str().expect("access_token").to_string()

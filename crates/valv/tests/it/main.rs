@@ -1,6 +1,7 @@
 //! Integration tests: each starts the real `valv` binary in a temporary data directory.
 //! One test binary for the whole crate keeps link time down.
 
+mod access;
 mod audit;
 mod bundles;
 mod crud;
