@@ -68,7 +68,9 @@ fn main() {
     let in_care = patient_id(IN_CARE / 2);
     let not_in_care = patient_id(IN_CARE + (patients - IN_CARE) / 3);
     let blocked = patient_id(1);
-    let q = |patient: &str, purpose: &'static str| Question { action: Action::Read, resource_type: "Observation", patient: Some(patient), now: NOW, purpose };
+    fn q<'a>(patient: &'a str, purpose: &'a str) -> Question<'a> {
+        Question { action: Action::Read, resource_type: "Observation", patient: Some(patient), now: NOW, purpose }
+    }
     let scenarios: Vec<(&str, &Subject, Question<'_>, bool, &[&str])> = vec![
         ("permit: physician, patient in care", &physician, q(&in_care, "TREAT"), true, &["clinical-read"]),
         ("deny: physician, patient not in care", &physician, q(&not_in_care, "TREAT"), false, &[]),
