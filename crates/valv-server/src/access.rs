@@ -92,6 +92,38 @@ impl GrantRecord {
     }
 }
 
+/// One stored version of a followed type, opened: `Ok(None)` deleted, `Err(())` unreadable.
+async fn open_followed(vault: &Vault, stored: &valv_store::StoredVersion, now: i64) -> Result<Option<serde_json::Value>, ()> {
+    if stored.deleted {
+        return Ok(None);
+    }
+    let bytes = vault.open_bytes(stored, now).await.map_err(|_| ())?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|_| ())
+}
+
+/// Applies an opened version; one that failed to authenticate leaves its patient unverified
+/// rather than being skipped silently.
+fn take_in(dir: &mut Directory, stored: &valv_store::StoredVersion, opened: Result<Option<serde_json::Value>, ()>) {
+    let t = stored.resource_type.as_str();
+    match (opened, stored.patient.as_deref()) {
+        (Ok(body), _) => dir.apply(t, &stored.id, stored.version, body.as_ref()),
+        (Err(()), Some(patient)) => dir.mark_unreadable(t, &stored.id, patient),
+        (Err(()), None) => tracing::error!(resource_type = %t, "an organisation failed to open; its place in the provider tree is unknown"),
+    }
+}
+
+/// Refreshes the directory from the store every `interval` (see [`Access::refresh`]).
+pub fn spawn_refresh(app: Arc<crate::App>, interval: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = app.access.refresh(&app.vault, app.clock.now_ms()).await {
+                tracing::error!(error = %e, "refreshing care relationships and consents failed; retrying");
+            }
+        }
+    })
+}
+
 pub struct Access {
     pub engine: Engine,
     pub settings: Settings,
@@ -99,6 +131,8 @@ pub struct Access {
     grants: RwLock<HashMap<String, GrantRecord>>,
     store: Arc<dyn Store>,
     cipher: Cipher,
+    /// Versions of each followed type taken in so far (see [`Access::refresh`]).
+    seen: tokio::sync::Mutex<HashMap<&'static str, usize>>,
 }
 
 fn grant_aad(id: &str, version: u64) -> Aad<'_> {
@@ -107,7 +141,7 @@ fn grant_aad(id: &str, version: u64) -> Aad<'_> {
 
 impl Access {
     pub fn new(engine: Engine, settings: Settings, store: Arc<dyn Store>, key: &valv_crypto::DataKey) -> Access {
-        Access { engine, settings, directory: RwLock::new(Directory::default()), grants: RwLock::new(HashMap::new()), store, cipher: Cipher::new(key) }
+        Access { engine, settings, directory: RwLock::new(Directory::default()), grants: RwLock::new(HashMap::new()), store, cipher: Cipher::new(key), seen: Default::default() }
     }
 
     /// Reads the followed resources and the grants from the store (at start). Resources are
@@ -115,20 +149,17 @@ impl Access {
     /// unverified (staff are denied there) instead of keeping the whole server from starting.
     pub async fn load(&self, vault: &Vault, now: i64) -> Result<(), String> {
         let mut dir = Directory::default();
+        // Counted before reading: what is committed meanwhile is taken in again by `refresh`.
+        let mut seen = self.seen.lock().await;
+        for t in valv_policy::directory::FOLLOWED {
+            seen.insert(t, self.store.history(t, None, 0, 0).await.map_err(|e| e.to_string())?.1);
+        }
         for t in valv_policy::directory::FOLLOWED {
             let filter = valv_store::Filter { resource_type: t.to_string(), ..Default::default() };
             for located in self.store.search(&filter).await.map_err(|e| e.to_string())? {
                 let Some(stored) = vault.fetch(t, &located.id, None).await.map_err(|e| e.to_string())? else { continue };
-                if stored.deleted {
-                    dir.apply(t, &stored.id, stored.version, None);
-                    continue;
-                }
-                let body = vault.open_bytes(&stored, now).await.ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-                match (body, stored.patient.as_deref()) {
-                    (Some(body), _) => dir.apply(t, &stored.id, stored.version, Some(&body)),
-                    (None, Some(patient)) => dir.mark_unreadable(t, &stored.id, patient),
-                    (None, None) => tracing::error!(resource_type = %t, "an organisation failed to open; its place in the provider tree is unknown"),
-                }
+                let opened = open_followed(vault, &stored, now).await;
+                take_in(&mut dir, &stored, opened);
             }
         }
         let mut grants = HashMap::new();
@@ -138,6 +169,34 @@ impl Access {
         }
         *self.directory.write().map_err(|_| "directory lock poisoned")? = dir;
         *self.grants.write().map_err(|_| "grants lock poisoned")? = grants;
+        Ok(())
+    }
+
+    /// Takes in versions of followed types committed by other processes (`valv import`, another
+    /// server on the same database) since the last load or refresh. Cheap when nothing changed:
+    /// one count per followed type.
+    pub async fn refresh(&self, vault: &Vault, now: i64) -> Result<(), String> {
+        let mut seen = self.seen.lock().await;
+        for t in valv_policy::directory::FOLLOWED {
+            let total = self.store.history(t, None, 0, 0).await.map_err(|e| e.to_string())?.1;
+            let known = seen.get(t).copied().unwrap_or(0);
+            if total == known {
+                continue;
+            }
+            // Newest first by time; a little more than the difference covers clocks that differ
+            // between processes. Versions held already are ignored by the directory.
+            let (rows, _) = self.store.history(t, None, 0, total.saturating_sub(known) + 16).await.map_err(|e| e.to_string())?;
+            let mut opened = Vec::with_capacity(rows.len());
+            for stored in rows.iter().rev() {
+                opened.push((stored, open_followed(vault, stored, now).await));
+            }
+            let mut dir = self.directory.write().map_err(|_| "directory lock poisoned")?;
+            for (stored, o) in opened {
+                take_in(&mut dir, stored, o);
+            }
+            drop(dir);
+            seen.insert(t, total);
+        }
         Ok(())
     }
 

@@ -331,6 +331,8 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let integrator = valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
     valv_server::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
+    // Care teams and consents written by other processes (valv import) count within 2 s.
+    valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::siem::spawn(opened.app.clone(), siem)?;
     }

@@ -70,6 +70,7 @@ async fn organization(s: &Server, name: &str, part_of: Option<&str>) -> String {
 /// A person with an account: created by the admin, enrolled with a TOTP secret.
 struct Person {
     username: String,
+    practitioner: String,
     secret: Vec<u8>,
     token: String,
 }
@@ -94,7 +95,7 @@ async fn people(s: &Server, now: &mut i64, spec: &[(String, &str, Vec<String>, O
         let secret = secret_of(e.json["otpauth_uri"].as_str().expect("uri"));
         let c = auth(s, "/auth/enroll/confirm", None, json!({"token": token, "totp": totp(&secret, *now)})).await;
         assert_eq!(c.status, 200, "{}", c.text);
-        out.insert(username.clone(), Person { username: username.clone(), secret, token: String::new() });
+        out.insert(username.clone(), Person { username: username.clone(), practitioner: practitioner.clone().unwrap_or_default(), secret, token: String::new() });
     }
     *now += 30_000;
     s.set_clock(*now);
@@ -543,6 +544,28 @@ async fn policy_explain_names_the_rule_and_a_custom_policy_changes_the_decision(
     assert!(r.outcome(403).contains("site-nurses-no-orders"), "{}", r.text);
     let out = explain(&[]);
     assert!(out.contains("decision: DENY") && out.contains("site-nurses-no-orders") && out.contains("site.cedar"), "{out}");
+
+    // A block imported by another process (valv import) counts within seconds, without a restart.
+    let obs = create(&s, &body_for("Observation", &patient)).await["id"].as_str().expect("id").to_string();
+    let obs_path = format!("/fhir/Observation/{obs}");
+    let read_obs = || s.request("GET", &obs_path, Some(&nurse), None, &[]);
+    assert_eq!(read_obs().await.status, 200);
+    let nurse_pr = format!("Practitioner/{}", users["sara.nurse"].practitioner);
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"fullUrl": "urn:uuid:6f1e1a43-8d2e-4d8c-9c57-0d3c2b1f4e5a",
+        "resource": consent(&patient, "active", json!({"type": "deny", "actor": [actor(&nurse_pr)]})), "request": {"method": "POST", "url": "Consent"}}]});
+    let file = s.dir.join("block.json");
+    std::fs::write(&file, serde_json::to_vec(&bundle).expect("json")).expect("write");
+    run_ok(&s.data, &["import", file.to_str().expect("path")]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = read_obs().await;
+        if r.status == 403 {
+            assert!(r.text.contains("patient-block"), "{}", r.text);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the imported block was not taken in: {}", r.text);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// A small deterministic generator (xorshift64*), seeded from the clock unless VALV_PROP_SEED is set.
