@@ -67,6 +67,9 @@ async fn organization(s: &Server, name: &str, part_of: Option<&str>) -> String {
     create(s, &o).await["id"].as_str().expect("id").to_string()
 }
 
+/// An account to make: user name, role, units, Practitioner id, Patient id.
+type Spec<'a> = (String, &'a str, Vec<String>, Option<String>, Option<String>);
+
 /// A person with an account: created by the admin, enrolled with a TOTP secret.
 struct Person {
     username: String,
@@ -77,7 +80,7 @@ struct Person {
 
 /// Creates and enrolls users (`spec`: username, role, units, practitioner, patient), then signs
 /// them in half a minute later (a TOTP code works once). The clock file must be set.
-async fn people(s: &Server, now: &mut i64, spec: &[(String, &str, Vec<String>, Option<String>, Option<String>)]) -> HashMap<String, Person> {
+async fn people(s: &Server, now: &mut i64, spec: &[Spec<'_>]) -> HashMap<String, Person> {
     let mut out = HashMap::new();
     for (username, role, units, practitioner, patient) in spec {
         let mut body = json!({"username": username, "display_name": "Test Person", "roles": [role], "units": units});
@@ -234,7 +237,7 @@ async fn authorization_matrix_from_the_data_table() {
     }
     let own = chart(&s, &prov_a).await;
 
-    let mut spec: Vec<(String, &str, Vec<String>, Option<String>, Option<String>)> = Vec::new();
+    let mut spec: Vec<Spec> = Vec::new();
     for u in staff {
         let role = u.trim_end_matches("-bg");
         let units = if role == "external_specialist" { Vec::new() } else { vec![unit_a.clone()] };
