@@ -202,6 +202,12 @@ pub fn facts(dir: &Directory, subject: &Subject, q: &Question<'_>, settings: Set
         purpose: q.purpose.to_string(),
         ..Facts::default()
     };
+    if has("service") && !subject.is_service {
+        // `service` is a role for machines (keys, certificates); a person holding it (from a
+        // provider's roles claim) gets no service permissions through `user/` scopes.
+        f.has_scopes = true;
+        return f;
+    }
     if let Some(scopes) = &subject.scopes {
         f.has_scopes = true;
         let contexts: &[scope::Context] = if subject.is_service {

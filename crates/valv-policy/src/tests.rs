@@ -171,6 +171,8 @@ fn scopes_narrow_and_grant_services() {
     let importer = Subject { roles: vec!["service".into()], scopes: Some(Scopes::parse("system/*.c").unwrap()), is_service: true, ..Subject::default() };
     assert!(ask(&e, &d, &importer, Action::Create, "Observation", Some("p1")).permit);
     assert!(!ask(&e, &d, &importer, Action::Read, "Observation", Some("p1")).permit);
+    let human = Subject { roles: vec!["service".into()], scopes: Some(Scopes::parse("user/*.rs").unwrap()), ..Subject::default() };
+    assert!(!ask(&e, &d, &human, Action::Read, "Observation", Some("p1")).permit, "a person given role service is no service");
     let bare = Subject { scopes: None, ..importer };
     assert!(!ask(&e, &d, &bare, Action::Create, "Observation", Some("p1")).permit, "a service without scopes may do nothing");
     let mut dr = person("physician", Some("dr"));

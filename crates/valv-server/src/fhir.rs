@@ -509,6 +509,17 @@ async fn authorize_write(app: &App, ctx: &Ctx, interaction: &'static str, action
     Ok(events)
 }
 
+/// Adds the patient a stored resource belongs to now: an update touches both the patient it
+/// belonged to and the one it will belong to, and must be allowed on both.
+async fn add_current_owner(app: &App, resource_type: &str, id: &str, patients: &mut Vec<Option<String>>) -> Result<(), ApiError> {
+    if let Some(old) = app.vault.locate(resource_type, id).await?.and_then(|l| l.patient) {
+        if !patients.contains(&Some(old.clone())) {
+            patients.push(Some(old));
+        }
+    }
+    Ok(())
+}
+
 /// Commits writes and lets the access directory see them: a new care team or a withdrawn
 /// Consent counts from the next request.
 async fn commit(app: &App, ops: Vec<WriteOp>, now: i64) -> Result<Vec<Committed>, valv_store::StoreError> {
@@ -554,11 +565,7 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     }
     // Both the patient the resource belonged to and the one it will belong to are touched.
     let mut patients = body_patients(resource_type, id, &body);
-    if let Some(old) = app.vault.locate(resource_type, id).await?.and_then(|l| l.patient) {
-        if !patients.contains(&Some(old.clone())) {
-            patients.push(Some(old));
-        }
-    }
+    add_current_owner(app, resource_type, id, &mut patients).await?;
     let events = authorize_write(app, ctx, "update", Action::Update, resource_type, id, &patients).await?;
     audit(app, events).await?;
     let op = WriteOp::Update { resource_type: resource_type.to_string(), id: id.to_string(), body, if_match };
@@ -626,7 +633,10 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
                     m.entry("id").or_insert_with(|| Value::String(id.clone()));
                 }
                 check_body(&e.resource_type, &body).map_err(at)?;
-                let patients = body_patients(&e.resource_type, &id, &body);
+                let mut patients = body_patients(&e.resource_type, &id, &body);
+                if e.method == Method::Put {
+                    add_current_owner(app, &e.resource_type, &id, &mut patients).await?;
+                }
                 if e.method == Method::Post {
                     (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body }, "create", Action::Create, patients)
                 } else {

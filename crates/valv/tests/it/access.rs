@@ -502,7 +502,7 @@ async fn policy_explain_names_the_rule_and_a_custom_policy_changes_the_decision(
     let mut s = Server::start_configured("explain", &[], FAST);
     let mut now = now_ms();
     s.set_clock(now);
-    let (_, unit, patient, _) = small_world(&s).await;
+    let (prov, unit, patient, _) = small_world(&s).await;
     let pr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Nurse"}]})).await["id"].as_str().expect("id").to_string();
     create(&s, &care_team(&patient, std::slice::from_ref(&pr), "attending", None)).await;
     let mr = create(&s, &body_for("MedicationRequest", &patient)).await["id"].as_str().expect("id").to_string();
@@ -522,6 +522,16 @@ async fn policy_explain_names_the_rule_and_a_custom_policy_changes_the_decision(
     let bad = crate::harness::valv().arg("--data-dir").arg(&s.data).args(["policy", "explain", "--user", "sara.nurse", "--patient", &patient, "--type", "Spaceship"]).output().expect("run");
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a FHIR R4 resource type"));
     assert_eq!(s.request("GET", &format!("/fhir/MedicationRequest/{mr}"), Some(&nurse), None, &[]).await.status, 200);
+
+    // Moving another patient's Observation into her patient's record is a write to both records.
+    let theirs = chart(&s, &prov).await.resources["Observation"].clone();
+    let their_id = theirs["id"].as_str().expect("id").to_string();
+    let mut moved = theirs.clone();
+    moved["subject"] = json!({"reference": format!("Patient/{patient}")});
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": moved, "request": {"method": "PUT", "url": format!("Observation/{their_id}")}}]});
+    assert!(s.request("POST", "/fhir", Some(&nurse), Some(&tx), &[]).await.outcome(403).contains("deny"), "not in a transaction");
+    s.request("PUT", &format!("/fhir/Observation/{their_id}"), Some(&nurse), Some(&moved), &[]).await.outcome(403);
+    assert_eq!(s.get(&format!("/fhir/Observation/{their_id}")).await.json["subject"], theirs["subject"], "nothing moved");
 
     // An operator's policy: nurses on this site do not read medication orders.
     let dir = s.data.join("policies");
