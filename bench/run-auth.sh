@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Sign-in under attack: audited FHIR reads/s for a signed-in person, alone and beside a flood of
-# wrong-password logins against /auth/login, on this machine.
+# Sign-in under attack: audited FHIR reads/s for a signed-in physician (of patients in their care,
+# through CareTeams the script creates), alone and beside a flood of wrong-password logins
+# against /auth/login, on this machine.
 #
 #   bench/run-auth.sh [SECONDS] [READ_CONNECTIONS] [FLOOD_CONNECTIONS]     (defaults: 10 32 64)
 #
 # Scenarios (each prints reads/s with p50/p99, then what the flood met, from /metrics):
-#   1. reads alone (a person's session token);
+#   1. reads alone (a physician's session token);
 #   2. reads beside a login flood from one address, default limits: the per-address rate limit
 #      answers 429 and the account locks after 5 failures;
 #   3. reads beside the same flood with the rate limit lifted (standing in for a flood from many
@@ -31,13 +32,12 @@ echo "command: bench/run-auth.sh $SECONDS_PER_RUN $CONNS $FLOOD_CONNS (wrk -t$TH
 (cd "$root" && cargo build --release --locked -q)
 valv="$root/target/release/valv"
 data="$out/valv-data"
-admin=$("$valv" --data-dir "$data" init | tail -1)
+# The admin key `valv init` prints sees no patient data (403 on FHIR data): the setup's FHIR
+# requests use a service key acting by its SMART system/ scopes.
+"$valv" --data-dir "$data" init >/dev/null
+svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds' | tail -1)
 "$valv" synth --patients 20 --out "$out/synth" --seed 1 >/dev/null
 "$valv" --data-dir "$data" import "$out"/synth/*.json >/dev/null 2>&1
-# The reader: a person with role admin (the only person role that may read FHIR data until the
-# need-to-know policy lands), provisioned with a password and TOTP.
-uri=$(echo "correct horse battery staple" | "$valv" --data-dir "$data" user add --username bench.reader --role admin --password-stdin | tail -1)
-secret=${uri#*secret=}; secret=${secret%%&*}
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 base="https://127.0.0.1:$port"
@@ -47,6 +47,58 @@ start_server() {
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 }
 stop_server() { kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; }
+
+# The reader is a physician, and physicians read only the records of patients in their care:
+# with the service key, create their Practitioner and a hospital, put every synthetic patient's
+# care unit under the hospital (the reader's unit, so the patients are not another provider's),
+# and give every patient an active CareTeam naming the reader. Then list the Observations to read.
+start_server
+python3 - "$base" "$svc_key" "$out" <<'PY'
+import json, ssl, sys, urllib.error, urllib.request
+base, key, out = sys.argv[1:4]
+tls = ssl.create_default_context(); tls.check_hostname = False; tls.verify_mode = ssl.CERT_NONE
+def call(method, path, body=None):
+    req = urllib.request.Request(base + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": "Bearer " + key, "Content-Type": "application/fhir+json"})
+    try:
+        with urllib.request.urlopen(req, context=tls) as r:
+            return json.load(r)
+    except urllib.error.HTTPError as e:
+        sys.exit(f"bench: {method} {path}: {e.code} {e.read()[:300]!r}")
+def ids(path):
+    b = call("GET", path)
+    return [e["resource"] for e in b.get("entry", [])]
+meta = {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST"}]}
+dr = call("POST", "/fhir/Practitioner", {"resourceType": "Practitioner", "meta": meta, "active": True,
+          "name": [{"family": "Reader", "given": ["Bench"], "prefix": ["Dr."]}]})["id"]
+hospital = call("POST", "/fhir/Organization", {"resourceType": "Organization", "meta": meta, "active": True,
+                "name": "Bench hospital"})["id"]
+patients = ids("/fhir/Patient?_count=1000")
+units = set()
+for p in patients:
+    ref = p.get("managingOrganization", {}).get("reference", "")
+    if ref.startswith("Organization/"):
+        units.add(ref.split("/", 1)[1])
+    call("POST", "/fhir/CareTeam", {"resourceType": "CareTeam", "meta": meta, "status": "active", "name": "Bench reader's patients",
+         "subject": {"reference": "Patient/" + p["id"]},
+         "participant": [{"member": {"reference": "Practitioner/" + dr},
+                          "role": [{"coding": [{"system": "http://snomed.info/sct", "code": "309343006"}]}]}]})
+for u in units:
+    org = call("GET", "/fhir/Organization/" + u)
+    org["partOf"] = {"reference": "Organization/" + hospital}
+    call("PUT", "/fhir/Organization/" + u, org)
+obs = [r["id"] for r in ids("/fhir/Observation?_count=1000")]
+open(out + "/practitioner", "w").write(dr)
+open(out + "/unit", "w").write(hospital)
+open(out + "/obs-ids", "w").write("".join(i + "\n" for i in obs))
+print(f"setup: Practitioner/{dr} in Organization/{hospital}; {len(patients)} CareTeams, {len(units)} units under the hospital, {len(obs)} observations to read")
+PY
+stop_server
+# The reader: a physician with their Practitioner and unit, provisioned with a password and TOTP.
+uri=$(echo "correct horse battery staple" | "$valv" --data-dir "$data" user add --username bench.reader --role physician \
+  --practitioner "$(cat "$out/practitioner")" --unit "$(cat "$out/unit")" --password-stdin | tail -1)
+secret=${uri#*secret=}; secret=${secret%%&*}
+
 totp() {
   python3 - "$secret" <<'PY'
 import base64, hashlib, hmac, struct, sys, time
@@ -60,6 +112,12 @@ login() {
   curl -sk "$base/auth/login" -H 'content-type: application/json' \
     -d "{\"username\":\"bench.reader\",\"password\":\"correct horse battery staple\",\"totp\":\"$(totp)\"}" |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])'
+}
+# A read the reader must be permitted, or the figures would measure refusals.
+check_read() {
+  local code
+  code=$(curl -sk -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $1" "$base/fhir/Observation/$(head -1 "$out/obs-ids")")
+  [ "$code" = 200 ] || { echo "bench: the signed-in reader got HTTP $code reading an Observation of a patient in their care" >&2; exit 1; }
 }
 metric() { curl -sk "$base/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 status_count() { curl -sk "$base/metrics" | awk -v s="status=\"$1\"" 'index($0, "valv_http_requests_total{route=\"auth_login\"") && index($0, s) { print $2 }' | head -1; }
@@ -112,10 +170,9 @@ flood_summary() {
 
 start_server
 token=$(login)
-curl -sk -H "Authorization: Bearer $admin" "$base/fhir/Observation?_count=1000" |
-  python3 -c 'import json,sys; [print(e["resource"]["id"]) for e in json.load(sys.stdin).get("entry",[])]' > "$out/obs-ids"
+check_read "$token"
 write_read_script "$token"
-echo "== reads by a signed-in person ($(wc -l < "$out/obs-ids") observations), wrk -c$CONNS -d${SECONDS_PER_RUN}s"
+echo "== reads by a signed-in physician, patients in their care ($(wc -l < "$out/obs-ids") observations), wrk -c$CONNS -d${SECONDS_PER_RUN}s"
 reads "1. alone"
 beside_flood "2. beside a login flood, default limits"
 
@@ -132,6 +189,7 @@ PY
 start_server
 sleep 31  # a fresh TOTP step for the new login
 token=$(login)
+check_read "$token"
 write_read_script "$token"
 beside_flood "3. beside a login flood, rate limit lifted (many addresses)"
 echo "   Argon2id: $(awk '/^argon2_memory_kib/ {print $3}' "$data/valv.toml") KiB, $(awk '/^argon2_iterations/ {print $3}' "$data/valv.toml") passes; hash concurrency $(awk '/^hash_concurrency/ {print $3}' "$data/valv.toml") (0: half the cores), queue $(awk '/^hash_queue/ {print $3}' "$data/valv.toml")"

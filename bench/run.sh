@@ -26,7 +26,10 @@ valv="$root/target/release/valv"
 data="$out/valv-data"
 
 echo "== import"
-admin=$("$valv" --data-dir "$data" init | tail -1)
+# The admin key `valv init` prints sees no patient data (admins get 403 on FHIR data); every FHIR
+# request here uses a service key that acts by its SMART system/ scopes.
+"$valv" --data-dir "$data" init >/dev/null
+svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds' | tail -1)
 "$valv" synth --patients "$PATIENTS" --out "$out/synth" --seed 1 >/dev/null
 "$valv" --data-dir "$data" import "$out"/synth/*.json 2>/dev/null | head -1
 
@@ -37,7 +40,7 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && brea
 base="https://127.0.0.1:$port"
 
 # Ids and identifiers to spread reads and searches over many patients.
-fetch() { curl -sk -H "Authorization: Bearer $admin" "$base$1"; }
+fetch() { curl -sk -H "Authorization: Bearer $svc_key" "$base$1"; }
 fetch "/fhir/Observation?_count=1000" | python3 -c 'import json,sys; [print(e["resource"]["id"]) for e in json.load(sys.stdin).get("entry",[])]' > "$out/obs-ids"
 fetch "/fhir/Patient?_count=1000" | python3 -c '
 import json,sys
@@ -47,6 +50,7 @@ for e in b.get("entry",[]):
     for i in r.get("identifier",[]):
         if i.get("system")=="urn:valv:synthetic:mrn": print(i["system"]+"|"+i["value"])
 ' > "$out/mrns"
+[ -s "$out/obs-ids" ] && [ -s "$out/mrns" ] || { echo "bench: the service key read no data: $(fetch "/fhir/Observation?_count=1" | head -c 300)" >&2; exit 1; }
 pid=$(fetch "/fhir/Patient?_count=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
 echo "ids: $(wc -l < "$out/obs-ids") observations, $(wc -l < "$out/mrns") patient identifiers"
 
@@ -66,13 +70,13 @@ end
 request = function()
   local item = items[math.random(#items)]
   item = item:gsub("|", "%%7C")
-  return wrk.format("GET", prefix .. item, {["Authorization"] = "Bearer $admin"})
+  return wrk.format("GET", prefix .. item, {["Authorization"] = "Bearer $svc_key"})
 end
 $report
 LUA
 cat > "$out/create.lua" <<LUA
 wrk.method = "POST"
-wrk.headers["Authorization"] = "Bearer $admin"
+wrk.headers["Authorization"] = "Bearer $svc_key"
 wrk.headers["Content-Type"] = "application/fhir+json"
 wrk.headers["Prefer"] = "return=minimal"
 wrk.body = '{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/$pid"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}'

@@ -69,7 +69,7 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str) -> V
             "mode": "server",
             "security": {
                 "cors": false,
-                "description": "HTTPS only. Every request except GET /metadata needs a bearer credential (an API key in this version). Resources are encrypted at rest with per-patient keys.",
+                "description": "HTTPS only. Every request except GET /metadata needs a bearer credential. Access is need-to-know (roles, care teams, Consent, break-glass: POST Patient/{id}/$break-glass; X-Purpose-Of-Use header; SMART system/ scopes for services). Resources are encrypted at rest with per-patient keys.",
                 "service": [{"text": "Bearer credentials: API keys (service accounts), session tokens from POST /auth/login (password + TOTP), or JWT access tokens from a configured OpenID Connect provider; or a client certificate (mutual TLS) mapped to a service"}]
             },
             "resource": resources,

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use valv_crypto::RecordMac;
 use valv_store::{ApiKeyRecord, Store};
 
-/// Roles an API key may hold in this version (the policy work adds the clinical roles).
+/// Roles an API key (or a client certificate) may hold: keys are for machines, people sign in.
 pub const API_KEY_ROLES: &[&str] = &["admin", "service", "auditor"];
 
 /// The authenticated caller.

@@ -185,7 +185,7 @@ pub(crate) async fn authorize_filtered<'a>(app: &'a App, ctx: &'a Ctx, touch: &T
     let subject = app.access.subject(&ctx.principal);
     let d = app.access.may_search(&subject, &ctx.question(touch));
     enforce(app, ctx, touch, d.clone()).await?;
-    Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), type_level: d, seen: std::sync::Mutex::new(Vec::new()) })
+    Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), type_level: d, seen: std::sync::Mutex::new(std::collections::HashMap::new()) })
 }
 
 /// Per-patient decisions for the results of one search or history, each made once.
@@ -198,20 +198,20 @@ pub(crate) struct Filter<'a> {
     /// The decision that let the search run (it is the reason recorded for a search that found
     /// nothing the caller may see).
     type_level: Decision,
-    seen: std::sync::Mutex<Vec<(Option<String>, Decision)>>,
+    seen: std::sync::Mutex<std::collections::HashMap<Option<String>, Decision>>,
 }
 
 impl Filter<'_> {
     pub(crate) fn decision(&self, patient: Option<&str>) -> Decision {
         if let Ok(seen) = self.seen.lock() {
-            if let Some((_, d)) = seen.iter().find(|(p, _)| p.as_deref() == patient) {
+            if let Some(d) = seen.get(&patient.map(str::to_string)) {
                 return d.clone();
             }
         }
         let q = Question { action: self.action, resource_type: &self.resource_type, patient, now: self.ctx.now, purpose: self.ctx.purpose() };
         let d = self.app.access.decide(&self.subject, &q);
         if let Ok(mut seen) = self.seen.lock() {
-            seen.push((patient.map(str::to_string), d.clone()));
+            seen.insert(patient.map(str::to_string), d.clone());
         }
         d
     }

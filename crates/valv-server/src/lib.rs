@@ -390,7 +390,7 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
     }
 }
 
-/// `GET /audit/entries/{index}`: one entry's canonical bytes, for auditors and admins.
+/// `GET /audit/entries/{index}`: one entry's canonical bytes, for auditors.
 async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> Result<Reply, ApiError> {
     only_get(&req)?;
     let now = app.clock.now_ms();

@@ -513,7 +513,7 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
     let now = opened.app.clock.now_ms();
     match action {
         ApikeyAction::Create { name, role, scope } => {
-            if role == "service" && scope.trim().is_empty() {
+            if role == "service" && valv_policy::Scopes::parse(&scope)?.is_empty() {
                 return Err("a service key acts only as its scopes say: give --scope (e.g. --scope 'system/*.rs')".into());
             }
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
