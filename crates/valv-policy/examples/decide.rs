@@ -122,10 +122,6 @@ fn main() {
         black_box(engine.evaluate_uncached(black_box(&s.roles), Some(Action::Read), Target::Type("Observation"), black_box(&f)));
     })
     .print("Engine::evaluate_uncached (Cedar authorize)");
-    time(warmup, iterations, || {
-        black_box(cedar_context(black_box(&f)));
-    })
-    .print("  of which: Cedar Context of the 14 facts");
 
     let worst = p50s.iter().copied().fold(0.0, f64::max);
     println!("== target: p50 <= 20 µs per decision: {} (highest p50 {worst:.2} µs)", if worst <= 20.0 { "met" } else { "NOT met" });
@@ -180,28 +176,6 @@ fn check(name: &str, d: &Decision, permit: bool, rules: &[&str]) {
     }
 }
 
-/// The context `Engine::evaluate` builds from facts (as `Facts::pairs` does).
-fn cedar_context(f: &valv_policy::Facts) -> cedar_policy::Context {
-    use cedar_policy::RestrictedExpression as R;
-    let b = |k: &str, v: bool| (k.to_string(), R::new_bool(v));
-    let pairs = vec![
-        b("patient_data", f.patient_data),
-        b("care_active", f.care_active),
-        b("consultant", f.consultant),
-        b("self_access", f.self_access),
-        b("block", f.block),
-        b("consent_permit", f.consent_permit),
-        b("cross_org", f.cross_org),
-        b("unverified", f.unverified),
-        b("break_glass", f.break_glass),
-        b("break_glass_overrides_block", f.break_glass_overrides_block),
-        b("support_grant", f.support_grant),
-        b("has_scopes", f.has_scopes),
-        b("token_allows", f.token_allows),
-        ("purpose".to_string(), R::new_string(f.purpose.clone())),
-    ];
-    cedar_policy::Context::from_pairs(pairs).expect("the context builds")
-}
 
 
 

@@ -6,7 +6,7 @@
 use crate::auth::{Principal, PrincipalKind};
 use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use valv_crypto::{Aad, Cipher};
 use valv_policy::{Decision, Directory, Engine, Grant, GrantKind, Question, Settings, Subject};
@@ -128,7 +128,9 @@ pub struct Access {
     pub engine: Engine,
     pub settings: Settings,
     directory: RwLock<Directory>,
-    grants: RwLock<HashMap<String, GrantRecord>>,
+    /// Grants by (holder, grant id): every request reads its caller's grants, which are a range;
+    /// grants are never deleted, so a scan of all of them would grow with the years.
+    grants: RwLock<BTreeMap<(String, String), GrantRecord>>,
     store: Arc<dyn Store>,
     cipher: Cipher,
     /// Versions of each followed type taken in so far (see [`Access::refresh`]).
@@ -141,7 +143,7 @@ fn grant_aad(id: &str, version: u64) -> Aad<'_> {
 
 impl Access {
     pub fn new(engine: Engine, settings: Settings, store: Arc<dyn Store>, key: &valv_crypto::DataKey) -> Access {
-        Access { engine, settings, directory: RwLock::new(Directory::default()), grants: RwLock::new(HashMap::new()), store, cipher: Cipher::new(key), seen: Default::default() }
+        Access { engine, settings, directory: RwLock::new(Directory::default()), grants: RwLock::new(BTreeMap::new()), store, cipher: Cipher::new(key), seen: Default::default() }
     }
 
     /// Reads the followed resources and the grants from the store (at start). Resources are
@@ -162,10 +164,10 @@ impl Access {
                 take_in(&mut dir, &stored, opened);
             }
         }
-        let mut grants = HashMap::new();
+        let mut grants = BTreeMap::new();
         for row in self.store.grants().await.map_err(|e| e.to_string())? {
             let g = self.open(&row).map_err(|e| e.diagnostics)?;
-            grants.insert(g.id.clone(), g);
+            grants.insert((g.user_id.clone(), g.id.clone()), g);
         }
         *self.directory.write().map_err(|_| "directory lock poisoned")? = dir;
         *self.grants.write().map_err(|_| "grants lock poisoned")? = grants;
@@ -216,7 +218,7 @@ impl Access {
     /// The policy's view of a caller, with their grants.
     pub fn subject(&self, p: &Principal) -> Subject {
         let grants = match self.grants.read() {
-            Ok(g) => g.values().filter(|g| g.user_id == p.id).map(GrantRecord::policy_grant).collect(),
+            Ok(g) => g.range((p.id.clone(), String::new())..).take_while(|((holder, _), _)| *holder == p.id).map(|(_, g)| g.policy_grant()).collect(),
             Err(_) => Vec::new(),
         };
         Subject {
@@ -274,13 +276,13 @@ impl Access {
         g.version += 1;
         self.store.put_grant(&self.seal(&g)?).await?;
         if let Ok(mut m) = self.grants.write() {
-            m.insert(g.id.clone(), g.clone());
+            m.insert((g.user_id.clone(), g.id.clone()), g.clone());
         }
         Ok(g)
     }
 
     pub fn grant(&self, id: &str) -> Option<GrantRecord> {
-        self.grants.read().ok().and_then(|m| m.get(id).cloned())
+        self.grants.read().ok().and_then(|m| m.values().find(|g| g.id == id).cloned())
     }
 
     /// Grants, newest first, filtered.
