@@ -154,7 +154,7 @@ impl Consent {
 }
 
 /// What the directory knows about one followed resource (to undo it on the next version).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Entry {
     Team(CareTeam),
     Consent(Consent),
@@ -316,6 +316,116 @@ impl Directory {
     /// How many care teams are held (for `explain` and tests).
     pub fn care_team_count(&self) -> usize {
         self.teams.values().map(Vec::len).sum()
+    }
+
+    /// The patients whose facts a version of a followed resource bears on, as held now and as
+    /// `body` would make them (`None`: deleted): a care team moved to another patient touches both.
+    pub fn patients_of(&self, resource_type: &str, id: &str, body: Option<&Value>) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut add = |p: Option<String>| {
+            if let Some(p) = p.filter(|p| !out.contains(p)) {
+                out.push(p);
+            }
+        };
+        match self.entries.get(&(resource_type.to_string(), id.to_string())).map(|(_, e)| e) {
+            Some(Entry::Team(t)) => add(Some(t.patient.clone())),
+            Some(Entry::Consent(c)) => add(Some(c.patient.clone())),
+            _ => {}
+        }
+        match (resource_type, body) {
+            ("CareTeam", Some(b)) => add(CareTeam::parse(b).map(|t| t.patient)),
+            ("Consent", Some(b)) => add(Consent::parse(b).map(|c| c.patient)),
+            ("Patient", _) => add(Some(id.to_string())),
+            _ => {}
+        }
+        out
+    }
+
+    /// A directory holding what this one knows of `patients` (care teams, consents, managing
+    /// organisation, integrity failures) and the whole organisation tree: enough to compute
+    /// their relations exactly, at a cost that does not grow with the number of patients.
+    pub fn scoped(&self, patients: &[String]) -> Directory {
+        let mut d = Directory::default();
+        for ((t, id), (v, e)) in &self.entries {
+            let keep = match e {
+                Entry::Team(x) => patients.contains(&x.patient),
+                Entry::Consent(x) => patients.contains(&x.patient),
+                Entry::Org(_) => true,
+                Entry::Patient(_) | Entry::Gone => t == "Organization" || (t == "Patient" && patients.contains(id)),
+            };
+            if keep {
+                d.remember(id, e);
+                d.entries.insert((t.clone(), id.clone()), (*v, e.clone()));
+            }
+        }
+        d.unreadable = self.unreadable.iter().filter(|(_, p)| patients.contains(p)).map(|(k, p)| (k.clone(), p.clone())).collect();
+        d
+    }
+
+    /// Takes in `body` as the next version of a followed resource, whatever version is held:
+    /// the state a write would leave (`None`: deleted).
+    pub fn apply_next(&mut self, resource_type: &str, id: &str, body: Option<&Value>) {
+        let next = self.entries.get(&(resource_type.to_string(), id.to_string())).map_or(1, |(v, _)| v + 1);
+        self.apply(resource_type, id, next, body);
+    }
+
+    /// Whether a version would change what this directory derives from the resource (a new
+    /// telephone number on a Patient does not; a new managing organisation does).
+    pub fn would_change(&self, resource_type: &str, id: &str, body: Option<&Value>) -> bool {
+        if !FOLLOWED.contains(&resource_type) {
+            return false;
+        }
+        let mut after = self.scoped(&self.patients_of(resource_type, id, body));
+        let before = after.entries.get(&(resource_type.to_string(), id.to_string())).map(|(_, e)| e.clone());
+        after.apply_next(resource_type, id, body);
+        let now = after.entries.get(&(resource_type.to_string(), id.to_string())).map(|(_, e)| e.clone());
+        before.unwrap_or(Entry::Gone) != now.unwrap_or(Entry::Gone)
+    }
+
+    /// Every actor reference named in `patient`'s care teams and consents.
+    pub fn named_actors(&self, patient: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (_, t) in self.teams.get(patient).into_iter().flatten() {
+            out.extend(t.members.iter().map(|m| m.reference.clone()));
+        }
+        fn walk(p: &Provision, out: &mut Vec<String>) {
+            out.extend(p.actors.iter().cloned());
+            for e in &p.exceptions {
+                walk(e, out);
+            }
+        }
+        for (_, c) in self.consents.get(patient).into_iter().flatten() {
+            if let Some(p) = &c.provision {
+                walk(p, &mut out);
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Every resource type or class a consent of `patient` names.
+    pub fn named_classes(&self, patient: &str) -> Vec<String> {
+        fn walk(p: &Provision, out: &mut Vec<String>) {
+            out.extend(p.classes.iter().cloned());
+            for e in &p.exceptions {
+                walk(e, out);
+            }
+        }
+        let mut out = Vec::new();
+        for (_, c) in self.consents.get(patient).into_iter().flatten() {
+            if let Some(p) = &c.provision {
+                walk(p, &mut out);
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The parent an organisation has in the tree.
+    pub fn parent_of(&self, org: &str) -> Option<&str> {
+        self.parent.get(org).map(String::as_str)
     }
 }
 

@@ -50,6 +50,7 @@ pub struct Facts {
     pub support_grant: bool,
     pub has_scopes: bool,
     pub token_allows: bool,
+    pub same_provider: bool,
     pub purpose: String,
 }
 
@@ -70,6 +71,7 @@ impl Facts {
             b("support_grant", self.support_grant),
             b("has_scopes", self.has_scopes),
             b("token_allows", self.token_allows),
+            b("same_provider", self.same_provider),
             ("purpose".to_string(), RestrictedExpression::new_string(self.purpose.clone())),
         ]
     }
@@ -90,6 +92,7 @@ impl Facts {
             ("support_grant", self.support_grant),
             ("has_scopes", self.has_scopes),
             ("token_allows", self.token_allows),
+            ("same_provider", self.same_provider),
         ];
         let mut out: Vec<String> = flags.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push(format!("purpose={}", self.purpose));
@@ -125,9 +128,11 @@ pub struct Engine {
     entities: RwLock<HashMap<Vec<String>, Arc<Entities>>>,
     type_name: EntityTypeName,
     area_name: EntityTypeName,
+    fact_name: EntityTypeName,
     user_name: EntityTypeName,
     action_uids: Vec<(Action, EntityUid)>,
     administer: EntityUid,
+    change_fact: EntityUid,
     /// Verdicts already evaluated. A verdict depends only on the role set, action, target and
     /// facts (policies and entities are fixed for the engine's life), and Cedar's evaluation of
     /// two dozen policies costs ~27 µs where a lookup costs well under one.
@@ -207,6 +212,7 @@ impl Engine {
         let action_uids = Action::ALL.iter().map(|a| (*a, uid(&action_name, a.cedar_name()))).collect();
         Ok(Engine {
             administer: uid(&action_name, "administer"),
+            change_fact: uid(&action_name, "changeFact"),
             schema,
             policies,
             info,
@@ -214,6 +220,7 @@ impl Engine {
             entities: RwLock::new(HashMap::new()),
             type_name: type_name("Valv::ResourceType")?,
             area_name: type_name("Valv::AdminArea")?,
+            fact_name: type_name("Valv::AccessFact")?,
             user_name: type_name("Valv::User")?,
             action_uids,
             verdicts: RwLock::new(HashMap::new()),
@@ -251,6 +258,9 @@ impl Engine {
         for t in valv_fhir::r4::resource_types() {
             let parents = HashSet::from([uid(&class_name, crate::classes::class_of(t))]);
             all.push(Entity::new_no_attrs(uid(&self.type_name, t), parents));
+        }
+        for k in crate::change::FactKind::ALL {
+            all.push(Entity::new_no_attrs(uid(&self.fact_name, k.name()), HashSet::new()));
         }
         let entities = Arc::new(Entities::from_entities(all, Some(&self.schema)).map_err(|e| PolicyError::Schema(e.to_string()))?);
         if let Ok(mut m) = self.entities.write() {
@@ -313,14 +323,47 @@ impl Engine {
         };
         let context = Context::from_pairs(facts.pairs()).map_err(|e| PolicyError::Evaluation(e.to_string()))?;
         let request = Request::new(self.user_uid(&key), action_uid, resource, context, None).map_err(|e| PolicyError::Evaluation(e.to_string()))?;
-        let response = self.authorizer.is_authorized(&request, &self.policies, &entities);
+        Ok(self.verdict_of(&request, &entities))
+    }
+
+    /// Evaluates a change of an access fact of `kind` (uncached: such writes are rare, and
+    /// their facts vary more than a read's).
+    pub fn evaluate_change(&self, roles: &[String], kind: crate::change::FactKind, facts: &crate::change::ChangeFacts) -> Verdict {
+        self.try_evaluate_change(roles, kind, facts).unwrap_or_else(|e| Verdict { permit: false, rules: vec!["policy-error".into()], error: Some(e.to_string()) })
+    }
+
+    fn try_evaluate_change(&self, roles: &[String], kind: crate::change::FactKind, f: &crate::change::ChangeFacts) -> Result<Verdict, PolicyError> {
+        let entities = self.entities_for(roles)?;
+        let mut key = roles.to_vec();
+        key.sort();
+        key.dedup();
+        let b = |k: &str, v: bool| (k.to_string(), RestrictedExpression::new_bool(v));
+        let pairs = vec![
+            b("widening", f.widening),
+            b("narrowing", f.narrowing),
+            b("self_widening", f.self_widening),
+            b("care_active", f.care_active),
+            b("self_access", f.self_access),
+            b("same_provider", f.same_provider),
+            b("explicit_scope", f.explicit_scope),
+            b("has_scopes", f.has_scopes),
+            b("token_allows", f.token_allows),
+            ("purpose".to_string(), RestrictedExpression::new_string(f.purpose.clone())),
+        ];
+        let context = Context::from_pairs(pairs).map_err(|e| PolicyError::Evaluation(e.to_string()))?;
+        let request = Request::new(self.user_uid(&key), self.change_fact.clone(), uid(&self.fact_name, kind.name()), context, None).map_err(|e| PolicyError::Evaluation(e.to_string()))?;
+        Ok(self.verdict_of(&request, &entities))
+    }
+
+    fn verdict_of(&self, request: &Request, entities: &Entities) -> Verdict {
+        let response = self.authorizer.is_authorized(request, &self.policies, entities);
         let errors: Vec<String> = response.diagnostics().errors().map(|e| e.to_string()).collect();
         if !errors.is_empty() {
-            return Ok(Verdict { permit: false, rules: vec!["policy-error".into()], error: Some(errors.join("; ")) });
+            return Verdict { permit: false, rules: vec!["policy-error".into()], error: Some(errors.join("; ")) };
         }
         let mut rules: Vec<String> = response.diagnostics().reason().map(|id| id.to_string()).collect();
         rules.sort();
-        Ok(Verdict { permit: response.decision() == CedarDecision::Allow, rules, error: None })
+        Verdict { permit: response.decision() == CedarDecision::Allow, rules, error: None }
     }
 
     /// Checks a request's context against the schema (tests and `valv policy validate`).

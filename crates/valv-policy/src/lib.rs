@@ -11,6 +11,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod change;
 pub mod classes;
 pub mod directory;
 pub mod engine;
@@ -88,7 +89,7 @@ impl Action {
 }
 
 /// Roles whose people are staff of a care provider (care units, cross-provider rules).
-pub const CARE_ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist"];
+pub const CARE_ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "registrar"];
 
 /// What the caller is, as far as policy cares.
 #[derive(Debug, Clone, Default)]
@@ -234,6 +235,7 @@ pub fn facts(dir: &Directory, subject: &Subject, q: &Question<'_>, settings: Set
         f.block = r.block;
         f.consent_permit = r.consent_permit;
         f.unverified = r.unverified;
+        f.same_provider = !subject.units.is_empty() && dir.managing_provider(patient).is_none_or(|p| subject.units.iter().any(|u| dir.provider_of(u) == p));
         f.cross_org = r.cross_org && !subject.units.is_empty() && subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) && !f.self_access;
     } else if subject.roles.iter().any(|r| CARE_ROLES.contains(&r.as_str())) {
         // Staff with no unit belong to no known care provider, so the cross-provider rule has

@@ -18,6 +18,7 @@ pub fn default_for(roles: &[String]) -> &'static str {
         match r.as_str() {
             "physician" | "nurse" | "assistant" | "external_specialist" => return "TREAT",
             "patient" => return "PATRQT",
+            "registrar" => return "PATADMIN",
             "auditor" => return "HCOMPL",
             "support" | "admin" => return "HSYSADMIN",
             "service" => return "HOPERAT",

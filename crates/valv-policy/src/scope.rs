@@ -75,6 +75,13 @@ impl Scopes {
         })
     }
 
+    /// As [`Scopes::allows`], counting only scopes that name `resource_type` itself (not `*`):
+    /// what changing an access fact asks of a service.
+    pub fn allows_explicitly(&self, contexts: &[Context], resource_type: &str, action: Action) -> bool {
+        let letter = action.scope_letter();
+        self.0.iter().any(|s| contexts.contains(&s.context) && s.resource_type.as_deref() == Some(resource_type) && s.perms.contains(letter))
+    }
+
     /// The scopes written back in canonical v2 form.
     pub fn to_text(&self) -> String {
         let words: Vec<String> = self

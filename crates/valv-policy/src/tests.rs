@@ -276,3 +276,140 @@ fn engine() -> &'static Engine {
     static E: std::sync::OnceLock<Engine> = std::sync::OnceLock::new();
     E.get_or_init(|| Engine::with_defaults().expect("default policies"))
 }
+
+/// Decides a write of `body` (`None`: delete) to `t/id` as a change of access facts.
+fn change(e: &Engine, d: &Directory, s: &Subject, action: Action, t: &str, id: &str, body: Option<Value>) -> Option<Decision> {
+    let c = change::assess(d, t, id, body.as_ref(), NOW)?;
+    Some(change::decide_change(e, s, &c, action, NOW, purpose::default_for(&s.roles), Settings::default()))
+}
+
+fn block_of(patient: &str, actor: &str, status: &str) -> Value {
+    json!({"resourceType": "Consent", "status": status, "patient": {"reference": format!("Patient/{patient}")},
+        "scope": {"coding": [{"code": "patient-privacy"}]},
+        "provision": {"type": "deny", "actor": [{"reference": {"reference": actor}}], "class": [{"code": "ClinicalData"}]}})
+}
+
+#[test]
+fn a_physician_cannot_lift_a_block_against_themself_but_may_record_one_against_another() {
+    let (e, mut d) = (Engine::with_defaults().unwrap(), world());
+    d.apply("Consent", "c1", 1, Some(&block_of("p1", "Practitioner/dr", "active")));
+    let dr = person("physician", Some("dr"));
+    for (action, body) in [(Action::Update, Some(block_of("p1", "Practitioner/dr", "inactive"))), (Action::Delete, None)] {
+        let r = change(&e, &d, &dr, action, "Consent", "c1", body).expect("a fact change");
+        assert!(!r.permit && r.rules == ["fact-self-widening"], "{r:?}");
+    }
+    let c = change::assess(&d, "Consent", "c1", None, NOW).unwrap();
+    assert!(c.describe().contains("block lifted Practitioner/dr"), "{}", c.describe());
+    let r = change(&e, &d, &dr, Action::Create, "Consent", "c2", Some(block_of("p1", "Practitioner/spec", "active"))).expect("a fact change");
+    assert!(r.permit && r.rules == ["fact-clinician-narrows"], "{r:?}");
+    // Another physician in care may not lift it either: lifting widens, which only registrars do.
+    let other = person("physician", Some("spec"));
+    assert!(!change(&e, &d, &other, Action::Delete, "Consent", "c1", None).unwrap().permit);
+    let registrar = person("registrar", None);
+    let r = change(&e, &d, &registrar, Action::Delete, "Consent", "c1", None).unwrap();
+    assert!(r.permit && r.rules == ["fact-registrar"], "{r:?}");
+    // A write that changes no fact is no fact change.
+    assert!(change(&e, &d, &dr, Action::Update, "Consent", "c1", Some(block_of("p1", "Practitioner/dr", "active"))).is_none());
+}
+
+#[test]
+fn care_teams_and_providers_are_changed_by_registrars_not_by_clinical_writers() {
+    let (e, d) = (Engine::with_defaults().unwrap(), world());
+    let team = json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/p2"},
+        "participant": [{"member": {"reference": "Practitioner/dr"}}]});
+    for role in ["assistant", "nurse", "physician"] {
+        let r = change(&e, &d, &person(role, Some("x")), Action::Create, "CareTeam", "t9", Some(team.clone())).unwrap();
+        assert!(!r.permit, "{role}: {r:?}");
+    }
+    let r = change(&e, &d, &person("physician", Some("dr")), Action::Create, "CareTeam", "t9", Some(team.clone())).unwrap();
+    assert!(!r.permit && r.rules == ["fact-self-widening"], "joining a care team oneself: {r:?}");
+    assert!(change(&e, &d, &person("registrar", None), Action::Create, "CareTeam", "t9", Some(team.clone())).unwrap().permit);
+    let elsewhere = Subject { units: vec!["clinic".into()], ..person("registrar", None) };
+    assert!(!change(&e, &d, &elsewhere, Action::Create, "CareTeam", "t9", Some(team)).unwrap().permit, "another provider's registrar");
+    // Moving p1 away from the hospital (or leaving it with none) widens access for other providers.
+    let moved = json!({"resourceType": "Patient", "managingOrganization": {"reference": "Organization/clinic"}});
+    let none = json!({"resourceType": "Patient"});
+    for body in [moved, none] {
+        let c = change::assess(&d, "Patient", "p1", Some(&body), NOW).unwrap();
+        assert!(c.widening(), "{}", c.describe());
+        for role in ["assistant", "nurse"] {
+            assert!(!change(&e, &d, &person(role, None), Action::Update, "Patient", "p1", Some(body.clone())).unwrap().permit);
+        }
+        assert!(change(&e, &d, &person("registrar", None), Action::Update, "Patient", "p1", Some(body.clone())).unwrap().permit);
+    }
+    // A new patient is registered into the registrar's own provider only.
+    let at_clinic = json!({"resourceType": "Patient", "managingOrganization": {"reference": "Organization/clinic"}});
+    assert!(!change(&e, &d, &person("registrar", None), Action::Create, "Patient", "new", Some(at_clinic)).unwrap().permit);
+    let at_hospital = json!({"resourceType": "Patient", "managingOrganization": {"reference": "Organization/hospital"}});
+    assert!(change(&e, &d, &person("registrar", None), Action::Create, "Patient", "new", Some(at_hospital)).unwrap().permit);
+    // Telecom changes are no fact change.
+    let same = json!({"resourceType": "Patient", "managingOrganization": {"reference": "Organization/hospital"}, "telecom": [{"value": "1"}]});
+    assert!(change::assess(&d, "Patient", "p1", Some(&same), NOW).is_none());
+}
+
+#[test]
+fn services_need_an_explicit_scope_and_admins_keep_the_provider_tree() {
+    let (e, d) = (Engine::with_defaults().unwrap(), world());
+    let svc = |scopes: &str| Subject { roles: vec!["service".into()], scopes: Some(Scopes::parse(scopes).unwrap()), is_service: true, ..Subject::default() };
+    let body = Some(block_of("p2", "Practitioner/dr", "active"));
+    assert!(!change(&e, &d, &svc("system/*.cruds"), Action::Create, "Consent", "c5", body.clone()).unwrap().permit);
+    assert!(!change(&e, &d, &svc("system/Consent.r"), Action::Create, "Consent", "c5", body.clone()).unwrap().permit);
+    let r = change(&e, &d, &svc("system/*.cruds system/Consent.c"), Action::Create, "Consent", "c5", body).unwrap();
+    assert!(r.permit && r.rules == ["fact-service-explicit-scope"], "{r:?}");
+    let moved = Some(json!({"resourceType": "Organization", "partOf": {"reference": "Organization/clinic"}}));
+    let admin = Subject { roles: vec!["admin".into()], ..Subject::default() };
+    let r = change(&e, &d, &admin, Action::Update, "Organization", "ward", moved.clone()).unwrap();
+    assert!(r.permit && r.rules == ["fact-admin-organizations"], "{r:?}");
+    // An admin who is staff of the ward would move themself: refused.
+    let admin_on_ward = Subject { units: vec!["ward".into()], ..admin };
+    assert!(!change(&e, &d, &admin_on_ward, Action::Update, "Organization", "ward", moved).unwrap().permit);
+    let c = change::assess(&d, "Organization", "ward", None, NOW).unwrap();
+    assert!(c.narrowing() && !c.widening(), "{}", c.describe());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+    /// Whatever change of a care team, consent or provider a person of any role is permitted to
+    /// make, they can do nothing afterwards on that patient that they could not do before, on any
+    /// type of the compartment.
+    #[test]
+    fn a_permitted_fact_change_never_widens_the_writer(
+        role in 0usize..7, kind in 0usize..4, who in 0usize..3, status in any::<bool>(), deny in any::<bool>(), class in 0usize..4, patient in 0usize..3,
+    ) {
+        let roles = ["physician", "nurse", "assistant", "registrar", "patient", "admin", "external_specialist"];
+        let actors = ["Practitioner/dr", "Practitioner/spec", "Organization/ward"];
+        let classes = ["ClinicalData", "Observation", "PatientData", "Administrative"];
+        let p = ["p1", "p2", "far"][patient];
+        let e = engine();
+        let mut d = world();
+        d.apply("Consent", "c1", 1, Some(&block_of("p1", "Practitioner/dr", "active")));
+        let mut s = person(roles[role], Some("dr"));
+        if roles[role] == "patient" {
+            s.patient = Some(p.to_string());
+        }
+        let (t, id, body) = match kind {
+            0 => ("Consent", "c1", Some(json!({"resourceType": "Consent", "status": if status { "active" } else { "inactive" },
+                "patient": {"reference": format!("Patient/{p}")}, "scope": {"coding": [{"code": "patient-privacy"}]},
+                "provision": {"type": if deny { "deny" } else { "permit" }, "actor": [{"reference": {"reference": actors[who]}}], "class": [{"code": classes[class]}]}}))),
+            1 => ("CareTeam", "t1", Some(json!({"resourceType": "CareTeam", "status": if status { "active" } else { "inactive" },
+                "subject": {"reference": format!("Patient/{p}")}, "participant": [{"member": {"reference": actors[who]}}]}))),
+            2 => ("Patient", p, Some(json!({"resourceType": "Patient", "managingOrganization": {"reference": if deny { "Organization/clinic" } else { "Organization/hospital" }}}))),
+            _ => ("CareTeam", "t1", None),
+        };
+        if let Some(c) = change::assess(&d, t, id, body.as_ref(), NOW) {
+            let r = change::decide_change(e, &s, &c, Action::Update, NOW, purpose::default_for(&s.roles), Settings::default());
+            if r.permit {
+                for pt in &c.patients {
+                    for ty in valv_fhir::r4::resource_types().iter().copied().filter(|t| valv_fhir::compartment::is_compartment_type(t) || *t == "Patient") {
+                        for a in Action::ALL {
+                            let q = Question { action: a, resource_type: ty, patient: Some(pt), now: NOW, purpose: purpose::default_for(&s.roles) };
+                            let before = decide(e, &c.before, &s, &q, Settings::default()).permit;
+                            let after = decide(e, &c.after, &s, &q, Settings::default()).permit;
+                            prop_assert!(before || !after, "{} may now {:?} {} of {} after {}", roles[role], a, ty, pt, c.describe());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
