@@ -1,7 +1,9 @@
 //! Valv's HTTPS server. A request is read top to bottom in [`handle`] and [`fhir`]:
 //!
 //! ```text
+//! connection limits, idle watchdog           serve() / limits
 //! TLS (rustls, 1.3)                          serve()
+//!   -> unauthenticated rate limit            handle() / limits::gate
 //!   -> route and security headers            handle() / dispatch()
 //!   -> authenticate (API key -> Principal)   fhir::authenticate
 //!   -> parse (URL, headers, body)            parse_interaction()
@@ -21,6 +23,7 @@ pub mod fhir;
 pub mod grantapi;
 pub mod identity;
 pub mod integrator;
+pub mod limits;
 pub mod metrics;
 pub mod oidc;
 pub mod query;
@@ -29,7 +32,7 @@ pub mod tls;
 
 use crate::error::ApiError;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -38,7 +41,7 @@ use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use valv_fhir::date;
@@ -55,6 +58,10 @@ pub struct App {
     pub base_url: String,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Connections, timeouts, the memory budget for bodies, unauthenticated request rates.
+    pub limits: limits::Limits,
+    /// The CapabilityStatement, built on first use (it depends only on the start time and URL).
+    pub capability: OnceLock<Bytes>,
     /// When the server started (the CapabilityStatement's date).
     pub started: String,
     /// The audit log's verifier key (C2SP vkey), served at `/audit/key`.
@@ -247,7 +254,18 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     let started = Instant::now();
     let rid = request_id();
     let method = req.method().clone();
-    let (route, result) = dispatch(&app, req, &rid, peer).await;
+    let version = req.version();
+    let (route, result) = match throttle(&app, &req, peer) {
+        Ok(charge_on_401) => {
+            let (route, result) = dispatch(&app, req, &rid, peer).await;
+            if charge_on_401 && result.as_ref().is_err_and(|e| e.status == StatusCode::UNAUTHORIZED) {
+                // A credential that failed costs a token; the next ones are refused unchecked.
+                let _ = app.limits.take_unauthenticated(peer.addr.ip());
+            }
+            (route, result)
+        }
+        Err((wait, first)) => ("rate_limited", Err(rate_limited(&app, &rid, peer, wait, first).await)),
+    };
     let mut resp = match result {
         Ok(r) => r.into_response(&app.base_url),
         Err(e) => error_response(&e),
@@ -260,11 +278,73 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    // A body refused part-way (too slow, too large) leaves the rest of it on an HTTP/1.1
+    // connection: close it rather than read on (HTTP/2 resets just the stream).
+    if version < hyper::Version::HTTP_2 && matches!(resp.status(), StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE) {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = resp.status().as_u16();
     app.metrics.observe(route, status, started.elapsed());
     // Route names and status only: paths and queries can carry patient data.
     tracing::info!(request_id = %rid, method = %method, route, status, micros = started.elapsed().as_micros() as u64, "request");
     resp
+}
+
+/// The per-address limit on requests without a valid credential (see [`limits::Gate`]):
+/// `Ok(true)` when a 401 should take a token afterwards, `Err((seconds, first refusal))`.
+fn throttle(app: &App, req: &Request<Incoming>, peer: &Peer) -> Result<bool, (u64, bool)> {
+    let ip = peer.addr.ip();
+    match limits::gate(req.uri().path()) {
+        limits::Gate::Exempt => Ok(false),
+        limits::Gate::Public => app.limits.take_unauthenticated(ip).map(|()| false),
+        limits::Gate::Credentialed => {
+            let credential = req.headers().contains_key(header::AUTHORIZATION) || peer.cert != ClientCert::None;
+            if credential {
+                app.limits.check_unauthenticated(ip).map(|()| true)
+            } else {
+                app.limits.take_unauthenticated(ip).map(|()| false)
+            }
+        }
+    }
+}
+
+/// 429 for a source over its limit; the first refusal of a burst is audited (once per burst, so
+/// the refusals themselves cannot flood the audit log).
+async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool) -> ApiError {
+    let refusal = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("too many requests without a valid credential from this address; retry in {wait} s")).retry_after(wait);
+    if !first {
+        return refusal;
+    }
+    if app.limits.may_log() {
+        tracing::warn!(source = %peer.source(), "unauthenticated requests over the per-address limit; refusing with 429");
+    }
+    let event = match valv_store::vault::new_id() {
+        Ok(event_id) => audit::AuditEvent {
+            event_id,
+            time: app.clock.now_ms(),
+            request_id: rid.to_string(),
+            action: "E",
+            interaction: "rate-limit",
+            outcome: audit::Outcome::Denied,
+            status: StatusCode::TOO_MANY_REQUESTS.as_u16(),
+            agent_id: String::new(),
+            agent_name: String::new(),
+            roles: Vec::new(),
+            source_address: peer.source(),
+            purpose_of_use: None,
+            patient: None,
+            resource_type: None,
+            resource_id: None,
+            version: None,
+            query: None,
+            reason: "too-many-unauthenticated-requests-from-address".into(),
+        },
+        Err(e) => return e.into(),
+    };
+    match fhir::audit(app, vec![event]).await {
+        Ok(()) => refusal.recorded(),
+        Err(e) => e,
+    }
 }
 
 async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> (&'static str, Result<Reply, ApiError>) {
@@ -282,17 +362,25 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         "/audit/proof/inclusion" => ("audit_proof", proof_route(app, &req, true).await),
         "/audit/proof/consistency" => ("audit_proof", proof_route(app, &req, false).await),
         "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
-        "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render()))),
+        "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render() + &app.limits.render()))),
         p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
         p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
-        "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| {
-            Reply::json(StatusCode::OK, valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url))
-        })),
+        "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),
         _ => ("unknown", Err(ApiError::not_found("no such endpoint; the FHIR API is under /fhir"))),
     }
+}
+
+/// The CapabilityStatement, serialised once: building it walks every resource type and search
+/// parameter (milliseconds of CPU), and it cannot change while the server runs.
+fn capability(app: &App) -> Reply {
+    let bytes = app.capability.get_or_init(|| {
+        let statement = valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url);
+        Bytes::from(serde_json::to_vec(&statement).unwrap_or_default())
+    });
+    Reply { text: Some((FHIR_JSON, bytes.clone())), ..Reply::empty(StatusCode::OK) }
 }
 
 /// Ready when storage answers and the audit log has not failed in the last ten seconds (a
@@ -378,7 +466,8 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
     if let Err(e) = check_accept(req.headers()) {
         return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
     }
-    let interaction = match parse_interaction(app, req).await {
+    // The body's share of the memory budget is held until the request is answered.
+    let (interaction, _body_memory) = match parse_interaction(app, req).await {
         Ok(i) => i,
         Err(e) => return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await)),
     };
@@ -416,8 +505,9 @@ fn check_accept(h: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// URL, headers and body -> an interaction. Reads the body only for POST and PUT, bounded.
-async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::Interaction, ApiError> {
+/// URL, headers and body -> an interaction. Reads the body only for POST and PUT, bounded; the
+/// reservation holds the body's (estimated) memory in the budget while it lives.
+async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::Interaction, Option<limits::Reservation>), ApiError> {
     use fhir::Interaction as I;
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -428,10 +518,15 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::In
     };
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let body = if method == Method::POST || method == Method::PUT { Some(read_json_body(app, req).await?) } else { None };
+    let (body, reservation) = if method == Method::POST || method == Method::PUT {
+        let (body, reservation) = read_json_body_reserved(app, req).await?;
+        (Some(body), Some(reservation))
+    } else {
+        (None, None)
+    };
     let not_allowed = |allowed: &str| ApiError::method_not_allowed(format!("{method} is not allowed on {path}; allowed: {allowed}"));
     let t = |s: &str| s.to_string();
-    Ok(match (segs.as_slice(), body) {
+    let interaction = match (segs.as_slice(), body) {
         ([], Some(body)) if method == Method::POST => I::Bundle { body },
         ([], _) => return Err(not_allowed("POST (transaction or batch Bundle)")),
         ([rt], None) if method == Method::GET => I::Search { resource_type: t(rt), pairs },
@@ -451,10 +546,22 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<fhir::In
         }
         ([_, _, "_history", ..], _) => return Err(not_allowed("GET")),
         _ => return Err(ApiError::not_found(format!("no FHIR interaction at {path}"))),
-    })
+    };
+    Ok((interaction, reservation))
 }
 
+/// A JSON object from the request body, within the path's size limit (see [`limits::body_limit`]),
+/// the body timeouts and the memory budget. For small bodies (`/auth/*`, `/admin/*`), whose
+/// memory is given back as soon as the value is returned.
 pub(crate) async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<Value, ApiError> {
+    read_json_body_reserved(app, req).await.map(|(value, _)| value)
+}
+
+/// [`read_json_body`], with the reservation that covers the parsed value: keep it while the
+/// value lives. Nothing is parsed until the whole body is in, and the parse is paid for from the
+/// budget first (at [`limits::json_tree_estimate`]), so no body can make a tree the budget has
+/// not allowed for.
+pub(crate) async fn read_json_body_reserved(app: &App, req: Request<Incoming>) -> Result<(Value, limits::Reservation), ApiError> {
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     if media != "application/fhir+json" && media != "application/json" {
@@ -464,56 +571,176 @@ pub(crate) async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<
             format!("Content-Type '{ct}' is not supported: send application/fhir+json"),
         ));
     }
+    let limits = &app.limits;
+    let limit = limits::body_limit(&limits.settings, req.uri().path());
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the body exceeds the limit of {} bytes", app.max_body_bytes))
+        limits.counters.bodies_too_large.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the body exceeds this endpoint's limit of {limit} bytes"))
     };
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > app.max_body_bytes) {
+    if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let bytes = Limited::new(req.into_body(), app.max_body_bytes).collect().await.map_err(|e| {
-        if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            too_large()
-        } else {
-            ApiError::bad_request("the request body could not be read")
+    // A declared length is reserved (and allocated) at once: a body that cannot fit is refused
+    // before a byte of it is read.
+    let mut reservation = limits.reserve(declared.unwrap_or(0))?;
+    let mut buf: Vec<u8> = Vec::with_capacity(declared.unwrap_or(0));
+    let mut body = req.into_body();
+    let start = tokio::time::Instant::now();
+    loop {
+        let deadline = limits.body_deadline(start, buf.len());
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            _ = tokio::time::sleep_until(deadline) => {
+                limits.counters.bodies_timed_out.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", format!(
+                    "the request body arrived too slowly ({} bytes in {} s): it must arrive at {} bytes/s after the first {} s and complete within {} s",
+                    buf.len(), start.elapsed().as_secs(), limits.settings.body_min_bytes_per_sec, limits.settings.body_grace.as_secs(), limits.settings.body_timeout.as_secs())));
+            }
+        };
+        let Some(frame) = frame else { break };
+        let Ok(data) = frame.map_err(|_| ApiError::bad_request("the request body could not be read"))?.into_data() else { continue };
+        let need = buf.len() + data.len();
+        if need > limit {
+            return Err(too_large());
         }
-    })?;
-    let bytes = bytes.to_bytes();
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
+        if need > buf.capacity() {
+            // Grow as Vec would (doubling), but through the budget, so it counts what is allocated.
+            let cap = need.max(buf.capacity().saturating_mul(2)).min(limit).max(need);
+            let more = cap.saturating_sub(reservation.bytes());
+            limits.grow(&mut reservation, more)?;
+            buf.reserve_exact(cap - buf.len());
+        }
+        buf.extend_from_slice(&data);
+    }
+    let tree = limits::json_tree_estimate(&buf);
+    limits.grow(&mut reservation, tree)?;
+    let value: Value = serde_json::from_slice(&buf).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
+    drop(buf);
+    reservation.shrink_to(tree);
     if !value.is_object() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "structure", "the body must be a JSON object (a FHIR resource)"));
     }
-    Ok(value)
+    Ok((value, reservation))
 }
 
-/// Accepts connections until `shutdown` resolves: TLS handshake (bounded in time), then HTTP/1.1
-/// or HTTP/2 as negotiated.
+/// Accepts connections until `shutdown` resolves: at most `max_connections` in all and
+/// `max_connections_per_address` per source (others are closed at once), TLS handshake bounded in
+/// time, then HTTP/1.1 or HTTP/2 as negotiated; a connection idle for `idle_timeout` is closed.
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let builder = Arc::new(http_builder(&app.limits.settings));
     tokio::pin!(shutdown);
+    // Accept errors (out of file descriptors, of memory) persist until connections close: retry
+    // after a pause that doubles from 10 ms to 1 s instead of spinning on the error.
+    let mut backoff = Duration::from_millis(10);
     loop {
-        tokio::select! {
+        let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let Ok((tcp, addr)) = accepted else { continue };
-                let _ = tcp.set_nodelay(true);
-                let (app, acceptor) = (app.clone(), acceptor.clone());
-                tokio::spawn(async move {
-                    let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await else { return };
-                    let cert = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
-                        None => ClientCert::None,
-                        Some(c) => tls::service_for(c, &app.cert_services).map_or(ClientCert::Unmapped, ClientCert::Service),
-                    };
-                    let peer = Arc::new(Peer { addr, cert });
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (app, peer) = (app.clone(), peer.clone());
-                        async move { Ok::<_, Infallible>(handle(app, req, &peer).await) }
-                    });
-                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(15));
-                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                });
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(a) => a,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::Interrupted) => continue,
+            Err(e) => {
+                app.limits.counters.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if app.limits.may_log() {
+                    tracing::error!(error = %e, pause_ms = backoff.as_millis() as u64, open = app.limits.open_connections(), "cannot accept connections; pausing");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
             }
-        }
+        };
+        backoff = Duration::from_millis(10);
+        let Some(permit) = app.limits.admit_connection(addr.ip()) else {
+            // Closed with a reset at once: no handshake, nothing queued, no TIME_WAIT kept here.
+            let _ = tcp.set_zero_linger();
+            app.limits.counters.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if app.limits.may_log() {
+                tracing::warn!(source = %addr.ip(), open = app.limits.open_connections(), "connection refused: too many open connections (in all or from this source)");
+            }
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, acceptor, builder) = (app.clone(), acceptor.clone(), builder.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let stream = match tokio::time::timeout(app.limits.settings.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                _ => {
+                    app.limits.counters.handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            };
+            let cert = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                None => ClientCert::None,
+                Some(c) => tls::service_for(c, &app.cert_services).map_or(ClientCert::Unmapped, ClientCert::Service),
+            };
+            let peer = Arc::new(Peer { addr, cert });
+            let activity = Arc::new(limits::Activity::default());
+            let svc = {
+                let (app, activity) = (app.clone(), activity.clone());
+                hyper::service::service_fn(move |req| {
+                    let (app, peer, in_flight) = (app.clone(), peer.clone(), activity.begin());
+                    async move {
+                        let resp = handle(app, req, &peer).await;
+                        drop(in_flight);
+                        Ok::<_, Infallible>(resp)
+                    }
+                })
+            };
+            // The watchdog: once no request has been in flight for `idle_timeout`, the connection
+            // is shut down gracefully (HTTP/2 GOAWAY; HTTP/1.1 closes between requests; one that
+            // never sent a first byte is cancelled), and dropped if it has not ended `drain` later.
+            // hyper has no idle timeout of its own for HTTP/2, nor for a TLS connection that sends nothing.
+            let (idle, limits) = (app.limits.settings.idle_timeout, &app.limits);
+            let drain = idle.min(Duration::from_secs(10));
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let mut closing: Option<tokio::time::Instant> = None;
+            loop {
+                let wake = match closing {
+                    Some(since) => since + drain,
+                    None => activity.idle_deadline(idle),
+                };
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    _ = tokio::time::sleep_until(wake) => {
+                        if closing.is_some() {
+                            break;
+                        }
+                        if activity.is_idle(idle) {
+                            limits.counters.idle_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            conn.as_mut().graceful_shutdown();
+                            closing = Some(tokio::time::Instant::now());
+                        }
+                    }
+                }
+            }
+        });
     }
+}
+
+/// HTTP/1.1 and HTTP/2 settings from the limits (hyper's own defaults are not relied on).
+fn http_builder(s: &limits::Settings) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // hyper 1 restarts the header timer before each request on a kept-alive connection, so this
+    // also bounds the wait for the next request; the watchdog's idle timeout covers the rest.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(s.header_read_timeout)
+        .max_buf_size((2 * s.max_header_bytes).max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(s.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(s.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(s.h2_keep_alive_interval)
+        .keep_alive_timeout(s.h2_keep_alive_timeout);
+    builder
 }

@@ -17,6 +17,144 @@ pub struct Config {
     pub mtls: MtlsConfig,
     pub oidc: OidcConfig,
     pub policy: PolicyConfig,
+    pub limits: LimitsConfig,
+}
+
+/// What one client can make the server hold, before any credential is checked: connections,
+/// time, memory for request bodies, unauthenticated request rates. Each key has a
+/// `VALV_LIMITS_<KEY>` override (e.g. `VALV_LIMITS_IDLE_TIMEOUT_SECS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections in all; new ones beyond it are closed at once.
+    pub max_connections: u64,
+    /// Open connections per source (IPv4 address or IPv6 /64).
+    pub max_connections_per_address: u64,
+    pub handshake_timeout_secs: u64,
+    /// HTTP/1.1 request headers (and the next request on a kept-alive connection).
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight this long is closed.
+    pub idle_timeout_secs: u64,
+    /// A request body must be complete within this...
+    pub body_timeout_secs: u64,
+    /// ...and, after this grace, arrive at no less than `body_min_bytes_per_sec` on average.
+    pub body_grace_secs: u64,
+    pub body_min_bytes_per_sec: u64,
+    /// Memory for request bodies in all (bytes read and their parsed JSON, estimated); a body
+    /// that does not fit is answered 503 with Retry-After. At least `server.max_body_bytes`.
+    pub body_memory_bytes: u64,
+    /// Largest body of `/auth/*` and of `/admin/*` (FHIR bodies: `server.max_body_bytes`).
+    pub auth_body_bytes: u64,
+    pub admin_body_bytes: u64,
+    /// Largest header block (HTTP/2 header list; twice this is HTTP/1.1's read buffer).
+    pub max_header_bytes: u64,
+    pub h2_max_concurrent_streams: u64,
+    pub h2_keep_alive_secs: u64,
+    /// Requests without a valid credential per source: a minute's worth and a burst.
+    pub unauthenticated_per_minute: u64,
+    pub unauthenticated_burst: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let d = valv_server::limits::Settings::default();
+        LimitsConfig {
+            max_connections: d.max_connections as u64,
+            max_connections_per_address: d.max_connections_per_address as u64,
+            handshake_timeout_secs: d.handshake_timeout.as_secs(),
+            header_read_timeout_secs: d.header_read_timeout.as_secs(),
+            idle_timeout_secs: d.idle_timeout.as_secs(),
+            body_timeout_secs: d.body_timeout.as_secs(),
+            body_grace_secs: d.body_grace.as_secs(),
+            body_min_bytes_per_sec: d.body_min_bytes_per_sec,
+            body_memory_bytes: d.body_memory_bytes as u64,
+            auth_body_bytes: d.auth_body_bytes as u64,
+            admin_body_bytes: d.admin_body_bytes as u64,
+            max_header_bytes: d.max_header_bytes as u64,
+            h2_max_concurrent_streams: u64::from(d.h2_max_concurrent_streams),
+            h2_keep_alive_secs: d.h2_keep_alive_interval.as_secs(),
+            unauthenticated_per_minute: u64::from(d.unauthenticated.per_minute),
+            unauthenticated_burst: u64::from(d.unauthenticated.burst),
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn fields(&mut self) -> [(&'static str, &mut u64); 16] {
+        [
+            ("max_connections", &mut self.max_connections),
+            ("max_connections_per_address", &mut self.max_connections_per_address),
+            ("handshake_timeout_secs", &mut self.handshake_timeout_secs),
+            ("header_read_timeout_secs", &mut self.header_read_timeout_secs),
+            ("idle_timeout_secs", &mut self.idle_timeout_secs),
+            ("body_timeout_secs", &mut self.body_timeout_secs),
+            ("body_grace_secs", &mut self.body_grace_secs),
+            ("body_min_bytes_per_sec", &mut self.body_min_bytes_per_sec),
+            ("body_memory_bytes", &mut self.body_memory_bytes),
+            ("auth_body_bytes", &mut self.auth_body_bytes),
+            ("admin_body_bytes", &mut self.admin_body_bytes),
+            ("max_header_bytes", &mut self.max_header_bytes),
+            ("h2_max_concurrent_streams", &mut self.h2_max_concurrent_streams),
+            ("h2_keep_alive_secs", &mut self.h2_keep_alive_secs),
+            ("unauthenticated_per_minute", &mut self.unauthenticated_per_minute),
+            ("unauthenticated_burst", &mut self.unauthenticated_burst),
+        ]
+    }
+
+    /// `VALV_LIMITS_<KEY>` for each key.
+    fn apply_env(&mut self, get: &impl Fn(&str) -> Option<String>) -> Result<(), String> {
+        for (key, field) in self.fields() {
+            let name = format!("VALV_LIMITS_{}", key.to_ascii_uppercase());
+            if let Some(v) = get(&name) {
+                *field = v.trim().parse().map_err(|_| format!("{name} must be a whole number, got '{v}'"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The server's limits; every value must be at least 1 (a zero would refuse everything or
+    /// disable a bound silently).
+    pub fn settings(&self, max_body_bytes: usize) -> Result<valv_server::limits::Settings, String> {
+        use std::time::Duration;
+        let mut copy = self.clone();
+        for (key, v) in copy.fields() {
+            if *v == 0 {
+                return Err(format!("limits.{key} must be at least 1"));
+            }
+        }
+        let size = |key: &str, v: u64| usize::try_from(v).map_err(|_| format!("limits.{key} is too large"));
+        let small = |key: &str, v: u64| u32::try_from(v).map_err(|_| format!("limits.{key} is too large"));
+        let body_memory_bytes = size("body_memory_bytes", self.body_memory_bytes)?;
+        if body_memory_bytes < max_body_bytes {
+            return Err(format!("limits.body_memory_bytes ({body_memory_bytes}) must be at least server.max_body_bytes ({max_body_bytes})"));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err("limits.max_header_bytes must be at least 1024".into());
+        }
+        Ok(valv_server::limits::Settings {
+            max_connections: size("max_connections", self.max_connections)?,
+            max_connections_per_address: size("max_connections_per_address", self.max_connections_per_address)?,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
+            body_grace: Duration::from_secs(self.body_grace_secs),
+            body_min_bytes_per_sec: self.body_min_bytes_per_sec,
+            body_memory_bytes,
+            max_body_bytes,
+            auth_body_bytes: size("auth_body_bytes", self.auth_body_bytes)?,
+            admin_body_bytes: size("admin_body_bytes", self.admin_body_bytes)?,
+            max_header_bytes: size("max_header_bytes", self.max_header_bytes)?,
+            h2_max_concurrent_streams: small("h2_max_concurrent_streams", self.h2_max_concurrent_streams)?,
+            h2_keep_alive_interval: Duration::from_secs(self.h2_keep_alive_secs),
+            // An unanswered ping means a dead peer: half the interval, at least a second, to answer.
+            h2_keep_alive_timeout: Duration::from_secs((self.h2_keep_alive_secs / 2).max(1)),
+            unauthenticated: valv_identity::limits::Rate {
+                per_minute: small("unauthenticated_per_minute", self.unauthenticated_per_minute)?,
+                burst: small("unauthenticated_burst", self.unauthenticated_burst)?,
+            },
+        })
+    }
 }
 
 /// Need-to-know access: where operators' Cedar policies live and the settings that change facts.
@@ -490,7 +628,8 @@ impl Config {
 
     /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
     /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, `VALV_SIEM_ADDRESS`,
-    /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, and `VALV_FAULT_AUDIT_APPENDS` (tests only).
+    /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, `VALV_LIMITS_<KEY>` for each `[limits]` key,
+    /// and `VALV_FAULT_AUDIT_APPENDS` (tests only).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
             self.server.listen = v;
@@ -535,6 +674,7 @@ impl Config {
         if let Some(v) = get("VALV_SIEM_CA_FILE") {
             self.siem.ca_file = Some(v.into());
         }
+        self.limits.apply_env(&get)?;
         Ok(())
     }
 
@@ -578,5 +718,22 @@ mod tests {
         let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
         assert_eq!(back.siem.address.as_deref(), Some("siem.example:6514"));
         assert!(toml::from_str::<Config>("[siem]\nport = 1\n").is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn limits_from_toml_and_env() {
+        let mut c: Config = toml::from_str("[limits]\nidle_timeout_secs = 2\nmax_connections_per_address = 8\n").expect("toml");
+        c.apply_env(|k| (k == "VALV_LIMITS_BODY_GRACE_SECS").then(|| "3".to_string())).expect("valid");
+        let s = c.limits.settings(c.server.max_body_bytes).expect("valid");
+        assert_eq!((s.idle_timeout.as_secs(), s.max_connections_per_address, s.body_grace.as_secs()), (2, 8, 3));
+        assert_eq!(s, valv_server::limits::Settings { idle_timeout: s.idle_timeout, max_connections_per_address: 8, body_grace: s.body_grace, ..Default::default() }, "the rest are the defaults");
+        assert!(c.apply_env(|k| (k == "VALV_LIMITS_MAX_CONNECTIONS").then(|| "many".to_string())).is_err());
+        c.limits.unauthenticated_burst = 0;
+        assert!(c.limits.settings(c.server.max_body_bytes).is_err(), "zero is refused");
+        c.limits.unauthenticated_burst = 1;
+        c.limits.body_memory_bytes = 1024;
+        assert!(c.limits.settings(c.server.max_body_bytes).is_err(), "the budget must hold the largest body");
+        let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
+        assert_eq!(back.limits.idle_timeout_secs, 2);
     }
 }

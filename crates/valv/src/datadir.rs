@@ -155,6 +155,8 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         metrics: Default::default(),
         base_url: cfg.fhir_base(),
         max_body_bytes: cfg.server.max_body_bytes,
+        limits: valv_server::limits::Limits::new(cfg.limits.settings(cfg.server.max_body_bytes)?),
+        capability: Default::default(),
         started: valv_fhir::date::format_instant(now),
         audit_vkey,
         identity,
