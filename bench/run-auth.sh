@@ -35,7 +35,7 @@ data="$out/valv-data"
 # The admin key `valv init` prints sees no patient data (403 on FHIR data): the setup's FHIR
 # requests use a service key acting by its SMART system/ scopes.
 "$valv" --data-dir "$data" init >/dev/null
-svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds' | tail -1)
+svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds system/CareTeam.cud system/Consent.cud system/Patient.cud system/Organization.cud' | tail -1)
 "$valv" synth --patients 20 --out "$out/synth" --seed 1 >/dev/null
 "$valv" --data-dir "$data" import "$out"/synth/*.json >/dev/null 2>&1
 

@@ -29,7 +29,7 @@ echo "== import"
 # The admin key `valv init` prints sees no patient data (admins get 403 on FHIR data); every FHIR
 # request here uses a service key that acts by its SMART system/ scopes.
 "$valv" --data-dir "$data" init >/dev/null
-svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds' | tail -1)
+svc_key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds system/CareTeam.cud system/Consent.cud system/Patient.cud system/Organization.cud' | tail -1)
 "$valv" synth --patients "$PATIENTS" --out "$out/synth" --seed 1 >/dev/null
 "$valv" --data-dir "$data" import "$out"/synth/*.json 2>/dev/null | head -1
 

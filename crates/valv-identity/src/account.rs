@@ -3,10 +3,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Every role Valv knows. The policy gives them meaning; identity only records them.
-pub const ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "patient", "support", "admin", "auditor", "service"];
+pub const ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "registrar", "patient", "support", "admin", "auditor", "service"];
 
 /// Roles whose holders can see patient data: their logins always need a second factor.
-pub const PATIENT_DATA_ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "patient", "support"];
+pub const PATIENT_DATA_ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "registrar", "patient", "support"];
 
 pub type Role = String;
 

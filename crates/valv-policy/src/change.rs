@@ -48,6 +48,10 @@ impl FactKind {
     }
 }
 
+/// The scopes a loader (`valv import`, an integration engine) needs besides `system/*.cruds` to
+/// write care teams, consents, patients' providers and organisations: a wildcard is not enough.
+pub const FACT_SCOPES: &str = "system/CareTeam.cud system/Consent.cud system/Patient.cud system/Organization.cud";
+
 /// Probed as "anyone not named": provisions without actors apply to it.
 const ANYONE: &str = "Practitioner/*";
 /// One type of each class a consent or policy can tell apart.

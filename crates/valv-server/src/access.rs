@@ -248,6 +248,30 @@ impl Access {
         valv_policy::decide_admin(&self.engine, &subject, area, now, valv_policy::purpose::default_for(&p.roles))
     }
 
+    /// A working copy of the directory holding what the given writes (type, id, new body or
+    /// `None` for a deletion) bear on, for assessing their fact changes one after another; `None`
+    /// when none of them is to a followed type.
+    pub fn fact_scope(&self, writes: &[(&str, &str, Option<&serde_json::Value>)]) -> Result<Option<Directory>, ApiError> {
+        let followed: Vec<_> = writes.iter().filter(|(t, _, _)| valv_policy::directory::FOLLOWED.contains(t)).collect();
+        if followed.is_empty() {
+            return Ok(None);
+        }
+        let d = self.directory.read().map_err(|_| ApiError::internal("the directory of care relationships is unavailable"))?;
+        let mut patients: Vec<String> = Vec::new();
+        for (t, id, body) in followed {
+            for p in d.patients_of(t, id, *body) {
+                if !patients.contains(&p) {
+                    patients.push(p);
+                }
+            }
+        }
+        Ok(Some(d.scoped(&patients)))
+    }
+
+    pub fn decide_change(&self, subject: &Subject, change: &valv_policy::change::Change, action: valv_policy::Action, now: i64, purpose: &str) -> Decision {
+        valv_policy::change::decide_change(&self.engine, subject, change, action, now, purpose, self.settings)
+    }
+
     /// A copy of the directory (for `valv policy explain`).
     pub fn directory(&self) -> Directory {
         self.directory.read().map(|d| d.clone()).unwrap_or_default()

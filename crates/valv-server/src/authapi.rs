@@ -327,7 +327,8 @@ async fn me(app: &App, req: &Request<Incoming>, cert: &ClientCert, rid: &str, so
 async fn enroll(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
     let token = body_field(body, "token")?;
     let password = body_field(body, "password")?;
-    match app.identity.enroll(token, password, now).await {
+    let approval = opt_field(body, "approval_code")?;
+    match app.identity.enroll(token, approval, password, now).await {
         Ok(e) => {
             record(app, vec![event(rid, source, now, "enroll", Outcome::Success, StatusCode::OK, &user_who(&e.user), Some(&e.user), "password-set-totp-issued")?]).await?;
             Ok(json_reply(
@@ -433,7 +434,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     // Actions (disable, unlock…) need no body; a body, when sent, must be JSON.
     let has_body = req.headers().contains_key(header::CONTENT_TYPE);
     let body = if (method == Method::POST || method == Method::PUT) && has_body { Some(crate::read_json_body(app, req).await) } else { None };
-    let result = admin_act(app, &method, &segs, body, now).await;
+    let result = admin_act(app, &method, &segs, body, &principal.id, now).await;
     match result {
         Ok((reply, target)) => {
             record(app, vec![event(rid, &source, now, interaction, Outcome::Success, reply.status, &who(&principal), target.as_ref(), &permit_reason)?]).await?;
@@ -447,11 +448,15 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     }
 }
 
+/// What an enrollment issued over the admin API still needs.
+const NEEDS_APPROVAL: &str = "another admin approves with POST /admin/users/{name}/approve and receives an approval code; the person enrolls with the enrollment token and the approval code (POST /auth/enroll)";
+
 fn admin_interaction(method: &Method, segs: &[&str]) -> &'static str {
     match (method.as_str(), segs) {
         ("GET", [] | [_]) => "user-read",
         ("POST", []) => "user-create",
         ("PUT", [_, "roles"]) => "user-set-roles",
+        ("POST", [_, "approve"]) => "user-approve",
         ("POST", [_, action]) => admin_change(action).map_or("user-admin", |c| c.interaction()),
         _ => "user-admin",
     }
@@ -468,7 +473,8 @@ fn admin_change(action: &str) -> Option<AdminChange> {
     })
 }
 
-async fn admin_act(app: &App, method: &Method, segs: &[&str], body: Option<Result<Value, ApiError>>, now: i64) -> Result<(Reply, Option<User>), ApiError> {
+/// `by`: the admin's principal id (two-person rule: see [`crate::identity::Identity::approve`]).
+async fn admin_act(app: &App, method: &Method, segs: &[&str], body: Option<Result<Value, ApiError>>, by: &str, now: i64) -> Result<(Reply, Option<User>), ApiError> {
     let body = body.transpose()?;
     let ident = &app.identity;
     match (method.as_str(), segs, body) {
@@ -490,26 +496,39 @@ async fn admin_act(app: &App, method: &Method, segs: &[&str], body: Option<Resul
                 practitioner: opt_field(&body, "practitioner")?.map(str::to_string),
                 patient: opt_field(&body, "patient")?.map(str::to_string),
             };
-            let (user, token) = ident.create(spec, now).await?;
+            let (user, token) = ident.create(spec, now, Some(by)).await?;
             let expires = user.enrollment_expires.map(valv_fhir::date::format_instant);
-            Ok((json_reply(StatusCode::CREATED, json!({"user": user.summary(now), "enrollment_token": token, "enrollment_expires": expires})), Some(user)))
+            let body = json!({"user": user.summary(now), "enrollment_token": token, "enrollment_expires": expires, "next": NEEDS_APPROVAL});
+            Ok((json_reply(StatusCode::CREATED, body), Some(user)))
         }
         ("PUT", [name, "roles"], Some(body)) => {
             let change = AdminChange::SetRoles { roles: string_list(&body, "roles")?, units: string_list(&body, "units")? };
-            let (user, _) = ident.admin(name, change, now).await?;
-            Ok((json_reply(StatusCode::OK, user.summary(now)), Some(user)))
+            let (user, _) = ident.admin(name, change, now, Some(by)).await?;
+            // A widening change waits for a second admin: 202, the account unchanged.
+            let status = if user.pending_roles.is_some() { StatusCode::ACCEPTED } else { StatusCode::OK };
+            Ok((json_reply(status, user.summary(now)), Some(user)))
+        }
+        ("POST", [name, "approve"], _) => {
+            let (user, code) = ident.approve(name, by, now).await?;
+            let mut out = json!({"user": user.summary(now)});
+            if let Some(c) = code {
+                out["approval_code"] = json!(c);
+                out["next"] = json!("hand the approval code to the person (not to the admin who issued the enrollment token): they enroll with both");
+            }
+            Ok((json_reply(StatusCode::OK, out), Some(user)))
         }
         ("POST", [name, action], _) => {
-            let change = admin_change(action).ok_or_else(|| ApiError::not_found(format!("'{action}' is not a user action (disable, enable, unlock, reset-mfa, revoke-sessions)")))?;
-            let (user, token) = ident.admin(name, change, now).await?;
+            let change = admin_change(action).ok_or_else(|| ApiError::not_found(format!("'{action}' is not a user action (approve, disable, enable, unlock, reset-mfa, revoke-sessions)")))?;
+            let (user, token) = ident.admin(name, change, now, Some(by)).await?;
             let mut out = json!({"user": user.summary(now)});
             if let Some(t) = token {
                 out["enrollment_token"] = json!(t);
+                out["next"] = json!(NEEDS_APPROVAL);
             }
             Ok((json_reply(StatusCode::OK, out), Some(user)))
         }
         _ => Err(ApiError::method_not_allowed(
-            "use GET /admin/users[/{name}], POST /admin/users, PUT /admin/users/{name}/roles, POST /admin/users/{name}/{disable|enable|unlock|reset-mfa|revoke-sessions}",
+            "use GET /admin/users[/{name}], POST /admin/users, PUT /admin/users/{name}/roles, POST /admin/users/{name}/{approve|disable|enable|unlock|reset-mfa|revoke-sessions}",
         )),
     }
 }

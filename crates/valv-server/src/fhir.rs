@@ -509,6 +509,34 @@ async fn authorize_write(app: &App, ctx: &Ctx, interaction: &'static str, action
     Ok(events)
 }
 
+/// Decides the change a write makes to the facts access rests on (a Consent, CareTeam,
+/// `Patient.managingOrganization` or `Organization.partOf`), on top of the permission to write
+/// the resource, and returns the entries recording it (`fact-change`: what changed, whose access
+/// it widens and narrows). A refusal is recorded and answered 403. `work` is the directory as the
+/// writes before this one in the same request leave it; the change is applied to it.
+async fn authorize_fact_change(app: &App, ctx: &Ctx, work: &mut Option<valv_policy::Directory>, action: Action, resource_type: &str, id: &str, body: Option<&Value>) -> Result<Vec<AuditEvent>, ApiError> {
+    let Some(dir) = work.as_mut() else { return Ok(Vec::new()) };
+    let Some(change) = valv_policy::change::assess(dir, resource_type, id, body, ctx.now) else { return Ok(Vec::new()) };
+    let subject = app.access.subject(&ctx.principal);
+    let d = app.access.decide_change(&subject, &change, action, ctx.now, ctx.purpose());
+    let reason = format!("{}; {}", d.reason(), change.describe());
+    let patients: Vec<Option<&str>> = if change.patients.is_empty() { vec![None] } else { change.patients.iter().map(|p| Some(p.as_str())).collect() };
+    let events = patients
+        .iter()
+        .map(|p| {
+            let t = Touch { interaction: "fact-change", action, resource_type, id: Some(id), version: None, patient: *p, query: None };
+            ctx.event(&t, if d.permit { Outcome::Success } else { Outcome::Denied }, if d.permit { 0 } else { 403 }, &reason)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if !d.permit {
+        app.metrics.access_denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        audit(app, events).await?;
+        return Err(ApiError::forbidden(format!("access denied ({})", d.reason())).recorded());
+    }
+    dir.apply_next(resource_type, id, body);
+    Ok(events)
+}
+
 /// Adds the patient a stored resource belongs to now: an update touches both the patient it
 /// belonged to and the one it will belong to, and must be allowed on both.
 async fn add_current_owner(app: &App, resource_type: &str, id: &str, patients: &mut Vec<Option<String>>) -> Result<(), ApiError> {
@@ -545,7 +573,9 @@ async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Resul
     check_body(resource_type, &body)?;
     let id = vault::new_id()?;
     let patients = body_patients(resource_type, &id, &body);
-    let events = authorize_write(app, ctx, "create", Action::Create, resource_type, &id, &patients).await?;
+    let mut events = authorize_write(app, ctx, "create", Action::Create, resource_type, &id, &patients).await?;
+    let mut work = app.access.fact_scope(&[(resource_type, &id, Some(&body))])?;
+    events.extend(authorize_fact_change(app, ctx, &mut work, Action::Create, resource_type, &id, Some(&body)).await?);
     audit(app, events).await?;
     let op = WriteOp::Create { resource_type: resource_type.to_string(), id: id.clone(), body };
     let c = commit_one(app, ctx, op, &write_touch("create", Action::Create, resource_type, &id, patients[0].as_deref())).await?;
@@ -566,7 +596,9 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     // Both the patient the resource belonged to and the one it will belong to are touched.
     let mut patients = body_patients(resource_type, id, &body);
     add_current_owner(app, resource_type, id, &mut patients).await?;
-    let events = authorize_write(app, ctx, "update", Action::Update, resource_type, id, &patients).await?;
+    let mut events = authorize_write(app, ctx, "update", Action::Update, resource_type, id, &patients).await?;
+    let mut work = app.access.fact_scope(&[(resource_type, id, Some(&body))])?;
+    events.extend(authorize_fact_change(app, ctx, &mut work, Action::Update, resource_type, id, Some(&body)).await?);
     audit(app, events).await?;
     let op = WriteOp::Update { resource_type: resource_type.to_string(), id: id.to_string(), body, if_match };
     let c = commit_one(app, ctx, op, &write_touch("update", Action::Update, resource_type, id, patients[0].as_deref())).await?;
@@ -578,7 +610,9 @@ async fn delete(app: &App, ctx: &Ctx, resource_type: &str, id: &str, if_match: O
     check_id(id)?;
     let located = app.vault.locate(resource_type, id).await?.ok_or_else(|| ApiError::not_found(format!("{resource_type}/{id} is not known")))?;
     let patients = vec![located.patient.clone()];
-    let events = authorize_write(app, ctx, "delete", Action::Delete, resource_type, id, &patients).await?;
+    let mut events = authorize_write(app, ctx, "delete", Action::Delete, resource_type, id, &patients).await?;
+    let mut work = app.access.fact_scope(&[(resource_type, id, None)])?;
+    events.extend(authorize_fact_change(app, ctx, &mut work, Action::Delete, resource_type, id, None).await?);
     audit(app, events).await?;
     let op = WriteOp::Delete { resource_type: resource_type.to_string(), id: id.to_string(), if_match };
     let touch = write_touch("delete", Action::Delete, resource_type, id, located.patient.as_deref());
@@ -622,6 +656,9 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
     }
     let mut ops = Vec::with_capacity(entries.len());
     let mut events = Vec::new();
+    let writes: Vec<(&str, &str, Option<&Value>)> =
+        entries.iter().filter(|e| e.method != Method::Get).map(|e| (e.resource_type.as_str(), e.id.as_deref().unwrap_or(""), e.resource.as_ref().filter(|_| e.method != Method::Delete))).collect();
+    let mut work = app.access.fact_scope(&writes)?;
     for (i, e) in entries.into_iter().enumerate() {
         let at = |err: ApiError| ApiError { diagnostics: format!("Bundle.entry[{i}]: {}", err.diagnostics), ..err };
         check_type(&e.resource_type).map_err(at)?;
@@ -651,6 +688,11 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
             Method::Get => return Err(ApiError::bad_request("GET is not supported inside a transaction")),
         };
         events.extend(authorize_write(app, ctx, interaction, action, &e.resource_type, &id, &patients).await?);
+        let body = match &op {
+            WriteOp::Create { body, .. } | WriteOp::Update { body, .. } => Some(body),
+            WriteOp::Delete { .. } => None,
+        };
+        events.extend(authorize_fact_change(app, ctx, &mut work, action, &e.resource_type, &id, body).await?);
         ops.push(op);
     }
     audit(app, events).await?;

@@ -98,21 +98,52 @@ pub struct User {
     /// Hash of the pending enrollment token. Sealed with the record; the row's column of the same
     /// value is only the index it is found by (a hash written into that column alone opens nothing).
     enrollment_hash: Option<[u8; 32]>,
+    /// Who issued the pending enrollment token over the admin API (creation or MFA reset): such
+    /// an enrollment also needs the approval code another admin receives (two-person rule).
+    /// `None` for accounts made at the console.
+    #[serde(default)]
+    enrollment_by: Option<String>,
+    /// Hash of the approval code for the pending enrollment, once another admin approved it.
+    #[serde(default)]
+    approval_hash: Option<[u8; 32]>,
+    /// A change of roles or units that widens the account, awaiting another admin's approval.
+    #[serde(default)]
+    pub pending_roles: Option<PendingRoles>,
 }
+
+/// Roles and units an admin asked for, not yet in force.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingRoles {
+    pub roles: Vec<String>,
+    pub units: Vec<String>,
+    pub requested_by: String,
+    pub requested_at: i64,
+}
+
+/// Prefix of approval codes (the second half of an enrollment made over the admin API).
+pub const APPROVAL_PREFIX: &str = "valva_";
 
 impl User {
     /// Locked (by lockout) at `now`, or disabled or pending: the state an admin sees.
     pub fn state_at(&self, now: i64) -> &'static str {
         if self.state == UserState::Active && self.failures.locked(now) {
             "locked"
+        } else if self.awaits_approval() {
+            "awaiting-approval"
         } else {
             self.state.as_str()
         }
     }
 
+    /// A pending enrollment issued over the admin API that no second admin has approved yet.
+    pub fn awaits_approval(&self) -> bool {
+        self.state == UserState::Pending && self.enrollment_by.is_some() && self.approval_hash.is_none()
+    }
+
     /// What admins see (no secrets).
     pub fn summary(&self, now: i64) -> serde_json::Value {
         serde_json::json!({
+            "pending_roles": self.pending_roles.as_ref().map(|p| serde_json::json!({"roles": p.roles, "units": p.units, "requested_by": p.requested_by})),
             "id": self.id,
             "username": self.username,
             "display_name": self.display_name,
@@ -291,8 +322,10 @@ impl Identity {
         Ok(users)
     }
 
-    /// Creates a pending user and returns the one-time enrollment token (valid 24 h).
-    pub async fn create(&self, spec: NewUser, now: i64) -> Result<(User, String), ApiError> {
+    /// Creates a pending user and returns the one-time enrollment token (valid 24 h). `by`: the
+    /// admin principal creating it over the API (its enrollment then needs another admin's
+    /// approval); `None` at the console.
+    pub async fn create(&self, spec: NewUser, now: i64, by: Option<&str>) -> Result<(User, String), ApiError> {
         account::check_username(&spec.username).map_err(ApiError::bad_request)?;
         account::check_roles(&spec.roles).map_err(ApiError::bad_request)?;
         for unit in &spec.units {
@@ -334,6 +367,9 @@ impl Identity {
             sessions_valid_after: now,
             version: 1,
             enrollment_hash: Some(codes::secret_hash(&token)),
+            enrollment_by: by.map(str::to_string),
+            approval_hash: None,
+            pending_roles: None,
         };
         let row = self.seal(&user)?;
         self.store.insert_user(&row).await.map_err(|e| match e {
@@ -402,9 +438,18 @@ impl Identity {
         Ok(user)
     }
 
-    /// Enrollment step one: the person sets their password and gets a TOTP secret to scan.
-    pub async fn enroll(&self, token: &str, new_password: &str, now: i64) -> Result<Enrolled, ApiError> {
+    /// Enrollment step one: the person sets their password and gets a TOTP secret to scan. An
+    /// enrollment issued over the admin API also needs the approval code of a second admin.
+    pub async fn enroll(&self, token: &str, approval: Option<&str>, new_password: &str, now: i64) -> Result<Enrolled, ApiError> {
         let mut user = self.pending(token, now).await?;
+        if user.enrollment_by.is_some() {
+            let given = approval.filter(|a| codes::is_token(APPROVAL_PREFIX, a)).map(codes::secret_hash);
+            match (user.approval_hash, given) {
+                (Some(want), Some(got)) if want == got => {}
+                (None, _) => return Err(ApiError::forbidden("this account awaits a second admin's approval (POST /admin/users/{name}/approve); enroll with the approval code that admin receives")),
+                _ => return Err(ApiError::unauthorized("the approval code is missing or not valid; ask the approving admin for it")),
+            }
+        }
         // After an MFA reset the person may keep their password by giving it again.
         let current = user.password.clone();
         let pw = new_password.to_string();
@@ -450,6 +495,8 @@ impl Identity {
         user.state = UserState::Active;
         user.enrollment_expires = None;
         user.enrollment_hash = None;
+        user.enrollment_by = None;
+        user.approval_hash = None;
         Ok(recovery)
     }
 
@@ -688,7 +735,10 @@ impl Identity {
     /// An admin change to a user (`disable`, `enable`, `unlock`, `reset-mfa`,
     /// `revoke-sessions`). Returns the user after the change and, for `reset-mfa`, a new
     /// enrollment token.
-    pub async fn admin(&self, username: &str, change: AdminChange, now: i64) -> Result<(User, Option<String>), ApiError> {
+    /// `by`: the admin principal making the change over the API (`None` at the console). Over
+    /// the API an MFA reset's new enrollment needs another admin's approval, and roles or units
+    /// that widen the account wait in `pending_roles` for it; narrowing takes effect at once.
+    pub async fn admin(&self, username: &str, change: AdminChange, now: i64, by: Option<&str>) -> Result<(User, Option<String>), ApiError> {
         for _ in 0..5 {
             let mut user = self.get(username).await?;
             let mut token = None;
@@ -712,6 +762,8 @@ impl Identity {
                     user.state = UserState::Pending;
                     user.enrollment_expires = Some(now + self.settings.enrollment_ttl_ms);
                     user.enrollment_hash = Some(codes::secret_hash(&t));
+                    user.enrollment_by = by.map(str::to_string);
+                    user.approval_hash = None;
                     user.sessions_valid_after = now + 1;
                     token = Some(t);
                 }
@@ -724,9 +776,18 @@ impl Identity {
                     if roles.iter().any(|r| r == "patient") != user.patient.is_some() {
                         return Err(ApiError::bad_request("role 'patient' belongs only to a user linked to a Patient"));
                     }
-                    user.roles = roles.clone();
-                    user.units = units.clone();
-                    user.sessions_valid_after = now + 1;
+                    let widens = roles.iter().any(|r| !user.roles.contains(r)) || units.iter().any(|u| !user.units.contains(u));
+                    match by {
+                        Some(admin) if widens => {
+                            user.pending_roles = Some(PendingRoles { roles: roles.clone(), units: units.clone(), requested_by: admin.to_string(), requested_at: now });
+                        }
+                        _ => {
+                            user.roles = roles.clone();
+                            user.units = units.clone();
+                            user.pending_roles = None;
+                            user.sessions_valid_after = now + 1;
+                        }
+                    }
                 }
             }
             match self.save(&mut user).await {
@@ -735,6 +796,52 @@ impl Identity {
                         self.store.delete_sessions_of(&user.id).await?;
                     }
                     return Ok((user, token));
+                }
+                Err(e) if e.status == hyper::StatusCode::CONFLICT => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::unavailable("the user record is busy; try again"))
+    }
+
+    /// A second admin's approval (`approver`: their principal id): of a pending enrollment
+    /// issued over the API (returns the approval code the person enrolls with, shown once), or
+    /// of a pending change of roles and units. No one approves what they asked for themselves,
+    /// nor anything about their own account.
+    pub async fn approve(&self, username: &str, approver: &str, now: i64) -> Result<(User, Option<String>), ApiError> {
+        let refuse = |m: &str| ApiError::forbidden(m.to_string());
+        for _ in 0..5 {
+            let mut user = self.get(username).await?;
+            if user.id == approver {
+                return Err(refuse("no one approves their own account (two-person rule)"));
+            }
+            let mut code = None;
+            if user.awaits_approval() {
+                if user.enrollment_by.as_deref() == Some(approver) {
+                    return Err(refuse("the admin who issued this enrollment cannot also approve it (two-person rule)"));
+                }
+                if user.enrollment_expires.is_none_or(|t| now >= t) {
+                    return Err(ApiError::new(hyper::StatusCode::CONFLICT, "business-rule", "the enrollment has expired; reset the account's MFA to issue a new one"));
+                }
+                let c = codes::token(APPROVAL_PREFIX, &random()?);
+                user.approval_hash = Some(codes::secret_hash(&c));
+                code = Some(c);
+            } else if let Some(p) = user.pending_roles.take() {
+                if p.requested_by == approver {
+                    return Err(refuse("the admin who asked for this change of roles cannot also approve it (two-person rule)"));
+                }
+                user.roles = p.roles;
+                user.units = p.units;
+                user.sessions_valid_after = now + 1;
+            } else {
+                return Err(ApiError::new(hyper::StatusCode::CONFLICT, "business-rule", format!("nothing about '{username}' awaits approval")));
+            }
+            match self.save(&mut user).await {
+                Ok(()) => {
+                    if user.sessions_valid_after > now {
+                        self.store.delete_sessions_of(&user.id).await?;
+                    }
+                    return Ok((user, code));
                 }
                 Err(e) if e.status == hyper::StatusCode::CONFLICT => continue,
                 Err(e) => return Err(e),

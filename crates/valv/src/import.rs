@@ -17,7 +17,8 @@ pub struct Summary {
 }
 
 /// A context for work done at the console: the operator named by `$USER`, acting as a service
-/// that may create, read, update and delete any resource (`system/*.cruds`).
+/// that may create, read, update and delete any resource (`system/*.cruds`) and change access
+/// facts (explicit scopes for CareTeam, Consent, Patient and Organization).
 pub fn local_ctx(purpose: &str) -> Ctx {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
     let mut rid = [0u8; 12];
@@ -28,7 +29,7 @@ pub fn local_ctx(purpose: &str) -> Ctx {
             format!("local:{user}"),
             user,
             vec!["service".into()],
-            valv_policy::Scopes::parse("system/*.cruds").ok(),
+            valv_policy::Scopes::parse(&format!("system/*.cruds {}", valv_policy::change::FACT_SCOPES)).ok(),
         ),
         request_id: valv_crypto::hex::encode(&rid),
         source: "local".into(),

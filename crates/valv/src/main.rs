@@ -456,7 +456,7 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
                 let pw = password.trim_end_matches(['\n', '\r']);
                 valv_identity::password::check(pw, &spec.username, &spec.display_name, ident.settings.min_score).map_err(|r| r.to_string())?;
             }
-            let (created, token) = ident.create(spec, now).await.map_err(e)?;
+            let (created, token) = ident.create(spec, now, None).await.map_err(e)?;
             valv_server::authapi::audit_local(app, "user-create", Some(&created), "console".into(), now).await.map_err(e)?;
             if password_stdin {
                 let password = password.trim_end_matches(['\n', '\r']);
@@ -495,7 +495,7 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
                 UserAction::Add { .. } | UserAction::List | UserAction::Show { .. } => return Err("unreachable user action".into()),
             };
             let interaction = change.interaction();
-            let (u, token) = ident.admin(&username, change, now).await.map_err(e)?;
+            let (u, token) = ident.admin(&username, change, now, None).await.map_err(e)?;
             valv_server::authapi::audit_local(app, interaction, Some(&u), "console".into(), now).await.map_err(e)?;
             println!("{username}: {} ({})", interaction.trim_start_matches("user-"), u.state_at(now));
             if let Some(t) = token {

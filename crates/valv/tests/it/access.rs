@@ -9,14 +9,14 @@ use std::collections::HashMap;
 
 const MIN: i64 = 60_000;
 /// FAST, with sessions that survive the test clock's jumps.
-const LONG_SESSIONS: &str = "[auth]\nrate_per_minute = 10000\nrate_burst = 10000\nlogin_floor_ms = 0\nsession_idle_minutes = 240\n";
+pub(crate) const LONG_SESSIONS: &str = "[auth]\nrate_per_minute = 10000\nrate_burst = 10000\nlogin_floor_ms = 0\nsession_idle_minutes = 240\n";
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64
 }
 
 /// A FHIR R4 privacy Consent of `patient` with one provision.
-fn consent(patient: &str, status: &str, provision: Value) -> Value {
+pub(crate) fn consent(patient: &str, status: &str, provision: Value) -> Value {
     json!({"resourceType": "Consent", "status": status,
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
         "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
@@ -25,12 +25,12 @@ fn consent(patient: &str, status: &str, provision: Value) -> Value {
         "provision": provision})
 }
 
-fn actor(reference: &str) -> Value {
+pub(crate) fn actor(reference: &str) -> Value {
     json!({"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]}, "reference": {"reference": reference}})
 }
 
 /// A CareTeam of `patient` naming each practitioner with `role`, from `start` to `end` (dates).
-fn care_team(patient: &str, practitioners: &[String], role: &str, end: Option<&str>) -> Value {
+pub(crate) fn care_team(patient: &str, practitioners: &[String], role: &str, end: Option<&str>) -> Value {
     let period = match end {
         Some(e) => json!({"start": "2020-01-01", "end": e}),
         None => json!({"start": "2020-01-01"}),
@@ -41,7 +41,7 @@ fn care_team(patient: &str, practitioners: &[String], role: &str, end: Option<&s
 }
 
 /// A resource of `resource_type` in `patient`'s compartment.
-fn body_for(resource_type: &str, patient: &str) -> Value {
+pub(crate) fn body_for(resource_type: &str, patient: &str) -> Value {
     let subject = json!({"reference": format!("Patient/{patient}")});
     match resource_type {
         "Observation" => json!({"resourceType": "Observation", "status": "final", "code": {"text": "heart rate"}, "subject": subject}),
@@ -52,14 +52,14 @@ fn body_for(resource_type: &str, patient: &str) -> Value {
 }
 
 /// Creates with the loader's key; returns the stored resource.
-async fn create(s: &Server, body: &Value) -> Value {
+pub(crate) async fn create(s: &Server, body: &Value) -> Value {
     let t = body["resourceType"].as_str().expect("type");
     let r = s.post(&format!("/fhir/{t}"), body).await;
     assert_eq!(r.status, 201, "create {t}: {}", r.text);
     r.json
 }
 
-async fn organization(s: &Server, name: &str, part_of: Option<&str>) -> String {
+pub(crate) async fn organization(s: &Server, name: &str, part_of: Option<&str>) -> String {
     let mut o = json!({"resourceType": "Organization", "name": name});
     if let Some(p) = part_of {
         o["partOf"] = json!({"reference": format!("Organization/{p}")});
@@ -68,19 +68,19 @@ async fn organization(s: &Server, name: &str, part_of: Option<&str>) -> String {
 }
 
 /// An account to make: user name, role, units, Practitioner id, Patient id.
-type Spec<'a> = (String, &'a str, Vec<String>, Option<String>, Option<String>);
+pub(crate) type Spec<'a> = (String, &'a str, Vec<String>, Option<String>, Option<String>);
 
 /// A person with an account: created by the admin, enrolled with a TOTP secret.
-struct Person {
-    username: String,
-    practitioner: String,
-    secret: Vec<u8>,
-    token: String,
+pub(crate) struct Person {
+    pub(crate) username: String,
+    pub(crate) practitioner: String,
+    pub(crate) secret: Vec<u8>,
+    pub(crate) token: String,
 }
 
 /// Creates and enrolls users (`spec`: username, role, units, practitioner, patient), then signs
 /// them in half a minute later (a TOTP code works once). The clock file must be set.
-async fn people(s: &Server, now: &mut i64, spec: &[Spec<'_>]) -> HashMap<String, Person> {
+pub(crate) async fn people(s: &Server, now: &mut i64, spec: &[Spec<'_>]) -> HashMap<String, Person> {
     let mut out = HashMap::new();
     for (username, role, units, practitioner, patient) in spec {
         let mut body = json!({"username": username, "display_name": "Test Person", "roles": [role], "units": units});
@@ -93,7 +93,8 @@ async fn people(s: &Server, now: &mut i64, spec: &[Spec<'_>]) -> HashMap<String,
         let created = s.post("/admin/users", &body).await;
         assert_eq!(created.status, 201, "{}", created.text);
         let token = created.json["enrollment_token"].as_str().expect("token").to_string();
-        let e = auth(s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await;
+        let approval = s.approve(username).await.expect("approval code");
+        let e = auth(s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": PASSWORD})).await;
         assert_eq!(e.status, 200, "{}", e.text);
         let secret = secret_of(e.json["otpauth_uri"].as_str().expect("uri"));
         let c = auth(s, "/auth/enroll/confirm", None, json!({"token": token, "totp": totp(&secret, *now)})).await;
@@ -108,7 +109,7 @@ async fn people(s: &Server, now: &mut i64, spec: &[Spec<'_>]) -> HashMap<String,
     out
 }
 
-async fn break_glass(s: &Server, token: &str, patient: &str, reason: Option<&str>, minutes: Option<i64>) -> Resp {
+pub(crate) async fn break_glass(s: &Server, token: &str, patient: &str, reason: Option<&str>, minutes: Option<i64>) -> Resp {
     let mut params = Vec::new();
     if let Some(r) = reason {
         params.push(json!({"name": "reason", "valueString": r}));

@@ -38,6 +38,10 @@ pub fn last_line(s: &str) -> String {
     s.lines().last().unwrap_or("").trim().to_string()
 }
 
+/// The loader's scopes: everything, and explicitly the access facts (care teams, consents,
+/// patients' providers, organisations), which a wildcard does not cover.
+pub const LOADER_SCOPES: &str = "system/*.cruds system/CareTeam.cud system/Consent.cud system/Patient.cud system/Organization.cud";
+
 pub struct Server {
     pub dir: PathBuf,
     pub data: PathBuf,
@@ -48,6 +52,8 @@ pub struct Server {
     pub data_key: String,
     /// An auditor's API key: the audit log and AuditEvents.
     pub auditor_key: String,
+    /// A second admin's key, made on first use: approves what the first admin asks for.
+    approver: std::sync::OnceLock<String>,
     child: Option<Child>,
     env: Vec<(String, String)>,
     tls: Arc<rustls::ClientConfig>,
@@ -99,12 +105,12 @@ impl Server {
             std::fs::write(&path, text).expect("write valv.toml");
         }
         assert!(admin_key.starts_with("valv_"), "init prints the admin key last: {admin_key}");
-        let data_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "loader", "--role", "service", "--scope", "system/*.cruds"]));
+        let data_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "loader", "--role", "service", "--scope", LOADER_SCOPES]));
         let auditor_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "audit-reader", "--role", "auditor"]));
         // Every server reads its time from this file once a test writes it (system time before).
         let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         env.push(("VALV_TEST_CLOCK_FILE".into(), dir.join("clock").display().to_string()));
-        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, data_key, auditor_key, child: None, env };
+        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, data_key, auditor_key, approver: Default::default(), child: None, env };
         s.restart();
         s
     }
@@ -127,6 +133,19 @@ impl Server {
             std::thread::sleep(Duration::from_millis(25));
         }
         panic!("valv serve did not start; see {}", self.dir.join("server.log").display());
+    }
+
+    /// A second admin's API key (two-person rule for accounts made over the admin API).
+    pub fn approver_key(&self) -> &str {
+        self.approver.get_or_init(|| last_line(&run_ok(&self.data, &["apikey", "create", "--name", "second-admin", "--role", "admin"])))
+    }
+
+    /// Approves, as the second admin, what awaits approval for `username`; returns the approval
+    /// code of a pending enrollment.
+    pub async fn approve(&self, username: &str) -> Option<String> {
+        let r = self.request("POST", &format!("/admin/users/{username}/approve"), Some(self.approver_key()), None, &[]).await;
+        assert_eq!(r.status, 200, "approve {username}: {}", r.text);
+        r.json["approval_code"].as_str().map(str::to_string)
     }
 
     /// The test clock's file (the server reads the time from it when `VALV_TEST_CLOCK_FILE` is set).

@@ -74,7 +74,8 @@ async fn enrolled(s: &Server, user: &str, role: &str, now: i64) -> Vec<u8> {
     let created = s.post("/admin/users", &json!({"username": user, "display_name": "Test Person", "roles": [role]})).await;
     assert_eq!(created.status, 201, "{}", created.text);
     let token = created.json["enrollment_token"].as_str().expect("token").to_string();
-    let e = auth(s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await;
+    let approval = s.approve(user).await.expect("approval code");
+    let e = auth(s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": PASSWORD})).await;
     assert_eq!(e.status, 200, "{}", e.text);
     let secret = secret_of(e.json["otpauth_uri"].as_str().expect("uri"));
     let c = auth(s, "/auth/enroll/confirm", None, json!({"token": token, "totp": totp(&secret, now)})).await;
@@ -93,13 +94,20 @@ async fn enrollment_login_totp_recovery_and_logout() {
     s.set_clock(now);
     let created = s.post("/admin/users", &json!({"username": "anna.berg", "display_name": "Anna Berg", "roles": ["physician"], "units": ["cardiology"]})).await;
     assert_eq!(created.status, 201, "{}", created.text);
-    assert_eq!(created.json["user"]["state"], "pending");
+    assert_eq!(created.json["user"]["state"], "awaiting-approval");
     let token = created.json["enrollment_token"].as_str().expect("token").to_string();
     assert!(token.starts_with("valve_"));
+    // Two-person rule: the token alone enrolls nobody; the creator cannot approve their own request.
+    assert!(auth(&s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await.outcome(403).contains("approval"));
+    s.request("POST", "/admin/users/anna.berg/approve", Some(&s.admin_key), None, &[]).await.outcome(403);
+    let approval = s.approve("anna.berg").await.expect("approval code");
+    assert!(approval.starts_with("valva_"));
+    auth(&s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await.outcome(401);
+    auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": format!("valva_{}", "00".repeat(32)), "password": PASSWORD})).await.outcome(401);
 
-    let weak = auth(&s, "/auth/enroll", None, json!({"token": token, "password": "password1234"})).await;
+    let weak = auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": "password1234"})).await;
     assert!(weak.outcome(422).contains("most common"), "{}", weak.text);
-    let e = auth(&s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await;
+    let e = auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": PASSWORD})).await;
     assert_eq!(e.status, 200, "{}", e.text);
     let secret = secret_of(e.json["otpauth_uri"].as_str().expect("uri"));
     assert_eq!(secret.len(), 20);
@@ -234,6 +242,7 @@ async fn rejected_passwords_say_why_and_change_ends_sessions() {
     s.set_clock(now);
     let created = s.post("/admin/users", &json!({"username": "karin.holm", "display_name": "Karin Holmberg", "roles": ["auditor"]})).await;
     let token = created.json["enrollment_token"].as_str().expect("token").to_string();
+    let approval = s.approve("karin.holm").await.expect("approval code");
     let table: &[(&str, &str)] = &[
         ("short1!", "too short: at least 12 characters are needed (it has 7)"),
         ("password1234", "one of the most common passwords"),
@@ -245,16 +254,16 @@ async fn rejected_passwords_say_why_and_change_ends_sessions() {
         ("1234567890123456", "too easy to guess"),
     ];
     for (pw, why) in table {
-        let r = auth(&s, "/auth/enroll", None, json!({"token": token, "password": pw})).await;
+        let r = auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": pw})).await;
         let d = r.outcome(422);
         assert!(d.contains(why), "{pw}: {d}");
     }
     let long = "x".repeat(300);
-    assert!(auth(&s, "/auth/enroll", None, json!({"token": token, "password": long})).await.outcome(422).contains("too long"));
-    auth(&s, "/auth/enroll", None, json!({"token": token})).await.outcome(400);
-    auth(&s, "/auth/enroll", None, json!({"token": token, "password": 42})).await.outcome(400);
+    assert!(auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": long})).await.outcome(422).contains("too long"));
+    auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval})).await.outcome(400);
+    auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": 42})).await.outcome(400);
 
-    let e = auth(&s, "/auth/enroll", None, json!({"token": token, "password": PASSWORD})).await;
+    let e = auth(&s, "/auth/enroll", None, json!({"token": token, "approval_code": approval, "password": PASSWORD})).await;
     let secret = secret_of(e.json["otpauth_uri"].as_str().expect("uri"));
     auth(&s, "/auth/enroll/confirm", None, json!({"token": token, "totp": totp(&secret, now)})).await;
     now += 30_000;
@@ -374,9 +383,17 @@ async fn admin_surface_and_cli() {
     assert_eq!((shown["units"][0].as_str(), shown["display_name"].as_str()), (Some("ward-3"), Some("Per Dahl")));
 
     // Admin API: roles change ends sessions; non-admins are refused; bad input is precise.
+    // A change that widens the account (a new role, a new unit) waits for a second admin.
     let roles = s.put("/admin/users/per.dahl/roles", &json!({"roles": ["nurse", "assistant"], "units": ["ward-4"]}), &[("content-type", "application/json")]).await;
-    assert_eq!(roles.status, 200, "{}", roles.text);
+    assert_eq!(roles.status, 202, "{}", roles.text);
+    assert_eq!(roles.json["roles"], json!(["nurse"]), "not in force yet: {}", roles.text);
+    assert_eq!(s.request("GET", "/auth/me", Some(&t), None, &[]).await.status, 200);
+    s.request("POST", "/admin/users/per.dahl/approve", Some(&s.admin_key), None, &[]).await.outcome(403);
+    assert_eq!(s.approve("per.dahl").await, None);
     s.request("GET", "/auth/me", Some(&t), None, &[]).await.outcome(401);
+    let shown = s.get("/admin/users/per.dahl").await;
+    assert_eq!((shown.json["roles"].clone(), shown.json["units"].clone()), (json!(["nurse", "assistant"]), json!(["ward-4"])), "{}", shown.text);
+    s.request("POST", "/admin/users/per.dahl/approve", Some(s.approver_key()), None, &[]).await.outcome(409);
     assert!(s.put("/admin/users/per.dahl/roles", &json!({"roles": ["root"]}), &[("content-type", "application/json")]).await.outcome(400).contains("not a role"));
     assert!(s.post("/admin/users", &json!({"username": "Bad Name", "roles": ["nurse"]})).await.outcome(400).contains("user name"));
     assert_eq!(s.post("/admin/users", &json!({"username": "per.dahl", "roles": ["nurse"]})).await.status, 409);

@@ -6,6 +6,7 @@ mod audit;
 mod bundles;
 mod crud;
 mod errors;
+mod facts;
 mod harness;
 mod identity;
 mod independent;
