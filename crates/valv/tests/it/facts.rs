@@ -161,3 +161,179 @@ async fn the_roles_that_facts_limit_cannot_rewrite_them() {
     let log = run_ok(&s.data, &["audit", "export"]);
     assert!(log.contains("\"interaction\":\"user-approve\""), "approvals are audited");
 }
+
+/// One row of `tests/data/fact-matrix.csv`.
+struct Row {
+    case: String,
+    role: String,
+    fact: String,
+    widen: bool,
+    own: bool,
+    expected: String,
+}
+
+fn fact_matrix() -> Vec<Row> {
+    let text = include_str!("../data/fact-matrix.csv");
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Row { case: f[0].into(), role: f[1].into(), fact: f[2].into(), widen: f[3] == "widen", own: f[4] == "self", expected: f[5].into() }
+        })
+        .collect()
+}
+
+/// The world of the matrix: two providers, and per writer their credential, Practitioner and
+/// own unit.
+struct World {
+    hospital_a: String,
+    hospital_b: String,
+    po: String,
+    token: std::collections::HashMap<String, String>,
+    pw: std::collections::HashMap<String, String>,
+    own_unit: std::collections::HashMap<String, String>,
+    my_patient: String,
+}
+
+fn team_of(patient: &str, members: &[&str]) -> Value {
+    let participants: Vec<Value> = members.iter().map(|m| json!({"member": {"reference": format!("Practitioner/{m}")}})).collect();
+    json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": format!("Patient/{patient}")}, "participant": participants})
+}
+
+fn block_against(patient: &str, practitioner: &str) -> Value {
+    consent(patient, "active", json!({"type": "deny", "actor": [actor(&format!("Practitioner/{practitioner}"))], "class": [{"code": "ClinicalData"}]}))
+}
+
+fn patient_at(provider: Option<&str>, id: Option<&str>) -> Value {
+    let mut p = json!({"resourceType": "Patient", "name": [{"family": "Fact"}]});
+    if let Some(o) = provider {
+        p["managingOrganization"] = json!({"reference": format!("Organization/{o}")});
+    }
+    if let Some(id) = id {
+        p["id"] = json!(id);
+    }
+    p
+}
+
+/// Sets the case's world up with the loader and returns the writer's request: method, path, body.
+async fn fact_case(s: &Server, w: &World, row: &Row) -> (&'static str, String, Option<Value>) {
+    let pw = w.pw[&row.role].as_str();
+    let po = w.po.as_str();
+    let who = if row.own { pw } else { po };
+    let patient_role = row.role == "patient";
+    let (a, b) = (w.hospital_a.as_str(), w.hospital_b.as_str());
+    // The patient writer acts on their own record, which stays with provider A.
+    let provider = match (row.fact.as_str(), row.widen, row.own) {
+        _ if patient_role => Some(a),
+        ("provider", true, true) => Some(b),
+        ("provider", false, _) => None,
+        _ => Some(a),
+    };
+    let p = if patient_role { w.my_patient.clone() } else { id_of(&create(s, &patient_at(provider, None)).await) };
+    let team = match (row.fact.as_str(), row.widen, row.own) {
+        ("care-team", true, true) => vec![po],
+        ("care-team", true, false) => vec![pw],
+        _ => vec![pw, po],
+    };
+    let t0 = create(s, &team_of(&p, &team)).await;
+    match (row.fact.as_str(), row.widen) {
+        ("consent", true) => {
+            let mut c = create(s, &block_against(&p, who)).await;
+            c["status"] = json!("inactive");
+            ("PUT", format!("/fhir/Consent/{}", id_of(&c)), Some(c))
+        }
+        ("consent", false) => ("POST", "/fhir/Consent".into(), Some(block_against(&p, who))),
+        ("care-team", true) => ("POST", "/fhir/CareTeam".into(), Some(team_of(&p, &[if row.own { pw } else { po }]))),
+        ("care-team", false) => {
+            let mut t = team_of(&p, &[if row.own { po } else { pw }]);
+            t["id"] = t0["id"].clone();
+            ("PUT", format!("/fhir/CareTeam/{}", id_of(&t0)), Some(t))
+        }
+        ("provider", _) => {
+            let to = match (row.widen, row.own) {
+                (true, true) => a,
+                (true, false) | (false, true) => b,
+                (false, false) => a,
+            };
+            ("PUT", format!("/fhir/Patient/{p}"), Some(patient_at(Some(to), Some(&p))))
+        }
+        _ => {
+            let unit = match w.own_unit.get(&row.role) {
+                Some(u) if row.own => u.clone(),
+                _ => organization(s, "Fresh unit", if row.widen { None } else { Some(a) }).await,
+            };
+            let mut o = json!({"resourceType": "Organization", "id": unit, "name": "Moved unit"});
+            if row.widen {
+                o["partOf"] = json!({"reference": format!("Organization/{}", if w.own_unit.contains_key(&row.role) && row.own { b } else { a })});
+            }
+            ("PUT", format!("/fhir/Organization/{unit}"), Some(o))
+        }
+    }
+}
+
+#[tokio::test]
+async fn write_matrix_over_access_facts_from_the_data_table() {
+    let s = Server::start_configured("fact-matrix", &[], LONG_SESSIONS);
+    let mut now = now_ms();
+    s.set_clock(now);
+    let hospital_a = organization(&s, "Hospital A", None).await;
+    let ward_a = organization(&s, "Ward A", Some(&hospital_a)).await;
+    let hospital_b = organization(&s, "Hospital B", None).await;
+    let po = id_of(&create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Other"}]})).await);
+    let my_patient = id_of(&create(&s, &patient_at(Some(&hospital_a), None)).await);
+    let (mut pw, mut own_unit) = (std::collections::HashMap::new(), std::collections::HashMap::new());
+    let mut spec: Vec<Spec> = Vec::new();
+    let roles = ["physician", "nurse", "assistant", "external_specialist", "registrar", "patient", "support"];
+    for role in roles {
+        pw.insert(role.to_string(), id_of(&create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": role}]})).await));
+        let units = match role {
+            "physician" | "nurse" | "assistant" | "registrar" => {
+                let u = organization(&s, "Own unit", Some(&hospital_a)).await;
+                own_unit.insert(role.to_string(), u.clone());
+                vec![ward_a.clone(), u]
+            }
+            _ => Vec::new(),
+        };
+        let practitioner = (role != "patient" && role != "support").then(|| pw[role].clone());
+        let patient = (role == "patient").then(|| my_patient.clone());
+        spec.push((role.replace('_', "-"), role, units, practitioner, patient));
+    }
+    let users = people(&s, &mut now, &spec).await;
+    let mut token: std::collections::HashMap<String, String> = roles.iter().map(|r| (r.to_string(), users[&r.replace('_', "-")].token.clone())).collect();
+    let key = |scopes: &str, name: &str| crate::harness::last_line(&run_ok(&s.data, &["apikey", "create", "--name", name, "--role", "service", "--scope", scopes]));
+    token.insert("service".into(), key(crate::harness::LOADER_SCOPES, "fact-service"));
+    token.insert("service_wildcard".into(), key("system/*.cruds", "wildcard-service"));
+    token.insert("admin".into(), s.admin_key.clone());
+    token.insert("auditor".into(), s.auditor_key.clone());
+    for role in ["admin", "auditor", "service", "service_wildcard"] {
+        pw.insert(role.into(), po.clone());
+    }
+    let w = World { hospital_a, hospital_b, po, token, pw, own_unit, my_patient };
+
+    let rows = fact_matrix();
+    assert_eq!(rows.len(), 176, "every role x fact x widen/narrow x self/other");
+    let (mut failures, mut refused) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let (method, path, body) = fact_case(&s, &w, row).await;
+        let r = s.request(method, &path, Some(&w.token[&row.role]), body.as_ref(), &[]).await;
+        let got = match r.status {
+            200 | 201 => "permit".to_string(),
+            403 => "deny".to_string(),
+            other => format!("status {other}: {}", r.text.chars().take(160).collect::<String>()),
+        };
+        if got != row.expected {
+            failures.push(format!("case {}: {} {} {} {}: expected {}, got {got}: {}", row.case, row.role, row.fact, if row.widen { "widen" } else { "narrow" },
+                if row.own { "self" } else { "other" }, row.expected, r.text.chars().take(200).collect::<String>()));
+        }
+        if got == "deny" {
+            refused.push((row.case.clone(), r.header("x-request-id").expect("request id").to_string()));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases disagree with the table:\n{}", failures.len(), rows.len(), failures.join("\n"));
+    // Every refusal is on record as a denial of that request.
+    let log: Vec<Value> = run_ok(&s.data, &["audit", "export"]).lines().map(|l| serde_json::from_str::<Value>(l).expect("jsonl")["entry"].clone()).collect();
+    for (case, rid) in &refused {
+        assert!(log.iter().any(|e| e["request_id"] == rid.as_str() && e["outcome"] == "denied"), "case {case}: refusal not audited");
+    }
+}
