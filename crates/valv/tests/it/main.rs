@@ -6,6 +6,7 @@ mod audit;
 mod bundles;
 mod crud;
 mod errors;
+mod exhaustion;
 mod facts;
 mod harness;
 mod identity;
