@@ -31,4 +31,4 @@ pub use frontier::Frontier;
 pub use error::AuditError;
 pub use merkle::{Hash, EMPTY_ROOT};
 pub use note::{Note, NoteSignature, Signer, Verifier};
-pub use record::{AuditEvent, Outcome};
+pub use record::{query_commitment, AuditEvent, Outcome, SaltedQuery};

@@ -5,8 +5,15 @@
 //!
 //! Searches without a patient scan and decrypt the whole log; a patient's entries are found
 //! through their blind-index token.
+//!
+//! What a viewer is shown ([`View`]): a search's query can name other patients, so entries
+//! carry only its salted commitment `query_sha256`; auditors are also shown the query and salt
+//! (sealed beside the entry) to check against it, everyone else — a patient reading their own
+//! log above all — the commitment only. Entries written before that change carry `query`
+//! inside: non-auditors are shown such an entry without the query and without its canonical
+//! bytes (which would contain it); its leaf hash and inclusion proof are still given.
 
-use crate::audit::open_entry;
+use crate::audit::{open_entry, open_query, SaltedQuery};
 use crate::error::ApiError;
 use crate::fhir::{audit, audit_failure, authorize, Ctx, Touch};
 use valv_policy::Action;
@@ -28,6 +35,47 @@ async fn audit_cipher(app: &App, now: i64) -> Result<valv_crypto::Cipher, ApiErr
     Ok(valv_crypto::Cipher::new(&app.vault.named_key("audit", now).await?))
 }
 
+/// What the caller may see of entries' queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Auditors: the query and its salt, beside the commitment.
+    Auditor,
+    /// Everyone else (patients reading their own log): the commitment only, and no legacy query.
+    Restricted,
+}
+
+impl View {
+    pub fn of(ctx: &Ctx) -> View {
+        if ctx.principal.roles.iter().any(|r| r == "auditor") {
+            View::Auditor
+        } else {
+            View::Restricted
+        }
+    }
+}
+
+/// The query a legacy entry (written before queries were kept apart) carries inside it.
+fn legacy_query(e: &Value) -> Option<&str> {
+    e.get("query").and_then(Value::as_str).filter(|q| !q.is_empty())
+}
+
+/// The query an auditor is shown: the sealed record beside an entry, checked against the entry's
+/// commitment (a record that does not open or does not match is an integrity failure).
+fn revealed_query(cipher: &valv_crypto::Cipher, index: u64, row: &AuditRow, e: &Value, view: View) -> Result<Option<SaltedQuery>, ApiError> {
+    if view != View::Auditor {
+        return Ok(None);
+    }
+    let commitment = e.get("query_sha256").and_then(Value::as_str);
+    let query = open_query(cipher, row).map_err(|err| ApiError::internal(format!("audit entry {index}: {err}")))?;
+    match (commitment, query) {
+        (Some(c), Some(q)) if q.matches(c) => Ok(Some(q)),
+        (Some(_), Some(_)) => Err(ApiError::internal(format!("audit entry {index}: its sealed query does not match the entry's query_sha256"))),
+        (Some(_), None) => Err(ApiError::internal(format!("audit entry {index}: the sealed query its query_sha256 commits to is missing"))),
+        (None, Some(_)) => Err(ApiError::internal(format!("audit entry {index}: a sealed query beside an entry that commits to none"))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Opens a stored entry into its canonical bytes and parsed JSON.
 fn open(cipher: &valv_crypto::Cipher, index: u64, row: &AuditRow) -> Result<(Vec<u8>, Value), ApiError> {
     let bytes = open_entry(cipher, row).map_err(|e| ApiError::internal(format!("audit entry {index} failed its integrity check: {e}")))?;
@@ -45,18 +93,25 @@ pub async fn entry(app: &App, ctx: &Ctx, index: &str) -> Result<Reply, ApiError>
     let Some(row) = row else {
         return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("there is no audit entry {index}"))).await);
     };
-    let (bytes, _) = match open(&cipher, index, &row) {
+    let (bytes, e) = match open(&cipher, index, &row) {
         Ok(v) => v,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
+    // A legacy entry's bytes hold its query, which may name other patients: only auditors get them.
+    if View::of(ctx) != View::Auditor && legacy_query(&e).is_some() {
+        let refused = ApiError::forbidden(format!("audit entry {index} predates query commitments and holds a query; only auditors are shown it"));
+        return Err(audit_failure(app, ctx, &touch, refused).await);
+    }
     audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
     let mut reply = Reply::text("application/json", String::from_utf8_lossy(&bytes).into_owned());
     reply.status = StatusCode::OK;
     Ok(reply)
 }
 
-/// One entry as an R4 AuditEvent shaped after IHE BALP; its id is the leaf index.
-pub fn to_audit_event(index: u64, e: &Value) -> Value {
+/// One entry as an R4 AuditEvent shaped after IHE BALP; its id is the leaf index. `query` is the
+/// query revealed to an auditor (checked against the entry's commitment); with
+/// [`View::Restricted`] a legacy entry's query is withheld.
+pub fn to_audit_event(index: u64, e: &Value, query: Option<&SaltedQuery>, view: View) -> Value {
     let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
     let outcome = match s("outcome") {
         "success" => "0",
@@ -76,8 +131,19 @@ pub fn to_audit_event(index: u64, e: &Value) -> Value {
         };
         entities.push(json!({"what": {"reference": what}, "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2", "display": "System Object"}}));
     }
-    if let Some(q) = e.get("query").and_then(Value::as_str).filter(|q| !q.is_empty()) {
-        entities.push(json!({"type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"}, "query": b64(q.as_bytes())}));
+    let query_type = json!({"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "2"});
+    if let Some(c) = e.get("query_sha256").and_then(Value::as_str) {
+        let mut entity = json!({"type": query_type, "detail": [{"type": "query_sha256", "valueString": c}]});
+        if let Some(q) = query {
+            entity["query"] = json!(b64(q.text.as_bytes()));
+            entity["detail"] = json!([{"type": "query_sha256", "valueString": c}, {"type": "query_salt", "valueBase64Binary": b64(&q.salt)}]);
+        }
+        entities.push(entity);
+    } else if let Some(q) = legacy_query(e) {
+        entities.push(match view {
+            View::Auditor => json!({"type": query_type, "query": b64(q.as_bytes())}),
+            View::Restricted => json!({"type": query_type, "detail": [{"type": "query", "valueString": WITHHELD}]}),
+        });
     }
     let roles: Vec<Value> = e.get("roles").and_then(Value::as_array).map(|r| r.iter().filter_map(Value::as_str).map(|r| json!({"text": r})).collect()).unwrap_or_default();
     let mut agent = json!({"who": {"display": s("agent_name")}, "requestor": true});
@@ -113,6 +179,9 @@ pub fn to_audit_event(index: u64, e: &Value) -> Value {
     }
     event
 }
+
+/// What a non-auditor is told in place of a legacy entry's query.
+const WITHHELD: &str = "withheld: this entry was recorded before queries were kept out of entries, and its query may name other patients";
 
 /// `patient`, `agent`, `date`, `outcome`, `action` filters over decrypted entries.
 struct Filters {
@@ -193,6 +262,7 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
     let touch = Touch { patient: filters.patient.as_deref(), ..touch };
     let permit = authorize(app, ctx, &touch).await?;
     let cipher = audit_cipher(app, ctx.now).await?;
+    let view = View::of(ctx);
     let mut matched = Vec::new();
     for (index, row) in candidates(app, filters.patient.as_deref()).await? {
         let (_, e) = match open(&cipher, index, &row) {
@@ -200,7 +270,11 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
         };
         if filters.matches(&e) {
-            matched.push(to_audit_event(index, &e));
+            let query = match revealed_query(&cipher, index, &row, &e, view) {
+                Ok(q) => q,
+                Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
+            };
+            matched.push(to_audit_event(index, &e, query.as_ref(), view));
         }
     }
     audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
@@ -225,6 +299,7 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
     let leaves = if checkpoint.size > 0 { store.audit_leaves(0, checkpoint.size).await? } else { Vec::new() };
+    let view = View::of(ctx);
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": app.audit_vkey})];
     for (index, row) in candidates(app, Some(patient)).await? {
         let (bytes, e) = match open(&cipher, index, &row) {
@@ -235,18 +310,25 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
         if e.get("patient").and_then(Value::as_str) != Some(patient) {
             continue;
         }
-        let mut parts = vec![
-            json!({"name": "index", "valueString": index.to_string()}),
-            json!({"name": "canonical", "valueString": String::from_utf8_lossy(&bytes)}),
-            json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}),
-        ];
+        let query = match revealed_query(&cipher, index, &row, &e, view) {
+            Ok(q) => q,
+            Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
+        };
+        let mut parts = vec![json!({"name": "index", "valueString": index.to_string()})];
+        // A legacy entry's bytes hold its query: a non-auditor gets its leaf hash and proof only.
+        if view == View::Restricted && legacy_query(&e).is_some() {
+            parts.push(json!({"name": "canonicalWithheld", "valueString": WITHHELD}));
+        } else {
+            parts.push(json!({"name": "canonical", "valueString": String::from_utf8_lossy(&bytes)}));
+        }
+        parts.push(json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}));
         if index < checkpoint.size {
             let proof = merkle::inclusion_proof(&leaves, index).map_err(|e| ApiError::internal(e.to_string()))?;
             parts.extend(proof.iter().map(|h| json!({"name": "proof", "valueBase64Binary": b64(h)})));
         } else {
             parts.push(json!({"name": "pending", "valueString": "recorded after the latest checkpoint; ask again in a second"}));
         }
-        parts.push(json!({"name": "event", "resource": to_audit_event(index, &e)}));
+        parts.push(json!({"name": "event", "resource": to_audit_event(index, &e, query.as_ref(), view)}));
         params.push(json!({"name": "entry", "part": parts}));
     }
     audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
@@ -262,12 +344,36 @@ mod tests {
         let e = json!({"event_id":"ab","time":1700000000000i64,"request_id":"r","action":"R","interaction":"read","outcome":"denied",
             "status":403,"agent_id":"k","agent_name":"svc","roles":["service"],"source_address":"127.0.0.1","purpose_of_use":"TREAT",
             "patient":"p1","resource_type":"Observation","resource_id":"o1","version":2,"query":"code=x","reason":"no-role-permits"});
-        let ev = to_audit_event(7, &e);
+        let ev = to_audit_event(7, &e, None, View::Auditor);
         valv_fhir::r4::validate(&ev).unwrap_or_else(|err| panic!("{err}: {ev}"));
         assert_eq!(ev["outcome"], "4");
         assert_eq!(ev["entity"][0]["what"]["reference"], "Patient/p1");
         let bare = json!({"event_id":"ab","time":0,"request_id":"r","action":"E","interaction":"authenticate","outcome":"denied","status":401,
             "agent_id":"","agent_name":"","roles":[],"source_address":"","reason":"no-credential"});
-        valv_fhir::r4::validate(&to_audit_event(0, &bare)).unwrap_or_else(|err| panic!("{err}"));
+        valv_fhir::r4::validate(&to_audit_event(0, &bare, None, View::Restricted)).unwrap_or_else(|err| panic!("{err}"));
+    }
+
+    #[test]
+    fn queries_are_shown_to_auditors_and_withheld_from_everyone_else() {
+        let q = SaltedQuery::new([3; 16], "identifier=x|194511239917");
+        let new = json!({"event_id":"ab","time":0,"request_id":"r","action":"E","interaction":"search-type","outcome":"success","status":200,
+            "agent_id":"k","agent_name":"svc","roles":["service"],"source_address":"127.0.0.1","patient":"p1","resource_type":"Patient",
+            "query_sha256": q.commitment(),"reason":"r"});
+        let shown = to_audit_event(1, &new, Some(&q), View::Auditor);
+        valv_fhir::r4::validate(&shown).unwrap_or_else(|err| panic!("{err}: {shown}"));
+        let text = shown.to_string();
+        assert!(text.contains(&b64(q.text.as_bytes())) && text.contains(&b64(&q.salt)) && text.contains(&q.commitment()), "{text}");
+        let hidden = to_audit_event(1, &new, None, View::Restricted);
+        valv_fhir::r4::validate(&hidden).unwrap_or_else(|err| panic!("{err}: {hidden}"));
+        assert!(hidden.to_string().contains(&q.commitment()) && !hidden.to_string().contains("\"query\""), "{hidden}");
+        let mut legacy = new.clone();
+        if let Some(o) = legacy.as_object_mut() {
+            o.remove("query_sha256");
+        }
+        legacy["query"] = json!(q.text);
+        let hidden = to_audit_event(1, &legacy, None, View::Restricted);
+        valv_fhir::r4::validate(&hidden).unwrap_or_else(|err| panic!("{err}: {hidden}"));
+        assert!(!hidden.to_string().contains(&b64(q.text.as_bytes())) && hidden.to_string().contains("withheld"), "{hidden}");
+        assert!(to_audit_event(1, &legacy, None, View::Auditor).to_string().contains(&b64(q.text.as_bytes())));
     }
 }

@@ -130,7 +130,9 @@ impl Ctx {
             resource_type: Some(t.resource_type.to_string()),
             resource_id: t.id.map(str::to_string),
             version: t.version,
-            query: t.query.clone(),
+            // Only a salted commitment of the query enters the entry (it is shown to the patient
+            // it names, and a query can name others); the query itself is sealed beside it.
+            query: t.query.as_deref().map(crate::audit::salt_query).transpose().map_err(|e| ApiError::internal(e.to_string()))?,
             reason: reason.to_string(),
         })
     }

@@ -331,7 +331,7 @@ mod tests {
     #[test]
     fn frames_an_entry_as_rfc5424_with_octet_counting() {
         let entry = br#"{"action":"R","outcome":"success","time":1700000000123}"#;
-        let row = AuditRow { leaf_hash: [7; 32], sealed: vec![], patient_token: None };
+        let row = AuditRow { leaf_hash: [7; 32], sealed: vec![], patient_token: None, query_sealed: None };
         let framed = frame(42, &row, entry, "host1", 99);
         let text = String::from_utf8(framed).expect("utf-8");
         let (len, msg) = text.split_once(' ').expect("length prefix");

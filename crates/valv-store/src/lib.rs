@@ -114,6 +114,10 @@ pub struct AuditRow {
     /// Blind-index token of the patient the entry concerns, so a patient's access log is found
     /// without decrypting the whole log.
     pub patient_token: Option<Token>,
+    /// The entry's search query and salt, sealed apart from the entry (the entry holds only
+    /// their hash, `query_sha256`), so showing an entry never shows the query; `None` when the
+    /// entry has no query or predates this record.
+    pub query_sealed: Option<Vec<u8>>,
 }
 
 /// A signed checkpoint of the audit log.

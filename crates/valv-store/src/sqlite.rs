@@ -108,6 +108,11 @@ CREATE TABLE grants (
     version INTEGER NOT NULL,
     sealed BLOB NOT NULL
 );
+"#, r#"
+-- A search's query is no longer inside the entry (which its patient is shown), only a salted
+-- hash of it: the query and its salt are sealed here, in the entry's own row, for auditors.
+-- NULL for entries without a query and for entries written before (their query is inside).
+ALTER TABLE audit_entries ADD COLUMN query_sealed BLOB;
 "#];
 
 const READERS: usize = 4;
@@ -289,9 +294,9 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<u64, StoreEr
 /// Appends entries at the end of the log; returns the first one's leaf index.
 fn append_audit_rows(conn: &Connection, rows: &[crate::AuditRow]) -> Result<u64, StoreError> {
     let next: u64 = conn.prepare_cached("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")?.query_row([], |r| r.get(0))?;
-    let mut insert = conn.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut insert = conn.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token, query_sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?;
     for (i, row) in rows.iter().enumerate() {
-        insert.execute(params![next + i as u64, &row.leaf_hash[..], row.sealed, row.patient_token.as_ref().map(|t| &t[..])])?;
+        insert.execute(params![next + i as u64, &row.leaf_hash[..], row.sealed, row.patient_token.as_ref().map(|t| &t[..]), row.query_sealed])?;
     }
     Ok(next)
 }
@@ -366,7 +371,7 @@ fn row_to_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, crate::AuditRow
     // reads as zeros, which no entry hashes to, so verification reports the row.
     let leaf_hash = <[u8; 32]>::try_from(r.get_ref(1)?.as_blob()?).unwrap_or([0; 32]);
     let patient_token = r.get_ref(3)?.as_blob_or_null()?.and_then(|t| <crate::Token>::try_from(t).ok());
-    Ok((r.get(0)?, crate::AuditRow { leaf_hash, sealed: r.get(2)?, patient_token }))
+    Ok((r.get(0)?, crate::AuditRow { leaf_hash, sealed: r.get(2)?, patient_token, query_sealed: r.get(4)? }))
 }
 
 fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
@@ -485,7 +490,7 @@ impl Store for SqliteStore {
 
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
+            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx")?;
             let rows = stmt.query_map(params![from, to], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -493,7 +498,7 @@ impl Store for SqliteStore {
 
     async fn audit_entries_for(&self, patient_token: &crate::Token) -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token FROM audit_entries WHERE patient_token = ?1 ORDER BY idx")?;
+            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries WHERE patient_token = ?1 ORDER BY idx")?;
             let rows = stmt.query_map(params![&patient_token[..]], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
