@@ -190,6 +190,15 @@ pub(crate) async fn authorize_filtered<'a>(app: &'a App, ctx: &'a Ctx, touch: &T
     Ok(Filter { app, ctx, subject, action: touch.action, resource_type: touch.resource_type.to_string(), type_level: d, seen: std::sync::Mutex::new(std::collections::HashMap::new()) })
 }
 
+impl<'a> Filter<'a> {
+    /// Per-patient decisions for a request already permitted as a whole (an instance's history).
+    pub(crate) fn new(app: &'a App, ctx: &'a Ctx, action: Action, resource_type: &str) -> Filter<'a> {
+        let subject = app.access.subject(&ctx.principal);
+        let type_level = Decision { permit: false, rules: Vec::new(), grant: None, break_glass: false, facts: Default::default(), error: None };
+        Filter { app, ctx, subject, action, resource_type: resource_type.to_string(), type_level, seen: std::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+}
+
 /// Per-patient decisions for the results of one search or history, each made once.
 pub(crate) struct Filter<'a> {
     app: &'a App,
@@ -265,6 +274,31 @@ pub async fn record_unaudited(app: &App, ctx: &Ctx, resource_type: Option<&str>,
         query: None,
     };
     audit_failure(app, ctx, &touch, err).await
+}
+
+/// The answer for an id that does not exist: a caller who could not see it if it did (people,
+/// who reach patient data only through a patient they are related to) gets the refusal they would
+/// get for an existing one of a patient they may not see — decided and audited the same way — so
+/// 403 and 404 tell them nothing; anyone else gets `not_found`.
+async fn unknown_id(app: &App, ctx: &Ctx, touch: &Touch<'_>, not_found: ApiError) -> ApiError {
+    match refuse_unless_visible(app, ctx, touch).await {
+        Err(refused) => refused,
+        Ok(()) => not_found,
+    }
+}
+
+/// Decides `touch` as if its resource belonged to no patient (people are refused, and audited).
+async fn refuse_unless_visible(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<(), ApiError> {
+    let nobody = Touch {
+        interaction: touch.interaction,
+        action: touch.action,
+        resource_type: touch.resource_type,
+        id: touch.id,
+        version: touch.version,
+        patient: None,
+        query: touch.query.clone(),
+    };
+    authorize(app, ctx, &nobody).await.map(|_| ())
 }
 
 /// Checks the type in a URL: known to R4 (else 404) and storable (else 405).
@@ -418,24 +452,40 @@ async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pa
             other => return Err(ApiError::new(StatusCode::BAD_REQUEST, "not-supported", format!("history parameter '{other}' is not supported"))),
         }
     }
-    let patient = match id {
-        Some(id) => {
-            check_id(id)?;
-            let l = app.vault.locate(resource_type, id).await?.ok_or_else(|| ApiError::not_found(format!("{resource_type}/{id} is not known")))?;
-            l.patient
-        }
+    if let Some(id) = id {
+        check_id(id)?;
+    }
+    let located = match id {
+        Some(id) => app.vault.locate(resource_type, id).await?,
         None => None,
     };
+    let patient = located.as_ref().and_then(|l| l.patient.clone());
     let touch = Touch { interaction: "history", action: Action::History, resource_type, id, version: None, patient: patient.as_deref(), query: None };
+    if let (Some(id), None) = (id, &located) {
+        return Err(unknown_id(app, ctx, &touch, ApiError::not_found(format!("{resource_type}/{id} is not known"))).await);
+    }
     // An instance's history belongs to one patient; a type's history is filtered patient by
     // patient, and paged after filtering so totals never count what the caller may not see.
     let (versions, total, permits) = if id.is_some() {
+        // Decided on the current owner first; then every version on the patient it belonged to
+        // (a resource moved from P2 to P1 does not show P2's versions to P1's physician).
         let permit = authorize(app, ctx, &touch).await?;
-        let (versions, total) = match app.vault.history(resource_type, id, offset, count, ctx.now).await {
-            Ok(v) => v,
+        let all = match app.vault.history(resource_type, id, 0, i64::MAX as usize, ctx.now).await {
+            Ok((v, _)) => v,
             Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
         };
-        (versions, total, vec![(patient.clone(), permit)])
+        let filter = Filter::new(app, ctx, touch.action, resource_type);
+        let visible: Vec<Resource> = all.into_iter().filter(|r| r.patient == patient || filter.visible(r.patient.as_deref())).collect();
+        let total = visible.len();
+        let page: Vec<Resource> = visible.into_iter().skip(offset).take(count).collect();
+        let mut permits = vec![(patient.clone(), permit)];
+        for p in page.iter().map(|r| r.patient.clone()) {
+            if !permits.iter().any(|(q, _)| *q == p) {
+                let permit = filter.permit(p.as_deref());
+                permits.push((p, permit));
+            }
+        }
+        (page, total, permits)
     } else {
         let filter = authorize_filtered(app, ctx, &touch).await?;
         let all = match app.vault.history(resource_type, None, 0, i64::MAX as usize, ctx.now).await {
@@ -595,6 +645,12 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     } else {
         return Err(ApiError::bad_request("an update body must carry the resource id"));
     }
+    // An unknown id (no update-as-create) is refused as an existing one of a patient the caller
+    // may not see would be, so that a PUT cannot probe ids.
+    if app.vault.locate(resource_type, id).await?.is_none() {
+        let touch = write_touch("update", Action::Update, resource_type, id, None);
+        refuse_unless_visible(app, ctx, &touch).await?;
+    }
     // Both the patient the resource belonged to and the one it will belong to are touched.
     let mut patients = body_patients(resource_type, id, &body);
     add_current_owner(app, resource_type, id, &mut patients).await?;
@@ -610,7 +666,10 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
 async fn delete(app: &App, ctx: &Ctx, resource_type: &str, id: &str, if_match: Option<u64>) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     check_id(id)?;
-    let located = app.vault.locate(resource_type, id).await?.ok_or_else(|| ApiError::not_found(format!("{resource_type}/{id} is not known")))?;
+    let Some(located) = app.vault.locate(resource_type, id).await? else {
+        let touch = write_touch("delete", Action::Delete, resource_type, id, None);
+        return Err(unknown_id(app, ctx, &touch, ApiError::not_found(format!("{resource_type}/{id} is not known"))).await);
+    };
     let patients = vec![located.patient.clone()];
     let mut events = authorize_write(app, ctx, "delete", Action::Delete, resource_type, id, &patients).await?;
     let mut work = app.access.fact_scope(&[(resource_type, id, None)])?;

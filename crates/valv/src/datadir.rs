@@ -68,10 +68,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     let cert = resolve(dir, &cfg.server.tls_cert);
     let key = resolve(dir, &cfg.server.tls_key);
     if !cert.exists() && !key.exists() {
-        let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-        let generated = rcgen::generate_simple_self_signed(names).map_err(|e| format!("generating a TLS certificate: {e}"))?;
-        write_secret(&key, generated.signing_key.serialize_pem().as_bytes())?;
-        fs::write(&cert, generated.cert.pem()).map_err(|e| format!("writing {}: {e}", cert.display()))?;
+        crate::certificate::generate(&cert, &key, valv_server::now_ms() / 1000, write_secret)?;
     }
     let opened = open(dir, None).await?;
     let (api_key, record) = valv_server::auth::new_api_key(
@@ -170,6 +167,12 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
 }
 
-pub fn tls_files(opened: &Opened) -> (PathBuf, PathBuf) {
-    (resolve(&opened.data_dir, &opened.config.server.tls_cert), resolve(&opened.data_dir, &opened.config.server.tls_key))
+/// The TLS certificate and key; Valv's own first-start certificate is renewed first when it ends
+/// within 30 days (an operator's certificate is never touched).
+pub fn tls_files(opened: &Opened) -> Result<(PathBuf, PathBuf), String> {
+    let (cert, key) = (resolve(&opened.data_dir, &opened.config.server.tls_cert), resolve(&opened.data_dir, &opened.config.server.tls_key));
+    if crate::certificate::renew_if_due(&cert, &key, valv_server::now_ms() / 1000, write_secret)? {
+        tracing::info!("the self-signed TLS certificate was near its end and has been renewed");
+    }
+    Ok((cert, key))
 }

@@ -1,6 +1,7 @@
 //! The `valv` command: serve the API, initialise a data directory, manage API keys, generate
 //! synthetic patients and import FHIR bundles.
 
+mod certificate;
 mod config;
 mod datadir;
 mod import;
@@ -321,7 +322,7 @@ async fn load_demo(opened: &datadir::Opened) -> Result<(), String> {
 }
 
 async fn serve(opened: datadir::Opened) -> Result<(), String> {
-    let (cert, key) = datadir::tls_files(&opened);
+    let (cert, key) = datadir::tls_files(&opened)?;
     let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);
     let (client_ca, _) = opened.config.mtls.load(&opened.data_dir)?;

@@ -9,6 +9,7 @@ mod errors;
 mod exhaustion;
 mod facts;
 mod harness;
+mod holes;
 mod identity;
 mod independent;
 mod mtls;

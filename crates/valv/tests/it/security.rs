@@ -212,3 +212,46 @@ async fn only_tls_1_3_and_no_plain_http() {
     let result = tokio_rustls::TlsConnector::from(Arc::new(tls12)).connect(name, tcp).await;
     assert!(result.is_err(), "TLS 1.2 handshake must fail unless allow_tls12 is set");
 }
+
+/// `openssl x509` on the data directory's certificate: subject, dates and names as text.
+fn certificate_text(s: &Server) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-startdate", "-enddate", "-ext", "subjectAltName", "-dateopt", "iso_8601", "-in"])
+        .arg(s.data.join("tls/cert.pem"))
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+#[tokio::test]
+async fn the_first_start_certificate_is_short_lived_names_the_host_and_is_renewed() {
+    let mut s = Server::start("cert");
+    let text = certificate_text(&s);
+    assert!(text.contains("Valv self-signed") && text.contains("DNS:localhost") && text.contains("IP Address:127.0.0.1"), "{text}");
+    assert!(!text.contains("rcgen self signed cert"), "{text}");
+    let day = |prefix: &str| -> i64 {
+        let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} in {text}"));
+        let date = &line[prefix.len()..prefix.len() + 10];
+        valv_fhir::date::parse(date).expect("date").start / 86_400
+    };
+    let today = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64 / 86_400;
+    assert!((today - 2..=today).contains(&day("notBefore=")), "{text}");
+    assert!((today + 89..=today + 91).contains(&day("notAfter=")), "valid 90 days: {text}");
+
+    // Within 30 days of its end, a restart renews it; the server then serves the new one.
+    let marker = s.data.join("tls/generated-by-valv");
+    let old = std::fs::read(s.data.join("tls/cert.pem")).expect("cert");
+    std::fs::write(&marker, format!("{}\n", (today + 10) * 86_400)).expect("marker");
+    s.kill9();
+    s.restart();
+    let new = std::fs::read(s.data.join("tls/cert.pem")).expect("cert");
+    assert_ne!(old, new, "renewed");
+    let r = Server::client_for(&s.data, s.port, &s.data_key).get("/healthz", None).await.expect("served with the new certificate");
+    assert_eq!(r.status, 200);
+    // An operator's certificate (no marker) is never touched.
+    std::fs::remove_file(&marker).expect("remove marker");
+    s.kill9();
+    s.restart();
+    assert_eq!(std::fs::read(s.data.join("tls/cert.pem")).expect("cert"), new);
+}
