@@ -41,7 +41,7 @@ fn sumdb_gopath() -> PathBuf {
 }
 
 /// Builds check.go once, offline, in GOPATH mode against Debian's sources; returns the binary.
-fn build_checker(work: &Path) -> PathBuf {
+pub(crate) fn build_checker(work: &Path) -> PathBuf {
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/gocheck/check.go");
     let bin = work.join("check");
     let out = Command::new(go_binary())
@@ -64,7 +64,7 @@ fn build_checker(work: &Path) -> PathBuf {
 }
 
 /// Writes a spec and runs the checker on it; returns (exit code, stdout).
-fn check(bin: &Path, work: &Path, name: &str, spec: &[String]) -> (i32, String) {
+pub(crate) fn check(bin: &Path, work: &Path, name: &str, spec: &[String]) -> (i32, String) {
     let file = format!("{name}.spec");
     std::fs::write(work.join(&file), spec.join("\n") + "\n").expect("write spec");
     let out = Command::new(bin).arg(&file).current_dir(work).output().expect("run check");
@@ -88,7 +88,7 @@ fn must_fail(bin: &Path, work: &Path, name: &str, spec: &[String], expect: &str,
 }
 
 /// The latest signed checkpoint once it covers every stored entry, and its size.
-async fn settled_checkpoint(s: &Server) -> (String, usize) {
+pub(crate) async fn settled_checkpoint(s: &Server) -> (String, usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = s.request("GET", "/audit/checkpoint", None, None, &[]).await;

@@ -3,6 +3,7 @@
 
 mod access;
 mod audit;
+mod auditprivacy;
 mod bundles;
 mod crud;
 mod errors;
