@@ -1,7 +1,8 @@
 //! Resource classes: the groups policies speak of instead of listing FHIR types one by one.
 //! `PatientData` holds every type of the R4 Patient compartment, split into `Administrative`
 //! (demographics, encounters, scheduling, care teams) and `ClinicalData` (`Orders` and the rest);
-//! `Consent` sits directly under `PatientData`; types outside the compartment are `Reference`
+//! `Consent` sits directly under `PatientData`; types beyond the compartment that can name a
+//! patient (Task, Device, Binary, … see `valv_fhir::compartment`) are `Clinical` too; other types are `Reference`
 //! (organisations, practitioners, locations, medications); `AuditEvent` is `Audit`.
 
 /// `(class, parent)` pairs: the class tree.
@@ -30,7 +31,7 @@ pub fn class_of(resource_type: &str) -> &'static str {
         "Administrative"
     } else if ORDERS.contains(&resource_type) {
         "Orders"
-    } else if valv_fhir::compartment::is_compartment_type(resource_type) || resource_type == "Patient" {
+    } else if valv_fhir::compartment::is_patient_data_type(resource_type) {
         "Clinical"
     } else {
         "Reference"

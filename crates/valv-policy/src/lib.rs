@@ -289,7 +289,7 @@ pub fn decide(engine: &Engine, dir: &Directory, subject: &Subject, q: &Question<
 /// are taken at their most favourable; scopes, roles and purpose are real.
 pub fn may_search(engine: &Engine, subject: &Subject, q: &Question<'_>, settings: Settings) -> Decision {
     let mut f = facts(&Directory::default(), subject, &Question { patient: None, ..*q }, settings);
-    if valv_fhir::compartment::is_compartment_type(q.resource_type) {
+    if valv_fhir::compartment::is_patient_data_type(q.resource_type) {
         f.patient_data = true;
         f.care_active = true;
         f.consultant = true;

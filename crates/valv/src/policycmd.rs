@@ -41,7 +41,7 @@ pub async fn explain(data_dir: &Path, args: ExplainArgs) -> Result<(), String> {
     if !valv_fhir::r4::is_resource_type(&args.resource_type) {
         return Err(format!("'{}' is not a FHIR R4 resource type", args.resource_type));
     }
-    let in_compartment = valv_fhir::compartment::is_compartment_type(&args.resource_type);
+    let in_compartment = valv_fhir::compartment::is_patient_data_type(&args.resource_type);
     if in_compartment && args.patient.is_none() {
         return Err(format!("{} is patient data: give --patient", args.resource_type));
     }

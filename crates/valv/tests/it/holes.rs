@@ -72,3 +72,25 @@ async fn an_id_the_caller_may_not_see_answers_as_an_unknown_one() {
     };
     assert_eq!((bg(&other).await.status, bg(unknown).await.status), (201, 201));
 }
+
+#[tokio::test]
+async fn patient_data_outside_the_r4_compartment_is_decided_on_its_patient() {
+    let s = Server::start_configured("holes-beyond", &[], LONG_SESSIONS);
+    let mut now = now_ms();
+    s.set_clock(now);
+    let p1 = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
+    let p2 = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
+    let task = create(&s, &json!({"resourceType": "Task", "status": "requested", "intent": "order", "for": {"reference": format!("Patient/{p2}")},
+        "description": "call back about the biopsy"})).await["id"].as_str().expect("id").to_string();
+    let device = create(&s, &json!({"resourceType": "Device", "patient": {"reference": format!("Patient/{p2}")}})).await["id"].as_str().expect("id").to_string();
+    let users = people(&s, &mut now, &[("pat.one".into(), "patient", vec![], None, Some(p1)), ("pat.two".into(), "patient", vec![], None, Some(p2))]).await;
+    let (one, two) = (users["pat.one"].token.clone(), users["pat.two"].token.clone());
+    for path in [format!("/fhir/Task/{task}"), format!("/fhir/Device/{device}")] {
+        s.request("GET", &path, Some(&one), None, &[]).await.outcome(403);
+        assert_eq!(s.request("GET", &path, Some(&two), None, &[]).await.status, 200, "{path}: the patient's own");
+    }
+    let search = s.request("GET", "/fhir/Task", Some(&one), None, &[]).await;
+    assert_eq!((search.status, search.total()), (200, 0), "{}", search.text);
+    s.request("GET", "/fhir/Task", Some(&s.admin_key), None, &[]).await.outcome(403);
+    assert!(!s.request("GET", &format!("/fhir/Task/{task}"), Some(&s.admin_key), None, &[]).await.text.contains("biopsy"));
+}
