@@ -139,7 +139,10 @@ async fn go_sumdb_verifies_checkpoints_proofs_and_receipts() {
         assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
     }
     let (early, m0) = settled_checkpoint(&s).await;
-    for i in 0..8 {
+    // One entry per read; a tree whose size is a power of two has no right edge to check, so the
+    // count is chosen around however many entries the writes above left.
+    let reads = if (m0 + 8).is_power_of_two() { 9 } else { 8 };
+    for i in 0..reads {
         let path = if i % 3 == 0 { "/fhir/Patient/nobody".to_string() } else { format!("/fhir/Patient/{p}") };
         s.get(&path).await;
     }
