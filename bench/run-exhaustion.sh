@@ -70,10 +70,15 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0
 stats = {"connects": 0, "refused": 0, "closed_by_server": 0, "bytes_sent": 0, "answers": {}}
 end = time.monotonic() + seconds
 
+CONTEXTS = {}
 def tls(alpn):
-    c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
-    if alpn: c.set_alpn_protocols(alpn)
-    return c
+    # One context per ALPN list: building one loads the system's CA bundle (tens of ms).
+    key = tuple(alpn or ())
+    if key not in CONTEXTS:
+        c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
+        if alpn: c.set_alpn_protocols(alpn)
+        CONTEXTS[key] = c
+    return CONTEXTS[key]
 
 async def open_conn(alpn):
     try:
@@ -139,7 +144,7 @@ async def bigbody(i):
         reader = asyncio.ensure_future(wait_closed(r, w, end))
         try:
             for _ in range(size // len(block)):
-                if reader.done() or time.monotonic() > end: break
+                if reader.done() or w.is_closing() or time.monotonic() > end: break
                 w.write(block); stats["bytes_sent"] += len(block)
                 await w.drain()
         except Exception:
@@ -152,6 +157,8 @@ async def main():
     print(f"attack {mode}: {stats['connects']} connections made, {stats['refused']} refused or failed, {stats['closed_by_server']} closed by the server, "
           f"{stats['bytes_sent']} body bytes sent, answers {dict(sorted(stats['answers'].items()))}")
 
+import logging
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "socket.send() raised exception" once the server has closed
 asyncio.run(main())
 PY
 
