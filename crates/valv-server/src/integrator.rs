@@ -4,7 +4,9 @@
 //!
 //! On start it rebuilds the tree from every stored leaf and checks the last stored checkpoint
 //! against it; a log shorter than its checkpoint, or one whose root differs, is refused, so the
-//! server never signs a checkpoint inconsistent with one it signed before.
+//! server never signs a checkpoint inconsistent with one it signed before. A log with entries and
+//! no checkpoint at all (they were deleted) is refused too, until an operator re-anchors it to a
+//! checkpoint kept outside Valv ([`Integrator::re_anchor`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,10 +55,42 @@ impl Integrator {
             if it.frontier.root() != cp.root {
                 return Err(format!("the audit log's first {} entries no longer hash to the root signed for them: entries were changed", cp.size));
             }
+        } else if size > 0 {
+            // Every log is signed at size 0 when it is created, so entries without any checkpoint
+            // mean the checkpoints were deleted: signing now would vouch for whatever the rows say.
+            return Err(format!(
+                "the audit log holds {size} entries but no signed checkpoint: its checkpoints were deleted. \
+                 Re-anchor it to a checkpoint kept outside Valv: valv audit re-anchor --checkpoint FILE"
+            ));
         } else {
             it.sign_current().await?;
         }
         Ok(it)
+    }
+
+    /// Re-anchors a log whose stored checkpoints are gone to `note`, a checkpoint this log signed
+    /// and someone kept outside Valv: it must verify under the log's key, and the log's first
+    /// `size` entries must still hash to its root. The checkpoint is stored again; the server may
+    /// then start and sign the entries after it.
+    pub async fn re_anchor(store: Arc<dyn Store>, seed: &[u8; 32], note: &str) -> Result<StoredCheckpoint, String> {
+        let origin = origin_for(seed)?;
+        let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
+        if store.latest_checkpoint().await.map_err(|e| e.to_string())?.is_some() {
+            return Err("the audit log has stored checkpoints: there is nothing to re-anchor (run 'valv audit verify')".into());
+        }
+        let cp = valv_audit::open_checkpoint(note, &signer.verifier()).map_err(|e| format!("the checkpoint is not validly signed by this log's key: {e}"))?;
+        let size = store.audit_size().await.map_err(|e| e.to_string())?;
+        if cp.size > size {
+            return Err(format!("the checkpoint covers {} entries but the log holds {size}: entries were removed", cp.size));
+        }
+        let mut it = Integrator { store, signer, frontier: Frontier::new() };
+        it.catch_up(cp.size).await?;
+        if it.frontier.root() != cp.root {
+            return Err(format!("the log's first {} entries do not hash to the checkpoint's root: entries were changed", cp.size));
+        }
+        let stored = StoredCheckpoint { size: cp.size, root: cp.root, note: note.to_string() };
+        it.store.save_checkpoint(&stored).await.map_err(|e| e.to_string())?;
+        Ok(stored)
     }
 
     pub fn verifier(&self) -> Verifier {

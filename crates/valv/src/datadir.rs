@@ -71,6 +71,9 @@ pub async fn init(dir: &Path) -> Result<String, String> {
         crate::certificate::generate(&cert, &key, valv_server::now_ms() / 1000, write_secret)?;
     }
     let opened = open(dir, None).await?;
+    // The empty log is signed at once: from now on a log with entries and no checkpoint can only
+    // be one whose checkpoints were deleted (the server refuses to start on it).
+    valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
     let (api_key, record) = valv_server::auth::new_api_key(
         &opened.app.records,
         "admin",

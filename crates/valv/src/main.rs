@@ -119,6 +119,12 @@ enum AuditAction {
         #[arg(long, default_value_t = 0)]
         since: u64,
     },
+    /// Re-anchor a log whose stored checkpoints were deleted to a checkpoint kept outside Valv
+    /// (it must verify, and the log must still hold what it covers); recorded in the log.
+    ReAnchor {
+        #[arg(long)]
+        checkpoint: PathBuf,
+    },
     /// Print a C2SP tlog-proof inclusion receipt for one entry.
     Proof {
         #[arg(long)]
@@ -392,6 +398,15 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             );
             println!("{summary}");
             if report.problems.is_empty() { Ok(()) } else { Err("the audit log does not verify".into()) }
+        }
+        AuditAction::ReAnchor { checkpoint } => {
+            let note = std::fs::read_to_string(&checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;
+            let cp = valv_server::integrator::Integrator::re_anchor(store.clone(), opened.checkpoint_seed.expose(), &note).await?;
+            let size = store.audit_size().await.map_err(|e| e.to_string())?;
+            let reason = format!("the log's stored checkpoints were missing; re-anchored to an outside checkpoint of size {} (entries {}..{size} were covered by no checkpoint)", cp.size, cp.size);
+            valv_server::authapi::audit_local(&opened.app, "audit-re-anchor", None, reason.clone(), valv_server::now_ms()).await.map_err(|e| e.diagnostics)?;
+            println!("{reason}");
+            Ok(())
         }
         AuditAction::Export { format, since } => {
             if format != "jsonl" && format != "syslog" {

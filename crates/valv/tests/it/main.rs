@@ -9,6 +9,7 @@ mod crud;
 mod errors;
 mod exhaustion;
 mod facts;
+mod faults;
 mod harness;
 mod holes;
 mod identity;

@@ -1,0 +1,84 @@
+//! Faults a reliability run found: a log whose checkpoints were deleted must not be signed anew
+//! until an operator re-anchors it to a checkpoint kept outside Valv, and a current-version
+//! pointer rolled back in the database is caught.
+
+use crate::harness::{run_ok, valv, Server};
+use crate::independent::settled_checkpoint;
+use serde_json::json;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Runs `valv serve` on the data directory and expects it to refuse to start: returns its stderr.
+fn serve_refused(s: &Server) -> String {
+    let mut child = valv()
+        .arg("--data-dir")
+        .arg(&s.data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn valv serve");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(!status.success(), "serve must refuse");
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut err).expect("stderr");
+            return err;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("valv serve started on a log it cannot vouch for");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sql(s: &Server, statement: &str) -> usize {
+    rusqlite::Connection::open(s.data.join("valv.db")).expect("db").execute(statement, []).expect("sql")
+}
+
+#[tokio::test]
+async fn a_log_whose_checkpoints_were_deleted_starts_only_after_re_anchoring() {
+    let mut s = Server::start("faults-anchor");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.id();
+    for _ in 0..3 {
+        assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    }
+    let (note, kept) = settled_checkpoint(&s).await;
+    let outside = s.dir.join("kept-outside.checkpoint");
+    std::fs::write(&outside, &note).expect("save checkpoint");
+    for _ in 0..3 {
+        s.get(&format!("/fhir/Patient/{p}")).await;
+    }
+    settled_checkpoint(&s).await;
+    s.kill9();
+    assert!(sql(&s, "DELETE FROM audit_checkpoints") > 1);
+    let refused = serve_refused(&s);
+    assert!(refused.contains("no signed checkpoint") && refused.contains("re-anchor"), "{refused}");
+
+    // A checkpoint from another log, or a log cut below the checkpoint, cannot anchor it.
+    let other = Server::start("faults-anchor-other");
+    let (foreign, _) = settled_checkpoint(&other).await;
+    let foreign_file = s.dir.join("foreign.checkpoint");
+    std::fs::write(&foreign_file, foreign).expect("write");
+    let out = valv().arg("--data-dir").arg(&s.data).args(["audit", "re-anchor", "--checkpoint"]).arg(&foreign_file).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not validly signed"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let said = run_ok(&s.data, &["audit", "re-anchor", "--checkpoint", outside.to_str().expect("path")]);
+    assert!(said.contains(&format!("size {kept}")), "{said}");
+    s.restart();
+    let (_, now_size) = settled_checkpoint(&s).await;
+    assert!(now_size > kept);
+    let verified = run_ok(&s.data, &["audit", "verify", "--checkpoint", outside.to_str().expect("path")]);
+    assert!(verified.contains("the log verifies"), "{verified}");
+    assert!(run_ok(&s.data, &["audit", "export"]).contains("\"interaction\":\"audit-re-anchor\""), "the re-anchoring is on record");
+
+    // Checkpoints deleted and the log cut below what the kept checkpoint covers: refused.
+    s.kill9();
+    sql(&s, "DELETE FROM audit_checkpoints");
+    sql(&s, &format!("DELETE FROM audit_entries WHERE idx >= {}", kept - 1));
+    let out = valv().arg("--data-dir").arg(&s.data).args(["audit", "re-anchor", "--checkpoint"]).arg(&outside).output().expect("run");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("entries were removed"), "{}", String::from_utf8_lossy(&out.stderr));
+    serve_refused(&s);
+}
