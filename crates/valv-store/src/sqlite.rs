@@ -388,6 +388,27 @@ fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
 
 const VERSION_COLUMNS: &str = "r.type, r.id, v.version, v.deleted, v.patient, v.last_updated, v.body";
 
+/// The current version is the newest stored version (by the `(rid, version)` index), not what
+/// the `resources.version` pointer says: a pointer set back to an older version by someone
+/// writing the database would otherwise serve that version as current. The pointer is read too,
+/// and a disagreement is an integrity failure.
+const CURRENT_COLUMNS: &str = "r.type, r.id, v.version, v.deleted, v.patient, v.last_updated, v.body, r.version";
+const CURRENT_FROM: &str = "resources r JOIN versions v ON v.rid = r.rid WHERE r.type = ?1 AND r.id = ?2 ORDER BY v.version DESC LIMIT 1";
+
+fn row_to_current(r: &rusqlite::Row<'_>) -> rusqlite::Result<(StoredVersion, u64)> {
+    Ok((row_to_version(r)?, r.get(7)?))
+}
+
+fn current_checked(found: Option<(StoredVersion, u64)>) -> Result<Option<StoredVersion>, StoreError> {
+    match found {
+        Some((v, pointer)) if v.version != pointer => Err(StoreError::Integrity(format!(
+            "{}/{}: the current-version pointer ({pointer}) disagrees with the newest stored version ({}): altered outside Valv",
+            v.resource_type, v.id, v.version
+        ))),
+        other => Ok(other.map(|(v, _)| v)),
+    }
+}
+
 fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let hash: Vec<u8> = r.get(3)?;
     let mut h = [0u8; 32];
@@ -428,10 +449,8 @@ impl Store for SqliteStore {
 
     async fn read_current(&self, resource_type: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
         self.with_reader(|c| {
-            let sql = format!(
-                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version WHERE r.type = ?1 AND r.id = ?2"
-            );
-            Ok(c.prepare_cached(&sql)?.query_row(params![resource_type, id], row_to_version).optional()?)
+            let mut stmt = c.prepare_cached(&format!("SELECT {CURRENT_COLUMNS} FROM {CURRENT_FROM}"))?;
+            current_checked(stmt.query_row(params![resource_type, id], row_to_current).optional()?)
         })
     }
 
@@ -446,13 +465,10 @@ impl Store for SqliteStore {
 
     async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
         self.with_reader(|c| {
-            let sql = format!(
-                "SELECT {VERSION_COLUMNS} FROM resources r JOIN versions v ON v.rid = r.rid AND v.version = r.version WHERE r.type = ?1 AND r.id = ?2"
-            );
-            let mut stmt = c.prepare_cached(&sql)?;
+            let mut stmt = c.prepare_cached(&format!("SELECT {CURRENT_COLUMNS} FROM {CURRENT_FROM}"))?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
-                if let Some(v) = stmt.query_row(params![resource_type, id], row_to_version).optional()? {
+                if let Some(v) = current_checked(stmt.query_row(params![resource_type, id], row_to_current).optional()?)? {
                     out.push(v);
                 }
             }

@@ -82,3 +82,21 @@ async fn a_log_whose_checkpoints_were_deleted_starts_only_after_re_anchoring() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("entries were removed"), "{}", String::from_utf8_lossy(&out.stderr));
     serve_refused(&s);
 }
+
+#[tokio::test]
+async fn a_current_version_pointer_set_back_in_the_database_is_caught() {
+    let s = Server::start("faults-pointer");
+    let mut p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await.json;
+    let id = p["id"].as_str().expect("id").to_string();
+    for gender in ["male", "other"] {
+        p["gender"] = json!(gender);
+        assert_eq!(s.put(&format!("/fhir/Patient/{id}"), &p, &[]).await.status, 200);
+    }
+    assert_eq!(s.get(&format!("/fhir/Patient/{id}")).await.json["meta"]["versionId"], "3");
+    assert_eq!(sql(&s, &format!("UPDATE resources SET version = 1 WHERE id = '{id}'")), 1);
+    let r = s.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert!(!r.text.contains("female"), "the old version is not served as current");
+    let found = s.get(&format!("/fhir/Patient?_id={id}")).await;
+    assert!(!found.text.contains("female"), "nor through search: {}", found.text);
+}
