@@ -382,23 +382,22 @@ impl Directory {
         before.unwrap_or(Entry::Gone) != now.unwrap_or(Entry::Gone)
     }
 
+    /// Every provision of `patient`'s consents, nested ones included.
+    fn provisions(&self, patient: &str) -> Vec<&Provision> {
+        let mut out = Vec::new();
+        let mut todo: Vec<&Provision> = self.consents.get(patient).into_iter().flatten().filter_map(|(_, c)| c.provision.as_ref()).collect();
+        while let Some(p) = todo.pop() {
+            todo.extend(p.exceptions.iter());
+            out.push(p);
+        }
+        out
+    }
+
     /// Every actor reference named in `patient`'s care teams and consents.
     pub fn named_actors(&self, patient: &str) -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for (_, t) in self.teams.get(patient).into_iter().flatten() {
-            out.extend(t.members.iter().map(|m| m.reference.clone()));
-        }
-        fn walk(p: &Provision, out: &mut Vec<String>) {
-            out.extend(p.actors.iter().cloned());
-            for e in &p.exceptions {
-                walk(e, out);
-            }
-        }
-        for (_, c) in self.consents.get(patient).into_iter().flatten() {
-            if let Some(p) = &c.provision {
-                walk(p, &mut out);
-            }
-        }
+        let teams = self.teams.get(patient).into_iter().flatten().flat_map(|(_, t)| t.members.iter().map(|m| m.reference.clone()));
+        let consents = self.provisions(patient).into_iter().flat_map(|p| p.actors.iter().cloned());
+        let mut out: Vec<String> = teams.chain(consents).collect();
         out.sort();
         out.dedup();
         out
@@ -406,18 +405,7 @@ impl Directory {
 
     /// Every resource type or class a consent of `patient` names.
     pub fn named_classes(&self, patient: &str) -> Vec<String> {
-        fn walk(p: &Provision, out: &mut Vec<String>) {
-            out.extend(p.classes.iter().cloned());
-            for e in &p.exceptions {
-                walk(e, out);
-            }
-        }
-        let mut out = Vec::new();
-        for (_, c) in self.consents.get(patient).into_iter().flatten() {
-            if let Some(p) = &c.provision {
-                walk(p, &mut out);
-            }
-        }
+        let mut out: Vec<String> = self.provisions(patient).into_iter().flat_map(|p| p.classes.iter().cloned()).collect();
         out.sort();
         out.dedup();
         out

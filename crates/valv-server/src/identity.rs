@@ -739,8 +739,7 @@ impl Identity {
     /// the API an MFA reset's new enrollment needs another admin's approval, and roles or units
     /// that widen the account wait in `pending_roles` for it; narrowing takes effect at once.
     pub async fn admin(&self, username: &str, change: AdminChange, now: i64, by: Option<&str>) -> Result<(User, Option<String>), ApiError> {
-        for _ in 0..5 {
-            let mut user = self.get(username).await?;
+        self.change_user(username, now, |user| {
             let mut token = None;
             match &change {
                 AdminChange::Disable => {
@@ -790,12 +789,23 @@ impl Identity {
                     }
                 }
             }
+            Ok(token)
+        })
+        .await
+    }
+
+    /// Applies `change` to the stored account and saves it (compare-and-set on its version,
+    /// retried against concurrent changes); ends the account's sessions when the change says so.
+    async fn change_user<R>(&self, username: &str, now: i64, mut change: impl FnMut(&mut User) -> Result<R, ApiError>) -> Result<(User, R), ApiError> {
+        for _ in 0..5 {
+            let mut user = self.get(username).await?;
+            let out = change(&mut user)?;
             match self.save(&mut user).await {
                 Ok(()) => {
                     if user.sessions_valid_after > now {
                         self.store.delete_sessions_of(&user.id).await?;
                     }
-                    return Ok((user, token));
+                    return Ok((user, out));
                 }
                 Err(e) if e.status == hyper::StatusCode::CONFLICT => continue,
                 Err(e) => return Err(e),
@@ -810,8 +820,7 @@ impl Identity {
     /// nor anything about their own account.
     pub async fn approve(&self, username: &str, approver: &str, now: i64) -> Result<(User, Option<String>), ApiError> {
         let refuse = |m: &str| ApiError::forbidden(m.to_string());
-        for _ in 0..5 {
-            let mut user = self.get(username).await?;
+        self.change_user(username, now, |user| {
             if user.id == approver {
                 return Err(refuse("no one approves their own account (two-person rule)"));
             }
@@ -836,18 +845,9 @@ impl Identity {
             } else {
                 return Err(ApiError::new(hyper::StatusCode::CONFLICT, "business-rule", format!("nothing about '{username}' awaits approval")));
             }
-            match self.save(&mut user).await {
-                Ok(()) => {
-                    if user.sessions_valid_after > now {
-                        self.store.delete_sessions_of(&user.id).await?;
-                    }
-                    return Ok((user, code));
-                }
-                Err(e) if e.status == hyper::StatusCode::CONFLICT => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(ApiError::unavailable("the user record is busy; try again"))
+            Ok(code)
+        })
+        .await
     }
 
     /// Takes a token from `address`'s bucket: `Err(seconds)` when it must wait, and whether this
