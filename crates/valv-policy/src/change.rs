@@ -82,13 +82,25 @@ pub struct Change {
     /// The directory as it is and as the write would leave it, scoped to those patients.
     pub before: Directory,
     pub after: Directory,
+    /// The whole change's effect (what the decision rests on)…
     pub effect: Effect,
+    /// …and each patient's share of it (what that patient's audit entry shows).
+    pub per_patient: Vec<(String, Effect)>,
 }
 
 impl Change {
-    /// One line for the audit entry: `consent widens [block lifted Practitioner/x [Observation]] narrows []`.
-    pub fn describe(&self) -> String {
-        format!("{} widens [{}] narrows [{}]", self.kind.name(), self.effect.widens.join("; "), self.effect.narrows.join("; "))
+    /// One line for the audit entry of `patient` (`None`: the whole change, e.g. the provider
+    /// tree): `consent widens [block lifted Practitioner/x [Observation]] narrows []`. Only that
+    /// patient's share of the change is shown, and a reference to any other patient (a consent
+    /// may name a relative who is a patient too) is shown as `Patient/(another)`: what one
+    /// patient is shown of the log reveals nothing about another.
+    pub fn describe(&self, patient: Option<&str>) -> String {
+        let effect = match patient {
+            Some(p) => self.per_patient.iter().find(|(q, _)| q == p).map(|(_, e)| e.clone()).unwrap_or_default(),
+            None => self.effect.clone(),
+        };
+        let shown = |phrases: &[String]| phrases.iter().map(|ph| redact_patients(ph, patient)).collect::<Vec<_>>().join("; ");
+        format!("{} widens [{}] narrows [{}]", self.kind.name(), shown(&effect.widens), shown(&effect.narrows))
     }
 
     pub fn widening(&self) -> bool {
@@ -112,13 +124,37 @@ pub fn assess(dir: &Directory, resource_type: &str, id: &str, body: Option<&Valu
     let mut after = before.clone();
     after.apply_next(resource_type, id, body);
     let mut effect = Effect::default();
+    let mut per_patient = Vec::with_capacity(patients.len());
     for p in &patients {
-        patient_effect(&before, &after, p, now, &mut effect);
+        let mut mine = Effect::default();
+        patient_effect(&before, &after, p, now, &mut mine);
+        effect.widens.extend(mine.widens.iter().cloned());
+        effect.narrows.extend(mine.narrows.iter().cloned());
+        per_patient.push((p.clone(), mine));
     }
     if kind == FactKind::Organization {
         org_effect(&before, &after, id, &mut effect);
     }
-    Some(Change { kind, resource_type: resource_type.to_string(), id: id.to_string(), patients, before, after, effect })
+    Some(Change { kind, resource_type: resource_type.to_string(), id: id.to_string(), patients, before, after, effect, per_patient })
+}
+
+/// `phrase` with every `Patient/<id>` other than `own` replaced by `Patient/(another)`.
+fn redact_patients(phrase: &str, own: Option<&str>) -> String {
+    let mut out = String::with_capacity(phrase.len());
+    let mut rest = phrase;
+    while let Some(i) = rest.find("Patient/") {
+        let (head, tail) = rest.split_at(i + "Patient/".len());
+        out.push_str(head);
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '.')).unwrap_or(tail.len());
+        if Some(&tail[..end]) == own {
+            out.push_str(&tail[..end]);
+        } else {
+            out.push_str("(another)");
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn patient_effect(before: &Directory, after: &Directory, patient: &str, now: i64, out: &mut Effect) {

@@ -299,7 +299,7 @@ fn a_physician_cannot_lift_a_block_against_themself_but_may_record_one_against_a
         assert!(!r.permit && r.rules == ["fact-self-widening"], "{r:?}");
     }
     let c = change::assess(&d, "Consent", "c1", None, NOW).unwrap();
-    assert!(c.describe().contains("block lifted Practitioner/dr"), "{}", c.describe());
+    assert!(c.describe(Some("p1")).contains("block lifted Practitioner/dr"), "{}", c.describe(Some("p1")));
     let r = change(&e, &d, &dr, Action::Create, "Consent", "c2", Some(block_of("p1", "Practitioner/spec", "active"))).expect("a fact change");
     assert!(r.permit && r.rules == ["fact-clinician-narrows"], "{r:?}");
     // Another physician in care may not lift it either: lifting widens, which only registrars do.
@@ -331,7 +331,7 @@ fn care_teams_and_providers_are_changed_by_registrars_not_by_clinical_writers() 
     let none = json!({"resourceType": "Patient"});
     for body in [moved, none] {
         let c = change::assess(&d, "Patient", "p1", Some(&body), NOW).unwrap();
-        assert!(c.widening(), "{}", c.describe());
+        assert!(c.widening(), "{}", c.describe(Some("p1")));
         for role in ["assistant", "nurse"] {
             assert!(!change(&e, &d, &person(role, None), Action::Update, "Patient", "p1", Some(body.clone())).unwrap().permit);
         }
@@ -364,7 +364,7 @@ fn services_need_an_explicit_scope_and_admins_keep_the_provider_tree() {
     let admin_on_ward = Subject { units: vec!["ward".into()], ..admin };
     assert!(!change(&e, &d, &admin_on_ward, Action::Update, "Organization", "ward", moved).unwrap().permit);
     let c = change::assess(&d, "Organization", "ward", None, NOW).unwrap();
-    assert!(c.narrowing() && !c.widening(), "{}", c.describe());
+    assert!(c.narrowing() && !c.widening(), "{}", c.describe(None));
 }
 
 proptest! {
@@ -405,11 +405,27 @@ proptest! {
                             let q = Question { action: a, resource_type: ty, patient: Some(pt), now: NOW, purpose: purpose::default_for(&s.roles) };
                             let before = decide(e, &c.before, &s, &q, Settings::default()).permit;
                             let after = decide(e, &c.after, &s, &q, Settings::default()).permit;
-                            prop_assert!(before || !after, "{} may now {:?} {} of {} after {}", roles[role], a, ty, pt, c.describe());
+                            prop_assert!(before || !after, "{} may now {:?} {} of {} after {}", roles[role], a, ty, pt, c.describe(Some(pt)));
                         }
                     }
                 }
             }
         }
+    }
+}
+
+#[test]
+fn a_patient_is_shown_only_their_share_of_a_change_and_no_other_patients_id() {
+    let mut d = world();
+    // A care team moved from p1 to p2, naming p3 (a relative who is a patient) as a member.
+    let team = |p: &str| json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": format!("Patient/{p}")},
+        "participant": [{"member": {"reference": "Practitioner/locum"}}, {"member": {"reference": "Patient/p3"}}]});
+    d.apply("CareTeam", "t9", 1, Some(&team("p1")));
+    let c = change::assess(&d, "CareTeam", "t9", Some(&team("p2")), NOW).unwrap();
+    let (one, two) = (c.describe(Some("p1")), c.describe(Some("p2")));
+    assert!(one.starts_with("care-team widens [] narrows [") && one.contains("care team -Practitioner/locum"), "{one}");
+    assert!(two.contains("care team +Practitioner/locum") && two.ends_with("narrows []"), "{two}");
+    for text in [&one, &two] {
+        assert!(!text.contains("Patient/p3") && text.contains("Patient/(another)"), "{text}");
     }
 }

@@ -571,12 +571,12 @@ async fn authorize_fact_change(app: &App, ctx: &Ctx, work: &mut Option<valv_poli
     let Some(change) = valv_policy::change::assess(dir, resource_type, id, body, ctx.now) else { return Ok(Vec::new()) };
     let subject = app.access.subject(&ctx.principal);
     let d = app.access.decide_change(&subject, &change, action, ctx.now, ctx.purpose());
-    let reason = format!("{}; {}", d.reason(), change.describe());
     let patients: Vec<Option<&str>> = if change.patients.is_empty() { vec![None] } else { change.patients.iter().map(|p| Some(p.as_str())).collect() };
     let events = patients
         .iter()
         .map(|p| {
             let t = Touch { interaction: "fact-change", action, resource_type, id: Some(id), version: None, patient: *p, query: None };
+            let reason = format!("{}; {}", d.reason(), change.describe(*p));
             ctx.event(&t, if d.permit { Outcome::Success } else { Outcome::Denied }, if d.permit { 0 } else { 403 }, &reason)
         })
         .collect::<Result<Vec<_>, _>>()?;
