@@ -627,7 +627,32 @@ pub(crate) async fn read_json_body_reserved(app: &App, req: Request<Incoming>) -
 /// Accepts connections until `shutdown` resolves: at most `max_connections` in all and
 /// `max_connections_per_address` per source (others are closed at once), TLS handshake bounded in
 /// time, then HTTP/1.1 or HTTP/2 as negotiated; a connection idle for `idle_timeout` is closed.
+///
+/// When `shutdown` resolves the server drains: it stops accepting (the listener is closed), tells
+/// every connection to finish what is in flight and close (HTTP/1.1 after the current response,
+/// HTTP/2 with GOAWAY), and returns once all have closed or `shutdown_grace` has passed, so that
+/// no request already being handled goes unanswered (a commit a client never hears of is one it
+/// retries: a duplicate).
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>) {
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    accept_until(app.clone(), listener, tls, shutdown, drain_rx).await;
+    let open = app.limits.open_connections();
+    tracing::info!(open, grace_secs = app.limits.settings.shutdown_grace.as_secs(), "shutting down: no new connections; finishing requests in flight");
+    let _ = drain_tx.send(true);
+    let deadline = tokio::time::Instant::now() + app.limits.settings.shutdown_grace;
+    while app.limits.open_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if app.limits.open_connections() > 0 {
+        tracing::warn!(open = app.limits.open_connections(), "shutdown grace over; closing the connections still open");
+    }
+}
+
+/// On shutdown, how long a connection that has not begun a request may take to begin one.
+const FIRST_REQUEST_ON_SHUTDOWN: Duration = Duration::from_secs(1);
+
+/// The accept loop of [`serve`]; returns (dropping the listener) when `shutdown` resolves.
+async fn accept_until(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>, drain: tokio::sync::watch::Receiver<bool>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let builder = Arc::new(http_builder(&app.limits.settings));
     tokio::pin!(shutdown);
@@ -666,7 +691,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Server
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let (app, acceptor, builder) = (app.clone(), acceptor.clone(), builder.clone());
+        let (app, acceptor, builder, mut drain) = (app.clone(), acceptor.clone(), builder.clone(), drain.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let stream = match tokio::time::timeout(app.limits.settings.handshake_timeout, acceptor.accept(tcp)).await {
@@ -698,25 +723,42 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Server
             // never sent a first byte is cancelled), and dropped if it has not ended `drain` later.
             // hyper has no idle timeout of its own for HTTP/2, nor for a TLS connection that sends nothing.
             let (idle, limits) = (app.limits.settings.idle_timeout, &app.limits);
-            let drain = idle.min(Duration::from_secs(10));
+            let drain_after = idle.min(Duration::from_secs(10));
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
+            // `closing`: the time by which a connection told to close must have ended. On a
+            // shutdown, a connection that has not begun a request yet is given a moment to
+            // (its client may be sending it): closing it at once would leave that request unanswered.
             let mut closing: Option<tokio::time::Instant> = None;
+            let mut first_request_until: Option<tokio::time::Instant> = None;
             loop {
-                let wake = match closing {
-                    Some(since) => since + drain,
-                    None => activity.idle_deadline(idle),
+                let now = tokio::time::Instant::now();
+                if closing.is_none() && *drain.borrow() {
+                    let wait_until = *first_request_until.get_or_insert(now + FIRST_REQUEST_ON_SHUTDOWN);
+                    if activity.has_begun() || now >= wait_until {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(now + limits.settings.shutdown_grace);
+                    }
+                }
+                let wake = match (closing, first_request_until) {
+                    (Some(until), _) => until,
+                    (None, Some(_)) => now + Duration::from_millis(10),
+                    (None, None) => activity.idle_deadline(idle),
                 };
                 tokio::select! {
                     _ = conn.as_mut() => break,
+                    _ = drain.changed(), if closing.is_none() => {}
                     _ = tokio::time::sleep_until(wake) => {
-                        if closing.is_some() {
+                        if closing.is_some_and(|until| tokio::time::Instant::now() >= until) {
                             break;
+                        }
+                        if closing.is_some() || first_request_until.is_some() {
+                            continue;
                         }
                         if activity.is_idle(idle) {
                             limits.counters.idle_closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             conn.as_mut().graceful_shutdown();
-                            closing = Some(tokio::time::Instant::now());
+                            closing = Some(tokio::time::Instant::now() + drain_after);
                         }
                     }
                 }

@@ -49,11 +49,14 @@ pub struct Settings {
     pub h2_keep_alive_timeout: Duration,
     /// Requests without a valid credential, per source address.
     pub unauthenticated: Rate,
+    /// On SIGTERM: how long requests in flight may take to finish before the process exits.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            shutdown_grace: Duration::from_secs(30),
             max_connections: 4096,
             max_connections_per_address: 64,
             handshake_timeout: Duration::from_secs(10),
@@ -368,13 +371,15 @@ pub fn json_tree_estimate(bytes: &[u8]) -> usize {
 pub struct Activity {
     epoch: Instant,
     in_flight: AtomicUsize,
+    /// Requests started on the connection so far.
+    begun: AtomicU64,
     /// ms since `epoch` of the last request start or end.
     last: AtomicU64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity { epoch: Instant::now(), in_flight: AtomicUsize::new(0), last: AtomicU64::new(0) }
+        Activity { epoch: Instant::now(), in_flight: AtomicUsize::new(0), begun: AtomicU64::new(0), last: AtomicU64::new(0) }
     }
 }
 
@@ -386,8 +391,15 @@ impl Activity {
     /// A request starts; it ends when the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.begun.fetch_add(1, Ordering::AcqRel);
         self.stamp();
         InFlight(self.clone())
+    }
+
+    /// Whether a request has started on the connection (a connection accepted just before a
+    /// shutdown may still be sending its first one).
+    pub fn has_begun(&self) -> bool {
+        self.begun.load(Ordering::Acquire) > 0
     }
 
     /// When the connection will have been idle for `idle` if nothing happens (a request in

@@ -53,6 +53,8 @@ pub struct LimitsConfig {
     /// Requests without a valid credential per source: a minute's worth and a burst.
     pub unauthenticated_per_minute: u64,
     pub unauthenticated_burst: u64,
+    /// On SIGTERM, requests in flight get this long to finish (new connections are refused).
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -75,12 +77,13 @@ impl Default for LimitsConfig {
             h2_keep_alive_secs: d.h2_keep_alive_interval.as_secs(),
             unauthenticated_per_minute: u64::from(d.unauthenticated.per_minute),
             unauthenticated_burst: u64::from(d.unauthenticated.burst),
+            shutdown_grace_secs: d.shutdown_grace.as_secs(),
         }
     }
 }
 
 impl LimitsConfig {
-    fn fields(&mut self) -> [(&'static str, &mut u64); 16] {
+    fn fields(&mut self) -> [(&'static str, &mut u64); 17] {
         [
             ("max_connections", &mut self.max_connections),
             ("max_connections_per_address", &mut self.max_connections_per_address),
@@ -98,6 +101,7 @@ impl LimitsConfig {
             ("h2_keep_alive_secs", &mut self.h2_keep_alive_secs),
             ("unauthenticated_per_minute", &mut self.unauthenticated_per_minute),
             ("unauthenticated_burst", &mut self.unauthenticated_burst),
+            ("shutdown_grace_secs", &mut self.shutdown_grace_secs),
         ]
     }
 
@@ -153,6 +157,7 @@ impl LimitsConfig {
                 per_minute: small("unauthenticated_per_minute", self.unauthenticated_per_minute)?,
                 burst: small("unauthenticated_burst", self.unauthenticated_burst)?,
             },
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
         })
     }
 }

@@ -177,6 +177,25 @@ impl Server {
     }
 
     /// SIGKILL: no shutdown code runs.
+    /// Sends SIGTERM to the server process.
+    pub fn signal_term(&self) {
+        let pid = self.child.as_ref().expect("a running server").id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    }
+
+    /// Waits up to `within` for the server process to exit; its exit status.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
