@@ -4,6 +4,7 @@
 //! Backends see only sealed bytes, blind-index tokens, wrapped keys and plain ids and times; no
 //! backend type crosses the trait, and nothing above this crate branches on the backend.
 
+pub mod disk;
 mod error;
 mod keycache;
 pub mod sqlite;

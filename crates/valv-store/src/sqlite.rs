@@ -2,13 +2,20 @@
 //! one writer thread that commits concurrent requests in groups (one fsync per group, each
 //! request in its own savepoint so one conflict fails only its own request), and a small pool of
 //! reader connections.
+//!
+//! A full disk is survived (see [`crate::disk`]): opened with a [`Reserve`], the writer keeps
+//! headroom beside the database, spends it on a checkpoint when a write fails for lack of space,
+//! refuses writes until the WAL is checkpointed and truncated and the reserve made again, and gets
+//! there by itself once the fault is gone. An idle writer also truncates a WAL a burst left large.
 
+use crate::disk::{self, Reserve};
 use crate::{GrantRow, ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
 use async_trait::async_trait;
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension};
-use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -118,6 +125,24 @@ ALTER TABLE audit_entries ADD COLUMN query_sealed BLOB;
 const READERS: usize = 4;
 /// Most requests one group commit takes.
 const MAX_GROUP: usize = 256;
+/// The writer counts as idle after this long without work, and then tidies the WAL.
+const IDLE: Duration = Duration::from_secs(1);
+/// An idle writer truncates a WAL larger than this (what a burst left behind); below it is the
+/// WAL's normal working size between SQLite's own checkpoints (every 1,000 pages, 4 MiB).
+const IDLE_TRUNCATE_ABOVE: u64 = 4 << 20;
+/// When SQLite starts the WAL over after a complete checkpoint, it truncates it to this, so a
+/// WAL grown large under sustained load shrinks even if the writer is never idle.
+const JOURNAL_SIZE_LIMIT: i64 = 16 << 20;
+/// A writer refusing writes for lack of headroom tries to get out at most this often.
+const RECOVERY_INTERVAL: Duration = Duration::from_millis(500);
+/// A truncating checkpoint waits this long at most for readers to move off the WAL: the writer
+/// must not stall behind them (a busy checkpoint is simply tried again later).
+const CHECKPOINT_WAIT: Duration = Duration::from_millis(200);
+/// The busy timeout of every connection (a writer in another process, a checkpoint).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why writes are refused while the writer has no headroom (the callers answer 503).
+const NO_HEADROOM: &str = "disk full: writes are refused until the WAL has been checkpointed and the disk reserve made again \
+    (the disk is full, or the database file cannot be written)";
 
 /// What the writer thread commits: resource writes, or audit entries (answered with the first
 /// leaf index).
@@ -134,6 +159,9 @@ pub struct SqliteStore {
     writer: Mutex<mpsc::Sender<Job>>,
     /// Small administrative writes (keys, API keys) go through their own connection.
     admin: Mutex<Connection>,
+    /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
+    /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
+    refusing: Arc<AtomicBool>,
 }
 
 /// What a process opens the database for; it decides how reader connections read the file.
@@ -152,9 +180,10 @@ const SCAN_MMAP_BYTES: i64 = 1 << 40;
 
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Index inserts land on random pages, so a larger page cache saves re-reading them on every
     // commit. No memory map for the server: with the audit log appended constantly the file grows
@@ -215,7 +244,18 @@ impl SqliteStore {
         SqliteStore::open_for(path, Access::Serve)
     }
 
+    /// Opens without a disk reserve (tools, tests); see [`SqliteStore::open_with_reserve`].
     pub fn open_for(path: &Path, access: Access) -> Result<Self, StoreError> {
+        SqliteStore::open_with_reserve(path, access, None)
+    }
+
+    /// Opens with headroom kept in `reserve` (the server): start is refused with a one-line
+    /// message, before SQLite maps anything, when the disk has no room for the reserve and some
+    /// work; a WAL left filling the disk is checkpointed with the reserve's room first.
+    pub fn open_with_reserve(path: &Path, access: Access, reserve: Option<Reserve>) -> Result<Self, StoreError> {
+        if let Some(r) = &reserve {
+            make_room(path, r)?;
+        }
         let mut first = connect(path)?;
         migrate(&mut first)?;
         let reader = || -> Result<Connection, StoreError> {
@@ -227,12 +267,13 @@ impl SqliteStore {
         };
         let readers = (0..READERS).map(|_| reader().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let writer_conn = connect(path)?;
+        let refusing = Arc::new(AtomicBool::new(false));
+        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone())?;
         std::thread::Builder::new()
             .name("valv-sqlite-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first) })
+        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing })
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -242,52 +283,274 @@ impl SqliteStore {
     }
 
     fn with_admin<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        if self.refusing.load(Ordering::Acquire) {
+            return Err(StoreError::Backend(NO_HEADROOM.into()));
+        }
         let conn = self.admin.lock().map_err(|_| StoreError::Backend("admin lock poisoned".into()))?;
         f(&conn)
     }
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
+/// The room the server needs at start, made before SQLite opens (and maps) anything: the reserve
+/// and [`disk::WORKING_BYTES`]. A WAL left behind that fills the disk is checkpointed first,
+/// with the reserve's room: that is what the reserve is for.
+fn make_room(db: &Path, reserve: &Reserve) -> Result<(), StoreError> {
+    let free = || reserve.free_bytes().map_err(|e| StoreError::Backend(format!("cannot read the free space beside {}: {e}", db.display())));
+    let needed = |held: u64| disk::WORKING_BYTES + reserve.bytes().saturating_sub(held);
+    let (mut held, mut available) = (reserve.held(), free()?);
+    if available < needed(held) && held > 0 && file_len(&wal_path(db)) > 0 {
+        let freed = reserve.release();
+        tracing::warn!(freed_mib = freed >> 20, "disk full at start: the disk reserve is spent on checkpointing the WAL");
+        let checkpointed = Connection::open(db).map_err(StoreError::from).and_then(|c| {
+            c.busy_timeout(BUSY_TIMEOUT)?;
+            checkpoint_truncate(&c).map_err(StoreError::from)
+        });
+        if let Err(e) = checkpointed {
+            tracing::error!(error = %e, "the WAL could not be checkpointed at start");
+        }
+        (held, available) = (reserve.held(), free()?);
+    }
+    if available < needed(held) {
+        return Err(StoreError::Backend(disk::too_full(db.parent().unwrap_or(Path::new(".")), available, needed(held), reserve.bytes())));
+    }
+    reserve.make().map_err(StoreError::Backend)
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// `PRAGMA wal_checkpoint(TRUNCATE)`: copies the whole WAL into the database, fsyncs it and
+/// truncates the WAL to nothing. `Ok(false)` when readers kept it from finishing within
+/// [`CHECKPOINT_WAIT`] (whatever it copied stays copied).
+fn checkpoint_truncate(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.busy_timeout(CHECKPOINT_WAIT)?;
+    let busy = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get::<_, i64>(0));
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(busy? == 0)
+}
+
+fn is_full(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull)
+}
+
+/// The writer thread: group commits, and the headroom that keeps a full disk survivable.
+struct Writer {
+    conn: Connection,
+    db: PathBuf,
+    wal: PathBuf,
+    page_size: u64,
+    /// `None` (tools, tests): failures are only reported, and the writer never refuses.
+    reserve: Option<Reserve>,
+    refusing: Arc<AtomicBool>,
+    last_recovery: Option<Instant>,
+}
+
+impl Writer {
+    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>) -> Result<Writer, StoreError> {
+        let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        Ok(Writer { conn, db: db.to_path_buf(), wal: wal_path(db), page_size, reserve, refusing, last_recovery: None })
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Job>) {
+        loop {
+            let first = match rx.recv_timeout(IDLE) {
+                Ok(job) => job,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    self.idle();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit(&group);
+            for ((_, reply), result) in group.into_iter().zip(results) {
+                let _ = reply.send(result);
             }
         }
-        let results = commit_group(&mut conn, &group);
-        for ((_, reply), result) in group.into_iter().zip(results) {
-            let _ = reply.send(result);
+    }
+
+    fn commit(&mut self, group: &[Job]) -> Vec<Result<u64, StoreError>> {
+        if !self.has_headroom() {
+            return fail_all(group, NO_HEADROOM);
+        }
+        let first = commit_group(&mut self.conn, group);
+        let Some(reserve) = &self.reserve else { return first.results };
+        let failed = first.results.iter().any(|r| matches!(r, Err(StoreError::Backend(_))));
+        // SQLite reports ENOSPC as SQLITE_FULL; a failure with the disk (nearly) full is taken
+        // for one too, whatever the error said.
+        if !(first.full || failed && reserve.free_bytes().is_ok_and(|f| f < 1 << 20)) {
+            return first.results;
+        }
+        self.refuse("a write failed for lack of disk space");
+        if first.committed {
+            // Only some jobs failed; the others are durable and answered as such.
+            return first.results;
+        }
+        // Nothing of the group was committed (SQLite rolled it back), so it can run again once
+        // a checkpoint has made room; if none can yet, its requests fail (503) as they would have.
+        if self.recover(true) {
+            let again = commit_group(&mut self.conn, group);
+            if again.full {
+                self.refuse("a write failed for lack of disk space right after a checkpoint");
+            }
+            return again.results;
+        }
+        fail_all(group, NO_HEADROOM)
+    }
+
+    /// Whether writes may go on: not while refusing (unless a recovery now succeeds), nor when
+    /// the new pages waiting in the WAL would no longer fit in what a checkpoint could use
+    /// (free space plus the reserve) — then the WAL must stop growing until one can run.
+    fn has_headroom(&mut self) -> bool {
+        let Some(reserve) = &self.reserve else { return true };
+        if self.refusing.load(Ordering::Acquire) {
+            return self.recover(false);
+        }
+        let pending = self.pending_growth();
+        if pending > 1 << 20 {
+            let room = reserve.free_bytes().unwrap_or(0) + reserve.held();
+            if pending + (1 << 20) > room {
+                self.refuse("checkpoints are failing and a later one would no longer fit on the disk");
+                return self.recover(true);
+            }
+        }
+        true
+    }
+
+    /// Bytes a checkpoint would add to the database file now: the database's size as of the
+    /// newest commit in the WAL minus the file's size.
+    fn pending_growth(&self) -> u64 {
+        let pages: u64 = self
+            .conn
+            .prepare_cached("PRAGMA page_count")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .unwrap_or(0);
+        (pages * self.page_size).saturating_sub(file_len(&self.db))
+    }
+
+    fn refuse(&self, why: &str) {
+        if !self.refusing.swap(true, Ordering::AcqRel) {
+            tracing::error!(reason = why, "disk full: writes are refused (503) until a checkpoint has run and the disk reserve is made again");
+        }
+    }
+
+    /// Tries to get out of a refusal: the reserve is released (room for the checkpoint), the
+    /// WAL checkpointed and truncated, and the reserve made again; writes are accepted once all
+    /// three have happened. At most every [`RECOVERY_INTERVAL`] unless `now`.
+    fn recover(&mut self, now: bool) -> bool {
+        let Some(reserve) = self.reserve.clone() else { return true };
+        if !now && self.last_recovery.is_some_and(|t| t.elapsed() < RECOVERY_INTERVAL) {
+            return false;
+        }
+        self.last_recovery = Some(Instant::now());
+        let freed = reserve.release();
+        if freed > 0 {
+            tracing::warn!(freed_mib = freed >> 20, "the disk reserve is released to make room for a checkpoint");
+        }
+        match checkpoint_truncate(&self.conn) {
+            Ok(true) => {}
+            Ok(false) => return false,
+            Err(e) => {
+                // Expected while the fault lasts; tried again every RECOVERY_INTERVAL.
+                tracing::debug!(error = %e, "checkpoint failed; writes stay refused");
+                return false;
+            }
+        }
+        let free = reserve.free_bytes().unwrap_or(0);
+        if free < reserve.bytes() + disk::WORKING_BYTES {
+            tracing::debug!(free_mib = free >> 20, "the WAL is checkpointed but the disk is still too full for the reserve");
+            return false;
+        }
+        if let Err(e) = reserve.make() {
+            tracing::warn!(error = %e, "the disk reserve could not be made again");
+            return false;
+        }
+        self.refusing.store(false, Ordering::Release);
+        tracing::warn!(free_mib = free >> 20, "disk space recovered: the WAL is checkpointed and truncated, the reserve made again; writes are accepted");
+        true
+    }
+
+    /// Between bursts: get out of a refusal, truncate a WAL left large, and make a missing
+    /// reserve again when there is room for it.
+    fn idle(&mut self) {
+        if self.refusing.load(Ordering::Acquire) {
+            self.recover(false);
+            return;
+        }
+        let wal = file_len(&self.wal);
+        if wal > IDLE_TRUNCATE_ABOVE {
+            match checkpoint_truncate(&self.conn) {
+                Ok(true) => tracing::debug!(wal_mib = wal >> 20, "idle: the WAL is checkpointed and truncated"),
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "idle checkpoint failed"),
+            }
+        }
+        if let Some(reserve) = &self.reserve {
+            if !reserve.is_held() && reserve.free_bytes().is_ok_and(|f| f >= reserve.bytes() + disk::WORKING_BYTES) {
+                match reserve.make() {
+                    Ok(()) => tracing::info!("the disk reserve is made again"),
+                    Err(e) => tracing::warn!(error = %e, "the disk reserve could not be made"),
+                }
+            }
         }
     }
 }
 
+fn fail_all(group: &[Job], why: &str) -> Vec<Result<u64, StoreError>> {
+    group.iter().map(|_| Err(StoreError::Backend(why.to_string()))).collect()
+}
+
+/// What became of a group.
+struct Outcome {
+    results: Vec<Result<u64, StoreError>>,
+    /// Whether the transaction was committed (else nothing of the group was).
+    committed: bool,
+    /// Whether SQLite said the disk is full.
+    full: bool,
+}
+
 /// Applies each job in its own savepoint inside one transaction, then commits once.
-fn commit_group(conn: &mut Connection, group: &[Job]) -> Vec<Result<u64, StoreError>> {
-    let fail_all = |why: String| group.iter().map(|_| Err(StoreError::Backend(why.clone()))).collect();
+fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
+    let fail = |what: &str, e: rusqlite::Error, full: bool| Outcome { results: fail_all(group, &format!("{what}: {e}")), committed: false, full: full || is_full(&e) };
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
-        Err(e) => return fail_all(format!("cannot begin: {e}")),
+        Err(e) => return fail("cannot begin", e, false),
     };
     let mut results = Vec::with_capacity(group.len());
+    let mut full = false;
     for (work, _) in group {
         let outcome = tx.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| match work {
             Work::Writes(writes) => apply_writes(&tx, writes).map(|()| 0),
             Work::Audit(rows) => append_audit_rows(&tx, rows),
         });
+        // A statement can fail for lack of space too (a spilled cache page); the message is
+        // all that is left of it here.
+        full |= matches!(&outcome, Err(StoreError::Backend(m)) if m.contains("disk is full"));
         let closed = match &outcome {
             Ok(_) => tx.execute_batch("RELEASE job"),
             Err(_) => tx.execute_batch("ROLLBACK TO job; RELEASE job"),
         };
         if let Err(e) = closed {
-            return fail_all(format!("savepoint failed: {e}"));
+            return fail("savepoint failed", e, full);
         }
         results.push(outcome);
     }
     match tx.commit() {
-        Ok(()) => results,
-        Err(e) => fail_all(format!("commit failed: {e}")),
+        Ok(()) => Outcome { results, committed: true, full },
+        Err(e) => fail("commit failed", e, full),
     }
 }
 
@@ -765,6 +1028,9 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        if self.refusing.load(Ordering::Acquire) {
+            return Err(StoreError::Backend(NO_HEADROOM.into()));
+        }
         self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
     }
 }

@@ -517,6 +517,10 @@ pub struct KeysConfig {
 pub struct StorageConfig {
     /// SQLite database file, relative to the data directory (it holds the audit log too).
     pub sqlite: PathBuf,
+    /// Space kept free beside the database (a preallocated file, `<database>.reserve`), spent on
+    /// checkpointing the WAL when the disk fills so that the server gets out of a full disk by
+    /// itself; 0 turns it off. Start needs this plus 8 MiB free (docs/OPERATIONS.md).
+    pub disk_reserve_mb: u64,
     /// Fault injection for testing the fail-closed path: every audit append fails, so every FHIR
     /// request is refused with 503. Never set it in production.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -551,7 +555,7 @@ impl Default for KeysConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { sqlite: "valv.db".into(), fail_audit_appends: false }
+        StorageConfig { sqlite: "valv.db".into(), disk_reserve_mb: 32, fail_audit_appends: false }
     }
 }
 
@@ -653,6 +657,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_DISK_RESERVE_MB") {
+            self.storage.disk_reserve_mb = v.parse().map_err(|_| format!("VALV_DISK_RESERVE_MB must be a number of MiB, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_FAULT_AUDIT_APPENDS") {
             self.storage.fail_audit_appends = matches!(v.as_str(), "1" | "true" | "yes");

@@ -133,7 +133,10 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     if !db.exists() {
         write_secret(&db, b"")?;
     }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_for(&db, access).map_err(|e| e.to_string())?);
+    // Processes that write keep headroom for a full disk (valv_store::disk); a scan only reads.
+    let reserve = (access == Access::Serve && cfg.storage.disk_reserve_mb > 0)
+        .then(|| valv_store::disk::Reserve::beside(&db, cfg.storage.disk_reserve_mb << 20));
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?);
     let now = valv_server::now_ms();
     let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;

@@ -75,6 +75,16 @@ impl Server {
     pub fn start_configured(tag: &str, env: &[(&str, &str)], toml: &str) -> Server {
         let dir = temp_dir(tag);
         let data = dir.join("valv-data");
+        Self::start_at(dir, data, env, toml)
+    }
+
+    /// As [`Server::start_configured`] with the data directory at `data` (e.g. on a small mount
+    /// for disk faults); the log, clock and the rest stay in a temporary directory.
+    pub fn start_on(tag: &str, data: &Path, env: &[(&str, &str)], toml: &str) -> Server {
+        Self::start_at(temp_dir(tag), data.to_path_buf(), env, toml)
+    }
+
+    fn start_at(dir: PathBuf, data: PathBuf, env: &[(&str, &str)], toml: &str) -> Server {
         let admin_key = last_line(&run_ok(&data, &["init"]));
         if !toml.is_empty() {
             let path = data.join("valv.toml");

@@ -6,6 +6,7 @@ mod audit;
 mod auditprivacy;
 mod bundles;
 mod crud;
+mod disk;
 mod errors;
 mod exhaustion;
 mod facts;
