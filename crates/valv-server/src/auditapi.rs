@@ -3,8 +3,10 @@
 //! patient's access log with everything an independent verifier needs
 //! (`/fhir/Patient/{id}/$access-log`). Every read of the log is itself audited.
 //!
-//! Searches without a patient scan and decrypt the whole log; a patient's entries are found
-//! through their blind-index token.
+//! Searches answer newest first. Without a patient they read the log backwards from the latest
+//! entry their dates allow and stop once the page is full, at the dates' start, or after a fixed
+//! budget of entries (then a `next` link continues): no search reads the whole log. A patient's
+//! entries are found through their blind-index token.
 //!
 //! What a viewer is shown ([`View`]): a search's query can name other patients, so entries
 //! carry only its salted commitment `query_sha256`; auditors are also shown the query and salt
@@ -24,8 +26,6 @@ use serde_json::{json, Value};
 use valv_audit::merkle;
 use valv_fhir::date::{self, Prefix};
 use valv_store::AuditRow;
-
-const CHUNK: u64 = 5_000;
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
@@ -192,10 +192,12 @@ struct Filters {
     action: Option<String>,
     count: usize,
     offset: usize,
+    /// Only entries with a leaf index below this (the `next` link's cursor).
+    before: Option<u64>,
 }
 
 fn parse_filters(pairs: &[(String, String)]) -> Result<Filters, ApiError> {
-    let mut f = Filters { patient: None, agent: None, dates: Vec::new(), outcome: None, action: None, count: 50, offset: 0 };
+    let mut f = Filters { patient: None, agent: None, dates: Vec::new(), outcome: None, action: None, count: 50, offset: 0, before: None };
     for (k, v) in pairs {
         match k.as_str() {
             "patient" => f.patient = Some(v.strip_prefix("Patient/").unwrap_or(v).to_string()),
@@ -208,6 +210,7 @@ fn parse_filters(pairs: &[(String, String)]) -> Result<Filters, ApiError> {
             "action" => f.action = Some(v.clone()),
             "_count" => f.count = v.parse::<usize>().map_err(|_| ApiError::bad_request("'_count' must be a number"))?.min(1000),
             "_offset" => f.offset = v.parse().map_err(|_| ApiError::bad_request("'_offset' must be a number"))?,
+            "_before" => f.before = Some(v.parse().map_err(|_| ApiError::bad_request("'_before' must be a leaf index"))?),
             "_format" | "_pretty" => {}
             other => return Err(ApiError::bad_request(format!("unknown search parameter '{other}' for AuditEvent (patient, agent, date, outcome, action)"))),
         }
@@ -216,6 +219,28 @@ fn parse_filters(pairs: &[(String, String)]) -> Result<Filters, ApiError> {
 }
 
 impl Filters {
+    /// The earliest and latest entry time (ms) the date filters allow, where they bound it.
+    fn time_bounds(&self) -> (Option<i64>, Option<i64>) {
+        let (mut lower, mut upper): (Option<i64>, Option<i64>) = (None, None);
+        for (p, d) in &self.dates {
+            let (lo, hi) = match p {
+                Prefix::Ge => (Some(d.start), None),
+                Prefix::Gt => (Some(d.end), None),
+                Prefix::Le => (None, Some(d.end)),
+                Prefix::Lt => (None, Some(d.start)),
+                Prefix::Eq => (Some(d.start), Some(d.end)),
+                Prefix::Ne => (None, None),
+            };
+            if let Some(lo) = lo {
+                lower = Some(lower.map_or(lo * 1000, |l| l.max(lo * 1000)));
+            }
+            if let Some(hi) = hi {
+                upper = Some(upper.map_or(hi * 1000, |u| u.min(hi * 1000)));
+            }
+        }
+        (lower, upper)
+    }
+
     fn matches(&self, e: &Value) -> bool {
         let s = |k: &str| e.get(k).and_then(Value::as_str);
         let outcome_code = match s("outcome") {
@@ -233,22 +258,97 @@ impl Filters {
     }
 }
 
-/// Entries to consider: a patient's through the index, otherwise the whole log.
-async fn candidates(app: &App, patient: Option<&str>) -> Result<Vec<(u64, AuditRow)>, ApiError> {
+/// Entries read per store query while scanning backwards.
+const SCAN_CHUNK: u64 = 1_000;
+/// Entries opened at most by one search without a patient: a search costs at most this much
+/// whatever the log's size; beyond it the answer carries a `next` link to continue from.
+const SCAN_BUDGET: usize = 50_000;
+/// Entries reach the log in the order their requests finished, stamped with the time their
+/// requests started: one may follow a later-stamped one by up to a request's length.
+const TIME_SLACK_MS: i64 = 300_000;
+
+fn entry_time(e: &Value) -> i64 {
+    e.get("time").and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// The first leaf index below `end` whose entry (or a later one) is stamped after `upper`:
+/// entries from there on can be skipped by a search whose dates end at `upper`. Binary search
+/// over the log, opening O(log n) entries.
+async fn end_for_upper_bound(app: &App, cipher: &valv_crypto::Cipher, end: u64, upper: i64) -> Result<u64, ApiError> {
     let store = app.vault.store();
-    if let Some(p) = patient {
-        return Ok(store.audit_entries_for(&app.vault.audit_patient_token(p)).await?);
+    let (mut lo, mut hi) = (0u64, end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        // A deleted row leaves a hole: take the first row at or after `mid`.
+        let Some((index, row)) = store.audit_entries(mid, hi.min(mid + 16)).await?.into_iter().next() else {
+            hi = mid;
+            continue;
+        };
+        let (_, e) = open(cipher, index, &row)?;
+        if entry_time(&e) > upper + TIME_SLACK_MS {
+            hi = mid;
+        } else {
+            lo = index + 1;
+        }
     }
-    let size = store.audit_size().await?;
-    let mut out = Vec::new();
-    let mut from = 0;
-    while from < size {
-        let rows = store.audit_entries(from, size.min(from + CHUNK)).await?;
-        // Rows carry their own indices, so a hole left by a deleted row is skipped, not misnumbered.
-        from = size.min(from + CHUNK);
-        out.extend(rows);
+    Ok(lo)
+}
+
+/// One search's matches, newest first, and where it stopped.
+struct Scan {
+    matched: Vec<(u64, Value)>,
+    /// Every entry the filters could match was looked at (so `total` is exact).
+    complete: bool,
+    /// Where a `next` page continues (`_before`), when there is more to look at.
+    resume: Option<u64>,
+}
+
+/// Collects up to `want` matches, newest first: a patient's entries through their index, others
+/// by reading the log backwards from the latest entry the dates allow, stopping at the dates'
+/// start or after [`SCAN_BUDGET`] entries, so that no search reads the whole log.
+async fn scan(app: &App, cipher: &valv_crypto::Cipher, filters: &Filters, want: usize) -> Result<Scan, ApiError> {
+    let store = app.vault.store();
+    let (lower, upper) = filters.time_bounds();
+    if let Some(p) = filters.patient.as_deref() {
+        let mut rows = store.audit_entries_for(&app.vault.audit_patient_token(p)).await?;
+        rows.retain(|(i, _)| filters.before.is_none_or(|b| *i < b));
+        rows.reverse();
+        let mut matched = Vec::new();
+        for (index, row) in rows {
+            let (_, e) = open(cipher, index, &row)?;
+            if filters.matches(&e) {
+                matched.push((index, e));
+            }
+        }
+        return Ok(Scan { matched, complete: true, resume: None });
     }
-    Ok(out)
+    let mut end = filters.before.unwrap_or(u64::MAX).min(store.audit_size().await?);
+    if let Some(upper) = upper {
+        end = end_for_upper_bound(app, cipher, end, upper).await?;
+    }
+    let (mut matched, mut opened) = (Vec::new(), 0usize);
+    while end > 0 {
+        if opened >= SCAN_BUDGET {
+            return Ok(Scan { matched, complete: false, resume: Some(end) });
+        }
+        let from = end.saturating_sub(SCAN_CHUNK);
+        let rows = store.audit_entries(from, end).await?;
+        for (index, row) in rows.iter().rev() {
+            let (_, e) = open(cipher, *index, row)?;
+            opened += 1;
+            if lower.is_some_and(|l| entry_time(&e) < l - TIME_SLACK_MS) {
+                return Ok(Scan { matched, complete: true, resume: None });
+            }
+            if filters.matches(&e) {
+                matched.push((*index, e));
+                if matched.len() >= want {
+                    return Ok(Scan { matched, complete: false, resume: Some(*index) });
+                }
+            }
+        }
+        end = from;
+    }
+    Ok(Scan { matched, complete: true, resume: None })
 }
 
 pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
@@ -263,30 +363,44 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
     let permit = authorize(app, ctx, &touch).await?;
     let cipher = audit_cipher(app, ctx.now).await?;
     let view = View::of(ctx);
-    let mut matched = Vec::new();
-    for (index, row) in candidates(app, filters.patient.as_deref()).await? {
-        let (_, e) = match open(&cipher, index, &row) {
-            Ok(v) => v,
+    // One more than the page, to know whether a next page exists.
+    let want = filters.offset.saturating_add(filters.count).saturating_add(1);
+    let found = match scan(app, &cipher, &filters, want).await {
+        Ok(f) => f,
+        Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
+    };
+    let mut page = Vec::new();
+    for (index, e) in found.matched.iter().skip(filters.offset).take(filters.count) {
+        let revealed = match revealed_query(&cipher, *index, &app_row(app, *index).await?, e, view) {
+            Ok(q) => q,
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
         };
-        if filters.matches(&e) {
-            let query = match revealed_query(&cipher, index, &row, &e, view) {
-                Ok(q) => q,
-                Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
-            };
-            matched.push(to_audit_event(index, &e, query.as_ref(), view));
-        }
+        page.push(to_audit_event(*index, e, revealed.as_ref(), view));
     }
     audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
-    let total = matched.len();
-    let entries = matched
+    // Exact only when every entry the filters could match was looked at (FHIR leaves `total`
+    // out otherwise); the next page continues below the last entry shown or looked at.
+    let total = found.complete.then_some(found.matched.len());
+    let next = match (found.matched.get(filters.offset + filters.count), found.resume) {
+        (Some((index, _)), _) => Some(index + 1),
+        (None, resume) => resume,
+    };
+    let mut links = vec![valv_fhir::bundle::link("self", &format!("{}/AuditEvent?{query}", app.base_url))];
+    if let Some(before) = next {
+        let mut rest: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_before" && k != "_offset").cloned().collect();
+        rest.push(("_before".into(), before.to_string()));
+        links.push(valv_fhir::bundle::link("next", &format!("{}/AuditEvent?{}", app.base_url, crate::query::encode(&rest))));
+    }
+    let entries = page
         .into_iter()
-        .skip(filters.offset)
-        .take(filters.count)
         .map(|r| json!({"fullUrl": format!("{}/AuditEvent/{}", app.base_url, r["id"].as_str().unwrap_or("")), "resource": r, "search": {"mode": "match"}}))
         .collect();
-    let links = vec![valv_fhir::bundle::link("self", &format!("{}/AuditEvent?{query}", app.base_url))];
-    Ok(Reply::json(StatusCode::OK, valv_fhir::bundle::collection("searchset", &valv_store::vault::new_id()?, Some(total), links, entries)))
+    Ok(Reply::json(StatusCode::OK, valv_fhir::bundle::collection("searchset", &valv_store::vault::new_id()?, total, links, entries)))
+}
+
+/// One stored entry's row (a page's few entries are read again for their sealed query records).
+async fn app_row(app: &App, index: u64) -> Result<AuditRow, ApiError> {
+    app.vault.store().audit_entries(index, index + 1).await?.pop().map(|(_, r)| r).ok_or_else(|| ApiError::internal(format!("audit entry {index} vanished")))
 }
 
 /// Who accessed this patient's record, each entry with its canonical bytes and an inclusion
@@ -301,7 +415,7 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
     let leaves = if checkpoint.size > 0 { store.audit_leaves(0, checkpoint.size).await? } else { Vec::new() };
     let view = View::of(ctx);
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": app.audit_vkey})];
-    for (index, row) in candidates(app, Some(patient)).await? {
+    for (index, row) in store.audit_entries_for(&app.vault.audit_patient_token(patient)).await? {
         let (bytes, e) = match open(&cipher, index, &row) {
             Ok(v) => v,
             Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),

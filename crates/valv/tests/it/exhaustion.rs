@@ -306,6 +306,18 @@ async fn the_body_budget_answers_503_and_large_trees_413() {
     let mut slow = connect(&s, LEGIT, &[b"http/1.1"]).await.expect("connect");
     let head = format!("POST /fhir/Patient HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-type: application/fhir+json\r\ncontent-length: 200000\r\n\r\n{{", s.data_key);
     slow.write_all(head.as_bytes()).await.expect("head");
+    // Wait until the server holds its reservation (under load it may not have read the head yet:
+    // a request sent before then would be let in, and wait out the body timeout).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+        let used: u64 = metrics.lines().find_map(|l| l.strip_prefix("valv_request_body_memory_bytes ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        if used >= 200_000 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow body never reserved its memory: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Another body that does not fit beside it: 503 with Retry-After, before it is sent
     // (`Expect: 100-continue`: the server never asks for it).
     let head = format!("POST /fhir/Patient HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\ncontent-type: application/fhir+json\r\ncontent-length: 150000\r\nexpect: 100-continue\r\n\r\n", s.data_key);

@@ -4,6 +4,7 @@
 mod access;
 mod audit;
 mod auditprivacy;
+mod auditsearch;
 mod bundles;
 mod crud;
 mod disk;
