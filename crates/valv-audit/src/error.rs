@@ -27,6 +27,10 @@ pub enum AuditError {
     /// The hashes recomputed from a proof do not match the expected root.
     #[error("root hash mismatch")]
     RootMismatch,
+    /// A stored tile of interior hashes that a proof or a resumed tree needs is absent, or
+    /// shorter than the tree it must cover.
+    #[error("tile {index} of tile level {level} is missing or too short")]
+    MissingTile { level: u8, index: u64 },
 
     // --- signed notes ---
     /// A note or signature line that breaks the C2SP signed-note syntax.

@@ -11,6 +11,8 @@
 //!   entry's leaf hash.
 //! - [`record`]: the audit entry itself (IHE BALP fields) and its leaf.
 //! - [`frontier`]: the right edge of a growing tree, for O(log n) appends and roots.
+//! - [`tiles`]: the tree's interior hashes as C2SP tlog-tiles (height 8): the tiles a growing
+//!   tree writes, resuming it from its right-edge tiles, and proofs assembled from stored tiles.
 //!
 //! The wire formats are summarised in the shared FORMATS.md; the specifications are the
 //! authority.
@@ -22,6 +24,7 @@ mod error;
 pub mod merkle;
 pub mod note;
 pub mod record;
+pub mod tiles;
 
 pub use checkpoint::{
     build_receipt, open_checkpoint, sign_checkpoint, verify_receipt, Checkpoint, Receipt,
@@ -31,4 +34,5 @@ pub use frontier::Frontier;
 pub use error::AuditError;
 pub use merkle::{Hash, EMPTY_ROOT};
 pub use note::{Note, NoteSignature, Signer, Verifier};
+pub use tiles::{Tile, TileKey, TiledTree};
 pub use record::{query_commitment, AuditEvent, Outcome, SaltedQuery};

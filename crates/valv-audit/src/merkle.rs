@@ -411,16 +411,41 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The subtrees `[a, b)` whose hashes the proof carries, in proof order.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::with_capacity(self.proof_len());
+        if let Terminal::Carried(a, b) = self.terminal {
+            out.push((a, b));
+        }
+        out.extend(self.steps.iter().rev().map(|&(_, a, b)| (a, b)));
+        out
+    }
+}
+
 /// Builds the proof for `plan` from the tree's leaves.
 fn prove(leaves: &[Hash], plan: &Plan) -> Result<Vec<Hash>, AuditError> {
-    let mut proof = Vec::with_capacity(plan.proof_len());
-    if let Terminal::Carried(a, b) = plan.terminal {
-        proof.push(root(slice(leaves, a, b)?));
+    plan.ranges().into_iter().map(|(a, b)| Ok(root(slice(leaves, a, b)?))).collect()
+}
+
+/// The subtrees `[a, b)` whose hashes make up the inclusion proof of leaf `index` in a tree of
+/// `size` leaves, in proof order (each one a valid subtree, see [`is_valid_subtree`]). The proof
+/// is their hashes, however they are obtained (from all leaves, or from stored tiles).
+pub fn inclusion_proof_ranges(index: u64, size: u64) -> Result<Vec<(u64, u64)>, AuditError> {
+    if index >= size {
+        return Err(AuditError::IndexOutOfRange { index, size });
     }
-    for &(_, a, b) in plan.steps.iter().rev() {
-        proof.push(root(slice(leaves, a, b)?));
+    Ok(Plan::new(index, index + 1, size)?.ranges())
+}
+
+/// The subtrees `[a, b)` whose hashes make up the consistency proof from the tree of `m` leaves
+/// to the tree of `n` leaves, in proof order; none for `m == 0` or `m == n`.
+pub fn consistency_proof_ranges(m: u64, n: u64) -> Result<Vec<(u64, u64)>, AuditError> {
+    check_subtree_in_tree(0, m, n)?;
+    if m == 0 {
+        return Ok(Vec::new());
     }
-    Ok(proof)
+    Ok(Plan::new(0, m, n)?.ranges())
 }
 
 // --- small helpers ------------------------------------------------------------------------
