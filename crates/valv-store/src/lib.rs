@@ -121,6 +121,16 @@ pub struct AuditRow {
     pub query_sealed: Option<Vec<u8>>,
 }
 
+/// A tile of the audit tree's interior hashes (C2SP tlog-tiles, height 8; docs/AUDIT.md): up to
+/// 256 consecutive node hashes of tree level `8 * level`, starting at node `256 * index` (level
+/// 0: leaf hashes). Full with 256 hashes; the last tile of a level may be partial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditTile {
+    pub level: u8,
+    pub index: u64,
+    pub hashes: Vec<[u8; 32]>,
+}
+
 /// A signed checkpoint of the audit log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredCheckpoint {
@@ -214,6 +224,13 @@ pub trait Store: Send + Sync {
     /// Leaf hashes with index in `[from, to)`, in order; an error if any index in the range is
     /// missing (so a tree is never built over a log with a hole in it).
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;
+    /// Stores tiles of the audit tree durably (fsync), all or none, each replacing the one
+    /// stored under its (level, index) (a partial tile grows until it is full). Only the
+    /// integrator writes tiles.
+    async fn put_audit_tiles(&self, tiles: Vec<AuditTile>) -> Result<(), StoreError>;
+    /// The stored tiles among `keys` ((level, index) pairs), in the order asked; absent ones are
+    /// left out. One point read per key.
+    async fn audit_tiles(&self, keys: &[(u8, u64)]) -> Result<Vec<AuditTile>, StoreError>;
     /// Records a signed checkpoint (durably); sizes only grow.
     async fn save_checkpoint(&self, checkpoint: &StoredCheckpoint) -> Result<(), StoreError>;
     /// The checkpoint of the largest size, if any.

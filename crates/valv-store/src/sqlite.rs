@@ -120,6 +120,17 @@ CREATE TABLE grants (
 -- hash of it: the query and its salt are sealed here, in the entry's own row, for auditors.
 -- NULL for entries without a query and for entries written before (their query is inside).
 ALTER TABLE audit_entries ADD COLUMN query_sealed BLOB;
+"#, r#"
+-- The audit tree's interior hashes as C2SP tlog-tiles of height 8 (docs/AUDIT.md): tile idx of
+-- tile level level lists up to 256 consecutive node hashes of tree level 8 * level, concatenated
+-- (32 bytes each); level 0 holds leaf hashes. Written by the integrator only, a partial tile
+-- replaced by a longer one; derived data: `valv audit verify` recomputes every tile.
+CREATE TABLE audit_tiles (
+    level INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    hashes BLOB NOT NULL,
+    PRIMARY KEY (level, idx)
+);
 "#];
 
 const READERS: usize = 4;
@@ -801,6 +812,43 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn put_audit_tiles(&self, tiles: Vec<crate::AuditTile>) -> Result<(), StoreError> {
+        if tiles.is_empty() {
+            return Ok(());
+        }
+        self.with_admin(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut put = tx.prepare_cached("INSERT OR REPLACE INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)")?;
+                for t in &tiles {
+                    put.execute(params![t.level, t.index, t.hashes.concat()])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    async fn audit_tiles(&self, keys: &[(u8, u64)]) -> Result<Vec<crate::AuditTile>, StoreError> {
+        self.with_reader(|c| {
+            let mut get = c.prepare_cached("SELECT hashes FROM audit_tiles WHERE level = ?1 AND idx = ?2")?;
+            let mut out = Vec::with_capacity(keys.len());
+            for &(level, index) in keys {
+                // A blob cut short (only by tampering) yields its whole hashes; callers compare
+                // tiles with what they need and report the difference.
+                let hashes = get
+                    .query_row(params![level, index], |r| {
+                        Ok(r.get_ref(0)?.as_blob()?.chunks_exact(32).map(|h| <[u8; 32]>::try_from(h).unwrap_or([0; 32])).collect::<Vec<_>>())
+                    })
+                    .optional()?;
+                if let Some(hashes) = hashes {
+                    out.push(crate::AuditTile { level, index, hashes });
+                }
+            }
+            Ok(out)
+        })
+    }
+
     async fn save_checkpoint(&self, cp: &crate::StoredCheckpoint) -> Result<(), StoreError> {
         self.with_admin(|c| {
             c.execute("INSERT INTO audit_checkpoints (size, root, note) VALUES (?1, ?2, ?3)", params![cp.size, &cp.root[..], cp.note])?;
@@ -1043,6 +1091,24 @@ mod tests {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).expect("random");
         std::env::temp_dir().join(format!("valv-store-test-{}.db", u64::from_le_bytes(r)))
+    }
+
+    #[tokio::test]
+    async fn audit_tiles_grow_and_are_read_by_key() {
+        let path = temp_db();
+        let store = SqliteStore::open(&path).expect("open");
+        let tile = |level: u8, index: u64, n: u8| crate::AuditTile { level, index, hashes: (0..n).map(|i| [i; 32]).collect() };
+        store.put_audit_tiles(vec![tile(0, 0, 3), tile(1, 0, 1)]).await.expect("put");
+        store.put_audit_tiles(vec![]).await.expect("nothing to put");
+        // A partial tile is replaced by its longer self.
+        store.put_audit_tiles(vec![tile(0, 0, 255)]).await.expect("grow");
+        let got = store.audit_tiles(&[(1, 0), (0, 7), (0, 0)]).await.expect("read");
+        assert_eq!(got, vec![tile(1, 0, 1), tile(0, 0, 255)], "absent tiles are left out, the order is the one asked");
+        drop(store);
+        // Reopening runs no migration twice.
+        let store = SqliteStore::open(&path).expect("reopen");
+        assert_eq!(store.audit_tiles(&[(0, 0)]).await.expect("read")[0].hashes.len(), 255);
+        let _ = std::fs::remove_file(&path);
     }
 
     fn version(id: &str, v: u64) -> StoredVersion {
