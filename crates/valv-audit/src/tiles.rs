@@ -190,6 +190,37 @@ impl TiledTree {
     }
 }
 
+/// The tiles above full tile `key` in a tree of `size` leaves, each with the position in it of
+/// the hash of the tile below: up to and including the first partial one (a right-edge tile,
+/// which [`TiledTree::resume`] and a signed root check). Empty when `key` is not full.
+pub fn ancestors(key: TileKey, size: u64) -> Vec<(TileKey, usize)> {
+    let mut out = Vec::new();
+    let mut k = key;
+    while tile_width(k, size) == TILE_WIDTH && u32::from(k.level) < 64 / TILE_HEIGHT - 1 {
+        let parent = TileKey { level: k.level + 1, index: k.index >> TILE_HEIGHT };
+        out.push((parent, (k.index & (TILE_WIDTH - 1)) as usize));
+        k = parent;
+    }
+    out
+}
+
+/// Checks that full tile `key` hashes to its entry in the tile above, and so on up to the right
+/// edge ([`ancestors`]), with the tiles in `tiles`: together with a right edge that hashes to a
+/// signed root, this binds the tile's hashes to that root.
+pub fn check_ancestry(key: TileKey, size: u64, tiles: &HashMap<TileKey, Vec<Hash>>) -> Result<(), AuditError> {
+    let missing = |k: TileKey| AuditError::MissingTile { level: k.level, index: k.index };
+    let mut child = key;
+    for (parent, at) in ancestors(key, size) {
+        let below = tiles.get(&child).filter(|h| h.len() as u64 >= TILE_WIDTH).ok_or_else(|| missing(child))?;
+        let above = tiles.get(&parent).and_then(|h| h.get(at)).ok_or_else(|| missing(parent))?;
+        if perfect_root(&below[..TILE_WIDTH as usize]) != *above {
+            return Err(AuditError::RootMismatch);
+        }
+        child = parent;
+    }
+    Ok(())
+}
+
 /// Where a proof's hashes come from: stored tiles for the first `covered` leaves of the tree,
 /// and the leaf hashes after them (`tail` = leaves `covered ..`).
 #[derive(Debug, Clone, Copy)]
@@ -425,6 +456,24 @@ mod tests {
         stored.get_mut(&edge).unwrap()[3][0] ^= 1;
         let resumed = TiledTree::resume(5000, |k| stored.get(&k).cloned()).unwrap();
         assert_ne!(resumed.root(), root(&all));
+    }
+
+    #[test]
+    fn ancestry_binds_a_full_tile_to_the_edge() {
+        let all = leaves(70_000);
+        let mut stored = store_of(&all, 4096);
+        let key = TileKey { level: 0, index: 3 };
+        assert_eq!(
+            ancestors(key, 70_000),
+            vec![(TileKey { level: 1, index: 0 }, 3), (TileKey { level: 2, index: 0 }, 0)]
+        );
+        assert_eq!(ancestors(TileKey { level: 0, index: 273 }, 70_000), vec![], "the partial edge tile");
+        assert_eq!(ancestors(TileKey { level: 0, index: 260 }, 70_000), vec![(TileKey { level: 1, index: 1 }, 4)]);
+        check_ancestry(key, 70_000, &stored).unwrap();
+        stored.get_mut(&key).unwrap()[9][3] ^= 1;
+        assert_eq!(check_ancestry(key, 70_000, &stored), Err(AuditError::RootMismatch));
+        stored.remove(&TileKey { level: 1, index: 0 });
+        assert!(matches!(check_ancestry(key, 70_000, &stored), Err(AuditError::MissingTile { level: 1, .. })));
     }
 
     #[test]

@@ -1,13 +1,19 @@
 //! Reading the audit log back: the full verification behind `valv audit verify`, and the
 //! inclusion and consistency proofs served under `/audit/proof/…`.
 //!
-//! Proofs are computed from the stored leaf hashes (one pass over the first `size` leaves per
-//! proof); they reveal hashes only, so they are public like the checkpoints they verify against.
+//! Proofs are assembled from the stored tiles of the tree's interior hashes (`audit_tiles`, which
+//! the integrator writes): a handful of point reads whatever the log's size, plus the leaf hashes
+//! of entries not yet covered by a checkpoint (about one interval's worth). They reveal hashes
+//! only, so they are public like the checkpoints they verify against. A proof for a size with a
+//! signed checkpoint is checked against that checkpoint's root before it is answered: a tile
+//! edited in the database gives a 500, never a proof that does not verify.
 
 use crate::audit::open_entry_in_place;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use valv_audit::{merkle, open_checkpoint, Frontier, Hash, Verifier};
+use std::collections::HashMap;
+use valv_audit::tiles::{self, tile_width, TileKey, TileSource, TiledTree};
+use valv_audit::{merkle, open_checkpoint, AuditError, Frontier, Hash, Verifier};
 use valv_crypto::{BulkOpener, DataKey};
 use valv_store::{Store, StoreError, StoredCheckpoint};
 
@@ -19,6 +25,11 @@ pub struct Report {
     pub entries: u64,
     pub checkpoints: usize,
     pub external: usize,
+    /// Stored tiles compared with the tiles recomputed from the entries.
+    pub tiles: u64,
+    /// No tile is stored at all: a log written before tiles, not yet served by a version that
+    /// builds them (not a problem: `valv serve` builds them at its next start).
+    pub tiles_absent: bool,
     pub problems: Vec<String>,
 }
 
@@ -54,6 +65,11 @@ pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verif
     let size = store.audit_size().await?;
     report.entries = size;
     let mut rebuild = Rebuild::new(wanted.iter().map(|w| w.1).collect());
+    // Tiles must cover the largest stored checkpoint (the integrator writes them before it saves
+    // one); beyond it they may lag behind the entries.
+    let signed = stored.iter().map(|c| c.size).max().unwrap_or(0);
+    report.tiles_absent = size > 0 && store.audit_tiles(&[(0, 0)]).await?.is_empty();
+    let mut tree = TiledTree::new();
     let opener = Arc::new(BulkOpener::new(audit_key).map_err(|e| StoreError::Backend(format!("audit key: {e}")))?);
     let window = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut inflight = std::collections::VecDeque::new();
@@ -68,6 +84,10 @@ pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verif
         if let Some(next) = inflight.pop_front() {
             let checked = next.await.map_err(|e| StoreError::Backend(format!("entry check stopped: {e}")))??;
             rebuild.take(&checked, &mut report.problems);
+            if !report.tiles_absent {
+                checked.iter().for_each(|&(_, leaf, _)| tree.push(leaf));
+                report.tiles += check_tiles(&**store, tree.take_changed(), signed, &mut report.problems).await?;
+            }
         }
     }
     for (first, copy) in rebuild.copies(&**store).await? {
@@ -86,6 +106,38 @@ pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verif
         }
     }
     Ok(report)
+}
+
+/// Compares tiles recomputed from the entries with the stored ones: a stored tile must hold
+/// exactly the recomputed hashes (it may be shorter than the recomputed one only past the largest
+/// signed size, where the integrator may not have reached yet, and longer only when the log grew
+/// while verifying). Returns how many were compared.
+async fn check_tiles(store: &dyn Store, computed: Vec<tiles::Tile>, signed: u64, problems: &mut Vec<String>) -> Result<u64, StoreError> {
+    let keys: Vec<(u8, u64)> = computed.iter().map(|t| (t.key.level, t.key.index)).collect();
+    let stored: HashMap<(u8, u64), Vec<Hash>> = store.audit_tiles(&keys).await?.into_iter().map(|t| ((t.level, t.index), t.hashes)).collect();
+    for t in &computed {
+        let (level, index) = (t.key.level, t.key.index);
+        let required = tile_width(t.key, signed) as usize;
+        match stored.get(&(level, index)) {
+            None if required > 0 => problems.push(format!("audit tile {index} of tile level {level} is missing (the tree's interior hashes were deleted)")),
+            None => {}
+            Some(h) => {
+                let common = h.len().min(t.hashes.len());
+                if h[..common] != t.hashes[..common] {
+                    let first = (0..common).find(|&i| h[i] != t.hashes[i]).unwrap_or(0);
+                    problems.push(format!(
+                        "audit tile {index} of tile level {level} differs from the hashes recomputed from the entries (hash {first} of it; the tile was edited)"
+                    ));
+                } else if h.len() < required {
+                    problems.push(format!(
+                        "audit tile {index} of tile level {level} holds {} hashes, the signed tree needs {required} (the tile was cut short)",
+                        h.len()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(computed.len() as u64)
 }
 
 /// One chunk of stored entries, read and opened: (stored index, leaf hash, whether it opened
@@ -169,11 +221,16 @@ fn prefix(hash: &Hash) -> u64 {
 
 /// All leaf hashes of the first `size` entries.
 async fn leaves(store: &dyn Store, size: u64) -> Result<Vec<Hash>, StoreError> {
+    leaves_between(store, 0, size).await
+}
+
+/// The leaf hashes of entries `start..end`.
+async fn leaves_between(store: &dyn Store, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
     // Not `with_capacity(size)`: a size read from a tampered table must not reserve memory.
     let mut out = Vec::new();
-    while (out.len() as u64) < size {
-        let from = out.len() as u64;
-        let chunk = store.audit_leaves(from, size.min(from + CHUNK)).await?;
+    while start + (out.len() as u64) < end {
+        let from = start + out.len() as u64;
+        let chunk = store.audit_leaves(from, end.min(from + CHUNK)).await?;
         if chunk.is_empty() {
             return Err(StoreError::Integrity(format!("audit entries from {from} are missing")));
         }
@@ -190,13 +247,58 @@ pub enum ProofError {
     Store(#[from] StoreError),
 }
 
+/// What the tiles cover for a proof in the tree of `size` leaves: the first `covered` leaves
+/// (the largest signed size, the integrator having written their tiles before signing), the
+/// tiles `keys` names, and the leaf hashes from `covered` to `size`.
+async fn source(store: &dyn Store, size: u64, keys: impl FnOnce(u64) -> Result<Vec<TileKey>, AuditError>) -> Result<(u64, HashMap<TileKey, Vec<Hash>>, Vec<Hash>), ProofError> {
+    let signed = store.latest_checkpoint().await?.map_or(0, |c| c.size);
+    let covered = signed.min(size);
+    let keys = keys(covered).map_err(|e| ProofError::Invalid(e.to_string()))?;
+    let wanted: Vec<(u8, u64)> = keys.iter().map(|k| (k.level, k.index)).collect();
+    let tiles = store.audit_tiles(&wanted).await?.into_iter().map(|t| (TileKey { level: t.level, index: t.index }, t.hashes)).collect();
+    let tail = leaves_between(store, covered, size).await?;
+    Ok((covered, tiles, tail))
+}
+
+/// A proof from tiles; from every leaf when a tile it needs is absent (a log whose tiles `valv
+/// serve` has not built yet, or deleted ones), which costs a pass over the log.
+async fn or_from_leaves(
+    store: &dyn Store,
+    size: u64,
+    from_tiles: Result<Vec<Hash>, AuditError>,
+    from_leaves: impl FnOnce(&[Hash]) -> Result<Vec<Hash>, AuditError>,
+) -> Result<Vec<Hash>, ProofError> {
+    match from_tiles {
+        Ok(proof) => Ok(proof),
+        Err(AuditError::MissingTile { level, index }) => {
+            tracing::warn!(level, index, "an audit tile is missing: this proof is computed from every leaf");
+            from_leaves(&leaves(store, size).await?).map_err(|e| ProofError::Invalid(e.to_string()))
+        }
+        Err(e) => Err(ProofError::Invalid(e.to_string())),
+    }
+}
+
+fn disagrees(what: &str, size: u64) -> ProofError {
+    ProofError::Store(StoreError::Integrity(format!(
+        "the {what} proof assembled from the stored audit tiles does not verify against the checkpoint signed for size {size}: a tile was changed (run 'valv audit verify')"
+    )))
+}
+
 /// The inclusion proof of leaf `index` in the tree of `size` leaves.
 pub async fn inclusion(store: &dyn Store, index: u64, size: u64) -> Result<Vec<Hash>, ProofError> {
     let have = store.audit_size().await?;
     if index >= size || size > have {
         return Err(ProofError::Invalid(format!("need index < size <= {have}; got index {index}, size {size}")));
     }
-    merkle::inclusion_proof(&leaves(store, size).await?, index).map_err(|e| ProofError::Invalid(e.to_string()))
+    let (covered, tiles, tail) = source(store, size, |covered| tiles::inclusion_tiles(index, size, covered)).await?;
+    let assembled = tiles::inclusion_proof_from_tiles(index, size, &TileSource { covered, tiles: &tiles, tail: &tail });
+    let proof = or_from_leaves(store, size, assembled, |all| merkle::inclusion_proof(all, index)).await?;
+    if let Some(cp) = store.checkpoint_at(size).await? {
+        let leaf = store.audit_leaves(index, index + 1).await?;
+        let leaf = leaf.first().ok_or_else(|| StoreError::Integrity(format!("audit entry {index} is missing")))?;
+        merkle::verify_inclusion(index, size, leaf, &proof, &cp.root).map_err(|_| disagrees("inclusion", size))?;
+    }
+    Ok(proof)
 }
 
 /// The consistency proof from the tree of `from` leaves to the tree of `to` leaves.
@@ -205,7 +307,13 @@ pub async fn consistency(store: &dyn Store, from: u64, to: u64) -> Result<Vec<Ha
     if from > to || to > have {
         return Err(ProofError::Invalid(format!("need from <= to <= {have}; got from {from}, to {to}")));
     }
-    merkle::consistency_proof(&leaves(store, to).await?, from).map_err(|e| ProofError::Invalid(e.to_string()))
+    let (covered, tiles, tail) = source(store, to, |covered| tiles::consistency_tiles(from, to, covered)).await?;
+    let assembled = tiles::consistency_proof_from_tiles(from, to, &TileSource { covered, tiles: &tiles, tail: &tail });
+    let proof = or_from_leaves(store, to, assembled, |all| merkle::consistency_proof(all, from)).await?;
+    if let (Some(old), Some(new)) = (store.checkpoint_at(from).await?, store.checkpoint_at(to).await?) {
+        merkle::verify_consistency(from, to, &old.root, &new.root, &proof).map_err(|_| disagrees("consistency", to))?;
+    }
+    Ok(proof)
 }
 
 /// A C2SP tlog-proof receipt for leaf `index` against the checkpoint signed for `size`.

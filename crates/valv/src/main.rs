@@ -389,6 +389,11 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             for p in &report.problems {
                 println!("PROBLEM {p}");
             }
+            if report.tiles_absent {
+                println!("no audit tiles are stored (a log written before tiles): 'valv serve' builds them at its next start");
+            } else {
+                println!("{} audit tiles compared with the tiles recomputed from the entries", report.tiles);
+            }
             let summary = format!(
                 "{} entries, {} stored checkpoints, {} given checkpoints: {}",
                 report.entries,
