@@ -303,21 +303,27 @@ impl SqliteStore {
 }
 
 /// The room the server needs at start, made before SQLite opens (and maps) anything: the reserve
-/// and [`disk::WORKING_BYTES`]. A WAL left behind that fills the disk is checkpointed first,
-/// with the reserve's room: that is what the reserve is for.
+/// and [`disk::WORKING_BYTES`]. A WAL left behind that fills the disk (say the server was
+/// restarted while it refused writes) is checkpointed first, with the reserve's room if need be:
+/// that is what the reserve is for.
 fn make_room(db: &Path, reserve: &Reserve) -> Result<(), StoreError> {
     let free = || reserve.free_bytes().map_err(|e| StoreError::Backend(format!("cannot read the free space beside {}: {e}", db.display())));
     let needed = |held: u64| disk::WORKING_BYTES + reserve.bytes().saturating_sub(held);
     let (mut held, mut available) = (reserve.held(), free()?);
-    if available < needed(held) && held > 0 && file_len(&wal_path(db)) > 0 {
+    if available < needed(held) && file_len(&wal_path(db)) > 0 {
         let freed = reserve.release();
-        tracing::warn!(freed_mib = freed >> 20, "disk full at start: the disk reserve is spent on checkpointing the WAL");
-        let checkpointed = Connection::open(db).map_err(StoreError::from).and_then(|c| {
-            c.busy_timeout(BUSY_TIMEOUT)?;
-            checkpoint_truncate(&c).map_err(StoreError::from)
-        });
-        if let Err(e) = checkpointed {
-            tracing::error!(error = %e, "the WAL could not be checkpointed at start");
+        if freed > 0 {
+            tracing::warn!(freed_mib = freed >> 20, "disk full at start: the disk reserve is spent on checkpointing the WAL");
+        }
+        // SQLite is opened only with room for its shared-memory index to grow.
+        if free()? >= OPEN_BYTES {
+            let checkpointed = Connection::open(db).map_err(StoreError::from).and_then(|c| {
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                checkpoint_truncate(&c).map_err(StoreError::from)
+            });
+            if let Err(e) = checkpointed {
+                tracing::error!(error = %e, "the WAL could not be checkpointed at start");
+            }
         }
         (held, available) = (reserve.held(), free()?);
     }
@@ -326,6 +332,10 @@ fn make_room(db: &Path, reserve: &Reserve) -> Result<(), StoreError> {
     }
     reserve.make().map_err(StoreError::Backend)
 }
+
+/// The least free space SQLite is opened with at start (the shared-memory index grows with the
+/// WAL: 32 KiB per 4,096 frames).
+const OPEN_BYTES: u64 = 1 << 20;
 
 fn wal_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();

@@ -110,30 +110,41 @@ fn fill(path: &Path) {
     let _ = f.sync_all();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
-    if let Some(why) = cannot_run() {
-        assert!(std::env::var_os("CI").is_none(), "the disk fault test must run under CI (root, loop devices): {why}");
-        println!("skipped: the disk fault test needs root and a loop device: {why}");
-        eprintln!("skipped: the disk fault test needs root and a loop device: {why}");
-        return;
+/// Runs `valv serve` and waits for it to exit, at most `limit`: a server still running then is
+/// killed and the check fails (it started on a full disk instead of refusing).
+fn serve_bounded(data: &Path, limit: Duration) -> std::process::Output {
+    let mut child = valv()
+        .arg("--data-dir")
+        .arg(data)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn valv serve");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait");
+            panic!("valv serve started on a full disk instead of refusing: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // Declared first, so it is dropped last: after the server is killed.
-    let mount = Mount::new(128).expect("a 128 MiB ext4 on a loop device");
-    let data = mount.point.join("valv-data");
-    let mut s = Server::start_on("disk", &data, &[], "");
-    let db = data.join("valv.db");
-    let wal = data.join("valv.db-wal");
-    let reserve = data.join("valv.db.reserve");
-    let held = |p: &Path| std::fs::metadata(p).map(|m| (m.blocks() * 512).min(m.len())).unwrap_or(0);
-    assert!(held(&reserve) >= RESERVE, "the server keeps a preallocated reserve beside the database");
+    child.wait_with_output().expect("serve's output")
+}
 
-    let patient = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await.id();
-    let path = format!("/fhir/Patient/{patient}");
-    assert_eq!(s.get(&path).await.status, 200);
-    let audited_before = s.audit_lines();
+/// What the read load saw while the WAL filled the disk.
+struct Filled {
+    /// Reads answered 200 (each must have its audit entry).
+    served: usize,
+}
 
-    // The fault: the database file cannot be written, so no checkpoint can copy the WAL into it.
+/// Makes the database file immutable and reads until the WAL has filled the disk and every read
+/// is refused, then two seconds more; checks that nothing was served once the disk was full and
+/// that the server says it is not ready. The database file stays immutable.
+async fn fill_with_wal(s: &Server, mount: &Mount, path: &str) -> Filled {
+    let db = s.data.join("valv.db");
+    let wal = s.data.join("valv.db-wal");
     sh("chattr", &["+i", &db.display().to_string()]).expect("chattr +i");
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -141,7 +152,7 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
     let other = Arc::new(AtomicUsize::new(0));
     let mut load = Vec::new();
     for _ in 0..8 {
-        let (c, stop, ok, refused, other, path) = (s.client(), stop.clone(), ok.clone(), refused.clone(), other.clone(), path.clone());
+        let (c, stop, ok, refused, other, path) = (s.client(), stop.clone(), ok.clone(), refused.clone(), other.clone(), path.to_string());
         load.push(tokio::spawn(async move {
             let key = c.data_key.clone();
             while !stop.load(Ordering::Relaxed) {
@@ -192,6 +203,35 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
     assert_eq!(other.load(Ordering::Relaxed), 0, "every answer is 200 or 503");
     assert_eq!(readyz_full, 503, "not ready while the disk is full");
 
+    Filled { served: ok.load(Ordering::Relaxed) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
+    if let Some(why) = cannot_run() {
+        assert!(std::env::var_os("CI").is_none(), "the disk fault test must run under CI (root, loop devices): {why}");
+        println!("skipped: the disk fault test needs root and a loop device: {why}");
+        eprintln!("skipped: the disk fault test needs root and a loop device: {why}");
+        return;
+    }
+    // Declared first, so it is dropped last: after the server is killed.
+    let mount = Mount::new(128).expect("a 128 MiB ext4 on a loop device");
+    let data = mount.point.join("valv-data");
+    let mut s = Server::start_on("disk", &data, &[], "");
+    let db = data.join("valv.db");
+    let wal = data.join("valv.db-wal");
+    let reserve = data.join("valv.db.reserve");
+    let held = |p: &Path| std::fs::metadata(p).map(|m| (m.blocks() * 512).min(m.len())).unwrap_or(0);
+    assert!(held(&reserve) >= RESERVE, "the server keeps a preallocated reserve beside the database");
+
+    let patient = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "gender": "female"})).await.id();
+    let path = format!("/fhir/Patient/{patient}");
+    assert_eq!(s.get(&path).await.status, 200);
+    let audited_before = s.audit_lines();
+
+    // The fault: the database file cannot be written, so no checkpoint can copy the WAL into it.
+    let first = fill_with_wal(&s, &mount, &path).await;
+    let mut served = first.served;
     // The fault is gone; nobody restarts anything. Ready and serving again within a bound.
     sh("chattr", &["-i", &db.display().to_string()]).expect("chattr -i");
     let fixed = Instant::now();
@@ -209,8 +249,9 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     let recover_secs = fixed.elapsed().as_secs_f64();
-    println!("disk: ready and serving {recover_secs:.1} s after the fault was removed; WAL now {} MiB", std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) / MIB);
+    println!("disk: recovered {recovered} {recover_secs:.1} s after the fault was removed; WAL now {} MiB", std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) / MIB);
     assert!(recovered, "the server did not recover by itself within 90 s of the fault's end (see {})", s.dir.join("server.log").display());
+    served += polled_ok;
     let created = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await;
     assert_eq!(created.status, 201, "writes work again: {}", created.text);
 
@@ -224,9 +265,20 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
     assert!(wal_after <= 8 * MIB, "an idle writer truncates the WAL: {} MiB", wal_after / MIB);
     assert!(held(&reserve) >= RESERVE, "the reserve is made again once there is room");
 
+    // The same fault again, and this time the server is restarted while it refuses (kill -9),
+    // after the fault is gone: start checkpoints the WAL with the reserve's room and serves.
+    served += fill_with_wal(&s, &mount, &path).await.served;
+    s.kill9();
+    sh("chattr", &["-i", &db.display().to_string()]).expect("chattr -i");
+    s.restart();
+    let read = s.get(&path).await;
+    assert_eq!(read.status, 200, "a restart after the fault serves at once: {}", read.text);
+    served += 1;
+    println!("disk: restarted after a second fill: serving, WAL {} KiB, reserve {} MiB", std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0) / 1024, held(&reserve) / MIB);
+    assert!(held(&reserve) >= RESERVE, "start made the reserve again");
+
     // Nothing was disclosed without its audit entry: one entry per read served (and more for
     // the create and the refusals that were audited).
-    let served = ok.load(Ordering::Relaxed) + polled_ok;
     let audited = s.audit_lines() - audited_before;
     assert!(audited >= served, "{served} reads served but only {audited} audit entries written");
 
@@ -238,16 +290,7 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
         assert!(mount.avail() < MIB, "the disk is full: {} bytes free", mount.avail());
         let out = tokio::task::spawn_blocking({
             let data = data.clone();
-            move || {
-                valv()
-                    .arg("--data-dir")
-                    .arg(&data)
-                    .args(["serve", "--listen", "127.0.0.1:0"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .output()
-                    .expect("run valv serve")
-            }
+            move || serve_bounded(&data, Duration::from_secs(60))
         })
         .await
         .expect("join");
