@@ -897,7 +897,7 @@ pub async fn authenticate(app: &App, authorization: Option<&str>, cert: &crate::
                 query: None,
                 reason: reason.to_string(),
             };
-            audit(app, vec![event]).await?;
+            app.auth_failure_log.record(app, event).await?;
             Err(err)
         }
     }

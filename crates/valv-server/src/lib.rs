@@ -18,6 +18,7 @@ pub mod auditlog;
 pub mod auth;
 pub mod authapi;
 pub mod clock;
+pub mod compact;
 pub mod error;
 pub mod fhir;
 pub mod grantapi;
@@ -76,6 +77,8 @@ pub struct App {
     pub cert_services: Vec<tls::ServiceCert>,
     /// Need-to-know access: policies, care relationships and consents, grants.
     pub access: access::Access,
+    /// Failed authentications, one audit entry per source, reason and second.
+    pub auth_failure_log: compact::Compactor,
 }
 
 /// Who is at the other end of a connection.

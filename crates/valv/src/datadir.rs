@@ -167,6 +167,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         cert_services: cfg.mtls.load(dir)?.1,
         oidc: valv_server::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
         access,
+        auth_failure_log: Default::default(),
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;

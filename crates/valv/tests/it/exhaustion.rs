@@ -374,3 +374,37 @@ async fn unauthenticated_requests_are_rate_limited_per_source() {
     }
     assert_eq!(s.audit_lines(), before + 5 + 1 + 1, "five failed authentications, one refusal, the legitimate search");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failed_authentications_is_recorded_compactly_and_completely() {
+    // Limits wide enough that every request of the flood reaches authentication.
+    let s = Server::start_configured("auth-flood", &[], "[limits]\nunauthenticated_per_minute = 100000\nunauthenticated_burst = 100000\nmax_connections_per_address = 1000\n");
+    let before = s.audit_lines();
+    let started = Instant::now();
+    let client = s.client();
+    let mut tasks = Vec::new();
+    for _ in 0..300 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move { client.try_request("GET", "/fhir/Patient", None, None, &[]).await.map(|r| r.status) }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").expect("answered"), 401);
+    }
+    let seconds = started.elapsed().as_secs() as usize + 1;
+    let added = s.audit_lines() - before;
+    // Every attempt is on record: one entry each, or counted in a summary.
+    let log = crate::harness::run_ok(&s.data, &["audit", "export"]);
+    let mut attempts = 0;
+    for line in log.lines().skip(before) {
+        let e: serde_json::Value = serde_json::from_str(line).expect("jsonl");
+        let reason = e["entry"]["reason"].as_str().unwrap_or("");
+        if e["entry"]["interaction"] == "authenticate" && reason.starts_with("no-credential") {
+            attempts += match reason.split_once("(x") {
+                Some((_, rest)) => rest.split(' ').next().and_then(|n| n.parse::<u64>().ok()).expect("count"),
+                None => 1,
+            };
+        }
+    }
+    assert_eq!(attempts, 300, "every attempt is counted");
+    assert!(added <= 2 * seconds + 2, "{added} entries for 300 failures in {seconds} s");
+}
