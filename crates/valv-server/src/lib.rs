@@ -685,8 +685,18 @@ async fn accept_until(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Ser
         };
         backoff = Duration::from_millis(10);
         let Some(permit) = app.limits.admit_connection(addr.ip()) else {
-            // Closed with a reset at once: no handshake, nothing queued, no TIME_WAIT kept here.
+            // Closed with a reset: no handshake, nothing queued, no TIME_WAIT kept here; held a
+            // few seconds first while the tarpit has room, so that a client reconnecting at once
+            // waits instead of making the server accept and reset at its pace.
             let _ = tcp.set_zero_linger();
+            if let Some(slot) = app.limits.tarpit_slot() {
+                let hold = app.limits.settings.tarpit;
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    tokio::time::sleep(hold).await;
+                    drop(tcp);
+                });
+            }
             app.limits.counters.connections_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if app.limits.may_log() {
                 tracing::warn!(source = %addr.ip(), open = app.limits.open_connections(), "connection refused: too many open connections (in all or from this source)");

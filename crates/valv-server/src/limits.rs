@@ -51,11 +51,22 @@ pub struct Settings {
     pub unauthenticated: Rate,
     /// On SIGTERM: how long requests in flight may take to finish before the process exits.
     pub shutdown_grace: Duration,
+    /// New connections per source address (a bucket): beyond it they are refused like those
+    /// beyond the caps, so a source cannot make the server do TLS handshakes at its own pace.
+    pub new_connections: Rate,
+    /// A refused connection is held this long before it is reset (a tarpit), so a client that
+    /// reconnects at once cannot make the server and kernel accept and reset at its own pace…
+    pub tarpit: Duration,
+    /// …at most this many at once (beyond, refused connections are reset at once).
+    pub max_tarpit: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            new_connections: Rate { per_minute: 6_000, burst: 200 },
+            tarpit: Duration::from_secs(5),
+            max_tarpit: 1_024,
             shutdown_grace: Duration::from_secs(30),
             max_connections: 4096,
             max_connections_per_address: 64,
@@ -101,6 +112,7 @@ pub struct Counters {
     pub bodies_too_large: AtomicU64,
     pub body_budget_refused: AtomicU64,
     pub unauthenticated_limited: AtomicU64,
+    pub connections_tarpitted: AtomicU64,
 }
 
 /// Limits and their state, shared by every connection.
@@ -109,6 +121,10 @@ pub struct Limits {
     conns: Arc<ConnTable>,
     budget: Arc<Budget>,
     buckets: Mutex<HashMap<IpAddr, (Bucket, bool)>>,
+    /// New connections per source.
+    conn_buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Refused connections held in the tarpit now.
+    tarpitted: Arc<AtomicUsize>,
     /// Rate limiting runs on its own monotonic clock: the app clock may be set by tests.
     epoch: Instant,
     pub counters: Counters,
@@ -128,6 +144,8 @@ impl Limits {
             conns: Arc::new(ConnTable { open: Mutex::new(HashMap::new()), total: AtomicUsize::new(0) }),
             budget: Arc::new(Budget { cap: settings.body_memory_bytes, used: AtomicUsize::new(0) }),
             buckets: Mutex::new(HashMap::new()),
+            conn_buckets: Mutex::new(HashMap::new()),
+            tarpitted: Arc::new(AtomicUsize::new(0)),
             epoch: Instant::now(),
             counters: Counters::default(),
             last_log: AtomicU64::new(0),
@@ -137,6 +155,30 @@ impl Limits {
 
     fn now_ms(&self) -> i64 {
         self.epoch.elapsed().as_millis() as i64
+    }
+
+    /// Takes a token from the source's bucket of new connections.
+    fn take_new_connection(&self, key: IpAddr) -> bool {
+        let (rate, now) = (self.settings.new_connections, self.now_ms());
+        let Ok(mut buckets) = self.conn_buckets.lock() else { return false };
+        if buckets.len() >= MAX_BUCKETS {
+            buckets.retain(|_, b| !b.is_full(rate, now));
+        }
+        if buckets.len() >= MAX_BUCKETS {
+            return false;
+        }
+        buckets.entry(key).or_insert_with(|| Bucket::full(rate, now)).take(rate, now).is_ok()
+    }
+
+    /// A place in the tarpit for a refused connection, while there is one.
+    pub fn tarpit_slot(&self) -> Option<TarpitSlot> {
+        let held = self.tarpitted.fetch_add(1, Ordering::AcqRel);
+        if held >= self.settings.max_tarpit {
+            self.tarpitted.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.counters.connections_tarpitted.fetch_add(1, Ordering::Relaxed);
+        Some(TarpitSlot(self.tarpitted.clone()))
     }
 
     /// Whether to log now (true at most once per [`LOG_EVERY_MS`]), so a flood cannot flood the log.
@@ -152,6 +194,9 @@ impl Limits {
     /// A slot for a new connection from `ip`, or `None` when the server or that source is full.
     pub fn admit_connection(&self, ip: IpAddr) -> Option<ConnPermit> {
         let key = source_key(ip);
+        if !self.take_new_connection(key) {
+            return None;
+        }
         let Ok(mut open) = self.conns.open.lock() else { return None };
         if self.conns.total.load(Ordering::Relaxed) >= self.settings.max_connections {
             return None;
@@ -270,10 +315,20 @@ impl Limits {
             ("valv_request_bodies_too_large_total", "Requests refused (413) because their body exceeded the endpoint's limit or the memory budget.", &c.bodies_too_large),
             ("valv_request_body_budget_refused_total", "Requests refused (503) because the memory budget for request bodies was in use.", &c.body_budget_refused),
             ("valv_unauthenticated_rate_limited_total", "Requests without a valid credential refused by the per-address rate limit (429).", &c.unauthenticated_limited),
+            ("valv_connections_tarpitted_total", "Refused connections held a few seconds before being reset, so a client reconnecting at once cannot churn.", &c.connections_tarpitted),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
         out
+    }
+}
+
+/// A refused connection held in the tarpit; its place is given back when dropped.
+pub struct TarpitSlot(Arc<AtomicUsize>);
+
+impl Drop for TarpitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

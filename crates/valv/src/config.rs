@@ -55,6 +55,12 @@ pub struct LimitsConfig {
     pub unauthenticated_burst: u64,
     /// On SIGTERM, requests in flight get this long to finish (new connections are refused).
     pub shutdown_grace_secs: u64,
+    /// New connections per source: a minute's worth and a burst (beyond: refused).
+    pub new_connections_per_minute: u64,
+    pub new_connections_burst: u64,
+    /// A refused connection is held this long before it is reset, at most `max_tarpit` at once.
+    pub tarpit_secs: u64,
+    pub max_tarpit: u64,
 }
 
 impl Default for LimitsConfig {
@@ -78,12 +84,16 @@ impl Default for LimitsConfig {
             unauthenticated_per_minute: u64::from(d.unauthenticated.per_minute),
             unauthenticated_burst: u64::from(d.unauthenticated.burst),
             shutdown_grace_secs: d.shutdown_grace.as_secs(),
+            new_connections_per_minute: u64::from(d.new_connections.per_minute),
+            new_connections_burst: u64::from(d.new_connections.burst),
+            tarpit_secs: d.tarpit.as_secs(),
+            max_tarpit: d.max_tarpit as u64,
         }
     }
 }
 
 impl LimitsConfig {
-    fn fields(&mut self) -> [(&'static str, &mut u64); 17] {
+    fn fields(&mut self) -> [(&'static str, &mut u64); 21] {
         [
             ("max_connections", &mut self.max_connections),
             ("max_connections_per_address", &mut self.max_connections_per_address),
@@ -102,6 +112,10 @@ impl LimitsConfig {
             ("unauthenticated_per_minute", &mut self.unauthenticated_per_minute),
             ("unauthenticated_burst", &mut self.unauthenticated_burst),
             ("shutdown_grace_secs", &mut self.shutdown_grace_secs),
+            ("new_connections_per_minute", &mut self.new_connections_per_minute),
+            ("new_connections_burst", &mut self.new_connections_burst),
+            ("tarpit_secs", &mut self.tarpit_secs),
+            ("max_tarpit", &mut self.max_tarpit),
         ]
     }
 
@@ -158,6 +172,12 @@ impl LimitsConfig {
                 burst: small("unauthenticated_burst", self.unauthenticated_burst)?,
             },
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            new_connections: valv_identity::limits::Rate {
+                per_minute: small("new_connections_per_minute", self.new_connections_per_minute)?,
+                burst: small("new_connections_burst", self.new_connections_burst)?,
+            },
+            tarpit: Duration::from_secs(self.tarpit_secs),
+            max_tarpit: size("max_tarpit", self.max_tarpit)?,
         })
     }
 }

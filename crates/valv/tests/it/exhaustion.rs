@@ -408,3 +408,22 @@ async fn a_flood_of_failed_authentications_is_recorded_compactly_and_completely(
     assert_eq!(attempts, 300, "every attempt is counted");
     assert!(added <= 2 * seconds + 2, "{added} entries for 300 failures in {seconds} s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_opening_connections_too_fast_is_held_in_the_tarpit_then_reset() {
+    let env = [("VALV_LIMITS_NEW_CONNECTIONS_PER_MINUTE", "60"), ("VALV_LIMITS_NEW_CONNECTIONS_BURST", "5")];
+    let s = Server::start_configured("tarpit", &env, "[limits]\ntarpit_secs = 2\n");
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(connect(&s, ATTACKER, &[]).await.expect("within the burst"));
+    }
+    // The sixth new connection in a second: held (no handshake answered) for the tarpit's time,
+    // then reset; not answered at once, so a client reconnecting at once gains nothing.
+    let started = Instant::now();
+    assert!(connect(&s, ATTACKER, &[]).await.is_err(), "refused");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "held in the tarpit first: {:?}", started.elapsed());
+    // Another source is not affected.
+    assert_eq!(request_from(&s, LEGIT, "GET", "/healthz", None).await.0, 200);
+    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+    assert!(!metrics.contains("valv_connections_tarpitted_total 0\n") && metrics.contains("valv_connections_tarpitted_total"), "{metrics}");
+}

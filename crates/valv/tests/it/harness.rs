@@ -117,8 +117,15 @@ impl Server {
         assert!(admin_key.starts_with("valv_"), "init prints the admin key last: {admin_key}");
         let data_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "loader", "--role", "service", "--scope", LOADER_SCOPES]));
         let auditor_key = last_line(&run_ok(&data, &["apikey", "create", "--name", "audit-reader", "--role", "auditor"]));
+        // The test client opens a fresh connection per request, far beyond the per-source rate of
+        // new connections a real client needs; tests of that limit set it themselves (later wins).
+        let mut all: Vec<(String, String)> = vec![
+            ("VALV_LIMITS_NEW_CONNECTIONS_PER_MINUTE".into(), "6000000".into()),
+            ("VALV_LIMITS_NEW_CONNECTIONS_BURST".into(), "100000".into()),
+        ];
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut env = all;
         // Every server reads its time from this file once a test writes it (system time before).
-        let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         env.push(("VALV_TEST_CLOCK_FILE".into(), dir.join("clock").display().to_string()));
         let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, data_key, auditor_key, approver: Default::default(), child: None, env };
         s.restart();
