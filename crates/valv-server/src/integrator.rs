@@ -32,6 +32,9 @@ pub struct Integrator {
     store: Arc<dyn Store>,
     signer: Signer,
     tree: TiledTree,
+    /// Tiles taken from the tree whose write failed (a full disk): written with the next ones, so
+    /// a failed write loses none (a partial tile is followed by its longer self, which wins).
+    unwritten: Vec<AuditTile>,
 }
 
 /// The log's name: stable for the installation because it derives from its signing key.
@@ -48,7 +51,7 @@ impl Integrator {
     pub async fn start(store: Arc<dyn Store>, seed: &[u8; 32]) -> Result<Self, String> {
         let origin = origin_for(seed)?;
         let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
-        let mut it = Integrator { store, signer, tree: TiledTree::new() };
+        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new() };
         let last = it.store.latest_checkpoint().await.map_err(|e| e.to_string())?;
         let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
         if let Some(stored) = &last {
@@ -115,7 +118,7 @@ impl Integrator {
         if cp.size > size {
             return Err(format!("the checkpoint covers {} entries but the log holds {size}: entries were removed", cp.size));
         }
-        let mut it = Integrator { store, signer, tree: TiledTree::new() };
+        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new() };
         it.catch_up(cp.size).await?;
         if it.tree.root() != cp.root {
             return Err(format!("the log's first {} entries do not hash to the checkpoint's root: entries were changed", cp.size));
@@ -150,8 +153,10 @@ impl Integrator {
     }
 
     async fn write_tiles(&mut self) -> Result<(), String> {
-        let tiles = self.tree.take_changed().into_iter().map(|t| AuditTile { level: t.key.level, index: t.key.index, hashes: t.hashes }).collect();
-        self.store.put_audit_tiles(tiles).await.map_err(|e| format!("writing audit tiles: {e}"))
+        self.unwritten.extend(self.tree.take_changed().into_iter().map(|t| AuditTile { level: t.key.level, index: t.key.index, hashes: t.hashes }));
+        self.store.put_audit_tiles(self.unwritten.clone()).await.map_err(|e| format!("writing audit tiles: {e}"))?;
+        self.unwritten.clear();
+        Ok(())
     }
 
     async fn sign_current(&self) -> Result<StoredCheckpoint, String> {
