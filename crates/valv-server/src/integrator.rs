@@ -35,6 +35,9 @@ pub struct Integrator {
     /// Tiles taken from the tree whose write failed (a full disk): written with the next ones, so
     /// a failed write loses none (a partial tile is followed by its longer self, which wins).
     unwritten: Vec<AuditTile>,
+    /// The size of the last checkpoint signed (or found at start): a step whose signing failed is
+    /// retried by the next one even when no entry came in between.
+    signed: u64,
 }
 
 /// The log's name: stable for the installation because it derives from its signing key.
@@ -51,7 +54,7 @@ impl Integrator {
     pub async fn start(store: Arc<dyn Store>, seed: &[u8; 32]) -> Result<Self, String> {
         let origin = origin_for(seed)?;
         let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
-        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new() };
+        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new(), signed: 0 };
         let last = it.store.latest_checkpoint().await.map_err(|e| e.to_string())?;
         let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
         if let Some(stored) = &last {
@@ -67,6 +70,7 @@ impl Integrator {
                     cp.size
                 ));
             }
+            it.signed = cp.size;
             match resume(&*it.store, cp.size).await? {
                 Some(tree) => {
                     if tree.root() != cp.root {
@@ -118,7 +122,7 @@ impl Integrator {
         if cp.size > size {
             return Err(format!("the checkpoint covers {} entries but the log holds {size}: entries were removed", cp.size));
         }
-        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new() };
+        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new(), signed: 0 };
         it.catch_up(cp.size).await?;
         if it.tree.root() != cp.root {
             return Err(format!("the log's first {} entries do not hash to the checkpoint's root: entries were changed", cp.size));
@@ -170,11 +174,17 @@ impl Integrator {
     /// Integrates what became durable since the last step and signs it; `None` if nothing new.
     pub async fn step(&mut self) -> Result<Option<StoredCheckpoint>, String> {
         let size = self.store.audit_size().await.map_err(|e| e.to_string())?;
-        if size <= self.tree.size() {
+        if size <= self.tree.size() && self.unwritten.is_empty() && self.signed == self.tree.size() {
             return Ok(None);
         }
         self.catch_up(size).await?;
-        self.sign_current().await.map(Some)
+        if !self.unwritten.is_empty() {
+            // Tiles a failed write left behind: no checkpoint before they are stored.
+            self.write_tiles().await?;
+        }
+        let cp = self.sign_current().await?;
+        self.signed = cp.size;
+        Ok(Some(cp))
     }
 }
 
