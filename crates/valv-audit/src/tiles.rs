@@ -406,7 +406,7 @@ mod tests {
                 stored.insert(t.key, t.hashes);
             }
             let size = i as u64 + 1;
-            if size < 600 || size % 997 == 0 || size == 65_536 {
+            if size < 600 || size.is_multiple_of(997) || size == 65_536 {
                 assert_eq!(tree.root(), frontier.root(), "size {size}");
                 // Resuming from the stored edge gives the same tree.
                 let resumed = TiledTree::resume(size, |k| stored.get(&k).cloned()).unwrap();

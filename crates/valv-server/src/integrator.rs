@@ -223,7 +223,7 @@ async fn spot_check(store: &dyn Store, size: u64) -> Result<(), String> {
         getrandom::fill(&mut r).map_err(|e| format!("random: {e}"))?;
         picks.push(u64::from_le_bytes(r) % full);
     }
-    let edge = (size % TILE_WIDTH > 0).then_some(full);
+    let edge = (!size.is_multiple_of(TILE_WIDTH)).then_some(full);
     let mut keys: Vec<TileKey> = picks.iter().chain(edge.iter()).map(|&index| TileKey { level: 0, index }).collect();
     for &index in &picks {
         keys.extend(ancestors(TileKey { level: 0, index }, size).into_iter().map(|(k, _)| k));
