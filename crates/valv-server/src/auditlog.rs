@@ -142,6 +142,50 @@ async fn check_tiles(store: &dyn Store, computed: Vec<tiles::Tile>, signed: u64,
 
 /// One chunk of stored entries, read and opened: (stored index, leaf hash, whether it opened
 /// and matched its leaf hash) per row.
+/// The patient an entry names, read from its canonical (RFC 8785) bytes without parsing them
+/// whole: in canonical JSON the byte sequence `"patient":` can only be that key (a quote inside a
+/// string value is always escaped), and a FHIR id needs no escaping.
+fn entry_patient(bytes: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"patient\":\"";
+    let at = bytes.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = bytes[at..].iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&bytes[at..at + len]).ok()
+}
+
+/// Checks the patient index that `$access-log` and patient searches read: every entry that names
+/// a patient must carry that patient's token (`token_of`), and no other entry a token. A cleared,
+/// moved or invented token would hide entries from a patient's access log, or show them another's.
+/// Returns one problem per entry found wrong (the first 100, then a count).
+pub async fn check_patient_index(store: &Arc<dyn Store>, audit_key: &DataKey, token_of: &(dyn Fn(&str) -> valv_store::Token + Sync)) -> Result<Vec<String>, StoreError> {
+    let opener = BulkOpener::new(audit_key).map_err(|e| StoreError::Backend(format!("audit key: {e}")))?;
+    let (size, mut problems, mut wrong) = (store.audit_size().await?, Vec::new(), 0u64);
+    let mut from = 0;
+    while from < size {
+        let to = size.min(from + CHUNK);
+        for (index, mut row) in store.audit_entries(from, to).await? {
+            // An entry that does not open is reported by `verify` already.
+            let Ok(bytes) = open_entry_in_place(&opener, &row.leaf_hash, &mut row.sealed) else { continue };
+            let expected = entry_patient(bytes).map(token_of);
+            if expected != row.patient_token {
+                wrong += 1;
+                if problems.len() < 100 {
+                    let what = match (expected.is_some(), row.patient_token.is_some()) {
+                        (true, false) => "its patient's index token is missing (hidden from the patient's access log)",
+                        (false, true) => "it names no patient but carries an index token",
+                        _ => "its patient index token is another patient's",
+                    };
+                    problems.push(format!("entry {index}: {what}: the patient index was altered"));
+                }
+            }
+        }
+        from = to;
+    }
+    if wrong > problems.len() as u64 {
+        problems.push(format!("{} more entries with a wrong patient index token", wrong - problems.len() as u64));
+    }
+    Ok(problems)
+}
+
 async fn check_chunk(store: Arc<dyn Store>, opener: Arc<BulkOpener>, from: u64, to: u64) -> Result<Vec<(u64, Hash, bool)>, StoreError> {
     let rows = store.audit_entries(from, to).await?;
     Ok(rows.into_iter().map(|(index, mut row)| (index, row.leaf_hash, open_entry_in_place(&*opener, &row.leaf_hash, &mut row.sealed).is_ok())).collect())
@@ -324,4 +368,13 @@ pub async fn receipt(store: &dyn Store, index: u64, size: u64) -> Result<String,
         .ok_or_else(|| ProofError::Invalid(format!("no checkpoint was signed for size {size}; ask for the latest checkpoint's size")))?;
     let proof = inclusion(store, index, size).await?;
     valv_audit::build_receipt(index, &proof, &cp.note).map_err(|e| ProofError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod index_tests {
+    #[test]
+    fn the_patient_is_read_from_canonical_bytes() {
+        assert_eq!(super::entry_patient(br#"{"agent_id":"k","patient":"p-1.2","reason":"x"}"#), Some("p-1.2"));
+        assert_eq!(super::entry_patient(br#"{"patient":null,"reason":"the \"patient\":\"x\" text"}"#), None);
+    }
 }

@@ -385,7 +385,9 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 .collect::<Result<Vec<_>, _>>()?;
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
             let verifier = valv_audit::Verifier::from_vkey(&opened.app.audit_vkey).map_err(|e| e.to_string())?;
-            let report = valv_server::auditlog::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            let mut report = valv_server::auditlog::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            let vault = &opened.app.vault;
+            report.problems.extend(valv_server::auditlog::check_patient_index(store, &audit_key, &|p| vault.audit_patient_token(p)).await.map_err(|e| e.to_string())?);
             for p in &report.problems {
                 println!("PROBLEM {p}");
             }

@@ -155,3 +155,19 @@ async fn sigterm_under_load_answers_every_request_in_flight() {
         assert_eq!(*status == 201, stored.contains(&format!("req-{i}")), "request {i}: answered {status}");
     }
 }
+
+#[tokio::test]
+async fn a_cleared_patient_index_is_found_by_verify() {
+    let s = Server::start("faults-index");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.id();
+    for _ in 0..3 {
+        assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    }
+    settled_checkpoint(&s).await;
+    assert!(run_ok(&s.data, &["audit", "verify"]).contains("the log verifies"));
+    // A database writer hides the patient's entries from their access log.
+    assert!(sql(&s, "UPDATE audit_entries SET patient_token = NULL WHERE patient_token IS NOT NULL") >= 4);
+    let out = valv().arg("--data-dir").arg(&s.data).args(["audit", "verify"]).output().expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("index token is missing"), "{text}");
+}
