@@ -6,7 +6,8 @@
 //! one summary entry (the first of them, with the count and the span in its reason), written when
 //! the window closes, and each of them is answered only once that entry is durable. So every
 //! attempt is on record before its answer leaves, as before, at no more than two entries per
-//! source, reason and second; a lone failure costs no wait.
+//! source, reason and second; a lone failure costs no wait. Rate-limit refusals (429) are
+//! recorded the same way with a window of [`REFUSAL_WINDOW`].
 
 use crate::audit::AuditEvent;
 use crate::error::ApiError;
@@ -16,8 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long a window stays open for more failures of its source and reason.
+/// How long a window of failed authentications stays open for more of its source and reason.
 pub const WINDOW: Duration = Duration::from_secs(1);
+/// The same for rate-limit refusals (429), whose requests may wait longer.
+pub const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
 /// Windows open at most; beyond, failures are recorded one entry each (memory stays bounded).
 const MAX_WINDOWS: usize = 10_000;
 
@@ -32,9 +35,15 @@ struct Window {
 
 type Windows = Arc<Mutex<HashMap<(String, String), Arc<Window>>>>;
 
-#[derive(Default)]
 pub struct Compactor {
     open: Windows,
+    window: Duration,
+}
+
+impl Default for Compactor {
+    fn default() -> Self {
+        Compactor::new(WINDOW)
+    }
 }
 
 /// What a failure does: opens a window (and is recorded alone), joins one, or — with too many
@@ -46,6 +55,10 @@ enum Turn {
 }
 
 impl Compactor {
+    pub fn new(window: Duration) -> Self {
+        Compactor { open: Windows::default(), window }
+    }
+
     /// Records a failed authentication (`event` names no agent). Returns once an entry that
     /// covers it is durable (or with 503 if none could be made so).
     pub async fn record(&self, app: &App, event: AuditEvent) -> Result<(), ApiError> {
@@ -71,7 +84,7 @@ impl Compactor {
                     open.insert(key.clone(), w.clone());
                     // Detached: the window closes and its summary is written even if this
                     // request's client goes away, so no request of the window waits for nothing.
-                    tokio::spawn(close_after_window(self.open.clone(), app.audit.clone(), key, w));
+                    tokio::spawn(close_after_window(self.open.clone(), app.audit.clone(), key, w, self.window));
                     Turn::Opened
                 }
             }
@@ -91,8 +104,8 @@ impl Compactor {
 }
 
 /// Waits the window out, closes it (later failures open a new one) and writes its summary.
-async fn close_after_window(open: Windows, sink: Arc<dyn crate::audit::AuditSink>, key: (String, String), window: Arc<Window>) {
-    tokio::time::sleep(WINDOW).await;
+async fn close_after_window(open: Windows, sink: Arc<dyn crate::audit::AuditSink>, key: (String, String), window: Arc<Window>, length: Duration) {
+    tokio::time::sleep(length).await;
     if let Ok(mut open) = open.lock() {
         open.remove(&key);
     }

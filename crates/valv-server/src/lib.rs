@@ -77,8 +77,10 @@ pub struct App {
     pub cert_services: Vec<tls::ServiceCert>,
     /// Need-to-know access: policies, care relationships and consents, grants.
     pub access: access::Access,
-    /// Failed authentications, one audit entry per source, reason and second.
+    /// Failed authentications, one audit entry per source, reason and second…
     pub auth_failure_log: compact::Compactor,
+    /// …and rate-limit refusals, per source and ten seconds.
+    pub refusal_log: compact::Compactor,
 }
 
 /// Who is at the other end of a connection.
@@ -311,8 +313,8 @@ fn throttle(app: &App, req: &Request<Incoming>, peer: &Peer) -> Result<bool, (u6
     }
 }
 
-/// 429 for a source over its limit; the first refusal of a burst is audited (once per burst, so
-/// the refusals themselves cannot flood the audit log).
+/// 429 for a source over its limit; the first refusal of a burst is audited, and those of one
+/// source share an entry per ten seconds (`compact`), so the refusals cannot flood the audit log.
 async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool) -> ApiError {
     let refusal = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("too many requests without a valid credential from this address; retry in {wait} s")).retry_after(wait);
     if !first {
@@ -344,7 +346,7 @@ async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool)
         },
         Err(e) => return e.into(),
     };
-    match fhir::audit(app, vec![event]).await {
+    match app.refusal_log.record(app, event).await {
         Ok(()) => refusal.recorded(),
         Err(e) => e,
     }

@@ -168,6 +168,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         oidc: valv_server::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
         access,
         auth_failure_log: Default::default(),
+        refusal_log: valv_server::compact::Compactor::new(valv_server::compact::REFUSAL_WINDOW),
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;
