@@ -877,28 +877,34 @@ pub async fn authenticate(app: &App, authorization: Option<&str>, cert: &crate::
         Ok(p) => Ok(p),
         Err((err, reason)) => {
             app.metrics.auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let event = AuditEvent {
-                event_id: vault::new_id()?,
-                time: now,
-                request_id: request_id.to_string(),
-                action: "E",
-                interaction: "authenticate",
-                outcome: Outcome::Denied,
-                status: err.status.as_u16(),
-                agent_id: String::new(),
-                agent_name: String::new(),
-                roles: Vec::new(),
-                source_address: source.to_string(),
-                purpose_of_use: None,
-                patient: None,
-                resource_type: None,
-                resource_id: None,
-                version: None,
-                query: None,
-                reason: reason.to_string(),
-            };
+            let event = anonymous_event("authenticate", now, request_id, source, err.status, reason)?;
             app.auth_failure_log.record(app, event).await?;
             Err(err)
         }
     }
+}
+
+/// The entry of a request refused before anyone was identified (failed authentication, rate
+/// limit): no agent, no patient, only where it came from and why.
+pub(crate) fn anonymous_event(interaction: &'static str, now: i64, request_id: &str, source: &str, status: StatusCode, reason: &str) -> Result<AuditEvent, ApiError> {
+    Ok(AuditEvent {
+        event_id: vault::new_id()?,
+        time: now,
+        request_id: request_id.to_string(),
+        action: "E",
+        interaction,
+        outcome: Outcome::Denied,
+        status: status.as_u16(),
+        agent_id: String::new(),
+        agent_name: String::new(),
+        roles: Vec::new(),
+        source_address: source.to_string(),
+        purpose_of_use: None,
+        patient: None,
+        resource_type: None,
+        resource_id: None,
+        version: None,
+        query: None,
+        reason: reason.to_string(),
+    })
 }

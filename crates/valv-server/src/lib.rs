@@ -323,28 +323,9 @@ async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool)
     if app.limits.may_log() {
         tracing::warn!(source = %peer.source(), "unauthenticated requests over the per-address limit; refusing with 429");
     }
-    let event = match valv_store::vault::new_id() {
-        Ok(event_id) => audit::AuditEvent {
-            event_id,
-            time: app.clock.now_ms(),
-            request_id: rid.to_string(),
-            action: "E",
-            interaction: "rate-limit",
-            outcome: audit::Outcome::Denied,
-            status: StatusCode::TOO_MANY_REQUESTS.as_u16(),
-            agent_id: String::new(),
-            agent_name: String::new(),
-            roles: Vec::new(),
-            source_address: peer.source(),
-            purpose_of_use: None,
-            patient: None,
-            resource_type: None,
-            resource_id: None,
-            version: None,
-            query: None,
-            reason: "too-many-unauthenticated-requests-from-address".into(),
-        },
-        Err(e) => return e.into(),
+    let event = match fhir::anonymous_event("rate-limit", app.clock.now_ms(), rid, &peer.source(), StatusCode::TOO_MANY_REQUESTS, "too-many-unauthenticated-requests-from-address") {
+        Ok(e) => e,
+        Err(e) => return e,
     };
     match app.refusal_log.record(app, event).await {
         Ok(()) => refusal.recorded(),
