@@ -103,7 +103,7 @@ fn server_peak_rss_kib(s: &Server) -> u64 {
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if args.iter().any(|a| *a == data) && args.iter().any(|a| a == "serve") {
+        if args.contains(&data) && args.iter().any(|a| a == "serve") {
             let status = std::fs::read_to_string(entry.path().join("status")).expect("status");
             let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
             return line.split_whitespace().nth(1).and_then(|v| v.parse().ok()).expect("a number");
