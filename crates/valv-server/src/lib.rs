@@ -1,35 +1,35 @@
 //! Valv's HTTPS server. A request is read top to bottom in [`handle`] and [`fhir`]:
 //!
 //! ```text
-//! connection limits, idle watchdog           serve() / limits
+//! connection limits, idle watchdog           serve() / http::limits
 //! TLS (rustls, 1.3)                          serve()
-//!   -> unauthenticated rate limit            handle() / limits::gate
+//!   -> unauthenticated rate limit            handle() / http::limits::gate
 //!   -> route and security headers            handle() / dispatch()
-//!   -> authenticate (API key -> Principal)   fhir::authenticate
+//!   -> authenticate (credential -> Principal) request::authenticate
 //!   -> parse (URL, headers, body)            parse_interaction()
-//!   -> locate / decide / audit / act         fhir::execute
+//!   -> locate / decide / audit / act         fhir::execute (on request::{authorize, audit})
 //!   -> respond (FHIR JSON or OperationOutcome)
 //! ```
+//!
+//! Folders by area: `http` (limits, TLS, metrics, query strings), `request` (the shared request
+//! context: principal, decisions, durable audit), `fhir` (the FHIR interactions), `audit` (the
+//! sink, tree integration, verification and proofs, the log's API, SIEM, compact flood records),
+//! `people` (credentials, accounts, sign-in, SSO, `/auth` and `/admin/users`), `access` (the
+//! policy's inputs, grants and their API).
 
 pub mod access;
 pub mod audit;
-pub mod auditapi;
-pub mod auditlog;
-pub mod auth;
-pub mod authapi;
 pub mod clock;
-pub mod compact;
 pub mod error;
 pub mod fhir;
-pub mod grantapi;
-pub mod identity;
-pub mod integrator;
-pub mod limits;
-pub mod metrics;
-pub mod oidc;
-pub mod query;
-pub mod siem;
-pub mod tls;
+pub mod http;
+pub mod people;
+pub mod request;
+
+use audit::{api as auditapi, compact, log as auditlog};
+use http::{limits, metrics, query, tls};
+use people::{api as authapi, identity, oidc};
+use access::grantapi;
 
 use crate::error::ApiError;
 use bytes::Bytes;
@@ -323,7 +323,7 @@ async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool)
     if app.limits.may_log() {
         tracing::warn!(source = %peer.source(), "unauthenticated requests over the per-address limit; refusing with 429");
     }
-    let event = match fhir::anonymous_event("rate-limit", app.clock.now_ms(), rid, &peer.source(), StatusCode::TOO_MANY_REQUESTS, "too-many-unauthenticated-requests-from-address") {
+    let event = match crate::request::anonymous_event("rate-limit", app.clock.now_ms(), rid, &peer.source(), StatusCode::TOO_MANY_REQUESTS, "too-many-unauthenticated-requests-from-address") {
         Ok(e) => e,
         Err(e) => return e,
     };
@@ -431,7 +431,7 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
     let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.source();
-    let principal = match fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await {
+    let principal = match crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await {
         Ok(p) => p,
         Err(e) => return ("fhir_unauthenticated", Err(e)),
     };
@@ -443,25 +443,25 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
     let declared = req.headers().get("x-purpose-of-use").map(|v| v.to_str().unwrap_or("").trim().to_string());
     let known = declared.as_deref().is_none_or(valv_policy::purpose::is_known);
     let purpose_of_use = declared.filter(|_| known);
-    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
+    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
     let url_type = req.uri().path().split('/').nth(2).filter(|t| valv_fhir::r4::is_resource_type(t)).map(str::to_string);
     if !known {
         let e = ApiError::bad_request("X-Purpose-Of-Use must be an HL7 PurposeOfUse code such as TREAT, ETREAT, HPAYMT, HOPERAT or PATRQT");
-        return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
+        return ("fhir_invalid", Err(crate::request::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
     }
     if let Err(e) = check_accept(req.headers()) {
-        return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
+        return ("fhir_invalid", Err(crate::request::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
     }
     // The body's share of the memory budget is held until the request is answered.
     let (interaction, _body_memory) = match parse_interaction(app, req).await {
         Ok(i) => i,
-        Err(e) => return ("fhir_invalid", Err(fhir::record_unaudited(app, &ctx, url_type.as_deref(), e).await)),
+        Err(e) => return ("fhir_invalid", Err(crate::request::record_unaudited(app, &ctx, url_type.as_deref(), e).await)),
     };
     let route = interaction.route();
     let resource_type = interaction.resource_type().to_string();
     match fhir::execute(app, &ctx, interaction).await {
         Ok(reply) => (route, Ok(reply)),
-        Err(e) => (route, Err(fhir::record_unaudited(app, &ctx, Some(&resource_type), e).await)),
+        Err(e) => (route, Err(crate::request::record_unaudited(app, &ctx, Some(&resource_type), e).await)),
     }
 }
 
@@ -471,12 +471,12 @@ async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: &
     let now = app.clock.now_ms();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.source();
-    let principal = fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
-    let ctx = fhir::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
+    let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
+    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
     let index = req.uri().path().trim_start_matches("/audit/entries/").to_string();
     match auditapi::entry(app, &ctx, &index).await {
         Ok(r) => Ok(r),
-        Err(e) => Err(fhir::record_unaudited(app, &ctx, Some("AuditEvent"), e).await),
+        Err(e) => Err(crate::request::record_unaudited(app, &ctx, Some("AuditEvent"), e).await),
     }
 }
 

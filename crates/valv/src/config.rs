@@ -65,7 +65,7 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        let d = valv_server::limits::Settings::default();
+        let d = valv_server::http::limits::Settings::default();
         LimitsConfig {
             max_connections: d.max_connections as u64,
             max_connections_per_address: d.max_connections_per_address as u64,
@@ -132,7 +132,7 @@ impl LimitsConfig {
 
     /// The server's limits; every value must be at least 1 (a zero would refuse everything or
     /// disable a bound silently).
-    pub fn settings(&self, max_body_bytes: usize) -> Result<valv_server::limits::Settings, String> {
+    pub fn settings(&self, max_body_bytes: usize) -> Result<valv_server::http::limits::Settings, String> {
         use std::time::Duration;
         let mut copy = self.clone();
         for (key, v) in copy.fields() {
@@ -149,7 +149,7 @@ impl LimitsConfig {
         if self.max_header_bytes < 1024 {
             return Err("limits.max_header_bytes must be at least 1024".into());
         }
-        Ok(valv_server::limits::Settings {
+        Ok(valv_server::http::limits::Settings {
             max_connections: size("max_connections", self.max_connections)?,
             max_connections_per_address: size("max_connections_per_address", self.max_connections_per_address)?,
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
@@ -301,7 +301,7 @@ fn oidc_username_claim() -> String {
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl OidcConfig {
-    pub fn settings(&self, data_dir: &Path) -> Result<Vec<valv_server::oidc::ProviderSettings>, String> {
+    pub fn settings(&self, data_dir: &Path) -> Result<Vec<valv_server::people::oidc::ProviderSettings>, String> {
         let mut out = Vec::new();
         for p in &self.providers {
             let client_secret = match &p.client_secret_file {
@@ -317,7 +317,7 @@ impl OidcConfig {
             };
             let ca = p.ca_file.as_ref().map_or_else(|| PathBuf::from(SYSTEM_CA_BUNDLE), |f| resolve(data_dir, f));
             let ca_pem = std::fs::read(&ca).map_err(|e| format!("[oidc] {}: CA file {}: {e}", p.name, ca.display()))?;
-            out.push(valv_server::oidc::ProviderSettings {
+            out.push(valv_server::people::oidc::ProviderSettings {
                 name: p.name.clone(),
                 issuer: p.issuer.clone(),
                 audience: p.audience.clone(),
@@ -369,7 +369,7 @@ fn service_role() -> String {
 
 impl MtlsConfig {
     /// The client CA's PEM (None when mutual TLS is off) and the services, checked.
-    pub fn load(&self, data_dir: &Path) -> Result<(Option<Vec<u8>>, Vec<valv_server::tls::ServiceCert>), String> {
+    pub fn load(&self, data_dir: &Path) -> Result<(Option<Vec<u8>>, Vec<valv_server::http::tls::ServiceCert>), String> {
         let Some(ca) = &self.client_ca else {
             if !self.services.is_empty() {
                 return Err("[mtls] lists services but no client_ca to verify their certificates".into());
@@ -380,8 +380,8 @@ impl MtlsConfig {
         let pem = std::fs::read(&path).map_err(|e| format!("[mtls] client_ca {}: {e}", path.display()))?;
         let mut services = Vec::new();
         for s in &self.services {
-            if !valv_server::auth::API_KEY_ROLES.contains(&s.role.as_str()) {
-                return Err(format!("[mtls] service '{}': role '{}' is not a service role ({})", s.name, s.role, valv_server::auth::API_KEY_ROLES.join(", ")));
+            if !valv_server::people::auth::API_KEY_ROLES.contains(&s.role.as_str()) {
+                return Err(format!("[mtls] service '{}': role '{}' is not a service role ({})", s.name, s.role, valv_server::people::auth::API_KEY_ROLES.join(", ")));
             }
             let scopes = valv_policy::Scopes::parse(&s.scopes).map_err(|e| format!("[mtls] service '{}': {e}", s.name))?;
             if s.role == "service" && scopes.is_empty() {
@@ -389,7 +389,7 @@ impl MtlsConfig {
             }
             if rustls_dns_ok(&s.dns_name) {
                 let scopes = (!scopes.is_empty()).then_some(scopes);
-                services.push(valv_server::tls::ServiceCert { name: s.name.clone(), dns_name: s.dns_name.clone(), role: s.role.clone(), scopes });
+                services.push(valv_server::http::tls::ServiceCert { name: s.name.clone(), dns_name: s.dns_name.clone(), role: s.role.clone(), scopes });
             } else {
                 return Err(format!("[mtls] service '{}': '{}' is not a DNS name", s.name, s.dns_name));
             }
@@ -436,7 +436,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        let d = valv_server::identity::Settings::default();
+        let d = valv_server::people::identity::Settings::default();
         AuthConfig {
             argon2_memory_kib: d.cost.memory_kib,
             argon2_iterations: d.cost.iterations,
@@ -460,7 +460,7 @@ impl Default for AuthConfig {
 }
 
 impl AuthConfig {
-    pub fn settings(&self) -> Result<valv_server::identity::Settings, String> {
+    pub fn settings(&self) -> Result<valv_server::people::identity::Settings, String> {
         let positive = |name: &str, v: u64| if v == 0 { Err(format!("auth.{name} must be at least 1")) } else { Ok(()) };
         positive("session_idle_minutes", self.session_idle_minutes.into())?;
         positive("session_absolute_hours", self.session_absolute_hours.into())?;
@@ -471,7 +471,7 @@ impl AuthConfig {
         if self.min_password_score > 4 {
             return Err(format!("auth.min_password_score is 0 to 4, got {}", self.min_password_score));
         }
-        Ok(valv_server::identity::Settings {
+        Ok(valv_server::people::identity::Settings {
             cost: valv_identity::password::Cost { memory_kib: self.argon2_memory_kib, iterations: self.argon2_iterations, parallelism: self.argon2_parallelism },
             min_score: self.min_password_score,
             session: valv_identity::limits::SessionTimes { idle_ms: i64::from(self.session_idle_minutes) * 60_000, absolute_ms: i64::from(self.session_absolute_hours) * 3_600_000 },
@@ -598,7 +598,7 @@ pub struct SiemConfig {
 
 impl SiemConfig {
     /// The forwarder's settings, `None` when forwarding is off.
-    pub fn settings(&self, data_dir: &Path) -> Result<Option<valv_server::siem::Settings>, String> {
+    pub fn settings(&self, data_dir: &Path) -> Result<Option<valv_server::audit::siem::Settings>, String> {
         let Some(address) = self.address.as_deref().filter(|a| !a.trim().is_empty()) else { return Ok(None) };
         let Some(ca_file) = &self.ca_file else {
             return Err("[siem] address is set but ca_file is not: the collector's certificate must be checked against a CA".into());
@@ -611,11 +611,11 @@ impl SiemConfig {
             }
         };
         let ca_file = resolve(data_dir, ca_file);
-        Ok(Some(valv_server::siem::Settings {
+        Ok(Some(valv_server::audit::siem::Settings {
             address: address.to_string(),
             server_name,
             ca_file,
-            position_file: data_dir.join(valv_server::siem::POSITION_FILE),
+            position_file: data_dir.join(valv_server::audit::siem::POSITION_FILE),
         }))
     }
 }
@@ -758,7 +758,7 @@ mod tests {
         c.apply_env(|k| (k == "VALV_LIMITS_BODY_GRACE_SECS").then(|| "3".to_string())).expect("valid");
         let s = c.limits.settings(c.server.max_body_bytes).expect("valid");
         assert_eq!((s.idle_timeout.as_secs(), s.max_connections_per_address, s.body_grace.as_secs()), (2, 8, 3));
-        assert_eq!(s, valv_server::limits::Settings { idle_timeout: s.idle_timeout, max_connections_per_address: 8, body_grace: s.body_grace, ..Default::default() }, "the rest are the defaults");
+        assert_eq!(s, valv_server::http::limits::Settings { idle_timeout: s.idle_timeout, max_connections_per_address: 8, body_grace: s.body_grace, ..Default::default() }, "the rest are the defaults");
         assert!(c.apply_env(|k| (k == "VALV_LIMITS_MAX_CONNECTIONS").then(|| "many".to_string())).is_err());
         c.limits.unauthenticated_burst = 0;
         assert!(c.limits.settings(c.server.max_body_bytes).is_err(), "zero is refused");

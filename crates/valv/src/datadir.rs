@@ -73,8 +73,8 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     let opened = open(dir, None).await?;
     // The empty log is signed at once: from now on a log with entries and no checkpoint can only
     // be one whose checkpoints were deleted (the server refuses to start on it).
-    valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
-    let (api_key, record) = valv_server::auth::new_api_key(
+    valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
+    let (api_key, record) = valv_server::people::auth::new_api_key(
         &opened.app.records,
         "admin",
         "admin",
@@ -142,12 +142,12 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;
-    let origin = valv_server::integrator::origin_for(checkpoint_seed.expose())?;
+    let origin = valv_server::audit::integrator::origin_for(checkpoint_seed.expose())?;
     let audit_vkey = valv_audit::Signer::new(&origin, checkpoint_seed.expose()).map_err(|e| e.to_string())?.verifier().to_vkey();
     let blind = valv_crypto::BlindIndexKey::new(vault.named_key("blind-index", now).await.map_err(|e| e.to_string())?);
     let identity_key = vault.named_key("identity", now).await.map_err(|e| e.to_string())?;
     let identity_macs = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
-    let identity = valv_server::identity::Identity::new(vault.store().clone(), &identity_key, blind.clone(), identity_macs, cfg.auth.settings()?)?;
+    let identity = valv_server::people::identity::Identity::new(vault.store().clone(), &identity_key, blind.clone(), identity_macs, cfg.auth.settings()?)?;
     let audit = Arc::new(StoreAuditLog::new(vault.store().clone(), audit_key, blind, cfg.storage.fail_audit_appends));
     let grants_key = vault.named_key("grants", now).await.map_err(|e| e.to_string())?;
     let access = valv_server::access::Access::new(cfg.policy.engine(dir)?, cfg.policy.settings(), vault.store().clone(), &grants_key);
@@ -158,17 +158,17 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         metrics: Default::default(),
         base_url: cfg.fhir_base(),
         max_body_bytes: cfg.server.max_body_bytes,
-        limits: valv_server::limits::Limits::new(cfg.limits.settings(cfg.server.max_body_bytes)?),
+        limits: valv_server::http::limits::Limits::new(cfg.limits.settings(cfg.server.max_body_bytes)?),
         capability: Default::default(),
         started: valv_fhir::date::format_instant(now),
         audit_vkey,
         identity,
         clock: valv_server::clock::from_env()?,
         cert_services: cfg.mtls.load(dir)?.1,
-        oidc: valv_server::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
+        oidc: valv_server::people::oidc::Oidc::new(cfg.oidc.settings(dir)?)?,
         access,
         auth_failure_log: Default::default(),
-        refusal_log: valv_server::compact::Compactor::new(valv_server::compact::REFUSAL_WINDOW),
+        refusal_log: valv_server::audit::compact::Compactor::new(valv_server::audit::compact::REFUSAL_WINDOW),
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;

@@ -24,8 +24,8 @@ pub fn local_ctx(purpose: &str) -> Ctx {
     let mut rid = [0u8; 12];
     let _ = getrandom::fill(&mut rid);
     Ctx {
-        principal: valv_server::auth::Principal::basic(
-            valv_server::auth::PrincipalKind::Local,
+        principal: valv_server::people::auth::Principal::basic(
+            valv_server::people::auth::PrincipalKind::Local,
             format!("local:{user}"),
             user,
             vec!["service".into()],

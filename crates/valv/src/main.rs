@@ -332,16 +332,16 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);
     let (client_ca, _) = opened.config.mtls.load(&opened.data_dir)?;
-    let tls = valv_server::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12, client_ca.as_deref())?;
+    let tls = valv_server::http::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12, client_ca.as_deref())?;
     let addr = opened.config.server.listen.clone();
     let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let integrator = valv_server::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
-    valv_server::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
+    let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
+    valv_server::audit::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
     // Care teams and consents written by other processes (valv import) count within 2 s.
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
-        valv_server::siem::spawn(opened.app.clone(), siem)?;
+        valv_server::audit::siem::spawn(opened.app.clone(), siem)?;
     }
     println!("Valv serving HTTPS on https://{local}/fhir (metadata: https://{local}/fhir/metadata)");
     tracing::info!(address = %local, "listening");
@@ -379,15 +379,15 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 .iter()
                 .map(|p| {
                     std::fs::read_to_string(p)
-                        .map(|note| valv_server::auditlog::Claim { source: format!("checkpoint {}", p.display()), note })
+                        .map(|note| valv_server::audit::log::Claim { source: format!("checkpoint {}", p.display()), note })
                         .map_err(|e| format!("{}: {e}", p.display()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
             let verifier = valv_audit::Verifier::from_vkey(&opened.app.audit_vkey).map_err(|e| e.to_string())?;
-            let mut report = valv_server::auditlog::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            let mut report = valv_server::audit::log::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
             let vault = &opened.app.vault;
-            report.problems.extend(valv_server::auditlog::check_patient_index(store, &audit_key, &|p| vault.audit_patient_token(p)).await.map_err(|e| e.to_string())?);
+            report.problems.extend(valv_server::audit::log::check_patient_index(store, &audit_key, &|p| vault.audit_patient_token(p)).await.map_err(|e| e.to_string())?);
             for p in &report.problems {
                 println!("PROBLEM {p}");
             }
@@ -408,10 +408,10 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
         }
         AuditAction::ReAnchor { checkpoint } => {
             let note = std::fs::read_to_string(&checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;
-            let cp = valv_server::integrator::Integrator::re_anchor(store.clone(), opened.checkpoint_seed.expose(), &note).await?;
+            let cp = valv_server::audit::integrator::Integrator::re_anchor(store.clone(), opened.checkpoint_seed.expose(), &note).await?;
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
             let reason = format!("the log's stored checkpoints were missing; re-anchored to an outside checkpoint of size {} (entries {}..{size} were covered by no checkpoint)", cp.size, cp.size);
-            valv_server::authapi::audit_local(&opened.app, "audit-re-anchor", None, reason.clone(), valv_server::now_ms()).await.map_err(|e| e.diagnostics)?;
+            valv_server::people::api::audit_local(&opened.app, "audit-re-anchor", None, reason.clone(), valv_server::now_ms()).await.map_err(|e| e.diagnostics)?;
             println!("{reason}");
             Ok(())
         }
@@ -419,7 +419,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
             if format != "jsonl" && format != "syslog" {
                 return Err(format!("export format '{format}' is not supported (jsonl, syslog)"));
             }
-            let (host, procid) = (valv_server::siem::hostname(), std::process::id());
+            let (host, procid) = (valv_server::audit::siem::hostname(), std::process::id());
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
             let cipher = valv_crypto::Cipher::new(&audit_key);
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
@@ -437,7 +437,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                     let bytes = valv_server::audit::open_entry(&cipher, &row).map_err(|e| format!("entry {index}: {e}"))?;
                     use std::io::Write as _;
                     if format == "syslog" {
-                        out.write_all(&valv_server::siem::message(index, &row, &bytes, &host, procid)).map_err(|e| e.to_string())?;
+                        out.write_all(&valv_server::audit::siem::message(index, &row, &bytes, &host, procid)).map_err(|e| e.to_string())?;
                         out.write_all(b"\n").map_err(|e| e.to_string())?;
                     } else {
                         let entry = String::from_utf8(bytes).map_err(|e| format!("entry {index}: {e}"))?;
@@ -454,7 +454,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 Some(s) => s,
                 None => store.latest_checkpoint().await.map_err(|e| e.to_string())?.map(|c| c.size).ok_or("no checkpoint has been signed yet")?,
             };
-            let text = valv_server::auditlog::receipt(&**store, index, size).await.map_err(|e| e.to_string())?;
+            let text = valv_server::audit::log::receipt(&**store, index, size).await.map_err(|e| e.to_string())?;
             print!("{text}");
             Ok(())
         }
@@ -462,7 +462,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
 }
 
 async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
-    use valv_server::identity::{AdminChange, NewUser};
+    use valv_server::people::identity::{AdminChange, NewUser};
     let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
     let app = &opened.app;
     let ident = &app.identity;
@@ -480,11 +480,11 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
                 valv_identity::password::check(pw, &spec.username, &spec.display_name, ident.settings.min_score).map_err(|r| r.to_string())?;
             }
             let (created, token) = ident.create(spec, now, None).await.map_err(e)?;
-            valv_server::authapi::audit_local(app, "user-create", Some(&created), "console".into(), now).await.map_err(e)?;
+            valv_server::people::api::audit_local(app, "user-create", Some(&created), "console".into(), now).await.map_err(e)?;
             if password_stdin {
                 let password = password.trim_end_matches(['\n', '\r']);
                 let (uri, codes) = ident.provision(&username, password, now).await.map_err(e)?;
-                valv_server::authapi::audit_local(app, "enroll", Some(&created), "console-provisioned".into(), now).await.map_err(e)?;
+                valv_server::people::api::audit_local(app, "enroll", Some(&created), "console-provisioned".into(), now).await.map_err(e)?;
                 println!("created user '{username}' (id {}), active; recovery codes (each works once):", created.id);
                 for c in codes {
                     println!("  {c}");
@@ -497,14 +497,14 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
         }
         UserAction::List => {
             let users = ident.list().await.map_err(e)?;
-            valv_server::authapi::audit_local(app, "user-read", None, "console-list".into(), now).await.map_err(e)?;
+            valv_server::people::api::audit_local(app, "user-read", None, "console-list".into(), now).await.map_err(e)?;
             for u in users {
                 println!("{:<24} {:<9} {:<36} {}", u.username, u.state_at(now), u.id, u.roles.join(","));
             }
         }
         UserAction::Show { username } => {
             let u = ident.get(&username).await.map_err(e)?;
-            valv_server::authapi::audit_local(app, "user-read", Some(&u), "console-show".into(), now).await.map_err(e)?;
+            valv_server::people::api::audit_local(app, "user-read", Some(&u), "console-show".into(), now).await.map_err(e)?;
             println!("{}", serde_json::to_string_pretty(&u.summary(now)).unwrap_or_default());
         }
         other => {
@@ -519,7 +519,7 @@ async fn user(dir: &std::path::Path, action: UserAction) -> Result<(), String> {
             };
             let interaction = change.interaction();
             let (u, token) = ident.admin(&username, change, now, None).await.map_err(e)?;
-            valv_server::authapi::audit_local(app, interaction, Some(&u), "console".into(), now).await.map_err(e)?;
+            valv_server::people::api::audit_local(app, interaction, Some(&u), "console".into(), now).await.map_err(e)?;
             println!("{username}: {} ({})", interaction.trim_start_matches("user-"), u.state_at(now));
             if let Some(t) = token {
                 println!("new enrollment token (valid 24 h, shown once):");
@@ -541,9 +541,9 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             }
             let r32 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
             let r16 = valv_store::vault::random_bytes().map_err(|e| e.to_string())?;
-            let (key, record) = valv_server::auth::new_api_key(&opened.app.records, &name, &role, &scope, now, r32, r16)?;
+            let (key, record) = valv_server::people::auth::new_api_key(&opened.app.records, &name, &role, &scope, now, r32, r16)?;
             // Audited before it exists: a key is never created without its entry.
-            valv_server::authapi::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role}, scopes '{}')", record.id, name, record.scopes), now).await.map_err(|e| e.diagnostics)?;
+            valv_server::people::api::audit_local(&opened.app, "apikey-create", None, format!("key {} ({}, role {role}, scopes '{}')", record.id, name, record.scopes), now).await.map_err(|e| e.diagnostics)?;
             store.insert_api_key(&record).await.map_err(|e| e.to_string())?;
             println!("created API key '{name}' (id {}, role {role}, scopes '{}'); it is shown only once:", record.id, record.scopes);
             println!("{key}");
@@ -563,11 +563,11 @@ async fn apikey(dir: &std::path::Path, action: ApikeyAction) -> Result<(), Strin
             let Some(key) = found else {
                 return Err(format!("no active API key with id or name '{id_or_name}'"));
             };
-            let r = valv_server::auth::revoked(&opened.app.records, key, now);
+            let r = valv_server::people::auth::revoked(&opened.app.records, key, now);
             if !store.revoke_api_key(&r.id, now, &r.mac).await.map_err(|e| e.to_string())? {
                 return Err(format!("API key '{id_or_name}' changed while revoking it; try again"));
             }
-            valv_server::authapi::audit_local(&opened.app, "apikey-revoke", None, format!("key {} ({})", r.id, r.name), now).await.map_err(|e| e.diagnostics)?;
+            valv_server::people::api::audit_local(&opened.app, "apikey-revoke", None, format!("key {} ({})", r.id, r.name), now).await.map_err(|e| e.diagnostics)?;
             println!("revoked API key '{id_or_name}'");
         }
     }

@@ -49,7 +49,7 @@ pub async fn explain(data_dir: &Path, args: ExplainArgs) -> Result<(), String> {
     let app = &opened.app;
     let now = app.clock.now_ms();
     let user = app.identity.get(&args.user).await.map_err(|e| e.diagnostics)?;
-    let principal = valv_server::auth::user_principal(&user);
+    let principal = valv_server::people::auth::user_principal(&user);
     let purpose = match args.purpose {
         Some(p) if valv_policy::purpose::is_known(&p) => p,
         Some(p) => return Err(format!("'{p}' is not an HL7 PurposeOfUse code (e.g. TREAT, ETREAT, HOPERAT, PATRQT)")),
@@ -59,7 +59,7 @@ pub async fn explain(data_dir: &Path, args: ExplainArgs) -> Result<(), String> {
     let question = Question { action, resource_type: &args.resource_type, patient, now, purpose: &purpose };
     let decision = app.access.decide(&app.access.subject(&principal), &question);
     let detail = format!("policy-explain {} {} patient {}: {}", action.cedar_name(), args.resource_type, patient.unwrap_or("-"), decision.reason());
-    valv_server::authapi::audit_local(app, "policy-explain", Some(&user), detail, now).await.map_err(|e| e.diagnostics)?;
+    valv_server::people::api::audit_local(app, "policy-explain", Some(&user), detail, now).await.map_err(|e| e.diagnostics)?;
 
     println!("decision: {}", if decision.permit { "PERMIT" } else { "DENY" });
     println!("question: {} {} {} of patient {} (purpose {purpose})", user.username, action.cedar_name(), args.resource_type, patient.unwrap_or("-"));

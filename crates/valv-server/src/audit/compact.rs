@@ -90,7 +90,7 @@ impl Compactor {
             }
         };
         match turn {
-            Turn::Opened | Turn::Alone => crate::fhir::audit(app, vec![event]).await,
+            Turn::Opened | Turn::Alone => crate::request::audit(app, vec![event]).await,
             Turn::Joined { mut rx, first } => {
                 let written = matches!(rx.wait_for(Option::is_some).await.map(|v| *v), Ok(Some(true)));
                 if first {

@@ -5,7 +5,7 @@
 //! yet seen, at most every 30 s: key rotation) and keeps sign-ins in progress (single use,
 //! 10 minutes).
 
-use crate::auth::{Principal, PrincipalKind};
+use crate::people::auth::{Principal, PrincipalKind};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;

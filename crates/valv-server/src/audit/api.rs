@@ -17,7 +17,7 @@
 
 use crate::audit::{open_entry, open_query, SaltedQuery};
 use crate::error::ApiError;
-use crate::fhir::{audit, audit_failure, authorize, Ctx, Touch};
+use crate::request::{audit, audit_failure, authorize, Ctx, Touch};
 use valv_policy::Action;
 use crate::{App, Reply};
 use base64::Engine as _;
@@ -351,7 +351,7 @@ async fn scan(app: &App, cipher: &valv_crypto::Cipher, filters: &Filters, want: 
 }
 
 pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
-    let query = crate::query::encode(pairs);
+    let query = crate::http::query::encode(pairs);
     let touch = Touch { interaction: "search-type", action: Action::Search, resource_type: "AuditEvent", id: None, version: None, patient: None, query: Some(query.clone()) };
     let filters = match parse_filters(pairs) {
         Ok(f) => f,
@@ -388,7 +388,7 @@ pub async fn search(app: &App, ctx: &Ctx, pairs: &[(String, String)]) -> Result<
     if let Some(before) = next {
         let mut rest: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_before" && k != "_offset").cloned().collect();
         rest.push(("_before".into(), before.to_string()));
-        links.push(valv_fhir::bundle::link("next", &format!("{}/AuditEvent?{}", app.base_url, crate::query::encode(&rest))));
+        links.push(valv_fhir::bundle::link("next", &format!("{}/AuditEvent?{}", app.base_url, crate::http::query::encode(&rest))));
     }
     let entries = page
         .into_iter()
@@ -436,9 +436,9 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
         parts.push(json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}));
         if index < checkpoint.size {
             // From the stored tiles: O(log n) reads whatever the log's size.
-            let proof = crate::auditlog::inclusion(&**store, index, checkpoint.size).await.map_err(|e| match e {
-                crate::auditlog::ProofError::Invalid(m) => ApiError::internal(m),
-                crate::auditlog::ProofError::Store(s) => s.into(),
+            let proof = crate::audit::log::inclusion(&**store, index, checkpoint.size).await.map_err(|e| match e {
+                crate::audit::log::ProofError::Invalid(m) => ApiError::internal(m),
+                crate::audit::log::ProofError::Store(s) => s.into(),
             })?;
             parts.extend(proof.iter().map(|h| json!({"name": "proof", "valueBase64Binary": b64(h)})));
         } else {

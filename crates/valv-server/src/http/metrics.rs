@@ -34,7 +34,7 @@ pub struct Metrics {
     pub lockouts: AtomicU64,
     /// `/auth/*` requests refused by the per-address rate limit.
     pub auth_rate_limited: AtomicU64,
-    /// Audit entries written to the SIEM collector (see [`crate::siem`]).
+    /// Audit entries written to the SIEM collector (see [`crate::audit::siem`]).
     pub siem_forwarded: AtomicU64,
     pub siem_failures: AtomicU64,
     /// Stored audit entries not yet forwarded (a gauge).

@@ -11,6 +11,12 @@
 //! their own purpose and the entry's leaf hash bound as context, in the entry's row. Only
 //! auditors are shown them ([`open_query`]); a record moved to another entry does not open.
 
+pub mod api;
+pub mod compact;
+pub mod integrator;
+pub mod log;
+pub mod siem;
+
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -256,7 +262,7 @@ mod tests {
         let cp = valv_audit::Checkpoint { origin: "valv.local/audit/test".into(), size: 3, root: valv_audit::merkle::root(&leaves) };
         let note = valv_audit::sign_checkpoint(&cp, &signer).expect("sign");
         store.save_checkpoint(&valv_store::StoredCheckpoint { size: 3, root: cp.root, note }).await.expect("save");
-        let report = crate::auditlog::verify(&store, &key, &signer.verifier(), &[]).await.expect("verify");
+        let report = crate::audit::log::verify(&store, &key, &signer.verifier(), &[]).await.expect("verify");
         assert_eq!((report.entries, report.checkpoints), (3, 1));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         drop(store);

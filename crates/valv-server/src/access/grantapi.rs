@@ -4,9 +4,9 @@
 
 use crate::access::{GrantRecord, Review, DEFAULT_BREAK_GLASS_MINUTES, MAX_BREAK_GLASS_MINUTES, MAX_SUPPORT_MINUTES};
 use crate::audit::{AuditEvent, Outcome};
-use crate::auth::{Principal, PrincipalKind};
+use crate::people::auth::{Principal, PrincipalKind};
 use crate::error::ApiError;
-use crate::fhir::{audit, Ctx};
+use crate::request::{audit, Ctx};
 use crate::{App, Peer, Reply};
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, StatusCode};
@@ -122,7 +122,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let now = app.clock.now_ms();
     let source = peer.source();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let principal = crate::fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
+    let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
     let ctx = Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
@@ -130,7 +130,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let has_body = req.headers().contains_key(header::CONTENT_TYPE);
     let body = if method == Method::POST && has_body { crate::read_json_body(app, req).await? } else { json!({}) };
     let segs: Vec<&str> = path.trim_start_matches("/admin/").split('/').filter(|s| !s.is_empty()).collect();
-    let status_filter = crate::query::parse(&query).map_err(ApiError::bad_request)?.into_iter().find(|(k, _)| k == "status").map(|(_, v)| v);
+    let status_filter = crate::http::query::parse(&query).map_err(ApiError::bad_request)?.into_iter().find(|(k, _)| k == "status").map(|(_, v)| v);
     match (method.as_str(), segs.as_slice()) {
         ("GET", ["break-glass"]) => {
             allow(app, &ctx, "break-glass-review", "break-glass-list").await?;

@@ -268,7 +268,7 @@ pub fn spawn(mut integrator: Integrator, interval: Duration) -> tokio::task::Joi
 mod tests {
     use super::*;
     use crate::audit::{AuditSink, StoreAuditLog};
-    use crate::auditlog::{self, ProofError};
+    use crate::audit::log::{self as auditlog, ProofError};
     use valv_audit::{merkle, AuditEvent, Outcome};
     use valv_crypto::{BlindIndexKey, DataKey};
     use valv_store::sqlite::SqliteStore;

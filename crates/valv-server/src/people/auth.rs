@@ -124,7 +124,7 @@ pub fn bearer(authorization: Option<&str>) -> Result<&str, ApiError> {
 }
 
 /// The principal of a signed-in person.
-pub fn user_principal(user: &crate::identity::User) -> Principal {
+pub fn user_principal(user: &crate::people::identity::User) -> Principal {
     Principal {
         kind: PrincipalKind::User,
         id: user.id.clone(),

@@ -1,9 +1,12 @@
 //! Need-to-know access at the server: the policy engine, the directory of care relationships
 //! and consents it reads (kept current from every committed write), and the grants (break-glass,
 //! remote support) people hold. Decisions themselves are `valv-policy`'s; this module supplies
-//! their inputs and keeps grants sealed in the store.
+//! their inputs and keeps grants sealed in the store. `grantapi`: `$break-glass`,
+//! `/admin/break-glass` and `/admin/support-grants`.
 
-use crate::auth::{Principal, PrincipalKind};
+pub mod grantapi;
+
+use crate::people::auth::{Principal, PrincipalKind};
 use crate::error::ApiError;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

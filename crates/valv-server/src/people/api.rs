@@ -6,10 +6,9 @@
 //! of a burst is audited and every refusal is counted in the metrics.
 
 use crate::audit::{AuditEvent, Outcome};
-use crate::auth::{self, Principal, PrincipalKind};
+use crate::people::auth::{self, Principal, PrincipalKind};
 use crate::error::ApiError;
-use crate::fhir;
-use crate::identity::{AdminChange, Login, LoginOutcome, NewUser, User, LOGIN_FAILED};
+use crate::people::identity::{AdminChange, Login, LoginOutcome, NewUser, User, LOGIN_FAILED};
 use crate::{App, ClientCert, Peer, Reply};
 use hyper::body::Incoming;
 use hyper::{header, Method, Request, StatusCode};
@@ -69,7 +68,7 @@ pub async fn audit_local(app: &App, interaction: &'static str, target: Option<&U
 }
 
 async fn record(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {
-    fhir::audit(app, events).await
+    crate::request::audit(app, events).await
 }
 
 fn body_field<'a>(body: &'a Value, name: &str) -> Result<&'a str, ApiError> {
@@ -244,11 +243,11 @@ async fn oidc_route(app: &App, rest: &str, query: &str, browser: Option<&str>, r
                 reply.set_cookie = Some(format!("{SSO_COOKIE}={secret}; Path=/auth/oidc/; Secure; HttpOnly; SameSite=Lax; Max-Age=600"));
                 Ok(reply)
             }
-            Err(crate::oidc::StartError::Unknown(m)) => Err(ApiError::not_found(m)),
-            Err(crate::oidc::StartError::Unavailable(m)) => Err(ApiError::unavailable(m).retry_after(5)),
+            Err(crate::people::oidc::StartError::Unknown(m)) => Err(ApiError::not_found(m)),
+            Err(crate::people::oidc::StartError::Unavailable(m)) => Err(ApiError::unavailable(m).retry_after(5)),
         },
         "callback" => {
-            let pairs = crate::query::parse(query).map_err(ApiError::bad_request)?;
+            let pairs = crate::http::query::parse(query).map_err(ApiError::bad_request)?;
             let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             if let Some(err) = get("error") {
                 let ev = event(rid, source, now, "login-sso", Outcome::Denied, StatusCode::UNAUTHORIZED, &NOBODY, None, &format!("provider-error: {}", err.chars().take(64).collect::<String>()))?;
@@ -259,7 +258,7 @@ async fn oidc_route(app: &App, rest: &str, query: &str, browser: Option<&str>, r
                 return Err(ApiError::bad_request("the callback needs 'code' and 'state'"));
             };
             let iss = get("iss");
-            let callback = crate::oidc::Callback { code: &code, state: &state, iss: iss.as_deref(), browser };
+            let callback = crate::people::oidc::Callback { code: &code, state: &state, iss: iss.as_deref(), browser };
             match app.oidc.finish(name, &callback, now).await {
                 Ok(signed) => {
                     let p = &signed.principal;
@@ -299,7 +298,7 @@ async fn session_user(app: &App, authorization: Option<&str>, rid: &str, source:
     if !token.starts_with(valv_identity::codes::SESSION_PREFIX) {
         return Err(ApiError::unauthorized("this needs a person's access token (from POST /auth/login)"));
     }
-    let principal = fhir::authenticate(app, authorization, &ClientCert::None, rid, source, now).await?;
+    let principal = crate::request::authenticate(app, authorization, &ClientCert::None, rid, source, now).await?;
     let user = app.identity.by_id(&principal.id).await?.ok_or_else(|| ApiError::unauthorized("the session's user is unknown"))?;
     Ok((user, token))
 }
@@ -313,7 +312,7 @@ async fn logout(app: &App, authorization: Option<&str>, rid: &str, source: &str,
 
 async fn me(app: &App, req: &Request<Incoming>, cert: &ClientCert, rid: &str, source: &str, now: i64) -> Result<Reply, ApiError> {
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let principal = fhir::authenticate(app, authz, cert, rid, source, now).await?;
+    let principal = crate::request::authenticate(app, authz, cert, rid, source, now).await?;
     let mut body = json!({"id": principal.id, "name": principal.name, "roles": principal.roles, "units": principal.units, "mfa": principal.mfa,
         "kind": match principal.kind { PrincipalKind::User => "user", PrincipalKind::Service => "service", PrincipalKind::Local => "local" }});
     if principal.kind == PrincipalKind::User {
@@ -420,11 +419,11 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let now = app.clock.now_ms();
     let source = peer.source();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let principal = fhir::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
+    let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
     let path = req.uri().path().trim_start_matches("/admin/users").trim_start_matches('/').to_string();
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let interaction = admin_interaction(req.method(), &segs);
-    let decision = crate::grantapi::users_decision(app, &principal, now);
+    let decision = crate::access::grantapi::users_decision(app, &principal, now);
     if !decision.permit {
         record(app, vec![event(rid, &source, now, interaction, Outcome::Denied, StatusCode::FORBIDDEN, &who(&principal), None, &decision.reason())?]).await?;
         return Err(ApiError::forbidden(format!("only admins manage users ({})", decision.reason())).recorded());
@@ -473,7 +472,7 @@ fn admin_change(action: &str) -> Option<AdminChange> {
     })
 }
 
-/// `by`: the admin's principal id (two-person rule: see [`crate::identity::Identity::approve`]).
+/// `by`: the admin's principal id (two-person rule: see [`crate::people::identity::Identity::approve`]).
 async fn admin_act(app: &App, method: &Method, segs: &[&str], body: Option<Result<Value, ApiError>>, by: &str, now: i64) -> Result<(Reply, Option<User>), ApiError> {
     let body = body.transpose()?;
     let ident = &app.identity;
