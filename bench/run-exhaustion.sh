@@ -199,6 +199,10 @@ run() {
   if [ "$mode" != none ]; then
     wait "$attack_pid" 2>/dev/null || true
     echo "    $(cat "$out/attack-$mode.log")"
+    # The next run starts on a server the attack has left: its connections (slow bodies wait for
+    # their timeout, refused ones sit in the tarpit) are gone before it is measured again.
+    for _ in $(seq 120); do [ "$(metric valv_connections_open)" -le 1 ] 2>/dev/null && break; sleep 0.5; done
+    sleep 2
   fi
 }
 
