@@ -64,7 +64,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            new_connections: Rate { per_minute: 6_000, burst: 200 },
+            new_connections: Rate { per_minute: 1_200, burst: 200 },
             tarpit: Duration::from_secs(5),
             max_tarpit: 1_024,
             shutdown_grace: Duration::from_secs(30),
