@@ -115,14 +115,17 @@ impl Change {
 /// What writing `body` (`None`: deleting) as `resource_type/id` would change in the facts;
 /// `None` when it changes no fact (not a followed type, or no fact derived from it differs).
 pub fn assess(dir: &Directory, resource_type: &str, id: &str, body: Option<&Value>, now: i64) -> Option<Change> {
-    if !FOLLOWED.contains(&resource_type) || !dir.would_change(resource_type, id, body) {
+    if !FOLLOWED.contains(&resource_type) {
         return None;
     }
     let kind = FactKind::of(resource_type)?;
     let patients = if kind == FactKind::Organization { Vec::new() } else { dir.patients_of(resource_type, id, body) };
-    let before = dir.scoped(&patients);
+    let before = dir.scoped(&patients, &[(resource_type, id)]);
     let mut after = before.clone();
     after.apply_next(resource_type, id, body);
+    if before.same_entry(&after, resource_type, id) {
+        return None;
+    }
     let mut effect = Effect::default();
     let mut per_patient = Vec::with_capacity(patients.len());
     for p in &patients {

@@ -342,21 +342,32 @@ impl Directory {
     }
 
     /// A directory holding what this one knows of `patients` (care teams, consents, managing
-    /// organisation, integrity failures) and the whole organisation tree: enough to compute
-    /// their relations exactly, at a cost that does not grow with the number of patients.
-    pub fn scoped(&self, patients: &[String]) -> Directory {
+    /// organisation, integrity failures), of the resources `keys` name, and the organisation
+    /// tree: enough to compute those patients' relations exactly, at a cost that grows with their
+    /// own relationships and the number of organisations, not with the number of patients.
+    pub fn scoped(&self, patients: &[String], keys: &[(&str, &str)]) -> Directory {
         let mut d = Directory::default();
-        for ((t, id), (v, e)) in &self.entries {
-            let keep = match e {
-                Entry::Team(x) => patients.contains(&x.patient),
-                Entry::Consent(x) => patients.contains(&x.patient),
-                Entry::Org(_) => true,
-                Entry::Patient(_) | Entry::Gone => t == "Organization" || (t == "Patient" && patients.contains(id)),
-            };
-            if keep {
+        let mut copy = |t: &str, id: &str| {
+            let key = (t.to_string(), id.to_string());
+            if let (Some((v, e)), false) = (self.entries.get(&key), d.entries.contains_key(&key)) {
                 d.remember(id, e);
-                d.entries.insert((t.clone(), id.clone()), (*v, e.clone()));
+                d.entries.insert(key, (*v, e.clone()));
             }
+        };
+        for org in self.parent.keys() {
+            copy("Organization", org);
+        }
+        for p in patients {
+            for (id, _) in self.teams.get(p).into_iter().flatten() {
+                copy("CareTeam", id);
+            }
+            for (id, _) in self.consents.get(p).into_iter().flatten() {
+                copy("Consent", id);
+            }
+            copy("Patient", p);
+        }
+        for (t, id) in keys {
+            copy(t, id);
         }
         d.unreadable = self.unreadable.iter().filter(|(_, p)| patients.contains(p)).map(|(k, p)| (k.clone(), p.clone())).collect();
         d
@@ -369,17 +380,12 @@ impl Directory {
         self.apply(resource_type, id, next, body);
     }
 
-    /// Whether a version would change what this directory derives from the resource (a new
-    /// telephone number on a Patient does not; a new managing organisation does).
-    pub fn would_change(&self, resource_type: &str, id: &str, body: Option<&Value>) -> bool {
-        if !FOLLOWED.contains(&resource_type) {
-            return false;
-        }
-        let mut after = self.scoped(&self.patients_of(resource_type, id, body));
-        let before = after.entries.get(&(resource_type.to_string(), id.to_string())).map(|(_, e)| e.clone());
-        after.apply_next(resource_type, id, body);
-        let now = after.entries.get(&(resource_type.to_string(), id.to_string())).map(|(_, e)| e.clone());
-        before.unwrap_or(Entry::Gone) != now.unwrap_or(Entry::Gone)
+    /// Whether what this directory derives from a followed resource is the same in `other` (a
+    /// new telephone number on a Patient changes nothing; a new managing organisation does).
+    pub fn same_entry(&self, other: &Directory, resource_type: &str, id: &str) -> bool {
+        let key = (resource_type.to_string(), id.to_string());
+        let entry = |d: &Directory| d.entries.get(&key).map_or(Entry::Gone, |(_, e)| e.clone());
+        entry(self) == entry(other)
     }
 
     /// Every provision of `patient`'s consents, nested ones included.

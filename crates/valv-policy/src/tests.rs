@@ -429,3 +429,20 @@ fn a_patient_is_shown_only_their_share_of_a_change_and_no_other_patients_id() {
         assert!(!text.contains("Patient/p3") && text.contains("Patient/(another)"), "{text}");
     }
 }
+
+#[test]
+fn a_scoped_directory_decides_its_patients_as_the_whole_one_does() {
+    let mut d = world();
+    d.apply("Consent", "c1", 1, Some(&block_of("p1", "Practitioner/dr", "active")));
+    let scoped = d.scoped(&["p1".to_string(), "far".to_string()], &[]);
+    for s in [person("physician", Some("dr")), person("nurse", None), person("registrar", None), person("external_specialist", Some("spec"))] {
+        for p in ["p1", "far"] {
+            for t in ["Observation", "Patient", "Consent", "MedicationRequest"] {
+                for a in Action::ALL {
+                    assert_eq!(ask(engine(), &d, &s, a, t, Some(p)).permit, ask(engine(), &scoped, &s, a, t, Some(p)).permit, "{:?} {a:?} {t} {p}", s.roles);
+                }
+            }
+        }
+    }
+    assert_eq!(scoped.care_team_count(), 3, "p1's two teams and far's one, not p3's");
+}

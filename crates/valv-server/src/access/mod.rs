@@ -261,14 +261,15 @@ impl Access {
         }
         let d = self.directory.read().map_err(|_| ApiError::internal("the directory of care relationships is unavailable"))?;
         let mut patients: Vec<String> = Vec::new();
-        for (t, id, body) in followed {
+        for (t, id, body) in &followed {
             for p in d.patients_of(t, id, *body) {
                 if !patients.contains(&p) {
                     patients.push(p);
                 }
             }
         }
-        Ok(Some(d.scoped(&patients)))
+        let keys: Vec<(&str, &str)> = followed.iter().map(|(t, id, _)| (*t, *id)).collect();
+        Ok(Some(d.scoped(&patients, &keys)))
     }
 
     pub fn decide_change(&self, subject: &Subject, change: &valv_policy::change::Change, action: valv_policy::Action, now: i64, purpose: &str) -> Decision {
