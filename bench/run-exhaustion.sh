@@ -3,24 +3,28 @@
 # client (wrk, service key, from 127.0.0.1) alone and under each attack from one other address
 # (127.0.0.2, so per-address limits fall on the attacker), with the server's memory.
 #
-#   bench/run-exhaustion.sh [SECONDS] [READ_CONNECTIONS] [ATTACK_CONNECTIONS] [ROUNDS]   (defaults: 10 32 500 3)
+#   bench/run-exhaustion.sh [SECONDS] [READ_CONNECTIONS] [ATTACK_CONNECTIONS] [ROUNDS]   (defaults: 10 32 500 5)
 #
-# The four runs (unloaded, idle, slow, bigbody) are repeated ROUNDS times, interleaved; each
-# attack's ratio is taken against the unloaded run of its round, and the medians are printed last
-# (single runs on this shared two-core machine vary by ±20%).
+# The four runs (unloaded, idle, slow, bigbody) are repeated ROUNDS times, interleaved, and one
+# more unloaded run closes the last round; each attack's ratio is taken against the mean of the
+# unloaded runs before and after its round, and the medians are printed last (single runs on this
+# shared two-core machine vary by ±20%). Each run also prints the server's CPU time per read, the
+# attacker's CPU and the machine's idle time: the server's own cost of an attack shows there.
 #
 # Attacks (a Python asyncio client bound to 127.0.0.2, reconnecting as soon as it is dropped):
 #   idle    ATTACK_CONNECTIONS connections held open: half TLS then silence, half HTTP/2 preface +
 #           SETTINGS and no stream;
 #   slow    ATTACK_CONNECTIONS POSTs to /auth/login (Content-Length 100000, and 4000) sending one
 #           byte every 5 s;
-#   bigbody 8 parallel POSTs of 28.6 MiB bodies to /auth/login, again and again.
+#   bigbody 8 parallel POSTs of 28.6 MiB bodies to /auth/login, again and again;
+#   flood   32 keep-alive connections sending GET /fhir/Patient without a credential, 16 pipelined
+#           at a time, as fast as they are answered (the audit-log flood).
 # The attacker runs under SCHED_IDLE (see ATTACKER_SCHED below).
 # Targets: reads under attack >= 90% of unloaded; server RSS < 512 MiB.
 # Needs: wrk, python3, curl. Everything runs on loopback and stops by itself.
 set -euo pipefail
 SECONDS_PER_RUN=${1:-10}
-ROUNDS=${4:-3}
+ROUNDS=${4:-5}
 # The attacker stands for another machine: its own CPU must not be the server's. SCHED_IDLE
 # (chrt --idle) runs it only when nothing else wants a core; ATTACKER_SCHED=nice gives the older
 # nice 19, under which the Python tool still took ~30% of the CPU in the big-body run (perf).
@@ -29,13 +33,17 @@ case "${ATTACKER_SCHED:-idle}" in
   nice) attacker_sched="nice -n 19" ;;
   *) echo "bench: ATTACKER_SCHED is idle or nice" >&2; exit 1 ;;
 esac
+# PERF_DIR=/some/dir records the server with `perf record -g` during each measured run (perf-MODE-ROUND.data).
+# MODES="slow bigbody" runs a subset of the attacks (all four by default).
+MODES=${MODES-idle slow bigbody flood}
 CONNS=${2:-32}
 ATTACK=${3:-500}
 THREADS=2
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 out=$(mktemp -d /tmp/valv-bench-exh.XXXXXX)
-trap 'kill "${attack_pid:-0}" "${server_pid:-0}" 2>/dev/null || true; rm -rf "$out"' EXIT
+# (Never `kill 0`: that is this script's own process group.)
+trap 'for p in ${attack_pid:-} ${server_pid:-}; do kill "$p" 2>/dev/null || true; done; rm -rf "$out"' EXIT
 
 command -v wrk >/dev/null || { echo "bench: wrk is not installed (apt-get install -y wrk)" >&2; exit 1; }
 python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.2", 0))' 2>/dev/null || { echo "bench: cannot bind 127.0.0.2 (the attacker's address)" >&2; exit 1; }
@@ -157,14 +165,45 @@ async def bigbody(i):
         try:
             for _ in range(size // len(block)):
                 if reader.done() or w.is_closing() or time.monotonic() > end: break
-                w.write(block); stats["bytes_sent"] += len(block)
+                w.write(block)
                 await w.drain()
+                # drain() returns at once while the buffer is below its mark, without running the
+                # loop's callbacks: yield, so a connection the server has closed is seen as closed
+                # (otherwise the tool would go on encrypting the whole body into a dead transport
+                # and count it as sent).
+                await asyncio.sleep(0)
+                if not w.is_closing(): stats["bytes_sent"] += len(block)
         except Exception:
             pass
         await reader
 
+async def flood(i):
+    # Unauthenticated reads as fast as the server answers them: keep-alive, 16 pipelined at a time.
+    batch = b"GET /fhir/Patient HTTP/1.1\r\nhost: localhost\r\n\r\n" * 16
+    while time.monotonic() < end:
+        c = await open_conn(["http/1.1"])
+        if not c: continue
+        r, w = c
+        try:
+            while time.monotonic() < end:
+                w.write(batch)
+                got = 0
+                while got < 16:
+                    line = await asyncio.wait_for(r.readline(), max(0.01, end - time.monotonic()))
+                    if not line: raise ConnectionResetError
+                    if line.startswith(b"HTTP/1.1 "):
+                        code = line[9:12].decode(errors="replace"); stats["answers"][code] = stats["answers"].get(code, 0) + 1
+                        got += 1
+                    elif line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                    elif line == b"\r\n":
+                        await r.readexactly(length)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError, ssl.SSLError):
+            stats["closed_by_server"] += 1
+        w.transport.abort()
+
 async def main():
-    attack = {"idle": idle, "slow": slow, "bigbody": bigbody}[mode]
+    attack = {"idle": idle, "slow": slow, "bigbody": bigbody, "flood": flood}[mode]
     await asyncio.gather(*(attack(i) for i in range(n)), return_exceptions=True)
     print(f"attack {mode}: {stats['connects']} connections made, {stats['refused']} refused or failed, {stats['closed_by_server']} closed by the server, "
           f"{stats['bytes_sent']} body bytes sent, answers {dict(sorted(stats['answers'].items()))}")
@@ -177,9 +216,13 @@ PY
 rss() { awk '/^VmRSS/{printf "%.0f", $2/1024}' "/proc/$server_pid/status"; }
 hwm() { awk '/^VmHWM/{printf "%.0f", $2/1024}' "/proc/$server_pid/status"; }
 metric() { curl -sk "$base/metrics" | awk -v m="$1" '$1==m{print $2}'; }
+# CPU time of a process in clock ticks (utime + stime), and the machine's idle ticks.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+idle_ticks() { awk '/^cpu /{print $5}' /proc/stat; }
 baseline=0
 run() {
   local name=$1 mode=$2 n=$3 line peak=0 r
+  attack_pid=
   if [ "$mode" != none ]; then
     # Ramp-up, the measured run, and a margin: the attacker stops by itself after that.
     $attacker_sched python3 "$out/attack.py" "$mode" "$port" "$n" "$((SECONDS_PER_RUN + 5))" > "$out/attack-$mode.log" 2>&1 &
@@ -188,14 +231,28 @@ run() {
   fi
   ( while kill -0 "$server_pid" 2>/dev/null; do rss; echo; sleep 0.5; done ) > "$out/rss-$mode.log" &
   local sampler=$!
+  local perf_pid=
+  if [ -n "${PERF_DIR:-}" ]; then
+    perf record -F 499 -g -p "$server_pid" -o "$PERF_DIR/perf-$mode-$round.data" -- sleep "$SECONDS_PER_RUN" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  local s0 a0 i0 t0
+  s0=$(ticks "$server_pid"); a0=$(ticks "${attack_pid:-0}"); i0=$(idle_ticks); t0=$(date +%s.%N)
   line=$(wrk -t"$THREADS" -c"$CONNS" -d"${SECONDS_PER_RUN}s" --latency -s "$out/read.lua" "$base" -- "$out/obs-ids" | grep '^RESULT')
+  local cpu
+  cpu=$(python3 -c "import sys; s, a, i, t, r = map(float, sys.argv[1:]); hz = 100.0
+print(f'server CPU {1e6 * s / hz / max(1.0, r * t):.0f} us/read, attacker {100 * a / hz / t:.0f}% of a core, machine idle {100 * i / hz / t / $(nproc):.0f}%')" \
+    "$(( $(ticks "$server_pid") - s0 ))" "$(( $(ticks "${attack_pid:-0}") - a0 ))" "$(( $(idle_ticks) - i0 ))" \
+    "$(python3 -c "import time; print(time.time() - $t0)")" "$(echo "$line" | awk '{print $2}')")
   kill "$sampler" 2>/dev/null || true
+  [ -n "$perf_pid" ] && wait "$perf_pid"
   peak=$(sort -n "$out/rss-$mode.log" | tail -1)
   read -r _ r p50 p99 errors <<<"$line"
   [ "$mode" = none ] && baseline=$r
-  echo "$mode $r $baseline" >> "$out/results"
+  echo "$round $mode $r" >> "$out/results"
   printf '%-40s %7s reads/s (%5.1f%%)  p50 %6s ms  p99 %7s ms  errors %s  server RSS peak %s MiB, open connections %s\n' \
     "$name" "$r" "$(python3 -c "print(100*$r/max(1,$baseline))")" "$p50" "$p99" "$errors" "$peak" "$(metric valv_connections_open)"
+  echo "    $cpu"
   if [ "$mode" != none ]; then
     wait "$attack_pid" 2>/dev/null || true
     echo "    $(cat "$out/attack-$mode.log")"
@@ -210,18 +267,31 @@ echo "== reads of Observation by id (audited), legitimate client from 127.0.0.1"
 for round in $(seq "$ROUNDS"); do
   echo "-- round $round of $ROUNDS"
   run "unloaded" none 0
-  run "idle connections ($ATTACK, TLS and HTTP/2)" idle "$ATTACK"
-  run "slow bodies ($ATTACK, 1 byte / 5 s)" slow "$ATTACK"
-  run "big bodies (8 x 28.6 MiB, repeated)" bigbody 8
+  for mode in $MODES; do
+    case $mode in
+      idle) run "idle connections ($ATTACK, TLS and HTTP/2)" idle "$ATTACK" ;;
+      slow) run "slow bodies ($ATTACK, 1 byte / 5 s)" slow "$ATTACK" ;;
+      bigbody) run "big bodies (8 x 28.6 MiB, repeated)" bigbody 8 ;;
+      flood) run "unauthenticated GETs (32 connections)" flood 32 ;;
+      *) echo "bench: MODES holds idle, slow, bigbody, flood" >&2; exit 1 ;;
+    esac
+  done
 done
-echo "== medians over $ROUNDS rounds (ratio: against the unloaded run of the same round)"
+# A last unloaded run closes the sandwich: each attack is compared with the mean of the unloaded
+# runs before and after its round, so a drift of the machine over the round does not count.
+round=$((ROUNDS + 1))
+echo "-- closing unloaded run"
+run "unloaded" none 0
+echo "== medians over $ROUNDS rounds (ratio: against the mean of the unloaded runs that open and close the round)"
 python3 - "$out/results" <<'PY'
 import statistics, sys
-rows = [l.split() for l in open(sys.argv[1])]
-for mode in ["none", "idle", "slow", "bigbody"]:
-    rs = [float(r) for m, r, b in rows if m == mode]
-    ratios = [float(r) / max(1.0, float(b)) for m, r, b in rows if m == mode]
-    print(f"{mode:8} median {statistics.median(rs):8.0f} reads/s   median ratio {100 * statistics.median(ratios):5.1f}%   (ratios: {', '.join(f'{100 * x:.0f}%' for x in ratios)})")
+rows = [(int(k), m, float(r)) for k, m, r in (l.split() for l in open(sys.argv[1]))]
+unloaded = {k: r for k, m, r in rows if m == "none"}
+for mode in ["none", "idle", "slow", "bigbody", "flood"]:
+    runs = [(k, r) for k, m, r in rows if m == mode and (mode != "none" or k in unloaded and k + 1 in unloaded)]
+    if not runs: continue
+    ratios = [r / ((unloaded[k] + unloaded[k + 1]) / 2) for k, r in runs]
+    print(f"{mode:8} median {statistics.median(r for _, r in runs):8.0f} reads/s   median ratio {100 * statistics.median(ratios):5.1f}%   (ratios: {', '.join(f'{100 * x:.0f}%' for x in ratios)})")
 PY
 echo "== server after the attacks"
 for m in valv_connections_refused_total valv_connections_idle_closed_total valv_tls_handshake_failures_total valv_request_bodies_timed_out_total valv_request_bodies_too_large_total valv_auth_rate_limited_total valv_unauthenticated_rate_limited_total valv_accept_errors_total; do

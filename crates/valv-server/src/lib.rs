@@ -284,8 +284,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
         resp.headers_mut().insert("x-request-id", v);
     }
     // A body refused part-way (too slow, too large) leaves the rest of it on an HTTP/1.1
-    // connection: close it rather than read on (HTTP/2 resets just the stream).
-    if version < hyper::Version::HTTP_2 && matches!(resp.status(), StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE) {
+    // connection: close it rather than read on (HTTP/2 resets just the stream). A rate-limited
+    // source loses its connection too (`Activity::ask_to_close`; HTTP/2 gets a GOAWAY).
+    if version < hyper::Version::HTTP_2 && matches!(resp.status(), StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS) {
         resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let status = resp.status().as_u16();
@@ -709,6 +710,9 @@ async fn accept_until(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Ser
                     let (app, peer, in_flight) = (app.clone(), peer.clone(), activity.begin());
                     async move {
                         let resp = handle(app, req, &peer).await;
+                        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+                            in_flight.ask_to_close();
+                        }
                         drop(in_flight);
                         Ok::<_, Infallible>(resp)
                     }
@@ -744,6 +748,10 @@ async fn accept_until(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Ser
                 tokio::select! {
                     _ = conn.as_mut() => break,
                     _ = drain.changed(), if closing.is_none() => {}
+                    _ = activity.close_asked(), if closing.is_none() => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + drain_after);
+                    }
                     _ = tokio::time::sleep_until(wake) => {
                         if closing.is_some_and(|until| tokio::time::Instant::now() >= until) {
                             break;

@@ -430,11 +430,13 @@ pub struct Activity {
     begun: AtomicU64,
     /// ms since `epoch` of the last request start or end.
     last: AtomicU64,
+    /// Set when a response asks for the connection to end (see [`Activity::ask_to_close`]).
+    close: tokio::sync::Notify,
 }
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity { epoch: Instant::now(), in_flight: AtomicUsize::new(0), begun: AtomicU64::new(0), last: AtomicU64::new(0) }
+        Activity { epoch: Instant::now(), in_flight: AtomicUsize::new(0), begun: AtomicU64::new(0), last: AtomicU64::new(0), close: tokio::sync::Notify::new() }
     }
 }
 
@@ -468,6 +470,19 @@ impl Activity {
         now + idle.saturating_sub(since)
     }
 
+    /// A request was refused for its source's rate: the connection is to end (HTTP/2 GOAWAY;
+    /// HTTP/1.1 also says `Connection: close`), so that a flood pays a new connection — itself
+    /// rate-limited per source and tarpitted — for every refusal instead of pipelining
+    /// thousands of them down one connection.
+    pub fn ask_to_close(&self) {
+        self.close.notify_one();
+    }
+
+    /// Resolves once [`Activity::ask_to_close`] has been called (at once if it already was).
+    pub async fn close_asked(&self) {
+        self.close.notified().await;
+    }
+
     /// Whether no request is in flight and none started or ended within `idle`.
     pub fn is_idle(&self, idle: Duration) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0 && self.epoch.elapsed().saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed))) >= idle
@@ -475,6 +490,13 @@ impl Activity {
 }
 
 pub struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    /// See [`Activity::ask_to_close`].
+    pub fn ask_to_close(&self) {
+        self.0.ask_to_close();
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {

@@ -376,6 +376,29 @@ async fn unauthenticated_requests_are_rate_limited_per_source() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_source_loses_its_connection() {
+    // One token: the first request is answered, the next refused, and the connection ends with
+    // the refusal, so a flood pays a (rate-limited, tarpitted) new connection per refusal.
+    let s = Server::start_configured("closes", &[], "[limits]\nunauthenticated_per_minute = 1\nunauthenticated_burst = 1\n");
+    let get = "GET /fhir/metadata HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let answer = exchange(&s, ATTACKER, get.repeat(3).as_bytes()).await;
+    let statuses: Vec<&str> = answer.match_indices("HTTP/1.1 ").map(|(i, _)| &answer[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["200", "429"], "the third pipelined request is not answered: {answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+
+    // HTTP/2: the refusal comes with a GOAWAY and the connection ends.
+    let tls = connect(&s, ATTACKER, &[b"h2"]).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await.expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder().uri("https://localhost/fhir/metadata").body(Full::new(Bytes::new())).expect("request");
+    assert_eq!(send.send_request(req).await.expect("answer").status(), 429);
+    let ended = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(ended.is_ok(), "the HTTP/2 connection is still open after its 429");
+    // Another source is not touched.
+    assert_eq!(request_from(&s, LEGIT, "GET", "/fhir/metadata", None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_failed_authentications_is_recorded_compactly_and_completely() {
     // Limits wide enough that every request of the flood reaches authentication.
     let s = Server::start_configured("auth-flood", &[], "[limits]\nunauthenticated_per_minute = 100000\nunauthenticated_burst = 100000\nmax_connections_per_address = 1000\n");
