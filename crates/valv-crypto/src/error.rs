@@ -7,8 +7,8 @@ pub enum CryptoError {
     Authentication,
     #[error("malformed ciphertext: {0}")]
     Malformed(&'static str),
-    #[error("key-encryption key {provider} version {version} is not available")]
-    UnknownKek { provider: String, version: u32 },
+    #[error("key-encryption key {provider}/{kek_id} version {version} is not available")]
+    UnknownKek { provider: String, kek_id: String, version: u32 },
     #[error("key file: {0}")]
     KeyFile(String),
 }

@@ -27,7 +27,11 @@ impl std::fmt::Debug for DataKey {
 pub struct WrappedKey {
     /// Which provider wrapped it (e.g. `file`).
     pub provider: String,
-    /// Which version of the provider's KEK.
+    /// Which KEK of the provider (for `file`, a fingerprint of the key file's first version);
+    /// empty for keys wrapped before KEK ids were recorded (read as the provider's own KEK).
+    pub kek_id: String,
+    /// Which version of that KEK: a rewrap moves a key to the current version, and a version is
+    /// retired only once no key names it.
     pub kek_version: u32,
     /// nonce || ciphertext || tag.
     pub ciphertext: Vec<u8>,

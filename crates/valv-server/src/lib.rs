@@ -23,6 +23,7 @@ pub mod clock;
 pub mod error;
 pub mod fhir;
 pub mod http;
+pub mod keys;
 pub mod people;
 pub mod request;
 

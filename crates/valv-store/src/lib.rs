@@ -7,6 +7,7 @@
 pub mod disk;
 mod error;
 mod keycache;
+pub mod rewrap;
 pub mod sqlite;
 pub mod vault;
 
@@ -152,6 +153,17 @@ pub struct UserRow {
     pub enrollment_hash: Option<[u8; 32]>,
 }
 
+/// The wrapped keys under one KEK version (`valv keys status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCensus {
+    pub provider: String,
+    pub kek_id: String,
+    pub kek_version: u32,
+    pub keys: u64,
+    /// When the oldest of them was wrapped (ms since the epoch).
+    pub oldest_wrap: i64,
+}
+
 /// A login session: only the hash of its bearer token is kept.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRow {
@@ -170,6 +182,17 @@ pub trait Store: Send + Sync {
     async fn get_key(&self, name: &str) -> Result<Option<WrappedKey>, StoreError>;
     /// Stores a wrapped key unless one exists under the name; returns the one that is stored.
     async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError>;
+    /// Up to `limit` wrapped keys not under this provider, KEK id and version (what a rotation
+    /// still has to rewrap), by name.
+    async fn keys_not_under(&self, provider: &str, kek_id: &str, kek_version: u32, limit: usize) -> Result<Vec<(String, WrappedKey)>, StoreError>;
+    /// Replaces wrapped keys, each only if it is still stored as the old one (a key rewrapped by
+    /// another process meanwhile is left alone), durably and in one transaction; returns how
+    /// many were replaced.
+    async fn rewrap_keys(&self, changes: &[(String, WrappedKey, WrappedKey)], now: i64) -> Result<usize, StoreError>;
+    /// How many wrapped keys each (provider, KEK id, version) holds, and the oldest wrap.
+    async fn key_census(&self) -> Result<Vec<KeyCensus>, StoreError>;
+    /// When a named key was created, if it exists.
+    async fn key_created(&self, name: &str) -> Result<Option<i64>, StoreError>;
     /// Current state of a resource without its body.
     async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError>;
     /// The current version (a deletion has an empty body).

@@ -131,6 +131,12 @@ CREATE TABLE audit_tiles (
     hashes BLOB NOT NULL,
     PRIMARY KEY (level, idx)
 );
+"#, r#"
+-- Which KEK of the provider wrapped each data key ('' for keys wrapped before: read as the
+-- provider's own, and given the id when a rotation rewraps them) and when it was last wrapped.
+ALTER TABLE data_keys ADD COLUMN kek_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE data_keys ADD COLUMN wrapped_at INTEGER;
+CREATE INDEX data_keys_kek ON data_keys (provider, kek_id, kek_version);
 "#];
 
 const READERS: usize = 4;
@@ -704,6 +710,12 @@ fn current_checked(found: Option<(StoredVersion, u64)>) -> Result<Option<StoredV
     }
 }
 
+const WRAPPED_COLUMNS: &str = "provider, kek_id, kek_version, wrapped";
+
+fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
+    Ok(WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
+}
+
 fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let hash: Vec<u8> = r.get(3)?;
     let mut h = [0u8; 32];
@@ -716,20 +728,56 @@ fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn get_key(&self, name: &str) -> Result<Option<WrappedKey>, StoreError> {
-        self.with_reader(|c| {
-            Ok(c.prepare_cached("SELECT provider, kek_version, wrapped FROM data_keys WHERE name = ?1")?
-                .query_row(params![name], |r| Ok(WrappedKey { provider: r.get(0)?, kek_version: r.get(1)?, ciphertext: r.get(2)? }))
-                .optional()?)
-        })
+        self.with_reader(|c| Ok(c.prepare_cached(&format!("SELECT {WRAPPED_COLUMNS} FROM data_keys WHERE name = ?1"))?.query_row(params![name], row_to_wrapped).optional()?))
     }
 
     async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError> {
         self.with_admin(|c| {
-            c.prepare_cached("INSERT OR IGNORE INTO data_keys (name, provider, kek_version, wrapped, created) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![name, key.provider, key.kek_version, key.ciphertext, now])?;
-            Ok(c.prepare_cached("SELECT provider, kek_version, wrapped FROM data_keys WHERE name = ?1")?
-                .query_row(params![name], |r| Ok(WrappedKey { provider: r.get(0)?, kek_version: r.get(1)?, ciphertext: r.get(2)? }))?)
+            c.prepare_cached("INSERT OR IGNORE INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)")?
+                .execute(params![name, key.provider, key.kek_id, key.kek_version, key.ciphertext, now])?;
+            Ok(c.prepare_cached(&format!("SELECT {WRAPPED_COLUMNS} FROM data_keys WHERE name = ?1"))?.query_row(params![name], row_to_wrapped)?)
         })
+    }
+
+    async fn keys_not_under(&self, provider: &str, kek_id: &str, kek_version: u32, limit: usize) -> Result<Vec<(String, WrappedKey)>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!("SELECT {WRAPPED_COLUMNS}, name FROM data_keys WHERE NOT (provider = ?1 AND kek_id = ?2 AND kek_version = ?3) ORDER BY name LIMIT ?4");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![provider, kek_id, kek_version, limit as i64], |r| Ok((r.get(4)?, row_to_wrapped(r)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn rewrap_keys(&self, changes: &[(String, WrappedKey, WrappedKey)], now: i64) -> Result<usize, StoreError> {
+        self.with_admin(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut replaced = 0;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE data_keys SET provider = ?2, kek_id = ?3, kek_version = ?4, wrapped = ?5, wrapped_at = ?6 \
+                     WHERE name = ?1 AND provider = ?7 AND kek_id = ?8 AND kek_version = ?9 AND wrapped = ?10",
+                )?;
+                for (name, old, new) in changes {
+                    replaced += stmt.execute(params![name, new.provider, new.kek_id, new.kek_version, new.ciphertext, now, old.provider, old.kek_id, old.kek_version, old.ciphertext])?;
+                }
+            }
+            tx.commit()?;
+            Ok(replaced)
+        })
+    }
+
+    async fn key_census(&self) -> Result<Vec<crate::KeyCensus>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT provider, kek_id, kek_version, count(*), min(coalesce(wrapped_at, created)) FROM data_keys GROUP BY provider, kek_id, kek_version ORDER BY provider, kek_id, kek_version",
+            )?;
+            let rows = stmt.query_map([], |r| Ok(crate::KeyCensus { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, keys: r.get(3)?, oldest_wrap: r.get(4)? }))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn key_created(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT created FROM data_keys WHERE name = ?1")?.query_row(params![name], |r| r.get(0)).optional()?))
     }
 
     async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError> {

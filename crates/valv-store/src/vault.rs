@@ -112,6 +112,11 @@ impl Vault {
         &self.store
     }
 
+    /// The key provider holding the KEKs that wrap the data keys.
+    pub fn provider(&self) -> &Arc<dyn KeyProvider> {
+        &self.provider
+    }
+
     /// The blind-index token of a patient id in the audit log's patient index.
     pub fn audit_patient_token(&self, patient: &str) -> Token {
         self.blind.token("AuditEvent", "patient", patient)

@@ -20,6 +20,8 @@ pub struct Opened {
     pub data_dir: PathBuf,
     /// The Ed25519 seed that signs audit checkpoints (a data key wrapped by the KEK).
     pub checkpoint_seed: valv_crypto::DataKey,
+    /// The key provider (the vault holds it too, as a `KeyProvider`).
+    pub keys: Arc<crate::keys::FileKeys>,
 }
 
 pub fn is_initialised(dir: &Path) -> bool {
@@ -95,16 +97,6 @@ fn header() -> String {
         .to_string()
 }
 
-/// Refuses a key file that others can read, as ssh does for private keys.
-fn read_key_file(path: &Path) -> Result<LocalKeyProvider, String> {
-    let meta = fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!("key file {} is open to group or others; run chmod 600 on it", path.display()));
-    }
-    let text = zeroize::Zeroizing::new(fs::read_to_string(path).map_err(|e| format!("key file {}: {e}", path.display()))?);
-    LocalKeyProvider::parse(&text).map_err(|e| e.to_string())
-}
-
 /// Opens an initialised data directory into an [`App`] (storage, keys, audit log).
 pub async fn open(dir: &Path, listen: Option<&str>) -> Result<Opened, String> {
     open_for(dir, listen, Access::Serve).await
@@ -127,7 +119,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     if cfg.keys.provider != "file" {
         return Err(format!("key provider '{}' is not available in this version (only 'file')", cfg.keys.provider));
     }
-    let provider = Arc::new(read_key_file(&resolve(dir, &cfg.keys.key_file))?);
+    let keys = Arc::new(crate::keys::FileKeys::open(&resolve(dir, &cfg.keys.key_file))?);
     let db = resolve(dir, &cfg.storage.sqlite);
     // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
     if !db.exists() {
@@ -138,7 +130,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         .then(|| valv_store::disk::Reserve::beside(&db, cfg.storage.disk_reserve_mb << 20));
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?);
     let now = valv_server::now_ms();
-    let vault = Vault::open(store, provider, now).await.map_err(|e| e.to_string())?;
+    let vault = Vault::open(store, keys.clone(), now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;
@@ -172,7 +164,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;
-    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed })
+    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed, keys })
 }
 
 /// The TLS certificate and key; Valv's own first-start certificate is renewed first when it ends

@@ -5,6 +5,7 @@ mod certificate;
 mod config;
 mod datadir;
 mod import;
+mod keys;
 mod policycmd;
 mod synth;
 
@@ -71,6 +72,33 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Key-encryption keys: status, rotation, retirement of old versions.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysAction {
+    /// The provider, its KEK versions, how many data keys each wraps, key ages.
+    Status {
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Adds a KEK version and makes it current; a running server rewraps every data key under
+    /// it in the background (as does the next start).
+    Rotate {
+        /// Rewrap here and return once every data key is under the new version.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Finishes an interrupted rewrap here: every data key not under the current KEK version is
+    /// rewrapped under it (no new version).
+    Rewrap,
+    /// Destroys an old KEK version once no data key is wrapped under it.
+    Retire { version: u32 },
 }
 
 #[derive(Subcommand)]
@@ -264,6 +292,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             serve(opened).await
         }
         Command::Apikey { action } => apikey(&dir, action).await,
+        Command::Keys { action } => keys_command(&dir, action).await,
         Command::Audit { action } => audit(&dir, action).await,
         Command::User { action } => user(&dir, action).await,
         Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {
@@ -340,6 +369,8 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     valv_server::audit::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
     // Care teams and consents written by other processes (valv import) count within 2 s.
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
+    // Data keys not under the current KEK version (after `valv keys rotate`) are rewrapped.
+    valv_server::keys::spawn_rewrap(opened.app.clone(), std::time::Duration::from_secs(5));
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::audit::siem::spawn(opened.app.clone(), siem)?;
     }
@@ -368,6 +399,52 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), String> {
+    use valv_crypto::KeyProvider as _;
+    let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
+    let (store, keys, now) = (opened.app.vault.store(), &opened.keys, valv_server::now_ms());
+    let record = |interaction: &'static str, reason: String| {
+        let app = opened.app.clone();
+        async move { valv_server::people::api::audit_local(&app, interaction, None, reason, valv_server::now_ms()).await.map_err(|e| e.diagnostics) }
+    };
+    match action {
+        KeysAction::Status { format } => {
+            let status = keys::status(keys, &**store).await?;
+            match format.as_str() {
+                "text" => println!("{}", status.to_text(now)),
+                "json" => println!("{}", status.to_json(now)),
+                other => return Err(format!("format '{other}' is not supported (text, json)")),
+            }
+            Ok(())
+        }
+        KeysAction::Rotate { wait } => {
+            let version = keys.rotate()?;
+            record("key-rotate", format!("KEK {} version {version} added and made current", keys.kek_id())).await?;
+            println!("KEK {} version {version} is now current", keys.kek_id());
+            if wait {
+                let n = keys::rewrap_until_done(keys, &**store).await?;
+                println!("{n} data keys rewrapped; every data key is under version {version}");
+            } else {
+                let left = valv_store::rewrap::remaining(&**store, &**keys).await.map_err(|e| e.to_string())?;
+                println!("{left} data keys to rewrap: a running server does it in the background (or its next start); 'valv keys status' shows what is left");
+            }
+            Ok(())
+        }
+        KeysAction::Rewrap => {
+            let n = keys::rewrap_until_done(keys, &**store).await?;
+            println!("{n} data keys rewrapped; every data key is under version {}", keys.current_version());
+            Ok(())
+        }
+        KeysAction::Retire { version } => {
+            keys::check_retirable(keys, &**store, version).await?;
+            keys.retire(version)?;
+            record("key-retire", format!("KEK {} version {version} destroyed (no data key was wrapped under it)", keys.kek_id())).await?;
+            println!("KEK {} version {version} retired", keys.kek_id());
+            Ok(())
+        }
+    }
 }
 
 async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String> {

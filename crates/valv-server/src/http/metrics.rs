@@ -39,6 +39,9 @@ pub struct Metrics {
     pub siem_failures: AtomicU64,
     /// Stored audit entries not yet forwarded (a gauge).
     pub siem_lag: AtomicU64,
+    /// Data keys moved to the current KEK version by this process, and those still to move (a gauge).
+    pub keys_rewrapped: AtomicU64,
+    pub keys_to_rewrap: AtomicU64,
 }
 
 impl Metrics {
@@ -92,6 +95,7 @@ impl Metrics {
             ("valv_auth_rate_limited_total", "Requests to /auth/* refused by the per-address rate limit (429).", &self.auth_rate_limited),
             ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
+            ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }
@@ -104,6 +108,11 @@ impl Metrics {
             out,
             "# HELP valv_siem_lag_entries Stored audit entries not yet forwarded to the SIEM collector.\n# TYPE valv_siem_lag_entries gauge\nvalv_siem_lag_entries {}",
             self.siem_lag.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP valv_keys_to_rewrap Data keys not yet under the current KEK version, as last counted.\n# TYPE valv_keys_to_rewrap gauge\nvalv_keys_to_rewrap {}",
+            self.keys_to_rewrap.load(Ordering::Relaxed)
         );
         out
     }

@@ -16,6 +16,7 @@ mod harness;
 mod holes;
 mod identity;
 mod independent;
+mod keys;
 mod mtls;
 mod oidc;
 mod search;

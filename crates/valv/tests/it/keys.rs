@@ -1,0 +1,121 @@
+//! KEK rotation with the local key file (issue "lifecycle"): `valv keys rotate` while the server
+//! serves, the server's background rewrap, `--wait`, retiring an old version only once nothing
+//! needs it, and data still readable after a restart with only the new version.
+
+use crate::harness::{run_ok, valv, Server};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn status(s: &Server) -> Value {
+    serde_json::from_str(&run_ok(&s.data, &["keys", "status", "--format", "json"])).expect("status is JSON")
+}
+
+fn keys_under(status: &Value, version: u64) -> u64 {
+    status["versions"].as_array().expect("versions").iter().find(|v| v["version"] == version).map_or(0, |v| v["data_keys"].as_u64().expect("count"))
+}
+
+/// Runs `valv keys …` expecting a refusal; returns its one-line reason.
+fn refused(s: &Server, args: &[&str]) -> String {
+    let out = valv().arg("--data-dir").arg(&s.data).arg("keys").args(args).output().expect("run valv");
+    assert!(!out.status.success(), "valv keys {args:?} must fail");
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+fn key_file(s: &Server) -> String {
+    std::fs::read_to_string(s.data.join("keys/kek.key")).expect("key file")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_rewraps_in_the_background_and_old_versions_retire_only_when_unused() {
+    let mut s = Server::start("keys");
+    let mut patients = Vec::new();
+    for i in 0..5 {
+        let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": format!("Rotation{i}")}]})).await;
+        assert_eq!(p.status, 201, "{}", p.text);
+        let id = p.id();
+        let o = s.post("/fhir/Observation", &json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{id}")}})).await;
+        assert_eq!(o.status, 201, "{}", o.text);
+        patients.push((id, o.id()));
+    }
+    let before = status(&s);
+    assert_eq!(before["current_version"], 1);
+    let total = keys_under(&before, 1);
+    assert!(total >= 5 + 5, "patients' keys and the named keys: {before}");
+    assert_eq!(before["to_rewrap"], 0);
+    let kek_id = before["kek_id"].as_str().expect("kek id").to_string();
+    assert!(kek_id.starts_with("file-"), "{kek_id}");
+
+    // The version in use cannot be retired.
+    assert!(refused(&s, &["retire", "1"]).contains("current"));
+
+    // Rotate without waiting: the running server notices and rewraps everything.
+    let out = run_ok(&s.data, &["keys", "rotate"]);
+    assert!(out.contains("version 2 is now current"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        let st = status(&s);
+        if st["to_rewrap"] == 0 || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(after["to_rewrap"], 0, "the server rewrapped every key: {after}");
+    assert_eq!((keys_under(&after, 1), keys_under(&after, 2)), (0, total), "{after}");
+    assert_eq!(after["kek_id"], kek_id.as_str(), "the KEK id stays across rotations");
+    let metrics = s.get("/metrics").await.text;
+    assert!(metrics.lines().any(|l| l.starts_with("valv_keys_rewrapped_total ") && !l.ends_with(" 0")), "{metrics}");
+
+    // A patient created now gets a key under version 2 at once.
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await;
+    assert_eq!(p.status, 201);
+    assert_eq!(keys_under(&status(&s), 2), total + 1);
+
+    // Version 1 is unused: retire it; the key file no longer holds it.
+    run_ok(&s.data, &["keys", "retire", "1"]);
+    assert!(!key_file(&s).contains("valv-kek-v1 1 "), "version 1 destroyed");
+    assert!(refused(&s, &["retire", "1"]).contains("no KEK version 1"));
+
+    // After a restart (nothing cached) every record reads with version 2 alone.
+    s.restart();
+    for (patient, observation) in &patients {
+        assert_eq!(s.get(&format!("/fhir/Patient/{patient}")).await.status, 200);
+        assert_eq!(s.get(&format!("/fhir/Observation/{observation}")).await.status, 200);
+    }
+
+    // Both are in the audit log, by the console operator.
+    let log = run_ok(&s.data, &["audit", "export", "--format", "jsonl"]);
+    assert!(log.contains("key-rotate") && log.contains("key-retire"), "rotation and retirement are audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_wait_rewraps_without_a_server_and_a_version_still_in_use_is_kept() {
+    let mut s = Server::start("keys-wait");
+    for _ in 0..3 {
+        assert_eq!(s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.status, 201);
+    }
+    s.kill9();
+    // Rotate twice without a server: nothing is rewrapped yet, so version 1 must stay.
+    run_ok(&s.data, &["keys", "rotate"]);
+    let st = status(&s);
+    let total = keys_under(&st, 1);
+    assert_eq!(st["to_rewrap"], total, "{st}");
+    let reason = refused(&s, &["retire", "1"]);
+    assert!(reason.contains("still wrapped under version 1"), "{reason}");
+    assert!(key_file(&s).contains("valv-kek-v1 1 "), "a refused retirement changes nothing");
+
+    // `rewrap` finishes what is left without adding a version.
+    let out = run_ok(&s.data, &["keys", "rewrap"]);
+    assert!(out.contains(&format!("{total} data keys rewrapped; every data key is under version 2")), "{out}");
+    assert_eq!(status(&s)["current_version"], 2);
+    let out = run_ok(&s.data, &["keys", "rotate", "--wait"]);
+    assert!(out.contains(&format!("{total} data keys rewrapped")), "{out}");
+    let st = status(&s);
+    assert_eq!((st["to_rewrap"].as_u64(), keys_under(&st, 3)), (Some(0), total), "{st}");
+    run_ok(&s.data, &["keys", "retire", "1"]);
+    run_ok(&s.data, &["keys", "retire", "2"]);
+    assert!(refused(&s, &["retire", "3"]).contains("current"));
+    assert!(refused(&s, &["retire", "x"]).contains("invalid value"), "a one-line reason for a bad argument");
+    s.restart();
+    let found = s.get("/fhir/Patient").await;
+    assert_eq!((found.status, found.total()), (200, 3));
+}
