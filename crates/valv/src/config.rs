@@ -526,7 +526,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
-    /// Key provider: `file` (local key file). PKCS#11, KMS and Vault transit come later.
+    /// Key provider: `file` (the local key file below), or a PKCS#11 token by RFC 7512 URI,
+    /// `pkcs11:token=…;object=…?module-path=…&pin-source=file:…|env:…` (the PIN by reference only).
     pub provider: String,
     /// The key-encryption key file (mode 0600), relative to the data directory.
     pub key_file: PathBuf,
@@ -693,6 +694,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();
+        }
+        if let Some(v) = get("VALV_KEY_PROVIDER") {
+            self.keys.provider = v;
         }
         if let Some(v) = get("VALV_LOG") {
             self.log.level = v;

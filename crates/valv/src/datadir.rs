@@ -21,7 +21,7 @@ pub struct Opened {
     /// The Ed25519 seed that signs audit checkpoints (a data key wrapped by the KEK).
     pub checkpoint_seed: valv_crypto::DataKey,
     /// The key provider (the vault holds it too, as a `KeyProvider`).
-    pub keys: Arc<crate::keys::FileKeys>,
+    pub keys: crate::keys::Keys,
 }
 
 pub fn is_initialised(dir: &Path) -> bool {
@@ -63,7 +63,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     create_private_dir(dir)?;
     let cfg = Config::load(dir)?;
     let key_file = resolve(dir, &cfg.keys.key_file);
-    if !key_file.exists() {
+    if cfg.keys.provider == "file" && !key_file.exists() {
         let provider = LocalKeyProvider::generate(random_bytes().map_err(|e| e.to_string())?);
         write_secret(&key_file, provider.to_file_text().as_bytes())?;
     }
@@ -116,10 +116,6 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     if let Some(addr) = listen {
         cfg.server.listen = addr.to_string();
     }
-    if cfg.keys.provider != "file" {
-        return Err(format!("key provider '{}' is not available in this version (only 'file')", cfg.keys.provider));
-    }
-    let keys = Arc::new(crate::keys::FileKeys::open(&resolve(dir, &cfg.keys.key_file))?);
     let db = resolve(dir, &cfg.storage.sqlite);
     // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
     if !db.exists() {
@@ -129,8 +125,12 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let reserve = (access == Access::Serve && cfg.storage.disk_reserve_mb > 0)
         .then(|| valv_store::disk::Reserve::beside(&db, cfg.storage.disk_reserve_mb << 20));
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?);
+    // A token's first KEK version is made only for a database that has no wrapped key yet: an
+    // empty token under an existing database is an error, never a fresh start.
+    let fresh = store.key_census().await.map_err(|e| e.to_string())?.is_empty();
+    let keys = crate::keys::Keys::open(&cfg.keys.provider, &resolve(dir, &cfg.keys.key_file), dir, fresh)?;
     let now = valv_server::now_ms();
-    let vault = Vault::open(store, keys.clone(), now).await.map_err(|e| e.to_string())?;
+    let vault = Vault::open(store, keys.provider(), now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
-//! The local key file as a key provider that follows the file (so a server sees a version
-//! `valv keys rotate` added, and stops wrapping under the old one, without a restart), and the
-//! `valv keys` commands: status, rotate, retire.
+//! The key providers a data directory can use — the local key file as a provider that follows the
+//! file (so a server sees a version `valv keys rotate` added, and stops wrapping under the old one,
+//! without a restart), or a PKCS#11 token ([`crate::pkcs11`]) — and the `valv keys` commands:
+//! status, rotate, rewrap, retire.
 //!
 //! Rotating and retiring change the file under an exclusive lock on a lock file beside it, write
 //! it whole to a temporary file and rename it over the old one, so no process ever reads half a
@@ -10,10 +11,61 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use valv_crypto::{CryptoError, DataKey, KeyProvider, LocalKeyProvider, WrappedKey};
 use valv_store::vault::random_bytes;
 use valv_store::Store;
+
+/// The configured provider, with what only the CLI needs (rotation, retirement).
+#[derive(Clone)]
+pub enum Keys {
+    File(Arc<FileKeys>),
+    Token(Arc<crate::pkcs11::TokenKeys>),
+}
+
+impl Keys {
+    /// Opens `keys.provider`: `file` reads `key_file`; a `pkcs11:` URI logs in to the token and,
+    /// with `create` (first start), makes KEK version 1 there if it holds none.
+    pub fn open(provider: &str, key_file: &Path, dir: &Path, create: bool) -> Result<Self, String> {
+        if provider == "file" {
+            Ok(Keys::File(Arc::new(FileKeys::open(key_file)?)))
+        } else if provider.starts_with("pkcs11:") {
+            let uri = crate::pkcs11::Pkcs11Uri::parse(provider, dir)?;
+            Ok(Keys::Token(Arc::new(crate::pkcs11::TokenKeys::open(uri, create)?)))
+        } else {
+            Err(format!("key provider '{provider}' is not available (file, or a pkcs11: URI)"))
+        }
+    }
+
+    pub fn provider(&self) -> Arc<dyn KeyProvider> {
+        match self {
+            Keys::File(k) => k.clone(),
+            Keys::Token(k) => k.clone(),
+        }
+    }
+
+    pub fn rotate(&self) -> Result<u32, String> {
+        match self {
+            Keys::File(k) => k.rotate(),
+            Keys::Token(k) => k.rotate(),
+        }
+    }
+
+    pub fn retire(&self, version: u32) -> Result<(), String> {
+        match self {
+            Keys::File(k) => k.retire(version),
+            Keys::Token(k) => k.retire(version),
+        }
+    }
+
+    /// Where the KEKs are, for people.
+    pub fn describe(&self) -> String {
+        match self {
+            Keys::File(k) => format!("key file {}", k.path().display()),
+            Keys::Token(k) => k.describe(),
+        }
+    }
+}
 
 /// The key file, re-read when it changes on disk.
 pub struct FileKeys {
@@ -170,7 +222,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
 pub struct Status {
     pub provider: String,
     pub kek_id: String,
-    pub key_file: PathBuf,
+    /// Where the KEKs are (the key file, or the token).
+    pub location: String,
     pub current_version: u32,
     /// Each version the provider holds: (version, data keys under it, oldest wrap).
     pub versions: Vec<(u32, u64, Option<i64>)>,
@@ -182,11 +235,13 @@ pub struct Status {
     pub signing_key_created: Option<i64>,
 }
 
-pub async fn status(keys: &FileKeys, store: &dyn Store) -> Result<Status, String> {
+pub async fn status(keys: &Keys, store: &dyn Store) -> Result<Status, String> {
+    let provider = keys.provider();
+    provider.refresh();
     let census = store.key_census().await.map_err(|e| e.to_string())?;
-    let (id, current, held) = (keys.kek_id(), keys.current_version(), keys.versions());
-    // Keys wrapped before KEK ids were recorded (id '') are read as this file's own.
-    let ours = |c: &valv_store::KeyCensus| c.provider == "file" && (c.kek_id == id || c.kek_id.is_empty());
+    let (name, id, current, held) = (provider.name().to_string(), provider.kek_id(), provider.current_version(), provider.versions());
+    // Keys wrapped before KEK ids were recorded (id '') are read as the key file's own.
+    let ours = |c: &valv_store::KeyCensus| c.provider == name && (c.kek_id == id || (c.kek_id.is_empty() && name == "file"));
     let versions = held
         .iter()
         .map(|&v| {
@@ -200,13 +255,13 @@ pub async fn status(keys: &FileKeys, store: &dyn Store) -> Result<Status, String
         .map(|c| (c.provider.clone(), c.kek_id.clone(), c.kek_version, c.keys))
         .collect();
     Ok(Status {
-        provider: "file".into(),
+        provider: name.clone(),
         kek_id: id,
-        key_file: keys.path().to_path_buf(),
+        location: keys.describe(),
         current_version: current,
         versions,
         unreadable,
-        to_rewrap: valv_store::rewrap::remaining(store, keys).await.map_err(|e| e.to_string())?,
+        to_rewrap: valv_store::rewrap::remaining(store, &*provider).await.map_err(|e| e.to_string())?,
         blind_index_created: store.key_created("blind-index").await.map_err(|e| e.to_string())?,
         signing_key_created: store.key_created("checkpoint-signing").await.map_err(|e| e.to_string())?,
     })
@@ -218,7 +273,7 @@ impl Status {
         serde_json::json!({
             "provider": self.provider,
             "kek_id": self.kek_id,
-            "key_file": self.key_file.display().to_string(),
+            "location": self.location,
             "current_version": self.current_version,
             "versions": self.versions.iter().map(|(v, n, oldest)| serde_json::json!({
                 "version": v, "current": *v == self.current_version, "data_keys": n, "oldest_wrap": at(*oldest),
@@ -232,7 +287,7 @@ impl Status {
 
     pub fn to_text(&self, now: i64) -> String {
         let at = |t: Option<i64>| t.map_or("-".to_string(), |t| format!("{} ({} days ago)", valv_fhir::date::format_instant(t), (now - t) / 86_400_000));
-        let mut out = format!("provider {}, KEK {} ({}), current version {}\n", self.provider, self.kek_id, self.key_file.display(), self.current_version);
+        let mut out = format!("provider {}, KEK {} ({}), current version {}\n", self.provider, self.kek_id, self.location, self.current_version);
         for (v, n, oldest) in &self.versions {
             let mark = if *v == self.current_version { " (current)" } else { "" };
             out.push_str(&format!("  version {v}{mark}: {n} data keys, oldest wrap {}\n", at(*oldest)));
@@ -248,8 +303,9 @@ impl Status {
 }
 
 /// Rewraps every key not under the current version, batch by batch, with progress on stderr.
-pub async fn rewrap_until_done(keys: &FileKeys, store: &dyn Store) -> Result<u64, String> {
+pub async fn rewrap_until_done(keys: &dyn KeyProvider, store: &dyn Store) -> Result<u64, String> {
     const BATCH: usize = 2000;
+    keys.refresh();
     let total = valv_store::rewrap::remaining(store, keys).await.map_err(|e| e.to_string())?;
     let (mut done, started) = (0u64, std::time::Instant::now());
     loop {
@@ -269,11 +325,13 @@ pub async fn rewrap_until_done(keys: &FileKeys, store: &dyn Store) -> Result<u64
 }
 
 /// The version `retire` may destroy: not the current one, and no stored key under it.
-pub async fn check_retirable(keys: &FileKeys, store: &dyn Store, version: u32) -> Result<(), String> {
-    if !keys.versions().contains(&version) {
-        return Err(format!("there is no KEK version {version} (versions: {:?})", keys.versions()));
+pub async fn check_retirable(keys: &Keys, store: &dyn Store, version: u32) -> Result<(), String> {
+    let provider = keys.provider();
+    provider.refresh();
+    if !provider.versions().contains(&version) {
+        return Err(format!("there is no KEK version {version} (versions: {:?})", provider.versions()));
     }
-    if version == keys.current_version() {
+    if version == provider.current_version() {
         return Err(format!("version {version} is the current KEK version; run 'valv keys rotate' first"));
     }
     let s = status(keys, store).await?;

@@ -6,6 +6,7 @@ mod config;
 mod datadir;
 mod import;
 mod keys;
+mod pkcs11;
 mod policycmd;
 mod synth;
 
@@ -402,9 +403,9 @@ async fn shutdown_signal() {
 }
 
 async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), String> {
-    use valv_crypto::KeyProvider as _;
     let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
     let (store, keys, now) = (opened.app.vault.store(), &opened.keys, valv_server::now_ms());
+    let provider = keys.provider();
     let record = |interaction: &'static str, reason: String| {
         let app = opened.app.clone();
         async move { valv_server::people::api::audit_local(&app, interaction, None, reason, valv_server::now_ms()).await.map_err(|e| e.diagnostics) }
@@ -421,27 +422,27 @@ async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), S
         }
         KeysAction::Rotate { wait } => {
             let version = keys.rotate()?;
-            record("key-rotate", format!("KEK {} version {version} added and made current", keys.kek_id())).await?;
-            println!("KEK {} version {version} is now current", keys.kek_id());
+            record("key-rotate", format!("KEK {}/{} version {version} added and made current", provider.name(), provider.kek_id())).await?;
+            println!("KEK {} version {version} is now current", provider.kek_id());
             if wait {
-                let n = keys::rewrap_until_done(keys, &**store).await?;
+                let n = keys::rewrap_until_done(&*provider, &**store).await?;
                 println!("{n} data keys rewrapped; every data key is under version {version}");
             } else {
-                let left = valv_store::rewrap::remaining(&**store, &**keys).await.map_err(|e| e.to_string())?;
+                let left = valv_store::rewrap::remaining(&**store, &*provider).await.map_err(|e| e.to_string())?;
                 println!("{left} data keys to rewrap: a running server does it in the background (or its next start); 'valv keys status' shows what is left");
             }
             Ok(())
         }
         KeysAction::Rewrap => {
-            let n = keys::rewrap_until_done(keys, &**store).await?;
-            println!("{n} data keys rewrapped; every data key is under version {}", keys.current_version());
+            let n = keys::rewrap_until_done(&*provider, &**store).await?;
+            println!("{n} data keys rewrapped; every data key is under version {}", provider.current_version());
             Ok(())
         }
         KeysAction::Retire { version } => {
             keys::check_retirable(keys, &**store, version).await?;
             keys.retire(version)?;
-            record("key-retire", format!("KEK {} version {version} destroyed (no data key was wrapped under it)", keys.kek_id())).await?;
-            println!("KEK {} version {version} retired", keys.kek_id());
+            record("key-retire", format!("KEK {}/{} version {version} destroyed (no data key was wrapped under it)", provider.name(), provider.kek_id())).await?;
+            println!("KEK {} version {version} retired", provider.kek_id());
             Ok(())
         }
     }

@@ -29,7 +29,12 @@ fn free_port() -> u16 {
 
 /// Runs a `valv` subcommand against a data directory; returns stdout, panics on failure.
 pub fn run_ok(data: &Path, args: &[&str]) -> String {
-    let out = valv().arg("--data-dir").arg(data).args(args).output().expect("run valv");
+    run_ok_env(data, args, &[])
+}
+
+/// [`run_ok`] with extra environment variables.
+pub fn run_ok_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = valv().arg("--data-dir").arg(data).args(args).envs(env.iter().copied()).output().expect("run valv");
     assert!(out.status.success(), "valv {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
 }
@@ -84,7 +89,20 @@ impl Server {
         Self::start_at(temp_dir(tag), data.to_path_buf(), env, toml)
     }
 
+    /// As [`Server::start_with`], with `env` given also to `init` and the harness's other
+    /// commands (e.g. a key provider every process must reach).
+    pub fn start_everywhere(tag: &str, env: &[(&str, &str)]) -> Server {
+        let dir = temp_dir(tag);
+        let data = dir.join("valv-data");
+        Self::start_at_with(dir, data, env, "", env)
+    }
+
     fn start_at(dir: PathBuf, data: PathBuf, env: &[(&str, &str)], toml: &str) -> Server {
+        Self::start_at_with(dir, data, env, toml, &[])
+    }
+
+    fn start_at_with(dir: PathBuf, data: PathBuf, env: &[(&str, &str)], toml: &str, command_env: &[(&str, &str)]) -> Server {
+        let run_ok = |data: &Path, args: &[&str]| run_ok_env(data, args, command_env);
         let admin_key = last_line(&run_ok(&data, &["init"]));
         if !toml.is_empty() {
             let path = data.join("valv.toml");

@@ -19,6 +19,7 @@ mod independent;
 mod keys;
 mod mtls;
 mod oidc;
+mod pkcs11;
 mod search;
 mod security;
 mod siem;
