@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
 # KEK rotation benchmark (issue "lifecycle": at least 20,000 data keys rewrapped per second with
-# the local provider): data keys moved under a new KEK version per second, the way the server's
-# background rewrap and `valv keys rotate --wait` do it.
+# the local provider; PKCS#11 measured): data keys moved under a new KEK version per second, the
+# way the server's background rewrap and `valv keys rotate --wait` do it — first with a key file,
+# then (when SoftHSM2 is installed) with a SoftHSM2 token made for the run.
 #
-#   bench/run-keys.sh [KEYS] [ROUNDS]     (defaults: 100000 3)
+#   bench/run-keys.sh [KEYS] [ROUNDS] [TOKEN_KEYS]     (defaults: 100000 3 20000)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+keys=${1:-100000}; rounds=${2:-3}; token_keys=${3:-20000}
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc) cores; memory: $(free -g | awk '/Mem:/{print $2}') GiB"
 echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-echo "command: bench/run-keys.sh ${1:-100000} ${2:-3}"
+echo "command: bench/run-keys.sh $keys $rounds $token_keys"
 (cd "$root" && cargo build --release --locked -q -p valv-store --example rewrap_bench)
-"$root/target/release/examples/rewrap_bench" "${1:-100000}" "${2:-3}"
+bin="$root/target/release/examples/rewrap_bench"
+echo "== key file"
+VALV_KEY_PROVIDER=file "$bin" "$keys" "$rounds"
+module=$(ls /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so 2>/dev/null | head -1 || true)
+if [ -z "$module" ] || ! command -v softhsm2-util >/dev/null; then
+  echo "== PKCS#11: SoftHSM2 is not installed (apt-get install -y softhsm2); skipped"
+  exit 0
+fi
+tmp=$(mktemp -d /tmp/valv-bench-keys.XXXXXX)
+trap 'rm -rf "$tmp"' EXIT
+mkdir "$tmp/tokens"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$tmp/tokens" > "$tmp/softhsm2.conf"
+export SOFTHSM2_CONF="$tmp/softhsm2.conf"
+softhsm2-util --init-token --free --label valv-bench --pin 246813 --so-pin 135792 >/dev/null
+echo 246813 > "$tmp/pin"; chmod 600 "$tmp/pin"
+echo "== PKCS#11 (SoftHSM2 $(dpkg-query -W -f '${Version}' softhsm2 2>/dev/null || echo '?'), token in a temporary directory)"
+VALV_KEY_PROVIDER="pkcs11:token=valv-bench;object=valv-kek?module-path=$module&pin-source=file:$tmp/pin" "$bin" "$token_keys" "$rounds"

@@ -21,7 +21,7 @@ pub struct Opened {
     /// The Ed25519 seed that signs audit checkpoints (a data key wrapped by the KEK).
     pub checkpoint_seed: valv_crypto::DataKey,
     /// The key provider (the vault holds it too, as a `KeyProvider`).
-    pub keys: crate::keys::Keys,
+    pub keys: valv_keys::Keys,
 }
 
 pub fn is_initialised(dir: &Path) -> bool {
@@ -128,7 +128,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     // A token's first KEK version is made only for a database that has no wrapped key yet: an
     // empty token under an existing database is an error, never a fresh start.
     let fresh = store.key_census().await.map_err(|e| e.to_string())?.is_empty();
-    let keys = crate::keys::Keys::open(&cfg.keys.provider, &resolve(dir, &cfg.keys.key_file), dir, fresh)?;
+    let keys = valv_keys::Keys::open(&cfg.keys.provider, &resolve(dir, &cfg.keys.key_file), dir, fresh)?;
     let now = valv_server::now_ms();
     let vault = Vault::open(store, keys.provider(), now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;

@@ -6,7 +6,6 @@ mod config;
 mod datadir;
 mod import;
 mod keys;
-mod pkcs11;
 mod policycmd;
 mod synth;
 

@@ -159,7 +159,15 @@ impl TokenKeys {
     fn reload(&self) -> Result<(), CryptoError> {
         let mut inner = self.lock()?;
         let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(self.uri.object.as_bytes().to_vec())];
-        let handles = inner.session.find_objects(&template).map_err(|e| token_error("finding keys", e))?;
+        let mut handles = inner.session.find_objects(&template).map_err(|e| token_error("finding keys", e))?;
+        // The same objects as last time (the common case: this runs before every wrap): no need
+        // to read their ids again.
+        handles.sort_unstable_by_key(|h| h.handle());
+        let mut known: Vec<ObjectHandle> = inner.versions.values().copied().collect();
+        known.sort_unstable_by_key(|h| h.handle());
+        if !handles.is_empty() && handles == known {
+            return Ok(());
+        }
         let mut versions = BTreeMap::new();
         for h in handles {
             let attrs = inner.session.get_attributes(h, &[AttributeType::Id]).map_err(|e| token_error("reading a key's id", e))?;
