@@ -11,6 +11,7 @@
 //!   entry's leaf hash.
 //! - [`record`]: the audit entry itself (IHE BALP fields) and its leaf.
 //! - [`frontier`]: the right edge of a growing tree, for O(log n) appends and roots.
+//! - [`ledger`]: the signed erasure ledger (patients whose data key was destroyed).
 //! - [`tiles`]: the tree's interior hashes as C2SP tlog-tiles (height 8): the tiles a growing
 //!   tree writes, resuming it from its right-edge tiles, and proofs assembled from stored tiles.
 //!
@@ -21,6 +22,7 @@ pub mod checkpoint;
 pub mod entry;
 pub mod frontier;
 mod error;
+pub mod ledger;
 pub mod merkle;
 pub mod note;
 pub mod record;

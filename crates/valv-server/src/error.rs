@@ -75,6 +75,7 @@ impl From<StoreError> for ApiError {
             StoreError::PreconditionFailed(m) => ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", m),
             StoreError::NotAllowed(m) => ApiError::method_not_allowed(m),
             StoreError::Invalid(f) => f.into(),
+            StoreError::Gone(m) => ApiError::new(StatusCode::GONE, "deleted", m),
             StoreError::Integrity(m) => {
                 tracing::error!(error = %m, "integrity failure");
                 ApiError::internal("stored data failed its integrity check; the incident has been logged")

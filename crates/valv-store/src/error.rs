@@ -13,6 +13,10 @@ pub enum StoreError {
     /// The resource exists and update-as-create or a duplicate create was asked for.
     #[error("{0}")]
     NotAllowed(String),
+    /// The patient's data was erased (their data key destroyed): nothing of theirs can be read
+    /// or written again under their id.
+    #[error("{0}")]
+    Gone(String),
     /// Stored data failed to authenticate or parse: tampering or corruption.
     #[error("integrity failure: {0}")]
     Integrity(String),

@@ -29,6 +29,13 @@ impl KeyCache {
         }
     }
 
+    /// Drops a key now (its bytes are zeroized with it).
+    pub fn remove(&self, name: &str) {
+        if let Ok(mut map) = self.entries.lock() {
+            map.remove(name);
+        }
+    }
+
     pub fn insert(&self, name: &str, key: DataKey) {
         let Ok(mut map) = self.entries.lock() else { return };
         if map.len() >= self.capacity && !map.contains_key(name) {

@@ -153,6 +153,27 @@ pub struct UserRow {
     pub enrollment_hash: Option<[u8; 32]>,
 }
 
+/// What erasing a patient removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasedPatient {
+    pub seq: u64,
+    /// Resources they owned and versions of them, left as unreadable ciphertext.
+    pub resources: u64,
+    pub versions: u64,
+    /// Search-token rows deleted.
+    pub tokens: u64,
+    /// Whether a data key was destroyed (a patient with no resource may have none).
+    pub key_destroyed: bool,
+}
+
+/// One erasure as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureRow {
+    pub seq: u64,
+    pub patient: String,
+    pub erased_at: i64,
+}
+
 /// The wrapped keys under one KEK version (`valv keys status`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyCensus {
@@ -193,6 +214,16 @@ pub trait Store: Send + Sync {
     async fn key_census(&self) -> Result<Vec<KeyCensus>, StoreError>;
     /// When a named key was created, if it exists.
     async fn key_created(&self, name: &str) -> Result<Option<i64>, StoreError>;
+    /// Erases a patient in one durable transaction: records the erasure (next sequence number),
+    /// destroys their data key and deletes the search tokens of the resources they own; their
+    /// sealed versions stay, unreadable. From then on no key is ever created under their name
+    /// ([`Store::put_key_if_absent`] refuses it). A conflict if they were erased already.
+    async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<ErasedPatient, StoreError>;
+    /// Every erasure, in order.
+    async fn erasures(&self) -> Result<Vec<ErasureRow>, StoreError>;
+    /// How many resources a patient owns (deleted ones included) and the newest change among
+    /// them, if any.
+    async fn patient_footprint(&self, patient: &str) -> Result<(u64, Option<i64>), StoreError>;
     /// Current state of a resource without its body.
     async fn locate(&self, resource_type: &str, id: &str) -> Result<Option<Located>, StoreError>;
     /// The current version (a deletion has an empty body).

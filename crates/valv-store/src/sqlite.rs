@@ -137,6 +137,13 @@ CREATE TABLE audit_tiles (
 ALTER TABLE data_keys ADD COLUMN kek_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE data_keys ADD COLUMN wrapped_at INTEGER;
 CREATE INDEX data_keys_kek ON data_keys (provider, kek_id, kek_version);
+"#, r#"
+-- Patients erased by destroying their data key (the erasure ledger's rows, in order).
+CREATE TABLE erasures (
+    patient TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    erased_at INTEGER NOT NULL
+);
 "#];
 
 const READERS: usize = 4;
@@ -733,10 +740,55 @@ impl Store for SqliteStore {
 
     async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError> {
         self.with_admin(|c| {
-            c.prepare_cached("INSERT OR IGNORE INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)")?
-                .execute(params![name, key.provider, key.kek_id, key.kek_version, key.ciphertext, now])?;
-            Ok(c.prepare_cached(&format!("SELECT {WRAPPED_COLUMNS} FROM data_keys WHERE name = ?1"))?.query_row(params![name], row_to_wrapped)?)
+            // Never a key for an erased patient, checked in the same statement as the insert.
+            c.prepare_cached(
+                "INSERT OR IGNORE INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) \
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?6 WHERE NOT EXISTS (SELECT 1 FROM erasures WHERE 'patient:' || patient = ?1)",
+            )?
+            .execute(params![name, key.provider, key.kek_id, key.kek_version, key.ciphertext, now])?;
+            c.prepare_cached(&format!("SELECT {WRAPPED_COLUMNS} FROM data_keys WHERE name = ?1"))?
+                .query_row(params![name], row_to_wrapped)
+                .optional()?
+                .ok_or_else(|| StoreError::Gone(format!("no key is made for {name}: the patient's data was erased")))
         })
+    }
+
+    async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<crate::ErasedPatient, StoreError> {
+        let erased = self.with_admin(|c| {
+            let tx = c.unchecked_transaction()?;
+            let already: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM erasures WHERE patient = ?1)")?.query_row(params![patient], |r| r.get(0))?;
+            if already {
+                return Err(StoreError::Conflict(format!("patient {patient} was erased already")));
+            }
+            let seq: u64 = tx.prepare_cached("SELECT coalesce(max(seq), 0) + 1 FROM erasures")?.query_row([], |r| r.get(0))?;
+            tx.prepare_cached("INSERT INTO erasures (patient, seq, erased_at) VALUES (?1, ?2, ?3)")?.execute(params![patient, seq, erased_at])?;
+            let key_destroyed = tx.prepare_cached("DELETE FROM data_keys WHERE name = 'patient:' || ?1")?.execute(params![patient])? > 0;
+            let tokens = tx
+                .prepare_cached("DELETE FROM search_tokens WHERE rid IN (SELECT rid FROM resources WHERE patient = ?1)")?
+                .execute(params![patient])? as u64;
+            tx.prepare_cached("UPDATE resources SET tokens = x'' WHERE patient = ?1")?.execute(params![patient])?;
+            let resources: u64 = tx.prepare_cached("SELECT count(*) FROM resources WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
+            let versions: u64 = tx.prepare_cached("SELECT count(*) FROM versions WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(crate::ErasedPatient { seq, resources, versions, tokens, key_destroyed })
+        })?;
+        // The destroyed key's pages are overwritten in the database (secure_delete) but may
+        // still sit in the WAL: copy the WAL back and truncate it now, if no reader holds it
+        // (else the next idle truncation does).
+        let _ = self.with_admin(|c| Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?));
+        Ok(erased)
+    }
+
+    async fn erasures(&self) -> Result<Vec<crate::ErasureRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT seq, patient, erased_at FROM erasures ORDER BY seq")?;
+            let rows = stmt.query_map([], |r| Ok(crate::ErasureRow { seq: r.get(0)?, patient: r.get(1)?, erased_at: r.get(2)? }))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn patient_footprint(&self, patient: &str) -> Result<(u64, Option<i64>), StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT count(*), max(last_updated) FROM resources WHERE patient = ?1")?.query_row(params![patient], |r| Ok((r.get(0)?, r.get(1)?)))?))
     }
 
     async fn keys_not_under(&self, provider: &str, kek_id: &str, kek_version: u32, limit: usize) -> Result<Vec<(String, WrappedKey)>, StoreError> {

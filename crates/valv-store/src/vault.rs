@@ -94,6 +94,13 @@ pub struct Vault {
     blind: BlindIndexKey,
     tenant: DataKey,
     cache: KeyCache,
+    /// Patients erased so far (as last read from the store): their keys are never used again,
+    /// even from the cache, and nothing is written under their id.
+    erased: std::sync::RwLock<HashSet<String>>,
+}
+
+fn erased(patient: &str) -> StoreError {
+    StoreError::Gone(format!("the data of patient {patient} was erased"))
 }
 
 fn patient_key_name(patient: &str) -> String {
@@ -105,7 +112,39 @@ impl Vault {
     pub async fn open(store: Arc<dyn Store>, provider: Arc<dyn KeyProvider>, now: i64) -> Result<Self, StoreError> {
         let tenant = load_or_create_key(&*store, &*provider, TENANT_KEY, now).await?;
         let blind = BlindIndexKey::new(load_or_create_key(&*store, &*provider, BLIND_KEY, now).await?);
-        Ok(Vault { store, provider, blind, tenant, cache: KeyCache::new(100_000, Duration::from_secs(300)) })
+        let vault = Vault { store, provider, blind, tenant, cache: KeyCache::new(100_000, Duration::from_secs(300)), erased: Default::default() };
+        vault.refresh_erasures().await?;
+        Ok(vault)
+    }
+
+    /// Takes in erasures made by other processes (`valv erase`): their keys leave the cache.
+    pub async fn refresh_erasures(&self) -> Result<(), StoreError> {
+        let rows = self.store.erasures().await?;
+        let fresh: Vec<String> = match self.erased.read() {
+            Ok(known) => rows.into_iter().map(|r| r.patient).filter(|p| !known.contains(p)).collect(),
+            Err(_) => return Err(StoreError::Backend("erasure set lock poisoned".into())),
+        };
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut known = self.erased.write().map_err(|_| StoreError::Backend("erasure set lock poisoned".into()))?;
+        for p in fresh {
+            self.cache.remove(&patient_key_name(&p));
+            known.insert(p);
+        }
+        Ok(())
+    }
+
+    /// Whether a patient's data was erased (as last read; see [`Vault::refresh_erasures`]).
+    pub fn is_erased(&self, patient: &str) -> bool {
+        self.erased.read().is_ok_and(|e| e.contains(patient))
+    }
+
+    /// Erases a patient (see [`Store::erase_patient`]) and forgets their key in this process.
+    pub async fn erase_patient(&self, patient: &str, now: i64) -> Result<crate::ErasedPatient, StoreError> {
+        let erased = self.store.erase_patient(patient, now).await?;
+        self.refresh_erasures().await?;
+        Ok(erased)
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -130,6 +169,9 @@ impl Vault {
     /// The data key sealing a patient's resources (created on first use), or the tenant key.
     async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<DataKey, StoreError> {
         let Some(p) = patient else { return Ok(self.tenant.clone()) };
+        if self.is_erased(p) {
+            return Err(erased(p));
+        }
         let name = patient_key_name(p);
         if let Some(k) = self.cache.get(&name) {
             return Ok(k);
@@ -190,6 +232,11 @@ impl Vault {
         let (rows, total) = self.store.history(resource_type, id, offset, count).await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
+            // A type's history leaves out erased patients' versions (counted in `total` still:
+            // the count comes from the rows); one resource's history of them is 410.
+            if id.is_none() && r.patient.as_deref().is_some_and(|p| self.is_erased(p)) {
+                continue;
+            }
             out.push(self.open_version(r, now).await?);
         }
         Ok((out, total))
@@ -354,7 +401,9 @@ impl Vault {
     pub async fn search(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
         -> Result<SearchPage, StoreError> {
         let (filter, exact) = self.filter_for(resource_type, req);
-        let candidates: Vec<Located> = self.store.search(&filter).await?.into_iter().filter(|l| visible(l)).collect();
+        // An erased patient's resources are gone from every result (their rows stay, unreadable).
+        let candidates: Vec<Located> =
+            self.store.search(&filter).await?.into_iter().filter(|l| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p))).collect();
         if exact {
             let total = candidates.len();
             if req.count_only {

@@ -18,6 +18,16 @@ pub struct Config {
     pub oidc: OidcConfig,
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
+    pub retention: RetentionConfig,
+}
+
+/// A retention duty (e.g. PdL 3 kap. 17 §: ten years after the last entry): a patient with
+/// records changed within it is not erased unless the approver overrides it with a reason.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Years after a patient's newest change during which erasure is refused; 0: no duty (off).
+    pub years: u32,
 }
 
 /// What one client can make the server hold, before any credential is checked: connections,
@@ -694,6 +704,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();
+        }
+        if let Some(v) = get("VALV_RETENTION_YEARS") {
+            self.retention.years = v.parse().map_err(|_| format!("VALV_RETENTION_YEARS must be a number of years, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_KEY_PROVIDER") {
             self.keys.provider = v;

@@ -4,6 +4,7 @@
 mod certificate;
 mod config;
 mod datadir;
+mod erase;
 mod import;
 mod keys;
 mod policycmd;
@@ -71,6 +72,19 @@ enum Command {
     Import {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Erase a patient by destroying their data key (crypto-shredding); recorded in the audit
+    /// log and the signed erasure ledger.
+    Erase {
+        /// The Patient's id.
+        #[arg(long)]
+        patient: String,
+        /// The legal basis (e.g. the patient's request under GDPR Art. 17 and its reference).
+        #[arg(long)]
+        reason: String,
+        /// Erase although a configured retention duty still covers the records, for this reason.
+        #[arg(long)]
+        override_retention: Option<String>,
     },
     /// Key-encryption keys: status, rotation, retirement of old versions.
     Keys {
@@ -293,6 +307,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Apikey { action } => apikey(&dir, action).await,
         Command::Keys { action } => keys_command(&dir, action).await,
+        Command::Erase { patient, reason, override_retention } => {
+            let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Serve).await?;
+            println!("{}", erase::run(&opened, erase::Request { patient, reason, override_retention }).await?);
+            Ok(())
+        }
         Command::Audit { action } => audit(&dir, action).await,
         Command::User { action } => user(&dir, action).await,
         Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {

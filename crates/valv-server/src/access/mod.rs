@@ -123,6 +123,10 @@ pub fn spawn_refresh(app: Arc<crate::App>, interval: std::time::Duration) -> tok
             if let Err(e) = app.access.refresh(&app.vault, app.clock.now_ms()).await {
                 tracing::error!(error = %e, "refreshing care relationships and consents failed; retrying");
             }
+            // Erasures made by `valv erase` in another process: their keys leave the cache.
+            if let Err(e) = app.vault.refresh_erasures().await {
+                tracing::error!(error = %e, "reading erasures failed; retrying");
+            }
         }
     })
 }

@@ -8,6 +8,7 @@ mod auditsearch;
 mod bundles;
 mod crud;
 mod disk;
+mod erase;
 mod errors;
 mod exhaustion;
 mod facts;
