@@ -763,9 +763,22 @@ impl Store for SqliteStore {
             let seq: u64 = tx.prepare_cached("SELECT coalesce(max(seq), 0) + 1 FROM erasures")?.query_row([], |r| r.get(0))?;
             tx.prepare_cached("INSERT INTO erasures (patient, seq, erased_at) VALUES (?1, ?2, ?3)")?.execute(params![patient, seq, erased_at])?;
             let key_destroyed = tx.prepare_cached("DELETE FROM data_keys WHERE name = 'patient:' || ?1")?.execute(params![patient])? > 0;
-            let tokens = tx
-                .prepare_cached("DELETE FROM search_tokens WHERE rid IN (SELECT rid FROM resources WHERE patient = ?1)")?
-                .execute(params![patient])? as u64;
+            // Each resource row lists its current tokens: deleting those by primary key costs
+            // what the patient has, not a scan of every token of the installation.
+            let owned: Vec<(i64, Vec<u8>)> = {
+                let mut stmt = tx.prepare_cached("SELECT rid, tokens FROM resources WHERE patient = ?1")?;
+                let rows = stmt.query_map(params![patient], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut tokens = 0u64;
+            {
+                let mut remove = tx.prepare_cached("DELETE FROM search_tokens WHERE token = ?1 AND rid = ?2")?;
+                for (rid, list) in &owned {
+                    for token in list.chunks_exact(std::mem::size_of::<crate::Token>()) {
+                        tokens += remove.execute(params![token, rid])? as u64;
+                    }
+                }
+            }
             tx.prepare_cached("UPDATE resources SET tokens = x'' WHERE patient = ?1")?.execute(params![patient])?;
             let resources: u64 = tx.prepare_cached("SELECT count(*) FROM resources WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
             let versions: u64 = tx.prepare_cached("SELECT count(*) FROM versions WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
