@@ -147,9 +147,12 @@ fn wrap_key(shared: &[u8; 32], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> Ze
     hkdf(shared, &salt, b"age-encryption.org/v1/X25519")
 }
 
+fn mac_key(file_key: &[u8; 16]) -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &hkdf(file_key, &[], b"header")[..])
+}
+
 fn header_mac(file_key: &[u8; 16], header_up_to_dashes: &[u8]) -> [u8; 32] {
-    let key = hkdf(file_key, &[], b"header");
-    let tag = ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key[..]), header_up_to_dashes);
+    let tag = ring::hmac::sign(&mac_key(file_key), header_up_to_dashes);
     let mut out = [0u8; 32];
     out.copy_from_slice(tag.as_ref());
     out
@@ -334,9 +337,8 @@ pub fn decrypt<R: Read>(mut input: R, identities: &[Identity]) -> Result<Reader<
     };
     let file_key = file_key.ok_or(AgeError::NoMatch)?;
     let mac = b64(&mac_line)?;
-    if ring::constant_time::verify_slices_are_equal(&mac, &header_mac(&file_key, header.as_bytes())).is_err() {
-        return Err(AgeError::HeaderMac);
-    }
+    // Constant time.
+    ring::hmac::verify(&mac_key(&file_key), header.as_bytes(), &mac).map_err(|_| AgeError::HeaderMac)?;
     let mut nonce = [0u8; 16];
     input.read_exact(&mut nonce).map_err(|_| AgeError::Payload)?;
     let key = hkdf(&file_key[..], &nonce, b"payload");

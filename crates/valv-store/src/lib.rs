@@ -219,6 +219,8 @@ pub trait Store: Send + Sync {
     /// sealed versions stay, unreadable. From then on no key is ever created under their name
     /// ([`Store::put_key_if_absent`] refuses it). A conflict if they were erased already.
     async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<ErasedPatient, StoreError>;
+    /// The resources a patient owns that are not deleted, as (type, id), by type then id.
+    async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError>;
     /// Every erasure, in order.
     async fn erasures(&self) -> Result<Vec<ErasureRow>, StoreError>;
     /// How many resources a patient owns (deleted ones included) and the newest change among

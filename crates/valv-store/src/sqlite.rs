@@ -792,6 +792,14 @@ impl Store for SqliteStore {
         Ok(erased)
     }
 
+    async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT type, id FROM resources WHERE patient = ?1 AND deleted = 0 ORDER BY type, id")?;
+            let rows = stmt.query_map(params![patient], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     async fn erasures(&self) -> Result<Vec<crate::ErasureRow>, StoreError> {
         self.with_reader(|c| {
             let mut stmt = c.prepare_cached("SELECT seq, patient, erased_at FROM erasures ORDER BY seq")?;

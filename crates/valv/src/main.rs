@@ -5,6 +5,7 @@ mod certificate;
 mod config;
 mod datadir;
 mod erase;
+mod export;
 mod import;
 mod keys;
 mod policycmd;
@@ -85,6 +86,19 @@ enum Command {
         /// Erase although a configured retention duty still covers the records, for this reason.
         #[arg(long)]
         override_retention: Option<String>,
+    },
+    /// Export a patient's record (FHIR NDJSON, access log with proofs), age-encrypted to the
+    /// recipients: for the patient's right of access and to data portability.
+    Export {
+        /// The Patient's id.
+        #[arg(long)]
+        patient: String,
+        /// An age X25519 recipient (age1…); repeat for several.
+        #[arg(long = "recipient", required = true)]
+        recipients: Vec<String>,
+        /// The file to write (must not exist).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Key-encryption keys: status, rotation, retirement of old versions.
     Keys {
@@ -307,6 +321,11 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Apikey { action } => apikey(&dir, action).await,
         Command::Keys { action } => keys_command(&dir, action).await,
+        Command::Export { patient, recipients, out } => {
+            let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Scan).await?;
+            println!("{}", export::run(&opened, export::Request { patient: &patient, recipients: &recipients, out: &out }).await?);
+            Ok(())
+        }
         Command::Erase { patient, reason, override_retention } => {
             let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Serve).await?;
             println!("{}", erase::run(&opened, erase::Request { patient, reason, override_retention }).await?);

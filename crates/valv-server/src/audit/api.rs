@@ -408,24 +408,48 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
     crate::fhir::check_id(patient)?;
     let touch = Touch { interaction: "access-log", action: Action::Read, resource_type: "AuditEvent", id: None, version: None, patient: Some(patient), query: None };
     let permit = authorize(app, ctx, &touch).await?;
-    let cipher = audit_cipher(app, ctx.now).await?;
+    let params = match access_log_parameters(app, patient, View::of(ctx), ctx.now).await {
+        Ok(p) => p,
+        Err(AccessLogError::Entry(err)) => return Err(audit_failure(app, ctx, &touch, err).await),
+        Err(AccessLogError::Api(e)) => return Err(e),
+    };
+    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
+    Ok(Reply::json(StatusCode::OK, params))
+}
+
+/// Why a patient's access log could not be assembled: an entry that does not open (an integrity
+/// failure, audited as such by the caller) or anything else.
+pub enum AccessLogError {
+    Entry(ApiError),
+    Api(ApiError),
+}
+
+impl From<ApiError> for AccessLogError {
+    fn from(e: ApiError) -> Self {
+        AccessLogError::Api(e)
+    }
+}
+
+impl From<valv_store::StoreError> for AccessLogError {
+    fn from(e: valv_store::StoreError) -> Self {
+        AccessLogError::Api(e.into())
+    }
+}
+
+/// The `Parameters` of [`access_log`], for whoever has been allowed to see it (the request path
+/// above, or `valv export` at the console, which shows the patient the restricted view).
+pub async fn access_log_parameters(app: &App, patient: &str, view: View, now: i64) -> Result<Value, AccessLogError> {
+    let cipher = audit_cipher(app, now).await?;
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
-    let view = View::of(ctx);
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": app.audit_vkey})];
     for (index, row) in store.audit_entries_for(&app.vault.audit_patient_token(patient)).await? {
-        let (bytes, e) = match open(&cipher, index, &row) {
-            Ok(v) => v,
-            Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
-        };
+        let (bytes, e) = open(&cipher, index, &row).map_err(AccessLogError::Entry)?;
         // The index is not authenticated: only entries that name this patient belong here.
         if e.get("patient").and_then(Value::as_str) != Some(patient) {
             continue;
         }
-        let query = match revealed_query(&cipher, index, &row, &e, view) {
-            Ok(q) => q,
-            Err(err) => return Err(audit_failure(app, ctx, &touch, err).await),
-        };
+        let query = revealed_query(&cipher, index, &row, &e, view).map_err(AccessLogError::Entry)?;
         let mut parts = vec![json!({"name": "index", "valueString": index.to_string()})];
         // A legacy entry's bytes hold its query: a non-auditor gets its leaf hash and proof only.
         if view == View::Restricted && legacy_query(&e).is_some() {
@@ -447,8 +471,7 @@ pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, Ap
         parts.push(json!({"name": "event", "resource": to_audit_event(index, &e, query.as_ref(), view)}));
         params.push(json!({"name": "entry", "part": parts}));
     }
-    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
-    Ok(Reply::json(StatusCode::OK, json!({"resourceType": "Parameters", "parameter": params})))
+    Ok(json!({"resourceType": "Parameters", "parameter": params}))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ mod disk;
 mod erase;
 mod errors;
 mod exhaustion;
+mod export;
 mod facts;
 mod faults;
 mod harness;
