@@ -45,7 +45,9 @@ pub struct LocalKeyProvider {
 const LINE_TAG: &str = "valv-kek-v1";
 const ID_TAG: &str = "valv-kek-id";
 
-fn wrap_aad(context: &str, version: u32) -> Vec<u8> {
+/// The additional data every provider binds a wrapped key to: its name and the KEK version (so
+/// a wrapped key opens only under its own name and version, whichever provider holds the KEK).
+pub fn wrap_aad(context: &str, version: u32) -> Vec<u8> {
     let mut aad = b"valv kek-wrap\x00".to_vec();
     aad.extend_from_slice(&version.to_be_bytes());
     aad.extend_from_slice(context.as_bytes());

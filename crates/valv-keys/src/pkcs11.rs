@@ -17,6 +17,7 @@ use cryptoki::types::AuthPin;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use valv_crypto::provider::wrap_aad;
 use valv_crypto::{CryptoError, DataKey, KeyProvider, WrappedKey};
 
 /// What a `pkcs11:` URI names.
@@ -111,13 +112,6 @@ struct Inner {
 
 fn version_id(version: u32) -> Vec<u8> {
     format!("v{version}").into_bytes()
-}
-
-fn wrap_aad(context: &str, version: u32) -> Vec<u8> {
-    let mut aad = b"valv kek-wrap\x00".to_vec();
-    aad.extend_from_slice(&version.to_be_bytes());
-    aad.extend_from_slice(context.as_bytes());
-    aad
 }
 
 fn token_error(what: &str, e: impl std::fmt::Display) -> CryptoError {

@@ -3,17 +3,12 @@
 //! their id again, other patients are untouched, the erasure is audited and in the signed ledger,
 //! and bad requests are refused with one line and change nothing.
 
-use crate::harness::{run_ok, valv, Server};
+use crate::harness::{run_refused, run_ok, Server};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Runs `valv erase …` expecting a refusal; returns its one-line reason.
 fn refused(s: &Server, args: &[&str]) -> String {
-    let out = valv().arg("--data-dir").arg(&s.data).arg("erase").args(args).output().expect("run valv");
-    assert!(!out.status.success(), "valv erase {args:?} must fail");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    err
+    run_refused(&s.data, &[&["erase"], args].concat())
 }
 
 fn key_rows(s: &Server, patient: &str) -> i64 {

@@ -2,7 +2,7 @@
 //! patient's resources and each is valid R4, and the access log's proofs verify with Go's sumdb
 //! checker against the checkpoint inside; bad requests are refused with one line, no file made.
 
-use crate::harness::{run_ok, temp_dir, valv, Server};
+use crate::harness::{run_refused, run_ok, temp_dir, Server};
 use crate::independent::{build_checker, check, settled_checkpoint};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -25,11 +25,7 @@ fn open_export(file: &Path, keyfile: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn refused(s: &Server, args: &[&str]) -> String {
-    let out = valv().arg("--data-dir").arg(&s.data).arg("export").args(args).output().expect("run valv");
-    assert!(!out.status.success(), "valv export {args:?} must fail");
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "{err}");
-    err
+    run_refused(&s.data, &[&["export"], args].concat())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,15 @@ pub fn run_ok_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// Runs a `valv` subcommand expecting a refusal: returns its reason, which must be one line.
+pub fn run_refused(data: &Path, args: &[&str]) -> String {
+    let out = valv().arg("--data-dir").arg(data).args(args).output().expect("run valv");
+    assert!(!out.status.success(), "valv {args:?} must fail");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(err.lines().count(), 1, "valv {args:?}: {err}");
+    err
+}
+
 pub fn last_line(s: &str) -> String {
     s.lines().last().unwrap_or("").trim().to_string()
 }

@@ -2,7 +2,7 @@
 //! serves, the server's background rewrap, `--wait`, retiring an old version only once nothing
 //! needs it, and data still readable after a restart with only the new version.
 
-use crate::harness::{run_ok, valv, Server};
+use crate::harness::{run_refused, run_ok, valv, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -14,11 +14,8 @@ fn keys_under(status: &Value, version: u64) -> u64 {
     status["versions"].as_array().expect("versions").iter().find(|v| v["version"] == version).map_or(0, |v| v["data_keys"].as_u64().expect("count"))
 }
 
-/// Runs `valv keys …` expecting a refusal; returns its one-line reason.
 fn refused(s: &Server, args: &[&str]) -> String {
-    let out = valv().arg("--data-dir").arg(&s.data).arg("keys").args(args).output().expect("run valv");
-    assert!(!out.status.success(), "valv keys {args:?} must fail");
-    String::from_utf8_lossy(&out.stderr).trim().to_string()
+    run_refused(&s.data, &[&["keys"], args].concat())
 }
 
 fn key_file(s: &Server) -> String {
@@ -114,7 +111,10 @@ async fn rotate_wait_rewraps_without_a_server_and_a_version_still_in_use_is_kept
     run_ok(&s.data, &["keys", "retire", "1"]);
     run_ok(&s.data, &["keys", "retire", "2"]);
     assert!(refused(&s, &["retire", "3"]).contains("current"));
-    assert!(refused(&s, &["retire", "x"]).contains("invalid value"), "a one-line reason for a bad argument");
+    // A malformed argument is a usage error (clap: exit 2, the reason and a hint).
+    let usage = valv().arg("--data-dir").arg(&s.data).args(["keys", "retire", "x"]).output().expect("run valv");
+    assert_eq!(usage.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&usage.stderr).contains("invalid value 'x'"));
     s.restart();
     let found = s.get("/fhir/Patient").await;
     assert_eq!((found.status, found.total()), (200, 3));
