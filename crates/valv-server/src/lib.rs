@@ -528,6 +528,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
         (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id) },
         (["Patient", id, "$break-glass"], Some(body)) if method == Method::POST => I::BreakGlass { id: t(id), body },
+        (["Patient", id, "$export-record"], Some(body)) if method == Method::POST => I::ExportRecord { id: t(id), body },
         ([rt, id, "_history", v], None) if method == Method::GET => {
             let version = v.parse().map_err(|_| ApiError::not_found(format!("'{v}' is not a version of {rt}/{id}")))?;
             I::VRead { resource_type: t(rt), id: t(id), version }

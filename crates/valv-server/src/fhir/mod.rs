@@ -2,6 +2,8 @@
 //! act -> respond. Every interaction, whether it arrives on its own or inside a batch, runs
 //! through [`execute`]; transactions run through [`transaction`] so they commit atomically.
 
+
+pub mod export;
 use crate::audit::{AuditEvent, Outcome};
 pub use crate::request::{authenticate, record_unaudited, Ctx};
 use crate::request::{audit, audit_failure, authorize, authorize_filtered, Filter, Permit, Touch};
@@ -30,6 +32,8 @@ pub enum Interaction {
     AccessLog { id: String },
     /// `POST /fhir/Patient/{id}/$break-glass`
     BreakGlass { id: String, body: Value },
+    /// `POST /fhir/Patient/{id}/$export-record`
+    ExportRecord { id: String, body: Value },
 }
 
 impl Interaction {
@@ -45,7 +49,7 @@ impl Interaction {
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
-            Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } => "Patient",
+            Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } => "Patient",
         }
     }
 
@@ -61,6 +65,7 @@ impl Interaction {
             Interaction::Bundle { .. } => "fhir_bundle",
             Interaction::AccessLog { .. } => "fhir_access_log",
             Interaction::BreakGlass { .. } => "fhir_break_glass",
+            Interaction::ExportRecord { .. } => "fhir_export_record",
         }
     }
 }
@@ -133,6 +138,7 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::Search { resource_type, pairs } => search_type(app, ctx, &resource_type, &pairs).await,
         Interaction::AccessLog { id } => crate::audit::api::access_log(app, ctx, &id).await,
         Interaction::BreakGlass { id, body } => crate::access::grantapi::break_glass(app, ctx, &id, body).await,
+        Interaction::ExportRecord { id, body } => export::export_record(app, ctx, &id, body).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
         Interaction::Create { resource_type, body } => create(app, ctx, &resource_type, body).await,

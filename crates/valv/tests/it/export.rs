@@ -105,3 +105,35 @@ async fn an_export_opens_with_age_parses_as_r4_and_its_access_log_verifies_with_
     assert!(refused(&s, &["--patient", "../etc", "--recipient", &recipient, "--out", again_s]).contains("not a FHIR id"));
     assert!(!again.exists(), "a refused export writes nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_record_over_http_answers_an_age_file_to_those_who_may_read_the_record() {
+    let s = Server::start("export-http");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Httpexport"}]})).await.id();
+    let o = s.post("/fhir/Observation", &json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p}")}})).await.id();
+    let work = temp_dir("export-http-work");
+    let keyfile = work.join("patient.key");
+    assert!(Command::new("age-keygen").arg("-o").arg(&keyfile).output().expect("age-keygen").status.success());
+    let recipient = std::fs::read_to_string(&keyfile).expect("key").lines().find_map(|l| l.strip_prefix("# public key: ")).expect("public key").to_string();
+    let params = |r: &str| json!({"resourceType": "Parameters", "parameter": [{"name": "recipient", "valueString": r}]});
+    let path = format!("/fhir/Patient/{p}/$export-record");
+
+    let r = s.request("POST", &path, Some(&s.data_key), Some(&params(&recipient)), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    let file = work.join("record.age");
+    std::fs::write(&file, &r.bytes).expect("write");
+    let files = open_export(&file, &keyfile);
+    let obs = String::from_utf8(files["Observation.ndjson"].clone()).expect("utf-8");
+    assert!(obs.contains(&o), "{obs}");
+
+    // Bad requests: 400 with an OperationOutcome; no access: 403; unknown: 404.
+    let bad = s.request("POST", &path, Some(&s.data_key), Some(&params("age1nope")), &[]).await;
+    assert_eq!((bad.status, bad.json["resourceType"].as_str()), (400, Some("OperationOutcome")), "{}", bad.text);
+    let none = s.request("POST", &path, Some(&s.data_key), Some(&json!({"resourceType": "Parameters"})), &[]).await;
+    assert_eq!(none.status, 400, "{}", none.text);
+    let auditor = s.request("POST", &path, Some(&s.auditor_key), Some(&params(&recipient)), &[]).await;
+    assert_eq!(auditor.status, 403, "an auditor does not read patient records: {}", auditor.text);
+    let unknown = s.request("POST", "/fhir/Patient/nobody/$export-record", Some(&s.data_key), Some(&params(&recipient)), &[]).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.text);
+}

@@ -340,7 +340,7 @@ impl Client {
         let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect();
         let bytes = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Resp { status, headers, json, text: String::from_utf8_lossy(&bytes).to_string() })
+        Ok(Resp { status, headers, json, text: String::from_utf8_lossy(&bytes).to_string(), bytes: bytes.to_vec() })
     }
 
 }
@@ -360,6 +360,8 @@ pub struct Resp {
     pub headers: Vec<(String, String)>,
     pub json: Value,
     pub text: String,
+    /// The body as it came (binary bodies: `text` is lossy).
+    pub bytes: Vec<u8>,
 }
 
 impl Resp {
