@@ -19,6 +19,17 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
+    pub backup: BackupConfig,
+}
+
+/// Backups (the commands are not built yet) and where the erasure ledger's copy goes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// The folder backups are written to; every erasure also rewrites `erasure-ledger` there, so
+    /// that a restore of an older backup re-applies it. Relative to the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
 }
 
 /// A retention duty (e.g. PdL 3 kap. 17 §: ten years after the last entry): a patient with
@@ -704,6 +715,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();
+        }
+        if let Some(v) = get("VALV_BACKUP_DIR") {
+            self.backup.dir = Some(v.into());
         }
         if let Some(v) = get("VALV_RETENTION_YEARS") {
             self.retention.years = v.parse().map_err(|_| format!("VALV_RETENTION_YEARS must be a number of years, got '{v}'"))?;

@@ -52,8 +52,9 @@ pub async fn run(opened: &Opened, req: Request) -> Result<String, String> {
     if let Err(e) = valv_server::people::api::audit_local(&opened.app, "erase", None, audit_reason, now).await {
         return Err(format!("{summary} — but its audit entry failed: {}; record it by hand", e.diagnostics));
     }
-    let ledger = write_ledger(opened).await?;
-    Ok(format!("erased {summary}\nerasure ledger: {}", ledger.display()))
+    let written = write_ledger(opened).await?;
+    let places = written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+    Ok(format!("erased {summary}\nerasure ledger: {places}"))
 }
 
 /// `Ok(Some(reason))` when an override was needed and given; an error when it was needed and not.
@@ -71,20 +72,25 @@ fn retention_check(years: u32, newest: i64, now: i64, req: &Request) -> Result<O
     }
 }
 
-/// Writes the whole ledger, signed by the log's checkpoint key, to the data directory
-/// (through a temporary file and a rename).
-pub async fn write_ledger(opened: &Opened) -> Result<PathBuf, String> {
+/// Writes the whole ledger, signed by the log's checkpoint key, to the data directory and, when
+/// `[backup] dir` is set, to the backup folder (each through a temporary file and a rename);
+/// returns where it went.
+pub async fn write_ledger(opened: &Opened) -> Result<Vec<PathBuf>, String> {
     let rows = opened.app.vault.store().erasures().await.map_err(|e| e.to_string())?;
     let seed = opened.checkpoint_seed.expose();
     let origin = valv_server::audit::integrator::origin_for(seed)?;
     let signer = valv_audit::Signer::new(&origin, seed).map_err(|e| e.to_string())?;
     let ledger = Ledger { origin, erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
     let text = ledger.sign(&signer).map_err(|e| e.to_string())?;
-    let path = opened.data_dir.join(LEDGER_FILE);
-    let tmp = opened.data_dir.join(format!("{LEDGER_FILE}.new"));
-    std::fs::write(&tmp, text).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| format!("writing {}: {e}", path.display()))?;
-    Ok(path)
+    let mut dirs = vec![opened.data_dir.clone()];
+    dirs.extend(opened.config.backup.dir.as_ref().map(|d| opened.data_dir.join(d)));
+    let mut written = Vec::new();
+    for dir in dirs {
+        let (path, tmp) = (dir.join(LEDGER_FILE), dir.join(format!("{LEDGER_FILE}.new")));
+        std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| format!("writing the erasure ledger {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -84,7 +84,8 @@ async fn an_erased_patient_is_gone_for_good_and_the_rest_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retention_duty_refuses_erasure_unless_overridden_with_a_reason() {
-    let s = Server::start_configured("erase-retention", &[], "[retention]\nyears = 10\n");
+    let s = Server::start_configured("erase-retention", &[], "[retention]\nyears = 10\n[backup]\ndir = \"../backups\"\n");
+    std::fs::create_dir_all(s.dir.join("backups")).expect("backup dir");
     let (p, obs) = patient_with_observation(&s, "Retainsson").await;
     let reason = refused(&s, &["--patient", &p, "--reason", "patient request"]);
     assert!(reason.contains("retention duty of 10 years") && reason.contains("--override-retention"), "{reason}");
@@ -93,4 +94,7 @@ async fn a_retention_duty_refuses_erasure_unless_overridden_with_a_reason() {
     assert!(out.contains("erasure #1"), "{out}");
     let log = run_ok(&s.data, &["audit", "export"]);
     assert!(log.contains("retention duty overridden: IMY decision 2026-44"), "the override is audited");
+    // The ledger is also beside the backups, identical.
+    let copy = std::fs::read(s.dir.join("backups/erasure-ledger")).expect("the ledger's copy in [backup] dir");
+    assert_eq!(copy, std::fs::read(s.data.join("erasure-ledger")).expect("ledger"));
 }
