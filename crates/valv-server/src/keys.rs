@@ -12,12 +12,22 @@ use std::time::Duration;
 const BATCH: usize = 1000;
 const PAUSE: Duration = Duration::from_millis(20);
 
-/// Checks every `interval` for keys to rewrap and rewraps them all, batch by batch.
+/// Checks every `interval` for keys to rewrap and rewraps them all, batch by batch. Once every
+/// key is under the current version, the census (a scan of the key table) is taken again only
+/// when the provider's current KEK changes: every process wraps new keys under the version it
+/// has just looked up, so none falls behind meanwhile.
 pub fn spawn_rewrap(app: Arc<App>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut settled: Option<(String, u32)> = None;
         loop {
-            if let Err(e) = rewrap_all(&app).await {
-                tracing::error!(error = %e, "rewrapping data keys under the current KEK version failed; retrying");
+            let provider = app.vault.provider();
+            provider.refresh();
+            let current = (provider.kek_id(), provider.current_version());
+            if settled.as_ref() != Some(&current) {
+                match rewrap_all(&app).await {
+                    Ok(()) => settled = Some(current),
+                    Err(e) => tracing::error!(error = %e, "rewrapping data keys under the current KEK version failed; retrying"),
+                }
             }
             tokio::time::sleep(interval).await;
         }
@@ -26,7 +36,6 @@ pub fn spawn_rewrap(app: Arc<App>, interval: Duration) -> tokio::task::JoinHandl
 
 async fn rewrap_all(app: &App) -> Result<(), valv_store::StoreError> {
     let (store, provider) = (app.vault.store(), app.vault.provider());
-    provider.refresh();
     let remaining = valv_store::rewrap::remaining(&**store, &**provider).await?;
     app.metrics.keys_to_rewrap.store(remaining, Ordering::Relaxed);
     if remaining == 0 {
