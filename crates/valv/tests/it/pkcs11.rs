@@ -2,7 +2,8 @@
 //! the test in a temporary token directory: the server starts with its KEK on the token, serves,
 //! rotates to a new token key version, restarts and serves; the KEK objects are sensitive and not
 //! extractable (asked of the token itself), no key file exists, and a wrong PIN stops the start
-//! with a one-line reason.
+//! with a one-line reason; a token that goes away mid-run fails closed (503 for what needs it)
+//! while keys already unwrapped serve out their cache lifetime.
 
 use crate::harness::{run_ok_env, temp_dir, valv, Server};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -128,4 +129,26 @@ async fn a_server_with_its_kek_on_a_softhsm2_token_serves_rotates_restarts_and_s
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("PKCS#11: logging in to 'valv'"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_goes_away_mid_run_fails_closed_while_cached_keys_serve_out_their_lifetime() {
+    let (conf, pin) = token_dir("pkcs11-gone");
+    let provider = uri(&pin);
+    let conf_s = conf.display().to_string();
+    let env = [("SOFTHSM2_CONF", conf_s.as_str()), ("VALV_KEY_PROVIDER", provider.as_str())];
+    let s = Server::start_everywhere("pkcs11-gone", &env);
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.id();
+    assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    // The token's objects vanish (an HSM unplugged, a token reset).
+    let tokens = conf.parent().expect("dir").join("tokens");
+    std::fs::remove_dir_all(&tokens).expect("remove token");
+    std::fs::create_dir_all(&tokens).expect("empty token dir");
+    // A new patient needs a new data key wrapped on the token: refused, nothing stored.
+    let fresh = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Afterloss"}]})).await;
+    assert_eq!(fresh.status, 503, "{}", fresh.text);
+    assert!(fresh.text.contains("key provider"), "{}", fresh.text);
+    assert_eq!(s.get("/fhir/Patient?family=Afterloss").await.total(), 0, "nothing was stored");
+    // The patient whose key is cached is still served (the cache keeps keys at most 300 s).
+    assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
 }
