@@ -221,8 +221,8 @@ pub trait Store: Send + Sync {
     async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<ErasedPatient, StoreError>;
     /// The resources a patient owns that are not deleted, as (type, id), by type then id.
     async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError>;
-    /// Every erasure, in order.
-    async fn erasures(&self) -> Result<Vec<ErasureRow>, StoreError>;
+    /// The erasures with a sequence number above `after` (0: all of them), in order.
+    async fn erasures(&self, after: u64) -> Result<Vec<ErasureRow>, StoreError>;
     /// How many resources a patient owns (deleted ones included) and the newest change among
     /// them, if any.
     async fn patient_footprint(&self, patient: &str) -> Result<(u64, Option<i64>), StoreError>;

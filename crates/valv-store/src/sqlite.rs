@@ -800,10 +800,10 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn erasures(&self) -> Result<Vec<crate::ErasureRow>, StoreError> {
+    async fn erasures(&self, after: u64) -> Result<Vec<crate::ErasureRow>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT seq, patient, erased_at FROM erasures ORDER BY seq")?;
-            let rows = stmt.query_map([], |r| Ok(crate::ErasureRow { seq: r.get(0)?, patient: r.get(1)?, erased_at: r.get(2)? }))?;
+            let mut stmt = c.prepare_cached("SELECT seq, patient, erased_at FROM erasures WHERE seq > ?1 ORDER BY seq")?;
+            let rows = stmt.query_map(params![after], |r| Ok(crate::ErasureRow { seq: r.get(0)?, patient: r.get(1)?, erased_at: r.get(2)? }))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -97,6 +97,8 @@ pub struct Vault {
     /// Patients erased so far (as last read from the store): their keys are never used again,
     /// even from the cache, and nothing is written under their id.
     erased: std::sync::RwLock<HashSet<String>>,
+    /// The highest erasure sequence number taken in (refreshes read only what is newer).
+    erasures_seen: std::sync::atomic::AtomicU64,
 }
 
 fn erased(patient: &str) -> StoreError {
@@ -112,26 +114,22 @@ impl Vault {
     pub async fn open(store: Arc<dyn Store>, provider: Arc<dyn KeyProvider>, now: i64) -> Result<Self, StoreError> {
         let tenant = load_or_create_key(&*store, &*provider, TENANT_KEY, now).await?;
         let blind = BlindIndexKey::new(load_or_create_key(&*store, &*provider, BLIND_KEY, now).await?);
-        let vault = Vault { store, provider, blind, tenant, cache: KeyCache::new(100_000, Duration::from_secs(300)), erased: Default::default() };
+        let vault = Vault { store, provider, blind, tenant, cache: KeyCache::new(100_000, Duration::from_secs(300)), erased: Default::default(), erasures_seen: Default::default() };
         vault.refresh_erasures().await?;
         Ok(vault)
     }
 
     /// Takes in erasures made by other processes (`valv erase`): their keys leave the cache.
     pub async fn refresh_erasures(&self) -> Result<(), StoreError> {
-        let rows = self.store.erasures().await?;
-        let fresh: Vec<String> = match self.erased.read() {
-            Ok(known) => rows.into_iter().map(|r| r.patient).filter(|p| !known.contains(p)).collect(),
-            Err(_) => return Err(StoreError::Backend("erasure set lock poisoned".into())),
-        };
-        if fresh.is_empty() {
-            return Ok(());
-        }
+        use std::sync::atomic::Ordering;
+        let rows = self.store.erasures(self.erasures_seen.load(Ordering::Acquire)).await?;
+        let Some(last) = rows.last().map(|r| r.seq) else { return Ok(()) };
         let mut known = self.erased.write().map_err(|_| StoreError::Backend("erasure set lock poisoned".into()))?;
-        for p in fresh {
-            self.cache.remove(&patient_key_name(&p));
-            known.insert(p);
+        for r in rows {
+            self.cache.remove(&patient_key_name(&r.patient));
+            known.insert(r.patient);
         }
+        self.erasures_seen.fetch_max(last, Ordering::AcqRel);
         Ok(())
     }
 

@@ -76,7 +76,7 @@ fn retention_check(years: u32, newest: i64, now: i64, req: &Request) -> Result<O
 /// `[backup] dir` is set, to the backup folder (each through a temporary file and a rename);
 /// returns where it went.
 pub async fn write_ledger(opened: &Opened) -> Result<Vec<PathBuf>, String> {
-    let rows = opened.app.vault.store().erasures().await.map_err(|e| e.to_string())?;
+    let rows = opened.app.vault.store().erasures(0).await.map_err(|e| e.to_string())?;
     let seed = opened.checkpoint_seed.expose();
     let origin = valv_server::audit::integrator::origin_for(seed)?;
     let signer = valv_audit::Signer::new(&origin, seed).map_err(|e| e.to_string())?;
