@@ -20,6 +20,7 @@
 pub mod access;
 pub mod audit;
 pub mod clock;
+pub mod erasure;
 pub mod error;
 pub mod fhir;
 pub mod http;
@@ -82,6 +83,8 @@ pub struct App {
     pub auth_failure_log: compact::Compactor,
     /// …and rate-limit refusals, per source and ten seconds.
     pub refusal_log: compact::Compactor,
+    /// Erasure: the retention duty, the ledger's folders and signing key.
+    pub erasure: erasure::ErasureSettings,
 }
 
 /// Who is at the other end of a connection.
@@ -354,6 +357,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
         p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
+        p if p == "/admin/erasures" || p.starts_with("/admin/erasures/") => ("admin_erasures", erasure::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),

@@ -166,6 +166,19 @@ pub struct ErasedPatient {
     pub key_destroyed: bool,
 }
 
+/// A request to erase a patient, waiting for a second person (or decided). `sealed` holds the
+/// legal basis and who asked, sealed and bound to the id and patient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureRequestRow {
+    pub id: String,
+    pub patient: String,
+    pub sealed: Vec<u8>,
+    pub requested_at: i64,
+    pub state: String,
+    pub decided_by: Option<String>,
+    pub decided_at: Option<i64>,
+}
+
 /// One erasure as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErasureRow {
@@ -221,6 +234,14 @@ pub trait Store: Send + Sync {
     async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<ErasedPatient, StoreError>;
     /// The resources a patient owns that are not deleted, as (type, id), by type then id.
     async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError>;
+    /// Records a request to erase a patient (the first of the two people); a conflict if the id exists.
+    async fn insert_erasure_request(&self, request: &ErasureRequestRow) -> Result<(), StoreError>;
+    /// Every erasure request, newest first.
+    async fn erasure_requests(&self) -> Result<Vec<ErasureRequestRow>, StoreError>;
+    /// Moves a pending request to `state` (decided by `by` at `at`); false if it was not pending.
+    async fn decide_erasure_request(&self, id: &str, state: &str, by: &str, at: i64) -> Result<bool, StoreError>;
+    /// Puts an approved request back to pending (its erasure was refused); false if not approved.
+    async fn reopen_erasure_request(&self, id: &str) -> Result<bool, StoreError>;
     /// The erasures with a sequence number above `after` (0: all of them), in order.
     async fn erasures(&self, after: u64) -> Result<Vec<ErasureRow>, StoreError>;
     /// How many resources a patient owns (deleted ones included) and the newest change among

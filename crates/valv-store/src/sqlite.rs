@@ -144,6 +144,17 @@ CREATE TABLE erasures (
     seq INTEGER NOT NULL UNIQUE,
     erased_at INTEGER NOT NULL
 );
+"#, r#"
+-- Requests to erase a patient over the admin API, each waiting for a second admin.
+CREATE TABLE erasure_requests (
+    id TEXT PRIMARY KEY,
+    patient TEXT NOT NULL,
+    sealed BLOB NOT NULL,
+    requested_at INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    decided_by TEXT,
+    decided_at INTEGER
+);
 "#];
 
 const READERS: usize = 4;
@@ -790,6 +801,44 @@ impl Store for SqliteStore {
         // (else the next idle truncation does).
         let _ = self.with_admin(|c| Ok(c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?));
         Ok(erased)
+    }
+
+    async fn insert_erasure_request(&self, r: &crate::ErasureRequestRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let n = c
+                .prepare_cached("INSERT OR IGNORE INTO erasure_requests (id, patient, sealed, requested_at, state) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![r.id, r.patient, r.sealed, r.requested_at, r.state])?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("erasure request {} exists", r.id)));
+            }
+            Ok(())
+        })
+    }
+
+    async fn erasure_requests(&self) -> Result<Vec<crate::ErasureRequestRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, patient, sealed, requested_at, state, decided_by, decided_at FROM erasure_requests ORDER BY requested_at DESC, id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(crate::ErasureRequestRow { id: r.get(0)?, patient: r.get(1)?, sealed: r.get(2)?, requested_at: r.get(3)?, state: r.get(4)?, decided_by: r.get(5)?, decided_at: r.get(6)? })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn decide_erasure_request(&self, id: &str, state: &str, by: &str, at: i64) -> Result<bool, StoreError> {
+        self.with_admin(|c| {
+            Ok(c.prepare_cached("UPDATE erasure_requests SET state = ?2, decided_by = ?3, decided_at = ?4 WHERE id = ?1 AND state = 'pending'")?
+                .execute(params![id, state, by, at])?
+                > 0)
+        })
+    }
+
+    async fn reopen_erasure_request(&self, id: &str) -> Result<bool, StoreError> {
+        self.with_admin(|c| {
+            Ok(c.prepare_cached("UPDATE erasure_requests SET state = 'pending', decided_by = NULL, decided_at = NULL WHERE id = ?1 AND state = 'approved'")?
+                .execute(params![id])?
+                > 0)
+        })
     }
 
     async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError> {

@@ -161,6 +161,11 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         access,
         auth_failure_log: Default::default(),
         refusal_log: valv_server::audit::compact::Compactor::new(valv_server::audit::compact::REFUSAL_WINDOW),
+        erasure: valv_server::erasure::ErasureSettings::new(
+            cfg.retention.years,
+            std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d))).collect(),
+            checkpoint_seed.clone(),
+        ),
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;

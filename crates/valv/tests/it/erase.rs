@@ -98,3 +98,46 @@ async fn a_retention_duty_refuses_erasure_unless_overridden_with_a_reason() {
     let copy = std::fs::read(s.dir.join("backups/erasure-ledger")).expect("the ledger's copy in [backup] dir");
     assert_eq!(copy, std::fs::read(s.data.join("erasure-ledger")).expect("ledger"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_an_erasure_takes_two_admins() {
+    let s = Server::start("erase-http");
+    let (p, obs) = patient_with_observation(&s, "Twopersson").await;
+    let (q, _) = patient_with_observation(&s, "Rejectsson").await;
+    let ask = |key: String, body: serde_json::Value| {
+        let s = &s;
+        async move { s.request("POST", "/admin/erasures", Some(&key), Some(&body), &[]).await }
+    };
+    // Refusals first.
+    assert_eq!(ask(s.data_key.clone(), json!({"patient": p, "reason": "x"})).await.status, 403, "only admins");
+    assert_eq!(ask(s.admin_key.clone(), json!({"patient": p})).await.status, 400, "a legal basis is required");
+    assert_eq!(ask(s.admin_key.clone(), json!({"patient": "nobody", "reason": "x"})).await.status, 404);
+
+    let req = ask(s.admin_key.clone(), json!({"patient": p, "reason": "GDPR Art. 17 request 2026-200"})).await;
+    assert_eq!(req.status, 202, "{}", req.text);
+    let id = req.json["id"].as_str().expect("id").to_string();
+    let approve = format!("/admin/erasures/{id}/approve");
+    let same = s.request("POST", &approve, Some(&s.admin_key), None, &[]).await;
+    assert_eq!(same.status, 403, "the requester cannot approve: {}", same.text);
+    assert_eq!(s.get(&format!("/fhir/Observation/{obs}")).await.status, 200, "nothing erased yet");
+
+    let second = s.approver_key().to_string();
+    let done = s.request("POST", &approve, Some(&second), None, &[]).await;
+    assert_eq!(done.status, 200, "{}", done.text);
+    assert!(done.json["summary"].as_str().is_some_and(|t| t.contains("data key destroyed")), "{}", done.text);
+    assert_eq!(s.get(&format!("/fhir/Observation/{obs}")).await.status, 410);
+    assert_eq!(s.request("POST", &approve, Some(&second), None, &[]).await.status, 409, "decided already");
+    assert!(std::fs::read_to_string(s.data.join("erasure-ledger")).expect("ledger").contains(&p));
+
+    // A rejected request erases nothing.
+    let r = ask(s.admin_key.clone(), json!({"patient": q, "reason": "request 2026-201"})).await;
+    let rid = r.json["id"].as_str().expect("id").to_string();
+    assert_eq!(s.request("POST", &format!("/admin/erasures/{rid}/reject"), Some(&second), None, &[]).await.status, 200);
+    assert_eq!(s.get(&format!("/fhir/Patient/{q}")).await.status, 200);
+    let list = s.request("GET", "/admin/erasures", Some(&s.admin_key), None, &[]).await;
+    let states: Vec<&str> = list.json["requests"].as_array().expect("requests").iter().filter_map(|r| r["state"].as_str()).collect();
+    assert!(states.contains(&"approved") && states.contains(&"rejected"), "{}", list.text);
+    // Both steps are audited, naming the patient.
+    let log = run_ok(&s.data, &["audit", "export"]);
+    assert!(log.contains("\"erase-request\"") && log.contains("GDPR Art. 17 request 2026-200") && log.contains("\"erase-reject\""));
+}
