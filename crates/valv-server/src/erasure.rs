@@ -231,7 +231,10 @@ async fn decide(app: &App, id: &str, approve: bool, body: &Value, by: &Principal
     };
     let patient = Some(row.patient.clone());
     let result = async {
-        if row.state != "pending" {
+        // An approved request whose erasure never happened (the process stopped in between) may
+        // be approved again; anything else decided stays decided.
+        let unfinished = row.state == "approved" && !app.vault.is_erased(&row.patient);
+        if row.state != "pending" && !(approve && unfinished) {
             return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("erasure request {id} is {} already", row.state)));
         }
         let (reason, requested_by, requested_by_name) = opened(app, &row, now).await?;
@@ -246,7 +249,7 @@ async fn decide(app: &App, id: &str, approve: bool, body: &Value, by: &Principal
             return Ok((Reply::json(StatusCode::OK, json!({"id": id, "state": "rejected"})), format!("erasure request {id} for patient {} rejected", row.patient)));
         }
         // Claim the request first, so two approvers racing cannot both erase.
-        if !app.vault.store().decide_erasure_request(id, "approved", &by.id, now).await? {
+        if !unfinished && !app.vault.store().decide_erasure_request(id, "approved", &by.id, now).await? {
             return Err(ApiError::new(StatusCode::CONFLICT, "conflict", format!("erasure request {id} was decided meanwhile")));
         }
         match erase(app, &row.patient, override_retention.as_deref(), now).await {
@@ -258,8 +261,12 @@ async fn decide(app: &App, id: &str, approve: bool, body: &Value, by: &Principal
                 Ok((Reply::json(StatusCode::OK, json!({"id": id, "state": "erased", "summary": summary})), audit))
             }
             Err(e) => {
-                // Nothing was erased: the request goes back to waiting (e.g. for an override).
-                let _ = reopen(app, id).await;
+                // Nothing was erased (e.g. a retention duty without an override): the request goes
+                // back to waiting — unless another approver's erasure of the patient went through.
+                let _ = app.vault.refresh_erasures().await;
+                if !app.vault.is_erased(&row.patient) {
+                    let _ = reopen(app, id).await;
+                }
                 Err(e)
             }
         }
