@@ -111,27 +111,38 @@ async fn cipher(app: &App, now: i64) -> Result<Cipher, ApiError> {
     Ok(Cipher::new(&app.vault.named_key("erasure-requests", now).await?))
 }
 
-fn event(rid: &str, peer: &Peer, now: i64, interaction: &'static str, outcome: Outcome, status: StatusCode, p: &Principal, patient: Option<&str>, reason: &str) -> Result<AuditEvent, ApiError> {
-    Ok(AuditEvent {
-        event_id: valv_store::vault::new_id()?,
-        time: now,
-        request_id: rid.to_string(),
-        action: "E",
-        interaction,
-        outcome,
-        status: status.as_u16(),
-        agent_id: p.id.clone(),
-        agent_name: p.name.clone(),
-        roles: p.roles.clone(),
-        source_address: peer.source(),
-        purpose_of_use: None,
-        patient: patient.map(str::to_string),
-        resource_type: patient.map(|_| "Patient".to_string()),
-        resource_id: patient.map(str::to_string),
-        version: None,
-        query: None,
-        reason: reason.to_string(),
-    })
+/// The audit entry of one request to `/admin/erasures` (who, from where, when; the rest varies).
+struct Entry<'a> {
+    rid: &'a str,
+    peer: &'a Peer,
+    now: i64,
+    by: &'a Principal,
+    interaction: &'static str,
+}
+
+impl Entry<'_> {
+    fn event(&self, outcome: Outcome, status: StatusCode, patient: Option<&str>, reason: &str) -> Result<AuditEvent, ApiError> {
+        Ok(AuditEvent {
+            event_id: valv_store::vault::new_id()?,
+            time: self.now,
+            request_id: self.rid.to_string(),
+            action: "E",
+            interaction: self.interaction,
+            outcome,
+            status: status.as_u16(),
+            agent_id: self.by.id.clone(),
+            agent_name: self.by.name.clone(),
+            roles: self.by.roles.clone(),
+            source_address: self.peer.source(),
+            purpose_of_use: None,
+            patient: patient.map(str::to_string),
+            resource_type: patient.map(|_| "Patient".to_string()),
+            resource_id: patient.map(str::to_string),
+            version: None,
+            query: None,
+            reason: reason.to_string(),
+        })
+    }
 }
 
 /// `/admin/erasures…`: admins only (as for `/admin/users`); every request audited.
@@ -147,9 +158,10 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
         ("POST", 2) if segs[1] == "reject" => "erase-reject",
         _ => "erase-read",
     };
+    let entry = Entry { rid, peer, now, by: &principal, interaction };
     let decision = crate::access::grantapi::users_decision(app, &principal, now);
     if !decision.permit {
-        crate::request::audit(app, vec![event(rid, peer, now, interaction, Outcome::Denied, StatusCode::FORBIDDEN, &principal, None, &decision.reason())?]).await?;
+        crate::request::audit(app, vec![entry.event(Outcome::Denied, StatusCode::FORBIDDEN, None, &decision.reason())?]).await?;
         return Err(ApiError::forbidden(format!("only admins request or approve erasures ({})", decision.reason())).recorded());
     }
     // An action without a body (reject, approve without an override) is fine; a body must be JSON.
@@ -160,7 +172,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
         Ok((reply, reason)) => (Outcome::Success, reply.status, reason.clone()),
         Err(e) => (if e.status.is_server_error() { Outcome::Error } else { Outcome::Denied }, e.status, e.diagnostics.clone()),
     };
-    crate::request::audit(app, vec![event(rid, peer, now, interaction, outcome, status, &principal, patient.as_deref(), &reason)?]).await?;
+    crate::request::audit(app, vec![entry.event(outcome, status, patient.as_deref(), &reason)?]).await?;
     result.map(|(reply, _)| reply).map_err(ApiError::recorded)
 }
 
