@@ -5,7 +5,7 @@
 //! it. `POST /fhir/Patient/{id}/$export-record` here; `valv export` at the console.
 
 use crate::error::ApiError;
-use crate::request::{audit, authorize, Ctx, Touch};
+use crate::request::{audit, audit_failure, authorize, Ctx, Touch};
 use crate::{App, Reply};
 use hyper::StatusCode;
 use serde_json::Value;
@@ -17,7 +17,7 @@ use valv_policy::Action;
 pub const README: &str = "This archive is a patient's record as Valv held it when it was exported.
 
 <Type>.ndjson      every current resource of the patient, one FHIR R4 JSON resource per line
-access-log.json    who accessed the record: a FHIR Parameters resource with, for each entry of
+access-log.json    (when the exporter may see it) who accessed the record: a FHIR Parameters resource with, for each entry of
                    the audit log naming the patient, its canonical bytes, its leaf hash and an
                    inclusion proof against the checkpoint below, and the entry as an AuditEvent
 checkpoint.txt     the audit log's signed checkpoint (C2SP tlog-checkpoint, a signed note)
@@ -29,7 +29,8 @@ bytes, RFC 6962) against the checkpoint's root with its proof (golang.org/x/mod/
 ";
 
 /// The archive's files (name -> bytes) for `patient`, with the resources of the types `include`
-/// admits; returns them and how many resources and access-log entries they hold.
+/// admits, and the access log when it admits `AuditEvent`; returns them and how many resources
+/// and access-log entries they hold.
 pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> bool + Sync), now: i64) -> Result<(BTreeMap<String, Vec<u8>>, usize, usize), ApiError> {
     let owned = app.vault.store().resources_of(patient).await?;
     // Each type's file whole in memory: one type of one patient.
@@ -44,14 +45,19 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
         file.push(b'\n');
         resources += 1;
     }
-    let log = crate::audit::api::access_log_parameters(app, patient, crate::audit::api::View::Restricted, now).await.map_err(|e| match e {
-        crate::audit::api::AccessLogError::Entry(e) | crate::audit::api::AccessLogError::Api(e) => e,
-    })?;
-    let checkpoint = log["parameter"][0]["valueString"].as_str().unwrap_or_default().to_string();
-    let entries = log["parameter"].as_array().map_or(0, |p| p.len().saturating_sub(2));
-    files.insert("access-log.json".into(), serde_json::to_vec_pretty(&log).map_err(|e| ApiError::internal(e.to_string()))?);
-    files.insert("checkpoint.txt".into(), checkpoint.into_bytes());
-    files.insert("log-key.vkey".into(), format!("{}\n", app.audit_vkey).into_bytes());
+    // The access log goes in only for a caller `$access-log` would show it to (a read of the
+    // patient's AuditEvents): reading someone's record does not entitle one to see who else did.
+    let mut entries = 0;
+    if include("AuditEvent") {
+        let log = crate::audit::api::access_log_parameters(app, patient, crate::audit::api::View::Restricted, now).await.map_err(|e| match e {
+            crate::audit::api::AccessLogError::Entry(e) | crate::audit::api::AccessLogError::Api(e) => e,
+        })?;
+        let checkpoint = log["parameter"][0]["valueString"].as_str().unwrap_or_default().to_string();
+        entries = log["parameter"].as_array().map_or(0, |p| p.len().saturating_sub(2));
+        files.insert("access-log.json".into(), serde_json::to_vec_pretty(&log).map_err(|e| ApiError::internal(e.to_string()))?);
+        files.insert("checkpoint.txt".into(), checkpoint.into_bytes());
+        files.insert("log-key.vkey".into(), format!("{}\n", app.audit_vkey).into_bytes());
+    }
     files.insert("README.txt".into(), README.as_bytes().to_vec());
     Ok((files, resources, entries))
 }
@@ -101,6 +107,20 @@ pub async fn export_record(app: &App, ctx: &Ctx, patient: &str, body: Value) -> 
     let recipients = recipients(&texts)?;
     let touch = Touch { interaction: "export-record", action: Action::Read, resource_type: "Patient", id: Some(patient), version: None, patient: Some(patient), query: None };
     let permit = authorize(app, ctx, &touch).await?;
+    // Once permitted, a failure is audited like a success would have been.
+    let built = archive(app, ctx, patient, &recipients).await;
+    let (archive, resources, entries) = match built {
+        Ok(b) => b,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
+    let mut event = ctx.permitted(&touch, 200, &permit)?;
+    event.reason = format!("{}; {resources} resources, {entries} access-log entries, to {} recipient(s)", permit.reason, recipients.len());
+    audit(app, vec![event]).await?;
+    Ok(Reply { status: StatusCode::OK, text: Some(("application/octet-stream", bytes::Bytes::from(archive))), ..Reply::empty(StatusCode::OK) })
+}
+
+/// The sealed archive for a permitted caller, each type (and the access log) decided on its own.
+async fn archive(app: &App, ctx: &Ctx, patient: &str, recipients: &[Recipient]) -> Result<(Vec<u8>, usize, usize), ApiError> {
     if app.vault.is_erased(patient) {
         return Err(ApiError::new(StatusCode::GONE, "deleted", format!("the data of patient {patient} was erased")));
     }
@@ -113,11 +133,7 @@ pub async fn export_record(app: &App, ctx: &Ctx, patient: &str, body: Value) -> 
         app.access.decide(&subject, &q).permit
     };
     let (files, resources, entries) = record_files(app, patient, &include, ctx.now).await?;
-    let archive = seal(Vec::new(), &recipients, &files, ctx.now)?;
-    let mut event = ctx.permitted(&touch, 200, &permit)?;
-    event.reason = format!("{}; {resources} resources, {entries} access-log entries, to {} recipient(s)", permit.reason, recipients.len());
-    audit(app, vec![event]).await?;
-    Ok(Reply { status: StatusCode::OK, text: Some(("application/octet-stream", bytes::Bytes::from(archive))), ..Reply::empty(StatusCode::OK) })
+    Ok((seal(Vec::new(), recipients, &files, ctx.now)?, resources, entries))
 }
 
 /// A POSIX ustar header for a regular file (names here are short and ASCII).

@@ -108,8 +108,12 @@ async fn an_export_opens_with_age_parses_as_r4_and_its_access_log_verifies_with_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_record_over_http_answers_an_age_file_to_those_who_may_read_the_record() {
-    let s = Server::start("export-http");
+    let s = Server::start_configured("export-http", &[], crate::identity::FAST);
+    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
+    s.set_clock(now);
     let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Httpexport"}]})).await.id();
+    let people = crate::access::people(&s, &mut now, &[("httpexport".to_string(), "patient", vec![], None, Some(p.clone()))]).await;
+    let patient_token = people["httpexport"].token.clone();
     let o = s.post("/fhir/Observation", &json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p}")}})).await.id();
     let work = temp_dir("export-http-work");
     let keyfile = work.join("patient.key");
@@ -118,7 +122,8 @@ async fn export_record_over_http_answers_an_age_file_to_those_who_may_read_the_r
     let params = |r: &str| json!({"resourceType": "Parameters", "parameter": [{"name": "recipient", "valueString": r}]});
     let path = format!("/fhir/Patient/{p}/$export-record");
 
-    let r = s.request("POST", &path, Some(&s.data_key), Some(&params(&recipient)), &[]).await;
+    // The patient themself: their resources and who accessed them.
+    let r = s.request("POST", &path, Some(&patient_token), Some(&params(&recipient)), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("content-type"), Some("application/octet-stream"));
     let file = work.join("record.age");
@@ -126,6 +131,15 @@ async fn export_record_over_http_answers_an_age_file_to_those_who_may_read_the_r
     let files = open_export(&file, &keyfile);
     let obs = String::from_utf8(files["Observation.ndjson"].clone()).expect("utf-8");
     assert!(obs.contains(&o), "{obs}");
+    assert!(files.contains_key("access-log.json"), "the patient may see their access log: {:?}", files.keys());
+
+    // A service that may read the record but not the audit log gets the record without the log.
+    let r = s.request("POST", &path, Some(&s.data_key), Some(&params(&recipient)), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let file = work.join("record-service.age");
+    std::fs::write(&file, &r.bytes).expect("write");
+    let files = open_export(&file, &keyfile);
+    assert!(files.contains_key("Observation.ndjson") && !files.contains_key("access-log.json"), "no access log for a service: {:?}", files.keys());
 
     // Bad requests: 400 with an OperationOutcome; no access: 403; unknown: 404.
     let bad = s.request("POST", &path, Some(&s.data_key), Some(&params("age1nope")), &[]).await;
