@@ -188,10 +188,7 @@ mod tests {
 
     #[tokio::test]
     async fn entries_are_appended_in_order_sealed_and_bound_to_their_leaf() {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).expect("random");
-        let path = std::env::temp_dir().join(format!("valv-audit-test-{}.db", u64::from_le_bytes(r)));
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let (path, store) = temp_store();
         let key = DataKey::from_bytes([9; 32]);
         let blind = || valv_crypto::BlindIndexKey::new(DataKey::from_bytes([4; 32]));
         let log = StoreAuditLog::new(store.clone(), key.clone(), blind(), false);
@@ -218,6 +215,15 @@ mod tests {
         remove_db(&path);
     }
 
+    /// A store in a fresh database in the temporary folder (remove it with [`remove_db`]).
+    fn temp_store() -> (std::path::PathBuf, Arc<dyn Store>) {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("random");
+        let path = std::env::temp_dir().join(format!("valv-audit-test-{}.db", u64::from_le_bytes(r)));
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        (path, store)
+    }
+
     fn remove_db(path: &std::path::Path) {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -229,10 +235,7 @@ mod tests {
     /// sealed query opens only for its own entry and matches its commitment.
     #[tokio::test]
     async fn legacy_and_committed_entries_verify_together_and_queries_open_only_for_their_entry() {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).expect("random");
-        let path = std::env::temp_dir().join(format!("valv-audit-test-{}.db", u64::from_le_bytes(r)));
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let (path, store) = temp_store();
         let key = DataKey::from_bytes([9; 32]);
         let cipher = Cipher::new(&key);
         let log = StoreAuditLog::new(store.clone(), key.clone(), valv_crypto::BlindIndexKey::new(DataKey::from_bytes([4; 32])), false);

@@ -9,7 +9,7 @@
 use crate::error::ApiError;
 use hyper::StatusCode;
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use super::metrics::write_metric;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -303,7 +303,7 @@ impl Limits {
             ("valv_connections_open", "Open client connections.", self.open_connections() as u64),
             ("valv_request_body_memory_bytes", "Memory reserved for request bodies (bytes read and their parsed JSON, estimated).", self.budget_used() as u64),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            write_metric(&mut out, "gauge", name, help, v);
         }
         let c = &self.counters;
         for (name, help, v) in [
@@ -317,7 +317,7 @@ impl Limits {
             ("valv_unauthenticated_rate_limited_total", "Requests without a valid credential refused by the per-address rate limit (429).", &c.unauthenticated_limited),
             ("valv_connections_tarpitted_total", "Refused connections held a few seconds before being reset, so a client reconnecting at once cannot churn.", &c.connections_tarpitted),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            write_metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }
         out
     }

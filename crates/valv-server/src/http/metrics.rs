@@ -97,25 +97,18 @@ impl Metrics {
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
             ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            write_metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP valv_integrity_failures_total Stored records that failed to authenticate when opened.\n# TYPE valv_integrity_failures_total counter\nvalv_integrity_failures_total {}",
-            valv_store::vault::integrity_failures()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP valv_siem_lag_entries Stored audit entries not yet forwarded to the SIEM collector.\n# TYPE valv_siem_lag_entries gauge\nvalv_siem_lag_entries {}",
-            self.siem_lag.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP valv_keys_to_rewrap Data keys not yet under the current KEK version, as last counted.\n# TYPE valv_keys_to_rewrap gauge\nvalv_keys_to_rewrap {}",
-            self.keys_to_rewrap.load(Ordering::Relaxed)
-        );
+        write_metric(&mut out, "counter", "valv_integrity_failures_total", "Stored records that failed to authenticate when opened.", valv_store::vault::integrity_failures());
+        write_metric(&mut out, "gauge", "valv_siem_lag_entries", "Stored audit entries not yet forwarded to the SIEM collector.", self.siem_lag.load(Ordering::Relaxed));
+        write_metric(&mut out, "gauge", "valv_keys_to_rewrap", "Data keys not yet under the current KEK version, as last counted.", self.keys_to_rewrap.load(Ordering::Relaxed));
         out
     }
+}
+
+/// One unlabelled metric in the Prometheus text format: HELP, TYPE (`counter`, `gauge`), value.
+pub fn write_metric(out: &mut String, kind: &str, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
 }
 
 #[cfg(test)]
