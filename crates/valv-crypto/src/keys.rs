@@ -11,6 +11,11 @@ impl DataKey {
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         DataKey(Zeroizing::new(bytes))
     }
+    /// A data key from unwrapped bytes, which must be exactly 32.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, crate::CryptoError> {
+        let key: [u8; 32] = bytes.try_into().map_err(|_| crate::CryptoError::Malformed("a data key is 32 bytes"))?;
+        Ok(DataKey::from_bytes(key))
+    }
     pub fn expose(&self) -> &[u8; 32] {
         &self.0
     }

@@ -169,8 +169,7 @@ impl KeyProvider for LocalKeyProvider {
         }
         let kek = self.versions.get(&wrapped.kek_version).ok_or_else(unknown)?;
         let plain = Zeroizing::new(open_raw(kek, &wrap_aad(context, wrapped.kek_version), &wrapped.ciphertext)?);
-        let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| CryptoError::Malformed("a data key is 32 bytes"))?;
-        Ok(DataKey::from_bytes(bytes))
+        DataKey::from_slice(&plain)
     }
 }
 

@@ -288,8 +288,7 @@ impl KeyProvider for TokenKeys {
         let params = GcmParams::new(&mut iv, &aad, 128.into()).map_err(|e| token_error("GCM parameters", e))?;
         // A wrong context, version or tampered bytes fail the tag check on the token.
         let plain = zeroize::Zeroizing::new(self.lock()?.session.decrypt(&Mechanism::AesGcm(params), handle, sealed).map_err(|_| CryptoError::Authentication)?);
-        let bytes: [u8; 32] = plain.as_slice().try_into().map_err(|_| CryptoError::Malformed("a data key is 32 bytes"))?;
-        Ok(DataKey::from_bytes(bytes))
+        DataKey::from_slice(&plain)
     }
 }
 

@@ -2,12 +2,29 @@
 //! serves, the server's background rewrap, `--wait`, retiring an old version only once nothing
 //! needs it, and data still readable after a restart with only the new version.
 
-use crate::harness::{run_refused, run_ok, valv, Server};
+use crate::harness::{run_ok, run_ok_env, run_refused, valv, Server};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 fn status(s: &Server) -> Value {
-    serde_json::from_str(&run_ok(&s.data, &["keys", "status", "--format", "json"])).expect("status is JSON")
+    status_env(s, &[])
+}
+
+/// `valv keys status --format json`, with the environment the provider needs.
+pub(crate) fn status_env(s: &Server, env: &[(&str, &str)]) -> Value {
+    serde_json::from_str(&run_ok_env(&s.data, &["keys", "status", "--format", "json"], env)).expect("status is JSON")
+}
+
+/// Waits (30 s at most) until the running server has rewrapped every key; returns the status.
+pub(crate) async fn wait_rewrapped(s: &Server, env: &[(&str, &str)]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = status_env(s, env);
+        if st["to_rewrap"] == 0 || Instant::now() > deadline {
+            return st;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn keys_under(status: &Value, version: u64) -> u64 {
@@ -48,14 +65,7 @@ async fn rotation_rewraps_in_the_background_and_old_versions_retire_only_when_un
     // Rotate without waiting: the running server notices and rewraps everything.
     let out = run_ok(&s.data, &["keys", "rotate"]);
     assert!(out.contains("version 2 is now current"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let st = status(&s);
-        if st["to_rewrap"] == 0 || Instant::now() > deadline {
-            break st;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let after = wait_rewrapped(&s, &[]).await;
     assert_eq!(after["to_rewrap"], 0, "the server rewrapped every key: {after}");
     assert_eq!((keys_under(&after, 1), keys_under(&after, 2)), (0, total), "{after}");
     assert_eq!(after["kek_id"], kek_id.as_str(), "the KEK id stays across rotations");

@@ -6,13 +6,13 @@
 //! while keys already unwrapped serve out their cache lifetime.
 
 use crate::harness::{run_ok_env, temp_dir, valv, Server};
+use crate::keys::{status_env, wait_rewrapped};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 const PIN: &str = "381274";
 
@@ -45,6 +45,18 @@ fn token_dir(tag: &str) -> (PathBuf, PathBuf) {
 
 fn uri(pin: &Path) -> String {
     format!("pkcs11:token=valv;object=valv-kek?module-path={}&pin-source=file:{}", module().display(), pin.display())
+}
+
+/// A fresh token and what every `valv` process needs to reach it: (SOFTHSM2_CONF path, PIN
+/// file, the environment variables).
+fn token_env(tag: &str) -> (PathBuf, PathBuf, [(String, String); 2]) {
+    let (conf, pin) = token_dir(tag);
+    let vars = [("SOFTHSM2_CONF".to_string(), conf.display().to_string()), ("VALV_KEY_PROVIDER".to_string(), uri(&pin))];
+    (conf, pin, vars)
+}
+
+fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// What the token says of each KEK object: (id, sensitive, extractable, whether its value could be read).
@@ -80,10 +92,8 @@ fn token_keys(conf: &Path) -> Vec<(String, bool, bool, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_with_its_kek_on_a_softhsm2_token_serves_rotates_restarts_and_serves() {
-    let (conf, pin) = token_dir("pkcs11-token");
-    let provider = uri(&pin);
-    let conf_s = conf.display().to_string();
-    let env = [("SOFTHSM2_CONF", conf_s.as_str()), ("VALV_KEY_PROVIDER", provider.as_str())];
+    let (conf, pin, vars) = token_env("pkcs11-token");
+    let env = as_env(&vars);
     let mut s = Server::start_everywhere("pkcs11", &env);
     assert!(!s.data.join("keys/kek.key").exists(), "no key file with a token provider");
     let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Tokenholm"}]})).await;
@@ -92,21 +102,13 @@ async fn a_server_with_its_kek_on_a_softhsm2_token_serves_rotates_restarts_and_s
     let o = s.post("/fhir/Observation", &json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}})).await;
     assert_eq!(o.status, 201, "{}", o.text);
 
-    let status = |s: &Server| -> serde_json::Value { serde_json::from_str(&run_ok_env(&s.data, &["keys", "status", "--format", "json"], &env)).expect("json") };
-    let st = status(&s);
+    let st = status_env(&s, &env);
     assert_eq!((st["provider"].as_str(), st["kek_id"].as_str(), st["current_version"].as_u64()), (Some("pkcs11"), Some("valv-kek"), Some(1)), "{st}");
 
     // Rotate on the token while the server runs: it rewraps in the background.
     let out = run_ok_env(&s.data, &["keys", "rotate"], &env);
     assert!(out.contains("version 2 is now current"), "{out}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let st = loop {
-        let st = status(&s);
-        if st["to_rewrap"] == 0 || Instant::now() > deadline {
-            break st;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    let st = wait_rewrapped(&s, &env).await;
     assert_eq!(st["to_rewrap"], 0, "{st}");
     let v2 = st["versions"].as_array().expect("versions").iter().find(|v| v["version"] == 2).expect("version 2").clone();
     assert!(v2["data_keys"].as_u64().is_some_and(|n| n >= 7), "{st}");
@@ -125,7 +127,7 @@ async fn a_server_with_its_kek_on_a_softhsm2_token_serves_rotates_restarts_and_s
 
     // A wrong PIN stops the start with one line, and nothing is served.
     std::fs::write(&pin, "000000\n").expect("pin");
-    let out = valv().arg("--data-dir").arg(&s.data).args(["serve", "--listen", "127.0.0.1:0"]).envs(env).output().expect("run valv");
+    let out = valv().arg("--data-dir").arg(&s.data).args(["serve", "--listen", "127.0.0.1:0"]).envs(env.iter().copied()).output().expect("run valv");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("PKCS#11: logging in to 'valv'"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -133,10 +135,8 @@ async fn a_server_with_its_kek_on_a_softhsm2_token_serves_rotates_restarts_and_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_that_goes_away_mid_run_fails_closed_while_cached_keys_serve_out_their_lifetime() {
-    let (conf, pin) = token_dir("pkcs11-gone");
-    let provider = uri(&pin);
-    let conf_s = conf.display().to_string();
-    let env = [("SOFTHSM2_CONF", conf_s.as_str()), ("VALV_KEY_PROVIDER", provider.as_str())];
+    let (conf, _, vars) = token_env("pkcs11-gone");
+    let env = as_env(&vars);
     let s = Server::start_everywhere("pkcs11-gone", &env);
     let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.id();
     assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
