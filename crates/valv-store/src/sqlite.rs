@@ -1285,6 +1285,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn no_key_is_ever_made_again_for_an_erased_patient() {
+        let path = temp_db();
+        let store = SqliteStore::open(&path).expect("open");
+        let key = |n: u8| WrappedKey { provider: "file".into(), kek_id: "k".into(), kek_version: 1, ciphertext: vec![n; 61] };
+        store.put_key_if_absent("patient:p1", &key(1), 1).await.expect("put");
+        let erased = store.erase_patient("p1", 2).await.expect("erase");
+        assert_eq!((erased.seq, erased.key_destroyed), (1, true));
+        assert_eq!(store.get_key("patient:p1").await.expect("get"), None, "destroyed");
+        // Whoever asks (a process that has not heard of the erasure), the store refuses.
+        assert!(matches!(store.put_key_if_absent("patient:p1", &key(2), 3).await, Err(StoreError::Gone(_))));
+        assert_eq!(store.get_key("patient:p1").await.expect("get"), None);
+        assert!(matches!(store.erase_patient("p1", 4).await, Err(StoreError::Conflict(_))), "once");
+        store.put_key_if_absent("patient:p2", &key(3), 5).await.expect("others are not touched");
+        assert_eq!(store.erasures(0).await.expect("erasures").len(), 1);
+        assert!(store.erasures(1).await.expect("erasures").is_empty(), "only newer ones");
+    }
+
+    #[tokio::test]
     async fn audit_tiles_grow_and_are_read_by_key() {
         let path = temp_db();
         let store = SqliteStore::open(&path).expect("open");
