@@ -5,6 +5,7 @@
 //! backend type crosses the trait, and nothing above this crate branches on the backend.
 
 pub mod disk;
+pub mod dump;
 mod error;
 mod keycache;
 pub mod rewrap;
@@ -318,4 +319,11 @@ pub trait Store: Send + Sync {
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Sends every table (sessions excepted, see [`dump`]) as one consistent snapshot, in
+    /// batches, while the store keeps serving: data keys, each resource followed by its versions,
+    /// API keys, users, grants, erasures, erasure requests, audit entries, tiles, checkpoints.
+    async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<dump::Row>>) -> Result<(), StoreError>;
+    /// Loads snapshot rows, in the order sent, into an empty store (a restore), indexing each
+    /// resource's search tokens; each batch is one transaction.
+    async fn load(&self, rows: Vec<dump::Row>) -> Result<(), StoreError>;
 }

@@ -8,6 +8,8 @@
 //! refuses writes until the WAL is checkpointed and truncated and the reserve made again, and gets
 //! there by itself once the fault is gone. An idle writer also truncates a WAL a burst left large.
 
+mod dump;
+
 use crate::disk::{self, Reserve};
 use crate::{GrantRow, ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
 use async_trait::async_trait;
@@ -201,6 +203,8 @@ pub struct SqliteStore {
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
     refusing: Arc<AtomicBool>,
+    /// The database file (snapshots open their own connection to it).
+    path: PathBuf,
 }
 
 /// What a process opens the database for; it decides how reader connections read the file.
@@ -312,7 +316,7 @@ impl SqliteStore {
             .name("valv-sqlite-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing })
+        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, path: path.to_path_buf() })
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -1271,6 +1275,14 @@ impl Store for SqliteStore {
             return Err(StoreError::Backend(NO_HEADROOM.into()));
         }
         self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
+    }
+
+    async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<crate::dump::Row>>) -> Result<(), StoreError> {
+        self.snapshot_rows(out).await
+    }
+
+    async fn load(&self, rows: Vec<crate::dump::Row>) -> Result<(), StoreError> {
+        self.load_rows(&rows)
     }
 }
 

@@ -1,0 +1,299 @@
+//! Snapshots and loads of the SQLite backend ([`crate::dump`]). A snapshot reads on its own
+//! connection, in one read transaction (WAL: a consistent view while the writer goes on), so it
+//! takes no reader from the server's pool; a load writes through the admin connection, one
+//! transaction per batch.
+
+use super::{row_to_audit, SqliteStore};
+use crate::dump::{ResourceRow, Row, VersionRow};
+use crate::{ApiKeyRecord, AuditTile, ErasureRequestRow, ErasureRow, GrantRow, StoreError, StoredCheckpoint, UserRow, WrappedKey};
+use rusqlite::{params, Connection, OpenFlags};
+use tokio::sync::mpsc::Sender;
+
+/// Rows per batch sent (or bytes, for large bodies), whichever fills first.
+const BATCH_ROWS: usize = 2_048;
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Collects rows into batches and sends them, blocking while the consumer is behind.
+struct Batcher {
+    out: Sender<Vec<Row>>,
+    rows: Vec<Row>,
+    bytes: usize,
+}
+
+impl Batcher {
+    fn push(&mut self, row: Row, bytes: usize) -> Result<(), StoreError> {
+        self.rows.push(row);
+        self.bytes += bytes;
+        if self.rows.len() >= BATCH_ROWS || self.bytes >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.bytes = 0;
+        let rows = std::mem::take(&mut self.rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        self.out.blocking_send(rows).map_err(|_| StoreError::Backend("the snapshot's reader stopped".into()))
+    }
+}
+
+fn blob<const N: usize>(v: Vec<u8>, what: &str) -> Result<[u8; N], StoreError> {
+    <[u8; N]>::try_from(v.as_slice()).map_err(|_| StoreError::Integrity(format!("{what} is not {N} bytes")))
+}
+
+/// Reads every table in one read transaction.
+fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(super::BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "mmap_size", super::SCAN_MMAP_BYTES)?;
+    let tx = conn.unchecked_transaction()?;
+    let mut b = Batcher { out, rows: Vec::with_capacity(BATCH_ROWS), bytes: 0 };
+    {
+        let mut stmt = tx.prepare("SELECT name, provider, kek_id, kek_version, wrapped, created, wrapped_at FROM data_keys ORDER BY name")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let key = WrappedKey { provider: r.get(1)?, kek_id: r.get(2)?, kek_version: r.get(3)?, ciphertext: r.get(4)? };
+            b.push(Row::DataKey { name: r.get(0)?, key, created: r.get(5)?, wrapped_at: r.get(6)? }, 64)?;
+        }
+    }
+    resources(&tx, &mut b)?;
+    {
+        let mut stmt = tx.prepare("SELECT id, name, role, hash, created, revoked, mac, scopes FROM api_keys ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let k = ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: blob(r.get(3)?, "an API key hash")?, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)?, scopes: r.get(7)? };
+            b.push(Row::ApiKey(k), 128)?;
+        }
+    }
+    {
+        let mut stmt = tx.prepare("SELECT id, username_token, version, sealed, enrollment_hash FROM users ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let enrollment_hash = r.get::<_, Option<Vec<u8>>>(4)?.map(|h| blob(h, "an enrollment hash")).transpose()?;
+            let u = UserRow { id: r.get(0)?, username_token: blob(r.get(1)?, "a user name token")?, version: r.get(2)?, sealed: r.get(3)?, enrollment_hash };
+            b.push(Row::User(u), 512)?;
+        }
+    }
+    for_each(&tx, "SELECT id, version, sealed FROM grants ORDER BY id", &mut b, |r| Ok(Row::Grant(GrantRow { id: r.get(0)?, version: r.get(1)?, sealed: r.get(2)? })))?;
+    for_each(&tx, "SELECT seq, patient, erased_at FROM erasures ORDER BY seq", &mut b, |r| Ok(Row::Erasure(ErasureRow { seq: r.get(0)?, patient: r.get(1)?, erased_at: r.get(2)? })))?;
+    for_each(&tx, "SELECT id, patient, sealed, requested_at, state, decided_by, decided_at FROM erasure_requests ORDER BY id", &mut b, |r| {
+        Ok(Row::ErasureRequest(ErasureRequestRow { id: r.get(0)?, patient: r.get(1)?, sealed: r.get(2)?, requested_at: r.get(3)?, state: r.get(4)?, decided_by: r.get(5)?, decided_at: r.get(6)? }))
+    })?;
+    for_each(&tx, "SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries ORDER BY idx", &mut b, |r| {
+        let (index, row) = row_to_audit(r)?;
+        Ok(Row::AuditEntry { index, row })
+    })?;
+    {
+        let mut stmt = tx.prepare("SELECT level, idx, hashes FROM audit_tiles ORDER BY level, idx")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let hashes = r.get::<_, Vec<u8>>(2)?.chunks(32).map(|h| blob(h.to_vec(), "a tile hash")).collect::<Result<_, _>>()?;
+            b.push(Row::AuditTile(AuditTile { level: r.get(0)?, index: r.get(1)?, hashes }), 8192)?;
+        }
+    }
+    {
+        let mut stmt = tx.prepare("SELECT size, root, note FROM audit_checkpoints ORDER BY size")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            b.push(Row::Checkpoint(StoredCheckpoint { size: r.get(0)?, root: blob(r.get(1)?, "a checkpoint root")?, note: r.get(2)? }), 512)?;
+        }
+    }
+    b.flush()
+}
+
+/// Rows of a small table whose columns convert directly.
+fn for_each(tx: &Connection, sql: &str, b: &mut Batcher, f: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<Row>) -> Result<(), StoreError> {
+    let mut stmt = tx.prepare(sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let row = f(r)?;
+        let bytes = match &row {
+            Row::AuditEntry { row, .. } => row.sealed.len() + 64,
+            _ => 256,
+        };
+        b.push(row, bytes)?;
+    }
+    Ok(())
+}
+
+/// Each resource, then its versions: two cursors in rid order, merged.
+fn resources(tx: &Connection, b: &mut Batcher) -> Result<(), StoreError> {
+    let mut rs = tx.prepare("SELECT rid, type, id, version, deleted, patient, last_updated, tokens FROM resources ORDER BY rid")?;
+    let mut vs = tx.prepare("SELECT rid, version, deleted, patient, last_updated, body FROM versions ORDER BY rid, version")?;
+    let mut resources = rs.query([])?;
+    let mut versions = vs.query([])?;
+    let mut next_version = versions.next()?;
+    while let Some(r) = resources.next()? {
+        let rid: i64 = r.get(0)?;
+        let tokens = r.get::<_, Vec<u8>>(7)?.chunks(16).map(|t| blob(t.to_vec(), "a search token")).collect::<Result<_, _>>()?;
+        let row = ResourceRow { resource_type: r.get(1)?, id: r.get(2)?, version: r.get(3)?, deleted: r.get(4)?, patient: r.get(5)?, last_updated: r.get(6)?, tokens };
+        b.push(Row::Resource(row), 128)?;
+        while let Some(v) = next_version {
+            let vrid: i64 = v.get(0)?;
+            if vrid > rid {
+                break;
+            }
+            if vrid < rid {
+                return Err(StoreError::Integrity(format!("versions of row {vrid} belong to no resource")));
+            }
+            let body: Vec<u8> = v.get(5)?;
+            let size = body.len() + 64;
+            b.push(Row::Version(VersionRow { version: v.get(1)?, deleted: v.get(2)?, patient: v.get(3)?, last_updated: v.get(4)?, body }), size)?;
+            next_version = versions.next()?;
+        }
+    }
+    if next_version.is_some() {
+        return Err(StoreError::Integrity("versions belong to no resource".into()));
+    }
+    Ok(())
+}
+
+/// Inserts a batch of rows in one transaction.
+fn load(conn: &Connection, rows: &[Row]) -> Result<(), StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    // The resource the next versions belong to: the last one inserted (rids only grow).
+    let mut current: Option<i64> = None;
+    for row in rows {
+        match row {
+            Row::DataKey { name, key, created, wrapped_at } => {
+                tx.prepare_cached("INSERT INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                    .execute(params![name, key.provider, key.kek_id, key.kek_version, key.ciphertext, created, wrapped_at])?;
+            }
+            Row::Resource(r) => {
+                tx.prepare_cached("INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                    .execute(params![r.resource_type, r.id, r.version, r.deleted, r.patient, r.last_updated, r.tokens.concat()])?;
+                let rid = tx.last_insert_rowid();
+                let mut index = tx.prepare_cached("INSERT INTO search_tokens (token, rid) VALUES (?1, ?2)")?;
+                for t in &r.tokens {
+                    index.execute(params![&t[..], rid])?;
+                }
+                current = Some(rid);
+            }
+            Row::Version(v) => {
+                let rid = match current {
+                    Some(rid) => rid,
+                    None => tx
+                        .prepare_cached("SELECT max(rid) FROM resources")?
+                        .query_row([], |r| r.get::<_, Option<i64>>(0))?
+                        .ok_or_else(|| StoreError::Integrity("a version before any resource".into()))?,
+                };
+                current = Some(rid);
+                tx.prepare_cached("INSERT INTO versions (rid, version, deleted, patient, last_updated, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
+                    .execute(params![rid, v.version, v.deleted, v.patient, v.last_updated, v.body])?;
+            }
+            Row::ApiKey(k) => {
+                tx.prepare_cached("INSERT INTO api_keys (id, name, role, hash, created, revoked, mac, scopes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")?
+                    .execute(params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked, k.mac, k.scopes])?;
+            }
+            Row::User(u) => {
+                tx.prepare_cached("INSERT INTO users (id, username_token, version, sealed, enrollment_hash) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![u.id, &u.username_token[..], u.version, u.sealed, u.enrollment_hash.as_ref().map(|h| &h[..])])?;
+            }
+            Row::Grant(g) => {
+                tx.prepare_cached("INSERT INTO grants (id, version, sealed) VALUES (?1, ?2, ?3)")?.execute(params![g.id, g.version, g.sealed])?;
+            }
+            Row::Erasure(e) => {
+                tx.prepare_cached("INSERT INTO erasures (patient, seq, erased_at) VALUES (?1, ?2, ?3)")?.execute(params![e.patient, e.seq, e.erased_at])?;
+            }
+            Row::ErasureRequest(r) => {
+                tx.prepare_cached("INSERT INTO erasure_requests (id, patient, sealed, requested_at, state, decided_by, decided_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+                    .execute(params![r.id, r.patient, r.sealed, r.requested_at, r.state, r.decided_by, r.decided_at])?;
+            }
+            Row::AuditEntry { index, row } => {
+                tx.prepare_cached("INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token, query_sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                    .execute(params![index, &row.leaf_hash[..], row.sealed, row.patient_token.as_ref().map(|t| &t[..]), row.query_sealed])?;
+            }
+            Row::AuditTile(t) => {
+                tx.prepare_cached("INSERT INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)")?.execute(params![t.level, t.index, t.hashes.concat()])?;
+            }
+            Row::Checkpoint(c) => {
+                tx.prepare_cached("INSERT INTO audit_checkpoints (size, root, note) VALUES (?1, ?2, ?3)")?.execute(params![c.size, &c.root[..], c.note])?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+impl SqliteStore {
+    pub(super) async fn snapshot_rows(&self, out: Sender<Vec<Row>>) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || snapshot(&path, out)).await.map_err(|e| StoreError::Backend(format!("the snapshot thread failed: {e}")))?
+    }
+
+    pub(super) fn load_rows(&self, rows: &[Row]) -> Result<(), StoreError> {
+        self.with_admin(|c| load(c, rows))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::dump::Row;
+    use crate::sqlite::SqliteStore;
+    use crate::{AuditRow, Expect, Filter, Store, StoredVersion, UserRow, WrappedKey, Write};
+
+    fn temp_db(name: &str) -> std::path::PathBuf {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("random");
+        std::env::temp_dir().join(format!("valv-dump-{name}-{}.db", u64::from_le_bytes(r)))
+    }
+
+    async fn rows_of(store: &SqliteStore) -> Vec<Row> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let (done, mut all) = tokio::join!(store.snapshot(tx), async move {
+            let mut all = Vec::new();
+            while let Some(batch) = rx.recv().await {
+                all.extend(batch);
+            }
+            all
+        });
+        done.expect("snapshot");
+        all.sort_by_key(|r| r.table());
+        all
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_loads_into_an_empty_store_as_it_was() {
+        let (a, b) = (temp_db("a"), temp_db("b"));
+        let src = SqliteStore::open(&a).expect("open");
+        let key = WrappedKey { provider: "file".into(), kek_id: "k".into(), kek_version: 2, ciphertext: vec![7; 61] };
+        src.put_key_if_absent("patient:p1", &key, 1).await.expect("key");
+        for (id, versions) in [("p1", 3u64), ("p2", 1)] {
+            for v in 1..=versions {
+                let version = StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] };
+                let expect = if v == 1 { Expect::Absent } else { Expect::Version(v - 1) };
+                src.commit(vec![Write { expect, version, tokens: vec![[v as u8; 16], [9; 16]] }]).await.expect("commit");
+            }
+        }
+        src.insert_user(&UserRow { id: "u1".into(), username_token: [1; 16], version: 1, sealed: vec![1, 2], enrollment_hash: None }).await.expect("user");
+        src.append_audit((0..5u8).map(|i| AuditRow { leaf_hash: [i; 32], sealed: vec![i; 20], patient_token: (i % 2 == 0).then_some([i; 16]), query_sealed: None }).collect()).await.expect("audit");
+        src.erase_patient("p9", 3).await.expect("erase");
+        let before = rows_of(&src).await;
+        assert_eq!(before.iter().filter(|r| matches!(r, Row::Version(_))).count(), 4);
+
+        // Loaded as sent, in batches of three: a batch may split a resource from its versions.
+        let dst = SqliteStore::open(&b).expect("open");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let (done, ()) = tokio::join!(src.snapshot(tx), async {
+            while let Some(batch) = rx.recv().await {
+                for chunk in batch.chunks(3) {
+                    dst.load(chunk.to_vec()).await.expect("load");
+                }
+            }
+        });
+        done.expect("snapshot");
+        assert_eq!(rows_of(&dst).await, before, "every row as it was");
+        assert_eq!(dst.read_current("Patient", "p1").await.expect("read").map(|v| v.version), Some(3));
+        let found = dst.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[9; 16]]], ..Default::default() }).await.expect("search");
+        assert_eq!(found.len(), 2, "search tokens indexed again");
+        let old_token = dst.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[1; 16]]], ..Default::default() }).await.expect("search");
+        assert!(old_token.iter().all(|l| l.id == "p2"), "only current tokens: {old_token:?}");
+        assert!(dst.load(vec![before[0].clone()]).await.is_err(), "a row loaded twice conflicts");
+        for p in [a, b] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
