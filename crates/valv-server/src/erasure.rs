@@ -24,7 +24,7 @@ pub const LEDGER_FILE: &str = "erasure-ledger";
 pub struct ErasureSettings {
     pub retention_years: u32,
     pub ledger_dirs: Vec<PathBuf>,
-    signing_seed: DataKey,
+    pub(crate) signing_seed: DataKey,
 }
 
 impl ErasureSettings {
@@ -86,6 +86,11 @@ fn describe(patient: &str, e: &ErasedPatient) -> String {
 
 /// Writes the whole ledger, signed, to each ledger folder (temporary file, then rename).
 pub async fn write_ledger(app: &App) -> Result<Vec<String>, String> {
+    write_ledger_to(app, &app.erasure.ledger_dirs).await
+}
+
+/// [`write_ledger`] to the given folders (a backup's).
+pub async fn write_ledger_to(app: &App, dirs: &[PathBuf]) -> Result<Vec<String>, String> {
     let rows = app.vault.store().erasures(0).await.map_err(|e| e.to_string())?;
     let seed = app.erasure.signing_seed.expose();
     let origin = crate::audit::integrator::origin_for(seed)?;
@@ -93,7 +98,7 @@ pub async fn write_ledger(app: &App) -> Result<Vec<String>, String> {
     let ledger = Ledger { origin, erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
     let text = ledger.sign(&signer).map_err(|e| e.to_string())?;
     let mut written = Vec::new();
-    for dir in &app.erasure.ledger_dirs {
+    for dir in dirs {
         let (path, tmp) = (dir.join(LEDGER_FILE), dir.join(format!("{LEDGER_FILE}.new")));
         std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| format!("writing {}: {e}", path.display()))?;
         written.push(path.display().to_string());

@@ -19,6 +19,7 @@
 
 pub mod access;
 pub mod audit;
+pub mod backup;
 pub mod clock;
 pub mod erasure;
 pub mod error;

@@ -7,8 +7,13 @@
 //! not rows either: each resource carries its current tokens and the load indexes them again.
 
 use crate::{ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
+use std::collections::BTreeMap;
+use valv_audit::ledger::Erasure;
+use valv_audit::Frontier;
 use valv_backup::fields::{Dec, Enc};
-use valv_backup::BackupError;
+use valv_backup::frame::Digest32;
+use valv_backup::manifest::{ledger_head, KekCount, Tally};
+use valv_backup::{BackupError, Manifest};
 
 /// A resource's current state; its versions follow it as [`Row::Version`]s.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +179,83 @@ impl Row {
         };
         d.finish()?;
         Ok(Some(row))
+    }
+}
+
+/// What a stream of rows holds, as a manifest states it: counted while a backup is written, and
+/// again while a restore reads it, to be compared.
+#[derive(Debug, Default)]
+pub struct Census {
+    pub tally: Tally,
+    audit: Frontier,
+    keks: BTreeMap<(String, String, u32), u64>,
+    erasures: Vec<Erasure>,
+    checkpoint: Option<(u64, [u8; 32])>,
+    /// The first out-of-order audit index seen (a backup must hold the log whole, in order).
+    gap: Option<u64>,
+}
+
+impl Census {
+    pub fn add(&mut self, row: &Row) {
+        self.tally.row(row.table());
+        match row {
+            Row::DataKey { key, .. } => *self.keks.entry((key.provider.clone(), key.kek_id.clone(), key.kek_version)).or_default() += 1,
+            Row::Resource(r) => self.tally.resource(&r.resource_type),
+            Row::Erasure(e) => self.erasures.push(Erasure { seq: e.seq, patient: e.patient.clone(), erased_at: e.erased_at }),
+            Row::AuditEntry { index, row } => {
+                if *index != self.audit.size() && self.gap.is_none() {
+                    self.gap = Some(*index);
+                }
+                self.audit.push(row.leaf_hash);
+            }
+            Row::Checkpoint(c) => {
+                if self.checkpoint.is_none_or(|(size, _)| c.size >= size) {
+                    self.checkpoint = Some((c.size, c.root));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The erasures seen, in order.
+    pub fn erasures(&self) -> &[Erasure] {
+        &self.erasures
+    }
+
+    /// The manifest of what was counted.
+    pub fn manifest(&self, origin: &str, created: i64, source: &str, payload: Digest32) -> Manifest {
+        Manifest {
+            origin: origin.to_string(),
+            created,
+            source: source.to_string(),
+            payload,
+            audit_size: self.audit.size(),
+            audit_root: self.audit.root(),
+            checkpoint: self.checkpoint,
+            ledger: ledger_head(&self.erasures),
+            tally: self.tally.clone(),
+            keks: self.keks.iter().map(|((provider, kek_id, version), keys)| KekCount { provider: provider.clone(), kek_id: kek_id.clone(), version: *version, keys: *keys }).collect(),
+        }
+    }
+
+    /// How what was counted differs from `stated`, in words (empty: it is what the manifest says).
+    pub fn differences(&self, stated: &Manifest, payload: Digest32) -> Vec<String> {
+        let found = self.manifest(&stated.origin, stated.created, &stated.source, payload);
+        let mut out = stated.differences(&self.tally);
+        if let Some(index) = self.gap {
+            out.push(format!("the audit log is not whole: entry {index} comes out of order"));
+        }
+        let mut differ = |what: &str, same: bool| {
+            if !same {
+                out.push(format!("{what} differs from the manifest's"));
+            }
+        };
+        differ("the content's SHA-256", found.payload == stated.payload);
+        differ("the audit tree (size and root)", (found.audit_size, found.audit_root) == (stated.audit_size, stated.audit_root));
+        differ("the latest checkpoint", found.checkpoint == stated.checkpoint);
+        differ("the erasure ledger's head", found.ledger == stated.ledger);
+        differ("the data keys per KEK version", found.keks == stated.keks);
+        out
     }
 }
 

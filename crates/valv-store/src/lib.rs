@@ -319,6 +319,8 @@ pub trait Store: Send + Sync {
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError>;
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The backend's name (`sqlite`), for manifests and messages.
+    fn backend(&self) -> &'static str;
     /// Sends every table (sessions excepted, see [`dump`]) as one consistent snapshot, in
     /// batches, while the store keeps serving: data keys, each resource followed by its versions,
     /// API keys, users, grants, erasures, erasure requests, audit entries, tiles, checkpoints.

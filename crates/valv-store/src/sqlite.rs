@@ -1277,6 +1277,10 @@ impl Store for SqliteStore {
         self.with_reader(|c| Ok(c.query_row("SELECT 1", [], |_| Ok(()))?))
     }
 
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
     async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<crate::dump::Row>>) -> Result<(), StoreError> {
         self.snapshot_rows(out).await
     }

@@ -22,14 +22,28 @@ pub struct Config {
     pub backup: BackupConfig,
 }
 
-/// Backups (the commands are not built yet) and where the erasure ledger's copy goes.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// Backups (`valv backup`, docs/OPERATIONS.md) and where the erasure ledger's copy goes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackupConfig {
     /// The folder backups are written to; every erasure also rewrites `erasure-ledger` there, so
-    /// that a restore of an older backup re-applies it. Relative to the data directory.
+    /// that a restore of an older backup re-applies it. Relative to the data directory. Unset:
+    /// the folder the last backup was written to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
+    /// age X25519 recipients (`age1…`) every backup is encrypted to; their identities are kept
+    /// away from this machine.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
+    /// Whether a file KEK travels inside the (age-encrypted) backup, so that the backup alone
+    /// restores after the machine is lost. Off: keep the key file elsewhere yourself.
+    pub include_key_file: bool,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig { dir: None, recipients: Vec::new(), include_key_file: true }
+    }
 }
 
 /// A retention duty (e.g. PdL 3 kap. 17 §: ten years after the last entry): a patient with
@@ -718,6 +732,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_BACKUP_DIR") {
             self.backup.dir = Some(v.into());
+        }
+        if let Some(v) = get("VALV_BACKUP_RECIPIENTS") {
+            self.backup.recipients = v.split([',', ' ']).filter(|r| !r.is_empty()).map(str::to_string).collect();
         }
         if let Some(v) = get("VALV_RETENTION_YEARS") {
             self.retention.years = v.parse().map_err(|_| format!("VALV_RETENTION_YEARS must be a number of years, got '{v}'"))?;

@@ -163,7 +163,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         refusal_log: valv_server::audit::compact::Compactor::new(valv_server::audit::compact::REFUSAL_WINDOW),
         erasure: valv_server::erasure::ErasureSettings::new(
             cfg.retention.years,
-            std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d))).collect(),
+            std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d)).or_else(|| crate::backup::last_dir(dir))).collect(),
             checkpoint_seed.clone(),
         ),
     };

@@ -1,0 +1,394 @@
+//! `valv restore FILE --identity KEYFILE --data-dir DIR [--ledger FILE] [--drill]` and
+//! `valv backup verify`: a backup decrypted and loaded into an empty directory, then checked —
+//! the manifest's signature (by the checkpoint key the backup itself carries, unwrapped with the
+//! KEK), every count, the content hash, the audit log recomputed against the manifest's
+//! checkpoint, the erasure ledger's signature and that it continues the backup's — and every
+//! erasure of the ledger applied, also those made after the backup. An erased patient's data key
+//! is never written to the new directory at all. Any failure removes what the restore made.
+//!
+//! A drill (and `valv backup verify`) restores into a temporary directory, adds sample
+//! decryptions under every KEK version, records its result in the live server's audit log and
+//! removes the temporary directory.
+
+use crate::config::{resolve, Config, FILE_NAME};
+use crate::datadir;
+use std::collections::{BTreeMap, HashSet};
+use std::io::BufReader;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use valv_audit::ledger::Ledger;
+use valv_backup::frame::{Digest32, Frame};
+use valv_backup::{FrameReader, Manifest};
+use valv_server::backup::{DirFile, CONFIG_FILE, FILE_KIND, KEK_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
+use valv_server::erasure::LEDGER_FILE;
+use valv_store::dump::{Census, Row};
+use valv_store::sqlite::{Access, SqliteStore};
+use valv_store::Store;
+
+pub struct Request<'a> {
+    pub file: &'a Path,
+    pub identity: &'a Path,
+    pub ledger: Option<&'a Path>,
+}
+
+/// What a restore did, in words, and its figures.
+pub struct Restored {
+    pub summary: String,
+    pub resources: u64,
+    pub seconds: f64,
+}
+
+/// Restores into `target`, which must not exist or be empty.
+pub async fn restore(req: &Request<'_>, target: &Path) -> Result<Restored, String> {
+    let created = prepare_target(target)?;
+    let result = restore_into(req, target).await;
+    if result.is_err() {
+        remove_made(target, created);
+    }
+    result
+}
+
+/// A drill: a restore into a temporary directory with sample decryptions, recorded in the audit
+/// log of the server at `live` (which need not be running). The result is returned as well.
+pub async fn drill(req: &Request<'_>, live: &Path) -> Result<String, String> {
+    let opened = datadir::open_existing(live, Access::Serve).await?;
+    let tmp = std::env::temp_dir().join(format!("valv-drill-{}", valv_crypto::hex::encode(&valv_store::vault::random_bytes::<8>().map_err(|e| e.to_string())?)));
+    let result = restore(req, &tmp).await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (outcome, text) = match &result {
+        Ok(r) => ("passed", r.summary.clone()),
+        Err(e) => ("FAILED", e.clone()),
+    };
+    let reason = format!("restore drill of {} {outcome}: {text}", req.file.display());
+    valv_server::people::api::audit_local(&opened.app, "restore-drill", None, reason.clone(), valv_server::now_ms())
+        .await
+        .map_err(|e| format!("{reason} — but its audit entry failed: {}", e.diagnostics))?;
+    result.map(|r| format!("drill passed (recorded in the audit log of {}): {}", live.display(), r.summary))
+}
+
+/// Creates `target` (owner only) or checks it is an empty directory; whether it was created.
+fn prepare_target(target: &Path) -> Result<bool, String> {
+    match std::fs::read_dir(target) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(format!("{} is not empty: a restore goes into a new or empty directory", target.display()));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
+            std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", target.display()))?;
+            Ok(true)
+        }
+        Err(e) => Err(format!("{}: {e}", target.display())),
+    }
+}
+
+/// Takes back what a failed restore wrote: the directory if it made it, else its content.
+fn remove_made(target: &Path, created: bool) {
+    if created {
+        let _ = std::fs::remove_dir_all(target);
+    } else if let Ok(entries) = std::fs::read_dir(target) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
+/// What the reading thread hands over.
+enum Msg {
+    File(DirFile),
+    Rows(Vec<Row>),
+    End { manifest: String, digest: Digest32 },
+    Failed(String),
+}
+
+/// Decrypts and decodes on a thread of its own, a few batches ahead of the loading.
+fn spawn_reader(file: &Path, identities: Vec<valv_age::Identity>) -> Result<tokio::sync::mpsc::Receiver<Msg>, String> {
+    let input = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let name = file.display().to_string();
+    std::thread::Builder::new()
+        .name("valv-restore-reader".into())
+        .spawn(move || {
+            let msg = match read_all(BufReader::with_capacity(1 << 20, input), &identities, &tx) {
+                Ok(end) => end,
+                Err(e) => Msg::Failed(format!("{name}: {e}")),
+            };
+            let _ = tx.blocking_send(msg);
+        })
+        .map_err(|e| format!("cannot start the reader: {e}"))?;
+    Ok(rx)
+}
+
+fn read_all(input: impl std::io::Read, identities: &[valv_age::Identity], tx: &tokio::sync::mpsc::Sender<Msg>) -> Result<Msg, String> {
+    let plain = valv_age::decrypt(input, identities).map_err(|e| format!("cannot decrypt the backup: {e}"))?;
+    // The age payload authenticates chunk by chunk: a flipped bit or a cut is found here.
+    let mut frames = FrameReader::new(plain).map_err(|e| e.to_string())?;
+    let mut batch = Vec::with_capacity(2_048);
+    let send = |m: Msg| tx.blocking_send(m).map_err(|_| "the restore stopped".to_string());
+    loop {
+        match frames.next_frame().map_err(|e| e.to_string())? {
+            Some(Frame::Row(FILE_KIND, payload)) => send(Msg::File(DirFile::decode(payload).map_err(|e| e.to_string())?))?,
+            Some(Frame::Row(kind, payload)) => {
+                let row = Row::decode(kind, payload).map_err(|e| e.to_string())?.ok_or_else(|| format!("the backup holds frames of an unknown kind {kind}"))?;
+                batch.push(row);
+                if batch.len() == 2_048 {
+                    send(Msg::Rows(std::mem::replace(&mut batch, Vec::with_capacity(2_048))))?;
+                }
+            }
+            Some(Frame::Manifest(manifest)) => {
+                if !batch.is_empty() {
+                    send(Msg::Rows(batch))?;
+                }
+                return Ok(Msg::End { manifest, digest: frames.digest() });
+            }
+            None => return Err("the backup ends before its manifest".into()),
+        }
+    }
+}
+
+/// The erasure ledger given (or found beside the backup), and the patients it names (read
+/// before its signature can be checked, which needs the backup's key: only used to leave keys
+/// out, and checked before the restore counts as done).
+fn read_ledger(req: &Request<'_>) -> Result<(PathBuf, String, HashSet<String>), String> {
+    let path = match req.ledger {
+        Some(p) => p.to_path_buf(),
+        None => req.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join(LEDGER_FILE),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!("the erasure ledger {}: {e} (give the newest copy with --ledger FILE: without it, patients erased after the backup would come back)", path.display())
+    })?;
+    let patients = valv_audit::note::Note::parse(&text)
+        .map_err(|e| format!("the erasure ledger {} is not a signed ledger: {e}", path.display()))?
+        .text()
+        .lines()
+        .skip(3)
+        .filter_map(|l| l.split(' ').nth(1).map(str::to_string))
+        .collect();
+    Ok((path, text, patients))
+}
+
+async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, String> {
+    let started = Instant::now();
+    let identity_text = std::fs::read_to_string(req.identity).map_err(|e| format!("the identity {}: {e}", req.identity.display()))?;
+    let identities = valv_age::Identity::from_file_text(&identity_text).map_err(|e| format!("the identity {}: {e}", req.identity.display()))?;
+    let (ledger_path, ledger_text, ledger_patients) = read_ledger(req)?;
+    let mut rx = spawn_reader(req.file, identities)?;
+
+    let mut loader = Loader { target, store: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
+    let (signed, digest) = loop {
+        match rx.recv().await.ok_or("the reader stopped")? {
+            Msg::File(f) => loader.file(f)?,
+            Msg::Rows(rows) => loader.rows(rows).await?,
+            Msg::End { manifest, digest } => break (manifest, digest),
+            Msg::Failed(e) => return Err(e),
+        }
+    };
+    let census = loader.finish()?;
+    let samples = std::mem::take(&mut loader.samples);
+    drop(loader);
+
+    let opened = datadir::open_for(target, None, Access::Serve).await?;
+    let app = &opened.app;
+    let verifier = valv_audit::Verifier::from_vkey(&app.audit_vkey).map_err(|e| e.to_string())?;
+    let manifest = Manifest::open(&signed, &verifier).map_err(|e| e.to_string())?;
+    let differences = census.differences(&manifest, digest);
+    if !differences.is_empty() {
+        return Err(format!("the backup does not match its manifest: {}", differences.join("; ")));
+    }
+    let reapplied = reapply_erasures(app, &census, &manifest, &ledger_path, &ledger_text, &verifier).await?;
+    let entries = verify_audit(&opened, &manifest, &verifier).await?;
+    let decrypted = sample_decryptions(app, &samples).await?;
+    write_new(&target.join(LEDGER_FILE), ledger_text.as_bytes())?;
+
+    let resources = census.tally.tables.get("resources").copied().unwrap_or(0);
+    let summary = format!(
+        "backup of {} ({} created {}) restored: {resources} resources, {} rows, checked against its signed manifest; audit log of {entries} entries verified against checkpoint {}; {} erasures in the backup, {reapplied} more re-applied from the ledger; {decrypted} sample decryptions under {} KEK version(s)",
+        manifest.origin,
+        manifest.source,
+        valv_fhir::date::format_instant(manifest.created),
+        census.tally.tables.values().sum::<u64>(),
+        manifest.checkpoint.map_or("none".to_string(), |(size, _)| size.to_string()),
+        census.erasures().len(),
+        samples.len(),
+    );
+    valv_server::people::api::audit_local(app, "restore", None, summary.clone(), valv_server::now_ms()).await.map_err(|e| format!("recording the restore: {}", e.diagnostics))?;
+    Ok(Restored { summary, resources, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// Loads what the reader hands over into the new directory.
+struct Loader<'a> {
+    target: &'a Path,
+    store: Option<SqliteStore>,
+    /// Files waiting for the configuration to say where they go.
+    files: Vec<DirFile>,
+    census: Census,
+    /// Patients of the ledger: their data keys are never written, their tokens never indexed.
+    erased: HashSet<String>,
+    /// Up to three data keys per KEK version, for sample decryptions.
+    samples: BTreeMap<(String, String, u32), Vec<String>>,
+}
+
+impl Loader<'_> {
+    fn file(&mut self, f: DirFile) -> Result<(), String> {
+        if self.store.is_some() {
+            return Err("the backup holds a file after its rows".into());
+        }
+        match f.name.as_str() {
+            CONFIG_FILE => write_new(&self.target.join(FILE_NAME), &f.bytes),
+            KEK_FILE | TLS_CERT_FILE | TLS_KEY_FILE => {
+                self.files.push(f);
+                Ok(())
+            }
+            other => Err(format!("the backup holds an unknown file '{other}'")),
+        }
+    }
+
+    /// Opens the new store once the files are in place: the configuration says where it goes.
+    fn store(&mut self) -> Result<&SqliteStore, String> {
+        if self.store.is_none() {
+            if !self.target.join(FILE_NAME).exists() {
+                return Err("the backup holds no configuration".into());
+            }
+            let cfg = Config::load(self.target)?;
+            for f in std::mem::take(&mut self.files) {
+                let path = match f.name.as_str() {
+                    KEK_FILE => &cfg.keys.key_file,
+                    TLS_CERT_FILE => &cfg.server.tls_cert,
+                    _ => &cfg.server.tls_key,
+                };
+                // A file kept outside the data directory (say the key file) stays as it is.
+                let path = resolve(self.target, path);
+                if !path.exists() {
+                    write_new(&path, &f.bytes)?;
+                }
+            }
+            let db = resolve(self.target, &cfg.storage.sqlite);
+            write_new(&db, b"")?;
+            self.store = Some(SqliteStore::open_for(&db, Access::Serve).map_err(|e| e.to_string())?);
+        }
+        self.store.as_ref().ok_or_else(|| "no store".to_string())
+    }
+
+    async fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
+        for row in &rows {
+            self.census.add(row);
+        }
+        rows.retain_mut(|row| match row {
+            Row::DataKey { name, key, .. } => {
+                let patient = name.strip_prefix("patient:");
+                if patient.is_some_and(|p| self.erased.contains(p)) {
+                    return false;
+                }
+                let sample = self.samples.entry((key.provider.clone(), key.kek_id.clone(), key.kek_version)).or_default();
+                if sample.len() < 3 && (patient.is_some() || sample.is_empty()) {
+                    sample.push(name.clone());
+                }
+                true
+            }
+            Row::Resource(r) => {
+                if r.patient.as_ref().is_some_and(|p| self.erased.contains(p)) {
+                    r.tokens.clear();
+                }
+                true
+            }
+            _ => true,
+        });
+        let store = self.store()?;
+        store.load(rows).await.map_err(|e| format!("loading the backup: {e}"))
+    }
+
+    fn finish(&mut self) -> Result<Census, String> {
+        self.store()?;
+        Ok(std::mem::take(&mut self.census))
+    }
+}
+
+/// Writes a new file only its owner can read.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write as _;
+    if let Some(parent) = path.parent().filter(|p| !p.exists()) {
+        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", parent.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Checks the ledger and applies the erasures it holds beyond the backup's; how many.
+async fn reapply_erasures(app: &valv_server::App, census: &Census, manifest: &Manifest, path: &Path, text: &str, verifier: &valv_audit::Verifier) -> Result<usize, String> {
+    let ledger = Ledger::open(text, verifier).map_err(|e| format!("the erasure ledger {} does not verify with this backup's checkpoint key ({e}): another server's, or altered", path.display()))?;
+    if ledger.origin != manifest.origin {
+        return Err(format!("the erasure ledger {} is of another log ({})", path.display(), ledger.origin));
+    }
+    let ours = census.erasures();
+    if let Some((i, e)) = ours.iter().enumerate().find(|(i, e)| ledger.erasures.get(*i) != Some(e)) {
+        return Err(format!(
+            "the erasure ledger {} is older than the backup or not its own (it lacks erasure #{} of patient {}): give the newest copy with --ledger",
+            path.display(),
+            i + 1,
+            e.patient
+        ));
+    }
+    let newer = &ledger.erasures[ours.len()..];
+    for e in newer {
+        let done = app.vault.store().erase_patient(&e.patient, e.erased_at).await.map_err(|x| format!("re-applying erasure #{} of patient {}: {x}", e.seq, e.patient))?;
+        if done.seq != e.seq {
+            return Err(format!("re-applying erasure #{}: it became #{}", e.seq, done.seq));
+        }
+    }
+    Ok(newer.len())
+}
+
+/// Recomputes the audit tree from the restored entries and checks every stored checkpoint and
+/// the manifest's; the number of entries.
+async fn verify_audit(opened: &datadir::Opened, manifest: &Manifest, verifier: &valv_audit::Verifier) -> Result<u64, String> {
+    let store = opened.app.vault.store();
+    let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
+    let report = valv_server::audit::log::verify(store, &audit_key, verifier, &[]).await.map_err(|e| e.to_string())?;
+    if !report.problems.is_empty() {
+        return Err(format!("the restored audit log does not verify: {}", report.problems.join("; ")));
+    }
+    if report.entries != manifest.audit_size {
+        return Err(format!("the restored audit log has {} entries, the manifest states {}", report.entries, manifest.audit_size));
+    }
+    if let Some((size, root)) = manifest.checkpoint {
+        let stored = store.checkpoint_at(size).await.map_err(|e| e.to_string())?;
+        if stored.map(|c| c.root) != Some(root) {
+            return Err(format!("the manifest's checkpoint {size} is not among the restored ones"));
+        }
+    }
+    Ok(report.entries)
+}
+
+/// Unwraps the sampled data keys of every KEK version and opens a resource under each patient
+/// key; how many decryptions succeeded (any failure is an error).
+async fn sample_decryptions(app: &valv_server::App, samples: &BTreeMap<(String, String, u32), Vec<String>>) -> Result<usize, String> {
+    let (vault, now) = (&app.vault, valv_server::now_ms());
+    let mut done = 0;
+    for ((_, kek_id, version), names) in samples {
+        for name in names {
+            let failed = |e: &dyn std::fmt::Display| format!("sample decryption under KEK {kek_id} version {version} ({name}): {e}");
+            match name.strip_prefix("patient:") {
+                Some(patient) => {
+                    for (resource_type, id) in vault.store().resources_of(patient).await.map_err(|e| failed(&e))? {
+                        let Some(v) = vault.fetch(&resource_type, &id, None).await.map_err(|e| failed(&e))? else { continue };
+                        if !v.deleted {
+                            vault.open_bytes(&v, now).await.map_err(|e| failed(&e))?;
+                            done += 1;
+                            break;
+                        }
+                    }
+                }
+                None => {
+                    vault.named_key(name, now).await.map_err(|e| failed(&e))?;
+                    done += 1;
+                }
+            }
+        }
+    }
+    Ok(done)
+}
