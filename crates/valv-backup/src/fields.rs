@@ -142,11 +142,11 @@ mod tests {
             e.u64(a).i64(b).bytes(&c).str(&s).opt(o, Enc::i64);
             let buf = e.finish();
             let mut d = Dec::new(&buf);
-            prop_assert_eq!(d.u64().unwrap(), a);
-            prop_assert_eq!(d.i64().unwrap(), b);
-            prop_assert_eq!(d.bytes().unwrap(), &c[..]);
-            prop_assert_eq!(d.string().unwrap(), s);
-            prop_assert_eq!(d.opt(Dec::i64).unwrap(), o);
+            prop_assert_eq!(d.u64().expect("test"), a);
+            prop_assert_eq!(d.i64().expect("test"), b);
+            prop_assert_eq!(d.bytes().expect("test"), &c[..]);
+            prop_assert_eq!(d.string().expect("test"), s);
+            prop_assert_eq!(d.opt(Dec::i64).expect("test"), o);
             prop_assert!(d.finish().is_ok());
         }
 

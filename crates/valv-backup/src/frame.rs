@@ -141,15 +141,17 @@ mod tests {
     use proptest::prelude::*;
 
     fn write(frames: &[(u8, Vec<u8>)], manifest: &str) -> (Vec<u8>, Digest32) {
-        let mut w = FrameWriter::new(Vec::new()).unwrap();
+        let mut w = FrameWriter::new(Vec::new()).expect("test");
         for (k, p) in frames {
-            w.frame(*k, p).unwrap();
+            w.frame(*k, p).expect("test");
         }
         let d = w.digest();
-        (w.finish(manifest).unwrap(), d)
+        (w.finish(manifest).expect("test"), d)
     }
 
-    fn read(bytes: &[u8]) -> Result<(Vec<(u8, Vec<u8>)>, String, Digest32), BackupError> {
+    type Read = (Vec<(u8, Vec<u8>)>, String, Digest32);
+
+    fn read(bytes: &[u8]) -> Result<Read, BackupError> {
         let mut r = FrameReader::new(bytes)?;
         let mut frames = Vec::new();
         loop {
@@ -165,7 +167,7 @@ mod tests {
         #[test]
         fn frames_round_trip(frames in proptest::collection::vec((0u8..0xfe, proptest::collection::vec(any::<u8>(), 0..200)), 0..20), m in "[a-z ]{0,40}") {
             let (bytes, d) = write(&frames, &m);
-            let (got, manifest, rd) = read(&bytes).unwrap();
+            let (got, manifest, rd) = read(&bytes).expect("test");
             prop_assert_eq!(got, frames);
             prop_assert_eq!(manifest, m);
             prop_assert_eq!(rd, d);
@@ -194,10 +196,10 @@ mod tests {
     fn trailing_bytes_and_oversized_frames_are_refused() {
         let (mut bytes, _) = write(&[(1, vec![1, 2])], "m");
         bytes.push(0);
-        assert!(read(&bytes).unwrap_err().to_string().contains("after the manifest"));
+        assert!(read(&bytes).expect_err("refused").to_string().contains("after the manifest"));
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
-        assert!(read(&huge).unwrap_err().to_string().contains("over the limit"));
+        assert!(read(&huge).expect_err("refused").to_string().contains("over the limit"));
         assert!(read(b"something else entirely").is_err());
     }
 }

@@ -245,20 +245,20 @@ mod tests {
     }
 
     fn signer() -> Signer {
-        Signer::new("valv.example/audit/abc", &[9; 32]).unwrap()
+        Signer::new("valv.example/audit/abc", &[9; 32]).expect("test")
     }
 
     #[test]
     fn a_signed_manifest_opens_to_itself() {
         let m = sample();
-        let signed = m.sign(&signer()).unwrap();
-        assert_eq!(Manifest::open(&signed, &signer().verifier()).unwrap(), m);
+        let signed = m.sign(&signer()).expect("test");
+        assert_eq!(Manifest::open(&signed, &signer().verifier()).expect("test"), m);
     }
 
     #[test]
     fn another_key_or_an_edit_is_refused() {
-        let signed = sample().sign(&signer()).unwrap();
-        let other = Signer::new("valv.example/audit/abc", &[8; 32]).unwrap();
+        let signed = sample().sign(&signer()).expect("test");
+        let other = Signer::new("valv.example/audit/abc", &[8; 32]).expect("test");
         assert!(Manifest::open(&signed, &other.verifier()).is_err());
         let edited = signed.replace("audit 42", "audit 41");
         assert!(Manifest::open(&edited, &signer().verifier()).is_err());
@@ -282,8 +282,8 @@ mod tests {
         for text in ["valv backup v1\no\ncreated 1\n", "nope\n", "valv backup v1\no\ncreated 1\ncreated 2\n"] {
             assert!(Manifest::parse(text).is_err(), "{text}");
         }
-        let t = sample().to_text().unwrap();
+        let t = sample().to_text().expect("test");
         assert!(Manifest::parse(&t.replace("source sqlite", "source sqlite extra")).is_err());
-        assert_eq!(Manifest::parse(&t).unwrap(), sample());
+        assert_eq!(Manifest::parse(&t).expect("test"), sample());
     }
 }
