@@ -18,6 +18,9 @@ pub const LAST_DIR_FILE: &str = "last-backup-dir";
 pub async fn run(opened: &Opened, out: &Path, recipients: &[String]) -> Result<String, String> {
     let (app, started) = (&opened.app, Instant::now());
     let recipients = if recipients.is_empty() { &opened.config.backup.recipients } else { recipients };
+    if recipients.is_empty() {
+        return Err("no backup recipient: give --recipient age1… or set [backup] recipients (VALV_BACKUP_RECIPIENTS)".into());
+    }
     let parsed = valv_server::fhir::export::recipients(recipients).map_err(|e| e.diagnostics.replace("recipient '", "backup recipient '"))?;
     if out.exists() {
         return Err(format!("{} exists already: a backup never overwrites a file", out.display()));
