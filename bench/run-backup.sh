@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Backup and restore (issue "lifecycle": >= 50,000 resources/s each way with a 100k-resource,
+# 1M-audit-entry data directory, RSS flat, reads losing <= 20% while a backup runs).
+#
+#   bench/run-backup.sh [PATIENTS] [AUDIT_ENTRIES] [ROUNDS] [SECONDS]   (defaults: 3600 1000000 3 10)
+#
+# Builds the data directory (synthetic patients, ~28 resources each; audited reads by id until
+# the log holds AUDIT_ENTRIES entries), then, ROUNDS times: `valv backup` alone; reads by id
+# (wrk -t2 -c32) for SECONDS with no backup, with backups back to back, and with none again
+# (the ratio is against the mean of the two unloaded runs); `valv restore` into a new directory
+# (decrypt, load, manifest, audit log recomputed and checked, sample decryptions). Prints
+# medians, and each command's peak RSS (/usr/bin/time). Needs wrk and /usr/bin/time.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+patients=${1:-3600}; entries=${2:-1000000}; rounds=${3:-3}; secs=${4:-10}
+out=$(mktemp -d /tmp/valv-bench-backup.XXXXXX)
+trap 'kill "${server_pid:-0}" 2>/dev/null || true; rm -rf "$out"' EXIT
+for t in wrk /usr/bin/time age-keygen; do command -v "$t" >/dev/null || { echo "bench: $t is not installed" >&2; exit 1; }; done
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs) x $(nproc) cores; memory: $(free -g | awk '/Mem:/{print $2}') GiB"
+echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "command: bench/run-backup.sh $patients $entries $rounds $secs"
+(cd "$root" && cargo build --release --locked -q)
+valv="$root/target/release/valv"
+data="$out/d"
+"$valv" --data-dir "$data" init >/dev/null
+key=$("$valv" --data-dir "$data" apikey create --name bench --role service --scope 'system/*.cruds system/Patient.cud' | tail -1)
+"$valv" synth --patients "$patients" --out "$out/synth" --seed 1 >/dev/null
+"$valv" --data-dir "$data" import "$out"/synth/*.json 2>/dev/null | head -1
+rm -rf "$out/synth"
+age-keygen -o "$out/id.txt" 2>/dev/null
+recipient=$(grep -o 'age1[a-z0-9]*' "$out/id.txt" | head -1)
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+VALV_LOG=warn VALV_LIMITS_NEW_CONNECTIONS_PER_MINUTE=6000000 VALV_LIMITS_NEW_CONNECTIONS_BURST=100000 \
+  "$valv" --data-dir "$data" serve --listen "127.0.0.1:$port" >/dev/null 2>"$out/server.log" &
+server_pid=$!
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+base="https://127.0.0.1:$port"
+curl -sk -H "Authorization: Bearer $key" "$base/fhir/Observation?_count=1000" | python3 -c 'import json,sys; [print(e["resource"]["id"]) for e in json.load(sys.stdin).get("entry",[])]' > "$out/ids"
+cat > "$out/read.lua" <<LUA
+local ids = {}
+function init(args) for l in io.lines(args[1]) do ids[#ids + 1] = l end end
+request = function() return wrk.format("GET", "/fhir/Observation/" .. ids[math.random(#ids)], {["Authorization"] = "Bearer $key"}) end
+done = function(s) io.write(string.format("RPS %.0f\n", s.requests / (s.duration / 1e6))) end
+LUA
+reads() { wrk -t2 -c32 -d"$1s" -s "$out/read.lua" "$base" -- "$out/ids" | awk '/^RPS/{print $2}'; }
+count() { python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); print(c.execute(sys.argv[2]).fetchone()[0])" "$data/valv.db" "$1"; }
+while [ "$(count 'select count(*) from audit_entries')" -lt "$entries" ]; do reads 20 >/dev/null; done
+resources=$(count 'select count(*) from resources')
+echo "data: $resources resources, $(count 'select count(*) from versions') versions, $(count 'select count(*) from audit_entries') audit entries, $(du -sh "$data/valv.db" | cut -f1) database"
+
+peak() { awk '/Maximum resident/{printf "%.0f MiB", $6/1024}' "$1"; }
+for r in $(seq 1 "$rounds"); do
+  b="$out/b$r"; mkdir -p "$b"
+  start=$(date +%s.%N)
+  /usr/bin/time -v "$valv" --data-dir "$data" backup --out "$b/one.age" --recipient "$recipient" >/dev/null 2>"$out/time-backup"
+  end=$(date +%s.%N)
+  size=$(du -m "$b/one.age" | cut -f1)
+  before=$(reads "$secs")
+  ( i=0; while :; do i=$((i+1)); "$valv" --data-dir "$data" backup --out "$b/loop-$i.age" --recipient "$recipient" >/dev/null 2>&1; rm -f "$b/loop-$i.age"; done ) &
+  loop=$!
+  during=$(reads "$secs")
+  kill "$loop"; wait "$loop" 2>/dev/null || true
+  after=$(reads "$secs")
+  rm -rf "$out/r"
+  rstart=$(date +%s.%N)
+  /usr/bin/time -v "$valv" --data-dir "$out/r" restore "$b/one.age" --identity "$out/id.txt" >/dev/null 2>"$out/time-restore"
+  rend=$(date +%s.%N)
+  python3 - "$r" "$resources" "$start" "$end" "$rstart" "$rend" "$before" "$during" "$after" "$size" "$(peak "$out/time-backup")" "$(peak "$out/time-restore")" <<'PY' | tee -a "$out/rounds"
+import sys
+r, n, s, e, rs, re, b, d, a, size, pb, pr = sys.argv[1:]
+n = int(n); bt = float(e) - float(s); rt = float(re) - float(rs)
+ratio = 100 * float(d) / ((float(b) + float(a)) / 2)
+print(f"round {r}: backup {bt:.2f} s ({n/bt:,.0f} resources/s, {size} MiB, peak RSS {pb}); restore {rt:.2f} s ({n/rt:,.0f} resources/s, peak RSS {pr}); reads {b}/{d}/{a} per s = {ratio:.1f}% during backups")
+PY
+  rm -rf "$b"
+done
+python3 - "$out/rounds" <<'PY'
+import re, statistics, sys
+rows = [l for l in open(sys.argv[1])]
+num = lambda pat: [float(re.search(pat, l).group(1).replace(",", "")) for l in rows]
+print(f"median: backup {statistics.median(num(r'backup [0-9.]+ s \(([0-9,]+) resources/s')):,.0f} resources/s, "
+      f"restore {statistics.median(num(r'restore [0-9.]+ s \(([0-9,]+) resources/s')):,.0f} resources/s (targets >= 50,000), "
+      f"reads during backups {statistics.median(num(r'= ([0-9.]+)% during')):.1f}% of unloaded (target >= 80%)")
+PY
