@@ -326,6 +326,9 @@ pub trait Store: Send + Sync {
     /// API keys, users, grants, erasures, erasure requests, audit entries, tiles, checkpoints.
     async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<dump::Row>>) -> Result<(), StoreError>;
     /// Loads snapshot rows, in the order sent, into an empty store (a restore), indexing each
-    /// resource's search tokens; each batch is one transaction.
+    /// resource's search tokens; each batch is one transaction. Loaded rows may not be durable
+    /// before [`Store::finish_load`]: a restore that fails is thrown away whole.
     async fn load(&self, rows: Vec<dump::Row>) -> Result<(), StoreError>;
+    /// Makes every loaded row durable and returns the store to its normal durability.
+    async fn finish_load(&self) -> Result<(), StoreError>;
 }

@@ -160,6 +160,8 @@ CREATE TABLE erasure_requests (
 "#];
 
 const READERS: usize = 4;
+/// Each connection's page cache: 64 MiB (negative: KiB, as SQLite takes it).
+const CACHE_KIB: i64 = -65_536;
 /// Most requests one group commit takes.
 const MAX_GROUP: usize = 256;
 /// The writer counts as idle after this long without work, and then tidies the WAL.
@@ -203,6 +205,9 @@ pub struct SqliteStore {
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
     refusing: Arc<AtomicBool>,
+    /// Set while a restore loads rows: the writer leaves the WAL alone (an idle checkpoint would
+    /// only make the load wait).
+    loading: Arc<AtomicBool>,
     /// The database file (snapshots open their own connection to it).
     path: PathBuf,
 }
@@ -232,7 +237,7 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     // commit. No memory map for the server: with the audit log appended constantly the file grows
     // all the time, and SQLite's remapping then costs more (page faults, TLB shootdowns) than
     // pread saves. Scanning processes map it (see `Access::Scan`).
-    conn.pragma_update(None, "cache_size", -65_536)?;
+    conn.pragma_update(None, "cache_size", CACHE_KIB)?;
     // Deleted content is overwritten, so freed pages do not keep old ciphertext around longer
     // than needed (it is encrypted either way).
     conn.pragma_update(None, "secure_delete", "ON")?;
@@ -310,13 +315,13 @@ impl SqliteStore {
         };
         let readers = (0..READERS).map(|_| reader().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let refusing = Arc::new(AtomicBool::new(false));
-        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone())?;
+        let (refusing, loading) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone(), loading.clone())?;
         std::thread::Builder::new()
             .name("valv-sqlite-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, path: path.to_path_buf() })
+        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, loading, path: path.to_path_buf() })
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -402,14 +407,16 @@ struct Writer {
     /// `None` (tools, tests): failures are only reported, and the writer never refuses.
     reserve: Option<Reserve>,
     refusing: Arc<AtomicBool>,
+    /// A restore is loading rows ([`SqliteStore::loading`]).
+    loading: Arc<AtomicBool>,
     last_recovery: Option<Instant>,
     last_growth_check: Option<Instant>,
 }
 
 impl Writer {
-    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>) -> Result<Writer, StoreError> {
+    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>, loading: Arc<AtomicBool>) -> Result<Writer, StoreError> {
         let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-        Ok(Writer { conn, db: db.to_path_buf(), wal: wal_path(db), page_size, reserve, refusing, last_recovery: None, last_growth_check: None })
+        Ok(Writer { conn, db: db.to_path_buf(), wal: wal_path(db), page_size, reserve, refusing, loading, last_recovery: None, last_growth_check: None })
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
@@ -551,7 +558,7 @@ impl Writer {
             return;
         }
         let wal = file_len(&self.wal);
-        if wal > IDLE_TRUNCATE_ABOVE {
+        if wal > IDLE_TRUNCATE_ABOVE && !self.loading.load(Ordering::Acquire) {
             match checkpoint_truncate(&self.conn) {
                 Ok(true) => tracing::debug!(wal_mib = wal >> 20, "idle: the WAL is checkpointed and truncated"),
                 Ok(false) => {}
@@ -1287,6 +1294,10 @@ impl Store for SqliteStore {
 
     async fn load(&self, rows: Vec<crate::dump::Row>) -> Result<(), StoreError> {
         self.load_rows(&rows)
+    }
+
+    async fn finish_load(&self) -> Result<(), StoreError> {
+        self.finish_loading()
     }
 }
 

@@ -113,6 +113,9 @@ enum Command {
         /// An age X25519 recipient (age1…); repeat for several. Default: [backup] recipients.
         #[arg(long = "recipient")]
         recipients: Vec<String>,
+        /// CPU niceness to run at (0–19): a backup is background work and yields to the server.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+        nice: i32,
     },
     /// Restore a backup into the (new or empty) data directory, checking it whole and
     /// re-applying every erasure of the ledger; with --drill, into a temporary place, recorded
@@ -302,6 +305,12 @@ enum ApikeyAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread starts: threads inherit the niceness of the one that makes them.
+    if let Command::Backup { action: None, nice, .. } = &cli.command {
+        if let Err(e) = rustix::process::nice(*nice) {
+            return fail(&format!("cannot lower the backup's CPU priority: {e}"));
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
@@ -366,9 +375,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{}", restore::drill(&restore::Request { file: &file, identity: &identity, ledger: ledger.as_deref() }, &dir).await?);
             Ok(())
         }
-        Command::Backup { action: None, out, recipients } => {
+        Command::Backup { action: None, out, recipients, .. } => {
             let out = out.ok_or("give --out FILE (or: valv backup verify FILE --identity KEYFILE)")?;
-            let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Scan).await?;
+            let opened = datadir::open_existing(&dir, valv_store::sqlite::Access::Serve).await?;
             println!("{}", backup::run(&opened, &out, &recipients).await?);
             Ok(())
         }

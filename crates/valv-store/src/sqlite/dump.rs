@@ -9,6 +9,17 @@ use crate::{ApiKeyRecord, AuditTile, ErasureRequestRow, ErasureRow, GrantRow, St
 use rusqlite::{params, Connection, OpenFlags};
 use tokio::sync::mpsc::Sender;
 
+/// The page cache of a loading connection (KiB, negative as SQLite takes it).
+const LOAD_CACHE_KIB: i64 = -262_144;
+
+/// Indexes a load drops and builds again at its end, exactly as the migrations create them
+/// (a test compares them with the schema).
+const SECONDARY_INDEXES: &[(&str, &str)] = &[
+    ("resources_type_updated", "CREATE INDEX IF NOT EXISTS resources_type_updated ON resources (type, last_updated)"),
+    ("resources_patient", "CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient)"),
+    ("audit_entries_patient", "CREATE INDEX IF NOT EXISTS audit_entries_patient ON audit_entries (patient_token) WHERE patient_token IS NOT NULL"),
+];
+
 /// Rows per batch sent (or bytes, for large bodies), whichever fills first.
 const BATCH_ROWS: usize = 2_048;
 const BATCH_BYTES: usize = 4 << 20;
@@ -48,7 +59,6 @@ fn blob<const N: usize>(v: Vec<u8>, what: &str) -> Result<[u8; N], StoreError> {
 fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(super::BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "mmap_size", super::SCAN_MMAP_BYTES)?;
     let tx = conn.unchecked_transaction()?;
     let mut b = Batcher { out, rows: Vec::with_capacity(BATCH_ROWS), bytes: 0 };
     {
@@ -151,9 +161,20 @@ fn resources(tx: &Connection, b: &mut Batcher) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Ends the loading state however the end of a load goes.
+struct Loaded<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for Loaded<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Inserts a batch of rows in one transaction.
 fn load(conn: &Connection, rows: &[Row]) -> Result<(), StoreError> {
-    let tx = conn.unchecked_transaction()?;
+    // IMMEDIATE: the write lock is taken (waiting as long as the busy timeout) before anything is
+    // read, so the writer thread's idle checkpoint cannot turn this into a failed upgrade.
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     // The resource the next versions belong to: the last one inserted (rids only grow).
     let mut current: Option<i64> = None;
     for row in rows {
@@ -224,8 +245,42 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || snapshot(&path, out)).await.map_err(|e| StoreError::Backend(format!("the snapshot thread failed: {e}")))?
     }
 
+    /// Loads on the admin connection without an fsync per batch (a failed restore is discarded
+    /// whole), with a larger page cache and without the secondary indexes, which
+    /// [`SqliteStore::finish_loading`] builds at the end (sorting once beats inserting at random
+    /// places row by row), syncing once.
     pub(super) fn load_rows(&self, rows: &[Row]) -> Result<(), StoreError> {
-        self.with_admin(|c| load(c, rows))
+        self.loading.store(true, std::sync::atomic::Ordering::Release);
+        self.with_admin(|c| {
+            c.pragma_update(None, "synchronous", "OFF")?;
+            c.pragma_update(None, "cache_size", LOAD_CACHE_KIB)?;
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            for (name, _) in SECONDARY_INDEXES {
+                tx.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+            }
+            tx.commit()?;
+            load(c, rows)
+        })
+    }
+
+    /// The indexes back, `synchronous=FULL`, and the WAL checkpointed into the database file and
+    /// synced.
+    pub(super) fn finish_loading(&self) -> Result<(), StoreError> {
+        let _loaded = Loaded(&self.loading);
+        self.with_admin(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            for (_, create) in SECONDARY_INDEXES {
+                tx.execute_batch(create)?;
+            }
+            tx.commit()?;
+            c.pragma_update(None, "cache_size", super::CACHE_KIB)?;
+            c.pragma_update(None, "synchronous", "FULL")?;
+            if super::checkpoint_truncate(c)? {
+                Ok(())
+            } else {
+                Err(StoreError::Backend("the loaded rows could not be checkpointed into the database file (a reader held the WAL)".into()))
+            }
+        })
     }
 }
 
@@ -285,12 +340,21 @@ mod tests {
             }
         });
         done.expect("snapshot");
+        dst.finish_load().await.expect("durable");
         assert_eq!(rows_of(&dst).await, before, "every row as it was");
         assert_eq!(dst.read_current("Patient", "p1").await.expect("read").map(|v| v.version), Some(3));
         let found = dst.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[9; 16]]], ..Default::default() }).await.expect("search");
         assert_eq!(found.len(), 2, "search tokens indexed again");
         let old_token = dst.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[1; 16]]], ..Default::default() }).await.expect("search");
         assert!(old_token.iter().all(|l| l.id == "p2"), "only current tokens: {old_token:?}");
+        // The indexes a load dropped are back as the migrations made them.
+        let schema = |path: &std::path::Path| -> Vec<(String, String)> {
+            let c = rusqlite::Connection::open(path).expect("open");
+            let mut stmt = c.prepare("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name").expect("schema");
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").map(|r| r.expect("row")).collect()
+        };
+        let normal = |v: Vec<(String, String)>| v.into_iter().map(|(n, sql)| (n, sql.replace("IF NOT EXISTS ", ""))).collect::<Vec<_>>();
+        assert_eq!(normal(schema(&b)), normal(schema(&a)));
         assert!(dst.load(vec![before[0].clone()]).await.is_err(), "a row loaded twice conflicts");
         for p in [a, b] {
             let _ = std::fs::remove_file(p);
