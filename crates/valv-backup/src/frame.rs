@@ -107,8 +107,12 @@ impl<R: Read> FrameReader<R> {
         if len > MAX_FRAME {
             return Err(BackupError::malformed(format!("a frame of {len} bytes, over the limit of {MAX_FRAME}")));
         }
-        self.buf.resize(len, 0);
-        read_fully(&mut self.input, &mut self.buf, "the backup ends inside a frame (truncated)")?;
+        // Grown as bytes arrive, not to the length a header claims: a short input costs what
+        // it holds.
+        self.buf.clear();
+        if (&mut self.input).take(len as u64).read_to_end(&mut self.buf)? != len {
+            return Err(BackupError::malformed("the backup ends inside a frame (truncated)"));
+        }
         if head[0] == MANIFEST {
             self.done = true;
             let mut extra = [0u8; 1];
