@@ -297,6 +297,38 @@ mod tests {
         }
     }
 
+    fn audit(index: u64, leaf: u8) -> Row {
+        Row::AuditEntry { index, row: AuditRow { leaf_hash: [leaf; 32], sealed: vec![leaf], patient_token: None, query_sealed: None } }
+    }
+
+    #[test]
+    fn a_census_names_every_way_the_rows_differ_from_their_manifest() {
+        let payload = Digest32 { sha256: [1; 32], bytes: 10 };
+        let rows = vec![
+            Row::DataKey { name: "patient:p".into(), key: WrappedKey { provider: "file".into(), kek_id: "k".into(), kek_version: 1, ciphertext: vec![1] }, created: 0, wrapped_at: None },
+            Row::Erasure(ErasureRow { seq: 1, patient: "q".into(), erased_at: 5 }),
+            audit(0, 1),
+            audit(1, 2),
+        ];
+        let count = |rows: &[Row]| {
+            let mut c = Census::default();
+            rows.iter().for_each(|r| c.add(r));
+            c
+        };
+        let stated = count(&rows).manifest("o", 1, "sqlite", payload);
+        assert!(count(&rows).differences(&stated, payload).is_empty(), "the same rows match");
+        let other_payload = Digest32 { bytes: 11, ..payload };
+        assert!(count(&rows).differences(&stated, other_payload).iter().any(|d| d.contains("SHA-256")));
+        let without_entry = count(&rows[..3]).differences(&stated, payload);
+        assert!(without_entry.iter().any(|d| d.contains("audit_entries")) && without_entry.iter().any(|d| d.contains("audit tree")), "{without_entry:?}");
+        let without_erasure = count(&[rows[0].clone(), rows[2].clone(), rows[3].clone()]).differences(&stated, payload);
+        assert!(without_erasure.iter().any(|d| d.contains("ledger")), "{without_erasure:?}");
+        let without_key = count(&rows[1..]).differences(&stated, payload);
+        assert!(without_key.iter().any(|d| d.contains("KEK")), "{without_key:?}");
+        let gap = count(&[rows[0].clone(), rows[1].clone(), audit(0, 1), audit(2, 2)]).differences(&stated, payload);
+        assert!(gap.iter().any(|d| d.contains("entry 2 comes out of order")), "{gap:?}");
+    }
+
     #[test]
     fn other_kinds_are_not_rows() {
         assert_eq!(Row::decode(0x80, b"whatever").expect("test"), None);

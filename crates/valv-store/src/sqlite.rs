@@ -205,8 +205,8 @@ pub struct SqliteStore {
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
     refusing: Arc<AtomicBool>,
-    /// Set while a restore loads rows: the writer leaves the WAL alone (an idle checkpoint would
-    /// only make the load wait).
+    /// Set while a restore loads rows: the writer leaves the WAL alone, so that its idle
+    /// checkpoint neither stalls the load nor makes the load's final checkpoint find it busy.
     loading: Arc<AtomicBool>,
     /// The database file (snapshots open their own connection to it).
     path: PathBuf,

@@ -31,7 +31,7 @@ pub fn is_initialised(dir: &Path) -> bool {
 use config::resolve;
 
 /// Writes a file only the owner can read, refusing to overwrite one that exists.
-fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
     if let Some(parent) = path.parent() {
         create_private_dir(parent)?;
     }
@@ -46,7 +46,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), String> {
 
 /// Creates a directory only its owner can enter; one that exists already keeps its mode (it may
 /// be shared, like /tmp, and is the operator's to secure).
-fn create_private_dir(dir: &Path) -> Result<(), String> {
+pub fn create_private_dir(dir: &Path) -> Result<(), String> {
     if dir.exists() {
         return Ok(());
     }

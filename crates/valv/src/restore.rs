@@ -14,7 +14,6 @@ use crate::config::{resolve, Config, FILE_NAME};
 use crate::datadir;
 use std::collections::{BTreeMap, HashSet};
 use std::io::BufReader;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use valv_audit::ledger::Ledger;
@@ -77,8 +76,7 @@ fn prepare_target(target: &Path) -> Result<bool, String> {
             Ok(false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(target).map_err(|e| format!("creating {}: {e}", target.display()))?;
-            std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", target.display()))?;
+            datadir::create_private_dir(target)?;
             Ok(true)
         }
         Err(e) => Err(format!("{}: {e}", target.display())),
@@ -209,7 +207,7 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
     let entries = verify_audit(&opened, &manifest, &verifier).await?;
     let audit_secs = audit_started.elapsed().as_secs_f64();
     let decrypted = sample_decryptions(app, &samples).await?;
-    write_new(&target.join(LEDGER_FILE), ledger_text.as_bytes())?;
+    datadir::write_secret(&target.join(LEDGER_FILE), ledger_text.as_bytes())?;
 
     let resources = census.tally.tables.get("resources").copied().unwrap_or(0);
     let summary = format!(
@@ -245,7 +243,7 @@ impl Loader<'_> {
             return Err("the backup holds a file after its rows".into());
         }
         match f.name.as_str() {
-            CONFIG_FILE => write_new(&self.target.join(FILE_NAME), &f.bytes),
+            CONFIG_FILE => datadir::write_secret(&self.target.join(FILE_NAME), &f.bytes),
             KEK_FILE | TLS_CERT_FILE | TLS_KEY_FILE => {
                 self.files.push(f);
                 Ok(())
@@ -270,11 +268,11 @@ impl Loader<'_> {
                 // A file kept outside the data directory (say the key file) stays as it is.
                 let path = resolve(self.target, path);
                 if !path.exists() {
-                    write_new(&path, &f.bytes)?;
+                    datadir::write_secret(&path, &f.bytes)?;
                 }
             }
             let db = resolve(self.target, &cfg.storage.sqlite);
-            write_new(&db, b"")?;
+            datadir::write_secret(&db, b"")?;
             self.store = Some(SqliteStore::open_for(&db, Access::Serve).map_err(|e| e.to_string())?);
         }
         self.store.as_ref().ok_or_else(|| "no store".to_string())
@@ -312,17 +310,6 @@ impl Loader<'_> {
         self.store()?.finish_load().await.map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
     }
-}
-
-/// Writes a new file only its owner can read.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    use std::io::Write as _;
-    if let Some(parent) = path.parent().filter(|p| !p.exists()) {
-        std::fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("securing {}: {e}", parent.display()))?;
-    }
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// Checks the ledger and applies the erasures it holds beyond the backup's; how many.

@@ -51,8 +51,8 @@ impl Batcher {
     }
 }
 
-fn blob<const N: usize>(v: Vec<u8>, what: &str) -> Result<[u8; N], StoreError> {
-    <[u8; N]>::try_from(v.as_slice()).map_err(|_| StoreError::Integrity(format!("{what} is not {N} bytes")))
+fn blob<const N: usize>(v: &[u8], what: &str) -> Result<[u8; N], StoreError> {
+    <[u8; N]>::try_from(v).map_err(|_| StoreError::Integrity(format!("{what} is not {N} bytes")))
 }
 
 /// Reads every table in one read transaction.
@@ -74,7 +74,7 @@ fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreEr
         let mut stmt = tx.prepare("SELECT id, name, role, hash, created, revoked, mac, scopes FROM api_keys ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let k = ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: blob(r.get(3)?, "an API key hash")?, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)?, scopes: r.get(7)? };
+            let k = ApiKeyRecord { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, hash: blob(&r.get::<_, Vec<u8>>(3)?, "an API key hash")?, created: r.get(4)?, revoked: r.get(5)?, mac: r.get(6)?, scopes: r.get(7)? };
             b.push(Row::ApiKey(k), 128)?;
         }
     }
@@ -82,8 +82,8 @@ fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreEr
         let mut stmt = tx.prepare("SELECT id, username_token, version, sealed, enrollment_hash FROM users ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let enrollment_hash = r.get::<_, Option<Vec<u8>>>(4)?.map(|h| blob(h, "an enrollment hash")).transpose()?;
-            let u = UserRow { id: r.get(0)?, username_token: blob(r.get(1)?, "a user name token")?, version: r.get(2)?, sealed: r.get(3)?, enrollment_hash };
+            let enrollment_hash = r.get::<_, Option<Vec<u8>>>(4)?.map(|h| blob(&h, "an enrollment hash")).transpose()?;
+            let u = UserRow { id: r.get(0)?, username_token: blob(&r.get::<_, Vec<u8>>(1)?, "a user name token")?, version: r.get(2)?, sealed: r.get(3)?, enrollment_hash };
             b.push(Row::User(u), 512)?;
         }
     }
@@ -100,7 +100,7 @@ fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreEr
         let mut stmt = tx.prepare("SELECT level, idx, hashes FROM audit_tiles ORDER BY level, idx")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let hashes = r.get::<_, Vec<u8>>(2)?.chunks(32).map(|h| blob(h.to_vec(), "a tile hash")).collect::<Result<_, _>>()?;
+            let hashes = r.get::<_, Vec<u8>>(2)?.chunks(32).map(|h| blob(h, "a tile hash")).collect::<Result<_, _>>()?;
             b.push(Row::AuditTile(AuditTile { level: r.get(0)?, index: r.get(1)?, hashes }), 8192)?;
         }
     }
@@ -108,7 +108,7 @@ fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreEr
         let mut stmt = tx.prepare("SELECT size, root, note FROM audit_checkpoints ORDER BY size")?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            b.push(Row::Checkpoint(StoredCheckpoint { size: r.get(0)?, root: blob(r.get(1)?, "a checkpoint root")?, note: r.get(2)? }), 512)?;
+            b.push(Row::Checkpoint(StoredCheckpoint { size: r.get(0)?, root: blob(&r.get::<_, Vec<u8>>(1)?, "a checkpoint root")?, note: r.get(2)? }), 512)?;
         }
     }
     b.flush()
@@ -138,7 +138,7 @@ fn resources(tx: &Connection, b: &mut Batcher) -> Result<(), StoreError> {
     let mut next_version = versions.next()?;
     while let Some(r) = resources.next()? {
         let rid: i64 = r.get(0)?;
-        let tokens = r.get::<_, Vec<u8>>(7)?.chunks(16).map(|t| blob(t.to_vec(), "a search token")).collect::<Result<_, _>>()?;
+        let tokens = r.get::<_, Vec<u8>>(7)?.chunks(16).map(|t| blob(t, "a search token")).collect::<Result<_, _>>()?;
         let row = ResourceRow { resource_type: r.get(1)?, id: r.get(2)?, version: r.get(3)?, deleted: r.get(4)?, patient: r.get(5)?, last_updated: r.get(6)?, tokens };
         b.push(Row::Resource(row), 128)?;
         while let Some(v) = next_version {
