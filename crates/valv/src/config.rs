@@ -38,11 +38,36 @@ pub struct BackupConfig {
     /// Whether a file KEK travels inside the (age-encrypted) backup, so that the backup alone
     /// restores after the machine is lost. Off: keep the key file elsewhere yourself.
     pub include_key_file: bool,
+    /// Scheduled backups: `valv serve` writes one into `dir` this often (seconds; 0, the
+    /// default: none — run `valv backup` from a timer instead).
+    pub every_secs: u64,
+    /// How many scheduled backups to keep in `dir`: after each one, the oldest beyond this
+    /// number are removed (only files named as the schedule names them).
+    pub keep: usize,
 }
 
 impl Default for BackupConfig {
     fn default() -> Self {
-        BackupConfig { dir: None, recipients: Vec::new(), include_key_file: true }
+        BackupConfig { dir: None, recipients: Vec::new(), include_key_file: true, every_secs: 0, keep: 7 }
+    }
+}
+
+impl BackupConfig {
+    /// Refuses a schedule that cannot run: no folder, no recipient, nothing kept.
+    pub fn check(&self) -> Result<(), String> {
+        if self.every_secs == 0 {
+            return Ok(());
+        }
+        if self.dir.is_none() {
+            return Err("[backup] every_secs needs [backup] dir, the folder scheduled backups go to".into());
+        }
+        if self.recipients.is_empty() {
+            return Err("[backup] every_secs needs [backup] recipients (age1…), the keys backups are encrypted to".into());
+        }
+        if self.keep == 0 {
+            return Err("[backup] keep must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
@@ -688,6 +713,7 @@ impl Config {
         if !(10..=3_600_000).contains(&cfg.audit.checkpoint_interval_ms) {
             return Err(format!("audit.checkpoint_interval_ms must be 10 to 3600000, got {}", cfg.audit.checkpoint_interval_ms));
         }
+        cfg.backup.check()?;
         Ok(cfg)
     }
 
@@ -735,6 +761,12 @@ impl Config {
         }
         if let Some(v) = get("VALV_BACKUP_RECIPIENTS") {
             self.backup.recipients = v.split([',', ' ']).filter(|r| !r.is_empty()).map(str::to_string).collect();
+        }
+        if let Some(v) = get("VALV_BACKUP_EVERY_SECS") {
+            self.backup.every_secs = v.parse().map_err(|_| format!("VALV_BACKUP_EVERY_SECS must be a number of seconds, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_BACKUP_KEEP") {
+            self.backup.keep = v.parse().map_err(|_| format!("VALV_BACKUP_KEEP must be a number of backups, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_RETENTION_YEARS") {
             self.retention.years = v.parse().map_err(|_| format!("VALV_RETENTION_YEARS must be a number of years, got '{v}'"))?;

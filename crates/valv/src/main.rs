@@ -11,6 +11,7 @@ mod import;
 mod keys;
 mod policycmd;
 mod restore;
+mod schedule;
 mod synth;
 
 use clap::{Parser, Subcommand};
@@ -483,6 +484,7 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::audit::siem::spawn(opened.app.clone(), siem)?;
     }
+    schedule::spawn(&opened)?;
     println!("Valv serving HTTPS on https://{local}/fhir (metadata: https://{local}/fhir/metadata)");
     tracing::info!(address = %local, "listening");
     valv_server::serve(opened.app.clone(), listener, tls, shutdown_signal()).await;

@@ -42,6 +42,10 @@ pub struct Metrics {
     /// Data keys moved to the current KEK version by this process, and those still to move (a gauge).
     pub keys_rewrapped: AtomicU64,
     pub keys_to_rewrap: AtomicU64,
+    /// Scheduled backups written and failed, and when the last one was written (Unix seconds).
+    pub backups_written: AtomicU64,
+    pub backup_failures: AtomicU64,
+    pub backup_last_success: AtomicU64,
 }
 
 impl Metrics {
@@ -96,11 +100,14 @@ impl Metrics {
             ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
             ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),
+            ("valv_backups_written_total", "Scheduled backups written ([backup] every_secs).", &self.backups_written),
+            ("valv_backup_failures_total", "Scheduled backups that failed (each retried, and recorded in the audit log).", &self.backup_failures),
         ] {
             write_metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }
         write_metric(&mut out, "counter", "valv_integrity_failures_total", "Stored records that failed to authenticate when opened.", valv_store::vault::integrity_failures());
         write_metric(&mut out, "gauge", "valv_siem_lag_entries", "Stored audit entries not yet forwarded to the SIEM collector.", self.siem_lag.load(Ordering::Relaxed));
+        write_metric(&mut out, "gauge", "valv_backup_last_success_seconds", "When the last scheduled backup was written (Unix time; 0: none yet).", self.backup_last_success.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_keys_to_rewrap", "Data keys not yet under the current KEK version, as last counted.", self.keys_to_rewrap.load(Ordering::Relaxed));
         out
     }

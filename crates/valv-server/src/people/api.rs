@@ -60,11 +60,22 @@ fn event(rid: &str, source: &str, now: i64, interaction: &'static str, outcome: 
 
 /// Records an action of the operator at the server's console (`valv user …`).
 pub async fn audit_local(app: &App, interaction: &'static str, target: Option<&User>, reason: String, now: i64) -> Result<(), ApiError> {
+    audit_local_outcome(app, interaction, target, Outcome::Success, reason, now).await
+}
+
+/// As [`audit_local`], for work of the machine's operator (or the server's own schedule) that
+/// failed: recorded with outcome `error`.
+pub async fn audit_local_failure(app: &App, interaction: &'static str, reason: String, now: i64) -> Result<(), ApiError> {
+    audit_local_outcome(app, interaction, None, Outcome::Error, reason, now).await
+}
+
+async fn audit_local_outcome(app: &App, interaction: &'static str, target: Option<&User>, outcome: Outcome, reason: String, now: i64) -> Result<(), ApiError> {
     let name = format!("console:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
     let roles = vec!["admin".to_string()];
     let agent = Who { agent_id: "local-operator", agent_name: &name, roles: &roles };
     let rid = vault::new_id()?;
-    record(app, vec![event(&rid, "console", now, interaction, Outcome::Success, StatusCode::OK, &agent, target, &reason)?]).await
+    let status = if outcome == Outcome::Success { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
+    record(app, vec![event(&rid, "console", now, interaction, outcome, status, &agent, target, &reason)?]).await
 }
 
 async fn record(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiError> {

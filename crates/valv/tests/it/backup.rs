@@ -220,3 +220,57 @@ async fn bad_backups_and_restores_are_refused_and_change_nothing() {
     assert!(log.contains("FAILED"), "the failed drill is recorded");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_backs_up_on_its_schedule_and_keeps_only_the_newest() {
+    let dir = temp_dir("backup-schedule");
+    let (id_file, recipient) = identity(&dir, "identity.txt");
+    // A schedule that cannot run is refused before the server starts, in one line.
+    let data = dir.join("refused");
+    run_ok(&data, &["init"]);
+    let out = crate::harness::valv().arg("--data-dir").arg(&data).arg("serve").env("VALV_BACKUP_EVERY_SECS", "60").output().expect("run valv");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("[backup] dir"), "{err}");
+
+    let toml = format!("[backup]\ndir = \"scheduled\"\nrecipients = [\"{recipient}\"]\nevery_secs = 2\nkeep = 2\n");
+    let s = Server::start_configured("backup-schedule", &[], &toml);
+    let folder = s.data.join("scheduled");
+    let written = || async {
+        let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+        metrics.lines().find_map(|l| l.strip_prefix("valv_backups_written_total ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while written().await < 3 {
+        assert!(std::time::Instant::now() < deadline, "three scheduled backups within a minute");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&folder).expect("folder").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let backups: Vec<&String> = names.iter().filter(|n| n.ends_with(".age")).collect();
+    assert_eq!(backups.len(), 2, "only the newest two are kept: {names:?}");
+    assert!(names.contains(&"erasure-ledger".to_string()), "the ledger is beside them: {names:?}");
+    for b in backups {
+        let ok = run_ok(&s.data, &["backup", "verify", folder.join(b).to_str().expect("path"), "--identity", id_file.to_str().expect("path")]);
+        assert!(ok.contains("drill passed"), "{ok}");
+    }
+    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+    assert!(metrics.contains("valv_backup_failures_total 0"), "{metrics}");
+    assert!(!metrics.contains("valv_backup_last_success_seconds 0\n"), "{metrics}");
+    let log = run_ok(&s.data, &["audit", "export"]);
+    assert!(log.matches("\"interaction\":\"backup\"").count() >= 3, "each scheduled backup is in the audit log");
+
+    // A backup that cannot be written is counted, recorded as failed, and tried again.
+    std::fs::remove_dir_all(&folder).expect("remove");
+    std::fs::write(&folder, b"not a folder").expect("file");
+    let failures = || async {
+        let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+        metrics.lines().find_map(|l| l.strip_prefix("valv_backup_failures_total ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+    };
+    while failures().await < 2 {
+        assert!(std::time::Instant::now() < deadline, "failures counted and retried");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let log = run_ok(&s.data, &["audit", "export"]);
+    assert!(log.contains("scheduled backup FAILED"), "the failure is in the audit log");
+    let _ = std::fs::remove_dir_all(&dir);
+}
