@@ -84,6 +84,8 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %k, "key provider failure");
                 ApiError::unavailable("the key provider could not supply a key")
             }
+            // Only after two fresh reads of the key each lost to another rotation: try again.
+            StoreError::KeyChanged(_) => ApiError::unavailable("a data key was being rotated; try again"),
             StoreError::Backend(m) => {
                 tracing::error!(error = %m, "storage failure");
                 ApiError::unavailable("storage is unavailable")

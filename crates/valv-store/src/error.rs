@@ -20,6 +20,10 @@ pub enum StoreError {
     /// Stored data failed to authenticate or parse: tampering or corruption.
     #[error("integrity failure: {0}")]
     Integrity(String),
+    /// The patient data key a body was sealed with is no longer the stored one (another
+    /// process rotated, rewrapped or destroyed it meanwhile): seal again with the stored key.
+    #[error("the data key changed meanwhile: {0}")]
+    KeyChanged(String),
     #[error("key provider: {0}")]
     Key(#[from] valv_crypto::CryptoError),
     #[error("storage backend: {0}")]

@@ -6,8 +6,16 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use valv_crypto::DataKey;
 
+/// An unwrapped data key and the wrapped form it was read as (which a write names, so that a
+/// key replaced by another process meanwhile is noticed: [`crate::Write::sealed_with`]).
+#[derive(Clone)]
+pub struct CachedKey {
+    pub key: DataKey,
+    pub wrapped: Vec<u8>,
+}
+
 pub struct KeyCache {
-    entries: Mutex<HashMap<String, (DataKey, Instant)>>,
+    entries: Mutex<HashMap<String, (CachedKey, Instant)>>,
     capacity: usize,
     ttl: Duration,
 }
@@ -17,7 +25,7 @@ impl KeyCache {
         KeyCache { entries: Mutex::new(HashMap::new()), capacity, ttl }
     }
 
-    pub fn get(&self, name: &str) -> Option<DataKey> {
+    pub fn get(&self, name: &str) -> Option<CachedKey> {
         let mut map = self.entries.lock().ok()?;
         match map.get(name) {
             Some((k, at)) if at.elapsed() < self.ttl => Some(k.clone()),
@@ -36,7 +44,7 @@ impl KeyCache {
         }
     }
 
-    pub fn insert(&self, name: &str, key: DataKey) {
+    pub fn insert(&self, name: &str, key: CachedKey) {
         let Ok(mut map) = self.entries.lock() else { return };
         if map.len() >= self.capacity && !map.contains_key(name) {
             let ttl = self.ttl;
@@ -59,12 +67,12 @@ mod tests {
     fn bounded_and_expiring() {
         let c = KeyCache::new(2, Duration::from_secs(60));
         for n in ["a", "b", "c"] {
-            c.insert(n, DataKey::from_bytes([1; 32]));
+            c.insert(n, CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1] });
         }
         assert!(c.get("a").is_none(), "oldest evicted");
         assert!(c.get("c").is_some());
         let short = KeyCache::new(2, Duration::from_millis(0));
-        short.insert("x", DataKey::from_bytes([1; 32]));
+        short.insert("x", CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1] });
         assert!(short.get("x").is_none(), "expired");
     }
 }

@@ -50,6 +50,10 @@ pub struct Write {
     pub expect: Expect,
     pub version: StoredVersion,
     pub tokens: Vec<Token>,
+    /// The wrapped form of the patient data key the body was sealed with, as this process last
+    /// read it (None: the tenant key, or no body): the commit fails with
+    /// [`StoreError::KeyChanged`] unless the version's patient's key is still stored so.
+    pub sealed_with: Option<Vec<u8>>,
 }
 
 /// A resource's place without its content: enough to locate the patient and decide on access
@@ -224,6 +228,15 @@ pub trait Store: Send + Sync {
     /// another process meanwhile is left alone), durably and in one transaction; returns how
     /// many were replaced.
     async fn rewrap_keys(&self, changes: &[(String, WrappedKey, WrappedKey)], now: i64) -> Result<usize, StoreError>;
+    /// Every version sealed under a patient's data key (the versions whose patient is them, not
+    /// deletions), with a handle for [`Store::replace_patient_key`].
+    async fn patient_versions(&self, patient: &str) -> Result<Vec<(i64, StoredVersion)>, StoreError>;
+    /// Rotates a patient's data key in one durable transaction: the key stored as `old` is
+    /// replaced by `new` (created now) and each of the patient's versions gets its body re-sealed
+    /// under it. [`StoreError::KeyChanged`] if the key is no longer stored as `old`;
+    /// [`StoreError::Conflict`] if `bodies` is not exactly the patient's versions (one was
+    /// written meanwhile). Nothing changes on failure.
+    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError>;
     /// How many wrapped keys each (provider, KEK id, version) holds, and the oldest wrap.
     async fn key_census(&self) -> Result<Vec<KeyCensus>, StoreError>;
     /// When a named key was created, if it exists.

@@ -634,6 +634,9 @@ fn append_audit_rows(conn: &Connection, rows: &[crate::AuditRow]) -> Result<u64,
 fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
     for w in writes {
         let v = &w.version;
+        if let (Some(sealed_with), Some(patient)) = (&w.sealed_with, &v.patient) {
+            check_sealed_with(conn, patient, sealed_with)?;
+        }
         let current: Option<(i64, u64, Vec<u8>)> = conn
             .prepare_cached("SELECT rid, version, tokens FROM resources WHERE type = ?1 AND id = ?2")?
             .query_row(params![v.resource_type, v.id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -681,6 +684,19 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Refuses a body sealed under a patient key that is no longer the stored one (rotated,
+/// rewrapped or destroyed by another process since this one read it).
+fn check_sealed_with(conn: &Connection, patient: &str, sealed_with: &[u8]) -> Result<(), StoreError> {
+    let same: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM data_keys WHERE name = 'patient:' || ?1 AND wrapped = ?2)")?
+        .query_row(params![patient, sealed_with], |r| r.get(0))?;
+    if same {
+        Ok(())
+    } else {
+        Err(StoreError::KeyChanged(format!("the data key of patient {patient}")))
+    }
+}
+
 /// (leaf index, row). A leaf hash or token of the wrong length (only by tampering) is carried
 /// through zero-filled or dropped, so verification reports it instead of the read failing.
 const USER_COLUMNS: &str = "SELECT id, username_token, version, sealed, enrollment_hash FROM users";
@@ -705,14 +721,19 @@ fn row_to_audit(r: &rusqlite::Row<'_>) -> rusqlite::Result<(u64, crate::AuditRow
 }
 
 fn row_to_version(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredVersion> {
+    row_to_version_at(r, 0)
+}
+
+/// A version from the [`VERSION_COLUMNS`] starting at column `at`.
+fn row_to_version_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<StoredVersion> {
     Ok(StoredVersion {
-        resource_type: r.get(0)?,
-        id: r.get(1)?,
-        version: r.get(2)?,
-        deleted: r.get(3)?,
-        patient: r.get(4)?,
-        last_updated: r.get(5)?,
-        body: r.get(6)?,
+        resource_type: r.get(at)?,
+        id: r.get(at + 1)?,
+        version: r.get(at + 2)?,
+        deleted: r.get(at + 3)?,
+        patient: r.get(at + 4)?,
+        last_updated: r.get(at + 5)?,
+        body: r.get(at + 6)?,
     })
 }
 
@@ -896,6 +917,43 @@ impl Store for SqliteStore {
             }
             tx.commit()?;
             Ok(replaced)
+        })
+    }
+
+    async fn patient_versions(&self, patient: &str) -> Result<Vec<(i64, StoredVersion)>, StoreError> {
+        self.with_reader(|c| {
+            let sql = format!("SELECT v.vid, {VERSION_COLUMNS} FROM versions v JOIN resources r ON r.rid = v.rid WHERE v.patient = ?1 AND NOT v.deleted ORDER BY v.vid");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![patient], |r| Ok((r.get(0)?, row_to_version_at(r, 1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let replaced = tx
+                .prepare_cached(
+                    "UPDATE data_keys SET provider = ?2, kek_id = ?3, kek_version = ?4, wrapped = ?5, created = ?6, wrapped_at = ?6 \
+                     WHERE name = 'patient:' || ?1 AND provider = ?7 AND kek_id = ?8 AND kek_version = ?9 AND wrapped = ?10",
+                )?
+                .execute(params![patient, new.provider, new.kek_id, new.kek_version, new.ciphertext, now, old.provider, old.kek_id, old.kek_version, old.ciphertext])?;
+            if replaced != 1 {
+                return Err(StoreError::KeyChanged(format!("the data key of patient {patient}")));
+            }
+            let stored: usize = tx.prepare_cached("SELECT count(*) FROM versions WHERE patient = ?1 AND NOT deleted")?.query_row(params![patient], |r| r.get(0))?;
+            let mut updated = 0;
+            {
+                let mut put = tx.prepare_cached("UPDATE versions SET body = ?2 WHERE vid = ?1 AND patient = ?3 AND NOT deleted")?;
+                for (vid, body) in bodies {
+                    updated += put.execute(params![vid, body, patient])?;
+                }
+            }
+            if updated != bodies.len() || stored != bodies.len() {
+                return Err(StoreError::Conflict(format!("patient {patient} has {stored} versions, {} were re-sealed: written meanwhile", bodies.len())));
+            }
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -1384,18 +1442,18 @@ mod tests {
     async fn version_checks_and_atomic_groups() {
         let path = temp_db();
         let store = SqliteStore::open(&path).expect("open");
-        store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![[1; 16]] }]).await.expect("create");
+        store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![[1; 16]], sealed_with: None }]).await.expect("create");
         // A second create of the same id, and an update from a stale version, conflict (409).
-        let dup = store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![] }]).await;
+        let dup = store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![], sealed_with: None }]).await;
         assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
-        store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![[2; 16]] }]).await.expect("update");
-        let stale = store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![] }]).await;
+        store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![[2; 16]], sealed_with: None }]).await.expect("update");
+        let stale = store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![], sealed_with: None }]).await;
         assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
         // A request whose second write fails leaves its first write undone.
         let mixed = store
             .commit(vec![
-                Write { expect: Expect::Absent, version: version("b", 1), tokens: vec![] },
-                Write { expect: Expect::Version(7), version: version("a", 8), tokens: vec![] },
+                Write { expect: Expect::Absent, version: version("b", 1), tokens: vec![], sealed_with: None },
+                Write { expect: Expect::Version(7), version: version("a", 8), tokens: vec![], sealed_with: None },
             ])
             .await;
         assert!(mixed.is_err());
@@ -1473,7 +1531,7 @@ mod tests {
             let s = store.clone();
             // Every fourth request conflicts with an id taken by another.
             let id = if i % 4 == 0 { "shared".to_string() } else { format!("p{i}") };
-            tasks.push(tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![] }]).await.is_ok() }));
+            tasks.push(tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![], sealed_with: None }]).await.is_ok() }));
         }
         let mut ok = 0;
         for t in tasks {

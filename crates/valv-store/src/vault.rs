@@ -5,7 +5,7 @@
 //! Search values become HMAC tokens under the blind-index key. Data keys are stored wrapped by the
 //! key provider's KEK and cached unwrapped for a bounded time.
 
-use crate::keycache::KeyCache;
+use crate::keycache::{CachedKey, KeyCache};
 use crate::{Expect, Filter, Located, Order, Store, StoreError, StoredVersion, Token, Write};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
@@ -164,19 +164,62 @@ impl Vault {
         load_or_create_key(&*self.store, &*self.provider, name, now).await
     }
 
-    /// The data key sealing a patient's resources (created on first use), or the tenant key.
-    async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<DataKey, StoreError> {
-        let Some(p) = patient else { return Ok(self.tenant.clone()) };
+    /// The data key sealing a patient's resources (created on first use) with its wrapped form,
+    /// or the tenant key (no wrapped form: it never changes under a running server).
+    async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<(DataKey, Option<Vec<u8>>), StoreError> {
+        let Some(p) = patient else { return Ok((self.tenant.clone(), None)) };
         if self.is_erased(p) {
             return Err(erased(p));
         }
         let name = patient_key_name(p);
         if let Some(k) = self.cache.get(&name) {
-            return Ok(k);
+            return Ok((k.key, Some(k.wrapped)));
         }
-        let key = load_or_create_key(&*self.store, &*self.provider, &name, now).await?;
-        self.cache.insert(&name, key.clone());
-        Ok(key)
+        let (key, wrapped) = load_or_create_wrapped(&*self.store, &*self.provider, &name, now).await?;
+        self.cache.insert(&name, CachedKey { key: key.clone(), wrapped: wrapped.ciphertext.clone() });
+        Ok((key, Some(wrapped.ciphertext)))
+    }
+
+    /// Forgets the cached keys of these patients: another process replaced one of them.
+    fn forget_keys<'a>(&self, patients: impl Iterator<Item = &'a str>) {
+        for p in patients {
+            self.cache.remove(&patient_key_name(p));
+        }
+    }
+
+    /// Gives a patient a new data key and re-seals every version of theirs under it, in one
+    /// transaction (`valv keys rotate --patient`); returns how many versions were re-sealed.
+    /// The old key is gone from the store once this returns (backups made before still hold
+    /// it). A server with the old key cached notices at its next read or write of the patient
+    /// and reads the new one ([`StoreError::KeyChanged`]); tried again if that server wrote
+    /// meanwhile.
+    pub async fn rotate_patient_key(&self, patient: &str, now: i64) -> Result<usize, StoreError> {
+        if self.is_erased(patient) {
+            return Err(erased(patient));
+        }
+        let name = patient_key_name(patient);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let old = self.store.get_key(&name).await?.ok_or_else(|| StoreError::NotFound(format!("a data key of patient {patient}")))?;
+            let old_key = self.provider.unwrap(&old, &name)?;
+            let new_key = DataKey::from_bytes(random_bytes()?);
+            let new = self.provider.wrap(&new_key, &name, random_bytes()?)?;
+            let mut bodies = Vec::new();
+            for (handle, v) in self.store.patient_versions(patient).await? {
+                let aad = resource_aad(&v);
+                let plain = zeroize::Zeroizing::new(valv_crypto::open(&old_key, &aad, &v.body).map_err(|e| integrity_failure(&v, &e))?);
+                bodies.push((handle, valv_crypto::seal(&new_key, random_bytes()?, &aad, &plain)));
+            }
+            match self.store.replace_patient_key(patient, &old, &new, &bodies, now).await {
+                Ok(()) => {
+                    self.cache.remove(&name);
+                    return Ok(bodies.len());
+                }
+                Err(StoreError::KeyChanged(_) | StoreError::Conflict(_)) if attempt < 3 => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Where a resource is, without decrypting it.
@@ -196,13 +239,22 @@ impl Vault {
     /// The plaintext JSON of a stored (not deleted) version; fails loudly if it does not
     /// authenticate under its patient's key and its own type, id and version.
     pub async fn open_bytes(&self, v: &StoredVersion, now: i64) -> Result<Vec<u8>, StoreError> {
-        let key = self.key_for(v.patient.as_deref(), now).await?;
-        let aad = Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") };
-        valv_crypto::open(&key, &aad, &v.body).map_err(|e| {
-            INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
-            StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
-        })
+        let (key, wrapped) = self.key_for(v.patient.as_deref(), now).await?;
+        let aad = resource_aad(v);
+        match (valv_crypto::open(&key, &aad, &v.body), v.patient.as_deref()) {
+            (Ok(plain), _) => Ok(plain),
+            (Err(e), None) => Err(integrity_failure(v, &e)),
+            // The cached key may have been rotated by another process: read the stored one, and
+            // try again only if it is another key.
+            (Err(e), Some(p)) => {
+                self.forget_keys(std::iter::once(p));
+                let (fresh, fresh_wrapped) = self.key_for(Some(p), now).await?;
+                if fresh_wrapped == wrapped {
+                    return Err(integrity_failure(v, &e));
+                }
+                valv_crypto::open(&fresh, &aad, &v.body).map_err(|e| integrity_failure(v, &e))
+            }
+        }
     }
 
     async fn open_version(&self, v: StoredVersion, now: i64) -> Result<Resource, StoreError> {
@@ -266,10 +318,36 @@ impl Vault {
             writes.extend(write);
             results.push(committed);
         }
-        if !writes.is_empty() {
-            self.store.commit(writes).await?;
+        if writes.is_empty() {
+            return Ok(results);
+        }
+        // A patient key rotated or rewrapped by another process since it was cached: the
+        // bodies are sealed again under the stored key (twice at most).
+        for attempt in 1.. {
+            match self.store.commit(writes.clone()).await {
+                Err(StoreError::KeyChanged(_)) if attempt < 3 => self.reseal(&mut writes, &results, now).await?,
+                other => return other.map(|()| results),
+            }
         }
         Ok(results)
+    }
+
+    /// Seals each patient body of `writes` again with the patient's stored key.
+    async fn reseal(&self, writes: &mut [Write], results: &[Committed], now: i64) -> Result<(), StoreError> {
+        self.forget_keys(writes.iter().filter_map(|w| w.version.patient.as_deref()));
+        for w in writes.iter_mut().filter(|w| w.sealed_with.is_some()) {
+            let v = &mut w.version;
+            let body = results
+                .iter()
+                .find(|c| c.resource.resource_type == v.resource_type && c.resource.id == v.id)
+                .and_then(|c| c.resource.body.as_ref())
+                .ok_or_else(|| StoreError::Backend(format!("{}/{}: no body to seal again", v.resource_type, v.id)))?;
+            let plain = serde_json::to_vec(body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
+            let (key, wrapped) = self.key_for(v.patient.as_deref(), now).await?;
+            v.body = valv_crypto::seal(&key, random_bytes()?, &resource_aad(v), &plain);
+            w.sealed_with = wrapped;
+        }
+        Ok(())
     }
 
     /// The write an operation needs (none for deleting what is already deleted) and its result.
@@ -277,7 +355,7 @@ impl Vault {
         match op {
             WriteOp::Create { resource_type, id, body } => {
                 let w = self.seal_version(&resource_type, &id, 1, body, written, now).await?;
-                Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1 }), Committed { resource: w.2, created: true, changed: true }))
+                Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1, sealed_with: w.3 }), Committed { resource: w.2, created: true, changed: true }))
             }
             WriteOp::Update { resource_type, id, body, if_match } => {
                 let current = self.store.locate(&resource_type, &id).await?.ok_or_else(|| {
@@ -288,7 +366,7 @@ impl Vault {
                 check_if_match(&resource_type, &id, if_match, current.version)?;
                 let w = self.seal_version(&resource_type, &id, current.version + 1, body, written, now).await?;
                 Ok((
-                    Some(Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1 }),
+                    Some(Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1, sealed_with: w.3 }),
                     Committed { resource: w.2, created: false, changed: true },
                 ))
             }
@@ -330,7 +408,7 @@ impl Vault {
                     body: None,
                 };
                 Ok((
-                    Some(Write { expect: Expect::Version(current.version), version, tokens: Vec::new() }),
+                    Some(Write { expect: Expect::Version(current.version), version, tokens: Vec::new(), sealed_with: None }),
                     Committed { resource, created: false, changed: true },
                 ))
             }
@@ -353,15 +431,16 @@ impl Vault {
         }
     }
 
-    /// Validates a body, stamps id and meta, seals it and computes its tokens.
+    /// Validates a body, stamps id and meta, seals it and computes its tokens; also the wrapped
+    /// form of the patient key it was sealed with.
     async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &HashSet<String>, now: i64)
-        -> Result<(StoredVersion, Vec<Token>, Resource), StoreError> {
+        -> Result<(StoredVersion, Vec<Token>, Resource, Option<Vec<u8>>), StoreError> {
         stamp(&mut body, id, version, now)?;
         r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
         let patients = compartment::patients(resource_type, id, &body);
         let patient = patients.into_iter().next();
         self.check_owner_exists(resource_type, id, patient.as_deref(), written).await?;
-        let key = self.key_for(patient.as_deref(), now).await?;
+        let (key, sealed_with) = self.key_for(patient.as_deref(), now).await?;
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
         let aad = Aad { purpose: "resource", resource_type, id, version, patient: patient.as_deref().unwrap_or("") };
         let sealed = valv_crypto::seal(&key, random_bytes()?, &aad, &plain);
@@ -391,7 +470,7 @@ impl Vault {
             patient,
             body: Some(body),
         };
-        Ok((stored, tokens, resource))
+        Ok((stored, tokens, resource, sealed_with))
     }
 
     /// Runs a search. `visible` decides, from a resource's place alone, whether the caller may
@@ -504,6 +583,11 @@ fn stamp(body: &mut Value, id: &str, version: u64, now: i64) -> Result<(), Store
 }
 
 async fn load_or_create_key(store: &dyn Store, provider: &dyn KeyProvider, name: &str, now: i64) -> Result<DataKey, StoreError> {
+    load_or_create_wrapped(store, provider, name, now).await.map(|(key, _)| key)
+}
+
+/// A named data key and its wrapped form as stored, created on first use.
+async fn load_or_create_wrapped(store: &dyn Store, provider: &dyn KeyProvider, name: &str, now: i64) -> Result<(DataKey, crate::WrappedKey), StoreError> {
     let wrapped = match store.get_key(name).await? {
         Some(w) => w,
         None => {
@@ -512,5 +596,82 @@ async fn load_or_create_key(store: &dyn Store, provider: &dyn KeyProvider, name:
             store.put_key_if_absent(name, &w, now).await?
         }
     };
-    Ok(provider.unwrap(&wrapped, name)?)
+    Ok((provider.unwrap(&wrapped, name)?, wrapped))
+}
+
+/// What a resource version's body is bound to besides its key.
+fn resource_aad(v: &StoredVersion) -> Aad<'_> {
+    Aad { purpose: "resource", resource_type: &v.resource_type, id: &v.id, version: v.version, patient: v.patient.as_deref().unwrap_or("") }
+}
+
+/// Counts and logs a stored version that did not open (without its patient or content).
+fn integrity_failure(v: &StoredVersion, e: &valv_crypto::CryptoError) -> StoreError {
+    INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::error!(resource_type = %v.resource_type, version = v.version, error = %e, "stored resource failed to authenticate");
+    StoreError::Integrity(format!("{}/{} version {} failed to decrypt: {e}", v.resource_type, v.id, v.version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::SqliteStore;
+    use serde_json::json;
+    use valv_crypto::LocalKeyProvider;
+
+    fn temp_db() -> std::path::PathBuf {
+        let r: [u8; 8] = random_bytes().expect("random");
+        std::env::temp_dir().join(format!("valv-vault-{}.db", u64::from_le_bytes(r)))
+    }
+
+    async fn create(v: &Vault, resource_type: &str, body: Value) -> String {
+        let id = new_id().expect("id");
+        v.commit(vec![WriteOp::Create { resource_type: resource_type.into(), id: id.clone(), body }], 1).await.expect("create");
+        id
+    }
+
+    async fn read(v: &Vault, resource_type: &str, id: &str) -> Value {
+        let stored = v.fetch(resource_type, id, None).await.expect("fetch").expect("exists");
+        serde_json::from_slice(&v.open_bytes(&stored, 1).await.expect("opens")).expect("json")
+    }
+
+    #[tokio::test]
+    async fn a_rotated_patient_key_reseals_every_version_and_a_server_with_the_old_key_cached_follows() {
+        let path = temp_db();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let provider: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::generate(random_bytes().expect("random")));
+        let operator = Vault::open(store.clone(), provider.clone(), 1).await.expect("vault");
+        let server = Vault::open(store.clone(), provider.clone(), 1).await.expect("vault");
+        let p = create(&server, "Patient", json!({"resourceType": "Patient", "name": [{"family": "Rotated"}]})).await;
+        let subject = json!({"reference": format!("Patient/{p}")});
+        let o = create(&server, "Observation", json!({"resourceType": "Observation", "status": "final", "code": {"text": "one"}, "subject": subject})).await;
+        server.commit(vec![WriteOp::Update { resource_type: "Observation".into(), id: o.clone(), body: json!({"resourceType": "Observation", "status": "amended", "code": {"text": "two"}, "subject": subject}), if_match: None }], 2).await.expect("update");
+        let name = patient_key_name(&p);
+        let old = provider.unwrap(&store.get_key(&name).await.expect("key").expect("stored"), &name).expect("unwrap");
+
+        assert_eq!(operator.rotate_patient_key(&p, 3).await.expect("rotate"), 3, "the patient and two observation versions");
+        let new = provider.unwrap(&store.get_key(&name).await.expect("key").expect("stored"), &name).expect("unwrap");
+        for (_, v) in store.patient_versions(&p).await.expect("versions") {
+            assert!(valv_crypto::open(&old, &resource_aad(&v), &v.body).is_err(), "the old key opens nothing");
+            assert!(valv_crypto::open(&new, &resource_aad(&v), &v.body).is_ok(), "the new key opens every version");
+        }
+        // The server still has the old key cached: it reads the new one, and its write is sealed
+        // again under the new key instead of being stored under the old.
+        assert_eq!(read(&server, "Observation", &o).await["status"], "amended");
+        let failures = integrity_failures();
+        let q = create(&server, "Observation", json!({"resourceType": "Observation", "status": "final", "code": {"text": "three"}, "subject": subject})).await;
+        operator.rotate_patient_key(&p, 4).await.expect("rotate again");
+        server.commit(vec![WriteOp::Update { resource_type: "Observation".into(), id: q.clone(), body: json!({"resourceType": "Observation", "status": "amended", "code": {"text": "four"}, "subject": subject}), if_match: None }], 5).await.expect("an update with the key rotated under it");
+        let newest = provider.unwrap(&store.get_key(&name).await.expect("key").expect("stored"), &name).expect("unwrap");
+        let stored = store.read_current("Observation", &q).await.expect("read").expect("exists");
+        assert!(valv_crypto::open(&newest, &resource_aad(&stored), &stored.body).is_ok(), "sealed under the stored key");
+        assert_eq!(read(&operator, "Observation", &q).await["code"]["text"], "four");
+        assert_eq!(integrity_failures(), failures, "a rotation is no integrity failure");
+
+        // A body that does not open under the stored key is still one.
+        let mut bad = store.read_current("Observation", &q).await.expect("read").expect("exists");
+        bad.body[20] ^= 1;
+        assert!(matches!(server.open_bytes(&bad, 6).await, Err(StoreError::Integrity(_))));
+        assert!(matches!(operator.rotate_patient_key("nobody", 6).await, Err(StoreError::NotFound(_))));
+        let _ = std::fs::remove_file(&path);
+    }
 }

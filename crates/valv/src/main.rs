@@ -166,6 +166,10 @@ enum KeysAction {
         /// Rewrap here and return once every data key is under the new version.
         #[arg(long)]
         wait: bool,
+        /// Instead of a KEK version: give this patient a new data key and re-seal every version
+        /// of their resources under it (one transaction; safe beside a running server).
+        #[arg(long)]
+        patient: Option<String>,
     },
     /// Finishes an interrupted rewrap here: every data key not under the current KEK version is
     /// rewrapped under it (no new version).
@@ -530,7 +534,14 @@ async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), S
             }
             Ok(())
         }
-        KeysAction::Rotate { wait } => {
+        KeysAction::Rotate { patient: Some(_), wait: true } => Err("--wait belongs to a KEK rotation; a patient's key rotation (--patient) is done when the command returns".into()),
+        KeysAction::Rotate { patient: Some(patient), wait: false } => {
+            let n = opened.app.vault.rotate_patient_key(&patient, now).await.map_err(|e| format!("rotating the data key of patient {patient}: {e}"))?;
+            record("key-rotate", format!("the data key of patient {patient} replaced by a new one; {n} stored versions re-sealed under it")).await?;
+            println!("patient {patient} has a new data key: {n} stored versions re-sealed under it, the old key destroyed (backups made before still hold it)");
+            Ok(())
+        }
+        KeysAction::Rotate { wait, patient: None } => {
             let version = keys.rotate()?;
             record("key-rotate", format!("KEK {}/{} version {version} added and made current", provider.name(), provider.kek_id())).await?;
             println!("KEK {} version {version} is now current", provider.kek_id());

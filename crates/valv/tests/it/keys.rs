@@ -129,3 +129,58 @@ async fn rotate_wait_rewraps_without_a_server_and_a_version_still_in_use_is_kept
     let found = s.get("/fhir/Patient").await;
     assert_eq!((found.status, found.total()), (200, 3));
 }
+
+/// The patient's data key as stored, unwrapped with the key file.
+fn patient_key(s: &Server, patient: &str) -> valv_crypto::DataKey {
+    use valv_crypto::KeyProvider;
+    let kek = valv_crypto::LocalKeyProvider::parse(&key_file(s)).expect("kek");
+    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
+    let name = format!("patient:{patient}");
+    let w = db
+        .query_row("SELECT provider, kek_id, kek_version, wrapped FROM data_keys WHERE name = ?1", [&name], |r| {
+            Ok(valv_crypto::WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
+        })
+        .expect("the patient's key");
+    kek.unwrap(&w, &name).expect("unwraps")
+}
+
+/// How many of the patient's stored versions open under `key`, of how many.
+fn versions_opening(s: &Server, patient: &str, key: &valv_crypto::DataKey) -> (usize, usize) {
+    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
+    let mut stmt = db.prepare("SELECT r.type, r.id, v.version, v.body FROM versions v JOIN resources r ON r.rid = v.rid WHERE v.patient = ?1 AND NOT v.deleted").expect("versions");
+    let rows: Vec<(String, String, u64, Vec<u8>)> = stmt.query_map([patient], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).expect("query").map(|r| r.expect("row")).collect();
+    let opened = rows.iter().filter(|(t, id, v, body)| valv_crypto::open(key, &valv_crypto::Aad { purpose: "resource", resource_type: t, id, version: *v, patient }, body).is_ok()).count();
+    (opened, rows.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patients_data_key_rotates_while_the_server_serves_them() {
+    let s = Server::start("keys-patient");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Rekeyed"}]})).await.id();
+    let other = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Untouched"}]})).await.id();
+    let o = s.post("/fhir/Observation", &json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{p}")}})).await.id();
+    let before = s.get(&format!("/fhir/Observation/{o}")).await;
+    assert_eq!(before.status, 200, "{}", before.text);
+    let (old, other_key) = (patient_key(&s, &p), patient_key(&s, &other));
+
+    let out = run_ok(&s.data, &["keys", "rotate", "--patient", &p]);
+    assert!(out.contains("2 stored versions re-sealed"), "{out}");
+    let new = patient_key(&s, &p);
+    assert_eq!(versions_opening(&s, &p, &old), (0, 2), "nothing of theirs opens under the old key");
+    assert_eq!(versions_opening(&s, &p, &new), (2, 2));
+    assert_eq!(versions_opening(&s, &other, &other_key), (1, 1), "another patient's key is kept");
+
+    // The server had the old key cached: it reads and writes under the new one at once.
+    let after = s.get(&format!("/fhir/Observation/{o}")).await;
+    assert_eq!((after.status, after.bytes.clone()), (200, before.bytes), "the same bytes: {}", after.text);
+    let upd = s.put(&format!("/fhir/Observation/{o}"), &json!({"resourceType": "Observation", "id": o, "status": "amended", "code": {"text": "y"}, "subject": {"reference": format!("Patient/{p}")}}), &[]).await;
+    assert_eq!(upd.status, 200, "{}", upd.text);
+    assert_eq!(versions_opening(&s, &p, &new), (3, 3), "the update is sealed under the new key");
+    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+    assert!(metrics.contains("valv_integrity_failures_total 0"), "a rotation is no integrity failure");
+
+    // Refused, each in one line: no such patient, and --patient with --wait.
+    assert!(refused(&s, &["rotate", "--patient", "nobody"]).contains("not found"));
+    assert!(refused(&s, &["rotate", "--patient", &p, "--wait"]).contains("--wait belongs to a KEK rotation"));
+    assert!(run_ok(&s.data, &["audit", "export"]).contains(&format!("the data key of patient {p} replaced")));
+}
