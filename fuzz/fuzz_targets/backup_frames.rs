@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
             }
             Ok(Some(Frame::Manifest(text))) => {
                 let signer = valv_audit::Signer::new("valv.local/audit/fuzz", &[9; 32]).expect("signer");
-                assert!(valv_backup::Manifest::open(&text, &signer.verifier()).is_err(), "an unsigned manifest was accepted");
+                assert!(valv_backup::Manifest::open(&text, &[signer.verifier()]).is_err(), "an unsigned manifest was accepted");
                 assert!(matches!(frames.next_frame(), Ok(None)), "nothing after the manifest");
                 return;
             }

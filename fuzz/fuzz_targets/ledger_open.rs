@@ -9,5 +9,5 @@ use valv_audit::ledger::Ledger;
 fuzz_target!(|data: &[u8]| {
     let signer = valv_audit::Signer::new("valv.local/audit/fuzz", &[9; 32]).expect("signer");
     let s = String::from_utf8_lossy(data);
-    assert!(Ledger::open(&s, &signer.verifier()).is_err(), "an unsigned ledger was accepted");
+    assert!(Ledger::open(&s, &[signer.verifier()]).is_err(), "an unsigned ledger was accepted");
 });

@@ -118,15 +118,16 @@ pub fn sign_checkpoint(checkpoint: &Checkpoint, signer: &Signer) -> Result<Strin
     note::sign(&checkpoint.to_note_text()?, &[signer])
 }
 
-/// Parses and verifies a signed checkpoint with the log's verifier key, whose name must equal the
-/// origin. Other signatures (e.g. witness cosignatures) are ignored.
-pub fn open_checkpoint(signed: &str, log_key: &Verifier) -> Result<Checkpoint, AuditError> {
+/// Parses and verifies a signed checkpoint with the log's verifier keys (every key the log has
+/// signed with, each named as the origin; one valid signature by any of them suffices). Other
+/// signatures (e.g. witness cosignatures) are ignored.
+pub fn open_checkpoint(signed: &str, log_keys: &[Verifier]) -> Result<Checkpoint, AuditError> {
     let note = Note::parse(signed)?;
     let checkpoint = Checkpoint::parse(note.text())?;
-    if checkpoint.origin != log_key.name() {
+    if log_keys.is_empty() || log_keys.iter().any(|k| k.name() != checkpoint.origin) {
         return Err(AuditError::OriginMismatch);
     }
-    note.verify(std::slice::from_ref(log_key))?;
+    note.verify(log_keys)?;
     Ok(checkpoint)
 }
 
@@ -233,11 +234,11 @@ pub fn build_receipt(
 /// checkpoint and the leaf index.
 pub fn verify_receipt(
     text: &str,
-    log_key: &Verifier,
+    log_keys: &[Verifier],
     leaf_hash: &Hash,
 ) -> Result<(Checkpoint, u64), AuditError> {
     let receipt = Receipt::parse(text)?;
-    let checkpoint = open_checkpoint(&receipt.checkpoint, log_key)?;
+    let checkpoint = open_checkpoint(&receipt.checkpoint, log_keys)?;
     merkle::verify_inclusion(
         receipt.index,
         checkpoint.size,
@@ -346,7 +347,7 @@ mod tests {
             root: [9; 32],
         };
         let signed = sign_checkpoint(&cp, &signer).unwrap();
-        assert_eq!(open_checkpoint(&signed, &signer.verifier()).unwrap(), cp);
+        assert_eq!(open_checkpoint(&signed, &[signer.verifier()]).unwrap(), cp);
         // The key name must equal the origin.
         let other = Signer::new("other.example/log", &[5; 32]).unwrap();
         assert_eq!(
@@ -354,12 +355,12 @@ mod tests {
             Err(AuditError::OriginMismatch)
         );
         assert_eq!(
-            open_checkpoint(&signed, &other.verifier()),
+            open_checkpoint(&signed, &[other.verifier()]),
             Err(AuditError::OriginMismatch)
         );
         // A changed size breaks the signature.
         let tampered = signed.replacen("\n3\n", "\n4\n", 1);
-        assert!(open_checkpoint(&tampered, &signer.verifier()).is_err());
+        assert!(open_checkpoint(&tampered, &[signer.verifier()]).is_err());
     }
 
     #[test]
@@ -377,19 +378,19 @@ mod tests {
             let proof = inclusion_proof(&leaves, index).unwrap();
             let text = build_receipt(index, &proof, &signed).unwrap();
             assert!(text.starts_with("c2sp.org/tlog-proof@v1\nindex "));
-            let (got, i) = verify_receipt(&text, &v, &leaves[index as usize]).unwrap();
+            let (got, i) = verify_receipt(&text, std::slice::from_ref(&v), &leaves[index as usize]).unwrap();
             assert_eq!((got, i), (cp.clone(), index));
             let parsed = Receipt::parse(&text).unwrap();
             assert_eq!(parsed.to_text().unwrap(), text);
             // Wrong leaf, wrong index.
             let other = leaves[(index as usize + 1) % 13];
-            assert!(verify_receipt(&text, &v, &other).is_err());
+            assert!(verify_receipt(&text, std::slice::from_ref(&v), &other).is_err());
             let moved = text.replacen(
                 &format!("index {index}\n"),
                 &format!("index {}\n", index + 1),
                 1,
             );
-            assert!(verify_receipt(&moved, &v, &leaves[index as usize]).is_err());
+            assert!(verify_receipt(&moved, std::slice::from_ref(&v), &leaves[index as usize]).is_err());
         }
         // Extra data round-trips.
         let proof = inclusion_proof(&leaves, 4).unwrap();
@@ -401,7 +402,7 @@ mod tests {
         };
         let text = r.to_text().unwrap();
         assert_eq!(Receipt::parse(&text).unwrap(), r);
-        assert!(verify_receipt(&text, &v, &leaves[4]).is_ok());
+        assert!(verify_receipt(&text, std::slice::from_ref(&v), &leaves[4]).is_ok());
     }
 
     #[test]
@@ -416,7 +417,7 @@ mod tests {
         let signed = sign_checkpoint(&cp, &signer).unwrap();
         let text = build_receipt(0, &[], &signed).unwrap();
         assert!(text.starts_with("c2sp.org/tlog-proof@v1\nindex 0\n\n"));
-        assert!(verify_receipt(&text, &signer.verifier(), &leaf).is_ok());
+        assert!(verify_receipt(&text, &[signer.verifier()], &leaf).is_ok());
     }
 
     #[test]
@@ -446,10 +447,10 @@ mod tests {
             format!("{RECEIPT_HEADER}\nindex 1"),
         ] {
             assert!(
-                verify_receipt(&text, &signer.verifier(), &leaves[1]).is_err(),
+                verify_receipt(&text, &[signer.verifier()], &leaves[1]).is_err(),
                 "accepted {text:?}"
             );
         }
-        assert!(verify_receipt(&good, &signer.verifier(), &leaves[1]).is_ok());
+        assert!(verify_receipt(&good, &[signer.verifier()], &leaves[1]).is_ok());
     }
 }

@@ -38,8 +38,10 @@ fn malformed(why: &'static str) -> AuditError {
 }
 
 impl Ledger {
-    /// The signed note; the signer is the log's checkpoint key (named like the origin).
-    pub fn sign(&self, signer: &Signer) -> Result<String, AuditError> {
+    /// The signed note; the signers are the log's checkpoint keys (named like the origin) —
+    /// every one the log has had, so that a restore of a backup older than the newest key
+    /// still checks a ledger written after it.
+    pub fn sign(&self, signers: &[&Signer]) -> Result<String, AuditError> {
         let mut text = format!("{HEADER}\n{}\n{}\n", self.origin, self.erasures.len());
         for e in &self.erasures {
             if e.patient.is_empty() || e.patient.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -47,14 +49,14 @@ impl Ledger {
             }
             text.push_str(&format!("{} {} {}\n", e.seq, e.patient, e.erased_at));
         }
-        note::sign(&text, &[signer])
+        note::sign(&text, signers)
     }
 
     /// Parses a signed ledger and checks its signature by `verifier`, its count and its order
     /// (sequence numbers 1, 2, 3, …: an entry removed from the middle or the end of a copied
     /// list no longer verifies against the count and signature).
-    pub fn open(signed: &str, verifier: &Verifier) -> Result<Self, AuditError> {
-        let note = note::open(signed, std::slice::from_ref(verifier))?;
+    pub fn open(signed: &str, verifiers: &[Verifier]) -> Result<Self, AuditError> {
+        let note = note::open(signed, verifiers)?;
         let mut lines = note.text().lines();
         if lines.next() != Some(HEADER) {
             return Err(malformed("not an erasure ledger"));
@@ -95,16 +97,16 @@ mod tests {
     fn round_trip_and_tampering() {
         let signer = Signer::new("valv.example/log", &[7; 32]).expect("signer");
         let l = ledger(3);
-        let signed = l.sign(&signer).expect("sign");
-        assert_eq!(Ledger::open(&signed, &signer.verifier()).expect("open"), l);
+        let signed = l.sign(&[&signer]).expect("sign");
+        assert_eq!(Ledger::open(&signed, &[signer.verifier()]).expect("open"), l);
         assert!(l.contains("p2") && !l.contains("p4"));
         // An entry dropped, a signature by another key, an empty ledger: each refused or distinct.
         let dropped = signed.replace("2 p2 1700000000002\n", "");
-        assert!(Ledger::open(&dropped, &signer.verifier()).is_err());
+        assert!(Ledger::open(&dropped, &[signer.verifier()]).is_err());
         let other = Signer::new("valv.example/log", &[8; 32]).expect("signer");
-        assert!(Ledger::open(&signed, &other.verifier()).is_err());
-        let empty = ledger(0).sign(&signer).expect("sign");
-        assert_eq!(Ledger::open(&empty, &signer.verifier()).expect("open").erasures.len(), 0);
-        assert!(Ledger { origin: "o".into(), erasures: vec![Erasure { seq: 1, patient: "a b".into(), erased_at: 0 }] }.sign(&signer).is_err());
+        assert!(Ledger::open(&signed, &[other.verifier()]).is_err());
+        let empty = ledger(0).sign(&[&signer]).expect("sign");
+        assert_eq!(Ledger::open(&empty, &[signer.verifier()]).expect("open").erasures.len(), 0);
+        assert!(Ledger { origin: "o".into(), erasures: vec![Erasure { seq: 1, patient: "a b".into(), erased_at: 0 }] }.sign(&[&signer]).is_err());
     }
 }

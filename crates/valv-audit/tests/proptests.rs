@@ -216,6 +216,6 @@ proptest! {
         prop_assert_eq!(Checkpoint::parse(&text).unwrap(), cp.clone());
         let signer = Signer::new(&origin, &seed).unwrap();
         let signed = sign_checkpoint(&cp, &signer).unwrap();
-        prop_assert_eq!(open_checkpoint(&signed, &signer.verifier()).unwrap(), cp);
+        prop_assert_eq!(open_checkpoint(&signed, &[signer.verifier()]).unwrap(), cp);
     }
 }

@@ -126,9 +126,9 @@ impl Manifest {
         note::sign(&self.to_text()?, &[signer]).map_err(|e| BackupError::Manifest(e.to_string()))
     }
 
-    /// Checks the signature by `verifier` and parses.
-    pub fn open(signed: &str, verifier: &Verifier) -> Result<Self, BackupError> {
-        let note = note::open(signed, std::slice::from_ref(verifier))
+    /// Checks the signature by one of `verifiers` (the log's checkpoint keys) and parses.
+    pub fn open(signed: &str, verifiers: &[Verifier]) -> Result<Self, BackupError> {
+        let note = note::open(signed, verifiers)
             .map_err(|e| BackupError::Manifest(format!("its signature does not verify with this server's checkpoint key ({e})")))?;
         Manifest::parse(note.text())
     }
@@ -252,16 +252,16 @@ mod tests {
     fn a_signed_manifest_opens_to_itself() {
         let m = sample();
         let signed = m.sign(&signer()).expect("test");
-        assert_eq!(Manifest::open(&signed, &signer().verifier()).expect("test"), m);
+        assert_eq!(Manifest::open(&signed, &[signer().verifier()]).expect("test"), m);
     }
 
     #[test]
     fn another_key_or_an_edit_is_refused() {
         let signed = sample().sign(&signer()).expect("test");
         let other = Signer::new("valv.example/audit/abc", &[8; 32]).expect("test");
-        assert!(Manifest::open(&signed, &other.verifier()).is_err());
+        assert!(Manifest::open(&signed, &[other.verifier()]).is_err());
         let edited = signed.replace("audit 42", "audit 41");
-        assert!(Manifest::open(&edited, &signer().verifier()).is_err());
+        assert!(Manifest::open(&edited, &[signer().verifier()]).is_err());
     }
 
     #[test]

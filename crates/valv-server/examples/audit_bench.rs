@@ -49,8 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let key = DataKey::from_bytes([7; 32]);
     let log = Arc::new(StoreAuditLog::new(store.clone(), key.clone(), BlindIndexKey::new(DataKey::from_bytes([8; 32])), false));
     // The integrator signs the empty log (or resumes a kept one); it integrates below.
-    let seed = [9u8; 32];
-    let mut integrator = valv_server::audit::integrator::Integrator::start(store.clone(), &seed).await?;
+    let keys = valv_server::audit::signing::LogKeys::new(vec![DataKey::from_bytes([9; 32])])?;
+    let mut integrator = valv_server::audit::integrator::Integrator::start(store.clone(), &keys).await?;
 
     // 1. Durable appends: `concurrency` tasks, each waiting for its entry to be fsynced.
     let done = Arc::new(AtomicU64::new(0));
@@ -95,8 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(integrator);
     // Verification runs in its own process (`valv audit verify`), which maps the file.
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open_for(&dir.join("bench.db"), valv_store::sqlite::Access::Scan)?);
-    let origin = valv_server::audit::integrator::origin_for(&seed)?;
-    let verifier = valv_audit::Signer::new(&origin, &seed)?.verifier();
+    let verifier = keys.verifiers()?;
     // The first run also pays for reading the pages in; the median of the next five is the
     // steady rate.
     let _ = valv_server::audit::log::verify(&store, &key, &verifier, &[]).await?;

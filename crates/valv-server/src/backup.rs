@@ -68,7 +68,7 @@ pub async fn write<W: Write + Send + 'static>(
         ephemeral: recipients.iter().map(|_| valv_store::vault::random_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?,
         nonce: valv_store::vault::random_bytes().map_err(|e| e.to_string())?,
     };
-    let seed = app.erasure.signing_seed.clone();
+    let keys = app.log_keys.clone();
     let store = app.vault.store().clone();
     let source = store.backend();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(4);
@@ -90,9 +90,8 @@ pub async fn write<W: Write + Send + 'static>(
             rows += batch.len() as u64;
             progress(rows);
         }
-        let origin = crate::audit::integrator::origin_for(seed.expose())?;
-        let signer = valv_audit::Signer::new(&origin, seed.expose()).map_err(|e| e.to_string())?;
-        let manifest = census.manifest(&origin, now, source, frames.digest());
+        let signer = keys.signer()?;
+        let manifest = census.manifest(keys.origin(), now, source, frames.digest());
         let signed_manifest = manifest.sign(&signer).map_err(|e| e.to_string())?;
         let age = frames.finish(&signed_manifest).map_err(|e| failed(&e))?;
         let out = age.finish().map_err(|e| failed(&e))?;

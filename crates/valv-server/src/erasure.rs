@@ -13,23 +13,22 @@ use hyper::{header, Method, Request, StatusCode};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use valv_audit::ledger::{Erasure, Ledger};
-use valv_crypto::{Aad, Cipher, DataKey};
+use valv_crypto::{Aad, Cipher};
 use valv_store::{ErasedPatient, ErasureRequestRow};
 
 /// The ledger's file name, in the data directory and beside the backups.
 pub const LEDGER_FILE: &str = "erasure-ledger";
 
-/// What erasure needs beyond the store: the retention duty, where the ledger goes, and the key
-/// that signs it (the audit log's checkpoint key).
+/// What erasure needs beyond the store: the retention duty and where the ledger goes (signed by
+/// the audit log's newest key, [`App::log_keys`]).
 pub struct ErasureSettings {
     pub retention_years: u32,
     pub ledger_dirs: Vec<PathBuf>,
-    pub(crate) signing_seed: DataKey,
 }
 
 impl ErasureSettings {
-    pub fn new(retention_years: u32, ledger_dirs: Vec<PathBuf>, signing_seed: DataKey) -> Self {
-        ErasureSettings { retention_years, ledger_dirs, signing_seed }
+    pub fn new(retention_years: u32, ledger_dirs: Vec<PathBuf>) -> Self {
+        ErasureSettings { retention_years, ledger_dirs }
     }
 }
 
@@ -92,11 +91,9 @@ pub async fn write_ledger(app: &App) -> Result<Vec<String>, String> {
 /// [`write_ledger`] to the given folders (a backup's).
 pub async fn write_ledger_to(app: &App, dirs: &[PathBuf]) -> Result<Vec<String>, String> {
     let rows = app.vault.store().erasures(0).await.map_err(|e| e.to_string())?;
-    let seed = app.erasure.signing_seed.expose();
-    let origin = crate::audit::integrator::origin_for(seed)?;
-    let signer = valv_audit::Signer::new(&origin, seed).map_err(|e| e.to_string())?;
-    let ledger = Ledger { origin, erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
-    let text = ledger.sign(&signer).map_err(|e| e.to_string())?;
+    let signers = app.log_keys.signers()?;
+    let ledger = Ledger { origin: app.log_keys.origin().to_string(), erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
+    let text = ledger.sign(&signers.iter().collect::<Vec<_>>()).map_err(|e| e.to_string())?;
     let mut written = Vec::new();
     for dir in dirs {
         let (path, tmp) = (dir.join(LEDGER_FILE), dir.join(format!("{LEDGER_FILE}.new")));

@@ -68,8 +68,12 @@ pub struct App {
     pub capability: OnceLock<Bytes>,
     /// When the server started (the CapabilityStatement's date).
     pub started: String,
-    /// The audit log's verifier key (C2SP vkey), served at `/audit/key`.
+    /// The audit log's signing keys (checkpoints, erasure ledger, backup manifests).
+    pub log_keys: audit::signing::LogKeys,
+    /// The verifier key (C2SP vkey) of the newest signing key, served at `/audit/key`.
     pub audit_vkey: String,
+    /// Every signing key's vkey, oldest first, one per line: `/audit/keys`.
+    pub audit_vkeys: String,
     /// People: accounts, logins, sessions.
     pub identity: identity::Identity,
     /// What time it is (the system clock; tests may set it).
@@ -354,6 +358,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         "/audit/proof/inclusion" => ("audit_proof", proof_route(app, &req, true).await),
         "/audit/proof/consistency" => ("audit_proof", proof_route(app, &req, false).await),
         "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
+        "/audit/keys" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", app.audit_vkeys.clone()))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render() + &app.limits.render()))),
         p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
         p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),

@@ -164,6 +164,24 @@ impl Vault {
         load_or_create_key(&*self.store, &*self.provider, name, now).await
     }
 
+    /// A named non-patient data key, if it exists (never created here).
+    pub async fn existing_named_key(&self, name: &str) -> Result<Option<DataKey>, StoreError> {
+        match self.store.get_key(name).await? {
+            Some(w) => Ok(Some(self.provider.unwrap(&w, name)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A new named data key; a conflict if the name is taken (by another process meanwhile).
+    pub async fn create_named_key(&self, name: &str, now: i64) -> Result<DataKey, StoreError> {
+        let fresh = DataKey::from_bytes(random_bytes()?);
+        let wrapped = self.provider.wrap(&fresh, name, random_bytes()?)?;
+        if self.store.put_key_if_absent(name, &wrapped, now).await? != wrapped {
+            return Err(StoreError::Conflict(format!("a key named {name} exists already")));
+        }
+        Ok(fresh)
+    }
+
     /// The data key sealing a patient's resources (created on first use) with its wrapped form,
     /// or the tenant key (no wrapped form: it never changes under a running server).
     async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<(DataKey, Option<Vec<u8>>), StoreError> {

@@ -18,8 +18,6 @@ pub struct Opened {
     pub app: Arc<App>,
     pub config: Config,
     pub data_dir: PathBuf,
-    /// The Ed25519 seed that signs audit checkpoints (a data key wrapped by the KEK).
-    pub checkpoint_seed: valv_crypto::DataKey,
     /// The key provider (the vault holds it too, as a `KeyProvider`).
     pub keys: valv_keys::Keys,
 }
@@ -75,7 +73,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     let opened = open(dir, None).await?;
     // The empty log is signed at once: from now on a log with entries and no checkpoint can only
     // be one whose checkpoints were deleted (the server refuses to start on it).
-    valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
+    valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys).await?;
     let (api_key, record) = valv_server::people::auth::new_api_key(
         &opened.app.records,
         "admin",
@@ -133,9 +131,10 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let vault = Vault::open(store, keys.provider(), now).await.map_err(|e| e.to_string())?;
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
-    let checkpoint_seed = vault.named_key("checkpoint-signing", now).await.map_err(|e| e.to_string())?;
-    let origin = valv_server::audit::integrator::origin_for(checkpoint_seed.expose())?;
-    let audit_vkey = valv_audit::Signer::new(&origin, checkpoint_seed.expose()).map_err(|e| e.to_string())?.verifier().to_vkey();
+    let log_keys = valv_server::audit::signing::LogKeys::load(&vault, now).await?;
+    let vkeys = log_keys.vkeys()?;
+    let audit_vkey = vkeys.last().cloned().unwrap_or_default();
+    let audit_vkeys = vkeys.iter().map(|k| format!("{k}\n")).collect();
     let blind = valv_crypto::BlindIndexKey::new(vault.named_key("blind-index", now).await.map_err(|e| e.to_string())?);
     let identity_key = vault.named_key("identity", now).await.map_err(|e| e.to_string())?;
     let identity_macs = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
@@ -153,7 +152,9 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         limits: valv_server::http::limits::Limits::new(cfg.limits.settings(cfg.server.max_body_bytes)?),
         capability: Default::default(),
         started: valv_fhir::date::format_instant(now),
+        log_keys,
         audit_vkey,
+        audit_vkeys,
         identity,
         clock: valv_server::clock::from_env()?,
         cert_services: cfg.mtls.load(dir)?.1,
@@ -164,12 +165,11 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         erasure: valv_server::erasure::ErasureSettings::new(
             cfg.retention.years,
             std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d)).or_else(|| crate::backup::last_dir(dir))).collect(),
-            checkpoint_seed.clone(),
         ),
     };
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;
-    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), checkpoint_seed, keys })
+    Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), keys })
 }
 
 /// The TLS certificate and key; Valv's own first-start certificate is renewed first when it ends

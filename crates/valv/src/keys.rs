@@ -19,7 +19,8 @@ pub struct Status {
     pub unreadable: Vec<(String, String, u32, u64)>,
     pub to_rewrap: u64,
     pub blind_index_created: Option<i64>,
-    pub signing_key_created: Option<i64>,
+    /// When each checkpoint-signing key was created, key 1 first (the last one signs).
+    pub signing_keys_created: Vec<i64>,
 }
 
 pub async fn status(keys: &Keys, store: &dyn Store) -> Result<Status, String> {
@@ -50,8 +51,16 @@ pub async fn status(keys: &Keys, store: &dyn Store) -> Result<Status, String> {
         unreadable,
         to_rewrap: valv_store::rewrap::remaining(store, &*provider).await.map_err(|e| e.to_string())?,
         blind_index_created: store.key_created("blind-index").await.map_err(|e| e.to_string())?,
-        signing_key_created: store.key_created("checkpoint-signing").await.map_err(|e| e.to_string())?,
+        signing_keys_created: signing_keys_created(store).await?,
     })
+}
+
+async fn signing_keys_created(store: &dyn Store) -> Result<Vec<i64>, String> {
+    let mut created = Vec::new();
+    while let Some(t) = store.key_created(&valv_server::audit::signing::key_name(created.len() + 1)).await.map_err(|e| e.to_string())? {
+        created.push(t);
+    }
+    Ok(created)
 }
 
 impl Status {
@@ -68,7 +77,8 @@ impl Status {
             "unreadable": self.unreadable.iter().map(|(p, id, v, n)| serde_json::json!({"provider": p, "kek_id": id, "version": v, "data_keys": n})).collect::<Vec<_>>(),
             "to_rewrap": self.to_rewrap,
             "blind_index_key": {"created": at(self.blind_index_created), "age_days": self.blind_index_created.map(|t| (now - t) / 86_400_000)},
-            "checkpoint_signing_key": {"created": at(self.signing_key_created), "age_days": self.signing_key_created.map(|t| (now - t) / 86_400_000)},
+            "checkpoint_signing_key": {"version": self.signing_keys_created.len(), "created": at(self.signing_keys_created.last().copied()), "age_days": self.signing_keys_created.last().map(|t| (now - t) / 86_400_000)},
+            "checkpoint_signing_keys": self.signing_keys_created.iter().enumerate().map(|(i, t)| serde_json::json!({"version": i + 1, "created": at(Some(*t)), "signs": i + 1 == self.signing_keys_created.len()})).collect::<Vec<_>>(),
         })
     }
 
@@ -84,7 +94,8 @@ impl Status {
         }
         out.push_str(&format!("data keys still to rewrap under version {}: {}\n", self.current_version, self.to_rewrap));
         out.push_str(&format!("blind-index key created {}\n", at(self.blind_index_created)));
-        out.push_str(&format!("checkpoint signing key created {}", at(self.signing_key_created)));
+        let n = self.signing_keys_created.len();
+        out.push_str(&format!("checkpoint signing key {n} (of {n}, every one published at /audit/keys) created {}", at(self.signing_keys_created.last().copied())));
         out
     }
 }

@@ -170,6 +170,10 @@ enum KeysAction {
         /// of their resources under it (one transaction; safe beside a running server).
         #[arg(long)]
         patient: Option<String>,
+        /// Instead of a KEK version: add a checkpoint-signing key for the audit log (signs from
+        /// the server's next start; every earlier key stays published and accepted).
+        #[arg(long)]
+        signing_key: bool,
     },
     /// Finishes an interrupted rewrap here: every data key not under the current KEK version is
     /// rewrapped under it (no new version).
@@ -479,7 +483,7 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let addr = opened.config.server.listen.clone();
     let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), opened.checkpoint_seed.expose()).await?;
+    let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys).await?;
     valv_server::audit::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
     // Care teams and consents written by other processes (valv import) count within 2 s.
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
@@ -534,14 +538,26 @@ async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), S
             }
             Ok(())
         }
-        KeysAction::Rotate { patient: Some(_), wait: true } => Err("--wait belongs to a KEK rotation; a patient's key rotation (--patient) is done when the command returns".into()),
-        KeysAction::Rotate { patient: Some(patient), wait: false } => {
+        KeysAction::Rotate { patient, wait, signing_key } if [patient.is_some(), wait, signing_key].iter().filter(|b| **b).count() > 1 => {
+            Err("give one of --patient, --signing-key and --wait (--wait belongs to a KEK rotation; the others are done when the command returns)".into())
+        }
+        KeysAction::Rotate { signing_key: true, .. } => {
+            use valv_server::audit::signing::{key_name, LogKeys};
+            let n = opened.app.log_keys.count() + 1;
+            opened.app.vault.create_named_key(&key_name(n), now).await.map_err(|e| format!("adding checkpoint-signing key {n}: {e}"))?;
+            let vkey = LogKeys::load(&opened.app.vault, now).await?.vkeys()?.pop().unwrap_or_default();
+            record("key-rotate", format!("checkpoint-signing key {n} added ({vkey}); the server signs with it from its next start, its first checkpoint co-signed by key {}", n - 1)).await?;
+            println!("checkpoint-signing key {n} added: {vkey}
+the server signs with it from its next start (restart it); every earlier key stays published at /audit/keys and checks what it signed");
+            Ok(())
+        }
+        KeysAction::Rotate { patient: Some(patient), .. } => {
             let n = opened.app.vault.rotate_patient_key(&patient, now).await.map_err(|e| format!("rotating the data key of patient {patient}: {e}"))?;
             record("key-rotate", format!("the data key of patient {patient} replaced by a new one; {n} stored versions re-sealed under it")).await?;
             println!("patient {patient} has a new data key: {n} stored versions re-sealed under it, the old key destroyed (backups made before still hold it)");
             Ok(())
         }
-        KeysAction::Rotate { wait, patient: None } => {
+        KeysAction::Rotate { wait, .. } => {
             let version = keys.rotate()?;
             record("key-rotate", format!("KEK {}/{} version {version} added and made current", provider.name(), provider.kek_id())).await?;
             println!("KEK {} version {version} is now current", provider.kek_id());
@@ -583,8 +599,8 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
-            let verifier = valv_audit::Verifier::from_vkey(&opened.app.audit_vkey).map_err(|e| e.to_string())?;
-            let mut report = valv_server::audit::log::verify(store, &audit_key, &verifier, &claims).await.map_err(|e| e.to_string())?;
+            let verifiers = opened.app.log_keys.verifiers()?;
+            let mut report = valv_server::audit::log::verify(store, &audit_key, &verifiers, &claims).await.map_err(|e| e.to_string())?;
             let vault = &opened.app.vault;
             report.problems.extend(valv_server::audit::log::check_patient_index(store, &audit_key, &|p| vault.audit_patient_token(p)).await.map_err(|e| e.to_string())?);
             for p in &report.problems {
@@ -607,7 +623,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
         }
         AuditAction::ReAnchor { checkpoint } => {
             let note = std::fs::read_to_string(&checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;
-            let cp = valv_server::audit::integrator::Integrator::re_anchor(store.clone(), opened.checkpoint_seed.expose(), &note).await?;
+            let cp = valv_server::audit::integrator::Integrator::re_anchor(store.clone(), &opened.app.log_keys, &note).await?;
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
             let reason = format!("the log's stored checkpoints were missing; re-anchored to an outside checkpoint of size {} (entries {}..{size} were covered by no checkpoint)", cp.size, cp.size);
             valv_server::people::api::audit_local(&opened.app, "audit-re-anchor", None, reason.clone(), valv_server::now_ms()).await.map_err(|e| e.diagnostics)?;

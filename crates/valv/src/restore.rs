@@ -196,7 +196,7 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
 
     let opened = datadir::open_for(target, None, Access::Serve).await?;
     let app = &opened.app;
-    let verifier = valv_audit::Verifier::from_vkey(&app.audit_vkey).map_err(|e| e.to_string())?;
+    let verifier = app.log_keys.verifiers()?;
     let manifest = Manifest::open(&signed, &verifier).map_err(|e| e.to_string())?;
     let differences = census.differences(&manifest, digest);
     if !differences.is_empty() {
@@ -313,7 +313,7 @@ impl Loader<'_> {
 }
 
 /// Checks the ledger and applies the erasures it holds beyond the backup's; how many.
-async fn reapply_erasures(app: &valv_server::App, census: &Census, manifest: &Manifest, path: &Path, text: &str, verifier: &valv_audit::Verifier) -> Result<usize, String> {
+async fn reapply_erasures(app: &valv_server::App, census: &Census, manifest: &Manifest, path: &Path, text: &str, verifier: &[valv_audit::Verifier]) -> Result<usize, String> {
     let ledger = Ledger::open(text, verifier).map_err(|e| format!("the erasure ledger {} does not verify with this backup's checkpoint key ({e}): another server's, or altered", path.display()))?;
     if ledger.origin != manifest.origin {
         return Err(format!("the erasure ledger {} is of another log ({})", path.display(), ledger.origin));
@@ -339,7 +339,7 @@ async fn reapply_erasures(app: &valv_server::App, census: &Census, manifest: &Ma
 
 /// Recomputes the audit tree from the restored entries and checks every stored checkpoint and
 /// the manifest's; the number of entries.
-async fn verify_audit(opened: &datadir::Opened, manifest: &Manifest, verifier: &valv_audit::Verifier) -> Result<u64, String> {
+async fn verify_audit(opened: &datadir::Opened, manifest: &Manifest, verifier: &[valv_audit::Verifier]) -> Result<u64, String> {
     let store = opened.app.vault.store();
     let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
     let report = valv_server::audit::log::verify(store, &audit_key, verifier, &[]).await.map_err(|e| e.to_string())?;

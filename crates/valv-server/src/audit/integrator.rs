@@ -19,7 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use valv_audit::tiles::edge_tiles;
-use valv_audit::{sign_checkpoint, AuditError, Checkpoint, Signer, TiledTree, Verifier};
+use crate::audit::signing::LogKeys;
+use valv_audit::{AuditError, Checkpoint, Signer, TiledTree, Verifier};
 use valv_store::{AuditTile, Store, StoreError, StoredCheckpoint};
 
 /// Leaves read from the store per query while catching up.
@@ -31,6 +32,11 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub struct Integrator {
     store: Arc<dyn Store>,
     signer: Signer,
+    /// The key before `signer` while the last stored checkpoint is not yet signed by `signer`
+    /// (the first after a rotation): it co-signs that one checkpoint, then is dropped.
+    handover: Option<Signer>,
+    /// Every key of the log, for checking what was signed before.
+    verifiers: Vec<Verifier>,
     tree: TiledTree,
     /// Tiles taken from the tree whose write failed (a full disk): written with the next ones, so
     /// a failed write loses none (a partial tile is followed by its longer self, which wins).
@@ -40,7 +46,7 @@ pub struct Integrator {
     signed: u64,
 }
 
-/// The log's name: stable for the installation because it derives from its signing key.
+/// The log's name: stable for the installation because it derives from its first signing key.
 pub fn origin_for(seed: &[u8; 32]) -> Result<String, String> {
     use sha2::Digest;
     let public = Signer::new("valv", seed).map_err(|e| e.to_string())?.verifier().public_key();
@@ -51,16 +57,17 @@ pub fn origin_for(seed: &[u8; 32]) -> Result<String, String> {
 impl Integrator {
     /// Resumes the tree from its stored tiles and checks them against the last checkpoint (or
     /// builds them once from every leaf); signs the empty tree on a new log.
-    pub async fn start(store: Arc<dyn Store>, seed: &[u8; 32]) -> Result<Self, String> {
-        let origin = origin_for(seed)?;
-        let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
-        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new(), signed: 0 };
+    pub async fn start(store: Arc<dyn Store>, keys: &LogKeys) -> Result<Self, String> {
+        let mut it = Self::new(store, keys)?;
         let last = it.store.latest_checkpoint().await.map_err(|e| e.to_string())?;
         let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
         if let Some(stored) = &last {
             // The columns beside the note are a convenience; only the signed note is trusted.
-            let cp = valv_audit::open_checkpoint(&stored.note, &it.signer.verifier())
-                .map_err(|e| format!("the last stored checkpoint (size {}) is not validly signed by this log's key: {e}", stored.size))?;
+            let cp = valv_audit::open_checkpoint(&stored.note, &it.verifiers)
+                .map_err(|e| format!("the last stored checkpoint (size {}) is not validly signed by this log's keys: {e}", stored.size))?;
+            if valv_audit::open_checkpoint(&stored.note, &[it.signer.verifier()]).is_ok() {
+                it.handover = None;
+            }
             if cp.size != stored.size || cp.root != stored.root {
                 return Err(format!("the last stored checkpoint's columns (size {}) disagree with its signed note (size {})", stored.size, cp.size));
             }
@@ -111,18 +118,16 @@ impl Integrator {
     /// and someone kept outside Valv: it must verify under the log's key, and the log's first
     /// `size` entries must still hash to its root. The checkpoint is stored again; the server may
     /// then start and sign the entries after it.
-    pub async fn re_anchor(store: Arc<dyn Store>, seed: &[u8; 32], note: &str) -> Result<StoredCheckpoint, String> {
-        let origin = origin_for(seed)?;
-        let signer = Signer::new(&origin, seed).map_err(|e| e.to_string())?;
-        if store.latest_checkpoint().await.map_err(|e| e.to_string())?.is_some() {
+    pub async fn re_anchor(store: Arc<dyn Store>, keys: &LogKeys, note: &str) -> Result<StoredCheckpoint, String> {
+        let mut it = Self::new(store, keys)?;
+        if it.store.latest_checkpoint().await.map_err(|e| e.to_string())?.is_some() {
             return Err("the audit log has stored checkpoints: there is nothing to re-anchor (run 'valv audit verify')".into());
         }
-        let cp = valv_audit::open_checkpoint(note, &signer.verifier()).map_err(|e| format!("the checkpoint is not validly signed by this log's key: {e}"))?;
-        let size = store.audit_size().await.map_err(|e| e.to_string())?;
+        let cp = valv_audit::open_checkpoint(note, &it.verifiers).map_err(|e| format!("the checkpoint is not validly signed by this log's keys: {e}"))?;
+        let size = it.store.audit_size().await.map_err(|e| e.to_string())?;
         if cp.size > size {
             return Err(format!("the checkpoint covers {} entries but the log holds {size}: entries were removed", cp.size));
         }
-        let mut it = Integrator { store, signer, tree: TiledTree::new(), unwritten: Vec::new(), signed: 0 };
         it.catch_up(cp.size).await?;
         if it.tree.root() != cp.root {
             return Err(format!("the log's first {} entries do not hash to the checkpoint's root: entries were changed", cp.size));
@@ -130,6 +135,18 @@ impl Integrator {
         let stored = StoredCheckpoint { size: cp.size, root: cp.root, note: note.to_string() };
         it.store.save_checkpoint(&stored).await.map_err(|e| e.to_string())?;
         Ok(stored)
+    }
+
+    fn new(store: Arc<dyn Store>, keys: &LogKeys) -> Result<Self, String> {
+        Ok(Integrator {
+            store,
+            signer: keys.signer()?,
+            handover: keys.previous_signer().transpose()?,
+            verifiers: keys.verifiers()?,
+            tree: TiledTree::new(),
+            unwritten: Vec::new(),
+            signed: 0,
+        })
     }
 
     pub fn verifier(&self) -> Verifier {
@@ -163,11 +180,13 @@ impl Integrator {
         Ok(())
     }
 
-    async fn sign_current(&self) -> Result<StoredCheckpoint, String> {
+    async fn sign_current(&mut self) -> Result<StoredCheckpoint, String> {
         let cp = Checkpoint { origin: self.signer.name().to_string(), size: self.tree.size(), root: self.tree.root() };
-        let note = sign_checkpoint(&cp, &self.signer).map_err(|e| e.to_string())?;
+        let signers: Vec<&Signer> = std::iter::once(&self.signer).chain(self.handover.as_ref()).collect();
+        let note = valv_audit::note::sign(&cp.to_note_text().map_err(|e| e.to_string())?, &signers).map_err(|e| e.to_string())?;
         let stored = StoredCheckpoint { size: cp.size, root: cp.root, note };
         self.store.save_checkpoint(&stored).await.map_err(|e| e.to_string())?;
+        self.handover = None;
         Ok(stored)
     }
 
@@ -308,7 +327,7 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).unwrap());
         let key = DataKey::from_bytes([7; 32]);
         let log = StoreAuditLog::new(store.clone(), key.clone(), BlindIndexKey::new(DataKey::from_bytes([8; 32])), false);
-        let seed = [9u8; 32];
+        let seed = LogKeys::new(vec![DataKey::from_bytes([9; 32])]).unwrap();
         let mut it = Integrator::start(store.clone(), &seed).await.unwrap();
         for b in 0..3 {
             log.record((b * 1000..(b + 1) * 1000).map(event).collect()).await.unwrap();
@@ -330,7 +349,7 @@ mod tests {
         assert_eq!(it.tree.size(), 3000);
         let cp = it.step().await.unwrap().unwrap();
         assert_eq!((cp.size, cp.root), (3100, merkle::root(&leaves)));
-        let verifier = it.verifier();
+        let verifier = [it.verifier()];
         drop(it);
         let report = auditlog::verify(&store, &key, &verifier, &[]).await.unwrap();
         assert!(report.problems.is_empty() && !report.tiles_absent && report.tiles >= 13, "{report:?}");
@@ -360,6 +379,24 @@ mod tests {
         assert_eq!(tile(&*store, 0, 12).await.hashes.len(), 28);
         let report = auditlog::verify(&store, &key, &verifier, &[]).await.unwrap();
         assert!(report.problems.is_empty(), "{:?}", report.problems);
+
+        // A signing-key rotation: the next checkpoint is signed by the new key and co-signed by
+        // the old one, the ones after by the new key alone; the log verifies under both keys, and
+        // not under the new one alone (the checkpoints before it are the old key's).
+        let rotated = LogKeys::new(vec![DataKey::from_bytes([9; 32]), DataKey::from_bytes([10; 32])]).unwrap();
+        let mut it = Integrator::start(store.clone(), &rotated).await.unwrap();
+        let both = rotated.verifiers().unwrap();
+        for (from, signatures) in [(3100, 2), (3110, 1)] {
+            log.record((from..from + 10).map(event).collect()).await.unwrap();
+            let cp = it.step().await.unwrap().unwrap();
+            assert_eq!(valv_audit::note::Note::parse(&cp.note).unwrap().verify(&both).unwrap().len(), signatures, "at {}", cp.size);
+        }
+        drop(it);
+        assert!(auditlog::verify(&store, &key, &both, &[]).await.unwrap().problems.is_empty());
+        let report = auditlog::verify(&store, &key, &both[1..], &[]).await.unwrap();
+        assert!(report.problems.iter().any(|p| p.contains("signature or format invalid")), "{:?}", report.problems);
+        let it = Integrator::start(store.clone(), &rotated).await.unwrap();
+        assert!(it.handover.is_none(), "the handover is signed once");
 
         // (An edited entry among the newest ones, the edge tile's, is found at start: tests/it/audit.rs.)
         drop(store);

@@ -46,7 +46,7 @@ pub struct Claim {
 /// Reading and opening entries is the costly part, so chunks are read and opened by concurrent
 /// tasks (a bounded window of them, on every core) while this task folds the results into the
 /// tree in log order.
-pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verifier, external: &[Claim]) -> Result<Report, StoreError> {
+pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_keys: &[Verifier], external: &[Claim]) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let stored = store.checkpoints().await?;
     let mut claims: Vec<(String, String)> = stored.iter().map(|c| (format!("stored checkpoint of size {}", c.size), c.note.clone())).collect();
@@ -57,7 +57,7 @@ pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_key: &Verif
     // Signed sizes and roots first: the roots to compare with are taken while the tree is rebuilt.
     let mut wanted: Vec<(String, u64, Hash)> = Vec::new();
     for (source, note) in &claims {
-        match open_checkpoint(note, log_key) {
+        match open_checkpoint(note, log_keys) {
             Ok(cp) => wanted.push((source.clone(), cp.size, cp.root)),
             Err(e) => report.problems.push(format!("{source}: signature or format invalid ({e})")),
         }

@@ -16,6 +16,7 @@ pub mod compact;
 pub mod integrator;
 pub mod log;
 pub mod siem;
+pub mod signing;
 
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -265,7 +266,7 @@ mod tests {
         let cp = valv_audit::Checkpoint { origin: "valv.local/audit/test".into(), size: 3, root: valv_audit::merkle::root(&leaves) };
         let note = valv_audit::sign_checkpoint(&cp, &signer).expect("sign");
         store.save_checkpoint(&valv_store::StoredCheckpoint { size: 3, root: cp.root, note }).await.expect("save");
-        let report = crate::audit::log::verify(&store, &key, &signer.verifier(), &[]).await.expect("verify");
+        let report = crate::audit::log::verify(&store, &key, &[signer.verifier()], &[]).await.expect("verify");
         assert_eq!((report.entries, report.checkpoints), (3, 1));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         drop(store);

@@ -56,7 +56,8 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
         entries = log["parameter"].as_array().map_or(0, |p| p.len().saturating_sub(2));
         files.insert("access-log.json".into(), serde_json::to_vec_pretty(&log).map_err(|e| ApiError::internal(e.to_string()))?);
         files.insert("checkpoint.txt".into(), checkpoint.into_bytes());
-        files.insert("log-key.vkey".into(), format!("{}\n", app.audit_vkey).into_bytes());
+        let key = log["parameter"][1]["valueString"].as_str().unwrap_or_default();
+        files.insert("log-key.vkey".into(), format!("{key}\n").into_bytes());
     }
     files.insert("README.txt".into(), README.as_bytes().to_vec());
     Ok((files, resources, entries))

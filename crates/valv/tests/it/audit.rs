@@ -67,7 +67,7 @@ async fn signed_checkpoint(s: &Server) -> (valv_audit::Checkpoint, String) {
     let vkey = s.request("GET", "/audit/key", None, None, &[]).await.text;
     let verifier = valv_audit::Verifier::from_vkey(vkey.trim()).expect("a C2SP verifier key");
     let note = s.request("GET", "/audit/checkpoint", None, None, &[]).await.text;
-    (valv_audit::open_checkpoint(&note, &verifier).expect("checkpoint verifies under /audit/key"), note)
+    (valv_audit::open_checkpoint(&note, std::slice::from_ref(&verifier)).expect("checkpoint verifies under /audit/key"), note)
 }
 
 #[tokio::test]
@@ -202,7 +202,7 @@ async fn proofs_verify_against_the_signed_checkpoint() {
     let note = settled_checkpoint(&s).await;
     let vkey = s.request("GET", "/audit/key", None, None, &[]).await.text;
     let verifier = valv_audit::Verifier::from_vkey(vkey.trim()).expect("vkey");
-    let cp = valv_audit::open_checkpoint(&note, &verifier).expect("checkpoint");
+    let cp = valv_audit::open_checkpoint(&note, std::slice::from_ref(&verifier)).expect("checkpoint");
     let leaves: Vec<[u8; 32]> = s.audit_rows().iter().map(|(l, _)| l.as_slice().try_into().expect("32")).collect();
     let decode = |v: &serde_json::Value| -> Vec<[u8; 32]> {
         v.as_array().expect("proof").iter().map(|h| {
@@ -215,7 +215,7 @@ async fn proofs_verify_against_the_signed_checkpoint() {
         let proof = decode(&r.json["proof"]);
         valv_audit::merkle::verify_inclusion(index, cp.size, &leaves[index as usize], &proof, &cp.root).expect("inclusion verifies");
         let receipt = s.request("GET", &format!("/audit/proof/inclusion?index={index}&size={}", cp.size), None, None, &[("accept", "text/plain")]).await.text;
-        let (rcp, ri) = valv_audit::verify_receipt(&receipt, &verifier, &leaves[index as usize]).expect("receipt verifies");
+        let (rcp, ri) = valv_audit::verify_receipt(&receipt, std::slice::from_ref(&verifier), &leaves[index as usize]).expect("receipt verifies");
         assert_eq!((rcp.size, ri), (cp.size, index));
     }
     let r = s.request("GET", &format!("/audit/proof/consistency?from=2&to={}", cp.size), None, None, &[]).await;
@@ -269,7 +269,7 @@ async fn auditors_read_the_log_as_audit_events_and_a_patients_access_log_verifie
     let params = log.json["parameter"].as_array().expect("parameters");
     let get = |name: &str| params.iter().find(|x| x["name"] == name).and_then(|x| x["valueString"].as_str()).expect(name).to_string();
     let verifier = valv_audit::Verifier::from_vkey(&get("logKey")).expect("vkey");
-    let cp = valv_audit::open_checkpoint(&get("checkpoint"), &verifier).expect("checkpoint");
+    let cp = valv_audit::open_checkpoint(&get("checkpoint"), std::slice::from_ref(&verifier)).expect("checkpoint");
     let mut proven = 0;
     for entry in params.iter().filter(|x| x["name"] == "entry") {
         let parts = entry["part"].as_array().expect("parts");

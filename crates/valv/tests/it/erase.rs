@@ -73,7 +73,7 @@ async fn an_erased_patient_is_gone_for_good_and_the_rest_stays() {
     let vkey = s.request("GET", "/audit/key", None, None, &[]).await.text;
     let verifier = valv_audit::Verifier::from_vkey(vkey.trim()).expect("vkey");
     let ledger_text = std::fs::read_to_string(s.data.join("erasure-ledger")).expect("ledger file");
-    let ledger = valv_audit::ledger::Ledger::open(&ledger_text, &verifier).expect("the ledger verifies under the log's key");
+    let ledger = valv_audit::ledger::Ledger::open(&ledger_text, std::slice::from_ref(&verifier)).expect("the ledger verifies under the log's key");
     assert_eq!(ledger.erasures.iter().map(|e| e.patient.as_str()).collect::<Vec<_>>(), [p.as_str()]);
 
     // After a restart, still gone.

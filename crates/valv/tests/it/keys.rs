@@ -181,6 +181,69 @@ async fn a_patients_data_key_rotates_while_the_server_serves_them() {
 
     // Refused, each in one line: no such patient, and --patient with --wait.
     assert!(refused(&s, &["rotate", "--patient", "nobody"]).contains("not found"));
-    assert!(refused(&s, &["rotate", "--patient", &p, "--wait"]).contains("--wait belongs to a KEK rotation"));
+    assert!(refused(&s, &["rotate", "--patient", &p, "--wait"]).contains("give one of --patient, --signing-key and --wait"));
     assert!(run_ok(&s.data, &["audit", "export"]).contains(&format!("the data key of patient {p} replaced")));
+}
+
+/// The newest stored checkpoint whose size is above `above` (waits for the integrator).
+async fn checkpoint_above(s: &Server, above: u64) -> (u64, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let note = s.request("GET", "/audit/checkpoint", None, None, &[]).await.text;
+        let size = note.lines().nth(1).and_then(|l| l.parse::<u64>().ok()).expect("a checkpoint's size line");
+        if size > above || Instant::now() > deadline {
+            return (size, note);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn signed_by(note: &str, vkey: &str) -> bool {
+    let v = valv_audit::Verifier::from_vkey(vkey).expect("vkey");
+    valv_audit::open_checkpoint(note, std::slice::from_ref(&v)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_signing_key_signs_after_a_restart_and_every_earlier_checkpoint_still_verifies() {
+    let mut s = Server::start("keys-signing");
+    s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Signed"}]})).await;
+    let (size_before, before) = checkpoint_above(&s, 1).await;
+    let key1 = s.request("GET", "/audit/key", None, None, &[]).await.text.trim().to_string();
+    assert!(signed_by(&before, &key1));
+    let saved = s.dir.join("checkpoint-before.txt");
+    std::fs::write(&saved, &before).expect("save");
+
+    let out = run_ok(&s.data, &["keys", "rotate", "--signing-key"]);
+    assert!(out.contains("checkpoint-signing key 2 added"), "{out}");
+    s.kill9();
+    s.restart();
+    let keys = s.request("GET", "/audit/keys", None, None, &[]).await.text;
+    let keys: Vec<&str> = keys.lines().collect();
+    let key2 = s.request("GET", "/audit/key", None, None, &[]).await.text.trim().to_string();
+    assert_eq!(keys, vec![key1.as_str(), key2.as_str()], "every key published, oldest first");
+    assert_ne!(key1, key2);
+
+    // The first checkpoint after the switch is signed by both keys, the next by the new one alone.
+    s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Signed"}]})).await;
+    let (size, handover) = checkpoint_above(&s, size_before).await;
+    assert!(signed_by(&handover, &key2) && signed_by(&handover, &key1), "the handover carries both: {handover}");
+    s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Signed"}]})).await;
+    let (_, after) = checkpoint_above(&s, size).await;
+    assert!(signed_by(&after, &key2) && !signed_by(&after, &key1), "{after}");
+
+    // The log (and a checkpoint saved before the rotation) verifies; so does a backup made after.
+    let verified = run_ok(&s.data, &["audit", "verify", "--checkpoint", saved.to_str().expect("path")]);
+    assert!(!verified.contains("PROBLEM"), "{verified}");
+    let st = status(&s);
+    assert_eq!(st["checkpoint_signing_keys"].as_array().map(Vec::len), Some(2), "{st}");
+    assert_eq!(st["checkpoint_signing_key"]["version"], 2);
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).expect("random");
+    let id = valv_age::Identity::from_bytes(secret);
+    let id_file = s.dir.join("id.txt");
+    std::fs::write(&id_file, format!("{}\n", id.to_bech32().as_str())).expect("identity");
+    let backup = s.dir.join("after-rotation.age");
+    run_ok(&s.data, &["backup", "--out", backup.to_str().expect("path"), "--recipient", &id.recipient().to_bech32()]);
+    let drill = run_ok(&s.data, &["backup", "verify", backup.to_str().expect("path"), "--identity", id_file.to_str().expect("path")]);
+    assert!(drill.contains("drill passed"), "{drill}");
 }
