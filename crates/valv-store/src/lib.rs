@@ -337,11 +337,7 @@ pub trait Store: Send + Sync {
     /// Sends every table (sessions excepted, see [`dump`]) as one consistent snapshot, in
     /// batches, while the store keeps serving: data keys, each resource followed by its versions,
     /// API keys, users, grants, erasures, erasure requests, audit entries, tiles, checkpoints.
+    /// A restore loads the rows into a new store with the backend's own bulk loader (SQLite:
+    /// [`sqlite::FreshLoad`]), before any store is opened on it.
     async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<dump::Row>>) -> Result<(), StoreError>;
-    /// Loads snapshot rows, in the order sent, into an empty store (a restore), indexing each
-    /// resource's search tokens; each batch is one transaction. Loaded rows may not be durable
-    /// before [`Store::finish_load`]: a restore that fails is thrown away whole.
-    async fn load(&self, rows: Vec<dump::Row>) -> Result<(), StoreError>;
-    /// Makes every loaded row durable and returns the store to its normal durability.
-    async fn finish_load(&self) -> Result<(), StoreError>;
 }

@@ -9,6 +9,7 @@
 //! there by itself once the fault is gone. An idle writer also truncates a WAL a burst left large.
 
 mod dump;
+pub use dump::FreshLoad;
 
 use crate::disk::{self, Reserve};
 use crate::{GrantRow, ApiKeyRecord, Expect, Filter, Located, Order, SessionRow, Store, StoreError, StoredVersion, UserRow, Write, WrappedKey};
@@ -205,9 +206,6 @@ pub struct SqliteStore {
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
     refusing: Arc<AtomicBool>,
-    /// Set while a restore loads rows: the writer leaves the WAL alone, so that its idle
-    /// checkpoint neither stalls the load nor makes the load's final checkpoint find it busy.
-    loading: Arc<AtomicBool>,
     /// The database file (snapshots open their own connection to it).
     path: PathBuf,
 }
@@ -315,13 +313,13 @@ impl SqliteStore {
         };
         let readers = (0..READERS).map(|_| reader().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel::<Job>();
-        let (refusing, loading) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone(), loading.clone())?;
+        let refusing = Arc::new(AtomicBool::new(false));
+        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone())?;
         std::thread::Builder::new()
             .name("valv-sqlite-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
-        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, loading, path: path.to_path_buf() })
+        Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, path: path.to_path_buf() })
     }
 
     fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
@@ -407,16 +405,14 @@ struct Writer {
     /// `None` (tools, tests): failures are only reported, and the writer never refuses.
     reserve: Option<Reserve>,
     refusing: Arc<AtomicBool>,
-    /// A restore is loading rows ([`SqliteStore::loading`]).
-    loading: Arc<AtomicBool>,
     last_recovery: Option<Instant>,
     last_growth_check: Option<Instant>,
 }
 
 impl Writer {
-    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>, loading: Arc<AtomicBool>) -> Result<Writer, StoreError> {
+    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>) -> Result<Writer, StoreError> {
         let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-        Ok(Writer { conn, db: db.to_path_buf(), wal: wal_path(db), page_size, reserve, refusing, loading, last_recovery: None, last_growth_check: None })
+        Ok(Writer { conn, db: db.to_path_buf(), wal: wal_path(db), page_size, reserve, refusing, last_recovery: None, last_growth_check: None })
     }
 
     fn run(mut self, rx: mpsc::Receiver<Job>) {
@@ -558,7 +554,7 @@ impl Writer {
             return;
         }
         let wal = file_len(&self.wal);
-        if wal > IDLE_TRUNCATE_ABOVE && !self.loading.load(Ordering::Acquire) {
+        if wal > IDLE_TRUNCATE_ABOVE {
             match checkpoint_truncate(&self.conn) {
                 Ok(true) => tracing::debug!(wal_mib = wal >> 20, "idle: the WAL is checkpointed and truncated"),
                 Ok(false) => {}
@@ -1348,14 +1344,6 @@ impl Store for SqliteStore {
 
     async fn snapshot(&self, out: tokio::sync::mpsc::Sender<Vec<crate::dump::Row>>) -> Result<(), StoreError> {
         self.snapshot_rows(out).await
-    }
-
-    async fn load(&self, rows: Vec<crate::dump::Row>) -> Result<(), StoreError> {
-        self.load_rows(&rows)
-    }
-
-    async fn finish_load(&self) -> Result<(), StoreError> {
-        self.finish_loading()
     }
 }
 

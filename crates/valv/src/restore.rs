@@ -22,8 +22,7 @@ use valv_backup::{FrameReader, Manifest};
 use valv_server::backup::{DirFile, CONFIG_FILE, FILE_KIND, KEK_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
 use valv_server::erasure::LEDGER_FILE;
 use valv_store::dump::{Census, Row};
-use valv_store::sqlite::{Access, SqliteStore};
-use valv_store::Store;
+use valv_store::sqlite::{Access, FreshLoad};
 
 pub struct Request<'a> {
     pub file: &'a Path,
@@ -180,7 +179,7 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
     let (ledger_path, ledger_text, ledger_patients) = read_ledger(req)?;
     let mut rx = spawn_reader(req.file, identities)?;
 
-    let mut loader = Loader { target, store: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
+    let mut loader = Loader { target, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
@@ -189,7 +188,7 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
             Msg::Failed(e) => return Err(e),
         }
     };
-    let census = loader.finish().await?;
+    let census = loader.finish()?;
     let loaded = started.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut loader.samples);
     drop(loader);
@@ -227,7 +226,7 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
 /// Loads what the reader hands over into the new directory.
 struct Loader<'a> {
     target: &'a Path,
-    store: Option<SqliteStore>,
+    load: Option<FreshLoad>,
     /// Files waiting for the configuration to say where they go.
     files: Vec<DirFile>,
     census: Census,
@@ -239,7 +238,7 @@ struct Loader<'a> {
 
 impl Loader<'_> {
     fn file(&mut self, f: DirFile) -> Result<(), String> {
-        if self.store.is_some() {
+        if self.load.is_some() {
             return Err("the backup holds a file after its rows".into());
         }
         match f.name.as_str() {
@@ -253,8 +252,8 @@ impl Loader<'_> {
     }
 
     /// Opens the new store once the files are in place: the configuration says where it goes.
-    fn store(&mut self) -> Result<&SqliteStore, String> {
-        if self.store.is_none() {
+    fn load(&mut self) -> Result<&mut FreshLoad, String> {
+        if self.load.is_none() {
             if !self.target.join(FILE_NAME).exists() {
                 return Err("the backup holds no configuration".into());
             }
@@ -273,9 +272,9 @@ impl Loader<'_> {
             }
             let db = resolve(self.target, &cfg.storage.sqlite);
             datadir::write_secret(&db, b"")?;
-            self.store = Some(SqliteStore::open_for(&db, Access::Serve).map_err(|e| e.to_string())?);
+            self.load = Some(FreshLoad::create(&db).map_err(|e| e.to_string())?);
         }
-        self.store.as_ref().ok_or_else(|| "no store".to_string())
+        self.load.as_mut().ok_or_else(|| "no store".to_string())
     }
 
     async fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
@@ -302,12 +301,13 @@ impl Loader<'_> {
             }
             _ => true,
         });
-        let store = self.store()?;
-        store.load(rows).await.map_err(|e| format!("loading the backup: {e}"))
+        self.load()?.load(&rows).map_err(|e| format!("loading the backup: {e}"))
     }
 
-    async fn finish(&mut self) -> Result<Census, String> {
-        self.store()?.finish_load().await.map_err(|e| format!("loading the backup: {e}"))?;
+    fn finish(&mut self) -> Result<Census, String> {
+        self.load()?;
+        let load = self.load.take().ok_or("no store")?;
+        load.finish().map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
     }
 }

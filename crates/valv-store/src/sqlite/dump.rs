@@ -1,7 +1,11 @@
 //! Snapshots and loads of the SQLite backend ([`crate::dump`]). A snapshot reads on its own
 //! connection, in one read transaction (WAL: a consistent view while the writer goes on), so it
-//! takes no reader from the server's pool; a load writes through the admin connection, one
-//! transaction per batch.
+//! takes no reader from the server's pool. A load writes one transaction per batch — through the
+//! admin connection of an open store ([`Store::load`](crate::Store::load)), or, for a restore
+//! into a new file, through a connection of its own without a journal ([`FreshLoad`]). Either
+//! way search tokens are collected in a temporary table and inserted once, sorted, at the end,
+//! and the secondary indexes are built then too: sorting once beats inserting at random places
+//! row by row.
 
 use super::{row_to_audit, SqliteStore};
 use crate::dump::{ResourceRow, Row, VersionRow};
@@ -161,20 +165,129 @@ fn resources(tx: &Connection, b: &mut Batcher) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Ends the loading state however the end of a load goes.
-struct Loaded<'a>(&'a std::sync::atomic::AtomicBool);
+/// Search tokens a load keeps in memory (24 bytes each: 96 MiB) before it spills them, sorted, to
+/// a temporary table.
+const TOKENS_IN_MEMORY: usize = 4 << 20;
 
-impl Drop for Loaded<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Release);
+/// Rows per multi-row insert of search tokens.
+const TOKENS_PER_INSERT: usize = 64;
+
+/// The search tokens of a load, inserted once, sorted, at its end: sorting once beats inserting
+/// at random places of the token table row by row. Kept in memory up to [`TOKENS_IN_MEMORY`];
+/// beyond it every run is spilled to a temporary table, which SQLite sorts on disk at the end.
+struct Tokens {
+    pending: Vec<([u8; 16], i64)>,
+    /// How many are kept in memory before a spill ([`TOKENS_IN_MEMORY`]; tests take fewer).
+    limit: usize,
+    spilled: bool,
+}
+
+impl Tokens {
+    fn add(&mut self, conn: &Connection, tokens: &[[u8; 16]], rid: i64) -> Result<(), StoreError> {
+        self.pending.extend(tokens.iter().map(|t| (*t, rid)));
+        if self.pending.len() >= self.limit {
+            self.spill(conn)?;
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS load_tokens (token BLOB NOT NULL, rid INTEGER NOT NULL)")?;
+        insert_tokens(conn, "temp.load_tokens", &self.pending)?;
+        self.pending.clear();
+        self.spilled = true;
+        Ok(())
+    }
+
+    fn finish(mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.spilled {
+            self.spill(conn)?;
+            conn.execute_batch("INSERT INTO search_tokens (token, rid) SELECT token, rid FROM temp.load_tokens ORDER BY token, rid; DROP TABLE temp.load_tokens;")?;
+        } else {
+            self.pending.sort_unstable();
+            insert_tokens(conn, "search_tokens", &self.pending)?;
+        }
+        Ok(())
     }
 }
 
-/// Inserts a batch of rows in one transaction.
-fn load(conn: &Connection, rows: &[Row]) -> Result<(), StoreError> {
-    // IMMEDIATE: the write lock is taken (waiting as long as the busy timeout) before anything is
-    // read, so the writer thread's idle checkpoint cannot turn this into a failed upgrade.
-    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+/// Inserts (token, rid) pairs into `table`, many per statement.
+fn insert_tokens(conn: &Connection, table: &str, tokens: &[([u8; 16], i64)]) -> Result<(), StoreError> {
+    let many = format!("INSERT INTO {table} (token, rid) VALUES {}", vec!["(?, ?)"; TOKENS_PER_INSERT].join(", "));
+    let mut chunks = tokens.chunks_exact(TOKENS_PER_INSERT);
+    let mut stmt = conn.prepare_cached(&many)?;
+    for chunk in &mut chunks {
+        let params: Vec<&dyn rusqlite::ToSql> = chunk.iter().flat_map(|(t, rid)| [t as &dyn rusqlite::ToSql, rid as &dyn rusqlite::ToSql]).collect();
+        stmt.execute(params.as_slice())?;
+    }
+    let mut one = conn.prepare_cached(&format!("INSERT INTO {table} (token, rid) VALUES (?1, ?2)"))?;
+    for (t, rid) in chunks.remainder() {
+        one.execute(params![t, rid])?;
+    }
+    Ok(())
+}
+
+/// A restore's new database file, loaded on a connection of its own without a journal and without
+/// an fsync per batch (a failed restore is removed whole), with a 256 MiB page cache; the search
+/// tokens and the secondary indexes go in at [`FreshLoad::finish`], which also switches the file
+/// to WAL (as every connection opens it) and syncs it once.
+pub struct FreshLoad {
+    conn: Connection,
+    path: std::path::PathBuf,
+    tokens: Tokens,
+}
+
+impl FreshLoad {
+    /// Creates the database (the file must be new or empty) with the schema of the migrations.
+    pub fn create(path: &std::path::Path) -> Result<Self, StoreError> {
+        Self::with_token_limit(path, TOKENS_IN_MEMORY)
+    }
+
+    fn with_token_limit(path: &std::path::Path, limit: usize) -> Result<Self, StoreError> {
+        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+            return Err(StoreError::Backend(format!("{} is not empty", path.display())));
+        }
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "OFF")?;
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.pragma_update(None, "cache_size", LOAD_CACHE_KIB)?;
+        super::migrate(&mut conn)?;
+        for (name, _) in SECONDARY_INDEXES {
+            conn.execute_batch(&format!("DROP INDEX {name}"))?;
+        }
+        Ok(FreshLoad { conn, path: path.to_path_buf(), tokens: Tokens { pending: Vec::new(), limit, spilled: false } })
+    }
+
+    /// Inserts a batch in one transaction.
+    pub fn load(&mut self, rows: &[Row]) -> Result<(), StoreError> {
+        load(&self.conn, &mut self.tokens, rows)
+    }
+
+    /// Tokens and indexes in, the file switched to WAL, the file and its folder synced.
+    pub fn finish(self) -> Result<(), StoreError> {
+        let FreshLoad { conn, path, tokens } = self;
+        let tx = rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)?;
+        tokens.finish(&tx)?;
+        for (_, create) in SECONDARY_INDEXES {
+            tx.execute_batch(create)?;
+        }
+        tx.commit()?;
+        conn.pragma_update(None, "locking_mode", "NORMAL")?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.close().map_err(|(_, e)| StoreError::from(e))?;
+        let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| StoreError::Backend(format!("syncing {}: {e}", p.display())));
+        sync(&path)?;
+        match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => sync(dir),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Inserts a batch of rows in one transaction (search tokens go to `tokens`).
+fn load(conn: &Connection, tokens: &mut Tokens, rows: &[Row]) -> Result<(), StoreError> {
+    let tx = conn.unchecked_transaction()?;
     // The resource the next versions belong to: the last one inserted (rids only grow).
     let mut current: Option<i64> = None;
     for row in rows {
@@ -187,10 +300,7 @@ fn load(conn: &Connection, rows: &[Row]) -> Result<(), StoreError> {
                 tx.prepare_cached("INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
                     .execute(params![r.resource_type, r.id, r.version, r.deleted, r.patient, r.last_updated, r.tokens.concat()])?;
                 let rid = tx.last_insert_rowid();
-                let mut index = tx.prepare_cached("INSERT INTO search_tokens (token, rid) VALUES (?1, ?2)")?;
-                for t in &r.tokens {
-                    index.execute(params![&t[..], rid])?;
-                }
+                tokens.add(&tx, &r.tokens, rid)?;
                 current = Some(rid);
             }
             Row::Version(v) => {
@@ -244,48 +354,11 @@ impl SqliteStore {
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || snapshot(&path, out)).await.map_err(|e| StoreError::Backend(format!("the snapshot thread failed: {e}")))?
     }
-
-    /// Loads on the admin connection without an fsync per batch (a failed restore is discarded
-    /// whole), with a larger page cache and without the secondary indexes, which
-    /// [`SqliteStore::finish_loading`] builds at the end (sorting once beats inserting at random
-    /// places row by row), syncing once.
-    pub(super) fn load_rows(&self, rows: &[Row]) -> Result<(), StoreError> {
-        self.loading.store(true, std::sync::atomic::Ordering::Release);
-        self.with_admin(|c| {
-            c.pragma_update(None, "synchronous", "OFF")?;
-            c.pragma_update(None, "cache_size", LOAD_CACHE_KIB)?;
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
-            for (name, _) in SECONDARY_INDEXES {
-                tx.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
-            }
-            tx.commit()?;
-            load(c, rows)
-        })
-    }
-
-    /// The indexes back, `synchronous=FULL`, and the WAL checkpointed into the database file and
-    /// synced.
-    pub(super) fn finish_loading(&self) -> Result<(), StoreError> {
-        let _loaded = Loaded(&self.loading);
-        self.with_admin(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
-            for (_, create) in SECONDARY_INDEXES {
-                tx.execute_batch(create)?;
-            }
-            tx.commit()?;
-            c.pragma_update(None, "cache_size", super::CACHE_KIB)?;
-            c.pragma_update(None, "synchronous", "FULL")?;
-            if super::checkpoint_truncate(c)? {
-                Ok(())
-            } else {
-                Err(StoreError::Backend("the loaded rows could not be checkpointed into the database file (a reader held the WAL)".into()))
-            }
-        })
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{FreshLoad, TOKENS_IN_MEMORY};
     use crate::dump::Row;
     use crate::sqlite::SqliteStore;
     use crate::{AuditRow, Expect, Filter, Store, StoredVersion, UserRow, WrappedKey, Write};
@@ -312,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_loads_into_an_empty_store_as_it_was() {
-        let (a, b) = (temp_db("a"), temp_db("b"));
+        let (a, b, spilled) = (temp_db("a"), temp_db("b"), temp_db("s"));
         let src = SqliteStore::open(&a).expect("open");
         let key = WrappedKey { provider: "file".into(), kek_id: "k".into(), kek_version: 2, ciphertext: vec![7; 61] };
         src.put_key_if_absent("patient:p1", &key, 1).await.expect("key");
@@ -330,18 +403,25 @@ mod tests {
         assert_eq!(before.iter().filter(|r| matches!(r, Row::Version(_))).count(), 4);
 
         // Loaded as sent, in batches of three: a batch may split a resource from its versions.
-        let dst = SqliteStore::open(&b).expect("open");
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
-        let (done, ()) = tokio::join!(src.snapshot(tx), async {
-            while let Some(batch) = rx.recv().await {
-                for chunk in batch.chunks(3) {
-                    dst.load(chunk.to_vec()).await.expect("load");
+        // Search tokens sorted in memory, and spilled to disk after every two.
+        for (c, limit) in [(&b, TOKENS_IN_MEMORY), (&spilled, 2)] {
+            let mut load = FreshLoad::with_token_limit(c, limit).expect("create");
+            let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+            let (done, ()) = tokio::join!(src.snapshot(tx), async {
+                while let Some(batch) = rx.recv().await {
+                    for chunk in batch.chunks(3) {
+                        load.load(chunk).expect("load");
+                    }
                 }
-            }
-        });
-        done.expect("snapshot");
-        dst.finish_load().await.expect("durable");
+            });
+            done.expect("snapshot");
+            load.finish().expect("durable");
+        }
+        let dst = SqliteStore::open(&b).expect("open");
         assert_eq!(rows_of(&dst).await, before, "every row as it was");
+        assert_eq!(rows_of(&SqliteStore::open(&spilled).expect("open")).await, before, "every row as it was, tokens spilled");
+        let journal: String = rusqlite::Connection::open(&b).expect("open").pragma_query_value(None, "journal_mode", |r| r.get(0)).expect("mode");
+        assert_eq!(journal, "wal");
         assert_eq!(dst.read_current("Patient", "p1").await.expect("read").map(|v| v.version), Some(3));
         let found = dst.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[9; 16]]], ..Default::default() }).await.expect("search");
         assert_eq!(found.len(), 2, "search tokens indexed again");
@@ -355,8 +435,13 @@ mod tests {
         };
         let normal = |v: Vec<(String, String)>| v.into_iter().map(|(n, sql)| (n, sql.replace("IF NOT EXISTS ", ""))).collect::<Vec<_>>();
         assert_eq!(normal(schema(&b)), normal(schema(&a)));
-        assert!(dst.load(vec![before[0].clone()]).await.is_err(), "a row loaded twice conflicts");
-        for p in [a, b] {
+        let c = temp_db("c");
+        let mut twice = FreshLoad::create(&c).expect("create");
+        twice.load(&before[..1]).expect("load");
+        assert!(twice.load(&before[..1]).is_err(), "a row loaded twice conflicts");
+        assert!(FreshLoad::create(&b).is_err(), "only into a new file");
+        drop(twice);
+        for p in [a, b, spilled, c] {
             let _ = std::fs::remove_file(p);
         }
     }
