@@ -2,8 +2,10 @@
 //! the data directory's own files (configuration, the key file of a file KEK), framed
 //! ([`valv_backup`]) and encrypted with age to the configured X25519 recipients — the server
 //! never holds an identity that opens them — and ended by a manifest signed with the log's
-//! checkpoint key. Written while the server serves: the snapshot reads on a connection of its
-//! own, and the framing and encryption run on a blocking thread, a few batches behind.
+//! checkpoint key. Written while the server serves, in three stages on threads of their own, each
+//! a few batches behind the one before: the snapshot reads on a connection of its own, the
+//! framing (and the hash over it) runs on a blocking thread, the encryption and the writes on
+//! another.
 
 use crate::App;
 use std::io::Write;
@@ -43,6 +45,54 @@ impl DirFile {
     }
 }
 
+/// Bytes handed to the encrypter in blocks of this size.
+const CHUNK: usize = 1 << 20;
+
+/// The framed bytes on their way to the encrypting thread, in blocks of [`CHUNK`].
+struct Chunks {
+    block: Vec<u8>,
+    out: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl Write for Chunks {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.block.extend_from_slice(buf);
+        if self.block.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.block.is_empty() {
+            return Ok(());
+        }
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(CHUNK + CHUNK / 8));
+        self.out.send(block).map_err(|_| std::io::Error::other("the backup encrypter stopped"))
+    }
+}
+
+/// Encrypts and writes, on a thread of its own, what the [`Chunks`] it returns are given; the
+/// thread ends (returning `out`) once they are dropped.
+fn spawn_encrypter<W: Write + Send + 'static>(
+    out: W,
+    recipients: Vec<Recipient>,
+    random: valv_age::Randomness,
+) -> Result<(Chunks, std::thread::JoinHandle<std::io::Result<W>>), String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let thread = std::thread::Builder::new()
+        .name("valv-backup-encrypt".into())
+        .spawn(move || {
+            let mut age = valv_age::encrypt(out, &recipients, random).map_err(std::io::Error::other)?;
+            for block in rx {
+                age.write_all(&block)?;
+            }
+            age.finish().map_err(std::io::Error::other)
+        })
+        .map_err(|e| format!("cannot start the backup encrypter: {e}"))?;
+    Ok((Chunks { block: Vec::with_capacity(CHUNK + CHUNK / 8), out: tx }, thread))
+}
+
 /// What a finished backup holds.
 pub struct Written<W> {
     pub manifest: Manifest,
@@ -74,27 +124,33 @@ pub async fn write<W: Write + Send + 'static>(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(4);
     let writer = tokio::task::spawn_blocking(move || -> Result<Written<W>, String> {
         let failed = |e: &dyn std::fmt::Display| format!("writing the backup: {e}");
-        let age = valv_age::encrypt(out, &recipients, random).map_err(|e| failed(&e))?;
-        let mut frames = FrameWriter::new(age).map_err(|e| failed(&e))?;
-        for f in &files {
-            frames.frame(FILE_KIND, &f.encode()).map_err(|e| failed(&e))?;
-        }
-        let mut census = Census::default();
-        let mut rows = 0u64;
-        while let Some(batch) = rx.blocking_recv() {
-            for row in &batch {
-                census.add(row);
-                let (kind, payload) = row.encode();
-                frames.frame(kind, &payload).map_err(|e| failed(&e))?;
+        let (chunks, encrypter) = spawn_encrypter(out, recipients, random)?;
+        let framed = || -> Result<(Manifest, String), String> {
+            let mut frames = FrameWriter::new(chunks).map_err(|e| failed(&e))?;
+            for f in &files {
+                frames.frame(FILE_KIND, &f.encode()).map_err(|e| failed(&e))?;
             }
-            rows += batch.len() as u64;
-            progress(rows);
-        }
-        let signer = keys.signer()?;
-        let manifest = census.manifest(keys.origin(), now, source, frames.digest());
-        let signed_manifest = manifest.sign(&signer).map_err(|e| e.to_string())?;
-        let age = frames.finish(&signed_manifest).map_err(|e| failed(&e))?;
-        let out = age.finish().map_err(|e| failed(&e))?;
+            let mut census = Census::default();
+            let mut rows = 0u64;
+            while let Some(batch) = rx.blocking_recv() {
+                for row in &batch {
+                    census.add(row);
+                    let (kind, payload) = row.encode();
+                    frames.frame(kind, &payload).map_err(|e| failed(&e))?;
+                }
+                rows += batch.len() as u64;
+                progress(rows);
+            }
+            let signer = keys.signer()?;
+            let manifest = census.manifest(keys.origin(), now, source, frames.digest());
+            let signed_manifest = manifest.sign(&signer).map_err(|e| e.to_string())?;
+            frames.finish(&signed_manifest).map_err(|e| failed(&e))?.flush().map_err(|e| failed(&e))?;
+            Ok((manifest, signed_manifest))
+        };
+        let framed = framed();
+        // The encrypter's own failure (a full disk, say) explains a failed framing best.
+        let out = encrypter.join().map_err(|_| "the backup encrypter failed".to_string())?.map_err(|e| failed(&e))?;
+        let (manifest, signed_manifest) = framed?;
         Ok(Written { manifest, signed_manifest, out })
     });
     let snapshot = store.snapshot(tx).await;
