@@ -5,11 +5,12 @@
 #   bench/run-backup.sh [PATIENTS] [AUDIT_ENTRIES] [ROUNDS] [SECONDS]   (defaults: 3600 1000000 3 10)
 #
 # Builds the data directory (synthetic patients, ~28 resources each; audited reads by id until
-# the log holds AUDIT_ENTRIES entries), then, ROUNDS times: `valv backup` alone; reads by id
-# (wrk -t2 -c32) for SECONDS with no backup, with backups back to back, and with none again
-# (the ratio is against the mean of the two unloaded runs); `valv restore` into a new directory
-# (decrypt, load, manifest, audit log recomputed and checked, sample decryptions). Prints
-# medians, and each command's peak RSS (/usr/bin/time). Needs wrk and /usr/bin/time.
+# the log holds AUDIT_ENTRIES entries), then ROUNDS times `valv backup` and `valv restore` into a
+# new directory (decrypt, load, manifest, audit log recomputed and checked, sample decryptions),
+# all on the data as built; then ROUNDS times reads by id (wrk -t2 -c32) for SECONDS with no
+# backup, with backups back to back, and with none again (the ratio is against the mean of the
+# two unloaded runs; these reads add audit entries, hence they come last). Prints medians, and
+# each command's peak RSS (/usr/bin/time). Needs wrk and /usr/bin/time.
 # BACKUP_BENCH_DIR=DIR builds the data directory there once and reuses it on later runs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,35 +55,41 @@ resources=$(count 'select count(*) from resources')
 echo "data: $resources resources, $(count 'select count(*) from versions') versions, $(count 'select count(*) from audit_entries') audit entries, $(du -sh "$data/valv.db" | cut -f1) database"
 
 peak() { awk '/Maximum resident/{printf "%.0f MiB", $6/1024}' "$1"; }
+# Backups and restores first, all on the data as built (the read rounds below add entries).
 for r in $(seq 1 "$rounds"); do
   b="$out/b$r"; mkdir -p "$b"
   start=$(date +%s.%N)
   /usr/bin/time -v "$valv" --data-dir "$data" backup --out "$b/one.age" --recipient "$recipient" >/dev/null 2>"$out/time-backup"
   end=$(date +%s.%N)
   size=$(du -m "$b/one.age" | cut -f1)
+  rm -rf "$out/r"
+  rstart=$(date +%s.%N)
+  /usr/bin/time -v "$valv" --data-dir "$out/r" restore "$b/one.age" --identity "$out/id.txt" >/dev/null 2>"$out/time-restore"
+  rend=$(date +%s.%N)
+  python3 - "$r" "$resources" "$start" "$end" "$rstart" "$rend" "$size" "$(peak "$out/time-backup")" "$(peak "$out/time-restore")" <<'PY' | tee -a "$out/rounds"
+import sys
+r, n, s, e, rs, re, size, pb, pr = sys.argv[1:]
+n = int(n); bt = float(e) - float(s); rt = float(re) - float(rs)
+print(f"round {r}: backup {bt:.2f} s ({n/bt:,.0f} resources/s, {size} MiB, peak RSS {pb}); restore {rt:.2f} s ({n/rt:,.0f} resources/s, peak RSS {pr})")
+PY
+  rm -rf "$b" "$out/r"
+done
+# Reads by id with no backup, with backups back to back, and with none again.
+for r in $(seq 1 "$rounds"); do
+  b="$out/b$r"; mkdir -p "$b"
   before=$(reads "$secs")
   ( i=0; while :; do i=$((i+1)); "$valv" --data-dir "$data" backup --out "$b/loop-$i.age" --recipient "$recipient" >/dev/null 2>&1; rm -f "$b/loop-$i.age"; done ) &
   loop=$!
   during=$(reads "$secs")
   kill "$loop"; wait "$loop" 2>/dev/null || true
   after=$(reads "$secs")
-  rm -rf "$out/r"
-  rstart=$(date +%s.%N)
-  /usr/bin/time -v "$valv" --data-dir "$out/r" restore "$b/one.age" --identity "$out/id.txt" >/dev/null 2>"$out/time-restore"
-  rend=$(date +%s.%N)
-  python3 - "$r" "$resources" "$start" "$end" "$rstart" "$rend" "$before" "$during" "$after" "$size" "$(peak "$out/time-backup")" "$(peak "$out/time-restore")" <<'PY' | tee -a "$out/rounds"
-import sys
-r, n, s, e, rs, re, b, d, a, size, pb, pr = sys.argv[1:]
-n = int(n); bt = float(e) - float(s); rt = float(re) - float(rs)
-ratio = 100 * float(d) / ((float(b) + float(a)) / 2)
-print(f"round {r}: backup {bt:.2f} s ({n/bt:,.0f} resources/s, {size} MiB, peak RSS {pb}); restore {rt:.2f} s ({n/rt:,.0f} resources/s, peak RSS {pr}); reads {b}/{d}/{a} per s = {ratio:.1f}% during backups")
-PY
+  python3 -c "import sys; b, d, a = map(float, sys.argv[2:]); print(f'round {sys.argv[1]}: reads {b:.0f}/{d:.0f}/{a:.0f} per s = {100 * d / ((b + a) / 2):.1f}% during backups')" "$r" "$before" "$during" "$after" | tee -a "$out/loss"
   rm -rf "$b"
 done
-python3 - "$out/rounds" <<'PY'
+python3 - "$out/rounds" "$out/loss" <<'PY'
 import re, statistics, sys
-rows = [l for l in open(sys.argv[1])]
-num = lambda pat: statistics.median([float(re.search(pat, l).group(1).replace(",", "")) for l in rows])
+rows = [l for l in open(sys.argv[1])] + [l for l in open(sys.argv[2])]
+num = lambda pat: statistics.median([float(m.group(1).replace(",", "")) for m in (re.search(pat, l) for l in rows) if m])
 backup = num(r"backup [0-9.]+ s [(]([0-9,]+) resources/s")
 restore = num(r"restore [0-9.]+ s [(]([0-9,]+) resources/s")
 reads = num(r"= ([0-9.]+)% during")
