@@ -161,6 +161,8 @@ impl Server {
 
     /// (Re)starts the server process on a fresh port and waits until it answers.
     pub fn restart(&mut self) {
+        // A server still running (a test that did not stop it) is not left behind.
+        self.kill9();
         self.port = free_port();
         let mut cmd = valv();
         cmd.arg("--data-dir").arg(&self.data).args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)]);
