@@ -39,8 +39,14 @@ pub struct Restored {
 
 /// Restores into `target`, which must not exist or be empty.
 pub async fn restore(req: &Request<'_>, target: &Path) -> Result<Restored, String> {
+    restore_at(req, target, false).await
+}
+
+/// [`restore`]; for a drill, the paths of the backup's configuration that point outside the data
+/// directory are moved into it (see [`rebase_for_drill`]).
+async fn restore_at(req: &Request<'_>, target: &Path, drill: bool) -> Result<Restored, String> {
     let created = prepare_target(target)?;
-    let result = restore_into(req, target).await;
+    let result = restore_into(req, target, drill).await;
     if result.is_err() {
         remove_made(target, created);
     }
@@ -52,7 +58,7 @@ pub async fn restore(req: &Request<'_>, target: &Path) -> Result<Restored, Strin
 pub async fn drill(req: &Request<'_>, live: &Path) -> Result<String, String> {
     let opened = datadir::open_existing(live, Access::Serve).await?;
     let tmp = std::env::temp_dir().join(format!("valv-drill-{}", valv_crypto::hex::encode(&valv_store::vault::random_bytes::<8>().map_err(|e| e.to_string())?)));
-    let result = restore(req, &tmp).await;
+    let result = restore_at(req, &tmp, true).await;
     let _ = std::fs::remove_dir_all(&tmp);
     let (outcome, text) = match &result {
         Ok(r) => ("passed", r.summary.clone()),
@@ -172,14 +178,14 @@ fn read_ledger(req: &Request<'_>) -> Result<(PathBuf, String, HashSet<String>), 
     Ok((path, text, patients))
 }
 
-async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, String> {
+async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<Restored, String> {
     let started = Instant::now();
     let identity_text = std::fs::read_to_string(req.identity).map_err(|e| format!("the identity {}: {e}", req.identity.display()))?;
     let identities = valv_age::Identity::from_file_text(&identity_text).map_err(|e| format!("the identity {}: {e}", req.identity.display()))?;
     let (ledger_path, ledger_text, ledger_patients) = read_ledger(req)?;
     let mut rx = spawn_reader(req.file, identities)?;
 
-    let mut loader = Loader { target, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
+    let mut loader = Loader { target, drill, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
@@ -226,6 +232,8 @@ async fn restore_into(req: &Request<'_>, target: &Path) -> Result<Restored, Stri
 /// Loads what the reader hands over into the new directory.
 struct Loader<'a> {
     target: &'a Path,
+    /// A drill: nothing is written outside `target`.
+    drill: bool,
     load: Option<FreshLoad>,
     /// Files waiting for the configuration to say where they go.
     files: Vec<DirFile>,
@@ -242,6 +250,7 @@ impl Loader<'_> {
             return Err("the backup holds a file after its rows".into());
         }
         match f.name.as_str() {
+            CONFIG_FILE if self.drill => datadir::write_secret(&self.target.join(FILE_NAME), rebase_for_drill(&f.bytes)?.as_bytes()),
             CONFIG_FILE => datadir::write_secret(&self.target.join(FILE_NAME), &f.bytes),
             KEK_FILE | TLS_CERT_FILE | TLS_KEY_FILE => {
                 self.files.push(f);
@@ -310,6 +319,25 @@ impl Loader<'_> {
         load.finish().map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
     }
+}
+
+/// A drill's configuration: an absolute database path (likely the live database's) becomes the
+/// data directory's own `valv.db`, and an absolute key file or TLS file that does not exist here
+/// (the restore would write it) its default place inside the data directory; files that exist
+/// (say the live key file) are only read.
+fn rebase_for_drill(config: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(config).map_err(|_| "the backup's configuration is not UTF-8".to_string())?;
+    let mut table: toml::Table = text.parse().map_err(|e| format!("the backup's configuration: {e}"))?;
+    let absolute = |v: &toml::Value| v.as_str().map(Path::new).filter(|p| p.is_absolute()).map(Path::to_path_buf);
+    for (section, key, inside, always) in
+        [("storage", "sqlite", "valv.db", true), ("keys", "key_file", "keys/kek.key", false), ("server", "tls_cert", "tls/cert.pem", false), ("server", "tls_key", "tls/key.pem", false)]
+    {
+        let Some(value) = table.get_mut(section).and_then(|s| s.as_table_mut()).and_then(|s| s.get_mut(key)) else { continue };
+        if absolute(value).is_some_and(|p| always || !p.exists()) {
+            *value = toml::Value::String(inside.into());
+        }
+    }
+    toml::to_string(&table).map_err(|e| format!("the backup's configuration: {e}"))
 }
 
 /// Checks the ledger and applies the erasures it holds beyond the backup's; how many.

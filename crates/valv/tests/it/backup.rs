@@ -274,3 +274,26 @@ async fn the_server_backs_up_on_its_schedule_and_keeps_only_the_newest() {
     assert!(log.contains("scheduled backup FAILED"), "the failure is in the audit log");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_with_absolute_paths_in_the_configuration_writes_nothing_outside_its_directory() {
+    let dir = temp_dir("backup-absolute");
+    let (id_file, recipient) = identity(&dir, "identity.txt");
+    let data = dir.join("live");
+    run_ok(&data, &["init"]);
+    // The live configuration names its database and key file by absolute paths.
+    let config = data.join("valv.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let (db, kek) = (data.join("valv.db"), data.join("keys/kek.key"));
+    let text = text.replace("sqlite = \"valv.db\"", &format!("sqlite = \"{}\"", db.display())).replace("key_file = \"keys/kek.key\"", &format!("key_file = \"{}\"", kek.display()));
+    assert!(text.contains(&db.display().to_string()) && text.contains(&kek.display().to_string()), "{text}");
+    std::fs::write(&config, text).expect("config");
+    let backup = dir.join("b.age");
+    run_ok(&data, &["backup", "--out", backup.to_str().expect("path"), "--recipient", &recipient]);
+    // Before drills rebased it, the restore reached for the live database file (and refused).
+    let ok = run_ok(&data, &["backup", "verify", backup.to_str().expect("path"), "--identity", id_file.to_str().expect("path")]);
+    assert!(ok.contains("drill passed"), "{ok}");
+    let verified = run_ok(&data, &["audit", "verify"]);
+    assert!(verified.contains("the log verifies"), "the live log, with the drill's entry, still verifies: {verified}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
