@@ -118,7 +118,7 @@ pub async fn write<W: Write + Send + 'static>(
         ephemeral: recipients.iter().map(|_| valv_store::vault::random_bytes()).collect::<Result<_, _>>().map_err(|e| e.to_string())?,
         nonce: valv_store::vault::random_bytes().map_err(|e| e.to_string())?,
     };
-    let keys = app.log_keys.clone();
+    let keys = app.log_keys();
     let store = app.vault.store().clone();
     let source = store.backend();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(4);

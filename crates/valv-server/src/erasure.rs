@@ -91,8 +91,9 @@ pub async fn write_ledger(app: &App) -> Result<Vec<String>, String> {
 /// [`write_ledger`] to the given folders (a backup's).
 pub async fn write_ledger_to(app: &App, dirs: &[PathBuf]) -> Result<Vec<String>, String> {
     let rows = app.vault.store().erasures(0).await.map_err(|e| e.to_string())?;
-    let signers = app.log_keys.signers()?;
-    let ledger = Ledger { origin: app.log_keys.origin().to_string(), erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
+    let keys = app.log_keys();
+    let signers = keys.signers()?;
+    let ledger = Ledger { origin: keys.origin().to_string(), erasures: rows.into_iter().map(|r| Erasure { seq: r.seq, patient: r.patient, erased_at: r.erased_at }).collect() };
     let text = ledger.sign(&signers.iter().collect::<Vec<_>>()).map_err(|e| e.to_string())?;
     let mut written = Vec::new();
     for dir in dirs {

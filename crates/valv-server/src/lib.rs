@@ -68,12 +68,9 @@ pub struct App {
     pub capability: OnceLock<Bytes>,
     /// When the server started (the CapabilityStatement's date).
     pub started: String,
-    /// The audit log's signing keys (checkpoints, erasure ledger, backup manifests).
-    pub log_keys: audit::signing::LogKeys,
-    /// The verifier key (C2SP vkey) of the newest signing key, served at `/audit/key`.
-    pub audit_vkey: String,
-    /// Every signing key's vkey, oldest first, one per line: `/audit/keys`.
-    pub audit_vkeys: String,
+    /// The audit log's signing keys (checkpoints, erasure ledger, backup manifests); replaced
+    /// when the integrator adopts a new one ([`App::log_keys`]).
+    pub log_keys: std::sync::RwLock<Arc<audit::signing::LogKeys>>,
     /// People: accounts, logins, sessions.
     pub identity: identity::Identity,
     /// What time it is (the system clock; tests may set it).
@@ -90,6 +87,25 @@ pub struct App {
     pub refusal_log: compact::Compactor,
     /// Erasure: the retention duty, the ledger's folders and signing key.
     pub erasure: erasure::ErasureSettings,
+}
+
+impl App {
+    /// The audit log's signing keys as they are now.
+    pub fn log_keys(&self) -> Arc<audit::signing::LogKeys> {
+        match self.log_keys.read() {
+            Ok(k) => k.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Takes in keys with a newer signing key (the integrator adopted it).
+    pub fn set_log_keys(&self, keys: audit::signing::LogKeys) {
+        let mut slot = match self.log_keys.write() {
+            Ok(k) => k,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Arc::new(keys);
+    }
 }
 
 /// Who is at the other end of a connection.
@@ -357,8 +373,8 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         }),
         "/audit/proof/inclusion" => ("audit_proof", proof_route(app, &req, true).await),
         "/audit/proof/consistency" => ("audit_proof", proof_route(app, &req, false).await),
-        "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.audit_vkey)))),
-        "/audit/keys" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", app.audit_vkeys.clone()))),
+        "/audit/key" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", format!("{}\n", app.log_keys().current_vkey())))),
+        "/audit/keys" => ("audit_key", only_get(&req).map(|()| Reply::text("text/plain; charset=utf-8", app.log_keys().vkeys().iter().map(|k| format!("{k}\n")).collect::<String>()))),
         "/metrics" => ("metrics", only_get(&req).map(|()| Reply::text("text/plain; version=0.0.4; charset=utf-8", app.metrics.render() + &app.limits.render()))),
         p if p.starts_with("/auth/") => authapi::auth_route(app, req, rid, peer).await,
         p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),

@@ -73,7 +73,7 @@ pub async fn init(dir: &Path) -> Result<String, String> {
     let opened = open(dir, None).await?;
     // The empty log is signed at once: from now on a log with entries and no checkpoint can only
     // be one whose checkpoints were deleted (the server refuses to start on it).
-    valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys).await?;
+    valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys()).await?;
     let (api_key, record) = valv_server::people::auth::new_api_key(
         &opened.app.records,
         "admin",
@@ -132,9 +132,6 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     let audit_key = vault.named_key("audit", now).await.map_err(|e| e.to_string())?;
     let records = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
     let log_keys = valv_server::audit::signing::LogKeys::load(&vault, now).await?;
-    let vkeys = log_keys.vkeys()?;
-    let audit_vkey = vkeys.last().cloned().unwrap_or_default();
-    let audit_vkeys = vkeys.iter().map(|k| format!("{k}\n")).collect();
     let blind = valv_crypto::BlindIndexKey::new(vault.named_key("blind-index", now).await.map_err(|e| e.to_string())?);
     let identity_key = vault.named_key("identity", now).await.map_err(|e| e.to_string())?;
     let identity_macs = valv_crypto::RecordMac::new(vault.named_key("record-mac", now).await.map_err(|e| e.to_string())?);
@@ -152,9 +149,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         limits: valv_server::http::limits::Limits::new(cfg.limits.settings(cfg.server.max_body_bytes)?),
         capability: Default::default(),
         started: valv_fhir::date::format_instant(now),
-        log_keys,
-        audit_vkey,
-        audit_vkeys,
+        log_keys: std::sync::RwLock::new(Arc::new(log_keys)),
         identity,
         clock: valv_server::clock::from_env()?,
         cert_services: cfg.mtls.load(dir)?.1,

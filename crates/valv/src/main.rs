@@ -483,8 +483,8 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let addr = opened.config.server.listen.clone();
     let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys).await?;
-    valv_server::audit::integrator::spawn(integrator, std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
+    let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys()).await?;
+    valv_server::audit::integrator::spawn(integrator, opened.app.clone(), std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
     // Care teams and consents written by other processes (valv import) count within 2 s.
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
     // Data keys not under the current KEK version (after `valv keys rotate`) are rewrapped.
@@ -543,12 +543,12 @@ async fn keys_command(dir: &std::path::Path, action: KeysAction) -> Result<(), S
         }
         KeysAction::Rotate { signing_key: true, .. } => {
             use valv_server::audit::signing::{key_name, LogKeys};
-            let n = opened.app.log_keys.count() + 1;
+            let n = opened.app.log_keys().count() + 1;
             opened.app.vault.create_named_key(&key_name(n), now).await.map_err(|e| format!("adding checkpoint-signing key {n}: {e}"))?;
-            let vkey = LogKeys::load(&opened.app.vault, now).await?.vkeys()?.pop().unwrap_or_default();
-            record("key-rotate", format!("checkpoint-signing key {n} added ({vkey}); the server signs with it from its next start, its first checkpoint co-signed by key {}", n - 1)).await?;
-            println!("checkpoint-signing key {n} added: {vkey}
-the server signs with it from its next start (restart it); every earlier key stays published at /audit/keys and checks what it signed");
+            let vkey = LogKeys::load(&opened.app.vault, now).await?.current_vkey().to_string();
+            record("key-rotate", format!("checkpoint-signing key {n} added ({vkey}); a running server signs with it within 10 s, its first checkpoint co-signed by key {}", n - 1)).await?;
+            println!("checkpoint-signing key {n} added: {vkey}");
+            println!("a running server signs with it within 10 s (or from its next start); every earlier key stays published at /audit/keys and checks what it signed");
             Ok(())
         }
         KeysAction::Rotate { patient: Some(patient), .. } => {
@@ -599,7 +599,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let audit_key = opened.app.vault.named_key("audit", valv_server::now_ms()).await.map_err(|e| e.to_string())?;
-            let verifiers = opened.app.log_keys.verifiers()?;
+            let verifiers = opened.app.log_keys().verifiers()?;
             let mut report = valv_server::audit::log::verify(store, &audit_key, &verifiers, &claims).await.map_err(|e| e.to_string())?;
             let vault = &opened.app.vault;
             report.problems.extend(valv_server::audit::log::check_patient_index(store, &audit_key, &|p| vault.audit_patient_token(p)).await.map_err(|e| e.to_string())?);
@@ -623,7 +623,7 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
         }
         AuditAction::ReAnchor { checkpoint } => {
             let note = std::fs::read_to_string(&checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;
-            let cp = valv_server::audit::integrator::Integrator::re_anchor(store.clone(), &opened.app.log_keys, &note).await?;
+            let cp = valv_server::audit::integrator::Integrator::re_anchor(store.clone(), &opened.app.log_keys(), &note).await?;
             let size = store.audit_size().await.map_err(|e| e.to_string())?;
             let reason = format!("the log's stored checkpoints were missing; re-anchored to an outside checkpoint of size {} (entries {}..{size} were covered by no checkpoint)", cp.size, cp.size);
             valv_server::people::api::audit_local(&opened.app, "audit-re-anchor", None, reason.clone(), valv_server::now_ms()).await.map_err(|e| e.diagnostics)?;

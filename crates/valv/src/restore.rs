@@ -201,7 +201,7 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
 
     let opened = datadir::open_for(target, None, Access::Serve).await?;
     let app = &opened.app;
-    let verifier = app.log_keys.verifiers()?;
+    let verifier = app.log_keys().verifiers()?;
     let manifest = Manifest::open(&signed, &verifier).map_err(|e| e.to_string())?;
     let differences = census.differences(&manifest, digest);
     if !differences.is_empty() {

@@ -443,7 +443,7 @@ pub async fn access_log_parameters(app: &App, patient: &str, view: View, now: i6
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
     // The key that signed this checkpoint (after a signing-key rotation, not always the newest).
-    let log_key = app.log_keys.vkey_of(&checkpoint.note).map_err(ApiError::internal)?;
+    let log_key = app.log_keys().vkey_of(&checkpoint.note).map_err(ApiError::internal)?;
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": log_key})];
     for (index, row) in store.audit_entries_for(&app.vault.audit_patient_token(patient)).await? {
         let (bytes, e) = open(&cipher, index, &row).map_err(AccessLogError::Entry)?;

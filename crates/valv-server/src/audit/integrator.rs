@@ -153,6 +153,15 @@ impl Integrator {
         self.signer.verifier()
     }
 
+    /// Signs with the newest of `keys` from the next checkpoint on, which the key before it
+    /// co-signs.
+    pub fn adopt(&mut self, keys: &LogKeys) -> Result<(), String> {
+        self.signer = keys.signer()?;
+        self.handover = keys.previous_signer().transpose()?;
+        self.verifiers = keys.verifiers()?;
+        Ok(())
+    }
+
     /// Folds the leaves up to `to` into the tree and writes the tiles they changed, chunk by
     /// chunk (durably, before any checkpoint covering them is signed).
     async fn catch_up(&mut self, to: u64) -> Result<(), String> {
@@ -271,15 +280,38 @@ async fn spot_check(store: &dyn Store, size: u64) -> Result<(), String> {
 }
 
 /// Runs the integrator every `interval` until the process ends; failures are logged and retried.
-pub fn spawn(mut integrator: Integrator, interval: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn(mut integrator: Integrator, app: Arc<crate::App>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut keys_checked = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
+            if keys_checked.elapsed() >= KEY_CHECK {
+                keys_checked = Instant::now();
+                if let Err(e) = adopt_new_key(&mut integrator, &app).await {
+                    tracing::error!(error = %e, "reading a new checkpoint-signing key failed; retrying");
+                }
+            }
             if let Err(e) = integrator.step().await {
                 tracing::error!(error = %e, "audit integration failed; retrying");
             }
         }
     })
+}
+
+/// How often the integrator looks for a signing key added by `valv keys rotate --signing-key`.
+const KEY_CHECK: Duration = Duration::from_secs(10);
+
+/// Signs with a signing key another process added (its first checkpoint co-signed by the key
+/// before it), and publishes it.
+async fn adopt_new_key(integrator: &mut Integrator, app: &crate::App) -> Result<(), String> {
+    if !app.log_keys().newer_in(&**app.vault.store()).await? {
+        return Ok(());
+    }
+    let keys = LogKeys::load(&app.vault, crate::now_ms()).await?;
+    integrator.adopt(&keys)?;
+    tracing::info!(key = keys.count(), "signing checkpoints with a new key");
+    app.set_log_keys(keys);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The keys the audit log signs with: checkpoints, and the erasure ledger and backup manifests
 //! that carry the log's name. Key 1 is `checkpoint-signing`, later ones `checkpoint-signing:2`, …
 //! (`valv keys rotate --signing-key`), each a data key wrapped by the KEK like the others. The
-//! newest signs; every earlier one stays published (`/audit/keys`) and accepted, so whatever the
+//! newest signs (a running server's integrator takes a new one up within 10 s); every earlier one stays published (`/audit/keys`) and accepted, so whatever the
 //! log ever signed still verifies. All carry the log's name — the origin, derived from key 1 once
 //! and for good — so a rotation does not make a new log. The first checkpoint after a switch is
 //! signed by the new key and the one before it (see [`crate::audit::integrator`]): a verifier
@@ -27,13 +27,22 @@ pub fn key_name(n: usize) -> String {
 pub struct LogKeys {
     origin: String,
     seeds: Vec<DataKey>,
+    /// Every key's vkey, oldest first (what `/audit/keys` serves).
+    vkeys: Vec<String>,
 }
 
 impl LogKeys {
     /// The keys, oldest first (at least one).
     pub fn new(seeds: Vec<DataKey>) -> Result<Self, String> {
         let first = seeds.first().ok_or("the audit log has no signing key")?;
-        Ok(LogKeys { origin: crate::audit::integrator::origin_for(first.expose())?, seeds })
+        let mut keys = LogKeys { origin: crate::audit::integrator::origin_for(first.expose())?, seeds, vkeys: Vec::new() };
+        keys.vkeys = keys.verifiers()?.iter().map(Verifier::to_vkey).collect();
+        Ok(keys)
+    }
+
+    /// Whether the store holds a key newer than these (`valv keys rotate --signing-key` ran).
+    pub async fn newer_in(&self, store: &dyn valv_store::Store) -> Result<bool, String> {
+        Ok(store.get_key(&key_name(self.seeds.len() + 1)).await.map_err(|e| e.to_string())?.is_some())
     }
 
     /// Reads every signing key of the vault's store (creating key 1 on first use).
@@ -80,8 +89,13 @@ impl LogKeys {
     }
 
     /// The verifier keys (C2SP vkeys) of every key, oldest first.
-    pub fn vkeys(&self) -> Result<Vec<String>, String> {
-        Ok(self.verifiers()?.iter().map(Verifier::to_vkey).collect())
+    pub fn vkeys(&self) -> &[String] {
+        &self.vkeys
+    }
+
+    /// The newest key's vkey (`/audit/key`).
+    pub fn current_vkey(&self) -> &str {
+        self.vkeys.last().map_or("", String::as_str)
     }
 
     /// The vkey of the key that signed `note` (the newest if none of them did): what to hand
@@ -109,7 +123,7 @@ mod tests {
         let verifiers = two.verifiers().expect("verifiers");
         assert!(valv_audit::note::open(&old_note, &verifiers).is_ok() && valv_audit::note::open(&new_note, &verifiers).is_ok());
         assert!(valv_audit::note::open(&new_note, &one.verifiers().expect("verifiers")).is_err(), "the old key alone does not check the new");
-        let vkeys = two.vkeys().expect("vkeys");
+        let vkeys = two.vkeys();
         assert_eq!(two.vkey_of(&old_note).expect("vkey"), vkeys[0]);
         assert_eq!(two.vkey_of(&new_note).expect("vkey"), vkeys[1]);
         assert_eq!(key_name(1), "checkpoint-signing");
