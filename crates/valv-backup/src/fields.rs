@@ -15,6 +15,12 @@ impl Enc {
         Enc::default()
     }
 
+    /// Builds into `buf`, emptied first (one buffer for many payloads: no allocation each).
+    pub fn reusing(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Enc { buf }
+    }
+
     pub fn u64(&mut self, mut v: u64) -> &mut Self {
         while v >= 0x80 {
             self.buf.push((v as u8) | 0x80);

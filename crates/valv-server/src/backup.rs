@@ -131,11 +131,11 @@ pub async fn write<W: Write + Send + 'static>(
                 frames.frame(FILE_KIND, &f.encode()).map_err(|e| failed(&e))?;
             }
             let mut census = Census::default();
-            let mut rows = 0u64;
+            let (mut rows, mut payload) = (0u64, Vec::new());
             while let Some(batch) = rx.blocking_recv() {
                 for row in &batch {
                     census.add(row);
-                    let (kind, payload) = row.encode();
+                    let kind = row.encode_into(&mut payload);
                     frames.frame(kind, &payload).map_err(|e| failed(&e))?;
                 }
                 rows += batch.len() as u64;

@@ -73,7 +73,14 @@ impl Row {
 
     /// The frame kind and payload.
     pub fn encode(&self) -> (u8, Vec<u8>) {
-        let mut e = Enc::new();
+        let mut buf = Vec::new();
+        let kind = self.encode_into(&mut buf);
+        (kind, buf)
+    }
+
+    /// [`Row::encode`] into `buf` (emptied first); the frame kind.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) -> u8 {
+        let mut e = Enc::reusing(std::mem::take(buf));
         let kind = match self {
             Row::DataKey { name, key, created, wrapped_at } => {
                 e.str(name).str(&key.provider).str(&key.kek_id).u64(key.kek_version.into()).bytes(&key.ciphertext).i64(*created).opt(*wrapped_at, Enc::i64);
@@ -120,7 +127,8 @@ impl Row {
                 11
             }
         };
-        (kind, e.finish())
+        *buf = e.finish();
+        kind
     }
 
     /// Reads a frame; `None` for a kind that is not a table row.
