@@ -11,7 +11,8 @@ use valv_crypto::DataKey;
 #[derive(Clone)]
 pub struct CachedKey {
     pub key: DataKey,
-    pub wrapped: Vec<u8>,
+    /// Shared, so that handing it out with every use costs no copy.
+    pub wrapped: std::sync::Arc<[u8]>,
 }
 
 pub struct KeyCache {
@@ -67,12 +68,12 @@ mod tests {
     fn bounded_and_expiring() {
         let c = KeyCache::new(2, Duration::from_secs(60));
         for n in ["a", "b", "c"] {
-            c.insert(n, CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1] });
+            c.insert(n, CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1].into() });
         }
         assert!(c.get("a").is_none(), "oldest evicted");
         assert!(c.get("c").is_some());
         let short = KeyCache::new(2, Duration::from_millis(0));
-        short.insert("x", CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1] });
+        short.insert("x", CachedKey { key: DataKey::from_bytes([1; 32]), wrapped: vec![1].into() });
         assert!(short.get("x").is_none(), "expired");
     }
 }

@@ -53,7 +53,7 @@ pub struct Write {
     /// The wrapped form of the patient data key the body was sealed with, as this process last
     /// read it (None: the tenant key, or no body): the commit fails with
     /// [`StoreError::KeyChanged`] unless the version's patient's key is still stored so.
-    pub sealed_with: Option<Vec<u8>>,
+    pub sealed_with: Option<std::sync::Arc<[u8]>>,
 }
 
 /// A resource's place without its content: enough to locate the patient and decide on access

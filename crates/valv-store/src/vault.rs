@@ -184,7 +184,7 @@ impl Vault {
 
     /// The data key sealing a patient's resources (created on first use) with its wrapped form,
     /// or the tenant key (no wrapped form: it never changes under a running server).
-    async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<(DataKey, Option<Vec<u8>>), StoreError> {
+    async fn key_for(&self, patient: Option<&str>, now: i64) -> Result<(DataKey, Option<Arc<[u8]>>), StoreError> {
         let Some(p) = patient else { return Ok((self.tenant.clone(), None)) };
         if self.is_erased(p) {
             return Err(erased(p));
@@ -194,8 +194,9 @@ impl Vault {
             return Ok((k.key, Some(k.wrapped)));
         }
         let (key, wrapped) = load_or_create_wrapped(&*self.store, &*self.provider, &name, now).await?;
-        self.cache.insert(&name, CachedKey { key: key.clone(), wrapped: wrapped.ciphertext.clone() });
-        Ok((key, Some(wrapped.ciphertext)))
+        let wrapped: Arc<[u8]> = wrapped.ciphertext.into();
+        self.cache.insert(&name, CachedKey { key: key.clone(), wrapped: wrapped.clone() });
+        Ok((key, Some(wrapped)))
     }
 
     /// Forgets the cached keys of these patients: another process replaced one of them.
@@ -452,7 +453,7 @@ impl Vault {
     /// Validates a body, stamps id and meta, seals it and computes its tokens; also the wrapped
     /// form of the patient key it was sealed with.
     async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &HashSet<String>, now: i64)
-        -> Result<(StoredVersion, Vec<Token>, Resource, Option<Vec<u8>>), StoreError> {
+        -> Result<(StoredVersion, Vec<Token>, Resource, Option<Arc<[u8]>>), StoreError> {
         stamp(&mut body, id, version, now)?;
         r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
         let patients = compartment::patients(resource_type, id, &body);

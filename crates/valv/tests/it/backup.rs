@@ -5,7 +5,8 @@
 //! under every key the restored server holds). Then a table of bad inputs, each refused with one
 //! line and changing nothing, and drills recorded in the audit log.
 
-use crate::harness::{run_ok, run_refused, temp_dir, Server};
+use crate::harness::{metric, run_ok, run_refused, temp_dir, wait_metric, Server};
+use std::time::Duration;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use valv_crypto::{Aad, KeyProvider, LocalKeyProvider, WrappedKey};
@@ -235,15 +236,7 @@ async fn the_server_backs_up_on_its_schedule_and_keeps_only_the_newest() {
     let toml = format!("[backup]\ndir = \"scheduled\"\nrecipients = [\"{recipient}\"]\nevery_secs = 2\nkeep = 2\n");
     let s = Server::start_configured("backup-schedule", &[], &toml);
     let folder = s.data.join("scheduled");
-    let written = || async {
-        let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
-        metrics.lines().find_map(|l| l.strip_prefix("valv_backups_written_total ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while written().await < 3 {
-        assert!(std::time::Instant::now() < deadline, "three scheduled backups within a minute");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_metric(&s, "valv_backups_written_total", Duration::from_secs(60), |n| n >= 3).await;
     let mut names: Vec<String> = std::fs::read_dir(&folder).expect("folder").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     let backups: Vec<&String> = names.iter().filter(|n| n.ends_with(".age")).collect();
@@ -253,23 +246,15 @@ async fn the_server_backs_up_on_its_schedule_and_keeps_only_the_newest() {
         let ok = run_ok(&s.data, &["backup", "verify", folder.join(b).to_str().expect("path"), "--identity", id_file.to_str().expect("path")]);
         assert!(ok.contains("drill passed"), "{ok}");
     }
-    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
-    assert!(metrics.contains("valv_backup_failures_total 0"), "{metrics}");
-    assert!(!metrics.contains("valv_backup_last_success_seconds 0\n"), "{metrics}");
+    assert_eq!(metric(&s, "valv_backup_failures_total").await, 0);
+    assert!(metric(&s, "valv_backup_last_success_seconds").await > 0);
     let log = run_ok(&s.data, &["audit", "export"]);
     assert!(log.matches("\"interaction\":\"backup\"").count() >= 3, "each scheduled backup is in the audit log");
 
     // A backup that cannot be written is counted, recorded as failed, and tried again.
     std::fs::remove_dir_all(&folder).expect("remove");
     std::fs::write(&folder, b"not a folder").expect("file");
-    let failures = || async {
-        let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
-        metrics.lines().find_map(|l| l.strip_prefix("valv_backup_failures_total ")).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
-    };
-    while failures().await < 2 {
-        assert!(std::time::Instant::now() < deadline, "failures counted and retried");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    wait_metric(&s, "valv_backup_failures_total", Duration::from_secs(30), |n| n >= 2).await;
     let log = run_ok(&s.data, &["audit", "export"]);
     assert!(log.contains("scheduled backup FAILED"), "the failure is in the audit log");
     let _ = std::fs::remove_dir_all(&dir);

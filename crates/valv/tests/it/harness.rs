@@ -52,6 +52,25 @@ pub fn last_line(s: &str) -> String {
     s.lines().last().unwrap_or("").trim().to_string()
 }
 
+/// An unlabelled metric of `/metrics` (panics if it is not there).
+pub async fn metric(s: &Server, name: &str) -> u64 {
+    let text = s.request("GET", "/metrics", None, None, &[]).await.text;
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Waits (at most `within`) until the metric satisfies `ok`; its value then.
+pub async fn wait_metric(s: &Server, name: &str, within: Duration, ok: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = metric(s, name).await;
+        if ok(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The loader's scopes: everything, and explicitly the access facts (care teams, consents,
 /// patients' providers, organisations), which a wildcard does not cover.
 pub const LOADER_SCOPES: &str = "system/*.cruds system/CareTeam.cud system/Consent.cud system/Patient.cud system/Organization.cud";

@@ -1,7 +1,7 @@
 //! Live SIEM forwarding against a real collector: Debian's rsyslog receiving RFC 5425 syslog over
 //! TLS (imtcp with the gtls driver, packages rsyslog and rsyslog-gnutls), with a throwaway CA.
 
-use crate::harness::{temp_dir, Server};
+use crate::harness::{metric, temp_dir, wait_metric, Server};
 use base64::Engine as _;
 use serde_json::json;
 use sha2::Digest;
@@ -158,23 +158,6 @@ fn assert_in_order(indices: &[u64], total: usize) {
         }
     }
     assert_eq!(firsts, (0..total as u64).collect::<Vec<_>>(), "arrival order: {indices:?}");
-}
-
-async fn metric(s: &Server, name: &str) -> u64 {
-    let text = s.request("GET", "/metrics", None, None, &[]).await.text;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
-async fn wait_metric(s: &Server, name: &str, within: Duration, ok: impl Fn(u64) -> bool) -> u64 {
-    let deadline = Instant::now() + within;
-    loop {
-        let v = metric(s, name).await;
-        if ok(v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{name} stayed at {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
