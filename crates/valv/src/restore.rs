@@ -189,7 +189,7 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
-            Msg::Rows(rows) => loader.rows(rows).await?,
+            Msg::Rows(rows) => loader.rows(rows)?,
             Msg::End { manifest, digest } => break (manifest, digest),
             Msg::Failed(e) => return Err(e),
         }
@@ -286,7 +286,7 @@ impl Loader<'_> {
         self.load.as_mut().ok_or_else(|| "no store".to_string())
     }
 
-    async fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
+    fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
         for row in &rows {
             self.census.add(row);
         }
