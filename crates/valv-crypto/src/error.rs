@@ -11,4 +11,7 @@ pub enum CryptoError {
     UnknownKek { provider: String, kek_id: String, version: u32 },
     #[error("key file: {0}")]
     KeyFile(String),
+    /// A key provider outside the process (a token, a KMS) refused or did not answer.
+    #[error("key provider: {0}")]
+    Provider(String),
 }

@@ -1,12 +1,13 @@
 //! Key providers with their I/O, chosen by configuration: the local key file as a provider that
 //! follows the file (so a server sees a version `valv keys rotate` added, and stops wrapping under
-//! the old one, without a restart), or a PKCS#11 token ([`pkcs11`]). The pure parts (the key
+//! the old one, without a restart), a PKCS#11 token ([`pkcs11`]) or AWS KMS ([`awskms`]). The pure parts (the key
 //! file's format, wrapping) are in `valv-crypto`; what the stored keys need is the caller's.
 //!
 //! Rotating and retiring change the file under an exclusive lock on a lock file beside it, write
 //! it whole to a temporary file and rename it over the old one, so no process ever reads half a
 //! key file and two rotations cannot both create "the next" version.
 
+pub mod awskms;
 pub mod pkcs11;
 
 use std::fs::{self, File, OpenOptions};
@@ -27,19 +28,25 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
 pub enum Keys {
     File(Arc<FileKeys>),
     Token(Arc<pkcs11::TokenKeys>),
+    Kms(Arc<awskms::KmsKeys>),
 }
 
 impl Keys {
-    /// Opens `keys.provider`: `file` reads `key_file`; a `pkcs11:` URI logs in to the token and,
-    /// with `create` (first start), makes KEK version 1 there if it holds none.
+    /// Opens `keys.provider`: `file` reads `key_file`; a `pkcs11:` URI logs in to the token, an
+    /// `aws-kms:` URI reaches KMS, and with `create` (first start) either makes KEK version 1
+    /// there if it holds none.
     pub fn open(provider: &str, key_file: &Path, dir: &Path, create: bool) -> Result<Self, String> {
         if provider == "file" {
             Ok(Keys::File(Arc::new(FileKeys::open(key_file)?)))
         } else if provider.starts_with("pkcs11:") {
             let uri = pkcs11::Pkcs11Uri::parse(provider, dir)?;
             Ok(Keys::Token(Arc::new(pkcs11::TokenKeys::open(uri, create)?)))
+        } else if provider.starts_with("aws-kms:") {
+            let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).ok();
+            let uri = awskms::KmsUri::parse(provider, dir, region)?;
+            Ok(Keys::Kms(Arc::new(awskms::KmsKeys::open(uri, create)?)))
         } else {
-            Err(format!("key provider '{provider}' is not available (file, or a pkcs11: URI)"))
+            Err(format!("key provider '{provider}' is not available (file, a pkcs11: or an aws-kms: URI)"))
         }
     }
 
@@ -47,6 +54,7 @@ impl Keys {
         match self {
             Keys::File(k) => k.clone(),
             Keys::Token(k) => k.clone(),
+            Keys::Kms(k) => k.clone(),
         }
     }
 
@@ -54,6 +62,7 @@ impl Keys {
         match self {
             Keys::File(k) => k.rotate(),
             Keys::Token(k) => k.rotate(),
+            Keys::Kms(k) => k.rotate(),
         }
     }
 
@@ -61,6 +70,7 @@ impl Keys {
         match self {
             Keys::File(k) => k.retire(version),
             Keys::Token(k) => k.retire(version),
+            Keys::Kms(k) => k.retire(version),
         }
     }
 
@@ -69,6 +79,7 @@ impl Keys {
         match self {
             Keys::File(k) => format!("key file {}", k.path().display()),
             Keys::Token(k) => k.describe(),
+            Keys::Kms(k) => k.describe(),
         }
     }
 }

@@ -115,7 +115,7 @@ fn version_id(version: u32) -> Vec<u8> {
 }
 
 fn token_error(what: &str, e: impl std::fmt::Display) -> CryptoError {
-    CryptoError::KeyFile(format!("PKCS#11 token: {what}: {e}"))
+    CryptoError::Provider(format!("PKCS#11 token: {what}: {e}"))
 }
 
 impl TokenKeys {

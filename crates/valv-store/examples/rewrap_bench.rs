@@ -1,7 +1,7 @@
 //! KEK rotation benchmark: data keys rewrapped per second under a new KEK version, through the
 //! same `rewrap_batch` the server and `valv keys rotate --wait` use (batches of 2,000, each one
 //! durable transaction), with the provider `VALV_KEY_PROVIDER` names (`file`, the default: a key
-//! file made here; or a `pkcs11:` URI). Run with
+//! file made here; or a `pkcs11:` or `aws-kms:` URI). Run with
 //! `cargo run --release -p valv-store --example rewrap_bench -- [KEYS] [ROUNDS]` (defaults
 //! 100000 3); `bench/run-keys.sh` wraps it, sets up a SoftHSM2 token and prints the machine.
 

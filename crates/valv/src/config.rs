@@ -587,7 +587,8 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct KeysConfig {
     /// Key provider: `file` (the local key file below), or a PKCS#11 token by RFC 7512 URI,
-    /// `pkcs11:token=…;object=…?module-path=…&pin-source=file:…|env:…` (the PIN by reference only).
+    /// `pkcs11:token=…;object=…?module-path=…&pin-source=file:…|env:…` (the PIN by reference only),
+    /// or AWS KMS, `aws-kms:alias/<name>?region=…[&endpoint=…]` (credentials from the environment).
     pub provider: String,
     /// The key-encryption key file (mode 0600), relative to the data directory.
     pub key_file: PathBuf,

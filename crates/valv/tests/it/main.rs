@@ -2,6 +2,7 @@
 //! One test binary for the whole crate keeps link time down.
 
 mod access;
+mod awskms;
 mod audit;
 mod backup;
 mod auditprivacy;
