@@ -22,6 +22,11 @@ pub trait KeyProvider: Send + Sync {
     /// Takes in KEK versions added or retired outside this process since it last looked (a
     /// provider that cannot change under it has nothing to do).
     fn refresh(&self) {}
+    /// How many wraps and unwraps may usefully be in flight at once: one for a provider in this
+    /// process or on a local token, more for one across a network (a rewrap then runs that many).
+    fn concurrency(&self) -> usize {
+        1
+    }
     /// Whether `wrapped` is under this provider's current KEK version (else a rewrap moves it).
     fn is_current(&self, wrapped: &WrappedKey) -> bool {
         wrapped.provider == self.name() && wrapped.kek_id == self.kek_id() && wrapped.kek_version == self.current_version()

@@ -281,6 +281,11 @@ impl KeyProvider for KmsKeys {
         self.versions.read().map(|v| v.keys().copied().collect()).unwrap_or_default()
     }
 
+    /// Each call waits on the network: a rewrap keeps this many in flight.
+    fn concurrency(&self) -> usize {
+        16
+    }
+
     fn refresh(&self) {
         if let Err(e) = self.reload() {
             tracing::warn!(error = %e, "listing the KEK versions in AWS KMS failed; using those listed before");

@@ -6,7 +6,7 @@
 
 use crate::vault::random_bytes;
 use crate::{Store, StoreError};
-use valv_crypto::KeyProvider;
+use valv_crypto::{KeyProvider, WrappedKey};
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,14 +29,33 @@ impl Batch {
 /// rotation never skips a key silently.
 pub async fn rewrap_batch(store: &dyn Store, provider: &dyn KeyProvider, limit: usize, now: i64) -> Result<Batch, StoreError> {
     let stale = store.keys_not_under(provider.name(), &provider.kek_id(), provider.current_version(), limit).await?;
-    let mut changes = Vec::with_capacity(stale.len());
-    for (name, old) in stale {
-        let key = provider.unwrap(&old, &name).map_err(|e| StoreError::Backend(format!("cannot rewrap data key {name}: {e}")))?;
-        let new = provider.wrap(&key, &name, random_bytes()?)?;
-        changes.push((name, old, new));
-    }
+    let changes = if provider.concurrency() <= 1 {
+        stale.iter().map(|(name, old)| rewrap_one(provider, name, old)).collect::<Result<Vec<_>, _>>()?
+    } else {
+        rewrap_concurrently(provider, &stale)?
+    };
     let rewrapped = if changes.is_empty() { 0 } else { store.rewrap_keys(&changes, now).await? };
     Ok(Batch { found: changes.len(), rewrapped })
+}
+
+fn rewrap_one(provider: &dyn KeyProvider, name: &str, old: &WrappedKey) -> Result<(String, WrappedKey, WrappedKey), StoreError> {
+    let key = provider.unwrap(old, name).map_err(|e| StoreError::Backend(format!("cannot rewrap data key {name}: {e}")))?;
+    let new = provider.wrap(&key, name, random_bytes()?)?;
+    Ok((name.to_string(), old.clone(), new))
+}
+
+/// Rewraps on `provider.concurrency()` threads (a network provider spends its time waiting for
+/// answers), keeping the keys' order.
+fn rewrap_concurrently(provider: &dyn KeyProvider, stale: &[(String, WrappedKey)]) -> Result<Vec<(String, WrappedKey, WrappedKey)>, StoreError> {
+    let per_thread = stale.len().div_ceil(provider.concurrency()).max(1);
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = stale.chunks(per_thread).map(|chunk| scope.spawn(move || chunk.iter().map(|(n, old)| rewrap_one(provider, n, old)).collect::<Result<Vec<_>, _>>())).collect();
+        let mut changes = Vec::with_capacity(stale.len());
+        for t in threads {
+            changes.extend(t.join().map_err(|_| StoreError::Backend("a rewrap thread panicked".into()))??);
+        }
+        Ok(changes)
+    })
 }
 
 /// How many wrapped keys are not under the provider's current KEK version.
@@ -106,6 +125,48 @@ mod tests {
         }
         let census = store.key_census().await.expect("census");
         assert_eq!((census.len(), census[0].keys, census[0].oldest_wrap), (1, 25, 2));
+    }
+
+    /// The local provider, claiming to be a network one that wants calls in flight side by side.
+    struct Concurrent(LocalKeyProvider);
+
+    impl KeyProvider for Concurrent {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn kek_id(&self) -> String {
+            self.0.kek_id()
+        }
+        fn current_version(&self) -> u32 {
+            self.0.current_version()
+        }
+        fn versions(&self) -> Vec<u32> {
+            self.0.versions()
+        }
+        fn concurrency(&self) -> usize {
+            4
+        }
+        fn wrap(&self, key: &DataKey, context: &str, nonce: [u8; 12]) -> Result<WrappedKey, valv_crypto::CryptoError> {
+            self.0.wrap(key, context, nonce)
+        }
+        fn unwrap(&self, wrapped: &WrappedKey, context: &str) -> Result<DataKey, valv_crypto::CryptoError> {
+            self.0.unwrap(wrapped, context)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_concurrent_provider_rewraps_every_key_under_its_own_name() {
+        let mut local = LocalKeyProvider::generate([1; 32]);
+        let (_dir, store) = store_with_keys(&local, 23).await;
+        local.rotate([2; 32]);
+        let provider = Concurrent(local);
+        let b = rewrap_batch(&store, &provider, 100, 2).await.expect("batch");
+        assert_eq!((b.found, b.rewrapped), (23, 23));
+        assert_eq!(remaining(&store, &provider).await.expect("census"), 0);
+        for i in 0..23 {
+            let w = store.get_key(&format!("patient:{i}")).await.expect("get").expect("stored");
+            assert_eq!(provider.unwrap(&w, &format!("patient:{i}")).expect("unwrap").expose(), &[i as u8; 32], "patient:{i}");
+        }
     }
 
     #[tokio::test]
