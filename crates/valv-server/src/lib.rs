@@ -738,11 +738,11 @@ async fn accept_until(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Ser
                     let (app, peer, in_flight) = (app.clone(), peer.clone(), activity.begin());
                     async move {
                         let resp = handle(app, req, &peer).await;
-                        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-                            in_flight.ask_to_close();
-                        }
+                        // Asked once the refusal has been handed to the connection (its body
+                        // dropped), so the GOAWAY follows the 429 instead of racing it.
+                        let close = (resp.status() == StatusCode::TOO_MANY_REQUESTS).then(|| in_flight.activity());
                         drop(in_flight);
-                        Ok::<_, Infallible>(resp)
+                        Ok::<_, Infallible>(resp.map(|body| limits::ClosingBody::new(body, close)))
                     }
                 })
             };

@@ -492,9 +492,48 @@ impl Activity {
 pub struct InFlight(Arc<Activity>);
 
 impl InFlight {
-    /// See [`Activity::ask_to_close`].
-    pub fn ask_to_close(&self) {
-        self.0.ask_to_close();
+    /// The connection's activity, to ask it to close later.
+    pub fn activity(&self) -> Arc<Activity> {
+        self.0.clone()
+    }
+}
+
+/// A response body that, when it carries an activity, asks that connection to close once the
+/// connection is done with it (hyper drops a body after queueing its last frame), so the close
+/// never overtakes the response it follows.
+pub struct ClosingBody {
+    body: http_body_util::Full<bytes::Bytes>,
+    close: Option<Arc<Activity>>,
+}
+
+impl ClosingBody {
+    pub fn new(body: http_body_util::Full<bytes::Bytes>, close: Option<Arc<Activity>>) -> Self {
+        ClosingBody { body, close }
+    }
+}
+
+impl hyper::body::Body for ClosingBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for ClosingBody {
+    fn drop(&mut self) {
+        if let Some(activity) = self.close.take() {
+            activity.ask_to_close();
+        }
     }
 }
 
