@@ -6,7 +6,7 @@
 //! KMS; a KMS that goes away mid-run fails closed while cached keys serve out their lifetime, and
 //! one unreachable at start stops the start with one line.
 
-use crate::harness::{run_ok_env, valv, Server};
+use crate::harness::{as_env, run_ok_env, valv, Server};
 use crate::keys::{status_env, wait_rewrapped};
 use serde_json::{json, Value};
 use std::net::TcpStream;
@@ -105,10 +105,6 @@ fn kms_env(moto: &Moto) -> Vec<(String, String)> {
         ("AWS_ACCESS_KEY_ID".into(), "AKIAVALVTEST".into()),
         ("AWS_SECRET_ACCESS_KEY".into(), "valv-test-secret".into()),
     ]
-}
-
-fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
-    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

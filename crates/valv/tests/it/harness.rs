@@ -33,6 +33,11 @@ pub fn run_ok(data: &Path, args: &[&str]) -> String {
 }
 
 /// [`run_ok`] with extra environment variables.
+/// Owned variables as the `(&str, &str)` pairs the helpers take.
+pub fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
+    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 pub fn run_ok_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let out = valv().arg("--data-dir").arg(data).args(args).envs(env.iter().copied()).output().expect("run valv");
     assert!(out.status.success(), "valv {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));

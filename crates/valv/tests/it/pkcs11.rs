@@ -5,7 +5,7 @@
 //! with a one-line reason; a token that goes away mid-run fails closed (503 for what needs it)
 //! while keys already unwrapped serve out their cache lifetime.
 
-use crate::harness::{run_ok_env, temp_dir, valv, Server};
+use crate::harness::{as_env, run_ok_env, temp_dir, valv, Server};
 use crate::keys::{status_env, wait_rewrapped};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::object::{Attribute, AttributeType, ObjectClass};
@@ -53,10 +53,6 @@ fn token_env(tag: &str) -> (PathBuf, PathBuf, [(String, String); 2]) {
     let (conf, pin) = token_dir(tag);
     let vars = [("SOFTHSM2_CONF".to_string(), conf.display().to_string()), ("VALV_KEY_PROVIDER".to_string(), uri(&pin))];
     (conf, pin, vars)
-}
-
-fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
-    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// What the token says of each KEK object: (id, sensitive, extractable, whether its value could be read).
