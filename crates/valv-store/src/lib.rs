@@ -9,6 +9,7 @@ pub mod dump;
 mod error;
 mod keycache;
 pub mod rewrap;
+pub mod postgres;
 pub mod sqlite;
 pub mod vault;
 

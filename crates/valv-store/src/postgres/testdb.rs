@@ -1,0 +1,83 @@
+//! A throwaway PostgreSQL 15 cluster for tests, from Debian's binaries: `initdb` into a temporary
+//! folder, started on a free loopback port, stopped and removed when dropped. Run as root (CI),
+//! the server runs as the `postgres` user through `runuser`, as PostgreSQL refuses root.
+//!
+//! It holds two roles besides the superuser: `valv_owner`, owning the database `valv` (the role
+//! migrations run as), and `valv_app`, a plain login role (the role Valv serves with).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `VALV_TEST_PG_BIN`, or Debian's PostgreSQL 15.
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("VALV_TEST_PG_BIN").map_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"), PathBuf::from);
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: apt-get install postgresql-15 (.ci/run does)", path.display());
+    path
+}
+
+fn output_of(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run a command");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn is_root() -> bool {
+    output_of(Command::new("id").arg("-u")) == "0"
+}
+
+/// Runs a PostgreSQL program, as `postgres` when this process is root.
+fn run_pg(program: &str, args: &[&str]) -> Output {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin(program));
+        c
+    } else {
+        Command::new(bin(program))
+    };
+    cmd.args(args).output().expect("run a PostgreSQL program")
+}
+
+pub struct Cluster {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).expect("random");
+        let dir = std::env::temp_dir().join(format!("valv-pg-{}", u64::from_le_bytes(r)));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        if is_root() {
+            let id = |flag: &str| output_of(Command::new("id").args([flag, "postgres"])).parse::<u32>().expect("the postgres user exists");
+            std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown the cluster dir");
+        }
+        let data = dir.join("data");
+        let s = |p: &Path| p.display().to_string();
+        let out = run_pg("initdb", &["-D", &s(&data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let options = format!("-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} -c fsync=off -c max_connections=40", s(&dir));
+        let out = run_pg("pg_ctl", &["-D", &s(&data), "-o", &options, "-l", &s(&dir.join("log")), "-w", "-t", "60", "start"]);
+        let cluster = Cluster { dir, port };
+        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default());
+        let sql = "CREATE ROLE valv_owner LOGIN; CREATE ROLE valv_app LOGIN; CREATE DATABASE valv OWNER valv_owner;";
+        for statement in sql.split_terminator(';') {
+            let out = run_pg("psql", &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", statement]);
+            assert!(out.status.success(), "{statement}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        cluster
+    }
+
+    /// The connection string for `role` on the database `valv`.
+    pub fn url(&self, role: &str) -> String {
+        format!("host=127.0.0.1 port={} user={role} dbname=valv", self.port)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = run_pg("pg_ctl", &["-D", &self.dir.join("data").display().to_string(), "-m", "immediate", "-w", "stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
