@@ -127,18 +127,87 @@ impl PgStore {
 
     /// A wrapped key by name.
     pub async fn get_key(&self, name: &str) -> Result<Option<WrappedKey>, StoreError> {
-        let row = self.client.query_opt("SELECT provider, kek_id, kek_version, wrapped FROM data_keys WHERE name = $1", &[&name]).await.map_err(|e| db_error("reading a key", e))?;
-        row.map(|r| {
-            let version: i32 = r.get(2);
-            Ok(WrappedKey { provider: r.get(0), kek_id: r.get(1), kek_version: u32::try_from(version).map_err(|_| StoreError::Integrity(format!("key {name}: KEK version {version}")))?, ciphertext: r.get(3) })
-        })
-        .transpose()
+        let row = self.client.query_opt(&format!("SELECT {WRAPPED_COLUMNS} FROM data_keys WHERE name = $1"), &[&name]).await.map_err(|e| db_error("reading a key", e))?;
+        row.map(|r| wrapped(&r, name)).transpose()
+    }
+
+    /// Up to `limit` wrapped keys not under this provider, KEK id and version, by name.
+    pub async fn keys_not_under(&self, provider: &str, kek_id: &str, kek_version: u32, limit: usize) -> Result<Vec<(String, WrappedKey)>, StoreError> {
+        let (version, limit) = (kek_version_column(kek_version)?, i64::try_from(limit).unwrap_or(i64::MAX));
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT {WRAPPED_COLUMNS}, name FROM data_keys WHERE NOT (provider = $1 AND kek_id = $2 AND kek_version = $3) ORDER BY name COLLATE \"C\" LIMIT $4"),
+                &[&provider, &kek_id, &version, &limit],
+            )
+            .await
+            .map_err(|e| db_error("listing keys to rewrap", e))?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.get(4);
+                wrapped(r, &name).map(|k| (name, k))
+            })
+            .collect()
+    }
+
+    /// Replaces wrapped keys, each only if still stored as the old one, in one transaction;
+    /// returns how many were replaced.
+    pub async fn rewrap_keys(&mut self, changes: &[(String, WrappedKey, WrappedKey)], now: i64) -> Result<usize, StoreError> {
+        let tx = self.client.transaction().await.map_err(|e| db_error("starting a rewrap", e))?;
+        let update = tx
+            .prepare(
+                "UPDATE data_keys SET provider = $2, kek_id = $3, kek_version = $4, wrapped = $5, wrapped_at = $6 \
+                 WHERE name = $1 AND provider = $7 AND kek_id = $8 AND kek_version = $9 AND wrapped = $10",
+            )
+            .await
+            .map_err(|e| db_error("rewrapping", e))?;
+        let mut replaced = 0;
+        for (name, old, new) in changes {
+            let (old_version, new_version) = (kek_version_column(old.kek_version)?, kek_version_column(new.kek_version)?);
+            replaced += tx
+                .execute(&update, &[name, &new.provider, &new.kek_id, &new_version, &new.ciphertext, &now, &old.provider, &old.kek_id, &old_version, &old.ciphertext])
+                .await
+                .map_err(|e| db_error("rewrapping", e))?;
+        }
+        tx.commit().await.map_err(|e| db_error("committing a rewrap", e))?;
+        usize::try_from(replaced).map_err(|_| StoreError::Backend("rewrap count out of range".into()))
+    }
+
+    /// How many wrapped keys each (provider, KEK id, version) holds, and the oldest wrap.
+    pub async fn key_census(&self) -> Result<Vec<crate::KeyCensus>, StoreError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT provider, kek_id, kek_version, count(*), min(coalesce(wrapped_at, created)) FROM data_keys \
+                 GROUP BY provider, kek_id, kek_version ORDER BY provider COLLATE \"C\", kek_id COLLATE \"C\", kek_version",
+                &[],
+            )
+            .await
+            .map_err(|e| db_error("counting keys", e))?;
+        rows.iter()
+            .map(|r| {
+                let (version, keys): (i32, i64) = (r.get(2), r.get(3));
+                Ok(crate::KeyCensus {
+                    provider: r.get(0),
+                    kek_id: r.get(1),
+                    kek_version: u32::try_from(version).map_err(|_| StoreError::Integrity(format!("KEK version {version}")))?,
+                    keys: u64::try_from(keys).unwrap_or(0),
+                    oldest_wrap: r.get(4),
+                })
+            })
+            .collect()
+    }
+
+    /// When a named key was created, if it exists.
+    pub async fn key_created(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let row = self.client.query_opt("SELECT created FROM data_keys WHERE name = $1", &[&name]).await.map_err(|e| db_error("reading a key", e))?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// Stores a wrapped key unless one exists under the name; returns the one that is stored
     /// (two servers creating a patient's key at once both end up with the first).
     pub async fn put_key_if_absent(&self, name: &str, key: &WrappedKey, now: i64) -> Result<WrappedKey, StoreError> {
-        let version = i32::try_from(key.kek_version).map_err(|_| StoreError::Backend(format!("KEK version {} is out of range", key.kek_version)))?;
+        let version = kek_version_column(key.kek_version)?;
         self.client
             .execute(
                 "INSERT INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO NOTHING",
@@ -182,6 +251,19 @@ impl PgStore {
         let size: i64 = self.client.query_one("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries", &[]).await.map_err(|e| db_error("reading the log's size", e))?.get(0);
         u64::try_from(size).map_err(|_| StoreError::Integrity(format!("audit size {size}")))
     }
+}
+
+const WRAPPED_COLUMNS: &str = "provider, kek_id, kek_version, wrapped";
+
+/// KEK versions are `INTEGER` columns.
+fn kek_version_column(version: u32) -> Result<i32, StoreError> {
+    i32::try_from(version).map_err(|_| StoreError::Backend(format!("KEK version {version} is out of range")))
+}
+
+/// A wrapped key from the first four columns ([`WRAPPED_COLUMNS`]).
+fn wrapped(r: &tokio_postgres::Row, name: &str) -> Result<WrappedKey, StoreError> {
+    let version: i32 = r.get(2);
+    Ok(WrappedKey { provider: r.get(0), kek_id: r.get(1), kek_version: u32::try_from(version).map_err(|_| StoreError::Integrity(format!("key {name}: KEK version {version}")))?, ciphertext: r.get(3) })
 }
 
 fn audit_row(r: &tokio_postgres::Row) -> Result<(u64, AuditRow), StoreError> {
@@ -279,9 +361,34 @@ mod tests {
         assert_eq!(app.get_key("patient:1").await.expect("get"), None);
         assert_eq!(app.put_key_if_absent("patient:1", &key(1), 5).await.expect("put"), key(1));
         assert_eq!(app.put_key_if_absent("patient:1", &key(2), 6).await.expect("put"), key(1), "the first one stays");
+        assert_eq!(app.key_created("patient:1").await.expect("created"), Some(5));
+        assert_eq!(app.key_created("patient:9").await.expect("created"), None);
         for bad in ["valv_app; DROP TABLE data_keys", "Valv", "", "a-b"] {
             assert!(owner.migrate(Some(bad)).await.is_err(), "{bad}");
         }
         assert_eq!(app.get_key("patient:1").await.expect("get"), Some(key(1)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rewrap_replaces_only_keys_still_stored_as_read_and_the_census_follows() {
+        let pg = Cluster::start();
+        PgStore::connect(&pg.url("valv_owner")).await.expect("owner").migrate(Some("valv_app")).await.expect("migrate");
+        let mut app = PgStore::connect(&pg.url("valv_app")).await.expect("app");
+        let key = |v: u32, b: u8| WrappedKey { provider: "file".into(), kek_id: "file-1".into(), kek_version: v, ciphertext: vec![b; 60] };
+        for i in 0..5u8 {
+            app.put_key_if_absent(&format!("patient:{i}"), &key(1, i), 10 + i64::from(i)).await.expect("put");
+        }
+        let stale = app.keys_not_under("file", "file-1", 2, 3).await.expect("stale");
+        assert_eq!(stale.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["patient:0", "patient:1", "patient:2"]);
+        // patient:1 was moved by someone else meanwhile: left alone.
+        app.rewrap_keys(&[("patient:1".into(), key(1, 1), key(2, 101))], 50).await.expect("other");
+        let changes: Vec<_> = stale.into_iter().map(|(n, old)| (n, old.clone(), key(2, old.ciphertext[0] + 200))).collect();
+        assert_eq!(app.rewrap_keys(&changes, 60).await.expect("rewrap"), 2);
+        assert_eq!(app.get_key("patient:1").await.expect("get"), Some(key(2, 101)));
+        assert_eq!(app.get_key("patient:2").await.expect("get"), Some(key(2, 202)));
+        let census = app.key_census().await.expect("census");
+        let summary: Vec<_> = census.iter().map(|c| (c.kek_version, c.keys, c.oldest_wrap)).collect();
+        assert_eq!(summary, [(1, 2, 13), (2, 3, 50)]);
+        assert_eq!(app.keys_not_under("file", "file-1", 2, 10).await.expect("stale").len(), 2);
     }
 }
