@@ -1,6 +1,6 @@
 //! Every table as backend-neutral rows: what a backup streams out of one store
-//! ([`crate::Store::snapshot`]) and a restore loads into another ([`crate::Store::load`]),
-//! whatever the backends, and the rows' encoding as backup frames ([`valv_backup::fields`]).
+//! ([`crate::Store::snapshot`]) and a restore loads into another with that backend's bulk
+//! loader (SQLite: [`crate::sqlite::FreshLoad`]), whatever the backends, and the rows' encoding as backup frames ([`valv_backup::fields`]).
 //!
 //! Sessions are left out on purpose: a restored server has everyone sign in again, so a session
 //! ended after the backup (a logout, a revocation) cannot come back with it. Search tokens are
@@ -71,14 +71,7 @@ impl Row {
         }
     }
 
-    /// The frame kind and payload.
-    pub fn encode(&self) -> (u8, Vec<u8>) {
-        let mut buf = Vec::new();
-        let kind = self.encode_into(&mut buf);
-        (kind, buf)
-    }
-
-    /// [`Row::encode`] into `buf` (emptied first); the frame kind.
+    /// Encodes the row into `buf` (emptied first) as a frame payload; returns the frame kind.
     pub fn encode_into(&self, buf: &mut Vec<u8>) -> u8 {
         let mut e = Enc::reusing(std::mem::take(buf));
         let kind = match self {
@@ -299,7 +292,8 @@ mod tests {
     proptest! {
         #[test]
         fn rows_round_trip_through_frames(row in rows()) {
-            let (kind, payload) = row.encode();
+            let mut payload = Vec::new();
+            let kind = row.encode_into(&mut payload);
             prop_assert_eq!(Row::decode(kind, &payload).expect("test"), Some(row));
             prop_assert!(Row::decode(kind, &[payload.as_slice(), &[0]].concat()).is_err());
         }

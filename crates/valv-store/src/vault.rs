@@ -341,14 +341,18 @@ impl Vault {
             return Ok(results);
         }
         // A patient key rotated or rewrapped by another process since it was cached: the
-        // bodies are sealed again under the stored key (twice at most).
-        for attempt in 1.. {
+        // bodies are sealed again under the stored key (twice at most). The store takes the
+        // writes by value, hence the copy kept for that case.
+        let mut resealed = 0;
+        loop {
             match self.store.commit(writes.clone()).await {
-                Err(StoreError::KeyChanged(_)) if attempt < 3 => self.reseal(&mut writes, &results, now).await?,
+                Err(StoreError::KeyChanged(_)) if resealed < 2 => {
+                    self.reseal(&mut writes, &results, now).await?;
+                    resealed += 1;
+                }
                 other => return other.map(|()| results),
             }
         }
-        Ok(results)
     }
 
     /// Seals each patient body of `writes` again with the patient's stored key.

@@ -170,8 +170,8 @@ enum KeysAction {
         /// of their resources under it (one transaction; safe beside a running server).
         #[arg(long)]
         patient: Option<String>,
-        /// Instead of a KEK version: add a checkpoint-signing key for the audit log (signs from
-        /// the server's next start; every earlier key stays published and accepted).
+        /// Instead of a KEK version: add a checkpoint-signing key for the audit log (a running
+        /// server signs with it within 10 s; every earlier key stays published and accepted).
         #[arg(long)]
         signing_key: bool,
     },
@@ -396,8 +396,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 println!("{}", restore::drill(&req, &dir).await?);
             } else {
                 let r = restore::restore(&req, &dir).await?;
-                println!("{}
-{:.1} s, {:.0} resources/s; sessions were not restored: everyone signs in again", r.summary, r.seconds, r.resources as f64 / r.seconds.max(1e-9));
+                println!("{}\n{:.1} s, {:.0} resources/s; sessions were not restored: everyone signs in again", r.summary, r.seconds, r.resources as f64 / r.seconds.max(1e-9));
             }
             Ok(())
         }

@@ -1,11 +1,10 @@
 //! Snapshots and loads of the SQLite backend ([`crate::dump`]). A snapshot reads on its own
 //! connection, in one read transaction (WAL: a consistent view while the writer goes on), so it
-//! takes no reader from the server's pool. A load writes one transaction per batch — through the
-//! admin connection of an open store ([`Store::load`](crate::Store::load)), or, for a restore
-//! into a new file, through a connection of its own without a journal ([`FreshLoad`]). Either
-//! way search tokens are collected in a temporary table and inserted once, sorted, at the end,
-//! and the secondary indexes are built then too: sorting once beats inserting at random places
-//! row by row.
+//! takes no reader from the server's pool. A restore loads into a new file through a connection
+//! of its own without a journal ([`FreshLoad`]), one transaction per batch; search tokens are
+//! collected (in memory, or spilled sorted to a temporary table past a limit) and inserted once,
+//! sorted, at the end, and the secondary indexes are built then too: sorting once beats inserting
+//! at random places row by row.
 
 use super::{row_to_audit, SqliteStore};
 use crate::dump::{ResourceRow, Row, VersionRow};
