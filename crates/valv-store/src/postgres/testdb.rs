@@ -42,6 +42,10 @@ pub struct Cluster {
     pub port: u16,
 }
 
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}
+
 impl Cluster {
     pub fn start() -> Cluster {
         let mut r = [0u8; 8];
@@ -52,21 +56,30 @@ impl Cluster {
             let id = |flag: &str| output_of(Command::new("id").args([flag, "postgres"])).parse::<u32>().expect("the postgres user exists");
             std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown the cluster dir");
         }
-        let data = dir.join("data");
-        let s = |p: &Path| p.display().to_string();
-        let out = run_pg("initdb", &["-D", &s(&data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
+        let out = run_pg("initdb", &["-D", &display(&dir.join("data")), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let options = format!("-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} -c fsync=off -c max_connections=40", s(&dir));
-        let out = run_pg("pg_ctl", &["-D", &s(&data), "-o", &options, "-l", &s(&dir.join("log")), "-w", "-t", "60", "start"]);
         let cluster = Cluster { dir, port };
-        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(cluster.dir.join("log")).unwrap_or_default());
+        cluster.start_again();
         let sql = "CREATE ROLE valv_owner LOGIN; CREATE ROLE valv_app LOGIN; CREATE DATABASE valv OWNER valv_owner;";
         for statement in sql.split_terminator(';') {
             let out = run_pg("psql", &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", statement]);
             assert!(out.status.success(), "{statement}: {}", String::from_utf8_lossy(&out.stderr));
         }
         cluster
+    }
+
+    /// Starts the server (again, after [`Cluster::stop`]).
+    pub fn start_again(&self) {
+        let options = format!("-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} -c fsync=off -c max_connections=100", self.port, display(&self.dir));
+        let out = run_pg("pg_ctl", &["-D", &display(&self.dir.join("data")), "-o", &options, "-l", &display(&self.dir.join("log")), "-w", "-t", "60", "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(self.dir.join("log")).unwrap_or_default());
+    }
+
+    /// Stops the server at once (as a crash would).
+    pub fn stop(&self) {
+        let out = run_pg("pg_ctl", &["-D", &display(&self.dir.join("data")), "-m", "immediate", "-w", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// The connection string for `role` on the database `valv`.
@@ -77,7 +90,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = run_pg("pg_ctl", &["-D", &self.dir.join("data").display().to_string(), "-m", "immediate", "-w", "stop"]);
+        let _ = run_pg("pg_ctl", &["-D", &display(&self.dir.join("data")), "-m", "immediate", "-w", "stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
