@@ -10,6 +10,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub keys: KeysConfig,
     pub storage: StorageConfig,
+    pub store: StoreConfig,
     pub log: LogConfig,
     pub siem: SiemConfig,
     pub audit: AuditConfig,
@@ -609,6 +610,73 @@ pub struct StorageConfig {
     pub fail_audit_appends: bool,
 }
 
+/// Which database holds the data (`[store]`; docs/OPERATIONS.md "Deploying on PostgreSQL").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite` (embedded, the default: `storage.sqlite` in the data directory) or `postgres`.
+    pub backend: String,
+    /// PostgreSQL: a libpq connection string or URL, several hosts allowed
+    /// (`host=db1,db2 port=5432 user=valv dbname=valv`). No password here: `password_file`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    /// PostgreSQL: a file holding the password (relative to the data directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PostgreSQL: the CA certificate(s), PEM, the server's certificate must chain to; TLS is
+    /// required when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PostgreSQL: plaintext to a host that is not this machine (an isolated network only).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
+    /// PostgreSQL: most connections this server holds.
+    pub pool_size: usize,
+    /// Set when the URL came from `VALV_DATABASE_URL` with a password in it: it is then never
+    /// written to `valv.toml`.
+    #[serde(skip)]
+    url_is_secret: bool,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { backend: "sqlite".into(), url: String::new(), password_file: None, ca_file: None, allow_plaintext: false, pool_size: 16, url_is_secret: false }
+    }
+}
+
+impl StoreConfig {
+    fn check(&self, from_file: bool) -> Result<(), String> {
+        match self.backend.as_str() {
+            "sqlite" => Ok(()),
+            "postgres" if self.url.is_empty() => Err("store.backend is postgres but no store.url (or VALV_DATABASE_URL) is set".into()),
+            "postgres" if from_file && valv_store::postgres::has_password(&self.url) => {
+                Err("store.url in valv.toml holds a password: put it in a file named by store.password_file".into())
+            }
+            "postgres" if !(1..=1024).contains(&self.pool_size) => Err(format!("store.pool_size must be 1 to 1024, got {}", self.pool_size)),
+            "postgres" => Ok(()),
+            other => Err(format!("store.backend must be sqlite or postgres, got '{other}'")),
+        }
+    }
+
+    /// The PostgreSQL settings, the password read from its file.
+    pub fn postgres(&self, data_dir: &Path) -> Result<valv_store::postgres::Settings, String> {
+        let password = match &self.password_file {
+            Some(p) => {
+                let path = resolve(data_dir, p);
+                Some(std::fs::read_to_string(&path).map_err(|e| format!("store.password_file {}: {e}", path.display()))?)
+            }
+            None => None,
+        };
+        Ok(valv_store::postgres::Settings {
+            url: self.url.clone(),
+            password,
+            ca_file: self.ca_file.as_ref().map(|p| resolve(data_dir, p)),
+            allow_plaintext: self.allow_plaintext,
+            pool_size: self.pool_size,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -710,7 +778,9 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
+        cfg.store.check(true)?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.store.check(false)?;
         if !(10..=3_600_000).contains(&cfg.audit.checkpoint_interval_ms) {
             return Err(format!("audit.checkpoint_interval_ms must be 10 to 3600000, got {}", cfg.audit.checkpoint_interval_ms));
         }
@@ -720,7 +790,8 @@ impl Config {
 
     /// `VALV_LISTEN`, `VALV_PUBLIC_URL`, `VALV_TLS_CERT`, `VALV_TLS_KEY`, `VALV_ALLOW_TLS12`,
     /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, `VALV_SIEM_ADDRESS`,
-    /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, `VALV_LIMITS_<KEY>` for each `[limits]` key,
+    /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, `VALV_STORE`, `VALV_DATABASE_URL`,
+    /// `VALV_DATABASE_PASSWORD_FILE`, `VALV_DATABASE_CA_FILE`, `VALV_LIMITS_<KEY>` for each `[limits]` key,
     /// and `VALV_FAULT_AUDIT_APPENDS` (tests only).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
@@ -753,6 +824,19 @@ impl Config {
                 .ok()
                 .filter(|ms| (10..=3_600_000).contains(ms))
                 .ok_or_else(|| format!("VALV_CHECKPOINT_INTERVAL_MS must be 10 to 3600000 milliseconds, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_STORE") {
+            self.store.backend = v;
+        }
+        if let Some(v) = get("VALV_DATABASE_URL") {
+            self.store.url_is_secret = valv_store::postgres::has_password(&v);
+            self.store.url = v;
+        }
+        if let Some(v) = get("VALV_DATABASE_PASSWORD_FILE") {
+            self.store.password_file = Some(v.into());
+        }
+        if let Some(v) = get("VALV_DATABASE_CA_FILE") {
+            self.store.ca_file = Some(v.into());
         }
         if let Some(v) = get("VALV_KEY_FILE") {
             self.keys.key_file = v.into();
@@ -792,7 +876,11 @@ impl Config {
     }
 
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_default()
+        let mut written = self.clone();
+        if written.store.url_is_secret {
+            written.store.url.clear();
+        }
+        toml::to_string_pretty(&written).unwrap_or_default()
     }
 }
 
@@ -815,6 +903,27 @@ mod tests {
         assert_eq!(back.server.listen, "127.0.0.1:9999");
         assert!(c.apply_env(|k| (k == "VALV_MAX_BODY_BYTES").then(|| "lots".to_string())).is_err());
         assert!(toml::from_str::<Config>("[server]\nnonsense = 1\n").is_err(), "unknown keys are rejected");
+    }
+
+    #[test]
+    fn the_store_is_chosen_by_env_and_a_password_never_reaches_the_file() {
+        let mut c = Config::default();
+        assert_eq!(c.store.backend, "sqlite");
+        c.apply_env(|k| match k {
+            "VALV_STORE" => Some("postgres".into()),
+            "VALV_DATABASE_URL" => Some("postgresql://valv:s3cret@127.0.0.1:5432/valv".into()),
+            _ => None,
+        })
+        .expect("valid");
+        c.store.check(false).expect("a password from the environment is taken");
+        let written = c.to_toml();
+        assert!(written.contains("backend = \"postgres\"") && !written.contains("s3cret"), "{written}");
+        let mut from_file: Config = toml::from_str("[store]\nbackend = \"postgres\"\nurl = \"postgresql://valv:pw@db/valv\"\n").expect("parse");
+        assert!(from_file.store.check(true).expect_err("refused").contains("password_file"));
+        from_file.store.url = "host=db user=valv dbname=valv".into();
+        from_file.store.check(true).expect("no password");
+        assert!(toml::from_str::<Config>("[store]\nbackend = \"mysql\"\n").expect("parse").store.check(true).is_err());
+        assert!(toml::from_str::<Config>("[store]\nbackend = \"postgres\"\n").expect("parse").store.check(true).is_err(), "a URL is needed");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use valv_crypto::LocalKeyProvider;
 use valv_server::audit::StoreAuditLog;
 use valv_server::App;
+use valv_store::postgres::PgStore;
 use valv_store::sqlite::{Access, SqliteStore};
 use valv_store::vault::{random_bytes, Vault};
 use valv_store::Store;
@@ -114,15 +115,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     if let Some(addr) = listen {
         cfg.server.listen = addr.to_string();
     }
-    let db = resolve(dir, &cfg.storage.sqlite);
-    // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
-    if !db.exists() {
-        write_secret(&db, b"")?;
-    }
-    // Processes that write keep headroom for a full disk (valv_store::disk); a scan only reads.
-    let reserve = (access == Access::Serve && cfg.storage.disk_reserve_mb > 0)
-        .then(|| valv_store::disk::Reserve::beside(&db, cfg.storage.disk_reserve_mb << 20));
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?);
+    let store = open_store(dir, &cfg, access).await?;
     // A token's first KEK version is made only for a database that has no wrapped key yet: an
     // empty token under an existing database is an error, never a fresh start.
     let fresh = store.key_census().await.map_err(|e| e.to_string())?.is_empty();
@@ -165,6 +158,23 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), keys })
+}
+
+/// The store the configuration names: the embedded SQLite file, or PostgreSQL.
+pub async fn open_store(dir: &Path, cfg: &Config, access: Access) -> Result<Arc<dyn Store>, String> {
+    if cfg.store.backend == "postgres" {
+        let store = PgStore::open(&cfg.store.postgres(dir)?).await.map_err(|e| e.to_string())?;
+        return Ok(Arc::new(store));
+    }
+    let db = resolve(dir, &cfg.storage.sqlite);
+    // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
+    if !db.exists() {
+        write_secret(&db, b"")?;
+    }
+    // Processes that write keep headroom for a full disk (valv_store::disk); a scan only reads.
+    let reserve = (access == Access::Serve && cfg.storage.disk_reserve_mb > 0)
+        .then(|| valv_store::disk::Reserve::beside(&db, cfg.storage.disk_reserve_mb << 20));
+    Ok(Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?))
 }
 
 /// The TLS certificate and key; Valv's own first-start certificate is renewed first when it ends

@@ -42,6 +42,13 @@ enum Command {
     },
     /// Create the data directory as first start does, without serving.
     Init,
+    /// Bring the database's schema to this version (PostgreSQL: run as the role that owns the
+    /// schema; --serving-role names the role servers connect as, granted only what serving
+    /// needs). SQLite is migrated whenever it is opened.
+    Migrate {
+        #[arg(long)]
+        serving_role: Option<String>,
+    },
     /// Manage API keys for service accounts.
     Apikey {
         #[command(subcommand)]
@@ -359,6 +366,26 @@ async fn ensure_initialised(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// `valv migrate`: the schema made or brought up to date, and the serving role's grants.
+async fn migrate(dir: &std::path::Path, serving_role: Option<&str>) -> Result<(), String> {
+    let cfg = config::Config::load(dir)?;
+    if cfg.store.backend != "postgres" {
+        if serving_role.is_some() {
+            return Err("--serving-role applies to PostgreSQL only (store.backend is sqlite)".into());
+        }
+        datadir::open_store(dir, &cfg, valv_store::sqlite::Access::Serve).await?;
+        println!("SQLite schema is current");
+        return Ok(());
+    }
+    let store = valv_store::postgres::PgStore::open(&cfg.store.postgres(dir)?).await.map_err(|e| e.to_string())?;
+    let version = store.migrate(serving_role).await.map_err(|e| e.to_string())?;
+    match serving_role {
+        Some(role) => println!("PostgreSQL schema at version {version}; role {role} granted what serving needs"),
+        None => println!("PostgreSQL schema at version {version}"),
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> Result<(), String> {
     let dir = cli.data_dir;
     match cli.command {
@@ -369,6 +396,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("{key}");
             Ok(())
         }
+        Command::Migrate { serving_role } => migrate(&dir, serving_role.as_deref()).await,
         Command::Serve { demo, listen } => {
             ensure_initialised(&dir).await?;
             let opened = datadir::open(&dir, listen.as_deref()).await?;

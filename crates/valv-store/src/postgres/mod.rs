@@ -22,8 +22,6 @@ mod schema;
 mod snapshot;
 mod store;
 #[cfg(test)]
-mod testdb;
-#[cfg(test)]
 mod tests;
 pub mod tls;
 
@@ -118,6 +116,11 @@ fn connection_config(settings: &Settings) -> Result<(tokio_postgres::Config, tls
         }
     };
     Ok((config, tls))
+}
+
+/// Whether a connection string carries a password (which belongs in a file, not the configuration).
+pub fn has_password(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>().is_ok_and(|c| c.get_password().is_some())
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -1,6 +1,6 @@
 //! The PostgreSQL backend against a throwaway PostgreSQL 15 cluster ([`super::testdb`]).
 
-use super::testdb::Cluster;
+use valv_testpg::Cluster;
 use super::*;
 use crate::{AuditRow, Expect, Filter, Store, StoredVersion, WrappedKey, Write};
 

@@ -23,6 +23,23 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The PostgreSQL cluster of this test process when the suite runs on PostgreSQL
+/// (`VALV_TEST_STORE=postgres`, as `.ci/run`'s second pass): every data directory `init` makes
+/// gets a database of its own there, named in its `valv.toml`.
+pub fn postgres() -> Option<&'static valv_testpg::Cluster> {
+    static CLUSTER: std::sync::OnceLock<Option<valv_testpg::Cluster>> = std::sync::OnceLock::new();
+    CLUSTER.get_or_init(|| (std::env::var("VALV_TEST_STORE").as_deref() == Ok("postgres")).then(valv_testpg::Cluster::start_for_process)).as_ref()
+}
+
+/// What `init` is given to choose the suite's backend: nothing for SQLite (the default), a new
+/// database for PostgreSQL.
+fn store_env() -> Vec<(String, String)> {
+    match postgres() {
+        Some(pg) => vec![("VALV_STORE".into(), "postgres".into()), ("VALV_DATABASE_URL".into(), pg.url_of("valv_owner", &pg.create_database()))],
+        None => Vec::new(),
+    }
+}
+
 fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -39,7 +56,8 @@ pub fn as_env(vars: &[(String, String)]) -> Vec<(&str, &str)> {
 }
 
 pub fn run_ok_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = valv().arg("--data-dir").arg(data).args(args).envs(env.iter().copied()).output().expect("run valv");
+    let store = if args.first() == Some(&"init") { store_env() } else { Vec::new() };
+    let out = valv().arg("--data-dir").arg(data).args(args).envs(as_env(&store)).envs(env.iter().copied()).output().expect("run valv");
     assert!(out.status.success(), "valv {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8")
 }
