@@ -97,10 +97,57 @@ impl Cluster {
         }
     }
 
+    fn psql_on(&self, role: &str, database: &str, statement: &str) -> String {
+        let out = run_pg(
+            "psql",
+            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", role, "-d", database, "-v", "ON_ERROR_STOP=1", "-A", "-t", "-F", "\u{1f}", "-R", "\u{1e}", "-c", statement],
+        );
+        assert!(out.status.success(), "{statement}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    /// The rows of a query on `database` as `role` (through psql), each column as text: `bytea`
+    /// as `\\x` and hex, NULL as empty.
+    pub fn query(&self, role: &str, database: &str, statement: &str) -> Vec<Vec<String>> {
+        let text = self.psql_on(role, database, statement);
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        if text.is_empty() {
+            return Vec::new();
+        }
+        text.split('\u{1e}').map(|r| r.split('\u{1f}').map(str::to_string).collect()).collect()
+    }
+
+    /// Runs a statement that returns no rows on `database` as `role`; the count of its command
+    /// tag (`UPDATE 3`: 3).
+    pub fn execute(&self, role: &str, database: &str, statement: &str) -> u64 {
+        let text = self.psql_on(role, database, statement);
+        text.trim().rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+    }
+
     /// A new empty database owned by `valv_owner`; returns its name.
     pub fn create_database(&self) -> String {
         let name = format!("valv_{}", self.databases.fetch_add(1, Ordering::Relaxed) + 1);
         self.psql(&format!("CREATE DATABASE {name} OWNER valv_owner"));
+        name
+    }
+
+    /// The cluster's files (its data directory, WAL and log).
+    pub fn files(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A copy of `database` as a new database (no session may be connected to it: a server
+    /// just killed may still be leaving, so this waits for it); returns the copy's name.
+    pub fn copy_database(&self, database: &str) -> String {
+        let name = format!("valv_{}", self.databases.fetch_add(1, Ordering::Relaxed) + 1);
+        for attempt in 0.. {
+            let out = run_pg("psql", &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", &format!("CREATE DATABASE {name} TEMPLATE {database} OWNER valv_owner")]);
+            if out.status.success() {
+                break;
+            }
+            assert!(attempt < 50, "copying {database}: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         name
     }
 

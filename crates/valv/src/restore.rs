@@ -199,6 +199,9 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
     let samples = std::mem::take(&mut loader.samples);
     drop(loader);
 
+    if Config::load(target)?.store.backend != "sqlite" {
+        return Err("a restore writes the embedded SQLite database, but VALV_STORE names another backend: unset it for the restore".into());
+    }
     let opened = datadir::open_for(target, None, Access::Serve).await?;
     let app = &opened.app;
     let verifier = app.log_keys().verifiers()?;
@@ -250,8 +253,8 @@ impl Loader<'_> {
             return Err("the backup holds a file after its rows".into());
         }
         match f.name.as_str() {
-            CONFIG_FILE if self.drill => datadir::write_secret(&self.target.join(FILE_NAME), rebase_for_drill(&f.bytes)?.as_bytes()),
-            CONFIG_FILE => datadir::write_secret(&self.target.join(FILE_NAME), &f.bytes),
+            CONFIG_FILE if self.drill => datadir::write_secret(&self.target.join(FILE_NAME), rebase_for_drill(&on_sqlite(&f.bytes)?)?.as_bytes()),
+            CONFIG_FILE => datadir::write_secret(&self.target.join(FILE_NAME), &on_sqlite(&f.bytes)?),
             KEK_FILE | TLS_CERT_FILE | TLS_KEY_FILE => {
                 self.files.push(f);
                 Ok(())
@@ -319,6 +322,19 @@ impl Loader<'_> {
         load.finish().map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
     }
+}
+
+/// The backup's configuration with its `[store]` section removed: a restore (and a drill) loads
+/// into the embedded SQLite database of the new data directory, never into the database the
+/// backed-up server used (which may be the live one). Loading a backup into PostgreSQL is not
+/// built yet (docs/OPERATIONS.md).
+fn on_sqlite(config: &[u8]) -> Result<Vec<u8>, String> {
+    let text = std::str::from_utf8(config).map_err(|_| "the backup's configuration is not UTF-8".to_string())?;
+    let mut table: toml::Table = text.parse().map_err(|e| format!("the backup's configuration: {e}"))?;
+    if table.remove("store").is_none() {
+        return Ok(config.to_vec());
+    }
+    toml::to_string(&table).map(String::into_bytes).map_err(|e| format!("the backup's configuration: {e}"))
 }
 
 /// A drill's configuration: an absolute database path (likely the live database's) becomes the

@@ -1,6 +1,6 @@
 //! The audit seam: every attempt leaves an entry before the answer, and no entry means no answer.
 
-use crate::harness::Server;
+use crate::harness::{Db, Server};
 use serde_json::json;
 
 #[tokio::test]
@@ -93,10 +93,8 @@ async fn checkpoints_are_signed_soon_and_cover_exactly_the_stored_entries() {
 
     // An entry changed in the database: the server refuses to sign on top of it.
     s.kill9();
-    {
-        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
-        db.execute("UPDATE audit_entries SET leaf_hash = zeroblob(32) WHERE idx = 1", []).expect("tamper");
-    }
+    let db = s.db();
+    assert_eq!(db.execute(&format!("UPDATE audit_entries SET leaf_hash = {} WHERE idx = 1", db.blob(&[0; 32]))), 1, "tamper");
     let out = crate::harness::valv()
         .arg("--data-dir")
         .arg(&s.data)
@@ -120,17 +118,6 @@ async fn settled_checkpoint(s: &Server) -> String {
     panic!("no checkpoint covered the log within 5 s");
 }
 
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read").flatten() {
-        let target = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).expect("copy");
-        }
-    }
-}
 
 /// Runs `valv audit verify` on a data directory; returns (success, stdout).
 fn verify(data: &std::path::Path, checkpoints: &[&std::path::Path]) -> (bool, String) {
@@ -154,7 +141,7 @@ async fn verify_detects_edit_delete_swap_insert_and_rollback() {
     std::fs::write(&early, settled_checkpoint(&s).await).expect("save");
     s.kill9();
     let snapshot = s.dir.join("snapshot");
-    copy_dir(&s.data, &snapshot);
+    Db::copy_data_dir(&s.data, &snapshot);
     s.restart();
     for _ in 0..6 {
         s.get(&format!("/fhir/Patient/{p}")).await;
@@ -167,9 +154,11 @@ async fn verify_detects_edit_delete_swap_insert_and_rollback() {
     assert!(ok, "an untouched log verifies: {out}");
     assert!(out.contains("the log verifies"), "{out}");
 
+    let zeros = s.db().zeros_like("sealed");
+    let edit = format!("UPDATE audit_entries SET sealed = {zeros} WHERE idx = 3");
     let scenarios: [(&str, &str, &str); 6] = [
         ("duplicate", "INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT (SELECT max(idx) + 1 FROM audit_entries), leaf_hash, sealed FROM audit_entries WHERE idx = 2", "duplicates entry 2"),
-        ("edit", "UPDATE audit_entries SET sealed = zeroblob(length(sealed)) WHERE idx = 3", "entry 3"),
+        ("edit", &edit, "entry 3"),
         ("edit leaf", "UPDATE audit_entries SET leaf_hash = (SELECT leaf_hash FROM audit_entries WHERE idx = 0) WHERE idx = 3", "no longer hash"),
         ("delete", "DELETE FROM audit_entries WHERE idx = 4", "missing"),
         ("swap", "UPDATE audit_entries SET idx = CASE idx WHEN 2 THEN 5 WHEN 5 THEN 2 END + 1000000 WHERE idx IN (2, 5); UPDATE audit_entries SET idx = idx - 1000000 WHERE idx >= 1000000", "no longer hash"),
@@ -177,8 +166,8 @@ async fn verify_detects_edit_delete_swap_insert_and_rollback() {
     ];
     for (name, sql, says) in scenarios {
         let copy = s.dir.join(format!("tampered-{}", name.replace(' ', "-")));
-        copy_dir(&s.data, &copy);
-        rusqlite::Connection::open(copy.join("valv.db")).expect("db").execute_batch(sql).expect(name);
+        Db::copy_data_dir(&s.data, &copy);
+        Db::of(&copy).execute(sql);
         let (ok, out) = verify(&copy, &[&early, &later]);
         assert!(!ok, "{name}: verify must fail: {out}");
         assert!(out.contains(says), "{name}: verify must say '{says}': {out}");
@@ -230,10 +219,7 @@ async fn proofs_verify_against_the_signed_checkpoint() {
     s.request("GET", "/audit/proof/inclusion?index=5&size=3", None, None, &[]).await.outcome(400);
     // A row planted far beyond the end: proofs refuse the hole instead of reserving memory for it.
     let far: u64 = 1 << 40;
-    rusqlite::Connection::open(s.data.join("valv.db"))
-        .expect("db")
-        .execute("INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT ?1, leaf_hash, sealed FROM audit_entries WHERE idx = 0", [far as i64])
-        .expect("plant");
+    assert_eq!(s.db().execute(&format!("INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT {far}, leaf_hash, sealed FROM audit_entries WHERE idx = 0")), 1, "plant");
     let r = s.request("GET", &format!("/audit/proof/inclusion?index=0&size={}", far + 1), None, None, &[]).await;
     assert!(r.status >= 400, "{}", r.text);
     assert_eq!(s.request("GET", "/healthz", None, None, &[]).await.status, 200, "the server is still up");

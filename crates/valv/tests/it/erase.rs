@@ -12,8 +12,8 @@ fn refused(s: &Server, args: &[&str]) -> String {
 }
 
 fn key_rows(s: &Server, patient: &str) -> i64 {
-    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
-    db.query_row("SELECT count(*) FROM data_keys WHERE name = ?1", [format!("patient:{patient}")], |r| r.get(0)).expect("count")
+    let rows = s.db().query(&format!("SELECT count(*) FROM data_keys WHERE name = {}", crate::harness::quoted(&format!("patient:{patient}"))));
+    rows[0][0].parse().expect("count")
 }
 
 async fn patient_with_observation(s: &Server, family: &str) -> (String, String) {

@@ -35,7 +35,7 @@ fn serve_refused(s: &Server) -> String {
 }
 
 fn sql(s: &Server, statement: &str) -> usize {
-    rusqlite::Connection::open(s.data.join("valv.db")).expect("db").execute(statement, []).expect("sql")
+    s.db().execute(statement) as usize
 }
 
 #[tokio::test]

@@ -40,6 +40,135 @@ fn store_env() -> Vec<(String, String)> {
     }
 }
 
+/// A data directory's database as a database administrator reaches it — the file on SQLite, the
+/// role owning the database on PostgreSQL — for tests that edit rows behind Valv's back. Values
+/// come back as text: integers in decimal, blobs in lower-case hex, NULL as "".
+pub enum Db {
+    Sqlite(rusqlite::Connection),
+    Postgres(&'static valv_testpg::Cluster, String),
+}
+
+impl Db {
+    /// The database `data`'s configuration names.
+    pub fn of(data: &Path) -> Db {
+        let config = std::fs::read_to_string(data.join("valv.toml")).unwrap_or_default();
+        match (postgres(), config.split_once("dbname=")) {
+            (Some(pg), Some((_, rest))) => Db::Postgres(pg, rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or_default().to_string()),
+            _ => Db::Sqlite(rusqlite::Connection::open(data.join("valv.db")).expect("open the SQLite database")),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(..))
+    }
+
+    /// Runs one statement; the rows it changed.
+    pub fn execute(&self, sql: &str) -> u64 {
+        match self {
+            Db::Sqlite(c) => c.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}")) as u64,
+            // The owner must first disable the triggers that keep the audit log append-only
+            // (as a database administrator bent on an edit would).
+            Db::Postgres(pg, db) => {
+                let triggers = |on: &str| format!("ALTER TABLE audit_entries {on} TRIGGER USER; ALTER TABLE audit_checkpoints {on} TRIGGER USER");
+                pg.execute("valv_owner", db, &triggers("DISABLE"));
+                let changed = pg.execute("valv_owner", db, sql);
+                pg.execute("valv_owner", db, &triggers("ENABLE"));
+                changed
+            }
+        }
+    }
+
+    /// A copy of the data directory `from` at `to`, with a copy of its database (the server on
+    /// it must be stopped).
+    pub fn copy_data_dir(from: &Path, to: &Path) {
+        copy_files(from, to);
+        if let Db::Postgres(pg, db) = Db::of(from) {
+            let copy = pg.copy_database(&db);
+            let path = to.join("valv.toml");
+            let config = std::fs::read_to_string(&path).expect("valv.toml").replace(&format!("dbname={db}"), &format!("dbname={copy}"));
+            std::fs::write(&path, config).expect("valv.toml");
+        }
+    }
+
+    /// The database's files on disk: the SQLite file and its WAL, or the PostgreSQL cluster's.
+    pub fn files(&self, data: &Path) -> PathBuf {
+        match self {
+            Db::Sqlite(_) => data.to_path_buf(),
+            Db::Postgres(pg, _) => pg.files().to_path_buf(),
+        }
+    }
+
+    /// `zeroblob(length(column))` in the database's dialect.
+    pub fn zeros_like(&self, column: &str) -> String {
+        match self {
+            Db::Sqlite(_) => format!("zeroblob(length({column}))"),
+            Db::Postgres(..) => format!("decode(repeat('00', length({column})), 'hex')"),
+        }
+    }
+
+    /// The rows of a query, each column as text.
+    pub fn query(&self, sql: &str) -> Vec<Vec<String>> {
+        match self {
+            Db::Sqlite(c) => {
+                let mut stmt = c.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                let n = stmt.column_count();
+                let rows = stmt.query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            Ok(match r.get_ref(i)? {
+                                rusqlite::types::ValueRef::Null => String::new(),
+                                rusqlite::types::ValueRef::Integer(v) => v.to_string(),
+                                rusqlite::types::ValueRef::Real(v) => v.to_string(),
+                                rusqlite::types::ValueRef::Text(t) => String::from_utf8_lossy(t).to_string(),
+                                rusqlite::types::ValueRef::Blob(b) => hex(b),
+                            })
+                        })
+                        .collect::<rusqlite::Result<Vec<String>>>()
+                });
+                rows.expect("query").collect::<Result<_, _>>().expect("rows")
+            }
+            Db::Postgres(pg, db) => pg
+                .query("valv_owner", db, sql)
+                .into_iter()
+                .map(|row| row.into_iter().map(|v| v.strip_prefix("\\x").map(str::to_string).unwrap_or(v)).collect())
+                .collect(),
+        }
+    }
+
+    /// A blob literal in the database's dialect.
+    pub fn blob(&self, bytes: &[u8]) -> String {
+        match self {
+            Db::Sqlite(_) => format!("x'{}'", hex(bytes)),
+            Db::Postgres(..) => format!("'\\x{}'::bytea", hex(bytes)),
+        }
+    }
+}
+
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read").flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_files(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy");
+        }
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len() / 2).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).expect("hex")).collect()
+}
+
+/// A text literal (quotes doubled).
+pub fn quoted(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
@@ -259,9 +388,12 @@ impl Server {
 
     /// Every stored audit entry: (leaf hash, sealed bytes).
     pub fn audit_rows(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let db = rusqlite::Connection::open(self.data.join("valv.db")).expect("open db");
-        let mut stmt = db.prepare("SELECT leaf_hash, sealed FROM audit_entries ORDER BY idx").expect("query");
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("rows").collect::<Result<_, _>>().expect("rows")
+        self.db().query("SELECT leaf_hash, sealed FROM audit_entries ORDER BY idx").iter().map(|r| (unhex(&r[0]), unhex(&r[1]))).collect()
+    }
+
+    /// The server's database as its administrator reaches it, behind Valv's back.
+    pub fn db(&self) -> Db {
+        Db::of(&self.data)
     }
 
     /// SIGKILL: no shutdown code runs.

@@ -451,12 +451,17 @@ async fn a_database_writer_cannot_enroll_a_pending_account() {
     assert_eq!(created.status, 201, "{}", created.text);
     // The attacker writes the hash of a token of their own into the lookup column.
     let mine = format!("valve_{}", "ab".repeat(32));
-    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
-    let n = db.execute("UPDATE users SET enrollment_hash = ?1", [sha2::Sha256::digest(mine.as_bytes()).to_vec()]).expect("update");
+    let db = s.db();
+    let n = db.execute(&format!("UPDATE users SET enrollment_hash = {}", db.blob(&sha2::Sha256::digest(mine.as_bytes()))));
     assert_eq!(n, 1);
     auth(&s, "/auth/enroll", None, json!({"token": mine, "password": PASSWORD})).await.outcome(401);
     // A role written over the sealed record's row does not open either.
-    db.execute("UPDATE users SET sealed = CAST(substr(sealed, 1, 20) || x'00' || substr(sealed, 22) AS BLOB)", []).expect("update");
+    let flipped = if db.is_postgres() {
+        "UPDATE users SET sealed = substring(sealed from 1 for 20) || '\\x00'::bytea || substring(sealed from 22)"
+    } else {
+        "UPDATE users SET sealed = CAST(substr(sealed, 1, 20) || x'00' || substr(sealed, 22) AS BLOB)"
+    };
+    assert!(db.execute(flipped) > 0);
     let r = s.get("/admin/users").await;
     assert_eq!(r.status, 500, "a tampered user record fails its integrity check: {}", r.text);
 }

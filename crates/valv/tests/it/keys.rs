@@ -134,21 +134,17 @@ async fn rotate_wait_rewraps_without_a_server_and_a_version_still_in_use_is_kept
 fn patient_key(s: &Server, patient: &str) -> valv_crypto::DataKey {
     use valv_crypto::KeyProvider;
     let kek = valv_crypto::LocalKeyProvider::parse(&key_file(s)).expect("kek");
-    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
     let name = format!("patient:{patient}");
-    let w = db
-        .query_row("SELECT provider, kek_id, kek_version, wrapped FROM data_keys WHERE name = ?1", [&name], |r| {
-            Ok(valv_crypto::WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
-        })
-        .expect("the patient's key");
+    let rows = s.db().query(&format!("SELECT provider, kek_id, kek_version, wrapped FROM data_keys WHERE name = {}", crate::harness::quoted(&name)));
+    let r = rows.first().expect("the patient's key");
+    let w = valv_crypto::WrappedKey { provider: r[0].clone(), kek_id: r[1].clone(), kek_version: r[2].parse().expect("version"), ciphertext: crate::harness::unhex(&r[3]) };
     kek.unwrap(&w, &name).expect("unwraps")
 }
 
 /// How many of the patient's stored versions open under `key`, of how many.
 fn versions_opening(s: &Server, patient: &str, key: &valv_crypto::DataKey) -> (usize, usize) {
-    let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("db");
-    let mut stmt = db.prepare("SELECT r.type, r.id, v.version, v.body FROM versions v JOIN resources r ON r.rid = v.rid WHERE v.patient = ?1 AND NOT v.deleted").expect("versions");
-    let rows: Vec<(String, String, u64, Vec<u8>)> = stmt.query_map([patient], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).expect("query").map(|r| r.expect("row")).collect();
+    let sql = format!("SELECT r.type, r.id, v.version, v.body FROM versions v JOIN resources r ON r.rid = v.rid WHERE v.patient = {} AND NOT v.deleted", crate::harness::quoted(patient));
+    let rows: Vec<(String, String, u64, Vec<u8>)> = s.db().query(&sql).into_iter().map(|r| (r[0].clone(), r[1].clone(), r[2].parse().expect("version"), crate::harness::unhex(&r[3]))).collect();
     let opened = rows.iter().filter(|(t, id, v, body)| valv_crypto::open(key, &valv_crypto::Aad { purpose: "resource", resource_type: t, id, version: *v, patient }, body).is_ok()).count();
     (opened, rows.len())
 }

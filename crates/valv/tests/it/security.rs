@@ -1,7 +1,7 @@
 //! The invariants at rest: no plaintext PHI on disk, ciphertexts bound to their row, and nothing
 //! acknowledged lost to `kill -9`.
 
-use crate::harness::Server;
+use crate::harness::{quoted, unhex, Server};
 use serde_json::json;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test]
 async fn canaries_never_reach_the_disk_in_plaintext() {
+    let began = std::time::SystemTime::now();
     let mut s = Server::start("canary");
     let canaries = ["Quokkafamily", "CANARY-7781-ID", "1937-08-19", "canary clinical note about a wombat", "Wombatstreet 12", "quokkalogin"];
     let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":canaries[0],"given":["Zebedee"]}],
@@ -47,10 +48,25 @@ async fn canaries_never_reach_the_disk_in_plaintext() {
     s.kill9();
     let mut files = Vec::new();
     all_files(&s.data, &mut files);
-    assert!(files.iter().any(|f| f.ends_with("valv.db-wal") || f.ends_with("valv.db")), "the database is there");
+    // On PostgreSQL the database's files are the cluster's (tables, WAL, server log).
+    let db = s.db();
+    if db.is_postgres() {
+        // This database's tables and indexes, the WAL written since the test began, the log.
+        let cluster = db.files(&s.data);
+        let oid = &db.query("SELECT oid FROM pg_database WHERE datname = current_database()")[0][0];
+        all_files(&cluster.join("data/base").join(oid), &mut files);
+        let mut wal = Vec::new();
+        all_files(&cluster.join("data/pg_wal"), &mut wal);
+        files.extend(wal.into_iter().filter(|f| std::fs::metadata(f).and_then(|m| m.modified()).is_ok_and(|t| t >= began)));
+        files.push(cluster.join("log"));
+        assert!(files.iter().any(|f| f.to_string_lossy().contains("pg_wal")), "the database is there");
+    } else {
+        assert!(files.iter().any(|f| f.ends_with("valv.db-wal") || f.ends_with("valv.db")), "the database is there");
+    }
     let mut scanned = 0;
     for f in &files {
-        let bytes = std::fs::read(f).expect("read");
+        // A file PostgreSQL removed meanwhile (a recycled WAL segment) held nothing of this test's.
+        let Ok(bytes) = std::fs::read(f) else { continue };
         scanned += bytes.len();
         for c in canaries {
             for form in [c.to_string(), c.to_lowercase(), c.to_uppercase()] {
@@ -75,12 +91,13 @@ async fn a_ciphertext_moved_to_another_row_fails_loudly() {
     let c = s.post("/fhir/Observation", &obs(&p2, "c")).await.id();
     s.kill9();
     {
-        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("open db");
+        let db = s.db();
         let body_of = |id: &str| -> Vec<u8> {
-            db.query_row("SELECT v.body FROM versions v JOIN resources r ON r.rid = v.rid WHERE r.id = ?1", [id], |r| r.get(0)).expect("row")
+            let rows = db.query(&format!("SELECT v.body FROM versions v JOIN resources r ON r.rid = v.rid WHERE r.id = {}", quoted(id)));
+            unhex(&rows.first().expect("row")[0])
         };
         let put = |id: &str, body: &[u8]| {
-            db.execute("UPDATE versions SET body = ?1 WHERE rid = (SELECT rid FROM resources WHERE id = ?2)", rusqlite::params![body, id]).expect("update");
+            assert_eq!(db.execute(&format!("UPDATE versions SET body = {} WHERE rid = (SELECT rid FROM resources WHERE id = {})", db.blob(body), quoted(id))), 1, "update");
         };
         let (body_a, body_c) = (body_of(&a), body_of(&c));
         put(&b, &body_a); // same patient, same key: only the bound id tells them apart
@@ -145,18 +162,15 @@ async fn api_keys_written_into_the_database_directly_do_not_work() {
     s.kill9();
     let forged = format!("valv_{}", "ab".repeat(32));
     {
-        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("open db");
+        let db = s.db();
         // A DBA mints an admin key of their own, copying a real row's MAC...
-        let hash = sha2::Sha256::digest(forged.as_bytes()).to_vec();
-        db.execute(
-            "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac) SELECT 'forged', 'forged', 'admin', ?1, created, NULL, mac FROM api_keys WHERE name = 'admin'",
-            [hash],
-        )
-        .expect("insert");
+        let hash = db.blob(&sha2::Sha256::digest(forged.as_bytes()));
+        let insert = format!("INSERT INTO api_keys (id, name, role, hash, created, revoked, mac) SELECT 'forged', 'forged', 'admin', {hash}, created, NULL, mac FROM api_keys WHERE name = 'admin'");
+        assert_eq!(db.execute(&insert), 1, "insert");
         // ... and promotes the service key to admin.
-        db.execute("UPDATE api_keys SET role = 'admin' WHERE name = 'reporter'", []).expect("update");
+        assert_eq!(db.execute("UPDATE api_keys SET role = 'admin' WHERE name = 'reporter'"), 1);
         // ... and widens another key's scopes.
-        db.execute("UPDATE api_keys SET scopes = 'system/*.cruds' WHERE name = 'narrow'", []).expect("update");
+        assert_eq!(db.execute("UPDATE api_keys SET scopes = 'system/*.cruds' WHERE name = 'narrow'"), 1);
     }
     s.restart();
     s.request("GET", "/fhir/Patient", Some(&forged), None, &[]).await.outcome(401);
@@ -172,13 +186,15 @@ async fn search_tokens_copied_in_the_database_do_not_leak_other_resources() {
     let b = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Bystander"}]})).await.id();
     s.kill9();
     {
-        let db = rusqlite::Connection::open(s.data.join("valv.db")).expect("open db");
+        let db = s.db();
         // Give the bystander every search token of the target.
-        db.execute(
-            "INSERT OR IGNORE INTO search_tokens (token, rid) SELECT t.token, (SELECT rid FROM resources WHERE id = ?2) FROM search_tokens t JOIN resources r ON r.rid = t.rid WHERE r.id = ?1",
-            rusqlite::params![a, b],
-        )
-        .expect("copy tokens");
+        let (or_ignore, on_conflict) = if db.is_postgres() { ("", " ON CONFLICT DO NOTHING") } else { (" OR IGNORE", "") };
+        let copy = format!(
+            "INSERT{or_ignore} INTO search_tokens (token, rid) SELECT t.token, (SELECT rid FROM resources WHERE id = {}) FROM search_tokens t JOIN resources r ON r.rid = t.rid WHERE r.id = {}{on_conflict}",
+            quoted(&b),
+            quoted(&a)
+        );
+        assert!(db.execute(&copy) > 0, "copy tokens");
     }
     s.restart();
     let r = s.get("/fhir/Patient?family=target").await;
