@@ -331,6 +331,14 @@ pub trait Store: Send + Sync {
     async fn checkpoint_at(&self, size: u64) -> Result<Option<StoredCheckpoint>, StoreError>;
     /// Every stored checkpoint, smallest size first.
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError>;
+    /// Whether this process is the audit log's one integrator now (the only one that writes
+    /// tiles and signs checkpoints). SQLite: always (one serving process per file). PostgreSQL:
+    /// the servers sharing a database elect one by a session advisory lock held on a connection
+    /// of its own; when that process dies its connection closes, the lock is free, and the next
+    /// server to ask takes over.
+    async fn lead_integration(&self) -> Result<bool, StoreError> {
+        Ok(true)
+    }
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
     /// The backend's name (`sqlite`), for manifests and messages.

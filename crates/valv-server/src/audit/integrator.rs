@@ -279,15 +279,49 @@ async fn spot_check(store: &dyn Store, size: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs the integrator every `interval` until the process ends; failures are logged and retried.
-pub fn spawn(mut integrator: Integrator, app: Arc<crate::App>, interval: Duration) -> tokio::task::JoinHandle<()> {
+/// Runs the integrator every `interval` until the process ends, while this process leads
+/// ([`Store::lead_integration`]: several servers on one PostgreSQL database elect one); failures
+/// are logged and retried. A server that takes over starts its integrator afresh from the stored
+/// tiles and checkpoint, so it continues the one tree the last leader left.
+pub fn spawn(integrator: Integrator, app: Arc<crate::App>, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut keys_checked = Instant::now();
+        let mut current = Some(integrator);
+        let mut leading = false;
         loop {
             tokio::time::sleep(interval).await;
+            match app.vault.store().lead_integration().await {
+                Ok(true) if !leading => {
+                    leading = true;
+                    tracing::info!("this server integrates the audit log and signs its checkpoints");
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    if leading {
+                        tracing::warn!("another server integrates the audit log now");
+                    }
+                    (leading, current) = (false, None);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot tell whether this server integrates the audit log; retrying");
+                    (leading, current) = (false, None);
+                    continue;
+                }
+            }
+            let integrator = match current.as_mut() {
+                Some(i) => i,
+                None => match Integrator::start(app.vault.store().clone(), &app.log_keys()).await {
+                    Ok(i) => current.insert(i),
+                    Err(e) => {
+                        tracing::error!(error = %e, "taking over the audit log failed; retrying");
+                        continue;
+                    }
+                },
+            };
             if keys_checked.elapsed() >= KEY_CHECK {
                 keys_checked = Instant::now();
-                if let Err(e) = adopt_new_key(&mut integrator, &app).await {
+                if let Err(e) = adopt_new_key(integrator, &app).await {
                     tracing::error!(error = %e, "reading a new checkpoint-signing key failed; retrying");
                 }
             }

@@ -37,6 +37,7 @@ use std::time::Duration;
 const MIGRATION_LOCK: i64 = 0x7661_6c76_0000_0001;
 const AUDIT_APPEND_LOCK: i64 = 0x7661_6c76_0000_0002;
 const ERASURE_SEQ_LOCK: i64 = 0x7661_6c76_0000_0003;
+const INTEGRATOR_LOCK: i64 = 0x7661_6c76_0000_0004;
 const ERASURE_LOCK_SPACE: i32 = 0x7661_6c76;
 
 /// Maps a driver error to the store's: the server's own message (e.g. "permission denied for
@@ -131,6 +132,8 @@ fn is_loopback(host: &str) -> bool {
 pub struct PgStore {
     pool: Arc<Pool>,
     audit: audit::Appender,
+    /// The connection holding the integrator's advisory lock while this process leads.
+    leader: tokio::sync::Mutex<Option<pool::Conn>>,
 }
 
 impl PgStore {
@@ -140,7 +143,7 @@ impl PgStore {
     pub async fn open(settings: &Settings) -> Result<PgStore, StoreError> {
         let (config, tls) = connection_config(settings)?;
         let pool = Arc::new(Pool::new(config, tls, settings.pool_size));
-        let store = PgStore { audit: audit::Appender::start(pool.clone()), pool };
+        let store = PgStore { audit: audit::Appender::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None) };
         let version = store.schema_version().await?;
         let newest = newest_version();
         if version > newest {
@@ -155,6 +158,27 @@ impl PgStore {
             })?;
         }
         Ok(store)
+    }
+
+    /// See [`crate::Store::lead_integration`]: the lock is checked on its connection each time
+    /// (a half-open connection is found by the query failing), else tried for.
+    async fn lead(&self) -> Result<bool, StoreError> {
+        let mut leader = self.leader.lock().await;
+        if let Some(conn) = leader.as_mut() {
+            match conn.query_one("SELECT 1", &[]).await {
+                Ok(_) => return Ok(true),
+                Err(e) => {
+                    *leader = None;
+                    tracing::warn!(error = %e, "the connection holding the audit integrator's lock was lost");
+                }
+            }
+        }
+        let mut conn = self.pool.connect_outside().await?;
+        let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&INTEGRATOR_LOCK]).await.map_err(pg("asking to integrate the audit log"))?.get(0);
+        if taken {
+            *leader = Some(conn);
+        }
+        Ok(taken)
     }
 
     async fn schema_version(&self) -> Result<i32, StoreError> {

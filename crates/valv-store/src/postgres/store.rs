@@ -247,7 +247,10 @@ async fn rewrap_in(c: &mut Conn, changes: &[(String, WrappedKey, WrappedKey)], n
 async fn put_tiles_in(c: &mut Conn, tiles: &[AuditTile]) -> Result<(), StoreError> {
     for t in tiles {
         c.execute(
-            "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3) ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes",
+            // A partial tile grows; it never shrinks (an integrator that lost its lock and is
+            // behind the next one must not cut a tile back).
+            "INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3) \
+             ON CONFLICT (level, idx) DO UPDATE SET hashes = excluded.hashes WHERE length(excluded.hashes) >= length(audit_tiles.hashes)",
             &[&i16::from(t.level), &int(t.index)?, &t.hashes.concat()],
         )
         .await
@@ -759,12 +762,20 @@ impl Store for PgStore {
     }
 
     async fn save_checkpoint(&self, cp: &StoredCheckpoint) -> Result<(), StoreError> {
-        self.pool
-            .get()
-            .await?
-            .execute("INSERT INTO audit_checkpoints (size, root, note) VALUES ($1, $2, $3)", &[&int(cp.size)?, &&cp.root[..], &cp.note])
+        // An integrator that lost its lock mid-step (the next one already took over) signs the
+        // same bytes for the same size (Ed25519 is deterministic): that is no conflict.
+        let mut c = self.pool.get().await?;
+        let size = int(cp.size)?;
+        let added = c
+            .execute("INSERT INTO audit_checkpoints (size, root, note) VALUES ($1, $2, $3) ON CONFLICT (size) DO NOTHING", &[&size, &&cp.root[..], &cp.note])
             .await
             .map_err(pg("saving a checkpoint"))?;
+        if added == 0 {
+            let stored: String = c.query_one("SELECT note FROM audit_checkpoints WHERE size = $1", &[&size]).await.map_err(pg("reading a checkpoint"))?.get(0);
+            if stored != cp.note {
+                return Err(StoreError::Conflict(format!("a different checkpoint is stored for size {}", cp.size)));
+            }
+        }
         Ok(())
     }
 
@@ -778,6 +789,10 @@ impl Store for PgStore {
 
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError> {
         self.checkpoints_where("ORDER BY size", &[]).await
+    }
+
+    async fn lead_integration(&self) -> Result<bool, StoreError> {
+        self.lead().await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -2,7 +2,7 @@
 
 use valv_testpg::Cluster;
 use super::*;
-use crate::{AuditRow, Expect, Filter, Store, StoredVersion, WrappedKey, Write};
+use crate::{AuditRow, AuditTile, Expect, Filter, Store, StoredCheckpoint, StoredVersion, WrappedKey, Write};
 
 fn settings(pg: &Cluster, role: &str) -> Settings {
     Settings { url: pg.url(role), pool_size: 4, ..Settings::default() }
@@ -198,4 +198,31 @@ async fn plaintext_to_another_machine_is_refused_and_an_unreachable_database_fai
     pg.start_again();
     store.ping().await.expect("reconnected without a restart");
     assert_eq!(store.append_audit(vec![entry(1)]).await.expect("append"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_integrates_and_another_takes_over_when_it_is_gone() {
+    let pg = Cluster::start();
+    let first = migrated(&pg).await;
+    let second = PgStore::open(&settings(&pg, "valv_app")).await.expect("second");
+    assert!(first.lead_integration().await.expect("ask"), "the first to ask leads");
+    assert!(!second.lead_integration().await.expect("ask"), "one leader at a time");
+    assert!(first.lead_integration().await.expect("ask"), "and it keeps leading");
+    // The same checkpoint saved twice (a leader that lost its lock mid-step) is no error; a
+    // different one for the same size is.
+    let cp = StoredCheckpoint { size: 0, root: [1; 32], note: "note".into() };
+    first.save_checkpoint(&cp).await.expect("save");
+    second.save_checkpoint(&cp).await.expect("the same again");
+    assert!(matches!(second.save_checkpoint(&StoredCheckpoint { note: "other".into(), ..cp.clone() }).await, Err(StoreError::Conflict(_))));
+    // A tile never shrinks.
+    let tile = |n: u8| AuditTile { level: 0, index: 0, hashes: (0..n).map(|i| [i; 32]).collect() };
+    first.put_audit_tiles(vec![tile(5)]).await.expect("put");
+    second.put_audit_tiles(vec![tile(3)]).await.expect("put");
+    assert_eq!(first.audit_tiles(&[(0, 0)]).await.expect("read")[0].hashes.len(), 5);
+    drop(first);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !second.lead_integration().await.expect("ask") {
+        assert!(std::time::Instant::now() < deadline, "the second takes over once the first is gone");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
