@@ -85,6 +85,8 @@ impl Cluster {
             data = display(&cluster.dir.join("data")),
             dir = display(&cluster.dir),
         );
+        // Never waited for: it must outlive this process (then init reaps it).
+        #[allow(clippy::zombie_processes)]
         Command::new("sh").args(["-c", &stop]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the cluster's watchdog");
         cluster
     }

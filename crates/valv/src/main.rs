@@ -512,8 +512,9 @@ async fn serve(opened: datadir::Opened) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys()).await?;
     valv_server::audit::integrator::spawn(integrator, opened.app.clone(), std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));
-    // Care teams and consents written by other processes (valv import) count within 2 s.
-    valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(2));
+    // Care teams and consents written by other processes (valv import, another server on the
+    // same database) count within 2 s: refreshed every second (cheap when nothing changed).
+    valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(1));
     // Data keys not under the current KEK version (after `valv keys rotate`) are rewrapped.
     valv_server::keys::spawn_rewrap(opened.app.clone(), std::time::Duration::from_secs(5));
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {

@@ -330,6 +330,21 @@ impl Server {
         s
     }
 
+    /// A second server on this one's database (PostgreSQL): a copy of the data directory's files
+    /// — configuration, key file, TLS certificate — served on a port of its own, sharing
+    /// everything the database holds (keys, sessions, the audit log). Its clock file is its own.
+    pub fn sibling(&self, tag: &str) -> Server {
+        let dir = temp_dir(tag);
+        let data = dir.join("valv-data");
+        copy_files(&self.data, &data);
+        let clock = dir.join("clock").display().to_string();
+        let env = self.env.iter().map(|(k, v)| (k.clone(), if k == "VALV_TEST_CLOCK_FILE" { clock.clone() } else { v.clone() })).collect();
+        let (admin_key, data_key, auditor_key) = (self.admin_key.clone(), self.data_key.clone(), self.auditor_key.clone());
+        let mut s = Server { tls: client_tls(&data.join("tls/cert.pem")), dir, data, port: 0, admin_key, data_key, auditor_key, approver: Default::default(), child: None, env };
+        s.restart();
+        s
+    }
+
     /// (Re)starts the server process on a fresh port and waits until it answers.
     pub fn restart(&mut self) {
         // A server still running (a test that did not stop it) is not left behind.

@@ -103,7 +103,7 @@ pub(crate) async fn settled_checkpoint(s: &Server) -> (String, usize) {
     }
 }
 
-fn hashes(v: &Value) -> Vec<String> {
+pub(crate) fn hashes(v: &Value) -> Vec<String> {
     v.as_array().unwrap_or_else(|| panic!("no proof array: {v}")).iter().map(|h| h.as_str().expect("base64 string").to_string()).collect()
 }
 
@@ -122,7 +122,7 @@ fn flip_signature(note: &str) -> String {
     format!("{head}\n{prefix} {}\n", flip_b64(sig, 4 + 10))
 }
 
-fn line(fields: impl IntoIterator<Item = String>) -> String {
+pub(crate) fn line(fields: impl IntoIterator<Item = String>) -> String {
     fields.into_iter().collect::<Vec<_>>().join(" ")
 }
 

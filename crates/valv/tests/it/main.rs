@@ -26,4 +26,5 @@ mod oidc;
 mod pkcs11;
 mod search;
 mod security;
+mod servers;
 mod siem;
