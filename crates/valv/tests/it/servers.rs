@@ -55,7 +55,7 @@ async fn two_servers_share_one_database_and_one_audit_log_and_the_integrator_fai
     assert_eq!(b.get("/admin/users/locky").await.json["state"], "locked", "the lockout made on one server holds on the other");
 
     // A care relationship and a block written through one are decided on by the other.
-    create(&a, &care_team(&p, &[phys.clone()], "attending", None)).await;
+    create(&a, &care_team(&p, std::slice::from_ref(&phys), "attending", None)).await;
     let doc = users["doc"].token.clone();
     let observation = create(&a, &json!({"resourceType": "Observation", "status": "final", "code": {"text": "pulse"}, "subject": {"reference": format!("Patient/{p}")}})).await;
     let path = format!("/fhir/Observation/{}", observation["id"].as_str().expect("id"));
