@@ -62,10 +62,14 @@ impl Db {
         matches!(self, Db::Postgres(..))
     }
 
-    /// Runs one statement; the rows it changed.
+    /// Runs statements (`;`-separated); the rows the last one changed.
     pub fn execute(&self, sql: &str) -> u64 {
         match self {
-            Db::Sqlite(c) => c.execute(sql, []).unwrap_or_else(|e| panic!("{sql}: {e}")) as u64,
+            // Several statements may come at once (the rows changed are the last one's).
+            Db::Sqlite(c) => {
+                c.execute_batch(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                c.changes()
+            }
             // The owner must first disable the triggers that keep the audit log append-only
             // (as a database administrator bent on an edit would).
             Db::Postgres(pg, db) => {
