@@ -26,8 +26,7 @@
 
 use crate::App;
 use base64::Engine as _;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -72,7 +71,7 @@ pub struct Settings {
 /// Checks the settings (CA file, server name, position file) and starts forwarding in the
 /// background. Errors are configuration errors, reported before the server starts serving.
 pub fn spawn(app: Arc<App>, settings: Settings) -> Result<tokio::task::JoinHandle<()>, String> {
-    let tls = client_config(&settings.ca_file)?;
+    let tls = valv_store::postgres::tls::client_config(&settings.ca_file).map_err(|e| format!("siem: {e}"))?;
     let server_name = ServerName::try_from(settings.server_name.clone())
         .map_err(|_| format!("siem: '{}' is not a valid server name", settings.server_name))?;
     let next = read_position(&settings.position_file)?;
@@ -91,26 +90,6 @@ pub fn spawn(app: Arc<App>, settings: Settings) -> Result<tokio::task::JoinHandl
     };
     tracing::info!(collector = %settings.address, from_index = next, "forwarding audit entries to the SIEM collector");
     Ok(tokio::spawn(forwarder.run()))
-}
-
-/// A TLS 1.2/1.3 client (ring provider) trusting only the given CA certificates.
-fn client_config(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
-    let pem = std::fs::read(ca_file).map_err(|e| format!("siem: CA file {}: {e}", ca_file.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| format!("siem: CA file {}: {e}", ca_file.display()))?;
-        roots.add(cert).map_err(|e| format!("siem: CA file {}: {e}", ca_file.display()))?;
-    }
-    if roots.is_empty() {
-        return Err(format!("siem: CA file {} holds no certificate", ca_file.display()));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("siem: TLS versions: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
 }
 
 /// The next index to forward: 0 when no position was saved yet (the whole log is sent).
