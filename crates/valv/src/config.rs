@@ -645,13 +645,19 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
-    fn check(&self, from_file: bool) -> Result<(), String> {
+    /// What `valv.toml` itself may not hold: a password in the URL (the environment may).
+    fn check_file(&self) -> Result<(), String> {
+        if valv_store::postgres::has_password(&self.url) {
+            return Err("store.url in valv.toml holds a password: put it in a file named by store.password_file".into());
+        }
+        Ok(())
+    }
+
+    /// The settings as they stand after the environment's overrides.
+    fn check(&self) -> Result<(), String> {
         match self.backend.as_str() {
             "sqlite" => Ok(()),
             "postgres" if self.url.is_empty() => Err("store.backend is postgres but no store.url (or VALV_DATABASE_URL) is set".into()),
-            "postgres" if from_file && valv_store::postgres::has_password(&self.url) => {
-                Err("store.url in valv.toml holds a password: put it in a file named by store.password_file".into())
-            }
             "postgres" if !(1..=1024).contains(&self.pool_size) => Err(format!("store.pool_size must be 1 to 1024, got {}", self.pool_size)),
             "postgres" => Ok(()),
             other => Err(format!("store.backend must be sqlite or postgres, got '{other}'")),
@@ -778,9 +784,9 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        cfg.store.check(true)?;
+        cfg.store.check_file()?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
-        cfg.store.check(false)?;
+        cfg.store.check()?;
         if !(10..=3_600_000).contains(&cfg.audit.checkpoint_interval_ms) {
             return Err(format!("audit.checkpoint_interval_ms must be 10 to 3600000, got {}", cfg.audit.checkpoint_interval_ms));
         }
@@ -915,15 +921,21 @@ mod tests {
             _ => None,
         })
         .expect("valid");
-        c.store.check(false).expect("a password from the environment is taken");
+        c.store.check().expect("a password from the environment is taken");
         let written = c.to_toml();
         assert!(written.contains("backend = \"postgres\"") && !written.contains("s3cret"), "{written}");
+        // What init wrote then (no URL) starts again with the URL from the environment.
+        let mut again: Config = toml::from_str(&written).expect("parse");
+        again.store.check_file().expect("nothing secret in the file");
+        assert!(again.store.check().is_err(), "a URL is needed");
+        again.apply_env(|k| (k == "VALV_DATABASE_URL").then(|| "postgresql://valv:s3cret@127.0.0.1/valv".to_string())).expect("valid");
+        again.store.check().expect("the URL from the environment");
         let mut from_file: Config = toml::from_str("[store]\nbackend = \"postgres\"\nurl = \"postgresql://valv:pw@db/valv\"\n").expect("parse");
-        assert!(from_file.store.check(true).expect_err("refused").contains("password_file"));
+        assert!(from_file.store.check_file().expect_err("refused").contains("password_file"));
         from_file.store.url = "host=db user=valv dbname=valv".into();
-        from_file.store.check(true).expect("no password");
-        assert!(toml::from_str::<Config>("[store]\nbackend = \"mysql\"\n").expect("parse").store.check(true).is_err());
-        assert!(toml::from_str::<Config>("[store]\nbackend = \"postgres\"\n").expect("parse").store.check(true).is_err(), "a URL is needed");
+        from_file.store.check_file().expect("no password");
+        from_file.store.check().expect("complete");
+        assert!(toml::from_str::<Config>("[store]\nbackend = \"mysql\"\n").expect("parse").store.check().is_err());
     }
 
     #[test]

@@ -57,8 +57,14 @@ async fn run(pool: Arc<Pool>, mut jobs: mpsc::Receiver<Job>) {
                 }
             }
             Err(e) => {
+                // Every append of the group fails alike (StoreError is not Clone); the message
+                // stays as the store gave it, without a second "storage backend:" prefix.
+                let message = match e {
+                    StoreError::Backend(m) => m,
+                    other => other.to_string(),
+                };
                 for (_, reply) in group {
-                    let _ = reply.send(Err(StoreError::Backend(e.to_string())));
+                    let _ = reply.send(Err(StoreError::Backend(message.clone())));
                 }
             }
         }

@@ -173,7 +173,7 @@ impl PgStore {
                 }
             }
         }
-        let mut conn = self.pool.connect_outside().await?;
+        let mut conn = self.pool.connect().await?;
         let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&INTEGRATOR_LOCK]).await.map_err(pg("asking to integrate the audit log"))?.get(0);
         if taken {
             *leader = Some(conn);

@@ -100,12 +100,9 @@ impl Pool {
         Ok(Lease { pool: self, conn: Some(conn), _permit: permit })
     }
 
-    /// A connection of its own, outside the pool's count (the integrator's lock holder).
-    pub(super) async fn connect_outside(&self) -> Result<Conn, StoreError> {
-        self.connect().await
-    }
-
-    async fn connect(&self) -> Result<Conn, StoreError> {
+    /// A new connection; outside the pool's count when called directly (the integrator's lock
+    /// holder keeps one of its own).
+    pub(super) async fn connect(&self) -> Result<Conn, StoreError> {
         let (client, task) = self.tls.connect(&self.config).await.map_err(pg("connecting"))?;
         let mut conn = Conn { client, task, statements: HashMap::new(), in_transaction: false };
         // Nothing is acknowledged before it is flushed (and, with a synchronous standby named on
