@@ -48,6 +48,23 @@ fn display(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// A new temporary folder for a cluster, owned by `postgres` when this process is root.
+fn new_dir() -> PathBuf {
+    let mut r = [0u8; 8];
+    getrandom::fill(&mut r).expect("random");
+    let dir = std::env::temp_dir().join(format!("valv-pg-{}", u64::from_le_bytes(r)));
+    std::fs::create_dir_all(&dir).expect("cluster dir");
+    if is_root() {
+        let id = |flag: &str| output_of(Command::new("id").args([flag, "postgres"])).parse::<u32>().expect("the postgres user exists");
+        std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown the cluster dir");
+    }
+    dir
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
 pub struct Cluster {
     dir: PathBuf,
     pub port: u16,
@@ -57,18 +74,10 @@ pub struct Cluster {
 impl Cluster {
     /// A new cluster, stopped and removed when the value is dropped.
     pub fn start() -> Cluster {
-        let mut r = [0u8; 8];
-        getrandom::fill(&mut r).expect("random");
-        let dir = std::env::temp_dir().join(format!("valv-pg-{}", u64::from_le_bytes(r)));
-        std::fs::create_dir_all(&dir).expect("cluster dir");
-        if is_root() {
-            let id = |flag: &str| output_of(Command::new("id").args([flag, "postgres"])).parse::<u32>().expect("the postgres user exists");
-            std::os::unix::fs::chown(&dir, Some(id("-u")), Some(id("-g"))).expect("chown the cluster dir");
-        }
+        let dir = new_dir();
         let out = run_pg("initdb", &["-D", &display(&dir.join("data")), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let cluster = Cluster { dir, port, databases: AtomicU64::new(0) };
+        let cluster = Cluster { dir, port: free_port(), databases: AtomicU64::new(0) };
         cluster.start_again();
         cluster.psql("CREATE ROLE valv_owner LOGIN; CREATE ROLE valv_app LOGIN; CREATE DATABASE valv OWNER valv_owner;");
         cluster
@@ -151,6 +160,36 @@ impl Cluster {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         name
+    }
+
+    /// A streaming-replication standby of this cluster (`pg_basebackup -R`, a port of its own),
+    /// made synchronous: from here on a commit on this cluster returns only once the standby has
+    /// flushed it (`synchronous_standby_names = '*'`, `synchronous_commit = on`, the default).
+    pub fn standby(&self) -> Cluster {
+        let dir = new_dir();
+        let out = run_pg(
+            "pg_basebackup",
+            &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-D", &display(&dir.join("data")), "-R", "-X", "stream", "-c", "fast", "--no-sync"],
+        );
+        assert!(out.status.success(), "pg_basebackup: {}", String::from_utf8_lossy(&out.stderr));
+        let standby = Cluster { dir, port: free_port(), databases: AtomicU64::new(self.databases.load(Ordering::Relaxed)) };
+        standby.start_again();
+        self.psql("ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf()");
+        for attempt in 0.. {
+            let state = self.query("postgres", "postgres", "SELECT sync_state FROM pg_stat_replication");
+            if state.first().and_then(|r| r.first()).map(String::as_str) == Some("sync") {
+                break;
+            }
+            assert!(attempt < 300, "the standby never became synchronous: {state:?}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        standby
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote`, waiting until it accepts writes).
+    pub fn promote(&self) {
+        let out = run_pg("pg_ctl", &["-D", &display(&self.dir.join("data")), "-w", "-t", "60", "promote"]);
+        assert!(out.status.success(), "pg_ctl promote: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// Starts the server (again, after [`Cluster::stop`]).

@@ -15,6 +15,7 @@ mod errors;
 mod exhaustion;
 mod export;
 mod facts;
+mod failover;
 mod faults;
 mod harness;
 mod holes;
