@@ -24,6 +24,15 @@ static INTEGRITY_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 pub fn integrity_failures() -> u64 {
     INTEGRITY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
 }
+/// Search candidates whose decrypted body did not match the query (index rows edited or copied
+/// in the database), over the process's life (for metrics).
+static INDEX_MISMATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many search candidates have failed their re-check against the query since the process started.
+pub fn index_mismatches() -> u64 {
+    INDEX_MISMATCHES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 const BLIND_KEY: &str = "blind-index";
 
 /// A resource version as the vault hands it out: decrypted, with its place.
@@ -518,6 +527,7 @@ impl Vault {
                 if r.body.as_ref().is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
                     resources.push(r);
                 } else {
+                    INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
                 }
             }

@@ -109,12 +109,19 @@ impl Cluster {
     }
 
     fn psql_on(&self, role: &str, database: &str, statement: &str) -> String {
+        self.try_psql_on(role, database, statement).unwrap_or_else(|e| panic!("{statement}: {e}"))
+    }
+
+    /// The output of `statement` on `database` as `role`, or PostgreSQL's error.
+    fn try_psql_on(&self, role: &str, database: &str, statement: &str) -> Result<String, String> {
         let out = run_pg(
             "psql",
             &["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", role, "-d", database, "-v", "ON_ERROR_STOP=1", "-A", "-t", "-F", "\u{1f}", "-R", "\u{1e}", "-c", statement],
         );
-        assert!(out.status.success(), "{statement}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     /// The rows of a query on `database` as `role` (through psql), each column as text: `bytea`
@@ -131,8 +138,13 @@ impl Cluster {
     /// Runs a statement that returns no rows on `database` as `role`; the count of its command
     /// tag (`UPDATE 3`: 3).
     pub fn execute(&self, role: &str, database: &str, statement: &str) -> u64 {
-        let text = self.psql_on(role, database, statement);
-        text.trim().rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+        self.try_execute(role, database, statement).unwrap_or_else(|e| panic!("{statement}: {e}"))
+    }
+
+    /// As [`Cluster::execute`], with PostgreSQL's error when the statement fails.
+    pub fn try_execute(&self, role: &str, database: &str, statement: &str) -> Result<u64, String> {
+        let text = self.try_psql_on(role, database, statement)?;
+        Ok(text.trim().rsplit(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0))
     }
 
     /// A new empty database owned by `valv_owner`; returns its name.

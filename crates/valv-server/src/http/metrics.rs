@@ -106,6 +106,7 @@ impl Metrics {
             write_metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }
         write_metric(&mut out, "counter", "valv_integrity_failures_total", "Stored records that failed to authenticate when opened.", valv_store::vault::integrity_failures());
+        write_metric(&mut out, "counter", "valv_search_index_mismatches_total", "Search candidates dropped because their decrypted body does not match the query (index rows edited or copied in the database).", valv_store::vault::index_mismatches());
         write_metric(&mut out, "gauge", "valv_siem_lag_entries", "Stored audit entries not yet forwarded to the SIEM collector.", self.siem_lag.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_backup_last_success_seconds", "When the last scheduled backup was written (Unix time; 0: none yet).", self.backup_last_success.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_keys_to_rewrap", "Data keys not yet under the current KEK version, as last counted.", self.keys_to_rewrap.load(Ordering::Relaxed));

@@ -107,7 +107,7 @@ async fn checkpoints_are_signed_soon_and_cover_exactly_the_stored_entries() {
 }
 
 /// Waits until the latest checkpoint covers every stored entry; returns its signed note.
-async fn settled_checkpoint(s: &Server) -> String {
+pub(crate) async fn settled_checkpoint(s: &Server) -> String {
     for _ in 0..50 {
         let (cp, note) = signed_checkpoint(s).await;
         if cp.size as usize == s.audit_lines() {
@@ -120,7 +120,7 @@ async fn settled_checkpoint(s: &Server) -> String {
 
 
 /// Runs `valv audit verify` on a data directory; returns (success, stdout).
-fn verify(data: &std::path::Path, checkpoints: &[&std::path::Path]) -> (bool, String) {
+pub(crate) fn verify(data: &std::path::Path, checkpoints: &[&std::path::Path]) -> (bool, String) {
     let mut cmd = crate::harness::valv();
     cmd.arg("--data-dir").arg(data).args(["audit", "verify"]);
     for c in checkpoints {

@@ -271,3 +271,58 @@ async fn the_first_start_certificate_is_short_lived_names_the_host_and_is_renewe
     s.restart();
     assert_eq!(std::fs::read(s.data.join("tls/cert.pem")).expect("cert"), new);
 }
+
+/// A database administrator — the role owning the PostgreSQL database, or whoever can write the
+/// SQLite file — edits an audit row, a resource's ciphertext and a search token behind Valv's
+/// back. On PostgreSQL the append-only trigger stops even the owner's UPDATE until the owner
+/// disables it (as such an administrator can); each edit is then detected: by `valv audit
+/// verify` against the auditor's saved checkpoint, by the read (500, integrity), and by the
+/// search's re-check of every candidate against its decrypted body.
+#[tokio::test]
+async fn a_database_administrators_edits_are_each_detected() {
+    let mut s = Server::start("dba");
+    let target = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Target"}]})).await.id();
+    let bystander = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Bystander"}]})).await.id();
+    let sealed = s.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Sealed"}]})).await.id();
+    for id in [&target, &bystander, &sealed] {
+        assert_eq!(s.get(&format!("/fhir/Patient/{id}")).await.status, 200);
+    }
+    let checkpoint = s.dir.join("auditor.checkpoint");
+    std::fs::write(&checkpoint, crate::audit::settled_checkpoint(&s).await).expect("save");
+    s.kill9();
+
+    let db = s.db();
+    if let crate::harness::Db::Postgres(pg, name) = &db {
+        let refused = pg.try_execute("valv_owner", name, "UPDATE audit_entries SET sealed = sealed WHERE idx = 3");
+        assert!(refused.as_ref().is_err_and(|e| e.contains("append-only")), "the trigger stops the owner too: {refused:?}");
+    }
+    let rid = |id: &str| db.query(&format!("SELECT rid FROM resources WHERE id = {}", quoted(id)))[0][0].clone();
+    // 1. An audit row.
+    assert_eq!(db.execute(&format!("UPDATE audit_entries SET sealed = {} WHERE idx = 3", db.zeros_like("sealed"))), 1);
+    // 2. A resource's ciphertext: one bit of the sealed body.
+    let body = unhex(&db.query(&format!("SELECT body FROM versions WHERE rid = {}", rid(&sealed)))[0][0]);
+    let mut flipped = body.clone();
+    flipped[body.len() / 2] ^= 0x01;
+    assert_eq!(db.execute(&format!("UPDATE versions SET body = {} WHERE rid = {}", db.blob(&flipped), rid(&sealed))), 1);
+    // 3. Search tokens: the target's moved onto the bystander (those the bystander lacks).
+    let moved = db.execute(&format!(
+        "UPDATE search_tokens SET rid = {b} WHERE rid = {t} AND token NOT IN (SELECT token FROM search_tokens WHERE rid = {b})",
+        b = rid(&bystander),
+        t = rid(&target)
+    ));
+    assert!(moved > 0, "tokens moved");
+
+    let (ok, out) = crate::audit::verify(&s.data, &[&checkpoint]);
+    assert!(!ok && out.contains("entry 3"), "verify names the edited entry: {out}");
+    s.restart();
+    let read = s.get(&format!("/fhir/Patient/{sealed}")).await;
+    assert!(read.outcome(500).contains("integrity"), "{}", read.text);
+    assert!(!read.text.contains("Sealed"));
+    let found = s.get("/fhir/Patient?family=target").await;
+    assert_eq!(found.status, 200, "{}", found.text);
+    assert!(!found.entry_ids().contains(&bystander), "the bystander is never returned for the target's name: {}", found.text);
+    assert_eq!(crate::harness::metric(&s, "valv_search_index_mismatches_total").await, 1, "the moved token is counted");
+    assert!(crate::harness::metric(&s, "valv_integrity_failures_total").await >= 1, "the edited body is counted");
+    let log = std::fs::read_to_string(s.dir.join("server.log")).expect("log");
+    assert!(log.contains("index tampering"), "and logged");
+}
