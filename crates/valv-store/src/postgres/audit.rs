@@ -3,7 +3,7 @@
 //! group). Servers sharing the database take turns on an advisory lock held until commit, so
 //! indices are assigned in commit order, consecutively, and never twice.
 
-use super::pool::{Conn, Pool};
+use super::pool::Pool;
 use super::{pg, uint, AUDIT_APPEND_LOCK};
 use crate::{AuditRow, StoreError};
 use std::sync::Arc;
@@ -72,15 +72,6 @@ async fn run(pool: Arc<Pool>, mut jobs: mpsc::Receiver<Job>) {
 }
 
 async fn commit_group(pool: &Pool, group: &[Job]) -> Result<u64, StoreError> {
-    let mut c = pool.get().await?;
-    c.begin().await?;
-    let outcome = insert_group(&mut c, group).await;
-    c.finish(outcome).await
-}
-
-async fn insert_group(c: &mut Conn, group: &[Job]) -> Result<u64, StoreError> {
-    c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_APPEND_LOCK]).await.map_err(pg("waiting to append to the audit log"))?;
-    let next: i64 = c.query_one("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries", &[]).await.map_err(pg("reading the log's size"))?.get(0);
     let rows = group.iter().flat_map(|(rows, _)| rows);
     let (mut leaves, mut sealed, mut tokens, mut queries) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in rows {
@@ -89,12 +80,14 @@ async fn insert_group(c: &mut Conn, group: &[Job]) -> Result<u64, StoreError> {
         tokens.push(r.patient_token.as_ref().map(|t| &t[..]));
         queries.push(r.query_sealed.as_deref());
     }
-    c.execute(
-        "INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token, query_sealed) \
-         SELECT $1 + n - 1, l, s, p, q FROM unnest($2::bytea[], $3::bytea[], $4::bytea[], $5::bytea[]) WITH ORDINALITY AS u(l, s, p, q, n)",
-        &[&next, &leaves, &sealed, &tokens, &queries],
-    )
-    .await
-    .map_err(pg("appending to the audit log"))?;
+    // One statement, its own transaction: the function takes the append lock, reads the next
+    // index and inserts; the commit (flushed, synchronous_commit) releases the lock.
+    let next: i64 = pool
+        .get()
+        .await?
+        .query_one("SELECT valv_audit_append($1, $2, $3, $4, $5)", &[&AUDIT_APPEND_LOCK, &leaves, &sealed, &tokens, &queries])
+        .await
+        .map_err(pg("appending to the audit log"))?
+        .get(0);
     uint(next)
 }

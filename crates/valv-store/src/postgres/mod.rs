@@ -17,6 +17,7 @@
 //!   then changes is caught by `valv audit verify`.
 
 mod audit;
+mod credentials;
 mod pool;
 mod schema;
 mod snapshot;
@@ -134,6 +135,8 @@ pub struct PgStore {
     audit: audit::Appender,
     /// The connection holding the integrator's advisory lock while this process leads.
     leader: tokio::sync::Mutex<Option<pool::Conn>>,
+    /// API-key records, while a connection listens for their changes.
+    credentials: Arc<credentials::KeyCache>,
 }
 
 impl PgStore {
@@ -142,8 +145,9 @@ impl PgStore {
     /// the database: a first try), else start is refused with what to run.
     pub async fn open(settings: &Settings) -> Result<PgStore, StoreError> {
         let (config, tls) = connection_config(settings)?;
-        let pool = Arc::new(Pool::new(config, tls, settings.pool_size));
-        let store = PgStore { audit: audit::Appender::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None) };
+        let pool = Arc::new(Pool::new(config.clone(), tls.clone(), settings.pool_size));
+        let credentials = Arc::new(credentials::KeyCache::default());
+        let store = PgStore { audit: audit::Appender::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None), credentials };
         let version = store.schema_version().await?;
         let newest = newest_version();
         if version > newest {
@@ -157,6 +161,7 @@ impl PgStore {
                 other => other,
             })?;
         }
+        credentials::spawn_listener(config, tls, &store.credentials);
         Ok(store)
     }
 

@@ -9,8 +9,9 @@
 
 /// One migration per version, applied in order; a database records the highest it has in
 /// `valv_schema`.
-pub(super) const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
+pub(super) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
     r#"
     CREATE TABLE data_keys (
         name TEXT COLLATE "C" PRIMARY KEY,
@@ -133,7 +134,38 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[(
     CREATE TRIGGER audit_checkpoints_no_change BEFORE UPDATE OR DELETE ON audit_checkpoints
         FOR EACH ROW EXECUTE FUNCTION valv_audit_append_only();
     "#,
-)];
+    ),
+    (
+        2,
+        r#"
+    -- Every server caches API-key records while it listens on this channel (credentials.rs).
+    CREATE FUNCTION valv_credentials_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('valv_credentials', '');
+        RETURN NULL;
+    END
+    $$;
+    CREATE TRIGGER api_keys_changed AFTER UPDATE OR DELETE OR TRUNCATE ON api_keys
+        FOR EACH STATEMENT EXECUTE FUNCTION valv_credentials_changed();
+
+    -- A group of audit entries in one round trip (audit.rs): the next indices are read after the
+    -- lock is taken (each statement of a volatile function sees what committed before it), and
+    -- the lock is held until the calling transaction commits.
+    CREATE FUNCTION valv_audit_append(lock_key BIGINT, leaves BYTEA[], sealed BYTEA[], tokens BYTEA[], queries BYTEA[])
+        RETURNS BIGINT LANGUAGE plpgsql AS $$
+    DECLARE
+        first_index BIGINT;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(lock_key);
+        SELECT coalesce(max(idx) + 1, 0) INTO first_index FROM audit_entries;
+        INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token, query_sealed)
+            SELECT first_index + n - 1, l, s, p, q FROM unnest(leaves, sealed, tokens, queries) WITH ORDINALITY AS u(l, s, p, q, n);
+        RETURN first_index;
+    END
+    $$;
+    "#,
+    ),
+];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
 /// entries and checkpoints are only ever added; erasures are never undone; resources and users

@@ -554,8 +554,16 @@ impl Store for PgStore {
     }
 
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
+        if let Some(record) = self.credentials.get(hash) {
+            return Ok(Some(record));
+        }
+        let generation = self.credentials.generation();
         let row = self.pool.get().await?.query_opt(&format!("{API_KEY_COLUMNS} WHERE hash = $1"), &[&&hash[..]]).await.map_err(pg("reading an API key"))?;
-        Ok(row.as_ref().map(api_key))
+        let record = row.as_ref().map(api_key);
+        if let (Some(g), Some(r)) = (generation, &record) {
+            self.credentials.put(g, r.clone());
+        }
+        Ok(record)
     }
 
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
@@ -571,6 +579,8 @@ impl Store for PgStore {
             .execute("UPDATE api_keys SET revoked = $1, mac = $2 WHERE id = $3 AND revoked IS NULL", &[&revoked, &mac, &id])
             .await
             .map_err(pg("revoking an API key"))?;
+        // The trigger tells every server; this one need not wait for its own notification.
+        self.credentials.invalidate();
         Ok(n > 0)
     }
 

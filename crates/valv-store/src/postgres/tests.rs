@@ -2,7 +2,7 @@
 
 use valv_testpg::Cluster;
 use super::*;
-use crate::{AuditRow, AuditTile, Expect, Filter, Store, StoredCheckpoint, StoredVersion, WrappedKey, Write};
+use crate::{ApiKeyRecord, AuditRow, AuditTile, Expect, Filter, Store, StoredCheckpoint, StoredVersion, WrappedKey, Write};
 
 fn settings(pg: &Cluster, role: &str) -> Settings {
     Settings { url: pg.url(role), pool_size: 4, ..Settings::default() }
@@ -11,7 +11,7 @@ fn settings(pg: &Cluster, role: &str) -> Settings {
 /// The schema made by the owner, the serving role granted; returns the serving role's store.
 async fn migrated(pg: &Cluster) -> PgStore {
     let owner = PgStore::open(&settings(pg, "valv_owner")).await.expect("owner");
-    assert_eq!(owner.migrate(Some("valv_app")).await.expect("grant"), 1);
+    assert_eq!(owner.migrate(Some("valv_app")).await.expect("grant"), newest_version());
     PgStore::open(&settings(pg, "valv_app")).await.expect("app")
 }
 
@@ -225,5 +225,60 @@ async fn one_server_integrates_and_another_takes_over_when_it_is_gone() {
     while !second.lead_integration().await.expect("ask") {
         assert!(std::time::Instant::now() < deadline, "the second takes over once the first is gone");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_api_key_is_refused_by_every_server_at_once_and_nothing_is_cached_unheard() {
+    let pg = Cluster::start();
+    let (one, two) = (migrated(&pg).await, PgStore::open(&settings(&pg, "valv_app")).await.expect("second server"));
+    let until_listening = std::time::Instant::now();
+    while !(one.credentials.is_listening() && two.credentials.is_listening()) {
+        assert!(until_listening.elapsed() < std::time::Duration::from_secs(5), "both listen for credential changes");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let key = |n: u8| ApiKeyRecord { id: format!("k{n}"), name: format!("key {n}"), role: "service".into(), hash: [n; 32], created: 1, revoked: None, mac: vec![n; 32], scopes: String::new() };
+    one.insert_api_key(&key(1)).await.expect("insert");
+    one.insert_api_key(&key(2)).await.expect("insert");
+    // Read once into each server's cache, then served from there.
+    for store in [&one, &two] {
+        assert_eq!(store.find_api_key(&[1; 32]).await.expect("find").expect("known").revoked, None);
+        assert!(store.credentials.get(&[1; 32]).is_some(), "cached");
+        assert!(store.find_api_key(&[9; 32]).await.expect("find").is_none());
+        assert!(store.credentials.get(&[9; 32]).is_none(), "unknown keys are not cached");
+    }
+    // Revoked through one server: that one refuses at once, the other as its notification lands.
+    assert!(one.revoke_api_key("k1", 2, &[7; 32]).await.expect("revoke"));
+    assert_eq!(one.find_api_key(&[1; 32]).await.expect("find").expect("known").revoked, Some(2));
+    let revoked = std::time::Instant::now();
+    while two.find_api_key(&[1; 32]).await.expect("find").expect("known").revoked.is_none() {
+        assert!(revoked.elapsed() < std::time::Duration::from_secs(1), "the other server still accepts a revoked key");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    println!("the other server saw the revocation after {} µs", revoked.elapsed().as_micros());
+    // An edit by hand (the owner, behind Valv's back) empties the caches too.
+    assert!(two.find_api_key(&[2; 32]).await.expect("find").is_some() && two.credentials.get(&[2; 32]).is_some());
+    raw(&pg, "valv_owner").await.batch_execute("UPDATE api_keys SET role = 'admin' WHERE id = 'k2'").await.expect("edit");
+    let edited = std::time::Instant::now();
+    while two.find_api_key(&[2; 32]).await.expect("find").expect("known").role != "admin" {
+        assert!(edited.elapsed() < std::time::Duration::from_secs(1), "an edit in the database is served from a stale cache");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // Without its listening connection a server caches nothing, and listens again afterwards.
+    raw(&pg, "postgres")
+        .await
+        .batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' OR query = 'SELECT 1' AND application_name = 'valv'")
+        .await
+        .expect("terminate");
+    let lost = std::time::Instant::now();
+    while two.credentials.is_listening() {
+        assert!(lost.elapsed() < std::time::Duration::from_secs(10), "the lost listener is noticed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(two.find_api_key(&[2; 32]).await.expect("find").is_some());
+    assert!(two.credentials.get(&[2; 32]).is_none(), "nothing is cached while nobody listens");
+    while !two.credentials.is_listening() {
+        assert!(lost.elapsed() < std::time::Duration::from_secs(10), "listening again after the loss");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-use tokio_postgres::{Client, NoTls};
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 /// How connections are made.
 #[derive(Clone)]
@@ -31,6 +32,41 @@ impl Tls {
                     tracing::warn!(error = %e, "a PostgreSQL connection ended");
                 }
             })
+        }
+        match self {
+            Tls::Plain => config.connect(NoTls).await.map(|(c, conn)| (c, drive(conn))),
+            Tls::Rustls(make) => config.connect(make.clone()).await.map(|(c, conn)| (c, drive(conn))),
+        }
+    }
+
+    /// Connects and spawns the task that drives the connection and signals each notification it
+    /// receives (`LISTEN`): notifications not yet taken are one signal, as taking one stands for
+    /// every change before it. The receiver ends when the connection does.
+    pub(super) async fn connect_listening(&self, config: &tokio_postgres::Config) -> Result<(Client, mpsc::Receiver<()>), tokio_postgres::Error> {
+        fn drive<S, T>(mut connection: tokio_postgres::Connection<S, T>) -> mpsc::Receiver<()>
+        where
+            S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+            T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                loop {
+                    match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(_))) => {
+                            if let Err(mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                                return;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "a listening PostgreSQL connection ended");
+                            return;
+                        }
+                        None => return,
+                    }
+                }
+            });
+            rx
         }
         match self {
             Tls::Plain => config.connect(NoTls).await.map(|(c, conn)| (c, drive(conn))),
