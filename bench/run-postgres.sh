@@ -14,6 +14,9 @@
 #   two      reads from two wrk processes (1 thread, CONNECTIONS/2 each): both against one
 #            PostgreSQL server, then one against each of two servers on the same database
 #
+# Each round starts from a settled database (CHECKPOINT, no autovacuum running): reads first,
+# creates last.
+#
 # Prints the machine, every round, then the medians and the ratios the issue asks for.
 # Needs: wrk, PostgreSQL 15 (apt-get install -y wrk postgresql-15). Stops everything it started.
 set -euo pipefail
@@ -145,19 +148,33 @@ record() { # scenario line
   printf '%-34s %8s req/s   p50 %7s ms   p99 %7s ms   errors %s\n' "$1" "$rps" "$p50" "$p99" "$errors"
   echo "$1 $rps $p50 $p99 $errors" >> "$results"
 }
+# The creates of a round leave PostgreSQL work behind (a checkpoint, autovacuum of the grown
+# tables) that would land in the next round's reads: each round starts after a CHECKPOINT and
+# once no autovacuum worker runs (at most 120 s), so every read run starts from the same state.
+settle() {
+  as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$pgport" -U postgres -q -c CHECKPOINT
+  for _ in $(seq 120); do
+    busy=$(as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$pgport" -U postgres -Atc "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+    [ "$busy" = 0 ] && break
+    sleep 1
+  done
+  sleep 2
+}
+sum_of_two() { awk '{r+=$2; if ($3>p50) p50=$3; if ($4>p99) p99=$4; e+=$5} END {print "RESULT", r, p50, p99, e}'; }
 half=$((CONNS / 2))
 for round in $(seq "$ROUNDS"); do
   echo "== round $round"
+  settle
   for backend in sqlite postgres; do
     record "read/$backend" "$(wrk_on "$backend" / 2 "$CONNS" "$out/$backend-read.lua" -- "$out/$backend.ids")"
   done
+  a=$(wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids" & wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids"; wait)
+  record "read/postgres-one-server-2wrk" "$(echo "$a" | sum_of_two)"
+  b=$(wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids" & wrk_on postgres2 / 1 "$half" "$out/postgres2-read.lua" -- "$out/postgres2.ids"; wait)
+  record "read/postgres-two-servers" "$(echo "$b" | sum_of_two)"
   for backend in sqlite postgres; do
     record "create/$backend" "$(wrk_on "$backend" /fhir/Observation 2 "$CONNS" "$out/$backend-create.lua")"
   done
-  a=$(wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids" & wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids"; wait)
-  record "read/postgres-one-server-2wrk" "$(echo "$a" | awk '{r+=$2; if ($3>p50) p50=$3; if ($4>p99) p99=$4; e+=$5} END {print "RESULT", r, p50, p99, e}')"
-  b=$(wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids" & wrk_on postgres2 / 1 "$half" "$out/postgres2-read.lua" -- "$out/postgres2.ids"; wait)
-  record "read/postgres-two-servers" "$(echo "$b" | awk '{r+=$2; if ($3>p50) p50=$3; if ($4>p99) p99=$4; e+=$5} END {print "RESULT", r, p50, p99, e}')"
 done
 
 for f in "$out"/*.failure; do [ -e "$f" ] && echo "first failure of $(basename "$f" .failure): $(head -c 300 "$f")"; done

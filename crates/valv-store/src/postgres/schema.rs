@@ -163,6 +163,43 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
         RETURN first_index;
     END
     $$;
+
+    -- New resources in one round trip (store.rs, creates): the data keys their bodies were
+    -- sealed with checked and share-locked (a rotation or erasure waits for this commit), then
+    -- resources, versions and search tokens inserted set-wise. A resource that exists already
+    -- raises VALV1, a key that changed VALV2; either way nothing is written.
+    CREATE FUNCTION valv_create(key_names TEXT[], key_wrapped BYTEA[],
+        types TEXT[], ids TEXT[], versions BIGINT[], deleted BOOLEAN[], patients TEXT[], updated BIGINT[], tokens BYTEA[], bodies BYTEA[],
+        token_values BYTEA[], token_owners BIGINT[])
+        RETURNS VOID LANGUAGE plpgsql AS $$
+    DECLARE
+        locked BIGINT;
+        made BIGINT[];
+        first_missing TEXT;
+    BEGIN
+        PERFORM 1 FROM data_keys k JOIN unnest(key_names, key_wrapped) AS c(name, wrapped) ON k.name = c.name AND k.wrapped = c.wrapped FOR SHARE OF k;
+        GET DIAGNOSTICS locked = ROW_COUNT;
+        IF locked < coalesce(array_length(key_names, 1), 0) THEN
+            SELECT c.name INTO first_missing FROM unnest(key_names, key_wrapped) AS c(name, wrapped)
+                WHERE NOT EXISTS (SELECT 1 FROM data_keys k WHERE k.name = c.name AND k.wrapped = c.wrapped) LIMIT 1;
+            RAISE EXCEPTION USING ERRCODE = 'VALV2', MESSAGE = coalesce(first_missing, '');
+        END IF;
+        WITH u AS (SELECT * FROM unnest(types, ids, versions, deleted, patients, updated, tokens, bodies) WITH ORDINALITY AS u(t, i, v, d, p, lu, tk, b, n)),
+             r AS (INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens)
+                   SELECT t, i, v, d, p, lu, tk FROM u ORDER BY n ON CONFLICT (type, id) DO NOTHING RETURNING rid, type, id),
+             -- One entry per resource made (an id given twice is made once: the other fails).
+             ru AS (SELECT DISTINCT ON (r.rid) r.rid, u.* FROM r JOIN u ON u.t = r.type AND u.i = r.id ORDER BY r.rid, u.n),
+             vs AS (INSERT INTO versions (rid, version, deleted, patient, last_updated, body) SELECT rid, v, d, p, lu, b FROM ru),
+             ts AS (INSERT INTO search_tokens (token, rid, patient)
+                    SELECT x.tok, ru.rid, ru.p FROM unnest(token_values, token_owners) AS x(tok, owner) JOIN ru ON ru.n = x.owner
+                    ON CONFLICT DO NOTHING)
+        SELECT coalesce(array_agg(n), '{}') INTO made FROM ru;
+        IF coalesce(array_length(made, 1), 0) < coalesce(array_length(ids, 1), 0) THEN
+            SELECT u.t || '/' || u.i INTO first_missing FROM unnest(types, ids) WITH ORDINALITY AS u(t, i, n) WHERE NOT u.n = ANY(made) ORDER BY u.n LIMIT 1;
+            RAISE EXCEPTION USING ERRCODE = 'VALV1', MESSAGE = coalesce(first_missing, '');
+        END IF;
+    END
+    $$;
     "#,
     ),
 ];

@@ -282,3 +282,36 @@ async fn a_revoked_api_key_is_refused_by_every_server_at_once_and_nothing_is_cac
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_in_one_statement_are_all_or_nothing() {
+    let pg = Cluster::start();
+    let store = migrated(&pg).await;
+    let key = WrappedKey { provider: "file".into(), kek_id: "file-1".into(), kek_version: 1, ciphertext: vec![3; 60] };
+    store.put_key_if_absent("patient:k", &key, 1).await.expect("key");
+    let wrapped: Vec<u8> = raw(&pg, "valv_owner").await.query_one("SELECT wrapped FROM data_keys WHERE name = 'patient:k'", &[]).await.expect("wrapped").get(0);
+    let sealed = |id: &str, with: &[u8]| {
+        let mut v = version(id, 1);
+        v.patient = Some("k".into());
+        Write { expect: Expect::Absent, version: v, tokens: vec![[id.len() as u8; 16], [7; 16]], sealed_with: Some(with.into()) }
+    };
+    let count = |table: &'static str| {
+        let pg = &pg;
+        async move { raw(pg, "valv_owner").await.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get::<_, i64>(0) }
+    };
+    store.commit(vec![sealed("one", &wrapped), sealed("three", &wrapped)]).await.expect("two creates");
+    assert_eq!((count("resources").await, count("versions").await, count("search_tokens").await), (2, 2, 4));
+    // One resource that exists, one a key that changed, one id twice: each fails whole.
+    for (writes, says) in [
+        (vec![sealed("two", &wrapped), sealed("one", &wrapped)], "Patient/one already exists"),
+        (vec![sealed("two", &wrapped), sealed("four", &[9; 8])], "the data key of patient k"),
+        (vec![sealed("two", &wrapped), sealed("two", &wrapped)], "Patient/two already exists"),
+    ] {
+        let err = store.commit(writes).await.expect_err(says);
+        assert!(matches!(err, StoreError::Conflict(_) | StoreError::KeyChanged(_)) && err.to_string().contains(says), "{err}");
+        assert_eq!((count("resources").await, count("versions").await, count("search_tokens").await), (2, 2, 4), "nothing of it stays: {says}");
+    }
+    assert_eq!(store.read_current("Patient", "three").await.expect("read").map(|v| v.version), Some(1));
+    let found = store.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[5; 16]]], ..Filter::default() }).await.expect("search");
+    assert_eq!(found.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["three"], "tokens belong to their own resource");
+}
