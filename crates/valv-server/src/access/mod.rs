@@ -161,7 +161,7 @@ impl Access {
         // Counted before reading: what is committed meanwhile is taken in again by `refresh`.
         let mut seen = self.seen.lock().await;
         for t in valv_policy::directory::FOLLOWED {
-            seen.insert(t, self.store.history(t, None, 0, 0).await.map_err(|e| e.to_string())?.1);
+            seen.insert(t, self.store.version_count(t).await.map_err(|e| e.to_string())?);
         }
         for t in valv_policy::directory::FOLLOWED {
             let filter = valv_store::Filter { resource_type: t.to_string(), ..Default::default() };
@@ -187,7 +187,7 @@ impl Access {
     pub async fn refresh(&self, vault: &Vault, now: i64) -> Result<(), String> {
         let mut seen = self.seen.lock().await;
         for t in valv_policy::directory::FOLLOWED {
-            let total = self.store.history(t, None, 0, 0).await.map_err(|e| e.to_string())?.1;
+            let total = self.store.version_count(t).await.map_err(|e| e.to_string())?;
             let known = seen.get(t).copied().unwrap_or(0);
             if total == known {
                 continue;

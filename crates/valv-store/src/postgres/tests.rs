@@ -153,6 +153,8 @@ async fn writes_check_versions_atomically_and_tokens_follow_the_current_version(
     assert!(store.search(&search(1)).await.expect("search").is_empty(), "old tokens are gone");
     let (history, total) = store.history("Patient", Some("a"), 0, 10).await.expect("history");
     assert_eq!((total, history[0].version), (2, 2));
+    let (_, of_type) = store.history("Patient", None, 0, 0).await.expect("history");
+    assert_eq!((store.version_count("Patient").await.expect("count"), of_type, store.version_count("Observation").await.expect("count")), (2, 2, 0));
     assert_eq!(store.read_current("Patient", "a").await.expect("read").map(|v| v.version), Some(2));
     assert_eq!(store.read_version("Patient", "a", 1).await.expect("read").map(|v| v.body), Some(vec![1; 40]));
 
