@@ -111,6 +111,11 @@ impl Pool {
         if level == "off" || level == "local" {
             conn.batch("SET synchronous_commit = on").await.map_err(pg("setting synchronous_commit"))?;
         }
+        // Every statement is prepared once per connection and its shape alone picks the plan
+        // (a key, an index range). With the default, statistics skewed by one large type (tens of
+        // thousands of Observations) made PostgreSQL plan the read by id again on every call:
+        // measured, 125 µs of planning for 20 µs of execution, reads 9.5k -> 6k/s.
+        conn.batch("SET plan_cache_mode = force_generic_plan").await.map_err(pg("setting plan_cache_mode"))?;
         Ok(conn)
     }
 }
