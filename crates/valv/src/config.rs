@@ -638,6 +638,17 @@ pub struct StoreConfig {
     url_is_secret: bool,
 }
 
+impl StoreConfig {
+    /// The section as `valv.toml` holds it (a URL with a password in it left out).
+    pub fn to_toml_value(&self) -> Result<toml::Value, String> {
+        let mut written = self.clone();
+        if written.url_is_secret {
+            written.url.clear();
+        }
+        toml::Value::try_from(&written).map_err(|e| format!("the [store] section: {e}"))
+    }
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig { backend: "sqlite".into(), url: String::new(), password_file: None, ca_file: None, allow_plaintext: false, pool_size: 16, url_is_secret: false }

@@ -189,19 +189,16 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
-            Msg::Rows(rows) => loader.rows(rows)?,
+            Msg::Rows(rows) => loader.rows(rows).await?,
             Msg::End { manifest, digest } => break (manifest, digest),
             Msg::Failed(e) => return Err(e),
         }
     };
-    let census = loader.finish()?;
+    let census = loader.finish().await?;
     let loaded = started.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut loader.samples);
     drop(loader);
 
-    if Config::load(target)?.store.backend != "sqlite" {
-        return Err("a restore writes the embedded SQLite database, but VALV_STORE names another backend: unset it for the restore".into());
-    }
     let opened = datadir::open_for(target, None, Access::Serve).await?;
     let app = &opened.app;
     let verifier = app.log_keys().verifiers()?;
@@ -237,7 +234,7 @@ struct Loader<'a> {
     target: &'a Path,
     /// A drill: nothing is written outside `target`.
     drill: bool,
-    load: Option<FreshLoad>,
+    load: Option<Sink>,
     /// Files waiting for the configuration to say where they go.
     files: Vec<DirFile>,
     census: Census,
@@ -263,8 +260,11 @@ impl Loader<'_> {
         }
     }
 
-    /// Opens the new store once the files are in place: the configuration says where it goes.
-    fn load(&mut self) -> Result<&mut FreshLoad, String> {
+    /// Opens the new store once the files are in place: the configuration says where it goes —
+    /// the data directory's SQLite file, or, when the environment names PostgreSQL
+    /// (`VALV_STORE`, `VALV_DATABASE_URL`, …), that database, which must be empty; its `[store]`
+    /// section is then written into the restored `valv.toml`. A drill never loads into PostgreSQL.
+    async fn load(&mut self) -> Result<&mut Sink, String> {
         if self.load.is_none() {
             if !self.target.join(FILE_NAME).exists() {
                 return Err("the backup holds no configuration".into());
@@ -282,14 +282,24 @@ impl Loader<'_> {
                     datadir::write_secret(&path, &f.bytes)?;
                 }
             }
-            let db = resolve(self.target, &cfg.storage.sqlite);
-            datadir::write_secret(&db, b"")?;
-            self.load = Some(FreshLoad::create(&db).map_err(|e| e.to_string())?);
+            self.load = Some(match cfg.store.backend.as_str() {
+                "sqlite" => {
+                    let db = resolve(self.target, &cfg.storage.sqlite);
+                    datadir::write_secret(&db, b"")?;
+                    Sink::Sqlite(FreshLoad::create(&db).map_err(|e| e.to_string())?)
+                }
+                _ if self.drill => return Err("a drill loads into the embedded SQLite database, but VALV_STORE names another backend: unset it for the drill".into()),
+                _ => {
+                    let sink = Sink::Postgres(valv_store::postgres::PgLoad::create(&cfg.store.postgres(self.target)?).await.map_err(|e| e.to_string())?);
+                    with_store(self.target, &cfg.store)?;
+                    sink
+                }
+            });
         }
         self.load.as_mut().ok_or_else(|| "no store".to_string())
     }
 
-    fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
+    async fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
         for row in &rows {
             self.census.add(row);
         }
@@ -313,21 +323,55 @@ impl Loader<'_> {
             }
             _ => true,
         });
-        self.load()?.load(&rows).map_err(|e| format!("loading the backup: {e}"))
+        self.load().await?.load(&rows).await.map_err(|e| format!("loading the backup: {e}"))
     }
 
-    fn finish(&mut self) -> Result<Census, String> {
-        self.load()?;
+    async fn finish(&mut self) -> Result<Census, String> {
+        self.load().await?;
         let load = self.load.take().ok_or("no store")?;
-        load.finish().map_err(|e| format!("loading the backup: {e}"))?;
+        load.finish().await.map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
     }
 }
 
+/// Where the rows go.
+enum Sink {
+    Sqlite(FreshLoad),
+    Postgres(valv_store::postgres::PgLoad),
+}
+
+impl Sink {
+    async fn load(&mut self, rows: &[Row]) -> Result<(), valv_store::StoreError> {
+        match self {
+            Sink::Sqlite(l) => l.load(rows),
+            Sink::Postgres(l) => l.load(rows).await,
+        }
+    }
+
+    async fn finish(self) -> Result<(), valv_store::StoreError> {
+        match self {
+            Sink::Sqlite(l) => l.finish(),
+            Sink::Postgres(l) => l.finish().await,
+        }
+    }
+}
+
+/// Writes `store` into the restored `valv.toml`, so that later commands find the database
+/// without the environment.
+fn with_store(target: &Path, store: &crate::config::StoreConfig) -> Result<(), String> {
+    let path = target.join(FILE_NAME);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut table: toml::Table = text.parse().map_err(|e| format!("the restored configuration: {e}"))?;
+    table.insert("store".into(), store.to_toml_value()?);
+    let text = toml::to_string(&table).map_err(|e| format!("the restored configuration: {e}"))?;
+    std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    datadir::write_secret(&path, text.as_bytes())
+}
+
 /// The backup's configuration with its `[store]` section removed: a restore (and a drill) loads
 /// into the embedded SQLite database of the new data directory, never into the database the
-/// backed-up server used (which may be the live one). Loading a backup into PostgreSQL is not
-/// built yet (docs/OPERATIONS.md).
+/// backed-up server used (which may be the live one) — unless the environment names a database
+/// for the restore ([`Loader::load`]).
 fn on_sqlite(config: &[u8]) -> Result<Vec<u8>, String> {
     let text = std::str::from_utf8(config).map_err(|_| "the backup's configuration is not UTF-8".to_string())?;
     let mut table: toml::Table = text.parse().map_err(|e| format!("the backup's configuration: {e}"))?;

@@ -18,6 +18,7 @@
 
 mod audit;
 mod credentials;
+mod load;
 mod pool;
 mod schema;
 mod snapshot;
@@ -25,6 +26,8 @@ mod store;
 #[cfg(test)]
 mod tests;
 pub mod tls;
+
+pub use load::PgLoad;
 
 use crate::StoreError;
 use pool::Pool;

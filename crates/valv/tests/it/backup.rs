@@ -282,3 +282,77 @@ async fn a_drill_with_absolute_paths_in_the_configuration_writes_nothing_outside
     assert!(verified.contains("the log verifies"), "the live log, with the drill's entry, still verifies: {verified}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The backend-neutral backup is also the move to PostgreSQL: restored with `VALV_STORE=postgres`
+/// and `VALV_DATABASE_URL` naming an empty database, the server serves from there as it was. On
+/// the suite's SQLite pass this is the SQLite → PostgreSQL move (on a cluster of its own); on the
+/// PostgreSQL pass, PostgreSQL → PostgreSQL. A database already holding Valv is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restores_into_an_empty_postgresql_database() {
+    let own_cluster;
+    let pg = match crate::harness::postgres() {
+        Some(pg) => pg,
+        None => {
+            own_cluster = valv_testpg::Cluster::start();
+            &own_cluster
+        }
+    };
+    let mut s = Server::start("topg");
+    let (id_file, recipient) = identity(&s.dir, "identity.txt");
+    let (p, obs) = patient(&s, "Canarymoved").await;
+    let mut before = Vec::new();
+    for path in [format!("/fhir/Patient/{p}"), format!("/fhir/Observation/{obs}")] {
+        let r = s.get(&path).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        before.push((path, r.bytes));
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let checkpoint = s.dir.join("checkpoint.txt");
+    std::fs::write(&checkpoint, s.request("GET", "/audit/checkpoint", None, None, &[]).await.text).expect("checkpoint");
+    let out = s.dir.join("move.age");
+    run_ok(&s.data, &["backup", "--out", out.to_str().expect("path"), "--recipient", &recipient]);
+    s.kill9();
+    std::fs::remove_dir_all(&s.data).expect("wipe");
+
+    let url = pg.url_of("valv_owner", &pg.create_database());
+    let env = [("VALV_STORE", "postgres"), ("VALV_DATABASE_URL", url.as_str())];
+    let restore = ["restore", out.to_str().expect("path"), "--identity", id_file.to_str().expect("path")];
+    // A backup cut short fails mid-load: its one transaction leaves the database empty.
+    let bytes = std::fs::read(&out).expect("backup");
+    let cut = s.dir.join("cut.age");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).expect("cut");
+    let failed = crate::harness::valv()
+        .arg("--data-dir")
+        .arg(s.dir.join("cut-target"))
+        .args(["restore", cut.to_str().expect("path"), "--identity", id_file.to_str().expect("path")])
+        .envs(env)
+        .output()
+        .expect("run");
+    assert!(!failed.status.success(), "a cut backup is refused");
+    let restored = crate::harness::run_ok_env(&s.data, &restore, &env);
+    assert!(restored.contains("restored"), "{restored}");
+    let config = std::fs::read_to_string(s.data.join("valv.toml")).expect("config");
+    assert!(config.contains("backend = \"postgres\"") && config.contains(&url), "the restored configuration names the database: {config}");
+    assert!(!s.data.join("valv.db").exists(), "nothing went into SQLite");
+
+    s.restart();
+    for (path, bytes) in &before {
+        let r = s.get(path).await;
+        assert_eq!((r.status, &r.bytes), (200, bytes), "{path} byte-identical from PostgreSQL");
+    }
+    assert_eq!(s.get("/fhir/Patient?family=Canarymoved").await.total(), 1, "search works");
+    let created = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Afterwards"}]})).await;
+    assert_eq!(created.status, 201, "writing works: {}", created.text);
+    let verify = run_ok(&s.data, &["audit", "verify", "--checkpoint", checkpoint.to_str().expect("path")]);
+    assert!(verify.contains("the log verifies"), "{verify}");
+    assert!(run_ok(&s.data, &["audit", "export"]).contains("\"restore\""), "the restore is in the log");
+
+    // Never over a database that holds Valv: one line, nothing changed.
+    s.kill9();
+    let again = s.dir.join("again");
+    let out = crate::harness::valv().arg("--data-dir").arg(&again).args(restore).envs(env).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("already holds a Valv schema"), "{err}");
+    s.restart();
+    assert_eq!(s.get(&before[0].0).await.status, 200, "the database in use is untouched");
+}
