@@ -1,6 +1,7 @@
 //! Every table as backend-neutral rows: what a backup streams out of one store
-//! ([`crate::Store::snapshot`]) and a restore loads into another with that backend's bulk
-//! loader (SQLite: [`crate::sqlite::FreshLoad`]), whatever the backends, and the rows' encoding as backup frames ([`valv_backup::fields`]).
+//! ([`crate::Store::snapshot`]) and a restore loads into another with that backend's bulk loader
+//! ([`BulkLoad`]), whatever the backends, and the rows' encoding as backup frames
+//! ([`valv_backup::fields`]).
 //!
 //! Sessions are left out on purpose: a restored server has everyone sign in again, so a session
 //! ended after the backup (a logout, a revocation) cannot come back with it. Search tokens are
@@ -180,6 +181,31 @@ impl Row {
         };
         d.finish()?;
         Ok(Some(row))
+    }
+}
+
+/// A restore's bulk loader, for whichever backend the new data directory names: a new SQLite
+/// file ([`crate::sqlite::FreshLoad`]) or an empty PostgreSQL database ([`crate::postgres::PgLoad`]).
+pub enum BulkLoad {
+    Sqlite(crate::sqlite::FreshLoad),
+    Postgres(crate::postgres::PgLoad),
+}
+
+impl BulkLoad {
+    /// Loads a batch of rows.
+    pub async fn load(&mut self, rows: &[Row]) -> Result<(), crate::StoreError> {
+        match self {
+            BulkLoad::Sqlite(l) => l.load(rows),
+            BulkLoad::Postgres(l) => l.load(rows).await,
+        }
+    }
+
+    /// Makes what was loaded complete and durable.
+    pub async fn finish(self) -> Result<(), crate::StoreError> {
+        match self {
+            BulkLoad::Sqlite(l) => l.finish(),
+            BulkLoad::Postgres(l) => l.finish().await,
+        }
     }
 }
 

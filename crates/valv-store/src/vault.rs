@@ -24,6 +24,7 @@ static INTEGRITY_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::Ato
 pub fn integrity_failures() -> u64 {
     INTEGRITY_FAILURES.load(std::sync::atomic::Ordering::Relaxed)
 }
+
 /// Search candidates whose decrypted body did not match the query (index rows edited or copied
 /// in the database), over the process's life (for metrics).
 static INDEX_MISMATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

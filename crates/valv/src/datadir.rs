@@ -177,6 +177,18 @@ pub async fn open_store(dir: &Path, cfg: &Config, access: Access) -> Result<Arc<
     Ok(Arc::new(SqliteStore::open_with_reserve(&db, access, reserve).map_err(|e| e.to_string())?))
 }
 
+/// A restore's loader into the store the configuration names (a new SQLite file, 0600; or an
+/// empty PostgreSQL database).
+pub async fn open_bulk_load(dir: &Path, cfg: &Config) -> Result<valv_store::dump::BulkLoad, String> {
+    if cfg.store.backend == "postgres" {
+        let load = valv_store::postgres::PgLoad::create(&cfg.store.postgres(dir)?).await.map_err(|e| e.to_string())?;
+        return Ok(valv_store::dump::BulkLoad::Postgres(load));
+    }
+    let db = resolve(dir, &cfg.storage.sqlite);
+    write_secret(&db, b"")?;
+    Ok(valv_store::dump::BulkLoad::Sqlite(valv_store::sqlite::FreshLoad::create(&db).map_err(|e| e.to_string())?))
+}
+
 /// The TLS certificate and key; Valv's own first-start certificate is renewed first when it ends
 /// within 30 days (an operator's certificate is never touched).
 pub fn tls_files(opened: &Opened) -> Result<(PathBuf, PathBuf), String> {

@@ -21,8 +21,8 @@ use valv_backup::frame::{Digest32, Frame};
 use valv_backup::{FrameReader, Manifest};
 use valv_server::backup::{DirFile, CONFIG_FILE, FILE_KIND, KEK_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
 use valv_server::erasure::LEDGER_FILE;
-use valv_store::dump::{Census, Row};
-use valv_store::sqlite::{Access, FreshLoad};
+use valv_store::dump::{BulkLoad, Census, Row};
+use valv_store::sqlite::Access;
 
 pub struct Request<'a> {
     pub file: &'a Path,
@@ -234,7 +234,7 @@ struct Loader<'a> {
     target: &'a Path,
     /// A drill: nothing is written outside `target`.
     drill: bool,
-    load: Option<Sink>,
+    load: Option<BulkLoad>,
     /// Files waiting for the configuration to say where they go.
     files: Vec<DirFile>,
     census: Census,
@@ -264,7 +264,7 @@ impl Loader<'_> {
     /// the data directory's SQLite file, or, when the environment names PostgreSQL
     /// (`VALV_STORE`, `VALV_DATABASE_URL`, …), that database, which must be empty; its `[store]`
     /// section is then written into the restored `valv.toml`. A drill never loads into PostgreSQL.
-    async fn load(&mut self) -> Result<&mut Sink, String> {
+    async fn load(&mut self) -> Result<&mut BulkLoad, String> {
         if self.load.is_none() {
             if !self.target.join(FILE_NAME).exists() {
                 return Err("the backup holds no configuration".into());
@@ -282,19 +282,14 @@ impl Loader<'_> {
                     datadir::write_secret(&path, &f.bytes)?;
                 }
             }
-            self.load = Some(match cfg.store.backend.as_str() {
-                "sqlite" => {
-                    let db = resolve(self.target, &cfg.storage.sqlite);
-                    datadir::write_secret(&db, b"")?;
-                    Sink::Sqlite(FreshLoad::create(&db).map_err(|e| e.to_string())?)
-                }
-                _ if self.drill => return Err("a drill loads into the embedded SQLite database, but VALV_STORE names another backend: unset it for the drill".into()),
-                _ => {
-                    let sink = Sink::Postgres(valv_store::postgres::PgLoad::create(&cfg.store.postgres(self.target)?).await.map_err(|e| e.to_string())?);
-                    with_store(self.target, &cfg.store)?;
-                    sink
-                }
-            });
+            let elsewhere = cfg.store.backend != "sqlite";
+            if elsewhere && self.drill {
+                return Err("a drill loads into the embedded SQLite database, but VALV_STORE names another backend: unset it for the drill".into());
+            }
+            self.load = Some(datadir::open_bulk_load(self.target, &cfg).await?);
+            if elsewhere {
+                with_store(self.target, &cfg.store)?;
+            }
         }
         self.load.as_mut().ok_or_else(|| "no store".to_string())
     }
@@ -331,28 +326,6 @@ impl Loader<'_> {
         let load = self.load.take().ok_or("no store")?;
         load.finish().await.map_err(|e| format!("loading the backup: {e}"))?;
         Ok(std::mem::take(&mut self.census))
-    }
-}
-
-/// Where the rows go.
-enum Sink {
-    Sqlite(FreshLoad),
-    Postgres(valv_store::postgres::PgLoad),
-}
-
-impl Sink {
-    async fn load(&mut self, rows: &[Row]) -> Result<(), valv_store::StoreError> {
-        match self {
-            Sink::Sqlite(l) => l.load(rows),
-            Sink::Postgres(l) => l.load(rows).await,
-        }
-    }
-
-    async fn finish(self) -> Result<(), valv_store::StoreError> {
-        match self {
-            Sink::Sqlite(l) => l.finish(),
-            Sink::Postgres(l) => l.finish().await,
-        }
     }
 }
 

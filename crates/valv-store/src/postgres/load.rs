@@ -5,6 +5,7 @@
 //! and the identity moved past them at the end.
 
 use super::pool::{Conn, Pool};
+use super::store::kek_version;
 use super::{connection_config, int, migrate_in, pg, Settings};
 use crate::dump::Row;
 use crate::StoreError;
@@ -53,7 +54,7 @@ impl PgLoad {
                 self.rid += 1;
                 let patient = r.patient.as_deref();
                 t.resources.push((self.rid, &r.resource_type, &r.id, int(r.version)?, r.deleted, patient, r.last_updated, r.tokens.concat()));
-                t.tokens.extend(r.tokens.iter().map(|tok| (tok.to_vec(), self.rid, patient)));
+                t.tokens.extend(r.tokens.iter().map(|tok| (&tok[..], self.rid, patient)));
             }
             Row::Version(v) => {
                 if self.rid == 0 {
@@ -78,7 +79,7 @@ type AuditCols<'r> = (i64, &'r [u8], &'r [u8], Option<&'r [u8]>, Option<&'r [u8]
 #[derive(Default)]
 struct Tables<'r> {
     resources: Vec<ResourceCols<'r>>,
-    tokens: Vec<(Vec<u8>, i64, Option<&'r str>)>,
+    tokens: Vec<(&'r [u8], i64, Option<&'r str>)>,
     versions: Vec<VersionCols<'r>>,
     audit: Vec<AuditCols<'r>>,
     /// Rows of the small tables, inserted one by one.
@@ -127,7 +128,7 @@ impl Tables<'_> {
             let t = &self.tokens;
             c.execute(
                 "INSERT INTO search_tokens (token, rid, patient) SELECT * FROM unnest($1::BYTEA[], $2::BIGINT[], $3::TEXT[]) ON CONFLICT DO NOTHING",
-                &[&t.iter().map(|x| &x.0[..]).collect::<Vec<_>>(), &t.iter().map(|x| x.1).collect::<Vec<_>>(), &t.iter().map(|x| x.2).collect::<Vec<_>>()],
+                &[&t.iter().map(|x| x.0).collect::<Vec<_>>(), &t.iter().map(|x| x.1).collect::<Vec<_>>(), &t.iter().map(|x| x.2).collect::<Vec<_>>()],
             )
             .await
             .map_err(pg("loading search tokens"))?;
@@ -158,10 +159,9 @@ impl Tables<'_> {
 async fn insert_small(c: &mut Conn, row: &Row) -> Result<(), StoreError> {
     let done = match row {
         Row::DataKey { name, key, created, wrapped_at } => {
-            let version = i32::try_from(key.kek_version).map_err(|_| StoreError::Backend(format!("KEK version {} is out of range", key.kek_version)))?;
             c.execute(
                 "INSERT INTO data_keys (name, provider, kek_id, kek_version, wrapped, created, wrapped_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                &[name, &key.provider, &key.kek_id, &version, &key.ciphertext, created, wrapped_at],
+                &[name, &key.provider, &key.kek_id, &kek_version(key.kek_version)?, &key.ciphertext, created, wrapped_at],
             )
             .await
         }

@@ -25,7 +25,7 @@ const AUDIT_COLUMNS: &str = "SELECT idx, leaf_hash, sealed, patient_token, query
 const TOKEN: usize = std::mem::size_of::<Token>();
 
 /// KEK versions are `INTEGER` columns.
-fn kek_version(version: u32) -> Result<i32, StoreError> {
+pub(super) fn kek_version(version: u32) -> Result<i32, StoreError> {
     i32::try_from(version).map_err(|_| StoreError::Backend(format!("KEK version {version} is out of range")))
 }
 
