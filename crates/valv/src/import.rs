@@ -63,8 +63,13 @@ fn read_bundle(path: &Path) -> Result<serde_json::Value, String> {
 }
 
 /// Bundles in flight at once: concurrent transactions share the store's and the audit log's
-/// group commits (one fsync for many), which is where import throughput comes from.
-const IN_FLIGHT: usize = 32;
+/// group commits (one fsync for many), which is where import throughput comes from — the more
+/// bundles a commit takes, the fewer times the randomly placed search tokens' pages are written
+/// (1,000 synthetic patients: 32 in flight 3,800 resources/s, 128 in flight 5,700/s).
+const IN_FLIGHT: usize = 128;
+/// …and at most this many bytes of bundle files among them (a parsed bundle takes several times
+/// its file's size in memory), so a directory of large bundles does not take the memory of 128.
+const IN_FLIGHT_BYTES: u64 = 48 << 20;
 
 pub async fn run(app: Arc<App>, files: &[PathBuf]) -> Summary {
     let started = Instant::now();
@@ -73,26 +78,32 @@ pub async fn run(app: Arc<App>, files: &[PathBuf]) -> Summary {
     let mut pending = files.iter().cloned();
     let mut tasks = tokio::task::JoinSet::new();
     let mut done = 0;
+    let mut bytes_in_flight = 0;
     loop {
-        while tasks.len() < IN_FLIGHT {
+        while tasks.len() < IN_FLIGHT && (tasks.is_empty() || bytes_in_flight < IN_FLIGHT_BYTES) {
             let Some(path) = pending.next() else { break };
+            let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+            bytes_in_flight += bytes;
             let app = app.clone();
             tasks.spawn(async move {
                 let result = match read_bundle(&path) {
                     Ok(body) => import_bundle(&app, body).await,
                     Err(e) => Err(e),
                 };
-                (path, result)
+                (path, bytes, result)
             });
         }
         let Some(joined) = tasks.join_next().await else { break };
         done += 1;
+        if let Ok((_, bytes, _)) = &joined {
+            bytes_in_flight -= bytes;
+        }
         match joined {
-            Ok((_, Ok(n))) => {
+            Ok((_, _, Ok(n))) => {
                 s.files_ok += 1;
                 s.resources += n;
             }
-            Ok((path, Err(why))) => s.rejected.push((path, why)),
+            Ok((path, _, Err(why))) => s.rejected.push((path, why)),
             Err(e) => s.rejected.push((PathBuf::from("?"), format!("import task failed: {e}"))),
         }
         let rate = s.resources as f64 / started.elapsed().as_secs_f64().max(1e-9);
