@@ -54,7 +54,6 @@ impl PgLoad {
                 self.rid += 1;
                 let patient = r.patient.as_deref();
                 t.resources.push((self.rid, &r.resource_type, &r.id, int(r.version)?, r.deleted, patient, r.last_updated, r.tokens.concat()));
-                t.tokens.extend(r.tokens.iter().map(|tok| (&tok[..], self.rid, patient)));
             }
             Row::Version(v) => {
                 if self.rid == 0 {
@@ -79,7 +78,6 @@ type AuditCols<'r> = (i64, &'r [u8], &'r [u8], Option<&'r [u8]>, Option<&'r [u8]
 #[derive(Default)]
 struct Tables<'r> {
     resources: Vec<ResourceCols<'r>>,
-    tokens: Vec<(&'r [u8], i64, Option<&'r str>)>,
     versions: Vec<VersionCols<'r>>,
     audit: Vec<AuditCols<'r>>,
     /// Rows of the small tables, inserted one by one.
@@ -123,15 +121,6 @@ impl Tables<'_> {
             )
             .await
             .map_err(pg("loading versions"))?;
-        }
-        if !self.tokens.is_empty() {
-            let t = &self.tokens;
-            c.execute(
-                "INSERT INTO search_tokens (token, rid, patient) SELECT * FROM unnest($1::BYTEA[], $2::BIGINT[], $3::TEXT[]) ON CONFLICT DO NOTHING",
-                &[&t.iter().map(|x| x.0).collect::<Vec<_>>(), &t.iter().map(|x| x.1).collect::<Vec<_>>(), &t.iter().map(|x| x.2).collect::<Vec<_>>()],
-            )
-            .await
-            .map_err(pg("loading search tokens"))?;
         }
         if !self.audit.is_empty() {
             let a = &self.audit;

@@ -98,10 +98,6 @@ fn session(r: &Row) -> SessionRow {
     SessionRow { token_hash: fixed(&hash), user_id: r.get(1), created: r.get(2), last_seen: r.get(3), mac: r.get(4) }
 }
 
-fn tokens_of(list: &[u8]) -> Vec<&[u8]> {
-    list.chunks_exact(TOKEN).collect()
-}
-
 /// Applies one request's writes inside the caller's transaction.
 async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> {
     for w in writes {
@@ -119,7 +115,7 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
         }
         let (version, tokens) = (int(v.version)?, w.tokens.concat());
         let current = c
-            .query_opt("SELECT rid, version, tokens FROM resources WHERE type = $1 AND id = $2 FOR UPDATE", &[&v.resource_type, &v.id])
+            .query_opt("SELECT rid, version FROM resources WHERE type = $1 AND id = $2 FOR UPDATE", &[&v.resource_type, &v.id])
             .await
             .map_err(pg("reading a resource"))?;
         let rid: i64 = match (w.expect, current) {
@@ -138,7 +134,7 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
             }
             (Expect::Absent, Some(_)) => return Err(StoreError::Conflict(format!("{}/{} already exists", v.resource_type, v.id))),
             (Expect::Version(want), Some(row)) => {
-                let (rid, have, old): (i64, i64, Vec<u8>) = (row.get(0), row.get(1), row.get(2));
+                let (rid, have): (i64, i64) = (row.get(0), row.get(1));
                 if uint(have)? != want {
                     return Err(StoreError::Conflict(format!("{}/{} is at version {have}, not {want}", v.resource_type, v.id)));
                 }
@@ -148,9 +144,6 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
                 )
                 .await
                 .map_err(pg("updating a resource"))?;
-                if !old.is_empty() {
-                    c.execute("DELETE FROM search_tokens WHERE rid = $1 AND token = ANY($2)", &[&rid, &tokens_of(&old)]).await.map_err(pg("removing search tokens"))?;
-                }
                 rid
             }
             (Expect::Version(_), None) => return Err(StoreError::NotFound(format!("{}/{}", v.resource_type, v.id))),
@@ -161,15 +154,6 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
         )
         .await
         .map_err(pg("storing a version"))?;
-        if !w.tokens.is_empty() {
-            let list: Vec<&[u8]> = w.tokens.iter().map(|t| &t[..]).collect();
-            c.execute(
-                "INSERT INTO search_tokens (token, rid, patient) SELECT t, $2, $3 FROM unnest($1::bytea[]) AS t ON CONFLICT DO NOTHING",
-                &[&list, &rid, &v.patient],
-            )
-            .await
-            .map_err(pg("indexing a resource"))?;
-        }
     }
     Ok(())
 }
@@ -180,8 +164,7 @@ async fn create_all(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> {
     let mut keys: Vec<(String, &[u8])> = Vec::new();
     let (mut types, mut ids, mut versions, mut deleted, mut patients, mut updated, mut tokens, mut bodies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut token_values, mut token_owners): (Vec<&[u8]>, Vec<i64>) = (Vec::new(), Vec::new());
-    for (n, w) in writes.iter().enumerate() {
+    for w in writes {
         let v = &w.version;
         if let (Some(sealed_with), Some(patient)) = (&w.sealed_with, &v.patient) {
             let name = format!("patient:{patient}");
@@ -199,16 +182,12 @@ async fn create_all(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> {
         updated.push(v.last_updated);
         tokens.push(w.tokens.concat());
         bodies.push(&v.body[..]);
-        for t in &w.tokens {
-            token_values.push(&t[..]);
-            token_owners.push(n as i64 + 1);
-        }
     }
     let (key_names, key_wrapped): (Vec<&str>, Vec<&[u8]>) = keys.iter().map(|(n, w)| (n.as_str(), *w)).unzip();
     let done = c
         .execute(
-            "SELECT valv_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[&key_names, &key_wrapped, &types, &ids, &versions, &deleted, &patients, &updated, &tokens, &bodies, &token_values, &token_owners],
+            "SELECT valv_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[&key_names, &key_wrapped, &types, &ids, &versions, &deleted, &patients, &updated, &tokens, &bodies],
         )
         .await;
     match done {
@@ -234,19 +213,8 @@ async fn erase_in(c: &mut Conn, patient: &str, erased_at: i64) -> Result<ErasedP
     let seq: i64 = c.query_one("SELECT coalesce(max(seq), 0) + 1 FROM erasures", &[]).await.map_err(pg("numbering the erasure"))?.get(0);
     c.execute("INSERT INTO erasures (patient, seq, erased_at) VALUES ($1, $2, $3)", &[&patient, &seq, &erased_at]).await.map_err(pg("recording the erasure"))?;
     let key_destroyed = c.execute("DELETE FROM data_keys WHERE name = 'patient:' || $1", &[&patient]).await.map_err(pg("destroying the data key"))? > 0;
-    let owned = c.query("SELECT rid, tokens FROM resources WHERE patient = $1 FOR UPDATE", &[&patient]).await.map_err(pg("listing the patient's resources"))?;
-    let (mut rids, mut tokens) = (Vec::new(), Vec::new());
-    for r in &owned {
-        let (rid, list): (i64, Vec<u8>) = (r.get(0), r.get(1));
-        for t in list.chunks_exact(TOKEN) {
-            rids.push(rid);
-            tokens.push(t.to_vec());
-        }
-    }
-    let removed = c
-        .execute("DELETE FROM search_tokens WHERE (token, rid) IN (SELECT * FROM unnest($1::bytea[], $2::bigint[]))", &[&tokens, &rids])
-        .await
-        .map_err(pg("removing search tokens"))?;
+    let owned = c.query("SELECT tokens FROM resources WHERE patient = $1 FOR UPDATE", &[&patient]).await.map_err(pg("listing the patient's resources"))?;
+    let removed = owned.iter().map(|r| r.get::<_, &[u8]>(0).len() / TOKEN).sum::<usize>() as u64;
     c.execute("UPDATE resources SET tokens = '\\x'::bytea WHERE patient = $1", &[&patient]).await.map_err(pg("clearing token lists"))?;
     let versions: i64 = c.query_one("SELECT count(*) FROM versions WHERE patient = $1", &[&patient]).await.map_err(pg("counting versions"))?.get(0);
     Ok(ErasedPatient { seq: uint(seq)?, resources: owned.len() as u64, versions: uint(versions)?, tokens: removed, key_destroyed })
@@ -328,15 +296,16 @@ async fn put_key_in(c: &mut Conn, name: &str, key: &WrappedKey, now: i64) -> Res
     }
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
+pub(super) type Param = Box<dyn ToSql + Sync + Send>;
 
 /// The search's SQL and its parameters.
-fn search_sql(filter: &Filter) -> (String, Vec<Param>) {
+pub(super) fn search_sql(filter: &Filter) -> (String, Vec<Param>) {
     let mut sql = String::from("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE r.type = $1 AND NOT r.deleted");
     let mut args: Vec<Param> = vec![Box::new(filter.resource_type.clone())];
     for group in &filter.token_groups {
         args.push(Box::new(group.iter().map(|t| t.to_vec()).collect::<Vec<Vec<u8>>>()));
-        sql.push_str(&format!(" AND r.rid IN (SELECT rid FROM search_tokens WHERE token = ANY(${}))", args.len()));
+        // The expression of the GIN index resources_tokens (schema migration 3), verbatim.
+        sql.push_str(&format!(" AND valv_tokens(r.tokens) && ${}::bytea[]", args.len()));
     }
     if let Some(ids) = &filter.ids {
         args.push(Box::new(ids.clone()));

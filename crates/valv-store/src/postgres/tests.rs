@@ -297,12 +297,14 @@ async fn creates_in_one_statement_are_all_or_nothing() {
         v.patient = Some("k".into());
         Write { expect: Expect::Absent, version: v, tokens: vec![[id.len() as u8; 16], [7; 16]], sealed_with: Some(with.into()) }
     };
+    // Rows of a table, or search tokens ("tokens": the entries the GIN index is built from).
     let count = |table: &'static str| {
         let pg = &pg;
-        async move { raw(pg, "valv_owner").await.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.expect("count").get::<_, i64>(0) }
+        let from = if table == "tokens" { "resources, unnest(valv_tokens(tokens))" } else { table };
+        async move { raw(pg, "valv_owner").await.query_one(&format!("SELECT count(*) FROM {from}"), &[]).await.expect("count").get::<_, i64>(0) }
     };
     store.commit(vec![sealed("one", &wrapped), sealed("three", &wrapped)]).await.expect("two creates");
-    assert_eq!((count("resources").await, count("versions").await, count("search_tokens").await), (2, 2, 4));
+    assert_eq!((count("resources").await, count("versions").await, count("tokens").await), (2, 2, 4));
     // One resource that exists, one a key that changed, one id twice: each fails whole.
     for (writes, says) in [
         (vec![sealed("two", &wrapped), sealed("one", &wrapped)], "Patient/one already exists"),
@@ -311,9 +313,61 @@ async fn creates_in_one_statement_are_all_or_nothing() {
     ] {
         let err = store.commit(writes).await.expect_err(says);
         assert!(matches!(err, StoreError::Conflict(_) | StoreError::KeyChanged(_)) && err.to_string().contains(says), "{err}");
-        assert_eq!((count("resources").await, count("versions").await, count("search_tokens").await), (2, 2, 4), "nothing of it stays: {says}");
+        assert_eq!((count("resources").await, count("versions").await, count("tokens").await), (2, 2, 4), "nothing of it stays: {says}");
     }
     assert_eq!(store.read_current("Patient", "three").await.expect("read").map(|v| v.version), Some(1));
     let found = store.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[5; 16]]], ..Filter::default() }).await.expect("search");
     assert_eq!(found.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["three"], "tokens belong to their own resource");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn searches_use_the_gin_index_of_the_token_lists() {
+    let pg = Cluster::start();
+    let store = migrated(&pg).await;
+    // Enough resources, each with a token of its own and one shared by all, that a scan of the
+    // table would be the planner's choice if the search's expression did not match the index's.
+    let writes: Vec<Write> = (0..2_000u32)
+        .map(|n| {
+            let mut own = [0u8; 16];
+            own[..4].copy_from_slice(&n.to_be_bytes());
+            Write { expect: Expect::Absent, version: version(&format!("p{n}"), 1), tokens: vec![own, [0xff; 16]], sealed_with: None }
+        })
+        .collect();
+    store.commit(writes).await.expect("creates");
+    let client = raw(&pg, "valv_owner").await;
+    client.batch_execute("ANALYZE resources").await.expect("analyze");
+    let mut own = [0u8; 16];
+    own[..4].copy_from_slice(&1234u32.to_be_bytes());
+    let filter = Filter { resource_type: "Patient".into(), token_groups: vec![vec![own]], ..Filter::default() };
+    let (sql, args) = store::search_sql(&filter);
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+    // As the server runs it: one generic plan for every binding (pool.rs).
+    client.batch_execute("SET plan_cache_mode = force_generic_plan").await.expect("generic plans");
+    let plan: Vec<String> = client.query(&format!("EXPLAIN {sql}"), &params).await.expect("explain").iter().map(|r| r.get(0)).collect();
+    assert!(plan.iter().any(|l| l.contains("resources_tokens")), "the search reads the GIN index: {plan:#?}");
+    let found = store.search(&filter).await.expect("search");
+    assert_eq!(found.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["p1234"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_3_indexes_the_token_lists_of_a_version_2_database() {
+    let pg = Cluster::start();
+    let owner = raw(&pg, "valv_owner").await;
+    owner.batch_execute("CREATE TABLE valv_schema (version INTEGER NOT NULL)").await.expect("schema table");
+    for (version, sql) in schema::MIGRATIONS.iter().filter(|(v, _)| *v <= 2) {
+        owner.batch_execute(sql).await.expect("an earlier migration");
+        owner.execute("INSERT INTO valv_schema (version) VALUES ($1)", &[version]).await.expect("its version");
+    }
+    // A resource as a version-2 server stored it: the token list, and a row per token.
+    let list = [[1u8; 16], [2u8; 16]].concat();
+    owner
+        .execute("INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens) VALUES ('Patient', 'old', 1, false, 'old', 1, $1)", &[&list])
+        .await
+        .expect("resource");
+    owner.batch_execute("INSERT INTO search_tokens (token, rid, patient) SELECT t, 1, 'old' FROM unnest(ARRAY['\\x01010101010101010101010101010101'::bytea, '\\x02020202020202020202020202020202'::bytea]) AS t").await.expect("token rows");
+    let app = migrated(&pg).await;
+    let found = app.search(&Filter { resource_type: "Patient".into(), token_groups: vec![vec![[2; 16]]], ..Filter::default() }).await.expect("search");
+    assert_eq!(found.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["old"], "found through the index built from the stored list");
+    let left: bool = owner.query_one("SELECT to_regclass('search_tokens') IS NULL", &[]).await.expect("catalog").get(0);
+    assert!(left, "the table of token rows is gone");
 }

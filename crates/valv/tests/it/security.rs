@@ -187,13 +187,17 @@ async fn search_tokens_copied_in_the_database_do_not_leak_other_resources() {
     s.kill9();
     {
         let db = s.db();
-        // Give the bystander every search token of the target.
-        let (or_ignore, on_conflict) = if db.is_postgres() { ("", " ON CONFLICT DO NOTHING") } else { (" OR IGNORE", "") };
-        let copy = format!(
-            "INSERT{or_ignore} INTO search_tokens (token, rid) SELECT t.token, (SELECT rid FROM resources WHERE id = {}) FROM search_tokens t JOIN resources r ON r.rid = t.rid WHERE r.id = {}{on_conflict}",
-            quoted(&b),
-            quoted(&a)
-        );
+        // Give the bystander every search token of the target (on PostgreSQL the index is built
+        // from each resource's token list).
+        let copy = if db.is_postgres() {
+            format!("UPDATE resources SET tokens = tokens || (SELECT tokens FROM resources WHERE id = {}) WHERE id = {}", quoted(&a), quoted(&b))
+        } else {
+            format!(
+                "INSERT OR IGNORE INTO search_tokens (token, rid) SELECT t.token, (SELECT rid FROM resources WHERE id = {}) FROM search_tokens t JOIN resources r ON r.rid = t.rid WHERE r.id = {}",
+                quoted(&b),
+                quoted(&a)
+            )
+        };
         assert!(db.execute(&copy) > 0, "copy tokens");
     }
     s.restart();
@@ -305,11 +309,13 @@ async fn a_database_administrators_edits_are_each_detected() {
     flipped[body.len() / 2] ^= 0x01;
     assert_eq!(db.execute(&format!("UPDATE versions SET body = {} WHERE rid = {}", db.blob(&flipped), rid(&sealed))), 1);
     // 3. Search tokens: the target's moved onto the bystander (those the bystander lacks).
-    let moved = db.execute(&format!(
-        "UPDATE search_tokens SET rid = {b} WHERE rid = {t} AND token NOT IN (SELECT token FROM search_tokens WHERE rid = {b})",
-        b = rid(&bystander),
-        t = rid(&target)
-    ));
+    let (b, t) = (rid(&bystander), rid(&target));
+    let moved = if db.is_postgres() {
+        db.execute(&format!("UPDATE resources SET tokens = tokens || (SELECT tokens FROM resources WHERE rid = {t}) WHERE rid = {b}"))
+            + db.execute(&format!("UPDATE resources SET tokens = '\\x'::bytea WHERE rid = {t}"))
+    } else {
+        db.execute(&format!("UPDATE search_tokens SET rid = {b} WHERE rid = {t} AND token NOT IN (SELECT token FROM search_tokens WHERE rid = {b})"))
+    };
     assert!(moved > 0, "tokens moved");
 
     let (ok, out) = crate::audit::verify(&s.data, &[&checkpoint]);
