@@ -21,10 +21,9 @@ use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
-/// Room a running server needs beyond the reserve: the WAL between checkpoints (every 1,000 pages,
-/// 4 MiB, while the disk is short of room — 16,000 pages when it has plenty, see
-/// `sqlite::AUTOCHECKPOINT_PAGES`), its shared-memory index and the checkpoint's own growth. Start
-/// is refused below this, before SQLite maps anything.
+/// Room a running server needs beyond the reserve: the WAL between checkpoints (copied every
+/// 0.25 s while writes come in, see `sqlite::CHECKPOINT_EVERY`), its shared-memory index and the
+/// checkpoint's own growth. Start is refused below this, before SQLite maps anything.
 pub const WORKING_BYTES: u64 = 8 << 20;
 
 const MIB: u64 = 1 << 20;

@@ -167,17 +167,15 @@ const CACHE_KIB: i64 = -65_536;
 const MAX_GROUP: usize = 256;
 /// The writer counts as idle after this long without work, and then tidies the WAL.
 const IDLE: Duration = Duration::from_secs(1);
-/// SQLite checkpoints the WAL into the database once it holds this many pages (64 MiB at 4 KiB
-/// pages; SQLite's default is 1,000). Search tokens land on random pages, so under sustained
-/// writes most commits dirty a large part of the token index again; a checkpoint copies each
-/// page once however often it was written since the last one, so fewer checkpoints copy far
-/// less (`valv import` of 1,000 synthetic patients: 1,000 pages 4,900 resources/s, 4,000 pages
-/// 5,900/s, 16,000 pages 6,900/s).
-const AUTOCHECKPOINT_PAGES: i64 = 16_000;
-/// …but SQLite's default when the filesystem has less than this free besides the reserve, so
-/// that a WAL between checkpoints does not take the last of the disk.
-const AUTOCHECKPOINT_SMALL_PAGES: i64 = 1_000;
-const ROOMY_DISK: u64 = 512 << 20;
+/// How often the checkpointer thread copies the WAL into the database while writes come in.
+/// Checkpoints run beside the writer, never inside a commit: SQLite's own (`wal_autocheckpoint`)
+/// run in the commit that crosses 1,000 pages, and every request waiting on that group commit —
+/// each audited read — waits for the copy and its fsync too.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// A checkpoint beside the writer never catches up with the end of the WAL while commits keep
+/// coming, and SQLite starts the WAL over only after one that did; past this size the writer
+/// runs one itself between two commits (it copies little: the checkpointer did the rest).
+const WAL_RESTART_ABOVE: u64 = 64 << 20;
 /// An idle writer truncates a WAL larger than this (what a burst left behind).
 const IDLE_TRUNCATE_ABOVE: u64 = 4 << 20;
 /// When SQLite starts the WAL over after a complete checkpoint, it truncates it to this, so a
@@ -241,7 +239,8 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
-    conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
+    // Checkpoints are the checkpointer thread's (see CHECKPOINT_EVERY), not any commit's.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // The writer runs each job of a group in a savepoint, and SQLite keeps a savepoint's
     // rollback copy of every page it changes in a sub-journal: in a temporary file by default,
@@ -331,11 +330,17 @@ impl SqliteStore {
         let readers = (0..READERS).map(|_| reader().map(Mutex::new)).collect::<Result<Vec<_>, _>>()?;
         let (tx, rx) = mpsc::channel::<Job>();
         let refusing = Arc::new(AtomicBool::new(false));
-        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone())?;
+        let (poke, pokes) = mpsc::sync_channel(1);
+        let writer = Writer::new(connect(path)?, path, reserve, refusing.clone(), poke)?;
+        let checkpointer = connect(path)?;
         std::thread::Builder::new()
             .name("valv-sqlite-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Backend(format!("cannot start writer thread: {e}")))?;
+        std::thread::Builder::new()
+            .name("valv-sqlite-ckpt".into())
+            .spawn(move || run_checkpointer(&checkpointer, &pokes))
+            .map_err(|e| StoreError::Backend(format!("cannot start checkpointer thread: {e}")))?;
         Ok(SqliteStore { readers, next_reader: AtomicUsize::new(0), writer: Mutex::new(tx), admin: Mutex::new(first), refusing, path: path.to_path_buf() })
     }
 
@@ -424,12 +429,13 @@ struct Writer {
     refusing: Arc<AtomicBool>,
     last_recovery: Option<Instant>,
     last_growth_check: Option<Instant>,
-    /// The writer's `wal_autocheckpoint` now (it follows the free space).
-    autocheckpoint: i64,
+    /// Told after each commit that the WAL has new pages.
+    checkpoints: mpsc::SyncSender<()>,
+    last_wal_check: Option<Instant>,
 }
 
 impl Writer {
-    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>) -> Result<Writer, StoreError> {
+    fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>, checkpoints: mpsc::SyncSender<()>) -> Result<Writer, StoreError> {
         let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
         Ok(Writer {
             conn,
@@ -440,7 +446,8 @@ impl Writer {
             refusing,
             last_recovery: None,
             last_growth_check: None,
-            autocheckpoint: AUTOCHECKPOINT_PAGES,
+            checkpoints,
+            last_wal_check: None,
         })
     }
 
@@ -462,6 +469,8 @@ impl Writer {
                 }
             }
             let results = self.commit(&group);
+            let _ = self.checkpoints.try_send(());
+            self.keep_wal_short();
             for ((_, reply), result) in group.into_iter().zip(results) {
                 let _ = reply.send(result);
             }
@@ -514,7 +523,6 @@ impl Writer {
         }
         self.last_growth_check = Some(Instant::now());
         let free = self.reserve.as_ref().map_or(0, |r| r.free_bytes().unwrap_or(0));
-        self.follow_free_space(free);
         let pending = self.pending_growth();
         if pending > GROWTH_MARGIN {
             let room = free + self.reserve.as_ref().map_or(0, Reserve::held);
@@ -526,11 +534,16 @@ impl Writer {
         true
     }
 
-    /// Large WAL between checkpoints while the disk has room, SQLite's default when it is short.
-    fn follow_free_space(&mut self, free: u64) {
-        let want = if free < ROOMY_DISK { AUTOCHECKPOINT_SMALL_PAGES } else { AUTOCHECKPOINT_PAGES };
-        if want != self.autocheckpoint && self.conn.pragma_update(None, "wal_autocheckpoint", want).is_ok() {
-            self.autocheckpoint = want;
+    /// See [`WAL_RESTART_ABOVE`]; looked at every [`GROWTH_CHECK`].
+    fn keep_wal_short(&mut self) {
+        if self.last_wal_check.is_some_and(|t| t.elapsed() < GROWTH_CHECK) {
+            return;
+        }
+        self.last_wal_check = Some(Instant::now());
+        if file_len(&self.wal) > WAL_RESTART_ABOVE {
+            if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "checkpoint failed");
+            }
         }
     }
 
@@ -609,6 +622,32 @@ impl Writer {
                     Err(e) => tracing::warn!(error = %e, "the disk reserve could not be made"),
                 }
             }
+        }
+    }
+}
+
+/// Copies new WAL pages into the database at most every [`CHECKPOINT_EVERY`] while commits come
+/// in, on a connection of its own. PASSIVE: it never waits for readers or the writer, and SQLite
+/// starts the WAL over at the next commit once a checkpoint has copied all of it. Ends with the
+/// writer (its sender dropped).
+fn run_checkpointer(conn: &Connection, pokes: &mpsc::Receiver<()>) {
+    let mut last = Instant::now();
+    let mut pending = false;
+    loop {
+        let wait = if pending { CHECKPOINT_EVERY.saturating_sub(last.elapsed()) } else { IDLE };
+        match pokes.recv_timeout(wait) {
+            Ok(()) => pending = true,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if pending && last.elapsed() >= CHECKPOINT_EVERY {
+            // A failure (a full disk, an unwritable file) is the writer's to handle: it sees
+            // the WAL grow and refuses writes before a checkpoint could no longer fit.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "checkpoint failed");
+            }
+            last = Instant::now();
+            pending = false;
         }
     }
 }

@@ -212,9 +212,17 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     -- each resource on a random page: `valv import` of 1,000 synthetic patients 4,900 -> 7,800
     -- resources/s, the index a tenth of the size (bench/README.md). The list stays where it was,
     -- 16-byte tokens concatenated in `resources.tokens`; the index is on this function of it.
-    CREATE FUNCTION valv_tokens(list BYTEA) RETURNS BYTEA[] LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
-        SELECT coalesce(array_agg(substring(list FROM i * 16 + 1 FOR 16) ORDER BY i), '{}')
-        FROM generate_series(0, length(list) / 16 - 1) AS i
+    -- PL/pgSQL, not SQL: a SQL function with a FROM is parsed and planned again in every
+    -- statement that calls it (measured: +110 us per single-row statement, against +22 us).
+    CREATE FUNCTION valv_tokens(list BYTEA) RETURNS BYTEA[] LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    DECLARE
+        out BYTEA[] := '{}';
+    BEGIN
+        FOR i IN 0 .. length(list) / 16 - 1 LOOP
+            out := out || substring(list FROM i * 16 + 1 FOR 16);
+        END LOOP;
+        RETURN out;
+    END
     $$;
     CREATE INDEX resources_tokens ON resources USING gin (valv_tokens(tokens));
     DROP TABLE search_tokens;
