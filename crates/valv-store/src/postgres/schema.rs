@@ -1,12 +1,12 @@
 //! The PostgreSQL schema: migrations, and what the serving role is granted.
 //!
-//! The tables mirror SQLite's (same rows, same invariants), with three choices of their own:
+//! The tables mirror SQLite's (same rows, same invariants), with four choices of their own:
 //! every text column compares in the "C" collation (byte order, as SQLite: listings come out in
 //! the same order whatever the database's locale, and B-trees compare faster); every row a
 //! patient owns carries the patient's id (`resources`, `versions`), the distribution key of the
 //! Citus plan in docs/OPERATIONS.md; search tokens are a GIN index over each resource's token
-//! list (`valv_tokens(tokens)`, migration 3) rather than SQLite's row per token; and the audit log refuses change to
-//! every role by trigger, on top of the grants.
+//! list (`valv_tokens(tokens)`, migration 3) rather than SQLite's row per token; and the audit
+//! log refuses change to every role by trigger, on top of the grants.
 
 /// One migration per version, applied in order; a database records the highest it has in
 /// `valv_schema`.
@@ -209,7 +209,7 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     -- Search tokens: a GIN index over each resource's token list instead of a row per (token,
     -- resource). GIN keeps each distinct token once with a compressed list of rows, and takes
     -- new entries into a pending list merged in bulk, where a B-tree of rows took each token of
-    -- each resource on a random page: `valv import` of 1,000 synthetic patients 4,900 -> 7,800
+    -- each resource on a random page: `valv import` of 1,000 synthetic patients 4,935 -> 8,079
     -- resources/s, the index a tenth of the size (bench/README.md). The list stays where it was,
     -- 16-byte tokens concatenated in `resources.tokens`; the index is on this function of it.
     -- PL/pgSQL, not SQL: a SQL function with a FROM is parsed and planned again in every
