@@ -530,6 +530,16 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         Some(tag) => Some(valv_fhir::bundle::parse_etag(tag).ok_or_else(|| ApiError::bad_request(format!("If-Match '{tag}' is not a version ETag such as W/\"1\"")))?),
         None => None,
     };
+    // Conditional create is not implemented (the CapabilityStatement says conditionalCreate
+    // false). A client sending the header relies on it not to make a duplicate, so it is refused
+    // before anything is read or written rather than ignored.
+    if req.headers().contains_key("if-none-exist") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "If-None-Exist (conditional create) is not supported: nothing was created; search for the resource first, then create it",
+        ));
+    }
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let (body, reservation) = if method == Method::POST || method == Method::PUT {

@@ -68,6 +68,10 @@ async fn bad_inputs_table() {
     let mut bad_if_match = case("malformed If-Match", "PUT", &pp, Some(&format!("{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}}")), 400, "If-Match");
     bad_if_match.headers = vec![("if-match", "banana")];
     cases.push(bad_if_match);
+    // A retrying client relies on If-None-Exist not to make a duplicate: refused, never ignored.
+    let mut conditional = case("conditional create", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"name\":[{\"family\":\"Twice\"}]}"), 400, "If-None-Exist");
+    conditional.headers = vec![("if-none-exist", "family=Twice")];
+    cases.push(conditional);
     let mut stale = case("stale If-Match", "PUT", &pp, Some(&format!("{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}}")), 412, "version");
     stale.headers = vec![("if-match", "W/\"5\"")];
     cases.push(stale);
