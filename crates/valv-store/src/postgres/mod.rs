@@ -17,6 +17,7 @@
 //!   then changes is caught by `valv audit verify`.
 
 mod audit;
+mod creates;
 mod credentials;
 mod load;
 mod pool;
@@ -136,6 +137,7 @@ fn is_loopback(host: &str) -> bool {
 pub struct PgStore {
     pool: Arc<Pool>,
     audit: audit::Appender,
+    creates: creates::Creator,
     /// The connection holding the integrator's advisory lock while this process leads.
     leader: tokio::sync::Mutex<Option<pool::Conn>>,
     /// API-key records, while a connection listens for their changes.
@@ -150,7 +152,7 @@ impl PgStore {
         let (config, tls) = connection_config(settings)?;
         let pool = Arc::new(Pool::new(config.clone(), tls.clone(), settings.pool_size));
         let credentials = Arc::new(credentials::KeyCache::default());
-        let store = PgStore { audit: audit::Appender::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None), credentials };
+        let store = PgStore { audit: audit::Appender::start(pool.clone()), creates: creates::Creator::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None), credentials };
         let version = store.schema_version().await?;
         let newest = newest_version();
         if version > newest {

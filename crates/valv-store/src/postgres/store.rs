@@ -160,7 +160,7 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
 
 /// Writes that only create, in one statement of its own transaction (`valv_create`, schema
 /// migration 2): a create and an imported bundle cost one round trip.
-async fn create_all(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> {
+pub(super) async fn create_all(c: &mut Conn, writes: &[&Write]) -> Result<(), StoreError> {
     let mut keys: Vec<(String, &[u8])> = Vec::new();
     let (mut types, mut ids, mut versions, mut deleted, mut patients, mut updated, mut tokens, mut bodies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -551,10 +551,10 @@ impl Store for PgStore {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        let mut c = self.pool.get().await?;
         if writes.iter().all(|w| w.expect == Expect::Absent) {
-            return create_all(&mut c, &writes).await;
+            return self.creates.create(writes).await;
         }
+        let mut c = self.pool.get().await?;
         c.begin().await?;
         let outcome = apply_writes(&mut c, &writes).await;
         c.finish(outcome).await

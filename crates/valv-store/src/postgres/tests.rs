@@ -371,3 +371,32 @@ async fn version_3_indexes_the_token_lists_of_a_version_2_database() {
     let left: bool = owner.query_one("SELECT to_regclass('search_tokens') IS NULL", &[]).await.expect("catalog").get(0);
     assert!(left, "the table of token rows is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_share_groups_and_keep_their_own_outcomes() {
+    let pg = Cluster::start();
+    let store = Arc::new(migrated(&pg).await);
+    let create = |id: String| Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[1; 16]], sealed_with: None };
+    store.commit(vec![create("taken".into())]).await.expect("first");
+    // Many at once, so groups form; one of them names a resource that exists.
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..64 {
+        let store = store.clone();
+        let id = if n == 40 { "taken".to_string() } else { format!("p{n}") };
+        let writes = vec![create(id.clone()), create(format!("{id}-b"))];
+        tasks.spawn(async move { (id, store.commit(writes).await) });
+    }
+    let mut made = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (id, outcome) = joined.expect("task");
+        if id == "taken" {
+            assert!(matches!(outcome, Err(StoreError::Conflict(_))), "the request naming an existing resource fails alone: {outcome:?}");
+        } else {
+            outcome.expect("the others are written");
+            made += 1;
+        }
+    }
+    assert_eq!(made, 63);
+    assert!(store.read_current("Patient", "p63-b").await.expect("read").is_some());
+    assert!(store.read_current("Patient", "taken-b").await.expect("read").is_none(), "nothing of the failed request stays");
+}
