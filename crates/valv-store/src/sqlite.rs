@@ -513,9 +513,7 @@ impl Writer {
     /// the new pages waiting in the WAL would no longer fit in what a checkpoint could use
     /// (free space plus the reserve) — then the WAL must stop growing until one can run.
     fn has_headroom(&mut self) -> bool {
-        if self.reserve.is_none() {
-            return true;
-        }
+        let Some(reserve) = &self.reserve else { return true };
         if self.refusing.load(Ordering::Acquire) {
             return self.recover(false);
         }
@@ -525,10 +523,9 @@ impl Writer {
             return true;
         }
         self.last_growth_check = Some(Instant::now());
-        let free = self.reserve.as_ref().map_or(0, |r| r.free_bytes().unwrap_or(0));
         let pending = self.pending_growth();
         if pending > GROWTH_MARGIN {
-            let room = free + self.reserve.as_ref().map_or(0, Reserve::held);
+            let room = reserve.free_bytes().unwrap_or(0) + reserve.held();
             if pending + GROWTH_MARGIN > room {
                 self.refuse("checkpoints are failing and a later one would no longer fit on the disk");
                 return self.recover(true);
