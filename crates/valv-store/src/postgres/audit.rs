@@ -36,18 +36,7 @@ impl Appender {
 }
 
 async fn run(pool: Arc<Pool>, mut jobs: mpsc::Receiver<Job>) {
-    while let Some(first) = jobs.recv().await {
-        let mut entries = first.0.len();
-        let mut group = vec![first];
-        while entries < MAX_GROUP_ENTRIES {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    entries += job.0.len();
-                    group.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+    while let Some(group) = super::gather(&mut jobs, MAX_GROUP_ENTRIES, |(rows, _)| rows.len()).await {
         match commit_group(&pool, &group).await {
             Ok(first_index) => {
                 let mut next = first_index;

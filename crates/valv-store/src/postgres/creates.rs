@@ -43,22 +43,8 @@ impl Creator {
 
 async fn run(pool: Arc<Pool>, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
     loop {
-        let group = {
-            let mut jobs = jobs.lock().await;
-            let Some(first) = jobs.recv().await else { return };
-            let mut resources = first.0.len();
-            let mut group = vec![first];
-            while resources < MAX_GROUP_RESOURCES {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        resources += job.0.len();
-                        group.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
-            group
-        };
+        let gathered = super::gather(&mut *jobs.lock().await, MAX_GROUP_RESOURCES, |(writes, _)| writes.len()).await;
+        let Some(group) = gathered else { return };
         write_group(&pool, group).await;
     }
 }

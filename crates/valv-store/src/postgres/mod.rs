@@ -211,6 +211,24 @@ impl PgStore {
     }
 }
 
+/// A group for a group commit: the next job (waiting for one), then every job already queued
+/// while the group's `size` stays under `max`. `None` once the queue is closed.
+async fn gather<J>(jobs: &mut tokio::sync::mpsc::Receiver<J>, max: usize, size: impl Fn(&J) -> usize) -> Option<Vec<J>> {
+    let first = jobs.recv().await?;
+    let mut total = size(&first);
+    let mut group = vec![first];
+    while total < max {
+        match jobs.try_recv() {
+            Ok(job) => {
+                total += size(&job);
+                group.push(job);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(group)
+}
+
 fn newest_version() -> i32 {
     schema::MIGRATIONS.last().map_or(0, |(v, _)| *v)
 }
