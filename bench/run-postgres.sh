@@ -10,6 +10,9 @@
 # in interleaved rounds:
 #
 #   read     GET /fhir/Observation/{id} over 1,000 ids, audited (SQLite, PostgreSQL)
+#   search   GET /fhir/Patient?identifier=urn:valv:synthetic:mrn|… over every patient: a
+#            blind-index lookup (SQLite's token B-tree, PostgreSQL's GIN index), decrypt,
+#            re-check, audit, Bundle (SQLite, PostgreSQL)
 #   create   POST /fhir/Observation, Prefer: return=minimal (SQLite, PostgreSQL)
 #   two      reads from two wrk processes (1 thread, CONNECTIONS/2 each): both against one
 #            PostgreSQL server, then one against each of two servers on the same database
@@ -89,6 +92,13 @@ for backend in sqlite postgres; do
   fetch "$backend" "/fhir/Observation?_count=1000" | python3 -c 'import json,sys; [print(e["resource"]["id"]) for e in json.load(sys.stdin).get("entry",[])]' > "$out/$backend.ids"
   [ -s "$out/$backend.ids" ] || { echo "bench: no observations on $backend: $(fetch "$backend" "/fhir/Observation?_count=1" | head -c 300)" >&2; exit 1; }
   fetch "$backend" "/fhir/Patient?_count=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])' > "$out/$backend.patient"
+  fetch "$backend" "/fhir/Patient?_count=1000" | python3 -c '
+import json,sys
+for e in json.load(sys.stdin).get("entry",[]):
+    for i in e["resource"].get("identifier",[]):
+        if i.get("system")=="urn:valv:synthetic:mrn": print(i["system"]+"|"+i["value"])
+' > "$out/$backend.mrns"
+  [ -s "$out/$backend.mrns" ] || { echo "bench: no patient identifiers on $backend" >&2; exit 1; }
 done
 cp "$out/postgres.ids" "$out/postgres2.ids"
 observation() { echo '{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/'"$(cat "$out/$1.patient")"'"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}'; }
@@ -126,6 +136,15 @@ $report
 LUA
 done
 for backend in sqlite postgres; do
+  cat > "$out/$backend-search.lua" <<LUA
+local items = {}
+function init(args) for line in io.lines(args[1]) do items[#items + 1] = line end end
+request = function()
+  return wrk.format("GET", "/fhir/Patient?identifier=" .. items[math.random(#items)], {["Authorization"] = "Bearer ${KEY[$backend]}"})
+end
+$(failure "$backend-search")
+$report
+LUA
   cat > "$out/$backend-create.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Authorization"] = "Bearer ${KEY[$backend]}"
@@ -173,6 +192,9 @@ for round in $(seq "$ROUNDS"); do
   b=$(wrk_on postgres / 1 "$half" "$out/postgres-read.lua" -- "$out/postgres.ids" & wrk_on postgres2 / 1 "$half" "$out/postgres2-read.lua" -- "$out/postgres2.ids"; wait)
   record "read/postgres-two-servers" "$(echo "$b" | sum_of_two)"
   for backend in sqlite postgres; do
+    record "search/$backend" "$(wrk_on "$backend" / 2 "$CONNS" "$out/$backend-search.lua" -- "$out/$backend.mrns")"
+  done
+  for backend in sqlite postgres; do
     record "create/$backend" "$(wrk_on "$backend" /fhir/Observation 2 "$CONNS" "$out/$backend-create.lua")"
   done
 done
@@ -191,6 +213,7 @@ for name, runs in rows.items():
     med[name] = m[0]
     print(f"{name:34s} {m[0]:8.0f} req/s   p50 {m[1]:7.2f} ms   p99 {m[2]:7.2f} ms   errors {sum(r[3] for r in runs)}")
 print(f"reads on PostgreSQL: {100 * med['read/postgres'] / med['read/sqlite']:.0f}% of SQLite (target >= 70%)")
+print(f"searches by identifier on PostgreSQL: {100 * med['search/postgres'] / med['search/sqlite']:.0f}% of SQLite")
 print(f"creates on PostgreSQL: {med['create/postgres']:.0f}/s (target >= 3,000/s); {100 * med['create/postgres'] / med['create/sqlite']:.0f}% of SQLite")
 print(f"two servers on one database: {med['read/postgres-two-servers'] / med['read/postgres-one-server-2wrk']:.2f}x one server under the same load (target >= 1)")
 PY
