@@ -1581,6 +1581,52 @@ mod tests {
         done as f64 / busy
     }
 
+    /// Under unbroken writes the checkpointer never reaches the end of the WAL; the writer must
+    /// start it over past WAL_RESTART_ABOVE, or the file grows with everything written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_stays_short_under_unbroken_writes() {
+        let path = temp_db();
+        let store = std::sync::Arc::new(SqliteStore::open(&path).expect("open"));
+        let wal = wal_path(&path);
+        let watcher = {
+            let wal = wal.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                for _ in 0..160 {
+                    peak = peak.max(file_len(&wal));
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                peak
+            })
+        };
+        // 64 writers, 4 KiB entries, for 3 s: hundreds of MiB through the WAL, never a pause.
+        let until = Instant::now() + Duration::from_secs(3);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    while Instant::now() < until {
+                        let row = crate::AuditRow { leaf_hash: [7; 32], sealed: vec![9; 4096], patient_token: None, query_sealed: None };
+                        s.append_audit(vec![row]).await.expect("append");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let written = store.audit_size().await.expect("size") * 4096;
+        let peak = watcher.join().expect("watcher");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        assert!(written > 8 * JOURNAL_SIZE_LIMIT as u64, "enough was written to tell: {} MiB", written >> 20);
+        // The restart is looked at every GROWTH_CHECK, so the WAL overshoots by what that long
+        // writes (~12 MiB here) beyond the size SQLite truncates it back to.
+        assert!(peak <= 4 * JOURNAL_SIZE_LIMIT as u64, "the WAL peaked at {} MiB of {} MiB written", peak >> 20, written >> 20);
+    }
+
     /// `cargo test -p valv-store --release -- --ignored --nocapture write_throughput`: what the
     /// headroom checks (per group: page count, file size, statvfs) and the idle truncation cost.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

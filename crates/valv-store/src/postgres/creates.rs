@@ -7,6 +7,7 @@
 use super::pool::Pool;
 use super::store::create_all;
 use crate::{StoreError, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -21,16 +22,25 @@ type Job = (Vec<Write>, oneshot::Sender<Result<(), StoreError>>);
 
 pub(super) struct Creator {
     queue: mpsc::Sender<Job>,
+    /// Requests written together with others in one call (a test's evidence that groups form).
+    #[cfg_attr(not(test), allow(dead_code))]
+    grouped: Arc<AtomicU64>,
 }
 
 impl Creator {
     pub(super) fn start(pool: Arc<Pool>) -> Creator {
         let (queue, jobs) = mpsc::channel(QUEUE);
         let jobs = Arc::new(Mutex::new(jobs));
+        let grouped = Arc::new(AtomicU64::new(0));
         for _ in 0..WRITERS {
-            tokio::spawn(run(pool.clone(), jobs.clone()));
+            tokio::spawn(run(pool.clone(), jobs.clone(), grouped.clone()));
         }
-        Creator { queue }
+        Creator { queue, grouped }
+    }
+
+    #[cfg(test)]
+    pub(super) fn grouped(&self) -> u64 {
+        self.grouped.load(Ordering::Relaxed)
     }
 
     /// Creates durably, all of `writes` or nothing.
@@ -41,18 +51,19 @@ impl Creator {
     }
 }
 
-async fn run(pool: Arc<Pool>, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+async fn run(pool: Arc<Pool>, jobs: Arc<Mutex<mpsc::Receiver<Job>>>, grouped: Arc<AtomicU64>) {
     loop {
         let gathered = super::gather(&mut *jobs.lock().await, MAX_GROUP_RESOURCES, |(writes, _)| writes.len()).await;
         let Some(group) = gathered else { return };
-        write_group(&pool, group).await;
+        write_group(&pool, group, &grouped).await;
     }
 }
 
-async fn write_group(pool: &Pool, group: Vec<Job>) {
+async fn write_group(pool: &Pool, group: Vec<Job>, grouped: &AtomicU64) {
     if group.len() > 1 {
         let all: Vec<&Write> = group.iter().flat_map(|(writes, _)| writes).collect();
         if create_in_pool(pool, &all).await.is_ok() {
+            grouped.fetch_add(group.len() as u64, Ordering::Relaxed);
             for (_, reply) in group {
                 let _ = reply.send(Ok(()));
             }

@@ -382,7 +382,17 @@ async fn concurrent_creates_share_groups_and_keep_their_own_outcomes() {
     let store = Arc::new(migrated(&pg).await);
     let create = |id: String| Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[1; 16]], sealed_with: None };
     store.commit(vec![create("taken".into())]).await.expect("first");
-    // Many at once, so groups form; one of them names a resource that exists.
+    // Many at once: groups form.
+    let mut wave = tokio::task::JoinSet::new();
+    for n in 0..64 {
+        let store = store.clone();
+        wave.spawn(async move { store.commit(vec![create(format!("w{n}"))]).await });
+    }
+    while let Some(joined) = wave.join_next().await {
+        joined.expect("task").expect("written");
+    }
+    assert!(store.creates.grouped() > 0, "some requests were written together");
+    // Again, one of them naming a resource that exists.
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..64 {
         let store = store.clone();
