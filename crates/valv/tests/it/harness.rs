@@ -5,7 +5,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -173,8 +172,10 @@ pub fn quoted(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+/// The port in `valv serve`'s line "Valv serving HTTPS on https://127.0.0.1:PORT/fhir …".
+fn served_port(line: &str) -> Option<u16> {
+    let rest = line.strip_prefix("Valv serving HTTPS on https://127.0.0.1:")?;
+    rest.split('/').next()?.parse().ok()
 }
 
 /// Runs a `valv` subcommand against a data directory; returns stdout, panics on failure.
@@ -349,26 +350,36 @@ impl Server {
         s
     }
 
-    /// (Re)starts the server process on a fresh port and waits until it answers.
+    /// (Re)starts the server process on a port the kernel picks and waits until it answers.
+    /// The port is read from the line `valv serve` prints once it listens: choosing a free port
+    /// first and waiting for a listener on it raced with parallel tests (another process could
+    /// take the port in between, and its listener was taken for this server's).
     pub fn restart(&mut self) {
         // A server still running (a test that did not stop it) is not left behind.
         self.kill9();
-        self.port = free_port();
         let mut cmd = valv();
-        cmd.arg("--data-dir").arg(&self.data).args(["serve", "--listen", &format!("127.0.0.1:{}", self.port)]);
+        cmd.arg("--data-dir").arg(&self.data).args(["serve", "--listen", "127.0.0.1:0"]);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        cmd.stdout(Stdio::null()).stderr(Stdio::from(
+        cmd.stdout(Stdio::piped()).stderr(Stdio::from(
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("server.log")).expect("log file"),
         ));
-        self.child = Some(cmd.spawn().expect("spawn valv serve"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+        let mut child = cmd.spawn().expect("spawn valv serve");
+        let stdout = child.stdout.take().expect("stdout");
+        self.child = Some(child);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads stdout to its end, so that the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(port) = served_port(&line) {
+                    let _ = tx.send(port);
+                }
             }
-            std::thread::sleep(Duration::from_millis(25));
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(port) => self.port = port,
+            Err(_) => panic!("valv serve did not start; see {}", self.dir.join("server.log").display()),
         }
-        panic!("valv serve did not start; see {}", self.dir.join("server.log").display());
     }
 
     /// A second admin's API key (two-person rule for accounts made over the admin API).
