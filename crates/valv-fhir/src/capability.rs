@@ -18,7 +18,7 @@ fn kind_code(k: ParamKind) -> &'static str {
     }
 }
 
-fn resource_entry(t: &str) -> Value {
+fn resource_entry(t: &str, update_create: bool) -> Value {
     let mut params = vec![
         json!({"name":"_id","type":"token"}),
         json!({"name":"_lastUpdated","type":"date"}),
@@ -33,18 +33,19 @@ fn resource_entry(t: &str) -> Value {
         "interaction": interactions,
         "versioning": "versioned-update",
         "readHistory": true,
-        "updateCreate": false,
-        "conditionalCreate": false,
-        "conditionalUpdate": false,
-        "conditionalDelete": "not-supported",
+        "updateCreate": update_create,
+        "conditionalCreate": true,
+        "conditionalUpdate": true,
+        "conditionalDelete": "single",
         "searchParam": params,
     })
 }
 
 /// The CapabilityStatement. `date` is the server's start time (an R4 dateTime), `base` the
-/// FHIR base URL.
-pub fn capability_statement(software_version: &str, date: &str, base: &str) -> Value {
-    let mut resources: Vec<Value> = crate::r4::resource_types().iter().copied().filter(|t| is_storable(t)).map(resource_entry).collect();
+/// FHIR base URL, `update_create` whether a PUT to an unknown id creates it.
+pub fn capability_statement(software_version: &str, date: &str, base: &str, update_create: bool) -> Value {
+    let mut resources: Vec<Value> =
+        crate::r4::resource_types().iter().copied().filter(|t| is_storable(t)).map(|t| resource_entry(t, update_create)).collect();
     // AuditEvents come from the audit log: searchable by auditors, never written through the API.
     let audit_params: Vec<Value> = [("patient", "reference"), ("agent", "token"), ("date", "date"), ("outcome", "token"), ("action", "token")]
         .iter()
@@ -84,7 +85,7 @@ mod tests {
 
     #[test]
     fn lists_search_params_truthfully() {
-        let cs = capability_statement("0.1.0", "2026-01-01", "https://localhost/fhir");
+        let cs = capability_statement("0.1.0", "2026-01-01", "https://localhost/fhir", true);
         let obs = cs["rest"][0]["resource"].as_array().and_then(|r| r.iter().find(|e| e["type"] == "Observation")).cloned();
         let obs = obs.expect("Observation listed");
         let names: Vec<&str> = obs["searchParam"].as_array().map(|a| a.iter().filter_map(|p| p["name"].as_str()).collect()).unwrap_or_default();
@@ -93,6 +94,9 @@ mod tests {
         }
         let audit = cs["rest"][0]["resource"].as_array().and_then(|r| r.iter().find(|e| e["type"] == "AuditEvent")).cloned().expect("AuditEvent listed");
         assert_eq!(audit["interaction"], serde_json::json!([{"code": "search-type"}]), "search only, never written");
+        assert_eq!((obs["conditionalCreate"].clone(), obs["conditionalDelete"].clone(), obs["updateCreate"].clone()), (json!(true), json!("single"), json!(true)));
+        let off = capability_statement("0.1.0", "2026-01-01", "https://localhost/fhir", false);
+        assert!(off["rest"][0]["resource"].as_array().expect("resources").iter().filter(|r| r["type"] != "AuditEvent").all(|r| r["updateCreate"] == false));
         crate::r4::validate(&cs).expect("the CapabilityStatement is valid R4");
     }
 }

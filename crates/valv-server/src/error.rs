@@ -73,6 +73,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(what) => ApiError::not_found(format!("{what} is not known")),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::PreconditionFailed(m) => ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", m),
+            StoreError::Matched(m) => ApiError::new(StatusCode::PRECONDITION_FAILED, "duplicate", format!("a resource matching the condition was written meanwhile ({m}); nothing was created")),
             StoreError::NotAllowed(m) => ApiError::method_not_allowed(m),
             StoreError::Invalid(f) => f.into(),
             StoreError::Gone(m) => ApiError::new(StatusCode::GONE, "deleted", m),

@@ -87,6 +87,8 @@ pub struct App {
     pub refusal_log: compact::Compactor,
     /// Erasure: the retention duty, the ledger's folders and signing key.
     pub erasure: erasure::ErasureSettings,
+    /// Whether a PUT to an unknown id creates the resource with that id (`[fhir] update_create`).
+    pub update_create: bool,
 }
 
 impl App {
@@ -391,7 +393,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
 /// parameter (milliseconds of CPU), and it cannot change while the server runs.
 fn capability(app: &App) -> Reply {
     let bytes = app.capability.get_or_init(|| {
-        let statement = valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url);
+        let statement = valv_fhir::capability::capability_statement(env!("CARGO_PKG_VERSION"), &app.started, &app.base_url, app.update_create);
         Bytes::from(serde_json::to_vec(&statement).unwrap_or_default())
     });
     Reply { text: Some((FHIR_JSON, bytes.clone())), ..Reply::empty(StatusCode::OK) }
@@ -530,16 +532,17 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         Some(tag) => Some(valv_fhir::bundle::parse_etag(tag).ok_or_else(|| ApiError::bad_request(format!("If-Match '{tag}' is not a version ETag such as W/\"1\"")))?),
         None => None,
     };
-    // Conditional create is not implemented (the CapabilityStatement says conditionalCreate
-    // false). A client sending the header relies on it not to make a duplicate, so it is refused
-    // before anything is read or written rather than ignored.
-    if req.headers().contains_key("if-none-exist") {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "not-supported",
-            "If-None-Exist (conditional create) is not supported: nothing was created; search for the resource first, then create it",
-        ));
-    }
+    // Conditional create: the search parameters, bare or (as some clients send them) after a
+    // relative URL's '?'.
+    let if_none_exist = match req.headers().get("if-none-exist") {
+        None => None,
+        Some(v) => {
+            let text = v.to_str().map_err(|_| ApiError::bad_request("If-None-Exist must be search parameters in visible ASCII"))?;
+            let text = text.split_once('?').map_or(text, |(_, q)| q);
+            Some(query::parse(text).map_err(ApiError::bad_request)?)
+        }
+    };
+    let conditional_create = if_none_exist.is_some();
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let (body, reservation) = if method == Method::POST || method == Method::PUT {
@@ -554,8 +557,10 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         ([], Some(body)) if method == Method::POST => I::Bundle { body },
         ([], _) => return Err(not_allowed("POST (transaction or batch Bundle)")),
         ([rt], None) if method == Method::GET => I::Search { resource_type: t(rt), pairs },
-        ([rt], Some(body)) if method == Method::POST => I::Create { resource_type: t(rt), body },
-        ([_], _) => return Err(not_allowed("GET (search), POST (create)")),
+        ([rt], Some(body)) if method == Method::POST => I::Create { resource_type: t(rt), body, if_none_exist },
+        ([rt], Some(body)) if method == Method::PUT && !pairs.is_empty() => I::ConditionalUpdate { resource_type: t(rt), pairs, body, if_match },
+        ([rt], None) if method == Method::DELETE && !pairs.is_empty() => I::ConditionalDelete { resource_type: t(rt), pairs },
+        ([_], _) => return Err(not_allowed("GET (search), POST (create), PUT and DELETE with search criteria (conditional update and delete)")),
         ([rt, "_history"], None) if method == Method::GET => I::HistoryType { resource_type: t(rt), pairs },
         ([rt, id], None) if method == Method::GET => I::Read { resource_type: t(rt), id: t(id) },
         ([rt, id], Some(body)) if method == Method::PUT => I::Update { resource_type: t(rt), id: t(id), body, if_match },
@@ -572,6 +577,10 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         ([_, _, "_history", ..], _) => return Err(not_allowed("GET")),
         _ => return Err(ApiError::not_found(format!("no FHIR interaction at {path}"))),
     };
+    // A client relying on If-None-Exist not to make a duplicate is never silently ignored.
+    if conditional_create && !matches!(interaction, I::Create { .. }) {
+        return Err(ApiError::bad_request("If-None-Exist applies only to a create (POST /fhir/{type}); nothing was done"));
+    }
     Ok((interaction, reservation))
 }
 

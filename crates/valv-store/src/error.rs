@@ -7,6 +7,9 @@ pub enum StoreError {
     /// A concurrent writer changed the resource, or it exists already.
     #[error("version conflict: {0}")]
     Conflict(String),
+    /// A conditional create found a resource matching its condition when it committed.
+    #[error("a resource matching the condition exists: {0}")]
+    Matched(String),
     /// An If-Match version check failed.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),

@@ -55,6 +55,11 @@ pub struct Write {
     /// read it (None: the tenant key, or no body): the commit fails with
     /// [`StoreError::KeyChanged`] unless the version's patient's key is still stored so.
     pub sealed_with: Option<std::sync::Arc<[u8]>>,
+    /// For a create (`Expect::Absent`): applies only if no current resource matches this filter
+    /// — a conditional create — else the commit fails with [`StoreError::Matched`]. Checked in the
+    /// commit's transaction, serialised with every other conditional create of the same filter,
+    /// so that concurrent ones make one resource.
+    pub unless: Option<Filter>,
 }
 
 /// A resource's place without its content: enough to locate the patient and decide on access

@@ -732,6 +732,9 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
         let tokens: Vec<u8> = w.tokens.concat();
         let rid = match (w.expect, current) {
             (Expect::Absent, None) => {
+                if let Some(unless) = &w.unless {
+                    check_unmatched(conn, unless)?;
+                }
                 conn.prepare_cached(
                     "INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
@@ -770,6 +773,50 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// A search's SQL and its arguments (the same text for the same shape: cached statements).
+fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = String::from("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE r.type = ? AND r.deleted = 0");
+    let mut args: Vec<rusqlite::types::Value> = vec![filter.resource_type.clone().into()];
+    for group in &filter.token_groups {
+        sql.push_str(" AND r.rid IN (SELECT rid FROM search_tokens WHERE token IN (");
+        sql.push_str(&vec!["?"; group.len()].join(","));
+        sql.push_str("))");
+        args.extend(group.iter().map(|t| rusqlite::types::Value::Blob(t.to_vec())));
+    }
+    if let Some(ids) = &filter.ids {
+        sql.push_str(" AND r.id IN (");
+        sql.push_str(&vec!["?"; ids.len()].join(","));
+        sql.push(')');
+        args.extend(ids.iter().map(|i| rusqlite::types::Value::Text(i.clone())));
+    }
+    for ranges in &filter.last_updated {
+        let parts: Vec<&str> = ranges.iter().map(|_| "(r.last_updated >= ? AND r.last_updated < ?)").collect();
+        sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
+        for (from, to) in ranges {
+            args.push((*from).into());
+            args.push((*to).into());
+        }
+    }
+    sql.push_str(match filter.order {
+        Order::Created => " ORDER BY r.rid",
+        Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
+        Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
+    });
+    (sql, args)
+}
+
+/// Fails a conditional create if a current resource matches its condition. Run by the one
+/// writer inside its transaction (and under SQLite's write lock across processes), so no other
+/// write comes between this check and the insert.
+fn check_unmatched(conn: &Connection, filter: &Filter) -> Result<(), StoreError> {
+    let (sql, args) = search_sql(filter);
+    let found: Option<String> = conn.prepare_cached(&format!("{sql} LIMIT 1"))?.query_row(params_from_iter(args.iter()), |r| r.get(0)).optional()?;
+    match found {
+        Some(id) => Err(StoreError::Matched(format!("{}/{id}", filter.resource_type))),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a body sealed under a patient key that is no longer the stored one (rotated,
@@ -1217,33 +1264,7 @@ impl Store for SqliteStore {
 
     async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError> {
         self.with_reader(|c| {
-            let mut sql = String::from("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE r.type = ? AND r.deleted = 0");
-            let mut args: Vec<rusqlite::types::Value> = vec![filter.resource_type.clone().into()];
-            for group in &filter.token_groups {
-                sql.push_str(" AND r.rid IN (SELECT rid FROM search_tokens WHERE token IN (");
-                sql.push_str(&vec!["?"; group.len()].join(","));
-                sql.push_str("))");
-                args.extend(group.iter().map(|t| rusqlite::types::Value::Blob(t.to_vec())));
-            }
-            if let Some(ids) = &filter.ids {
-                sql.push_str(" AND r.id IN (");
-                sql.push_str(&vec!["?"; ids.len()].join(","));
-                sql.push(')');
-                args.extend(ids.iter().map(|i| rusqlite::types::Value::Text(i.clone())));
-            }
-            for ranges in &filter.last_updated {
-                let parts: Vec<&str> = ranges.iter().map(|_| "(r.last_updated >= ? AND r.last_updated < ?)").collect();
-                sql.push_str(&format!(" AND ({})", parts.join(" OR ")));
-                for (from, to) in ranges {
-                    args.push((*from).into());
-                    args.push((*to).into());
-                }
-            }
-            sql.push_str(match filter.order {
-                Order::Created => " ORDER BY r.rid",
-                Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
-                Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
-            });
+            let (sql, args) = search_sql(filter);
             // Same query shape, same SQL text: cached like every other statement.
             let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt
@@ -1515,18 +1536,18 @@ mod tests {
     async fn version_checks_and_atomic_groups() {
         let path = temp_db();
         let store = SqliteStore::open(&path).expect("open");
-        store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![[1; 16]], sealed_with: None }]).await.expect("create");
+        store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![[1; 16]], sealed_with: None, unless: None }]).await.expect("create");
         // A second create of the same id, and an update from a stale version, conflict (409).
-        let dup = store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![], sealed_with: None }]).await;
+        let dup = store.commit(vec![Write { expect: Expect::Absent, version: version("a", 1), tokens: vec![], sealed_with: None, unless: None }]).await;
         assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
-        store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![[2; 16]], sealed_with: None }]).await.expect("update");
-        let stale = store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![], sealed_with: None }]).await;
+        store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![[2; 16]], sealed_with: None, unless: None }]).await.expect("update");
+        let stale = store.commit(vec![Write { expect: Expect::Version(1), version: version("a", 2), tokens: vec![], sealed_with: None, unless: None }]).await;
         assert!(matches!(stale, Err(StoreError::Conflict(_))), "{stale:?}");
         // A request whose second write fails leaves its first write undone.
         let mixed = store
             .commit(vec![
-                Write { expect: Expect::Absent, version: version("b", 1), tokens: vec![], sealed_with: None },
-                Write { expect: Expect::Version(7), version: version("a", 8), tokens: vec![], sealed_with: None },
+                Write { expect: Expect::Absent, version: version("b", 1), tokens: vec![], sealed_with: None, unless: None },
+                Write { expect: Expect::Version(7), version: version("a", 8), tokens: vec![], sealed_with: None, unless: None },
             ])
             .await;
         assert!(mixed.is_err());
@@ -1539,6 +1560,35 @@ mod tests {
         let (hist, total) = store.history("Patient", Some("a"), 0, 10).await.expect("history");
         assert_eq!(total, 2);
         assert_eq!(hist[0].version, 2, "newest first");
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conditional_create_commits_only_while_nothing_matches() {
+        let path = temp_db();
+        let store = std::sync::Arc::new(SqliteStore::open(&path).expect("open"));
+        let unless = Filter { resource_type: "Patient".into(), token_groups: vec![vec![[6; 16]]], ..Filter::default() };
+        // Sixteen at once, so that several land in one group commit of the writer.
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let (s, unless) = (store.clone(), unless.clone());
+                tokio::spawn(async move {
+                    s.commit(vec![Write { expect: Expect::Absent, version: version(&format!("c{i}"), 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(unless) }]).await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for t in tasks {
+            outcomes.push(t.await.expect("task"));
+        }
+        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+        assert!(outcomes.iter().all(|o| o.is_ok() || matches!(o, Err(StoreError::Matched(_)))), "{outcomes:?}");
+        assert_eq!(store.search(&unless).await.expect("search").len(), 1);
+        let other = Filter { token_groups: vec![vec![[7; 16]]], ..unless.clone() };
+        store.commit(vec![Write { expect: Expect::Absent, version: version("d", 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(other) }]).await.expect("create");
         drop(store);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
@@ -1650,7 +1700,7 @@ mod tests {
             let s = store.clone();
             // Every fourth request conflicts with an id taken by another.
             let id = if i % 4 == 0 { "shared".to_string() } else { format!("p{i}") };
-            tasks.push(tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![], sealed_with: None }]).await.is_ok() }));
+            tasks.push(tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![], sealed_with: None, unless: None }]).await.is_ok() }));
         }
         let mut ok = 0;
         for t in tasks {

@@ -52,8 +52,10 @@ pub struct Resource {
 /// One change of a commit.
 #[derive(Debug, Clone)]
 pub enum WriteOp {
-    /// A new resource with a server-assigned id (see [`new_id`]).
-    Create { resource_type: String, id: String, body: Value },
+    /// A new resource (an id from [`new_id`], or the client's own for an update-as-create);
+    /// with `unless`, only if nothing matches that condition when it commits (see
+    /// [`Vault::condition`]), else [`StoreError::Matched`].
+    Create { resource_type: String, id: String, body: Value, unless: Option<crate::Filter> },
     Update { resource_type: String, id: String, body: Value, if_match: Option<u64> },
     Delete { resource_type: String, id: String, if_match: Option<u64> },
 }
@@ -286,7 +288,8 @@ impl Vault {
         }
     }
 
-    async fn open_version(&self, v: StoredVersion, now: i64) -> Result<Resource, StoreError> {
+    /// Opens a stored version (a deletion has no body).
+    pub async fn open_version(&self, v: StoredVersion, now: i64) -> Result<Resource, StoreError> {
         let body = if v.deleted {
             None
         } else {
@@ -386,9 +389,9 @@ impl Vault {
     /// The write an operation needs (none for deleting what is already deleted) and its result.
     async fn prepare(&self, op: WriteOp, written: &HashSet<String>, now: i64) -> Result<(Option<Write>, Committed), StoreError> {
         match op {
-            WriteOp::Create { resource_type, id, body } => {
+            WriteOp::Create { resource_type, id, body, unless } => {
                 let w = self.seal_version(&resource_type, &id, 1, body, written, now).await?;
-                Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1, sealed_with: w.3 }), Committed { resource: w.2, created: true, changed: true }))
+                Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1, sealed_with: w.3, unless }), Committed { resource: w.2, created: true, changed: true }))
             }
             WriteOp::Update { resource_type, id, body, if_match } => {
                 let current = self.store.locate(&resource_type, &id).await?.ok_or_else(|| {
@@ -399,7 +402,7 @@ impl Vault {
                 check_if_match(&resource_type, &id, if_match, current.version)?;
                 let w = self.seal_version(&resource_type, &id, current.version + 1, body, written, now).await?;
                 Ok((
-                    Some(Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1, sealed_with: w.3 }),
+                    Some(Write { expect: Expect::Version(current.version), version: w.0, tokens: w.1, sealed_with: w.3, unless: None }),
                     Committed { resource: w.2, created: false, changed: true },
                 ))
             }
@@ -441,7 +444,7 @@ impl Vault {
                     body: None,
                 };
                 Ok((
-                    Some(Write { expect: Expect::Version(current.version), version, tokens: Vec::new(), sealed_with: None }),
+                    Some(Write { expect: Expect::Version(current.version), version, tokens: Vec::new(), sealed_with: None, unless: None }),
                     Committed { resource, created: false, changed: true },
                 ))
             }
@@ -549,6 +552,20 @@ impl Vault {
         let total = matched.len();
         let resources = if req.count_only { Vec::new() } else { matched.into_iter().skip(req.offset).take(req.count).collect() };
         Ok(SearchPage { total, resources })
+    }
+
+    /// The condition of a conditional create (`If-None-Exist`) as the store checks it: only
+    /// criteria the blind index answers exactly (tokens, references, `_id`, strings up to the
+    /// prefix length), since the store decides without decrypting; at least one criterion.
+    pub fn condition(&self, resource_type: &str, req: &SearchRequest) -> Result<Filter, StoreError> {
+        let (filter, exact) = self.filter_for(resource_type, req);
+        let usable = exact && filter.last_updated.is_empty() && (filter.ids.is_some() || !filter.token_groups.is_empty());
+        if !usable {
+            return Err(StoreError::Invalid(valv_fhir::FhirError::not_supported(
+                "the condition must name the resource exactly: use token, reference or _id parameters (such as identifier=system|value), or strings of at most 16 characters",
+            )));
+        }
+        Ok(Filter { order: crate::Order::Created, ..filter })
     }
 
     fn filter_for(&self, resource_type: &str, req: &SearchRequest) -> (Filter, bool) {
@@ -659,7 +676,7 @@ mod tests {
 
     async fn create(v: &Vault, resource_type: &str, body: Value) -> String {
         let id = new_id().expect("id");
-        v.commit(vec![WriteOp::Create { resource_type: resource_type.into(), id: id.clone(), body }], 1).await.expect("create");
+        v.commit(vec![WriteOp::Create { resource_type: resource_type.into(), id: id.clone(), body, unless: None }], 1).await.expect("create");
         id
     }
 

@@ -21,6 +21,23 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub retention: RetentionConfig,
     pub backup: BackupConfig,
+    pub fhir: FhirConfig,
+}
+
+/// Choices in the FHIR interactions (`[fhir]`; docs/API.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FhirConfig {
+    /// Update-as-create: a PUT to an id that does not exist creates the resource with the
+    /// client's id (R4 `updateCreate`; on, as in HAPI). Off: such a PUT is refused and every id
+    /// is the server's.
+    pub update_create: bool,
+}
+
+impl Default for FhirConfig {
+    fn default() -> Self {
+        FhirConfig { update_create: true }
+    }
 }
 
 /// Backups (`valv backup`, docs/OPERATIONS.md) and where the erasure ledger's copy goes.
@@ -809,6 +826,7 @@ impl Config {
     /// `VALV_MAX_BODY_BYTES`, `VALV_KEY_FILE`, `VALV_LOG`, `VALV_SIEM_ADDRESS`,
     /// `VALV_SIEM_SERVER_NAME`, `VALV_SIEM_CA_FILE`, `VALV_STORE`, `VALV_DATABASE_URL`,
     /// `VALV_DATABASE_PASSWORD_FILE`, `VALV_DATABASE_CA_FILE`, `VALV_LIMITS_<KEY>` for each `[limits]` key,
+    /// `VALV_FHIR_UPDATE_CREATE`,
     /// and `VALV_FAULT_AUDIT_APPENDS` (tests only).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(v) = get("VALV_LISTEN") {
@@ -825,6 +843,13 @@ impl Config {
         }
         if let Some(v) = get("VALV_ALLOW_TLS12") {
             self.server.allow_tls12 = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = get("VALV_FHIR_UPDATE_CREATE") {
+            self.fhir.update_create = match v.as_str() {
+                "1" | "true" | "yes" => true,
+                "0" | "false" | "no" => false,
+                _ => return Err(format!("VALV_FHIR_UPDATE_CREATE must be true or false, got '{v}'")),
+            };
         }
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;

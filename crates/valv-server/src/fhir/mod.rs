@@ -3,6 +3,7 @@
 //! through [`execute`]; transactions run through [`transaction`] so they commit atomically.
 
 
+mod conditional;
 pub mod export;
 use crate::audit::{AuditEvent, Outcome};
 pub use crate::request::{authenticate, record_unaudited, Ctx};
@@ -24,9 +25,14 @@ pub enum Interaction {
     Search { resource_type: String, pairs: Vec<(String, String)> },
     HistoryInstance { resource_type: String, id: String, pairs: Vec<(String, String)> },
     HistoryType { resource_type: String, pairs: Vec<(String, String)> },
-    Create { resource_type: String, body: Value },
+    /// With `if_none_exist`, a conditional create: the search parameters of `If-None-Exist`.
+    Create { resource_type: String, body: Value, if_none_exist: Option<Vec<(String, String)>> },
     Update { resource_type: String, id: String, body: Value, if_match: Option<u64> },
     Delete { resource_type: String, id: String, if_match: Option<u64> },
+    /// `PUT /fhir/{type}?{criteria}`
+    ConditionalUpdate { resource_type: String, pairs: Vec<(String, String)>, body: Value, if_match: Option<u64> },
+    /// `DELETE /fhir/{type}?{criteria}`
+    ConditionalDelete { resource_type: String, pairs: Vec<(String, String)> },
     Bundle { body: Value },
     /// `GET /fhir/Patient/{id}/$access-log`
     AccessLog { id: String },
@@ -47,7 +53,9 @@ impl Interaction {
             | Interaction::HistoryType { resource_type, .. }
             | Interaction::Create { resource_type, .. }
             | Interaction::Update { resource_type, .. }
-            | Interaction::Delete { resource_type, .. } => resource_type,
+            | Interaction::Delete { resource_type, .. }
+            | Interaction::ConditionalUpdate { resource_type, .. }
+            | Interaction::ConditionalDelete { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
             Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } => "Patient",
         }
@@ -60,8 +68,8 @@ impl Interaction {
             Interaction::Search { .. } => "fhir_search",
             Interaction::HistoryInstance { .. } | Interaction::HistoryType { .. } => "fhir_history",
             Interaction::Create { .. } => "fhir_create",
-            Interaction::Update { .. } => "fhir_update",
-            Interaction::Delete { .. } => "fhir_delete",
+            Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } => "fhir_update",
+            Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => "fhir_delete",
             Interaction::Bundle { .. } => "fhir_bundle",
             Interaction::AccessLog { .. } => "fhir_access_log",
             Interaction::BreakGlass { .. } => "fhir_break_glass",
@@ -141,7 +149,10 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::ExportRecord { id, body } => export::export_record(app, ctx, &id, body).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
-        Interaction::Create { resource_type, body } => create(app, ctx, &resource_type, body).await,
+        Interaction::Create { resource_type, body, if_none_exist: None } => create(app, ctx, &resource_type, body).await,
+        Interaction::Create { resource_type, body, if_none_exist: Some(pairs) } => conditional::create(app, ctx, &resource_type, body, &pairs).await,
+        Interaction::ConditionalUpdate { resource_type, pairs, body, if_match } => conditional::update_matching(app, ctx, &resource_type, &pairs, body, if_match).await,
+        Interaction::ConditionalDelete { resource_type, pairs } => conditional::delete_matching(app, ctx, &resource_type, &pairs).await,
         Interaction::Update { resource_type, id, body, if_match } => update(app, ctx, &resource_type, &id, body, if_match).await,
         Interaction::Delete { resource_type, id, if_match } => delete(app, ctx, &resource_type, &id, if_match).await,
         Interaction::Bundle { body } => process_bundle(app, ctx, body).await,
@@ -418,15 +429,31 @@ fn write_touch<'a>(interaction: &'static str, action: Action, resource_type: &'a
 async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     check_body(resource_type, &body)?;
-    let id = vault::new_id()?;
-    let patients = body_patients(resource_type, &id, &body);
-    let mut events = authorize_write(app, ctx, "create", Action::Create, resource_type, &id, &patients).await?;
-    let mut work = app.access.fact_scope(&[(resource_type, &id, Some(&body))])?;
-    events.extend(authorize_fact_change(app, ctx, &mut work, Action::Create, resource_type, &id, Some(&body)).await?);
+    create_as(app, ctx, resource_type, &vault::new_id()?, body, None).await?.ok_or_else(|| ApiError::internal("a create without a condition matched one"))
+}
+
+/// Creates `body` (checked) under `id`, decided and audited; with `unless`, only if nothing
+/// matches that condition when it commits — `None` when something did (another request wrote a
+/// match first): nothing was created, and the failure is audited.
+async fn create_as(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value, unless: Option<valv_store::Filter>) -> Result<Option<Reply>, ApiError> {
+    let patients = body_patients(resource_type, id, &body);
+    let mut events = authorize_write(app, ctx, "create", Action::Create, resource_type, id, &patients).await?;
+    let mut work = app.access.fact_scope(&[(resource_type, id, Some(&body))])?;
+    events.extend(authorize_fact_change(app, ctx, &mut work, Action::Create, resource_type, id, Some(&body)).await?);
     audit(app, events).await?;
-    let op = WriteOp::Create { resource_type: resource_type.to_string(), id: id.clone(), body };
-    let c = commit_one(app, ctx, op, &write_touch("create", Action::Create, resource_type, &id, patients[0].as_deref())).await?;
-    Ok(write_reply(ctx, StatusCode::CREATED, c.resource))
+    let op = WriteOp::Create { resource_type: resource_type.to_string(), id: id.to_string(), body, unless };
+    let touch = write_touch("create", Action::Create, resource_type, id, patients[0].as_deref());
+    match commit(app, vec![op], ctx.now).await {
+        Ok(mut c) => {
+            let c = c.pop().ok_or_else(|| ApiError::internal("the store returned no result"))?;
+            Ok(Some(write_reply(ctx, StatusCode::CREATED, c.resource)))
+        }
+        Err(e @ valv_store::StoreError::Matched(_)) => {
+            audit_failure(app, ctx, &touch, e.into()).await;
+            Ok(None)
+        }
+        Err(e) => Err(audit_failure(app, ctx, &touch, e.into()).await),
+    }
 }
 
 async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value, if_match: Option<u64>) -> Result<Reply, ApiError> {
@@ -440,11 +467,18 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     } else {
         return Err(ApiError::bad_request("an update body must carry the resource id"));
     }
-    // An unknown id (no update-as-create) is refused as an existing one of a patient the caller
-    // may not see would be, so that a PUT cannot probe ids.
     if app.vault.locate(resource_type, id).await?.is_none() {
+        if app.update_create && if_match.is_none() {
+            // Update-as-create: the client's id. Decided as a create on the body's patients.
+            return create_as(app, ctx, resource_type, id, body, None).await?.ok_or_else(|| ApiError::internal("a create without a condition matched one"));
+        }
+        // Refused as an existing one of a patient the caller may not see would be, so that a
+        // PUT cannot probe ids.
         let touch = write_touch("update", Action::Update, resource_type, id, None);
         refuse_unless_visible(app, ctx, &touch).await?;
+        if let Some(v) = if_match {
+            return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", format!("If-Match names version {v} but {resource_type}/{id} does not exist")));
+        }
     }
     // Both the patient the resource belonged to and the one it will belong to are touched.
     let mut patients = body_patients(resource_type, id, &body);
@@ -527,11 +561,14 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
                 }
                 check_body(&e.resource_type, &body).map_err(at)?;
                 let mut patients = body_patients(&e.resource_type, &id, &body);
-                if e.method == Method::Put {
+                // A PUT to an id that does not exist creates it (update-as-create, when on).
+                let creates = e.method == Method::Post
+                    || (app.update_create && e.if_match.is_none() && app.vault.locate(&e.resource_type, &id).await?.is_none());
+                if !creates {
                     add_current_owner(app, &e.resource_type, &id, &mut patients).await?;
                 }
-                if e.method == Method::Post {
-                    (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body }, "create", Action::Create, patients)
+                if creates {
+                    (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body, unless: None }, "create", Action::Create, patients)
                 } else {
                     let op = WriteOp::Update { resource_type: e.resource_type.clone(), id: id.clone(), body, if_match: e.if_match };
                     (op, "update", Action::Update, patients)
@@ -622,7 +659,7 @@ fn batch_interaction(e: bundle::Entry) -> Result<Interaction, ApiError> {
             let pairs = crate::http::query::parse(e.query.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;
             Interaction::Search { resource_type, pairs }
         }
-        (Method::Post, _) => Interaction::Create { resource_type, body: e.resource.unwrap_or(Value::Null) },
+        (Method::Post, _) => Interaction::Create { resource_type, body: e.resource.unwrap_or(Value::Null), if_none_exist: None },
         (Method::Put, Some(id)) => {
             let mut body = e.resource.unwrap_or(Value::Null);
             if let Value::Object(m) = &mut body {

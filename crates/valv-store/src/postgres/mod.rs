@@ -44,6 +44,9 @@ const AUDIT_APPEND_LOCK: i64 = 0x7661_6c76_0000_0002;
 const ERASURE_SEQ_LOCK: i64 = 0x7661_6c76_0000_0003;
 const INTEGRATOR_LOCK: i64 = 0x7661_6c76_0000_0004;
 const ERASURE_LOCK_SPACE: i32 = 0x7661_6c76;
+/// Advisory locks `(CONDITION_LOCK_SPACE, hashtext(condition))` serialise conditional creates of
+/// one condition across servers.
+const CONDITION_LOCK_SPACE: i32 = 0x7661_6c77;
 
 /// Maps a driver error to the store's: the server's own message (e.g. "permission denied for
 /// table audit_entries"), never the query or its values.

@@ -4,7 +4,7 @@
 //! creation of that patient's key take turns on an advisory lock.
 
 use super::pool::Conn;
-use super::{int, is_unique_violation, pg, uint, PgStore, ERASURE_LOCK_SPACE, ERASURE_SEQ_LOCK};
+use super::{int, is_unique_violation, pg, uint, PgStore, CONDITION_LOCK_SPACE, ERASURE_LOCK_SPACE, ERASURE_SEQ_LOCK};
 use crate::{
     ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, Filter, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
     StoredVersion, Token, UserRow, WrappedKey, Write,
@@ -120,6 +120,9 @@ async fn apply_writes(c: &mut Conn, writes: &[Write]) -> Result<(), StoreError> 
             .map_err(pg("reading a resource"))?;
         let rid: i64 = match (w.expect, current) {
             (Expect::Absent, None) => {
+                if let Some(unless) = &w.unless {
+                    check_unmatched(c, unless).await?;
+                }
                 let inserted = c
                     .query_one(
                         "INSERT INTO resources (type, id, version, deleted, patient, last_updated, tokens) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING rid",
@@ -293,6 +296,31 @@ async fn put_key_in(c: &mut Conn, name: &str, key: &WrappedKey, now: i64) -> Res
     match row {
         Some(r) => wrapped_at(&r, 0),
         None => Err(StoreError::Gone(format!("no key is made for {name}: the patient's data was erased"))),
+    }
+}
+
+/// Fails a conditional create if a current resource matches its condition. The transaction
+/// first takes an advisory lock on the condition (held to its end), so conditional creates of
+/// the same condition run one after another on every server, and this check — a new snapshot
+/// under READ COMMITTED — sees what the one before committed.
+async fn check_unmatched(c: &mut Conn, filter: &Filter) -> Result<(), StoreError> {
+    let mut key = filter.resource_type.clone();
+    for group in &filter.token_groups {
+        key.push('&');
+        let mut hex: Vec<String> = group.iter().map(|t| t.iter().map(|b| format!("{b:02x}")).collect()).collect();
+        hex.sort();
+        key.push_str(&hex.join("|"));
+    }
+    for id in filter.ids.iter().flatten() {
+        key.push_str("&id=");
+        key.push_str(id);
+    }
+    c.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&CONDITION_LOCK_SPACE, &key]).await.map_err(pg("waiting for a conditional create"))?;
+    let (sql, args) = search_sql(filter);
+    let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
+    match c.query_opt(&format!("{sql} LIMIT 1"), &params).await.map_err(pg("checking a condition"))? {
+        Some(row) => Err(StoreError::Matched(format!("{}/{}", filter.resource_type, row.get::<_, String>(0)))),
+        None => Ok(()),
     }
 }
 
@@ -551,7 +579,7 @@ impl Store for PgStore {
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError> {
-        if writes.iter().all(|w| w.expect == Expect::Absent) {
+        if writes.iter().all(|w| w.expect == Expect::Absent && w.unless.is_none()) {
             return self.creates.create(writes).await;
         }
         let mut c = self.pool.get().await?;

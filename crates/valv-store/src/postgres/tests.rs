@@ -136,10 +136,37 @@ async fn keys_are_stored_once_rewrapped_by_compare_and_swap_and_never_again_afte
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conditional_creates_of_one_condition_make_one_row() {
+    let pg = Cluster::start();
+    let store = Arc::new(migrated(&pg).await);
+    let unless = Filter { resource_type: "Patient".into(), token_groups: vec![vec![[6; 16]]], ..Filter::default() };
+    // Sixteen creates of different ids under one condition, their tokens meeting it, and one
+    // unconditional create beside them: the condition lets exactly one of the sixteen through.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let (s, unless) = (store.clone(), unless.clone());
+            tokio::spawn(async move {
+                s.commit(vec![Write { expect: Expect::Absent, version: version(&format!("c{i}"), 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(unless) }]).await
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.expect("task"));
+    }
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| o.is_ok() || matches!(o, Err(StoreError::Matched(_)))), "{outcomes:?}");
+    assert_eq!(store.search(&unless).await.expect("search").len(), 1);
+    // A condition that nothing meets lets the create through.
+    let other = Filter { token_groups: vec![vec![[7; 16]]], ..unless.clone() };
+    store.commit(vec![Write { expect: Expect::Absent, version: version("d", 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(other) }]).await.expect("create");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_check_versions_atomically_and_tokens_follow_the_current_version() {
     let pg = Cluster::start();
     let store = Arc::new(migrated(&pg).await);
-    let w = |expect, v: StoredVersion, tokens: Vec<[u8; 16]>| Write { expect, version: v, tokens, sealed_with: None };
+    let w = |expect, v: StoredVersion, tokens: Vec<[u8; 16]>| Write { expect, version: v, tokens, sealed_with: None, unless: None };
     store.commit(vec![w(Expect::Absent, version("a", 1), vec![[1; 16]])]).await.expect("create");
     assert!(matches!(store.commit(vec![w(Expect::Absent, version("a", 1), vec![])]).await, Err(StoreError::Conflict(_))));
     store.commit(vec![w(Expect::Version(1), version("a", 2), vec![[2; 16]])]).await.expect("update");
@@ -163,7 +190,7 @@ async fn writes_check_versions_atomically_and_tokens_follow_the_current_version(
         .map(|i| {
             let s = store.clone();
             let id = if i % 4 == 0 { "shared".to_string() } else { format!("p{i}") };
-            tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[5; 16]], sealed_with: None }]).await.is_ok() })
+            tokio::spawn(async move { s.commit(vec![Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[5; 16]], sealed_with: None, unless: None }]).await.is_ok() })
         })
         .collect();
     let mut ok = 0;
@@ -295,7 +322,7 @@ async fn creates_in_one_statement_are_all_or_nothing() {
     let sealed = |id: &str, with: &[u8]| {
         let mut v = version(id, 1);
         v.patient = Some("k".into());
-        Write { expect: Expect::Absent, version: v, tokens: vec![[id.len() as u8; 16], [7; 16]], sealed_with: Some(with.into()) }
+        Write { expect: Expect::Absent, version: v, tokens: vec![[id.len() as u8; 16], [7; 16]], sealed_with: Some(with.into()), unless: None }
     };
     // Rows of a table, or search tokens ("tokens": the entries the GIN index is built from).
     let count = |table: &'static str| {
@@ -334,7 +361,7 @@ async fn searches_use_the_gin_index_of_the_token_lists() {
             if n >= 200 {
                 v.resource_type = "Observation".into();
             }
-            Write { expect: Expect::Absent, version: v, tokens: vec![own, [0xff; 16]], sealed_with: None }
+            Write { expect: Expect::Absent, version: v, tokens: vec![own, [0xff; 16]], sealed_with: None, unless: None }
         })
         .collect();
     store.commit(writes).await.expect("creates");
@@ -380,7 +407,7 @@ async fn version_3_indexes_the_token_lists_of_a_version_2_database() {
 async fn concurrent_creates_share_groups_and_keep_their_own_outcomes() {
     let pg = Cluster::start();
     let store = Arc::new(migrated(&pg).await);
-    let create = |id: String| Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[1; 16]], sealed_with: None };
+    let create = |id: String| Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![[1; 16]], sealed_with: None, unless: None };
     store.commit(vec![create("taken".into())]).await.expect("first");
     // Many at once: groups form.
     let mut wave = tokio::task::JoinSet::new();

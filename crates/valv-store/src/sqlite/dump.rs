@@ -392,7 +392,7 @@ mod tests {
             for v in 1..=versions {
                 let version = StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] };
                 let expect = if v == 1 { Expect::Absent } else { Expect::Version(v - 1) };
-                src.commit(vec![Write { expect, version, tokens: vec![[v as u8; 16], [9; 16]], sealed_with: None }]).await.expect("commit");
+                src.commit(vec![Write { expect, version, tokens: vec![[v as u8; 16], [9; 16]], sealed_with: None, unless: None }]).await.expect("commit");
             }
         }
         src.insert_user(&UserRow { id: "u1".into(), username_token: [1; 16], version: 1, sealed: vec![1, 2], enrollment_hash: None }).await.expect("user");

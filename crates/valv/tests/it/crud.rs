@@ -91,14 +91,6 @@ async fn crud_versions_if_match_and_history() {
 }
 
 #[tokio::test]
-async fn update_of_unknown_id_is_refused() {
-    let s = Server::start("upcreate");
-    let r = s.put("/fhir/Patient/client-chosen", &json!({"resourceType":"Patient","id":"client-chosen"}), &[]).await;
-    r.outcome(405);
-    s.get("/fhir/Patient/client-chosen").await.outcome(404);
-}
-
-#[tokio::test]
 async fn concurrent_updates_never_lose_one_silently() {
     let s = Server::start("race");
     let id = s.post("/fhir/Patient", &json!({"resourceType":"Patient"})).await.id();

@@ -68,10 +68,18 @@ async fn bad_inputs_table() {
     let mut bad_if_match = case("malformed If-Match", "PUT", &pp, Some(&format!("{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}}")), 400, "If-Match");
     bad_if_match.headers = vec![("if-match", "banana")];
     cases.push(bad_if_match);
-    // A retrying client relies on If-None-Exist not to make a duplicate: refused, never ignored.
-    let mut conditional = case("conditional create", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"name\":[{\"family\":\"Twice\"}]}"), 400, "If-None-Exist");
-    conditional.headers = vec![("if-none-exist", "family=Twice")];
-    cases.push(conditional);
+    // A client relies on If-None-Exist not to make a duplicate: where it means nothing, or with
+    // criteria the index cannot decide exactly, it is refused, never ignored.
+    let mut misplaced = case("If-None-Exist on an update", "PUT", &pp, Some(&format!("{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}}")), 400, "If-None-Exist");
+    misplaced.headers = vec![("if-none-exist", "family=Twice")];
+    cases.push(misplaced);
+    let mut inexact = case("If-None-Exist by a date", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"name\":[{\"family\":\"Twice\"}]}"), 400, "condition must name");
+    inexact.headers = vec![("if-none-exist", "birthdate=1970")];
+    cases.push(inexact);
+    let mut shaping = case("If-None-Exist with _count", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"name\":[{\"family\":\"Twice\"}]}"), 400, "_count");
+    shaping.headers = vec![("if-none-exist", "family=Twice&_count=1")];
+    cases.push(shaping);
+    cases.push(case("conditional delete without a selective criterion", "DELETE", "/fhir/Patient?_lastUpdated=gt2000", None, 400, "condition must name"));
     let mut stale = case("stale If-Match", "PUT", &pp, Some(&format!("{{\"resourceType\":\"Patient\",\"id\":\"{p}\"}}")), 412, "version");
     stale.headers = vec![("if-match", "W/\"5\"")];
     cases.push(stale);

@@ -37,7 +37,10 @@ async fn instance_history_shows_only_versions_of_patients_the_caller_may_see() {
 
 #[tokio::test]
 async fn an_id_the_caller_may_not_see_answers_as_an_unknown_one() {
-    let s = Server::start_configured("holes-oracle", &[], LONG_SESSIONS);
+    // With update-as-create on (the default), a PUT to an unknown id creates it, which tells a
+    // caller who may create that the id was free; the refused PUT to the existing one is then
+    // recorded in its patient's log (docs/SECURITY.md). Off, a PUT reveals nothing.
+    let s = Server::start_configured("holes-oracle", &[("VALV_FHIR_UPDATE_CREATE", "false")], LONG_SESSIONS);
     let mut now = now_ms();
     s.set_clock(now);
     let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Berg"}]})).await["id"].as_str().expect("id").to_string();

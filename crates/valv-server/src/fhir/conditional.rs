@@ -1,0 +1,149 @@
+//! Conditional interactions (FHIR R4 http §3.1.0.8–3.1.0.9): create with `If-None-Exist`,
+//! update and delete by search criteria.
+//!
+//! A condition is looked up among every current resource of the type, not only those the caller
+//! may see: otherwise a caller who may not see a match would make a duplicate of it. What the
+//! caller may do with the match is then decided on the match's own patient and recorded in that
+//! patient's access log like any other access (a probe through a condition is a recorded,
+//! refused access, never a silent one). Conditions are limited to what the blind index answers
+//! exactly, because a conditional create's "nothing matches" is checked by the store inside the
+//! commit — under one writer (SQLite) or an advisory lock per condition (PostgreSQL) — so that
+//! concurrent conditional creates of one condition make one resource.
+
+use super::{check_body, check_type, create_as, delete, read, update, unknown_id};
+use crate::error::ApiError;
+use crate::request::{audit_failure, Ctx, Touch};
+use crate::{App, Reply};
+use hyper::StatusCode;
+use serde_json::Value;
+use valv_fhir::search::{self, SearchRequest};
+use valv_policy::Action;
+use valv_store::vault;
+
+/// Parameters that shape results and select nothing.
+const NOT_CRITERIA: &[&str] = &["_count", "_offset", "_sort", "_summary", "_total", "_elements", "_include", "_revinclude", "_format", "_pretty", "_contained", "_containedType"];
+
+/// How often a conditional write starts over when a concurrent one wrote a match first.
+const ATTEMPTS: usize = 3;
+
+/// Search criteria naming at most one resource.
+struct Condition {
+    request: SearchRequest,
+    filter: valv_store::Filter,
+    query: String,
+}
+
+fn parse(app: &App, resource_type: &str, pairs: &[(String, String)]) -> Result<Condition, ApiError> {
+    if pairs.is_empty() {
+        return Err(ApiError::bad_request("a condition needs at least one search parameter"));
+    }
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| NOT_CRITERIA.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!("'{k}' shapes search results and selects nothing: it cannot be part of a condition")));
+    }
+    let request = search::parse_request(resource_type, pairs)?;
+    let filter = app.vault.condition(resource_type, &request)?;
+    Ok(Condition { request, filter, query: crate::http::query::encode(pairs) })
+}
+
+/// The current resources the condition names (at most two: more are as good as two), each
+/// checked against its decrypted body — the index is not authenticated, and a token copied in
+/// the database must not make a conditional write act on another resource.
+async fn matches(app: &App, resource_type: &str, cond: &Condition, now: i64) -> Result<Vec<vault::Resource>, ApiError> {
+    let mut found = Vec::new();
+    for located in app.vault.store().search(&cond.filter).await? {
+        if located.patient.as_deref().is_some_and(|p| app.vault.is_erased(p)) {
+            continue;
+        }
+        let Some(stored) = app.vault.fetch(resource_type, &located.id, None).await? else { continue };
+        let resource = app.vault.open_version(stored, now).await?;
+        if resource.body.as_ref().is_some_and(|b| cond.request.conditions.iter().all(|c| c.matches(resource_type, b))) {
+            found.push(resource);
+            if found.len() == 2 {
+                break;
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// 412 for criteria that name several resources, recorded (without naming them).
+async fn not_selective(app: &App, ctx: &Ctx, interaction: &'static str, action: Action, resource_type: &str, cond: &Condition) -> ApiError {
+    let touch = Touch { interaction, action, resource_type, id: None, version: None, patient: None, query: Some(cond.query.clone()) };
+    let err = ApiError::new(StatusCode::PRECONDITION_FAILED, "multiple-matches", format!("the criteria match more than one {resource_type}: make them select one"));
+    audit_failure(app, ctx, &touch, err).await
+}
+
+/// `POST /fhir/{type}` with `If-None-Exist`: no match -> created (201); one match -> that
+/// resource, read as the caller (200; 403 if they may not see it); several -> 412.
+pub(super) async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_body(resource_type, &body)?;
+    let cond = parse(app, resource_type, pairs)?;
+    for _ in 0..ATTEMPTS {
+        match matches(app, resource_type, &cond, ctx.now).await?.as_slice() {
+            [] => {
+                if let Some(reply) = create_as(app, ctx, resource_type, &vault::new_id()?, body.clone(), Some(cond.filter.clone())).await? {
+                    return Ok(reply);
+                }
+            }
+            [one] => return read(app, ctx, resource_type, &one.id, None).await,
+            _ => return Err(not_selective(app, ctx, "create", Action::Create, resource_type, &cond).await),
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", "concurrent writes kept changing what the condition matches; try again"))
+}
+
+/// `PUT /fhir/{type}?{criteria}`: no match -> created (with the body's id if it has one and
+/// update-as-create is on); one match -> that resource updated (the body's id, if any, must be
+/// its id); several -> 412.
+pub(super) async fn update_matching(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String, String)], mut body: Value, if_match: Option<u64>) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    check_body(resource_type, &body)?;
+    let cond = parse(app, resource_type, pairs)?;
+    let body_id = body.get("id").and_then(Value::as_str).map(str::to_string);
+    for _ in 0..ATTEMPTS {
+        match matches(app, resource_type, &cond, ctx.now).await?.as_slice() {
+            [] => {
+                if body_id.is_some() && !app.update_create {
+                    return Err(ApiError::bad_request("nothing matches the criteria and the body names an id, but this server assigns ids itself (update_create is off): leave out the id"));
+                }
+                if let Some(v) = if_match {
+                    return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", format!("If-Match names version {v} but nothing matches the criteria")));
+                }
+                let id = match &body_id {
+                    Some(id) => id.clone(),
+                    None => vault::new_id()?,
+                };
+                if let Some(reply) = create_as(app, ctx, resource_type, &id, body.clone(), Some(cond.filter.clone())).await? {
+                    return Ok(reply);
+                }
+            }
+            [one] => {
+                if body_id.as_deref().is_some_and(|id| id != one.id) {
+                    return Err(ApiError::bad_request(format!("the body's id '{}' is not the id of the {resource_type} the criteria match", body_id.unwrap_or_default())));
+                }
+                if let Value::Object(m) = &mut body {
+                    m.insert("id".into(), Value::String(one.id.clone()));
+                }
+                return update(app, ctx, resource_type, &one.id, body, if_match).await;
+            }
+            _ => return Err(not_selective(app, ctx, "update", Action::Update, resource_type, &cond).await),
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", "concurrent writes kept changing what the criteria match; try again"))
+}
+
+/// `DELETE /fhir/{type}?{criteria}` (single: R4 `conditionalDelete = single`): no match -> as for
+/// an unknown id; one match -> deleted; several -> 412.
+pub(super) async fn delete_matching(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
+    check_type(resource_type)?;
+    let cond = parse(app, resource_type, pairs)?;
+    match matches(app, resource_type, &cond, ctx.now).await?.as_slice() {
+        [] => {
+            let touch = Touch { interaction: "delete", action: Action::Delete, resource_type, id: None, version: None, patient: None, query: Some(cond.query.clone()) };
+            Err(unknown_id(app, ctx, &touch, ApiError::not_found(format!("no {resource_type} matches the criteria"))).await)
+        }
+        [one] => delete(app, ctx, resource_type, &one.id, None).await,
+        _ => Err(not_selective(app, ctx, "delete", Action::Delete, resource_type, &cond).await),
+    }
+}
