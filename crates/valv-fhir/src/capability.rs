@@ -24,7 +24,7 @@ fn resource_entry(t: &str, update_create: bool) -> Value {
         json!({"name":"_lastUpdated","type":"date"}),
     ];
     params.extend(params_for(t).iter().map(|p| json!({"name": p.name, "type": kind_code(p.kind)})));
-    let interactions: Vec<Value> = ["read", "vread", "update", "delete", "history-instance", "history-type", "create", "search-type"]
+    let interactions: Vec<Value> = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
         .iter()
         .map(|c| json!({ "code": c }))
         .collect();

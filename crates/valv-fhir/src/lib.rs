@@ -3,7 +3,7 @@
 //! What lives here: which resource types exist and how their JSON is shaped ([`r4`]), resource ids
 //! and references, which patient compartment a resource belongs to ([`compartment`]), the search
 //! parameters Valv supports and how values are extracted, normalised and matched ([`search`],
-//! [`date`]), Bundle handling ([`bundle`]), OperationOutcome ([`outcome`]) and the
+//! [`date`]), Bundle handling ([`bundle`]), PATCH documents ([`patch`]), OperationOutcome ([`outcome`]) and the
 //! CapabilityStatement ([`capability`]). Time and randomness come in as arguments.
 
 pub mod bundle;
@@ -13,6 +13,7 @@ pub mod date;
 mod error;
 pub mod id;
 pub mod outcome;
+pub mod patch;
 pub mod r4;
 pub mod reference;
 pub mod search;

@@ -545,11 +545,16 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
     let conditional_create = if_none_exist.is_some();
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let (body, reservation) = if method == Method::POST || method == Method::PUT {
+    let (body, reservation, patch_kind) = if method == Method::POST || method == Method::PUT {
         let (body, reservation) = read_json_body_reserved(app, req).await?;
-        (Some(body), Some(reservation))
+        (Some(body), Some(reservation), None)
+    } else if method == Method::PATCH {
+        let media = media_type(&req);
+        let (body, reservation) = read_body_json(app, req, PATCH_MEDIA).await?;
+        let kind = fhir::PatchKind::of(&media, &body)?;
+        (Some(body), Some(reservation), Some(kind))
     } else {
-        (None, None)
+        (None, None, None)
     };
     let not_allowed = |allowed: &str| ApiError::method_not_allowed(format!("{method} is not allowed on {path}; allowed: {allowed}"));
     let t = |s: &str| s.to_string();
@@ -565,7 +570,11 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         ([rt, id], None) if method == Method::GET => I::Read { resource_type: t(rt), id: t(id) },
         ([rt, id], Some(body)) if method == Method::PUT => I::Update { resource_type: t(rt), id: t(id), body, if_match },
         ([rt, id], None) if method == Method::DELETE => I::Delete { resource_type: t(rt), id: t(id), if_match },
-        ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), DELETE")),
+        ([rt, id], Some(patch)) if method == Method::PATCH => match patch_kind {
+            Some(kind) => I::Patch { resource_type: t(rt), id: t(id), patch, kind, if_match },
+            None => return Err(ApiError::internal("a PATCH body without its kind")),
+        },
+        ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), PATCH, DELETE")),
         ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
         (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id) },
         (["Patient", id, "$break-glass"], Some(body)) if method == Method::POST => I::BreakGlass { id: t(id), body },
@@ -596,13 +605,32 @@ pub(crate) async fn read_json_body(app: &App, req: Request<Incoming>) -> Result<
 /// budget first (at [`limits::json_tree_estimate`]), so no body can make a tree the budget has
 /// not allowed for.
 pub(crate) async fn read_json_body_reserved(app: &App, req: Request<Incoming>) -> Result<(Value, limits::Reservation), ApiError> {
+    let (value, reservation) = read_body_json(app, req, &["application/fhir+json", "application/json"]).await?;
+    if !value.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "structure", "the body must be a JSON object (a FHIR resource)"));
+    }
+    Ok((value, reservation))
+}
+
+/// The media types a PATCH body may have: JSON Patch, JSON Merge Patch, or FHIR JSON (a JSON
+/// Patch array, a merge-patch object, or — not yet supported — a FHIRPath Patch Parameters).
+const PATCH_MEDIA: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/fhir+json", "application/json"];
+
+/// The request's media type, lower case, without parameters.
+fn media_type(req: &Request<Incoming>) -> String {
     let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let media = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    if media != "application/fhir+json" && media != "application/json" {
+    ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+}
+
+/// Any JSON value from the request body, if its media type is one of `media`, within the
+/// limits of [`read_json_body_reserved`].
+async fn read_body_json(app: &App, req: Request<Incoming>, media: &[&str]) -> Result<(Value, limits::Reservation), ApiError> {
+    if !media.contains(&media_type(&req).as_str()) {
+        let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "not-supported",
-            format!("Content-Type '{ct}' is not supported: send application/fhir+json"),
+            format!("Content-Type '{ct}' is not supported here: send {}", media.join(" or ")),
         ));
     }
     let limits = &app.limits;
@@ -652,9 +680,6 @@ pub(crate) async fn read_json_body_reserved(app: &App, req: Request<Incoming>) -
     let value: Value = serde_json::from_slice(&buf).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
     drop(buf);
     reservation.shrink_to(tree);
-    if !value.is_object() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "structure", "the body must be a JSON object (a FHIR resource)"));
-    }
     Ok((value, reservation))
 }
 

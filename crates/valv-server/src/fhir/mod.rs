@@ -5,6 +5,8 @@
 
 mod conditional;
 pub mod export;
+mod patch;
+pub use patch::PatchKind;
 use crate::audit::{AuditEvent, Outcome};
 pub use crate::request::{authenticate, record_unaudited, Ctx};
 use crate::request::{audit, audit_failure, authorize, authorize_filtered, Filter, Permit, Touch};
@@ -33,6 +35,8 @@ pub enum Interaction {
     ConditionalUpdate { resource_type: String, pairs: Vec<(String, String)>, body: Value, if_match: Option<u64> },
     /// `DELETE /fhir/{type}?{criteria}`
     ConditionalDelete { resource_type: String, pairs: Vec<(String, String)> },
+    /// `PATCH /fhir/{type}/{id}`
+    Patch { resource_type: String, id: String, patch: Value, kind: PatchKind, if_match: Option<u64> },
     Bundle { body: Value },
     /// `GET /fhir/Patient/{id}/$access-log`
     AccessLog { id: String },
@@ -55,7 +59,8 @@ impl Interaction {
             | Interaction::Update { resource_type, .. }
             | Interaction::Delete { resource_type, .. }
             | Interaction::ConditionalUpdate { resource_type, .. }
-            | Interaction::ConditionalDelete { resource_type, .. } => resource_type,
+            | Interaction::ConditionalDelete { resource_type, .. }
+            | Interaction::Patch { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
             Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } => "Patient",
         }
@@ -70,6 +75,7 @@ impl Interaction {
             Interaction::Create { .. } => "fhir_create",
             Interaction::Update { .. } | Interaction::ConditionalUpdate { .. } => "fhir_update",
             Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => "fhir_delete",
+            Interaction::Patch { .. } => "fhir_patch",
             Interaction::Bundle { .. } => "fhir_bundle",
             Interaction::AccessLog { .. } => "fhir_access_log",
             Interaction::BreakGlass { .. } => "fhir_break_glass",
@@ -153,6 +159,7 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::Create { resource_type, body, if_none_exist: Some(pairs) } => conditional::create(app, ctx, &resource_type, body, &pairs).await,
         Interaction::ConditionalUpdate { resource_type, pairs, body, if_match } => conditional::update_matching(app, ctx, &resource_type, &pairs, body, if_match).await,
         Interaction::ConditionalDelete { resource_type, pairs } => conditional::delete_matching(app, ctx, &resource_type, &pairs).await,
+        Interaction::Patch { resource_type, id, patch, kind, if_match } => patch::patch(app, ctx, &resource_type, &id, &patch, kind, if_match).await,
         Interaction::Update { resource_type, id, body, if_match } => update(app, ctx, &resource_type, &id, body, if_match).await,
         Interaction::Delete { resource_type, id, if_match } => delete(app, ctx, &resource_type, &id, if_match).await,
         Interaction::Bundle { body } => process_bundle(app, ctx, body).await,

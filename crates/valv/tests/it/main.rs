@@ -25,6 +25,7 @@ mod independent;
 mod keys;
 mod mtls;
 mod oidc;
+mod patch;
 mod pkcs11;
 mod search;
 mod security;
