@@ -41,7 +41,7 @@ async fn bad_inputs_table() {
         case("unknown id", "GET", "/fhir/Patient/no-such-patient", None, 404, "not known"),
         case("unknown type in URL", "GET", "/fhir/Spaceship/1", None, 404, "Spaceship"),
         case("unknown endpoint", "GET", "/admin/secret", None, 404, "no such endpoint"),
-        case("method not allowed", "PATCH", &pp, None, 405, "not allowed"),
+        case("method not allowed", "OPTIONS", &pp, None, 405, "not allowed"),
         case("DELETE on a type", "DELETE", "/fhir/Patient", None, 405, "not allowed"),
         case("AuditEvent cannot be written", "POST", "/fhir/AuditEvent", Some("{\"resourceType\":\"AuditEvent\"}"), 405, "AuditEvent"),
         case("update without id in body", "PUT", &pp, Some("{\"resourceType\":\"Patient\"}"), 400, "id"),
