@@ -17,6 +17,7 @@ pub enum Method {
     Post,
     Put,
     Delete,
+    Patch,
 }
 
 /// One request entry of a transaction or batch.
@@ -25,11 +26,18 @@ pub struct Entry {
     pub full_url: Option<String>,
     pub method: Method,
     pub resource_type: String,
-    /// The logical id for PUT, DELETE and GET; assigned by [`resolve_references`] for POST.
+    /// The logical id for PUT, DELETE, PATCH and GET; assigned by [`resolve_references`] for a
+    /// POST (unless set before, as for a conditional create that matched); none for a
+    /// conditional PUT or DELETE until its condition is resolved.
     pub id: Option<String>,
     /// The query part of a GET search (`Observation?code=x`).
     pub query: Option<String>,
+    /// Search criteria of a conditional interaction: `request.ifNoneExist` of a POST, the query
+    /// of a PUT's or DELETE's `request.url` (`Patient?identifier=x`).
+    pub condition: Option<String>,
     pub resource: Option<Value>,
+    /// A PATCH's JSON Patch document (sent as a Binary with base64 `data`, R4 http §3.1.0.6).
+    pub patch: Option<Value>,
     /// `request.ifMatch` as a version number.
     pub if_match: Option<u64>,
 }
@@ -81,6 +89,7 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
         Some("POST") => Method::Post,
         Some("PUT") => Method::Put,
         Some("DELETE") => Method::Delete,
+        Some("PATCH") => Method::Patch,
         Some(m) => return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: request.method '{m}' is not supported"))),
         None => return Err(at("request.method is required")),
     };
@@ -89,24 +98,28 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
             "Bundle.entry[{i}]: GET inside a transaction is not supported; use a batch for reads"
         )));
     }
-    if request.get("ifNoneExist").is_some() || request.get("ifNoneMatch").is_some() || request.get("ifModifiedSince").is_some() {
-        return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: conditional requests are not supported")));
+    if request.get("ifNoneMatch").is_some() || request.get("ifModifiedSince").is_some() {
+        return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: ifNoneMatch and ifModifiedSince are not supported")));
     }
+    let if_none_exist = match request.get("ifNoneExist") {
+        None => None,
+        // The criteria, bare or after a relative URL's '?' as some clients send them.
+        Some(Value::String(c)) if method == Method::Post => Some(c.split_once('?').map_or(c.as_str(), |(_, q)| q).to_string()),
+        Some(_) => return Err(FhirError::processing(format!("Bundle.entry[{i}]: ifNoneExist is a string of search parameters, on POST entries only"))),
+    };
     let url = request.get("url").and_then(Value::as_str).ok_or_else(|| at("request.url is required"))?;
     let (path, query) = match url.split_once('?') {
         Some((p, q)) => (p, Some(q.to_string())),
         None => (url, None),
     };
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (resource_type, id) = match (method, segments.as_slice()) {
-        (Method::Post, [t]) if query.is_none() => ((*t).to_string(), None),
-        (Method::Get, [t]) => ((*t).to_string(), None),
-        (Method::Put | Method::Delete | Method::Get, [t, id]) if query.is_none() => ((*t).to_string(), Some((*id).to_string())),
+    let (resource_type, id, condition, query) = match (method, segments.as_slice()) {
+        (Method::Post, [t]) if query.is_none() => ((*t).to_string(), None, if_none_exist, None),
+        (Method::Get, [t]) => ((*t).to_string(), None, None, query),
+        (Method::Put | Method::Delete, [t]) if query.as_deref().is_some_and(|q| !q.is_empty()) => ((*t).to_string(), None, query, None),
+        (Method::Put | Method::Delete | Method::Get | Method::Patch, [t, id]) if query.is_none() => ((*t).to_string(), Some((*id).to_string()), None, None),
         _ => return Err(FhirError::processing(format!("Bundle.entry[{i}]: request.url '{url}' does not fit method {method:?}"))),
     };
-    if method == Method::Delete && id.is_none() || (method == Method::Put && id.is_none()) {
-        return Err(FhirError::processing(format!("Bundle.entry[{i}]: conditional {method:?} is not supported")));
-    }
     if !crate::r4::is_resource_type(&resource_type) {
         return Err(FhirError::processing(format!("Bundle.entry[{i}]: '{resource_type}' is not an R4 resource type")));
     }
@@ -119,7 +132,11 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
         Some(tag) => Some(parse_etag(tag).ok_or_else(|| at(&format!("ifMatch '{tag}' is not a version ETag")))?),
         None => None,
     };
-    let resource = e.remove("resource");
+    let mut resource = e.remove("resource");
+    let patch = match method {
+        Method::Patch => Some(patch_document(i, resource.take())?),
+        _ => None,
+    };
     match (method, &resource) {
         (Method::Post | Method::Put, None) => return Err(at("resource is required for POST and PUT")),
         (Method::Post | Method::Put, Some(r)) => {
@@ -130,13 +147,35 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
                     rt.unwrap_or("(missing)")
                 )));
             }
-            if method == Method::Put && r.get("id").and_then(Value::as_str).is_some_and(|rid| Some(rid) != id.as_deref()) {
+            if method == Method::Put && id.is_some() && r.get("id").and_then(Value::as_str).is_some_and(|rid| Some(rid) != id.as_deref()) {
                 return Err(FhirError::processing(format!("Bundle.entry[{i}]: resource.id does not match request.url '{url}'")));
             }
         }
         _ => {}
     }
-    Ok(Entry { full_url, method, resource_type, id, query, resource, if_match })
+    Ok(Entry { full_url, method, resource_type, id, query, condition, resource, if_match, patch })
+}
+
+/// A PATCH entry's document: a Binary holding a JSON Patch, base64 in `data`.
+fn patch_document(i: usize, resource: Option<Value>) -> Result<Value, FhirError> {
+    use base64::Engine;
+    let at = |m: &str| FhirError::processing(format!("Bundle.entry[{i}]: {m}"));
+    let r = resource.ok_or_else(|| at("a PATCH entry carries its patch as a Binary resource"))?;
+    match r.get("resourceType").and_then(Value::as_str) {
+        Some("Binary") => {}
+        Some("Parameters") => return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: FHIRPath Patch (Parameters) is not supported yet; send a JSON Patch in a Binary"))),
+        _ => return Err(at("a PATCH entry carries its patch as a Binary resource")),
+    }
+    if r.get("contentType").and_then(Value::as_str) != Some("application/json-patch+json") {
+        return Err(at("the Binary of a PATCH entry must have contentType application/json-patch+json"));
+    }
+    let data = r.get("data").and_then(Value::as_str).ok_or_else(|| at("the Binary of a PATCH entry needs its data"))?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(data).map_err(|_| at("the Binary's data is not base64"))?;
+    let doc: Value = serde_json::from_slice(&bytes).map_err(|e| at(&format!("the Binary's data is not JSON: {e}")))?;
+    if !doc.is_array() {
+        return Err(at("a JSON Patch document is an array of operations"));
+    }
+    Ok(doc)
 }
 
 /// Parses a weak or strong ETag (`W/"3"`, `"3"`, `3`) into a version number.
@@ -152,7 +191,7 @@ pub fn parse_etag(tag: &str) -> Option<u64> {
 pub fn resolve_references(entries: &mut [Entry], mut new_id: impl FnMut() -> String) -> Result<(), FhirError> {
     let mut map: HashMap<String, String> = HashMap::new();
     for e in entries.iter_mut() {
-        if e.method == Method::Post {
+        if e.method == Method::Post && e.id.is_none() {
             e.id = Some(new_id());
         }
         if let (Some(full), Some(id)) = (&e.full_url, &e.id) {
@@ -255,6 +294,10 @@ mod tests {
             json!([{"resource":{"resourceType":"Patient"}}]),
             json!([{"resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Observation"}}]),
             json!([{"request":{"method":"PATCH","url":"Patient/1"}}]),
+            json!([{"resource":{"resourceType":"Binary","contentType":"application/json-patch+json","data":"e30="},"request":{"method":"PATCH","url":"Patient/1"}}]),
+            json!([{"resource":{"resourceType":"Parameters"},"request":{"method":"PATCH","url":"Patient/1"}}]),
+            json!([{"resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient?"}}]),
+            json!([{"resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient","ifNoneExist":"identifier=a|b"}}]),
             json!([{"request":{"method":"GET","url":"Patient/1"}}]),
             json!([{"request":{"method":"DELETE","url":"Patient"}}]),
             json!([{"resource":{"resourceType":"Patient","id":"2"},"request":{"method":"PUT","url":"Patient/1"}}]),
@@ -264,6 +307,22 @@ mod tests {
             assert!(parse(tx(e.clone())).is_err(), "{e}");
         }
         assert!(parse(json!({"resourceType":"Bundle","type":"collection"})).is_err());
+    }
+
+    #[test]
+    fn conditional_and_patch_entries() {
+        let b = tx(json!([
+            {"fullUrl":"urn:uuid:a","resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Patient","ifNoneExist":"Patient?identifier=s|1"}},
+            {"resource":{"resourceType":"Patient","id":"kept"},"request":{"method":"PUT","url":"Patient?identifier=s|2"}},
+            {"request":{"method":"DELETE","url":"Patient?identifier=s|3"}},
+            {"resource":{"resourceType":"Binary","contentType":"application/json-patch+json","data":"W3sib3AiOiJyZW1vdmUiLCJwYXRoIjoiL2FjdGl2ZSJ9XQ=="},
+             "request":{"method":"PATCH","url":"Patient/p1"}}
+        ]));
+        let (_, entries) = parse(b).expect("parses");
+        let conditions: Vec<Option<&str>> = entries.iter().map(|e| e.condition.as_deref()).collect();
+        assert_eq!(conditions, vec![Some("identifier=s|1"), Some("identifier=s|2"), Some("identifier=s|3"), None]);
+        assert!(entries[..3].iter().all(|e| e.id.is_none() && e.query.is_none()));
+        assert_eq!((entries[3].id.as_deref(), entries[3].patch.clone(), entries[3].resource.is_none()), (Some("p1"), Some(json!([{"op": "remove", "path": "/active"}])), true));
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //! concurrent conditional creates of one condition make one resource.
 
 use super::{check_body, check_type, create_as, delete, read, update, unknown_id};
+use crate::audit::AuditEvent;
 use crate::error::ApiError;
-use crate::request::{audit_failure, Ctx, Touch};
+use crate::request::{audit_failure, authorize, Ctx, Touch};
 use crate::{App, Reply};
 use hyper::StatusCode;
 use serde_json::Value;
+use valv_fhir::bundle::{self, Method};
 use valv_fhir::search::{self, SearchRequest};
 use valv_policy::Action;
 use valv_store::vault;
@@ -24,7 +26,7 @@ use valv_store::vault;
 const NOT_CRITERIA: &[&str] = &["_count", "_offset", "_sort", "_summary", "_total", "_elements", "_include", "_revinclude", "_format", "_pretty", "_contained", "_containedType"];
 
 /// How often a conditional write starts over when a concurrent one wrote a match first.
-const ATTEMPTS: usize = 3;
+pub(super) const ATTEMPTS: usize = 3;
 
 /// Search criteria naming at most one resource.
 struct Condition {
@@ -145,5 +147,69 @@ pub(super) async fn delete_matching(app: &App, ctx: &Ctx, resource_type: &str, p
         }
         [one] => delete(app, ctx, resource_type, &one.id, None).await,
         _ => Err(not_selective(app, ctx, "delete", Action::Delete, resource_type, &cond).await),
+    }
+}
+
+/// How a transaction entry is carried out once its condition is resolved.
+pub(super) enum EntryPlan {
+    /// As the entry says.
+    AsSent,
+    /// A create that commits only while nothing matches the condition (a conditional create, or
+    /// a conditional update that matched nothing).
+    CreateUnless(valv_store::Filter),
+    /// A conditional create whose condition matched: nothing is written, the entry answers with
+    /// the match (read by the caller: decided and audited as a read).
+    Existing(vault::Committed),
+}
+
+/// Resolves a transaction entry's condition before anything of the transaction is written,
+/// setting the entry's id to what it will act on: as in [`create`], [`update_matching`] and
+/// [`delete_matching`], except that no match for a DELETE fails the transaction (404, or 403 to
+/// people). Events for reads of matches go to `events`, audited with the transaction's.
+pub(super) async fn plan_entry(app: &App, ctx: &Ctx, e: &mut bundle::Entry, events: &mut Vec<AuditEvent>) -> Result<EntryPlan, ApiError> {
+    let Some(criteria) = e.condition.clone() else { return Ok(EntryPlan::AsSent) };
+    check_type(&e.resource_type)?;
+    let pairs = crate::http::query::parse(&criteria).map_err(ApiError::bad_request)?;
+    let cond = parse(app, &e.resource_type, &pairs)?;
+    let found = matches(app, &e.resource_type, &cond, ctx.now).await?;
+    let body_id = e.resource.as_ref().and_then(|r| r.get("id")).and_then(Value::as_str).map(str::to_string);
+    let rt = e.resource_type.as_str();
+    match (e.method, found.as_slice()) {
+        (Method::Post, [_, _, ..]) => Err(not_selective(app, ctx, "create", Action::Create, rt, &cond).await),
+        (Method::Put, [_, _, ..]) => Err(not_selective(app, ctx, "update", Action::Update, rt, &cond).await),
+        (Method::Delete, [_, _, ..]) => Err(not_selective(app, ctx, "delete", Action::Delete, rt, &cond).await),
+        (Method::Post, []) => Ok(EntryPlan::CreateUnless(cond.filter)),
+        (Method::Post, [one]) => {
+            let touch = Touch { interaction: "read", action: Action::Read, resource_type: rt, id: Some(&one.id), version: Some(one.version), patient: one.patient.as_deref(), query: None };
+            let permit = authorize(app, ctx, &touch).await?;
+            events.push(ctx.permitted(&touch, 200, &permit)?);
+            e.id = Some(one.id.clone());
+            Ok(EntryPlan::Existing(vault::Committed { resource: one.clone(), created: false, changed: false }))
+        }
+        (Method::Put, []) => {
+            if body_id.is_some() && !app.update_create {
+                return Err(ApiError::bad_request("nothing matches the criteria and the body names an id, but this server assigns ids itself (update_create is off): leave out the id"));
+            }
+            if let Some(v) = e.if_match {
+                return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "conflict", format!("ifMatch names version {v} but nothing matches the criteria")));
+            }
+            e.id = Some(match body_id {
+                Some(id) => id,
+                None => vault::new_id()?,
+            });
+            Ok(EntryPlan::CreateUnless(cond.filter))
+        }
+        (Method::Put | Method::Delete, [one]) => {
+            if e.method == Method::Put && body_id.as_deref().is_some_and(|id| id != one.id) {
+                return Err(ApiError::bad_request(format!("the resource's id is not the id of the {rt} the criteria match")));
+            }
+            e.id = Some(one.id.clone());
+            Ok(EntryPlan::AsSent)
+        }
+        (Method::Delete, []) => {
+            let touch = Touch { interaction: "delete", action: Action::Delete, resource_type: rt, id: None, version: None, patient: None, query: Some(cond.query.clone()) };
+            Err(unknown_id(app, ctx, &touch, ApiError::not_found(format!("no {rt} matches the criteria"))).await)
+        }
+        _ => Err(ApiError::bad_request("only POST (ifNoneExist), PUT and DELETE entries take a condition")),
     }
 }

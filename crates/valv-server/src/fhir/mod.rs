@@ -539,8 +539,34 @@ async fn process_bundle(app: &App, ctx: &Ctx, body: Value) -> Result<Reply, ApiE
     }
 }
 
-/// All entries or none: every entry is checked, decided and audited before one atomic commit.
-async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> Result<Reply, ApiError> {
+/// All or nothing: every entry is checked, decided and audited before one atomic commit. When a
+/// conditional create finds its condition met at commit (another request wrote a match first),
+/// nothing is written and the whole transaction starts over, its entry then resolving to that
+/// match.
+async fn transaction(app: &App, ctx: &Ctx, entries: Vec<bundle::Entry>) -> Result<Reply, ApiError> {
+    for _ in 0..conditional::ATTEMPTS {
+        if let Some(reply) = transaction_once(app, ctx, entries.clone()).await? {
+            return Ok(reply);
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", "concurrent writes kept changing what the transaction's conditions match; try again"))
+}
+
+/// One attempt of [`transaction`]; `None` when a condition was met at commit.
+async fn transaction_once(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> Result<Option<Reply>, ApiError> {
+    let mut events = Vec::new();
+    // Conditions and patches first: they decide which ids the entries act on (and so what
+    // their fullUrls stand for) and what a patched resource will be.
+    let mut plans = Vec::with_capacity(entries.len());
+    for (i, e) in entries.iter_mut().enumerate() {
+        let at = |err: ApiError| ApiError { diagnostics: format!("Bundle.entry[{i}]: {}", err.diagnostics), ..err };
+        if let (Method::Patch, Some(doc), Some(id)) = (e.method, e.patch.take(), e.id.clone()) {
+            check_type(&e.resource_type).map_err(at)?;
+            let (body, version) = patch::patched(app, ctx, &e.resource_type, &id, &doc, PatchKind::Json, e.if_match).await.map_err(at)?;
+            (e.resource, e.if_match) = (Some(body), Some(version));
+        }
+        plans.push(conditional::plan_entry(app, ctx, e, &mut events).await.map_err(at)?);
+    }
     let mut id_error = None;
     bundle::resolve_references(&mut entries, || {
         vault::new_id().unwrap_or_else(|e| {
@@ -552,16 +578,29 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
         return Err(e.into());
     }
     let mut ops = Vec::with_capacity(entries.len());
-    let mut events = Vec::new();
-    let writes: Vec<(&str, &str, Option<&Value>)> =
-        entries.iter().filter(|e| e.method != Method::Get).map(|e| (e.resource_type.as_str(), e.id.as_deref().unwrap_or(""), e.resource.as_ref().filter(|_| e.method != Method::Delete))).collect();
+    // Per entry, in order: the index of its write in `ops`, or the match it answers with.
+    let mut slots: Vec<Result<usize, Committed>> = Vec::with_capacity(entries.len());
+    let writes: Vec<(&str, &str, Option<&Value>)> = entries
+        .iter()
+        .zip(&plans)
+        .filter(|(e, plan)| e.method != Method::Get && !matches!(plan, conditional::EntryPlan::Existing(_)))
+        .map(|(e, _)| (e.resource_type.as_str(), e.id.as_deref().unwrap_or(""), e.resource.as_ref().filter(|_| e.method != Method::Delete)))
+        .collect();
     let mut work = app.access.fact_scope(&writes)?;
-    for (i, e) in entries.into_iter().enumerate() {
+    for ((i, e), plan) in entries.into_iter().enumerate().zip(plans) {
         let at = |err: ApiError| ApiError { diagnostics: format!("Bundle.entry[{i}]: {}", err.diagnostics), ..err };
+        let unless = match plan {
+            conditional::EntryPlan::Existing(c) => {
+                slots.push(Err(c));
+                continue;
+            }
+            conditional::EntryPlan::CreateUnless(filter) => Some(filter),
+            conditional::EntryPlan::AsSent => None,
+        };
         check_type(&e.resource_type).map_err(at)?;
         let id = e.id.clone().unwrap_or_default();
         let (op, interaction, action, patients) = match e.method {
-            Method::Post | Method::Put => {
+            Method::Post | Method::Put | Method::Patch => {
                 let mut body = e.resource.unwrap_or(Value::Null);
                 if let (Method::Put, Value::Object(m)) = (e.method, &mut body) {
                     m.entry("id").or_insert_with(|| Value::String(id.clone()));
@@ -570,12 +609,13 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
                 let mut patients = body_patients(&e.resource_type, &id, &body);
                 // A PUT to an id that does not exist creates it (update-as-create, when on).
                 let creates = e.method == Method::Post
-                    || (app.update_create && e.if_match.is_none() && app.vault.locate(&e.resource_type, &id).await?.is_none());
+                    || unless.is_some()
+                    || (e.method == Method::Put && app.update_create && e.if_match.is_none() && app.vault.locate(&e.resource_type, &id).await?.is_none());
                 if !creates {
                     add_current_owner(app, &e.resource_type, &id, &mut patients).await?;
                 }
                 if creates {
-                    (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body, unless: None }, "create", Action::Create, patients)
+                    (WriteOp::Create { resource_type: e.resource_type.clone(), id: id.clone(), body, unless }, "create", Action::Create, patients)
                 } else {
                     let op = WriteOp::Update { resource_type: e.resource_type.clone(), id: id.clone(), body, if_match: e.if_match };
                     (op, "update", Action::Update, patients)
@@ -593,18 +633,31 @@ async fn transaction(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>) -> R
             WriteOp::Delete { .. } => None,
         };
         events.extend(authorize_fact_change(app, ctx, &mut work, action, &e.resource_type, &id, body).await?);
+        slots.push(Ok(ops.len()));
         ops.push(op);
     }
     audit(app, events).await?;
-    let committed = match commit(app, ops, ctx.now).await {
-        Ok(c) => c,
-        Err(e) => {
-            let touch = Touch { interaction: "transaction", action: Action::Update, resource_type: "Bundle", id: None, version: None, patient: None, query: None };
-            return Err(audit_failure(app, ctx, &touch, e.into()).await);
+    let committed = if ops.is_empty() {
+        Vec::new()
+    } else {
+        match commit(app, ops, ctx.now).await {
+            Ok(c) => c,
+            Err(e) => {
+                let matched = matches!(e, valv_store::StoreError::Matched(_));
+                let touch = Touch { interaction: "transaction", action: Action::Update, resource_type: "Bundle", id: None, version: None, patient: None, query: None };
+                let err = audit_failure(app, ctx, &touch, e.into()).await;
+                return if matched { Ok(None) } else { Err(err) };
+            }
         }
     };
-    let entries = committed.into_iter().map(|c| response_entry(&app.base_url, &c)).collect();
-    Ok(Reply::json(StatusCode::OK, bundle::collection("transaction-response", &vault::new_id()?, None, vec![], entries)))
+    let entries = slots
+        .iter()
+        .map(|slot| match slot {
+            Ok(i) => committed.get(*i).map(|c| response_entry(&app.base_url, c)).ok_or_else(|| ApiError::internal("the store returned fewer results than writes")),
+            Err(existing) => Ok(response_entry(&app.base_url, existing)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(Reply::json(StatusCode::OK, bundle::collection("transaction-response", &vault::new_id()?, None, vec![], entries))))
 }
 
 fn response_entry(base: &str, c: &Committed) -> Value {
@@ -660,7 +713,22 @@ async fn batch(app: &App, ctx: &Ctx, entries: Vec<bundle::Entry>) -> Result<Repl
 
 fn batch_interaction(e: bundle::Entry) -> Result<Interaction, ApiError> {
     let resource_type = e.resource_type;
+    let condition = match &e.condition {
+        Some(c) => Some(crate::http::query::parse(c).map_err(ApiError::bad_request)?),
+        None => None,
+    };
     Ok(match (e.method, e.id) {
+        (Method::Post, None) if condition.is_some() => Interaction::Create { resource_type, body: e.resource.unwrap_or(Value::Null), if_none_exist: condition },
+        (Method::Put, None) => match condition {
+            Some(pairs) => Interaction::ConditionalUpdate { resource_type, pairs, body: e.resource.unwrap_or(Value::Null), if_match: e.if_match },
+            None => return Err(ApiError::bad_request("a PUT entry needs an id or search criteria in request.url")),
+        },
+        (Method::Delete, None) => match condition {
+            Some(pairs) => Interaction::ConditionalDelete { resource_type, pairs },
+            None => return Err(ApiError::bad_request("a DELETE entry needs an id or search criteria in request.url")),
+        },
+        (Method::Patch, Some(id)) => Interaction::Patch { resource_type, id, patch: e.patch.unwrap_or(Value::Null), kind: PatchKind::Json, if_match: e.if_match },
+
         (Method::Get, Some(id)) => Interaction::Read { resource_type, id },
         (Method::Get, None) => {
             let pairs = crate::http::query::parse(e.query.as_deref().unwrap_or("")).map_err(ApiError::bad_request)?;

@@ -47,6 +47,16 @@ impl PatchKind {
 pub(super) async fn patch(app: &App, ctx: &Ctx, resource_type: &str, id: &str, patch: &Value, kind: PatchKind, if_match: Option<u64>) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     check_id(id)?;
+    let (next, version) = patched(app, ctx, resource_type, id, patch, kind, if_match).await?;
+    // Written against the version the patch was applied to: a write in between makes it 412,
+    // never a silent overwrite of that write.
+    update(app, ctx, resource_type, id, next, Some(version)).await
+}
+
+/// The resource as the patch leaves it, and the version it was applied to; the caller writes it
+/// as an update of that version. Decided (as an update on the current patient) before anything
+/// is opened; failures after that are audited.
+pub(super) async fn patched(app: &App, ctx: &Ctx, resource_type: &str, id: &str, patch: &Value, kind: PatchKind, if_match: Option<u64>) -> Result<(Value, u64), ApiError> {
     let Some(stored) = app.vault.fetch(resource_type, id, None).await? else {
         let touch = write_touch("update", Action::Update, resource_type, id, None);
         return Err(unknown_id(app, ctx, &touch, ApiError::not_found(format!("{resource_type}/{id} is not known"))).await);
@@ -77,7 +87,5 @@ pub(super) async fn patch(app: &App, ctx: &Ctx, resource_type: &str, id: &str, p
         let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", "a patch may not change the resource's resourceType or id");
         return Err(audit_failure(app, ctx, &touch, e).await);
     }
-    // Written against the version the patch was applied to: a write in between makes it 412,
-    // never a silent overwrite of that write.
-    update(app, ctx, resource_type, id, next, Some(stored.version)).await
+    Ok((next, stored.version))
 }

@@ -139,3 +139,78 @@ async fn a_condition_matching_a_patient_the_caller_may_not_see_is_refused_and_re
     let own_again = s.request("POST", "/fhir/Observation", Some(&t), Some(&body), &[("if-none-exist", "identifier=urn:lab|L-2")]).await;
     assert_eq!((own_again.status, own_again.json["id"].clone()), (200, own.json["id"].clone()), "{}", own_again.text);
 }
+
+#[tokio::test]
+async fn transactions_and_batches_carry_conditions_and_patches() {
+    use base64::Engine;
+    let s = Server::start("cond-bundles");
+    let existing = s.post("/fhir/Patient", &patient("MRN-T1", "Known")).await.id();
+    let gone = s.post("/fhir/Patient", &patient("MRN-T3", "Leaving")).await.id();
+    let patched = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "active": false})).await.id();
+    let ops = base64::engine::general_purpose::STANDARD.encode(br#"[{"op": "replace", "path": "/active", "value": true}]"#);
+    let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111", "resource": patient("MRN-T1", "Again"),
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|MRN-T1"}},
+        {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": "pulse"}, "subject": {"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"}},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": patient("MRN-T2", "New"), "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|MRN-T2"}},
+        {"request": {"method": "DELETE", "url": "Patient?identifier=urn:mrn|MRN-T3"}},
+        {"resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": ops},
+         "request": {"method": "PATCH", "url": format!("Patient/{patched}")}}]});
+    let r = s.post("/fhir", &tx).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let entries = r.json["entry"].as_array().expect("entries");
+    let statuses: Vec<&str> = entries.iter().map(|e| e["response"]["status"].as_str().unwrap_or("")).collect();
+    assert_eq!(statuses, vec!["200 OK", "201 Created", "201 Created", "204 No Content", "200 OK"]);
+    assert_eq!(entries[0]["resource"]["id"], existing.as_str(), "the match, not a new Patient");
+    assert_eq!(entries[1]["resource"]["subject"]["reference"], format!("Patient/{existing}"), "the fullUrl stands for the match");
+    assert_eq!(count(&s, "Patient?identifier=urn:mrn|MRN-T1").await, 1);
+    assert_eq!(count(&s, "Patient?identifier=urn:mrn|MRN-T2").await, 1);
+    s.get(&format!("/fhir/Patient/{gone}")).await.outcome(410);
+    assert_eq!(s.get(&format!("/fhir/Patient/{patched}")).await.json["active"], true);
+
+    // A failing condition fails the whole transaction: nothing of it stays.
+    s.post("/fhir/Patient", &patient("MRN-T4", "One")).await;
+    s.post("/fhir/Patient", &patient("MRN-T4", "Two")).await;
+    let failing = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": patient("MRN-T5", "Never"), "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient("MRN-T4", "Which"), "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|MRN-T4"}}]});
+    assert!(s.post("/fhir", &failing).await.outcome(412).contains("Bundle.entry[1]"));
+    assert_eq!(count(&s, "Patient?identifier=urn:mrn|MRN-T5").await, 0);
+
+    // A batch runs each entry as the request alone would.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": patient("MRN-T1", "Batch"), "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|MRN-T1"}},
+        {"resource": patient("MRN-T6", "Batch"), "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|MRN-T6"}},
+        {"resource": patient("MRN-T4", "Batch"), "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|MRN-T4"}},
+        {"request": {"method": "DELETE", "url": "Patient?identifier=urn:mrn|MRN-T6"}}]});
+    let r = s.post("/fhir", &batch).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let statuses: Vec<String> = r.json["entry"].as_array().expect("entries").iter().map(|e| e["response"]["status"].as_str().unwrap_or("").chars().take(3).collect()).collect();
+    assert_eq!(statuses, vec!["200", "201", "412", "200"]);
+    assert_eq!(count(&s, "Patient?identifier=urn:mrn|MRN-T1").await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_transactions_with_one_conditional_create_make_one_resource() {
+    let s = Server::start("cond-tx-race");
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let client = s.client();
+        tasks.push(tokio::spawn(async move {
+            let tx = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"fullUrl": "urn:uuid:22222222-2222-4222-8222-222222222222", "resource": patient("MRN-TXR", &format!("Racer{i}")),
+                 "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|MRN-TXR"}},
+                {"resource": {"resourceType": "Observation", "status": "final", "code": {"text": format!("pulse {i}")}, "subject": {"reference": "urn:uuid:22222222-2222-4222-8222-222222222222"}},
+                 "request": {"method": "POST", "url": "Observation"}}]});
+            client.try_request("POST", "/fhir", Some(&client.data_key), Some(serde_json::to_vec(&tx).expect("json")), &[]).await.expect("response")
+        }));
+    }
+    for t in tasks {
+        let r = t.await.expect("task");
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    assert_eq!(count(&s, "Patient?identifier=urn:mrn|MRN-TXR").await, 1);
+    let p = s.get("/fhir/Patient?identifier=urn:mrn|MRN-TXR").await.entry_ids()[0].clone();
+    assert_eq!(count(&s, &format!("Observation?subject=Patient/{p}")).await, 16, "every transaction's Observation is on the one Patient");
+}
