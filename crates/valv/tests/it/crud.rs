@@ -166,3 +166,29 @@ async fn first_start_initialises_prints_the_key_once_and_serves_demo_data() {
     assert!(!String::from_utf8_lossy(&again.stdout).contains("valv_"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn decimals_keep_their_precision_and_form() {
+    let s = Server::start("decimals");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient"})).await.id();
+    // Sent as text so that no JSON library on this side rounds or reformats them.
+    let body = format!(
+        r#"{{"resourceType":"Observation","status":"final","code":{{"text":"precise"}},"subject":{{"reference":"Patient/{p}"}},
+            "valueQuantity":{{"value":1.50,"unit":"mg"}},
+            "component":[{{"code":{{"text":"a"}},"valueQuantity":{{"value":0.123456789012345678}}}},
+                         {{"code":{{"text":"b"}},"valueQuantity":{{"value":12345678901234567890.10}}}},
+                         {{"code":{{"text":"c"}},"valueQuantity":{{"value":1.0e-7}}}},
+                         {{"code":{{"text":"d"}},"valueInteger":3}}]}}"#
+    );
+    let created = s.request_raw("POST", "/fhir/Observation", Some(&s.data_key), Some(body.into_bytes()), &[("content-type", "application/fhir+json")]).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let id = created.id();
+    for text in [s.get(&format!("/fhir/Observation/{id}")).await.text, s.get(&format!("/fhir/Observation/{id}/_history/1")).await.text, s.get(&format!("/fhir/Observation?_id={id}")).await.text, created.text] {
+        for written in ["\"value\":1.50", "0.123456789012345678", "12345678901234567890.10", "1.0e-7", "\"valueInteger\":3"] {
+            assert!(text.contains(written), "{written} kept as sent: {text}");
+        }
+    }
+    // Not a decimal where R4 wants an integer.
+    let bad = format!(r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"subject":{{"reference":"Patient/{p}"}},"valueInteger":3.0}}"#);
+    s.request_raw("POST", "/fhir/Observation", Some(&s.data_key), Some(bad.into_bytes()), &[("content-type", "application/fhir+json")]).await.outcome(400);
+}
