@@ -28,7 +28,7 @@ fn resource_entry(t: &str, update_create: bool) -> Value {
         .iter()
         .map(|c| json!({ "code": c }))
         .collect();
-    json!({
+    let mut entry = json!({
         "type": t,
         "interaction": interactions,
         "versioning": "versioned-update",
@@ -38,7 +38,12 @@ fn resource_entry(t: &str, update_create: bool) -> Value {
         "conditionalUpdate": true,
         "conditionalDelete": "single",
         "searchParam": params,
-    })
+    });
+    let includes: Vec<String> = params_for(t).iter().filter(|p| p.kind == ParamKind::Reference).map(|p| format!("{t}:{}", p.name)).collect();
+    if !includes.is_empty() {
+        entry["searchInclude"] = json!(includes);
+    }
+    entry
 }
 
 /// The CapabilityStatement. `date` is the server's start time (an R4 dateTime), `base` the

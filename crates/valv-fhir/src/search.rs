@@ -372,9 +372,58 @@ pub struct SearchRequest {
     pub conditions: Vec<Condition>,
     pub count: usize,
     pub offset: usize,
+    /// The order the store can give by itself (`_sort` by `_lastUpdated` alone, or none).
     pub sort: SortOrder,
+    /// `_sort` keys beyond that, in order: results are ordered after decryption.
+    pub sort_keys: Vec<SortKey>,
     /// `_summary=count` or `_count=0`: the total only.
     pub count_only: bool,
+    /// `_total=none` (or `_totalMethod=none`): no `total` in the Bundle.
+    pub no_total: bool,
+    /// `_include` and `_include:iterate`.
+    pub includes: Vec<Include>,
+    /// `_revinclude` and `_revinclude:iterate`.
+    pub revincludes: Vec<Include>,
+    /// `_elements` and `_summary` (other than `count`).
+    pub shape: Shape,
+}
+
+/// One `_sort` key.
+#[derive(Debug, Clone, Copy)]
+pub struct SortKey {
+    pub by: SortBy,
+    pub descending: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum SortBy {
+    Id,
+    LastUpdated,
+    Param(&'static ParamDef),
+}
+
+/// `_include=Source:param[:Target]` (or `_revinclude`): the resources the `param` references of
+/// `Source` resources point at (or, reversed, the `Source` resources whose `param` points at a
+/// result).
+#[derive(Debug, Clone)]
+pub struct Include {
+    pub source: String,
+    pub def: &'static ParamDef,
+    pub target: Option<String>,
+    pub iterate: bool,
+}
+
+/// How much of each result is returned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Shape {
+    #[default]
+    Full,
+    /// `_elements`: these top-level elements (and `id`, `meta`, `resourceType`).
+    Elements(Vec<String>),
+    /// `_summary=text`: `text`, `id`, `meta` and the top-level required elements.
+    Text,
+    /// `_summary=data`: everything but `text`.
+    Data,
 }
 
 pub const DEFAULT_COUNT: usize = 20;
@@ -478,19 +527,30 @@ fn alternative_matches(def: &ParamDef, alt: &Alternative, values: &[&Value]) -> 
 
 /// Parameters that shape the result rather than select it, and are accepted and handled or
 /// harmless.
-const RESULT_PARAMS: &[&str] = &["_count", "_offset", "_sort", "_summary", "_total", "_format", "_pretty"];
+const RESULT_PARAMS: &[&str] = &["_count", "_offset", "_sort", "_summary", "_total", "_totalMethod", "_elements", "_include", "_revinclude", "_format", "_pretty"];
 
 /// Parses a search request. Unknown parameters and modifiers are rejected rather than ignored: a
 /// silently ignored typo would widen a query and disclose more than was asked for.
 pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<SearchRequest, FhirError> {
-    let mut req = SearchRequest { conditions: Vec::new(), count: DEFAULT_COUNT, offset: 0, sort: SortOrder::Created, count_only: false };
+    let mut req = SearchRequest {
+        conditions: Vec::new(),
+        count: DEFAULT_COUNT,
+        offset: 0,
+        sort: SortOrder::Created,
+        sort_keys: Vec::new(),
+        count_only: false,
+        no_total: false,
+        includes: Vec::new(),
+        revincludes: Vec::new(),
+        shape: Shape::Full,
+    };
     for (raw_name, value) in pairs {
         let (name, modifier) = match raw_name.split_once(':') {
             Some((n, m)) => (n, Some(m)),
             None => (raw_name.as_str(), None),
         };
         if RESULT_PARAMS.contains(&name) {
-            apply_result_param(&mut req, name, value)?;
+            apply_result_param(&mut req, resource_type, name, modifier, value)?;
             continue;
         }
         if value.is_empty() {
@@ -530,7 +590,12 @@ fn parse_usize(name: &str, value: &str) -> Result<usize, FhirError> {
     value.parse().map_err(|_| FhirError::invalid(format!("'{name}' must be a non-negative integer, got '{value}'")))
 }
 
-fn apply_result_param(req: &mut SearchRequest, name: &str, value: &str) -> Result<(), FhirError> {
+fn apply_result_param(req: &mut SearchRequest, resource_type: &str, name: &str, modifier: Option<&str>, value: &str) -> Result<(), FhirError> {
+    let iterate = match (name, modifier) {
+        ("_include" | "_revinclude", Some("iterate" | "recurse")) => true,
+        (_, None) => false,
+        (_, Some(m)) => return Err(FhirError::not_supported(format!("modifier ':{m}' is not supported on '{name}'"))),
+    };
     match name {
         "_count" => {
             let n = parse_usize(name, value)?;
@@ -538,24 +603,225 @@ fn apply_result_param(req: &mut SearchRequest, name: &str, value: &str) -> Resul
             req.count = n.min(MAX_COUNT);
         }
         "_offset" => req.offset = parse_usize(name, value)?,
-        "_sort" => {
-            req.sort = match value {
-                "_lastUpdated" => SortOrder::LastUpdatedAsc,
-                "-_lastUpdated" => SortOrder::LastUpdatedDesc,
-                other => return Err(FhirError::not_supported(format!("_sort={other} is not supported (only _lastUpdated and -_lastUpdated)"))),
-            }
-        }
+        "_sort" => parse_sort(req, resource_type, value)?,
         "_summary" => match value {
             "count" => req.count_only = true,
             "false" => {}
-            other => return Err(FhirError::not_supported(format!("_summary={other} is not supported"))),
+            "text" => req.shape = Shape::Text,
+            "data" => req.shape = Shape::Data,
+            other => return Err(FhirError::not_supported(format!("_summary={other} is not supported (count, text, data, false)"))),
         },
+        // `_totalMethod` is what some clients (fhirpy's count()) send for `_total`.
+        "_total" | "_totalMethod" => match value {
+            "none" => req.no_total = true,
+            "estimate" | "accurate" | "count" | "exact" => req.no_total = false,
+            other => return Err(FhirError::invalid(format!("{name}={other}: use none, estimate or accurate"))),
+        },
+        "_elements" => {
+            let names: Vec<String> = value.split(',').map(str::trim).filter(|n| !n.is_empty()).map(str::to_string).collect();
+            if names.iter().any(|n| n.starts_with('-')) {
+                return Err(FhirError::not_supported("_elements with '-' (leaving elements out) is not supported: name the elements to return"));
+            }
+            req.shape = Shape::Elements(names);
+        }
+        "_include" => req.includes.push(parse_include(name, value, iterate)?),
+        "_revinclude" => req.revincludes.push(parse_include(name, value, iterate)?),
         "_format" if !value.contains("json") => {
             return Err(FhirError::not_supported(format!("_format={value} is not supported: Valv speaks JSON only")))
         }
         _ => {}
     }
     Ok(())
+}
+
+/// `_sort=a,-b`: `_lastUpdated` alone is ordered by the store; any other key after decryption.
+fn parse_sort(req: &mut SearchRequest, resource_type: &str, value: &str) -> Result<(), FhirError> {
+    req.sort_keys.clear();
+    req.sort = SortOrder::Created;
+    for key in value.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let (descending, name) = match key.strip_prefix('-') {
+            Some(n) => (true, n),
+            None => (false, key),
+        };
+        let by = match name {
+            "_id" => SortBy::Id,
+            "_lastUpdated" => SortBy::LastUpdated,
+            _ => SortBy::Param(params_for(resource_type).iter().find(|d| d.name == name).ok_or_else(|| {
+                FhirError::invalid(format!("_sort: unknown search parameter '{name}' for {resource_type}"))
+            })?),
+        };
+        req.sort_keys.push(SortKey { by, descending });
+    }
+    if let [SortKey { by: SortBy::LastUpdated, descending }] = req.sort_keys[..] {
+        req.sort = if descending { SortOrder::LastUpdatedDesc } else { SortOrder::LastUpdatedAsc };
+        req.sort_keys.clear();
+    }
+    Ok(())
+}
+
+/// `Source:param` or `Source:param:Target`, `param` a reference parameter of `Source`.
+fn parse_include(name: &str, value: &str, iterate: bool) -> Result<Include, FhirError> {
+    let parts: Vec<&str> = value.split(':').collect();
+    let (source, param, target) = match parts[..] {
+        [s, p] => (s, p, None),
+        [s, p, t] => (s, p, Some(t)),
+        _ if value == "*" => return Err(FhirError::not_supported(format!("{name}=* is not supported: name the parameter (Type:param)"))),
+        _ => return Err(FhirError::invalid(format!("{name}={value}: expected Type:parameter or Type:parameter:TargetType"))),
+    };
+    if !crate::r4::is_resource_type(source) {
+        return Err(FhirError::invalid(format!("{name}: '{source}' is not a resource type")));
+    }
+    if let Some(t) = target.filter(|t| !crate::r4::is_resource_type(t)) {
+        return Err(FhirError::invalid(format!("{name}: '{t}' is not a resource type")));
+    }
+    let def = params_for(source)
+        .iter()
+        .find(|d| d.name == param && d.kind == ParamKind::Reference)
+        .ok_or_else(|| FhirError::invalid(format!("{name}: '{param}' is not a reference search parameter of {source}")))?;
+    Ok(Include { source: source.to_string(), def, target: target.map(str::to_string), iterate })
+}
+
+/// What a resource is ordered by for one sort key: the lowest of its values ascending, the
+/// highest descending (R4 search §3.1.1.4.10); `None` (no value) sorts last either way.
+pub fn sort_value(key: &SortKey, resource: &Value) -> Option<SortValue> {
+    let def = match key.by {
+        SortBy::Id => return resource.get("id").and_then(Value::as_str).map(|s| SortValue::Text(s.to_string())),
+        SortBy::LastUpdated => {
+            let t = resource.pointer("/meta/lastUpdated").and_then(Value::as_str).and_then(|s| date::parse(s).ok())?;
+            return Some(SortValue::Time(t.start));
+        }
+        SortBy::Param(def) => def,
+    };
+    let values = def.paths.iter().flat_map(|p| values_at(resource, p));
+    let mut all: Vec<SortValue> = Vec::new();
+    for v in values {
+        match def.kind {
+            ParamKind::Date => all.extend(date_value(v).map(|i| SortValue::Time(if key.descending { i.end } else { i.start }))),
+            ParamKind::String => all.extend(string_values(v).into_iter().map(|s| SortValue::Text(normalize(s)))),
+            ParamKind::Token => {
+                let mut keys = Vec::new();
+                token_keys(v, &mut keys);
+                all.extend(keys.iter().filter_map(|k| k.strip_prefix("v:")).map(|c| SortValue::Text(c.to_string())));
+            }
+            ParamKind::Reference => {
+                let mut keys = Vec::new();
+                reference_keys(v, def.target, &mut keys);
+                all.extend(keys.iter().filter_map(|k| k.strip_prefix("r:")).map(|r| SortValue::Text(r.to_string())));
+            }
+        }
+    }
+    if key.descending { all.into_iter().max() } else { all.into_iter().min() }
+}
+
+/// The local resources a resource's reference parameter points at (`_include`), limited to
+/// `target` when given, each once.
+pub fn reference_targets(def: &ParamDef, resource: &Value, target: Option<&str>) -> Vec<reference::LocalRef> {
+    let mut out: Vec<reference::LocalRef> = Vec::new();
+    for v in def.paths.iter().flat_map(|p| values_at(resource, p)) {
+        let Some(r) = v.get("reference").and_then(Value::as_str).and_then(reference::parse) else { continue };
+        if def.target.is_some_and(|t| t != r.resource_type) || target.is_some_and(|t| t != r.resource_type) || out.contains(&r) {
+            continue;
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// A value results are ordered by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SortValue {
+    Time(i64),
+    Text(String),
+}
+
+/// Orders resources by `_sort` keys (stable: ties keep the store's order).
+pub fn sort_resources<T>(items: &mut [T], keys: &[SortKey], resource: impl Fn(&T) -> Option<&Value>) {
+    if keys.is_empty() {
+        return;
+    }
+    let mut decorated: Vec<(Vec<Option<SortValue>>, usize)> =
+        items.iter().enumerate().map(|(i, t)| (keys.iter().map(|k| resource(t).and_then(|r| sort_value(k, r))).collect(), i)).collect();
+    decorated.sort_by(|(a, ai), (b, bi)| {
+        for (k, (x, y)) in keys.iter().zip(a.iter().zip(b.iter())) {
+            let o = match (x, y) {
+                (Some(x), Some(y)) if k.descending => y.cmp(x),
+                (Some(x), Some(y)) => x.cmp(y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        ai.cmp(bi)
+    });
+    let order: Vec<usize> = decorated.into_iter().map(|(_, i)| i).collect();
+    permute(items, &order);
+}
+
+/// Rearranges `items` so that position `n` holds what was at `order[n]`.
+fn permute<T>(items: &mut [T], order: &[usize]) {
+    let mut placed = vec![false; items.len()];
+    for start in 0..items.len() {
+        if placed[start] {
+            continue;
+        }
+        let mut at = start;
+        loop {
+            placed[at] = true;
+            let from = order[at];
+            if from == start {
+                break;
+            }
+            items.swap(at, from);
+            at = from;
+        }
+    }
+}
+
+/// The resource as `shape` asks: the whole of it, or a subset marked `SUBSETTED` in
+/// `meta.tag` (R4 search §3.1.1.5.7–8).
+pub fn shape_resource(resource: &Value, shape: &Shape) -> Value {
+    let Value::Object(map) = resource else { return resource.clone() };
+    let keep = |k: &str| -> bool {
+        match shape {
+            Shape::Full => true,
+            Shape::Data => k != "text",
+            Shape::Text => matches!(k, "resourceType" | "id" | "meta" | "text") || required_top_level(map, k),
+            Shape::Elements(names) => matches!(k, "resourceType" | "id" | "meta") || names.iter().any(|n| n == k || (k.starts_with(n.as_str()) && choice_of(n, k))),
+        }
+    };
+    if *shape == Shape::Full {
+        return resource.clone();
+    }
+    let mut out = serde_json::Map::new();
+    for (k, v) in map {
+        if keep(k.trim_start_matches('_')) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    let tag = serde_json::json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED", "display": "subsetted"});
+    let meta = out.entry("meta").or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if let Value::Object(meta) = meta {
+        match meta.get_mut("tag") {
+            Some(Value::Array(tags)) => tags.push(tag),
+            _ => {
+                meta.insert("tag".into(), Value::Array(vec![tag]));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// `valueQuantity` is an element `value` asks for.
+fn choice_of(base: &str, key: &str) -> bool {
+    key.strip_prefix(base).is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_uppercase()))
+}
+
+/// Whether a top-level element is required for the resource's type (kept by `_summary=text`).
+fn required_top_level(map: &serde_json::Map<String, Value>, key: &str) -> bool {
+    map.get("resourceType").and_then(Value::as_str).is_some_and(|t| crate::r4::is_required(t, key))
 }
 
 fn parse_date_alt(v: &str) -> Result<(Prefix, Interval), FhirError> {

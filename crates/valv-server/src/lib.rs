@@ -545,6 +545,18 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
     let conditional_create = if_none_exist.is_some();
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    // `POST [type]/_search`: the parameters in a form body, added to any in the URL.
+    if method == Method::POST && segs.len() == 2 && segs[1] == "_search" {
+        if conditional_create {
+            return Err(ApiError::bad_request("If-None-Exist applies only to a create (POST /fhir/{type}); nothing was done"));
+        }
+        let resource_type = segs[0].to_string();
+        let (form, reservation) = read_body_bytes(app, req, &["application/x-www-form-urlencoded"]).await?;
+        let text = std::str::from_utf8(&form).map_err(|_| ApiError::bad_request("the form body is not UTF-8"))?;
+        let mut pairs = pairs;
+        pairs.extend(query::parse(text.trim()).map_err(ApiError::bad_request)?);
+        return Ok((fhir::Interaction::Search { resource_type, pairs }, Some(reservation)));
+    }
     let (body, reservation, patch_kind) = if method == Method::POST || method == Method::PUT {
         let (body, reservation) = read_json_body_reserved(app, req).await?;
         (Some(body), Some(reservation), None)
@@ -625,6 +637,19 @@ fn media_type(req: &Request<Incoming>) -> String {
 /// Any JSON value from the request body, if its media type is one of `media`, within the
 /// limits of [`read_json_body_reserved`].
 async fn read_body_json(app: &App, req: Request<Incoming>, media: &[&str]) -> Result<(Value, limits::Reservation), ApiError> {
+    let (buf, mut reservation) = read_body_bytes(app, req, media).await?;
+    let limits = &app.limits;
+    let tree = limits::json_tree_estimate(&buf);
+    limits.grow(&mut reservation, tree)?;
+    let value: Value = serde_json::from_slice(&buf).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
+    drop(buf);
+    reservation.shrink_to(tree);
+    Ok((value, reservation))
+}
+
+/// The request body's bytes, if its media type is one of `media`: within the path's size limit
+/// (see [`limits::body_limit`]), the body timeouts and the memory budget.
+async fn read_body_bytes(app: &App, req: Request<Incoming>, media: &[&str]) -> Result<(Vec<u8>, limits::Reservation), ApiError> {
     if !media.contains(&media_type(&req).as_str()) {
         let ct = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         return Err(ApiError::new(
@@ -675,12 +700,7 @@ async fn read_body_json(app: &App, req: Request<Incoming>, media: &[&str]) -> Re
         }
         buf.extend_from_slice(&data);
     }
-    let tree = limits::json_tree_estimate(&buf);
-    limits.grow(&mut reservation, tree)?;
-    let value: Value = serde_json::from_slice(&buf).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "structure", format!("malformed JSON: {e}")))?;
-    drop(buf);
-    reservation.shrink_to(tree);
-    Ok((value, reservation))
+    Ok((buf, reservation))
 }
 
 /// Accepts connections until `shutdown` resolves: at most `max_connections` in all and

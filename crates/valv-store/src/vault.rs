@@ -517,7 +517,8 @@ impl Vault {
         // An erased patient's resources are gone from every result (their rows stay, unreadable).
         let candidates: Vec<Located> =
             self.store.search(&filter).await?.into_iter().filter(|l| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p))).collect();
-        if exact {
+        // Sorting by anything but the store's order needs every match decrypted.
+        if exact && req.sort_keys.is_empty() {
             let total = candidates.len();
             if req.count_only {
                 return Ok(SearchPage { total, resources: Vec::new() });
@@ -537,7 +538,8 @@ impl Vault {
             }
             return Ok(SearchPage { total, resources });
         }
-        // Some condition needs the plaintext: decrypt every candidate and test precisely.
+        // Some condition needs the plaintext, or the order does: decrypt every candidate and
+        // test precisely.
         let mut matched = Vec::new();
         for chunk in candidates.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
@@ -549,6 +551,7 @@ impl Vault {
                 }
             }
         }
+        valv_fhir::search::sort_resources(&mut matched, &req.sort_keys, |r: &Resource| r.body.as_ref());
         let total = matched.len();
         let resources = if req.count_only { Vec::new() } else { matched.into_iter().skip(req.offset).take(req.count).collect() };
         Ok(SearchPage { total, resources })

@@ -399,12 +399,22 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Migrate { serving_role } => migrate(&dir, serving_role.as_deref()).await,
         Command::Serve { demo, listen } => {
             ensure_initialised(&dir).await?;
+            // `--listen host:0`: the port the system picks is bound first, so that the public
+            // URL (which follows the listen address while `public_url` is unset) names it.
+            let picked = match listen.as_deref() {
+                Some(addr) if addr.ends_with(":0") => Some(std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?),
+                _ => None,
+            };
+            let listen = match &picked {
+                Some(l) => Some(l.local_addr().map_err(|e| e.to_string())?.to_string()),
+                None => listen,
+            };
             let opened = datadir::open(&dir, listen.as_deref()).await?;
             init_logging(&opened.config.log.level);
             if demo {
                 load_demo(&opened).await?;
             }
-            serve(opened).await
+            serve(opened, picked).await
         }
         Command::Apikey { action } => apikey(&dir, action).await,
         Command::Keys { action } => keys_command(&dir, action).await,
@@ -501,14 +511,20 @@ async fn load_demo(opened: &datadir::Opened) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(opened: datadir::Opened) -> Result<(), String> {
+async fn serve(opened: datadir::Opened, bound: Option<std::net::TcpListener>) -> Result<(), String> {
     let (cert, key) = datadir::tls_files(&opened)?;
     let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);
     let (client_ca, _) = opened.config.mtls.load(&opened.data_dir)?;
     let tls = valv_server::http::tls::server_config(&cert_pem, &key_pem, opened.config.server.allow_tls12, client_ca.as_deref())?;
     let addr = opened.config.server.listen.clone();
-    let listener = TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = match bound {
+        Some(l) => {
+            l.set_nonblocking(true).map_err(|e| e.to_string())?;
+            TcpListener::from_std(l).map_err(|e| format!("cannot listen on {addr}: {e}"))?
+        }
+        None => TcpListener::bind(&addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+    };
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     let integrator = valv_server::audit::integrator::Integrator::start(opened.app.vault.store().clone(), &opened.app.log_keys()).await?;
     valv_server::audit::integrator::spawn(integrator, opened.app.clone(), std::time::Duration::from_millis(opened.config.audit.checkpoint_interval_ms));

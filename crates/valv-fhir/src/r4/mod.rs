@@ -75,6 +75,11 @@ pub fn is_resource_type(name: &str) -> bool {
     table().is_ok_and(|t| t.lookup(name).is_some_and(|ty| ty.is_resource))
 }
 
+/// Whether `element` is a required top-level element of the resource type.
+pub fn is_required(resource_type: &str, element: &str) -> bool {
+    table().is_ok_and(|t| t.lookup(resource_type).is_some_and(|ty| ty.required.iter().any(|r| r.name == element)))
+}
+
 /// All R4 resource type names, sorted.
 pub fn resource_types() -> &'static [&'static str] {
     table().map(|t| t.resources.as_slice()).unwrap_or(&[])

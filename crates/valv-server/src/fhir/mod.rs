@@ -5,6 +5,7 @@
 
 mod conditional;
 pub mod export;
+mod include;
 mod patch;
 pub use patch::PatchKind;
 use crate::audit::{AuditEvent, Outcome};
@@ -227,10 +228,15 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
     if patients.is_empty() {
         patients.push(None);
     }
-    let events = patients
+    let mut events = patients
         .iter()
         .map(|p| ctx.permitted(&Touch { patient: *p, query: touch.query.clone(), ..touch }, 200, &filter.permit(*p)))
         .collect::<Result<Vec<_>, _>>()?;
+    let included = match include::included(app, ctx, resource_type, &req, &page.resources, touch.query.as_deref().unwrap_or("")).await {
+        Ok(i) => i,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
+    events.extend(included.events);
     audit(app, events).await?;
     let mut links = vec![bundle::link("self", &format!("{}/{resource_type}?{}", app.base_url, touch.query.as_deref().unwrap_or("")))];
     if !req.count_only && req.offset + req.count < page.total {
@@ -238,18 +244,18 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         next.push(("_offset".into(), (req.offset + req.count).to_string()));
         links.push(bundle::link("next", &format!("{}/{resource_type}?{}", app.base_url, crate::http::query::encode(&next))));
     }
-    let entries = page
-        .resources
-        .into_iter()
-        .map(|r| {
-            json!({
-                "fullUrl": format!("{}/{}/{}", app.base_url, r.resource_type, r.id),
-                "resource": r.body,
-                "search": {"mode": "match"},
-            })
-        })
-        .collect();
-    Ok(Reply::json(StatusCode::OK, bundle::collection("searchset", &vault::new_id()?, Some(page.total), links, entries)))
+    let entry = |r: Resource, mode: &str| {
+        let body = r.body.map(|b| search::shape_resource(&b, &req.shape));
+        json!({"fullUrl": format!("{}/{}/{}", app.base_url, r.resource_type, r.id), "resource": body, "search": {"mode": mode}})
+    };
+    let mut entries: Vec<Value> = page.resources.into_iter().map(|r| entry(r, "match")).collect();
+    entries.extend(included.resources.into_iter().map(|r| entry(r, "include")));
+    if included.truncated {
+        let note = format!("more than {} resources were to be included; the rest are left out", include::MAX_INCLUDED);
+        entries.push(json!({"resource": valv_fhir::outcome::operation_outcome(valv_fhir::outcome::Severity::Warning, "too-costly", &note), "search": {"mode": "outcome"}}));
+    }
+    let total = (!req.no_total).then_some(page.total);
+    Ok(Reply::json(StatusCode::OK, bundle::collection("searchset", &vault::new_id()?, total, links, entries)))
 }
 
 async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pairs: &[(String, String)]) -> Result<Reply, ApiError> {

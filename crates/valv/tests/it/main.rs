@@ -26,6 +26,7 @@ mod keys;
 mod mtls;
 mod oidc;
 mod patch;
+mod results;
 mod pkcs11;
 mod search;
 mod security;

@@ -1,0 +1,105 @@
+//! Shaping search results: `_sort` on any parameter, `_include`/`_revinclude` (decided per
+//! included resource), `_elements`, `_summary`, `_total`, and `POST [type]/_search`.
+
+use crate::access::{care_team, create, people, Spec, LONG_SESSIONS};
+use crate::harness::Server;
+use serde_json::{json, Value};
+
+fn observation(patient: &str, code: &str, status: &str, when: &str) -> Value {
+    json!({"resourceType": "Observation", "status": status, "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]}, "subject": {"reference": format!("Patient/{patient}")}, "effectiveDateTime": when})
+}
+
+fn codes(r: &crate::harness::Resp) -> Vec<String> {
+    r.json["entry"].as_array().map(|es| es.iter().filter(|e| e["search"]["mode"] == "match").map(|e| e["resource"]["code"]["coding"][0]["code"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn sort_shape_total_and_post_search() {
+    let s = Server::start("results");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Sortsson"}]})).await.id();
+    for (code, status, when) in [("c", "final", "2021-03-01"), ("a", "amended", "2023-01-01"), ("d", "final", "2019-07-07"), ("b", "final", "2022-12-31T23:00:00Z")] {
+        assert_eq!(s.post("/fhir/Observation", &observation(&p, code, status, when)).await.status, 201);
+    }
+    let q = |extra: &str| format!("/fhir/Observation?patient={p}&{extra}");
+    assert_eq!(codes(&s.get(&q("_sort=-date")).await), ["a", "b", "c", "d"]);
+    assert_eq!(codes(&s.get(&q("_sort=date")).await), ["d", "c", "b", "a"]);
+    assert_eq!(codes(&s.get(&q("_sort=status,-date")).await), ["a", "b", "c", "d"], "amended before final, then newest first");
+    assert_eq!(codes(&s.get(&q("_sort=code&_count=2&_offset=1")).await), ["b", "c"], "paged after sorting");
+    s.get(&q("_sort=nonsense")).await.outcome(400);
+
+    // _elements and _summary return subsets, marked as such.
+    let subset = s.get(&q("_elements=status")).await;
+    let first = &subset.json["entry"][0]["resource"];
+    assert!(first.get("status").is_some() && first.get("code").is_none() && first.get("text").is_none(), "{first}");
+    assert_eq!(first["meta"]["tag"][0]["code"], "SUBSETTED");
+    let data = s.get(&q("_summary=data")).await;
+    assert!(data.json["entry"][0]["resource"].get("text").is_none() && data.json["entry"][0]["resource"].get("code").is_some());
+    let text = s.get(&q("_summary=text")).await;
+    let r = &text.json["entry"][0]["resource"];
+    assert!(r.get("text").is_some() && r.get("status").is_some() && r.get("code").is_some() && r.get("effectiveDateTime").is_none(), "text, and the required status and code: {r}");
+
+    // _total=none leaves the total out; _totalMethod=count (as fhirpy's count() sends) keeps it.
+    assert!(s.get(&q("_total=none")).await.json.get("total").is_none());
+    assert_eq!(s.get(&q("_count=0&_totalMethod=count")).await.total(), 4);
+
+    // POST [type]/_search: the form's parameters and the URL's together.
+    let form = format!("patient={p}&_sort=-date");
+    let posted = s.request_raw("POST", "/fhir/Observation/_search?_count=2", Some(&s.data_key), Some(form.into_bytes()), &[("content-type", "application/x-www-form-urlencoded")]).await;
+    assert_eq!((posted.status, codes(&posted)), (200, vec!["a".to_string(), "b".to_string()]), "{}", posted.text);
+    let wrong = s.request_raw("POST", "/fhir/Observation/_search", Some(&s.data_key), Some(b"{}".to_vec()), &[("content-type", "application/fhir+json")]).await;
+    wrong.outcome(415);
+}
+
+#[tokio::test]
+async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
+    let s = Server::start_configured("includes", &[], LONG_SESSIONS);
+    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
+    s.set_clock(now);
+    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Inc"}]})).await["id"].as_str().expect("id").to_string();
+    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Mine"}]})).await["id"].as_str().expect("id").to_string();
+    let other = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Other"}]})).await["id"].as_str().expect("id").to_string();
+    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let enc = create(&s, &json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": format!("Patient/{mine}")}})).await["id"].as_str().expect("id").to_string();
+    // My patient's Observation names the other patient as performer; the other's names mine.
+    let mut o = observation(&mine, "m", "final", "2024-01-01");
+    o["performer"] = json!([{"reference": format!("Patient/{other}")}]);
+    o["encounter"] = json!({"reference": format!("Encounter/{enc}")});
+    let mine_obs = create(&s, &o).await["id"].as_str().expect("id").to_string();
+    let mut theirs = observation(&other, "t", "final", "2024-01-01");
+    theirs["performer"] = json!([{"reference": format!("Patient/{mine}")}]);
+    create(&s, &theirs).await;
+
+    let mode_ids = |r: &crate::harness::Resp, mode: &str| -> Vec<String> {
+        let mut v: Vec<String> = r.json["entry"].as_array().map(|es| es.iter().filter(|e| e["search"]["mode"] == mode).map(|e| format!("{}/{}", e["resource"]["resourceType"].as_str().unwrap_or(""), e["resource"]["id"].as_str().unwrap_or(""))).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    // The loader (a service with every scope) gets everything the includes name.
+    let all = s.get(&format!("/fhir/Observation?_id={mine_obs}&_include=Observation:subject&_include=Observation:performer")).await;
+    let mut both = vec![format!("Patient/{mine}"), format!("Patient/{other}")];
+    both.sort();
+    assert_eq!(mode_ids(&all, "include"), both, "{}", all.text);
+    let iterated = s.get(&format!("/fhir/Observation?_id={mine_obs}&_include=Observation:encounter&_include:iterate=Encounter:subject")).await;
+    let mut chain = vec![format!("Encounter/{enc}"), format!("Patient/{mine}")];
+    chain.sort();
+    assert_eq!(mode_ids(&iterated, "include"), chain, "{}", iterated.text);
+    let rev = s.get(&format!("/fhir/Patient?_id={mine}&_revinclude=Observation:performer")).await;
+    assert_eq!(mode_ids(&rev, "include").len(), 1, "the other patient's Observation naming mine: {}", rev.text);
+
+    // The physician: the other patient and their Observation are left out, never disclosed.
+    let spec: Vec<Spec> = vec![("dr.inc".into(), "physician", vec![], Some(dr), None)];
+    let t = people(&s, &mut now, &spec).await["dr.inc"].token.clone();
+    let before = s.request("GET", &format!("/fhir/AuditEvent?patient={mine}&outcome=0"), Some(&s.auditor_key), None, &[]).await.total();
+    let theirs_too = s.request("GET", &format!("/fhir/Observation?_id={mine_obs}&_include=Observation:subject&_include=Observation:performer"), Some(&t), None, &[]).await;
+    assert_eq!(theirs_too.status, 200, "{}", theirs_too.text);
+    assert_eq!(mode_ids(&theirs_too, "include"), vec![format!("Patient/{mine}")], "{}", theirs_too.text);
+    assert!(!theirs_too.text.contains("Other"), "nothing of the other patient's record: {}", theirs_too.text);
+    let rev = s.request("GET", &format!("/fhir/Patient?_id={mine}&_revinclude=Observation:performer"), Some(&t), None, &[]).await;
+    assert!(mode_ids(&rev, "include").is_empty(), "{}", rev.text);
+    // The search and the included Patient are both in my patient's log.
+    let after = s.request("GET", &format!("/fhir/AuditEvent?patient={mine}&outcome=0"), Some(&s.auditor_key), None, &[]).await.total();
+    assert!(after >= before + 3, "search entries and the include's read: {before} -> {after}");
+    s.request("GET", "/fhir/Observation?_include=Observation:code", Some(&t), None, &[]).await.outcome(400);
+    s.request("GET", "/fhir/Observation?_include=*", Some(&t), None, &[]).await.outcome(400);
+}
