@@ -574,7 +574,17 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         ([], Some(body)) if method == Method::POST => I::Bundle { body },
         ([], _) => return Err(not_allowed("POST (transaction or batch Bundle)")),
         ([rt], None) if method == Method::GET => I::Search { resource_type: t(rt), pairs },
-        ([rt], Some(body)) if method == Method::POST => I::Create { resource_type: t(rt), body, if_none_exist },
+        ([rt], Some(body)) if method == Method::POST => {
+            // Search parameters in a create's URL are its condition, as If-None-Exist (what
+            // fhirpy's get_or_create sends): never ignored, which would make a duplicate.
+            let criteria: Vec<(String, String)> = pairs.into_iter().filter(|(k, _)| k != "_format" && k != "_pretty").collect();
+            let if_none_exist = match (if_none_exist, criteria.is_empty()) {
+                (header, true) => header,
+                (None, false) => Some(criteria),
+                (Some(_), false) => return Err(ApiError::bad_request("a create takes its condition from If-None-Exist or from the URL, not both")),
+            };
+            I::Create { resource_type: t(rt), body, if_none_exist }
+        }
         ([rt], Some(body)) if method == Method::PUT && !pairs.is_empty() => I::ConditionalUpdate { resource_type: t(rt), pairs, body, if_match },
         ([rt], None) if method == Method::DELETE && !pairs.is_empty() => I::ConditionalDelete { resource_type: t(rt), pairs },
         ([_], _) => return Err(not_allowed("GET (search), POST (create), PUT and DELETE with search criteria (conditional update and delete)")),

@@ -8,6 +8,7 @@ mod backup;
 mod auditprivacy;
 mod auditsearch;
 mod bundles;
+mod clients;
 mod conditional;
 mod crud;
 mod disk;
