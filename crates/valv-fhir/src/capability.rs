@@ -59,7 +59,9 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str, upda
     resources.push(json!({"type": "AuditEvent", "interaction": [{"code": "search-type"}], "searchParam": audit_params}));
     if let Some(patient) = resources.iter_mut().find(|r| r["type"] == "Patient") {
         patient["operation"] = json!([{"name": "access-log", "definition": "urn:valv:operation:access-log",
-            "documentation": "Who accessed this patient's record, each entry with its inclusion proof, the signed checkpoint and the log key"}]);
+            "documentation": "Who accessed this patient's record, each entry with its inclusion proof, the signed checkpoint and the log key"},
+            {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+            "documentation": "The Patient and the resources it owns, paged (_type, _since, _count, _offset); each type decided on its own"}]);
     }
     json!({
         "resourceType": "CapabilityStatement",

@@ -4,6 +4,7 @@
 
 
 mod conditional;
+mod everything;
 pub mod export;
 mod include;
 mod patch;
@@ -45,6 +46,8 @@ pub enum Interaction {
     BreakGlass { id: String, body: Value },
     /// `POST /fhir/Patient/{id}/$export-record`
     ExportRecord { id: String, body: Value },
+    /// `GET /fhir/Patient/{id}/$everything`
+    Everything { id: String, pairs: Vec<(String, String)> },
 }
 
 impl Interaction {
@@ -63,7 +66,7 @@ impl Interaction {
             | Interaction::ConditionalDelete { resource_type, .. }
             | Interaction::Patch { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
-            Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } => "Patient",
+            Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } | Interaction::Everything { .. } => "Patient",
         }
     }
 
@@ -81,6 +84,7 @@ impl Interaction {
             Interaction::AccessLog { .. } => "fhir_access_log",
             Interaction::BreakGlass { .. } => "fhir_break_glass",
             Interaction::ExportRecord { .. } => "fhir_export_record",
+            Interaction::Everything { .. } => "fhir_everything",
         }
     }
 }
@@ -154,6 +158,7 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::AccessLog { id } => crate::audit::api::access_log(app, ctx, &id).await,
         Interaction::BreakGlass { id, body } => crate::access::grantapi::break_glass(app, ctx, &id, body).await,
         Interaction::ExportRecord { id, body } => export::export_record(app, ctx, &id, body).await,
+        Interaction::Everything { id, pairs } => everything::everything(app, ctx, &id, &pairs).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
         Interaction::Create { resource_type, body, if_none_exist: None } => create(app, ctx, &resource_type, body).await,

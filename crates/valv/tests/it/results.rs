@@ -103,3 +103,44 @@ async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
     s.request("GET", "/fhir/Observation?_include=Observation:code", Some(&t), None, &[]).await.outcome(400);
     s.request("GET", "/fhir/Observation?_include=*", Some(&t), None, &[]).await.outcome(400);
 }
+
+#[tokio::test]
+async fn everything_returns_the_patients_record_paged_and_decided() {
+    let s = Server::start_configured("everything", &[], LONG_SESSIONS);
+    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
+    s.set_clock(now);
+    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Every"}]})).await["id"].as_str().expect("id").to_string();
+    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Whole"}]})).await["id"].as_str().expect("id").to_string();
+    let other = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
+    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    for (p, code) in [(&mine, "a"), (&mine, "b"), (&other, "x")] {
+        create(&s, &observation(p, code, "final", "2024-01-01")).await;
+    }
+    now += 60_000;
+    s.set_clock(now);
+    let late = create(&s, &observation(&mine, "c", "final", "2024-02-01")).await;
+    let since = late["meta"]["lastUpdated"].as_str().expect("lastUpdated").to_string();
+
+    let all = s.get(&format!("/fhir/Patient/{mine}/$everything")).await;
+    assert_eq!(all.status, 200, "{}", all.text);
+    // The Patient, the care team and three Observations; nothing of the other patient.
+    assert_eq!(all.total(), 5, "{}", all.text);
+    assert!(!all.text.contains(&other), "{}", all.text);
+    assert_eq!(s.get(&format!("/fhir/Patient/{mine}/$everything?_type=Observation")).await.total(), 3);
+    assert_eq!(s.get(&format!("/fhir/Patient/{mine}/$everything?_since={since}")).await.entry_ids(), vec![late["id"].as_str().expect("id").to_string()]);
+    let first = s.get(&format!("/fhir/Patient/{mine}/$everything?_count=2")).await;
+    let next = first.json["link"].as_array().expect("links").iter().find(|l| l["relation"] == "next").and_then(|l| l["url"].as_str()).expect("a next link").to_string();
+    let second = s.get(&next[next.find("/fhir/").expect("path")..]).await;
+    assert_eq!((first.entry_ids().len(), second.entry_ids().len()), (2, 2));
+    assert!(first.entry_ids().iter().all(|id| !second.entry_ids().contains(id)), "pages do not overlap");
+    s.get(&format!("/fhir/Patient/{mine}/$everything?start=2020")).await.outcome(400);
+    s.get("/fhir/Patient/nobody/$everything").await.outcome(404);
+
+    let spec: Vec<Spec> = vec![("dr.every".into(), "physician", vec![], Some(dr), None)];
+    let t = people(&s, &mut now, &spec).await["dr.every"].token.clone();
+    let theirs = s.request("GET", &format!("/fhir/Patient/{mine}/$everything"), Some(&t), None, &[]).await;
+    assert_eq!((theirs.status, theirs.total()), (200, 5), "{}", theirs.text);
+    s.request("GET", &format!("/fhir/Patient/{other}/$everything"), Some(&t), None, &[]).await.outcome(403);
+    let denied = s.request("GET", &format!("/fhir/AuditEvent?patient={other}&outcome=4"), Some(&s.auditor_key), None, &[]).await;
+    assert!(denied.total() >= 1, "the refusal is in the other patient's log");
+}
