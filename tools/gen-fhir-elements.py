@@ -198,6 +198,30 @@ def choice_groups(elements):
     return groups
 
 
+def summary_elements(profiles, definitions, log):
+    """{(schema type name, element or choice base)} that the R4 StructureDefinitions mark
+    isSummary, for resources and their backbone elements (what `_summary=true` returns)."""
+    found = set()
+    for bundle in profiles:
+        for entry in bundle.get("entry", []):
+            sd = entry.get("resource", {})
+            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") == "constraint":
+                continue
+            if sd.get("fhirVersion") != "4.0.1" or sd.get("kind") != "resource":
+                continue
+            for el in sd.get("snapshot", {}).get("element", []):
+                parts = el.get("path", "").split(".")
+                if not el.get("isSummary") or len(parts) < 2:
+                    continue
+                owner = parts[0] if len(parts) == 2 else f"{parts[0]}_{cap(parts[-2])}"
+                name = parts[-1][:-3] if parts[-1].endswith("[x]") else parts[-1]
+                if owner not in definitions:
+                    log(f"summary {el['path']}: no {owner} in the schema; left out")
+                    continue
+                found.add((owner, name))
+    return found
+
+
 def required_primitives(profiles, definitions, log):
     """{(schema type name, element)} of the primitive elements the R4
     StructureDefinitions require (min >= 1). A path's owner is the resource or
@@ -253,6 +277,7 @@ def build(schema, log, profiles=()):
         log(f"dropped {len(dropped)} non-R4 resource types: {' '.join(dropped)}")
 
     forced = required_primitives(profiles, definitions, log)
+    summary = summary_elements(profiles, definitions, log)
     inline_patterns = {}
     types = {}
     resources = set(R4_RESOURCES)
@@ -292,7 +317,8 @@ def build(schema, log, profiles=()):
         types[name] = (
             "R" if name in resources else "C",
             [
-                (elem, is_array, target, elem in required, groups.get(elem), codes)
+                (elem, is_array, target, elem in required, groups.get(elem), codes,
+                 (name, groups.get(elem) or elem) in summary)
                 for elem, (is_array, target, _, codes) in elements.items()
             ],
         )
@@ -318,12 +344,13 @@ def render(schema, primitives, types):
     for prim in sorted(primitives):
         kind, pattern = primitives[prim]
         out.append(f"$ {prim} {kind} {pattern if pattern else '-'}")
-    out.append("# @Type R|C, then: element 1|* [!] target [choice-base] [=code|code... (required binding)]")
+    out.append("# @Type R|C, then: element 1|* [!] [s] target [choice-base] [=code|code... (required binding)]")
+    out.append("# (! required, s in the summary of the resource: _summary=true)")
     for name in sorted(types):
         kind, elements = types[name]
         out.append(f"@{name} {kind}")
-        for elem, is_array, target, required, choice, codes in elements:
-            card = ("*" if is_array else "1") + ("!" if required else "")
+        for elem, is_array, target, required, choice, codes, summary in elements:
+            card = ("*" if is_array else "1") + ("!" if required else "") + ("s" if summary else "")
             line = f"{elem} {card} {target}"
             if choice:
                 line += f" {choice}"
@@ -335,9 +362,9 @@ def render(schema, primitives, types):
 
 def flatten(types):
     return {
-        (name, elem): (kind, is_array, target, required, choice, codes)
+        (name, elem): (kind, is_array, target, required, choice, codes, summary)
         for name, (kind, elements) in types.items()
-        for elem, is_array, target, required, choice, codes in elements
+        for elem, is_array, target, required, choice, codes, summary in elements
     }
 
 

@@ -424,6 +424,8 @@ pub enum Shape {
     Text,
     /// `_summary=data`: everything but `text`.
     Data,
+    /// `_summary=true`: the elements R4 marks as summary, and the required ones.
+    Summary,
 }
 
 pub const DEFAULT_COUNT: usize = 20;
@@ -609,7 +611,8 @@ fn apply_result_param(req: &mut SearchRequest, resource_type: &str, name: &str, 
             "false" => {}
             "text" => req.shape = Shape::Text,
             "data" => req.shape = Shape::Data,
-            other => return Err(FhirError::not_supported(format!("_summary={other} is not supported (count, text, data, false)"))),
+            "true" => req.shape = Shape::Summary,
+            other => return Err(FhirError::invalid(format!("_summary={other}: use true, text, data, count or false"))),
         },
         // `_totalMethod` is what some clients (fhirpy's count()) send for `_total`.
         "_total" | "_totalMethod" => match value {
@@ -786,21 +789,20 @@ pub fn shape_resource(resource: &Value, shape: &Shape) -> Value {
     let Value::Object(map) = resource else { return resource.clone() };
     let keep = |k: &str| -> bool {
         match shape {
-            Shape::Full => true,
+            Shape::Full | Shape::Summary => true,
             Shape::Data => k != "text",
             Shape::Text => matches!(k, "resourceType" | "id" | "meta" | "text") || required_top_level(map, k),
             Shape::Elements(names) => matches!(k, "resourceType" | "id" | "meta") || names.iter().any(|n| n == k || (k.starts_with(n.as_str()) && choice_of(n, k))),
         }
     };
-    if *shape == Shape::Full {
-        return resource.clone();
-    }
-    let mut out = serde_json::Map::new();
-    for (k, v) in map {
-        if keep(k.trim_start_matches('_')) {
-            out.insert(k.clone(), v.clone());
-        }
-    }
+    let mut out = match shape {
+        Shape::Full => return resource.clone(),
+        Shape::Summary => match crate::r4::summary(resource) {
+            Value::Object(m) => m,
+            _ => return resource.clone(),
+        },
+        _ => map.iter().filter(|(k, _)| keep(k.trim_start_matches('_'))).map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
     let tag = serde_json::json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED", "display": "subsetted"});
     let meta = out.entry("meta").or_insert_with(|| Value::Object(serde_json::Map::new()));
     if let Value::Object(meta) = meta {

@@ -18,7 +18,8 @@
 //! name * HumanName               an element: name, cardinality, type
 //! subject 1! Reference           `1` single or `*` array; `!` = required (min 1)
 //! valueQuantity 1 Quantity value then, when present, the choice base (`value[x]`)
-//! gender 1 code =male|female|other|unknown  last, when present: the codes of a required binding
+//! gender 1s code =male|female|other|unknown  last, when present: the codes of a required binding
+//!                                (an `s` after the cardinality: in the summary, `_summary=true`)
 //! ```
 //!
 //! Element types are primitives, types declared with `@`, or `Resource` (any resource, dispatched
@@ -73,6 +74,46 @@ impl std::error::Error for StructureError {}
 /// True if `name` is an R4 resource type (e.g. "Patient"), false for datatypes and unknown names.
 pub fn is_resource_type(name: &str) -> bool {
     table().is_ok_and(|t| t.lookup(name).is_some_and(|ty| ty.is_resource))
+}
+
+/// The resource with only its summary elements (R4 search `_summary=true`): those the R4
+/// definitions mark `isSummary` and the required ones, into backbone elements (complex
+/// datatypes are kept whole); `resourceType` always. A resource of a type the table does not know
+/// is returned as it is.
+pub fn summary(resource: &Value) -> Value {
+    let Ok(t) = table() else { return resource.clone() };
+    match resource.get("resourceType").and_then(Value::as_str).and_then(|n| t.lookup(n)) {
+        Some(ty) => summarize(t, ty, resource),
+        None => resource.clone(),
+    }
+}
+
+fn summarize(t: &Table, ty: &TypeDef, value: &Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(|v| summarize(t, ty, v)).collect()),
+        Value::Object(map) => {
+            let mut out = Map::new();
+            for (key, v) in map {
+                if key == "resourceType" {
+                    out.insert(key.clone(), v.clone());
+                    continue;
+                }
+                let base = key.trim_start_matches('_');
+                let Some(elem) = ty.elems.get(base) else { continue };
+                if !elem.summary && !ty.required.iter().any(|r| r.name == base) {
+                    continue;
+                }
+                let kept = match elem.target {
+                    // Backbone elements (named Type_Part in the table) are summarised in turn.
+                    Target::Complex(i) if t.types[i].name.contains('_') && !key.starts_with('_') => summarize(t, &t.types[i], v),
+                    _ => v.clone(),
+                };
+                out.insert(key.clone(), kept);
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    }
 }
 
 /// Whether `element` is a required top-level element of the resource type.
@@ -223,6 +264,8 @@ struct Elem {
     extensible: bool,
     /// The codes a required binding allows (`code` elements only).
     codes: Option<Vec<&'static str>>,
+    /// Whether R4 marks it `isSummary` (resources and backbone elements).
+    summary: bool,
 }
 
 #[derive(Debug)]
@@ -290,6 +333,7 @@ struct RawElem {
     target: &'static str,
     choice: Option<&'static str>,
     codes: Option<Vec<&'static str>>,
+    summary: bool,
 }
 
 impl Table {
@@ -344,6 +388,10 @@ impl Table {
                 if codes.is_some() && target != "code" {
                     return Err(bad("codes on an element that is not a code"));
                 }
+                let (card, summary) = match card.strip_suffix('s') {
+                    Some(c) => (c, true),
+                    None => (card, false),
+                };
                 let (array, required) = match card {
                     "1" => (false, false),
                     "1!" => (false, true),
@@ -361,6 +409,7 @@ impl Table {
                     target,
                     choice,
                     codes,
+                    summary,
                 });
             }
         }
@@ -407,6 +456,7 @@ impl Table {
                     choice: e.choice,
                     extensible,
                     codes: e.codes,
+                    summary: e.summary,
                 };
                 if e.name.starts_with('_') || (e.name == "resourceType" && is_resource) {
                     return Err(format!("{name}.{}: reserved element name", e.name));
@@ -1828,6 +1878,22 @@ mod tests {
             "instance": [{"resourceId": "p1", "resourceType": "Patient", "name": "A patient"}]});
         assert_eq!(path_of(scenario), "");
         assert!(path_of(obs(json!({"code": {"text": "x", "resourceType": "Patient"}}))).contains("'resourceType' is not allowed here"));
+    }
+
+    #[test]
+    fn summaries_keep_what_r4_marks_summary_and_what_is_required() {
+        let p = json!({"resourceType": "Patient", "id": "p", "meta": {"versionId": "1"}, "text": {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">x</div>"},
+            "name": [{"family": "Kort"}], "photo": [{"contentType": "image/png"}], "contact": [{"name": {"family": "Nära"}}], "gender": "other",
+            "link": [{"other": {"reference": "Patient/q"}, "type": "seealso"}]});
+        let s = summary(&p);
+        let keys: Vec<&str> = s.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+        assert_eq!(keys, vec!["resourceType", "id", "meta", "name", "gender", "link"], "{s}");
+        // Into backbone elements: Observation.component is summary, and so are its code and value.
+        let o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "bp"}, "note": [{"text": "n"}],
+            "component": [{"code": {"text": "sys"}, "valueQuantity": {"value": 120}, "interpretation": [{"text": "high"}]}]});
+        let s = summary(&o);
+        assert!(s.get("note").is_none() && s["component"][0].get("valueQuantity").is_some(), "{s}");
+        assert_eq!(s["component"][0].get("interpretation"), None, "{s}");
     }
 
     #[test]

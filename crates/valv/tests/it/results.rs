@@ -39,6 +39,10 @@ async fn sort_shape_total_and_post_search() {
     let r = &text.json["entry"][0]["resource"];
     assert!(r.get("text").is_some() && r.get("status").is_some() && r.get("code").is_some() && r.get("effectiveDateTime").is_none(), "text, and the required status and code: {r}");
 
+    let summary = s.get(&q("_summary=true")).await;
+    let r = &summary.json["entry"][0]["resource"];
+    assert!(r.get("text").is_none() && r.get("code").is_some() && r.get("effectiveDateTime").is_some(), "summary elements only: {r}");
+    assert_eq!(r["meta"]["tag"][0]["code"], "SUBSETTED");
     // _total=none leaves the total out; _totalMethod=count (as fhirpy's count() sends) keeps it.
     assert!(s.get(&q("_total=none")).await.json.get("total").is_none());
     assert_eq!(s.get(&q("_count=0&_totalMethod=count")).await.total(), 4);
