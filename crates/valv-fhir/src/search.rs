@@ -444,6 +444,13 @@ pub enum Test {
     Id(Vec<String>),
     LastUpdated(Vec<(Prefix, Interval)>),
     Indexed { def: &'static ParamDef, alternatives: Vec<Alternative> },
+    /// `subject:Patient.name=x`: the reference `def` points at a `target` resource matching
+    /// `inner` (a search of `target`, itself possibly chained). Resolved into an `Indexed` test
+    /// by whoever runs the search, before the store is asked ([`Condition::resolved_references`]).
+    Chain { def: &'static ParamDef, target: String, inner: Vec<(String, String)> },
+    /// `_has:Observation:patient:code=x`: some `source` resource matching `inner` points at this
+    /// one through its reference `def`. Resolved into an `Id` test ([`Condition::resolved_ids`]).
+    Has { source: String, def: &'static ParamDef, inner: Vec<(String, String)> },
 }
 
 #[derive(Debug)]
@@ -454,7 +461,22 @@ pub enum Alternative {
     Date(Prefix, Interval),
 }
 
+/// How deep chains and `_has` may nest (`a.b.c` is two).
+pub const MAX_CHAIN_DEPTH: usize = 3;
+
 impl Condition {
+    /// A chain resolved to the resources it found: the reference must point at one of them
+    /// (`Type/id` each); none matches nothing.
+    pub fn resolved_references(def: &'static ParamDef, param: &str, targets: &[String]) -> Condition {
+        let keys = targets.iter().map(|t| format!("r:{t}")).collect();
+        Condition { param: param.to_string(), test: Test::Indexed { def, alternatives: vec![Alternative::Reference(keys)] } }
+    }
+
+    /// A `_has` resolved to the ids it found.
+    pub fn resolved_ids(param: &str, ids: Vec<String>) -> Condition {
+        Condition { param: param.to_string(), test: Test::Id(ids) }
+    }
+
     /// The index keys a matching resource carries at least one of, or `None` when this
     /// condition cannot narrow the candidates (e.g. a `ne` date).
     pub fn candidate_keys(&self) -> Option<Vec<String>> {
@@ -480,6 +502,7 @@ impl Condition {
     pub fn keys_are_exact(&self) -> bool {
         match &self.test {
             Test::Id(_) | Test::LastUpdated(_) => true,
+            Test::Chain { .. } | Test::Has { .. } => false,
             Test::Indexed { alternatives, .. } => alternatives.iter().all(|a| match a {
                 Alternative::Token(_) | Alternative::Reference(_) => true,
                 Alternative::String { value, exact } => *exact || normalize(value).chars().count() <= PREFIX_SLOTS,
@@ -501,6 +524,8 @@ impl Condition {
                 let _ = resource_type;
                 alternatives.iter().any(|alt| alternative_matches(def, alt, &values))
             }
+            // Unresolved, it matches nothing: a search never widens by a condition it skipped.
+            Test::Chain { .. } | Test::Has { .. } => false,
         }
     }
 }
@@ -558,6 +583,16 @@ pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<
         if value.is_empty() {
             return Err(FhirError::invalid(format!("search parameter '{raw_name}' has an empty value")));
         }
+        if let Some(rest) = raw_name.strip_prefix("_has:") {
+            let test = parse_has(resource_type, rest, value, 1)?;
+            req.conditions.push(Condition { param: raw_name.to_string(), test });
+            continue;
+        }
+        if let Some((head, tail)) = raw_name.split_once('.') {
+            let test = parse_chain(resource_type, head, tail, value, 1)?;
+            req.conditions.push(Condition { param: raw_name.to_string(), test });
+            continue;
+        }
         let test = match name {
             "_id" => {
                 no_modifier(raw_name, modifier)?;
@@ -579,6 +614,68 @@ pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<
         req.conditions.push(Condition { param: name.to_string(), test });
     }
     Ok(req)
+}
+
+/// `head.tail=value` on `resource_type`: `head` is `param` or `param:Target`, a reference
+/// parameter; `tail` a parameter of the target (checked now, so a typo is a 400).
+fn parse_chain(resource_type: &str, head: &str, tail: &str, value: &str, depth: usize) -> Result<Test, FhirError> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(FhirError::not_supported(format!("chains and _has nest at most {MAX_CHAIN_DEPTH} deep")));
+    }
+    let (param, target) = match head.split_once(':') {
+        Some((p, t)) => (p, Some(t)),
+        None => (head, None),
+    };
+    let def = params_for(resource_type)
+        .iter()
+        .find(|d| d.name == param && d.kind == ParamKind::Reference)
+        .ok_or_else(|| FhirError::invalid(format!("'{param}' is not a reference search parameter of {resource_type}, so it cannot be chained")))?;
+    let target = match target.or(def.target) {
+        Some(t) if crate::r4::is_resource_type(t) && def.target.is_none_or(|only| only == t) => t.to_string(),
+        Some(t) => return Err(FhirError::invalid(format!("'{t}' is not a resource type '{param}' can point at"))),
+        None => return Err(FhirError::invalid(format!("name the type '{param}' points at: {param}:Type.{tail}"))),
+    };
+    let inner = vec![(tail.to_string(), value.to_string())];
+    check_inner(&target, &inner, depth)?;
+    Ok(Test::Chain { def, target, inner })
+}
+
+/// `_has:Source:param:rest=value`: `rest` is a parameter of `Source` (or another `_has:`).
+fn parse_has(resource_type: &str, spec: &str, value: &str, depth: usize) -> Result<Test, FhirError> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(FhirError::not_supported(format!("chains and _has nest at most {MAX_CHAIN_DEPTH} deep")));
+    }
+    let mut parts = spec.splitn(3, ':');
+    let (Some(source), Some(param), Some(rest)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(FhirError::invalid(format!("_has:{spec}: expected _has:Type:reference-parameter:parameter")));
+    };
+    if !crate::r4::is_resource_type(source) {
+        return Err(FhirError::invalid(format!("_has: '{source}' is not a resource type")));
+    }
+    let def = params_for(source)
+        .iter()
+        .find(|d| d.name == param && d.kind == ParamKind::Reference && d.target.is_none_or(|t| t == resource_type))
+        .ok_or_else(|| FhirError::invalid(format!("_has: '{param}' is not a reference search parameter of {source} that can point at {resource_type}")))?;
+    let inner = vec![(rest.to_string(), value.to_string())];
+    check_inner(source, &inner, depth)?;
+    Ok(Test::Has { source: source.to_string(), def, inner })
+}
+
+/// The inner search of a chain or `_has` parses (its own chains one level deeper).
+fn check_inner(resource_type: &str, inner: &[(String, String)], depth: usize) -> Result<(), FhirError> {
+    for (name, value) in inner {
+        if RESULT_PARAMS.iter().any(|r| name == r || name.starts_with(&format!("{r}:"))) {
+            return Err(FhirError::invalid(format!("'{name}' shapes results and cannot end a chain")));
+        }
+        if let Some(rest) = name.strip_prefix("_has:") {
+            parse_has(resource_type, rest, value, depth + 1)?;
+        } else if let Some((head, tail)) = name.split_once('.') {
+            parse_chain(resource_type, head, tail, value, depth + 1)?;
+        } else {
+            parse_request(resource_type, &[(name.clone(), value.clone())])?;
+        }
+    }
+    Ok(())
 }
 
 fn no_modifier(raw: &str, modifier: Option<&str>) -> Result<(), FhirError> {

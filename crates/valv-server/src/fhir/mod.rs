@@ -3,6 +3,7 @@
 //! through [`execute`]; transactions run through [`transaction`] so they commit atomically.
 
 
+mod chain;
 mod conditional;
 mod everything;
 pub mod export;
@@ -212,15 +213,23 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
     check_type(resource_type)?;
     let query = crate::http::query::encode(pairs);
     let touch = Touch { interaction: "search-type", action: Action::Search, resource_type, id: None, version: None, patient: None, query: Some(query) };
-    let req = match search::parse_request(resource_type, pairs) {
+    let mut req = match search::parse_request(resource_type, pairs) {
         Ok(r) => r,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
     };
     let filter = authorize_filtered(app, ctx, &touch).await?;
     let visible = |l: &valv_store::Located| filter.visible(l.patient.as_deref());
-    let page = match app.vault.search(resource_type, &req, &visible, ctx.now).await {
-        Ok(p) => p,
-        Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+    let may_match = match chain::resolve(app, ctx, &mut req).await {
+        Ok(m) => m,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
+    let page = if may_match {
+        match app.vault.search(resource_type, &req, &visible, ctx.now).await {
+            Ok(p) => p,
+            Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
+        }
+    } else {
+        vault::SearchPage { total: 0, resources: Vec::new() }
     };
     // One entry per patient whose data is in the response; one for the search itself otherwise.
     let mut patients: Vec<Option<&str>> = Vec::new();

@@ -148,3 +148,50 @@ async fn everything_returns_the_patients_record_paged_and_decided() {
     let denied = s.request("GET", &format!("/fhir/AuditEvent?patient={other}&outcome=4"), Some(&s.auditor_key), None, &[]).await;
     assert!(denied.total() >= 1, "the refusal is in the other patient's log");
 }
+
+#[tokio::test]
+async fn chains_and_has_search_as_the_caller() {
+    let s = Server::start_configured("chains", &[], LONG_SESSIONS);
+    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
+    s.set_clock(now);
+    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Chain"}]})).await["id"].as_str().expect("id").to_string();
+    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Chainsson"}]})).await["id"].as_str().expect("id").to_string();
+    let other = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Otherberg"}]})).await["id"].as_str().expect("id").to_string();
+    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    for (p, code) in [(&mine, "m"), (&mine, "m2"), (&other, "t")] {
+        create(&s, &observation(p, code, "final", "2024-01-01")).await;
+    }
+    // The other patient's Observation names mine as performer: a _has through it must not tell
+    // anyone who may not see it that it exists.
+    let mut theirs = observation(&other, "t2", "final", "2024-01-01");
+    theirs["performer"] = json!([{"reference": format!("Patient/{mine}")}]);
+    create(&s, &theirs).await;
+    let ids = |r: &crate::harness::Resp| r.entry_ids().len();
+    assert_eq!(ids(&s.get("/fhir/Observation?subject:Patient.name=Chainsson").await), 2);
+    assert_eq!(ids(&s.get("/fhir/Observation?patient.name=Otherberg").await), 2, "patient points at Patients only: no type needed");
+    assert_eq!(ids(&s.get("/fhir/Observation?patient.name=Nobody").await), 0);
+    let has = s.get("/fhir/Patient?_has:Observation:patient:code=http://loinc.org|t").await;
+    assert_eq!(has.entry_ids(), vec![other.clone()], "{}", has.text);
+    assert_eq!(ids(&s.get("/fhir/Patient?_has:Observation:patient:code=http://loinc.org|none").await), 0);
+    for (bad, says) in [("subject.name=x", "name the type"), ("code.name=x", "not a reference"), ("patient.shoesize=9", "unknown search parameter"), ("_has:Observation:code:status=final", "not a reference")] {
+        let r = s.get(&format!("/fhir/Observation?{bad}")).await;
+        assert!(r.outcome(400).contains(says), "{bad}: {}", r.text);
+    }
+
+    // The physician's chains only reach what they may search: the other patient's name finds
+    // nothing, though that patient's Observation exists.
+    let spec: Vec<Spec> = vec![("dr.chain".into(), "physician", vec![], Some(dr), None)];
+    let t = people(&s, &mut now, &spec).await["dr.chain"].token.clone();
+    let as_dr = |q: &str| {
+        let (s, t, q) = (&s, t.clone(), q.to_string());
+        async move { s.request("GET", &format!("/fhir/{q}"), Some(&t), None, &[]).await }
+    };
+    assert_eq!(ids(&as_dr("Observation?subject:Patient.name=Chainsson").await), 2);
+    let probe = as_dr("Observation?subject:Patient.name=Otherberg").await;
+    assert_eq!((probe.status, probe.total()), (200, 0), "{}", probe.text);
+    let probe = as_dr("Patient?_has:Observation:patient:code=http://loinc.org|t").await;
+    assert_eq!((probe.status, probe.total()), (200, 0), "{}", probe.text);
+    assert_eq!(s.get("/fhir/Patient?_has:Observation:performer:code=http://loinc.org|t2").await.entry_ids(), vec![mine.clone()]);
+    let probe = as_dr("Patient?_has:Observation:performer:code=http://loinc.org|t2").await;
+    assert_eq!((probe.status, probe.total()), (200, 0), "their own patient, found only through the other's Observation: {}", probe.text);
+}
