@@ -444,6 +444,8 @@ pub enum Test {
     Id(Vec<String>),
     LastUpdated(Vec<(Prefix, Interval)>),
     Indexed { def: &'static ParamDef, alternatives: Vec<Alternative> },
+    /// `:not`: none of the alternatives matches (decided after decryption).
+    Not { def: &'static ParamDef, alternatives: Vec<Alternative> },
     /// `subject:Patient.name=x`: the reference `def` points at a `target` resource matching
     /// `inner` (a search of `target`, itself possibly chained). Resolved into an `Indexed` test
     /// by whoever runs the search, before the store is asked ([`Condition::resolved_references`]).
@@ -459,6 +461,17 @@ pub enum Alternative {
     String { value: String, exact: bool },
     Reference(Vec<String>),
     Date(Prefix, Interval),
+    // Modifiers decided after decryption (no index key of their own; R4 search §3.1.1.5.5).
+    /// `:missing=true|false`: the parameter has no value (or has one).
+    Missing(bool),
+    /// `:contains` (strings): the value anywhere in a string, accents and case ignored.
+    Contains(String),
+    /// `:text` (tokens): the start of a CodeableConcept's text or a Coding's display.
+    Text(String),
+    /// `:identifier` (references): the reference's `identifier`, as a token key.
+    Identifier(String),
+    /// `:of-type` (identifiers): `type` has the coding `system|code`, and `value` is the value.
+    OfType { system: String, code: String, value: String },
 }
 
 /// How deep chains and `_has` may nest (`a.b.c` is two).
@@ -484,6 +497,7 @@ impl Condition {
         let mut keys = Vec::new();
         for alt in alternatives {
             match alt {
+                Alternative::Missing(_) | Alternative::Contains(_) | Alternative::Text(_) | Alternative::Identifier(_) | Alternative::OfType { .. } => return None,
                 Alternative::Token(k) => keys.push(k.clone()),
                 Alternative::String { value, exact: true } => keys.push(format!("e:{value}")),
                 Alternative::String { value, exact: false } => {
@@ -502,11 +516,11 @@ impl Condition {
     pub fn keys_are_exact(&self) -> bool {
         match &self.test {
             Test::Id(_) | Test::LastUpdated(_) => true,
-            Test::Chain { .. } | Test::Has { .. } => false,
+            Test::Chain { .. } | Test::Has { .. } | Test::Not { .. } => false,
             Test::Indexed { alternatives, .. } => alternatives.iter().all(|a| match a {
                 Alternative::Token(_) | Alternative::Reference(_) => true,
                 Alternative::String { value, exact } => *exact || normalize(value).chars().count() <= PREFIX_SLOTS,
-                Alternative::Date(..) => false,
+                _ => false,
             }),
         }
     }
@@ -523,6 +537,10 @@ impl Condition {
                 let values: Vec<&Value> = def.paths.iter().flat_map(|path| values_at(resource, path)).collect();
                 let _ = resource_type;
                 alternatives.iter().any(|alt| alternative_matches(def, alt, &values))
+            }
+            Test::Not { def, alternatives } => {
+                let values: Vec<&Value> = def.paths.iter().flat_map(|path| values_at(resource, path)).collect();
+                !alternatives.iter().any(|alt| alternative_matches(def, alt, &values))
             }
             // Unresolved, it matches nothing: a search never widens by a condition it skipped.
             Test::Chain { .. } | Test::Has { .. } => false,
@@ -549,7 +567,43 @@ fn alternative_matches(def: &ParamDef, alt: &Alternative, values: &[&Value]) -> 
         Alternative::Date(prefix, search) => {
             values.iter().filter_map(|v| date_value(v)).any(|t| prefix.matches(search, &t))
         }
+        Alternative::Missing(missing) => values.is_empty() == *missing,
+        Alternative::Contains(part) => {
+            let part = normalize(part);
+            values.iter().flat_map(|v| string_values(v)).any(|s| normalize(s).contains(&part))
+        }
+        Alternative::Text(start) => {
+            let start = normalize(start);
+            values.iter().flat_map(|v| token_texts(v)).any(|t| normalize(t).starts_with(&start))
+        }
+        Alternative::Identifier(key) => values.iter().filter_map(|v| v.get("identifier")).any(|id| {
+            let mut keys = Vec::new();
+            token_keys(id, &mut keys);
+            keys.contains(key)
+        }),
+        Alternative::OfType { system, code, value } => values.iter().any(|id| {
+            let typed = id.pointer("/type/coding").and_then(Value::as_array).is_some_and(|cs| {
+                cs.iter().any(|c| c.get("system").and_then(Value::as_str) == Some(system) && c.get("code").and_then(Value::as_str) == Some(code))
+            });
+            typed && id.get("value").and_then(Value::as_str) == Some(value)
+        }),
     }
+}
+
+/// The human-readable texts of a token value: a CodeableConcept's `text`, each Coding's
+/// `display` (what `:text` searches).
+fn token_texts(v: &Value) -> Vec<&str> {
+    let mut out = Vec::new();
+    if let Some(t) = v.get("text").and_then(Value::as_str) {
+        out.push(t);
+    }
+    if let Some(d) = v.get("display").and_then(Value::as_str) {
+        out.push(d);
+    }
+    if let Some(Value::Array(cs)) = v.get("coding") {
+        out.extend(cs.iter().filter_map(|c| c.get("display").and_then(Value::as_str)));
+    }
+    out
 }
 
 /// Parameters that shape the result rather than select it, and are accepted and handled or
@@ -607,8 +661,16 @@ pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<
                 let def = params_for(resource_type).iter().find(|d| d.name == name).ok_or_else(|| {
                     FhirError::invalid(format!("unknown search parameter '{name}' for {resource_type}"))
                 })?;
-                let alternatives = value.split(',').map(|v| parse_alternative(def, modifier, v, raw_name)).collect::<Result<_, _>>()?;
-                Test::Indexed { def, alternatives }
+                if modifier == Some("not") {
+                    if def.kind != ParamKind::Token {
+                        return Err(FhirError::not_supported(format!("':not' applies to token parameters; '{name}' is not one")));
+                    }
+                    let alternatives = value.split(',').map(|v| parse_alternative(def, None, v, raw_name)).collect::<Result<_, _>>()?;
+                    Test::Not { def, alternatives }
+                } else {
+                    let alternatives = value.split(',').map(|v| parse_alternative(def, modifier, v, raw_name)).collect::<Result<_, _>>()?;
+                    Test::Indexed { def, alternatives }
+                }
             }
         };
         req.conditions.push(Condition { param: name.to_string(), test });
@@ -941,6 +1003,23 @@ fn parse_alternative(def: &ParamDef, modifier: Option<&str>, v: &str, raw: &str)
             let (prefix, interval) = parse_date_alt(v)?;
             Ok(Alternative::Date(prefix, interval))
         }
+        (_, Some("missing")) => match v {
+            "true" => Ok(Alternative::Missing(true)),
+            "false" => Ok(Alternative::Missing(false)),
+            _ => Err(FhirError::invalid(format!("'{raw}' takes true or false"))),
+        },
+        (ParamKind::String, Some("contains")) => Ok(Alternative::Contains(v.to_string())),
+        (ParamKind::Token, Some("text")) => Ok(Alternative::Text(v.to_string())),
+        (ParamKind::Reference, Some("identifier")) => Ok(Alternative::Identifier(token_query_key(v))),
+        (ParamKind::Token, Some("of-type")) => match v.splitn(3, '|').collect::<Vec<_>>()[..] {
+            [system, code, value] if !code.is_empty() && !value.is_empty() => {
+                Ok(Alternative::OfType { system: system.to_string(), code: code.to_string(), value: value.to_string() })
+            }
+            _ => Err(FhirError::invalid(format!("'{raw}' takes system|code|value"))),
+        },
+        (_, Some(m @ ("above" | "below" | "in" | "not-in"))) => {
+            Err(FhirError::not_supported(format!("':{m}' needs a terminology server, which Valv does not have: '{raw}'")))
+        }
         (_, Some(m)) => Err(FhirError::not_supported(format!("modifier ':{m}' is not supported on '{raw}'"))),
     }
 }
@@ -997,6 +1076,35 @@ mod tests {
             "name":[{"family":"Öberg","given":["Anna","Maria"]}],
             "birthDate":"1980-04-12","gender":"female","active":true,
             "address":[{"city":"Göteborg","line":["Storgatan 1"]}]})
+    }
+
+    #[test]
+    fn modifiers_decided_after_decryption() {
+        let mut p = patient();
+        p["identifier"][0]["type"] = json!({"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]});
+        p["generalPractitioner"] = json!([{"reference": "Practitioner/d1", "identifier": {"system": "urn:hsa", "value": "SE123"}}]);
+        for (q, want) in [
+            (("family:contains", "BER"), true),
+            (("address:contains", "teborg"), true),
+            (("family:contains", "xyz"), false),
+            (("gender:not", "male"), true),
+            (("gender:not", "male,female"), false),
+            (("birthdate:missing", "false"), true),
+            (("birthdate:missing", "true"), false),
+            (("organization:missing", "true"), true),
+            (("general-practitioner:identifier", "urn:hsa|SE123"), true),
+            (("general-practitioner:identifier", "urn:hsa|SE999"), false),
+            (("identifier:of-type", "http://terminology.hl7.org/CodeSystem/v2-0203|MR|MRN-1"), true),
+            (("identifier:of-type", "http://terminology.hl7.org/CodeSystem/v2-0203|MR|MRN-2"), false),
+        ] {
+            assert_eq!(hit("Patient", &p, &[q]), want, "{q:?}");
+        }
+        let o = json!({"resourceType": "Observation", "status": "final", "code": {"text": "Blood pressure panel", "coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel with all children optional"}]}});
+        assert!(hit("Observation", &o, &[("code:text", "blood pres")]));
+        assert!(!hit("Observation", &o, &[("code:text", "pressure")]), "text matches from the start");
+        for bad in [("code:above", "x"), ("status:not", ""), ("birthdate:missing", "maybe"), ("family:not", "x"), ("identifier:of-type", "a|b")] {
+            assert!(parse_request("Patient", &pairs(&[bad])).is_err() || parse_request("Observation", &pairs(&[bad])).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

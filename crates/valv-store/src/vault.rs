@@ -603,7 +603,7 @@ impl Vault {
                 }
                 // Resolved by the caller before a search reaches the vault; left here, they
                 // match nothing (`exact` is false, so every candidate is tested and fails).
-                Test::Chain { .. } | Test::Has { .. } => {}
+                Test::Chain { .. } | Test::Has { .. } | Test::Not { .. } => {}
                 Test::Indexed { def, .. } => {
                     if let Some(keys) = c.candidate_keys() {
                         filter.token_groups.push(keys.iter().map(|k| self.blind.token(resource_type, def.name, k)).collect());

@@ -27,6 +27,10 @@ async fn sort_shape_total_and_post_search() {
     assert_eq!(codes(&s.get(&q("_sort=status,-date")).await), ["a", "b", "c", "d"], "amended before final, then newest first");
     assert_eq!(codes(&s.get(&q("_sort=code&_count=2&_offset=1")).await), ["b", "c"], "paged after sorting");
     s.get(&q("_sort=nonsense")).await.outcome(400);
+    // Modifiers decided after decryption.
+    assert_eq!(codes(&s.get(&q("status:not=final")).await), ["a"]);
+    assert_eq!(s.get("/fhir/Patient?family:contains=RTSS").await.entry_ids(), vec![p.clone()]);
+    assert_eq!(s.get(&q("encounter:missing=true&_summary=count")).await.total(), 4);
 
     // _elements and _summary return subsets, marked as such.
     let subset = s.get(&q("_elements=status")).await;
