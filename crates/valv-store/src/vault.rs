@@ -669,6 +669,10 @@ fn integrity_failure(v: &StoredVersion, e: &valv_crypto::CryptoError) -> StoreEr
 }
 
 #[cfg(test)]
+#[path = "vault_search_tests.rs"]
+mod search_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::sqlite::SqliteStore;
