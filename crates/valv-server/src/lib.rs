@@ -465,15 +465,13 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
         Ok(p) => p,
         Err(e) => return ("fhir_unauthenticated", Err(e)),
     };
-    let return_representation = !req
-        .headers()
-        .get("prefer")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|p| p.contains("return=minimal"));
+    let prefer = req.headers().get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let return_representation = !prefer.contains("return=minimal");
+    let lenient = prefer.contains("handling=lenient");
     let declared = req.headers().get("x-purpose-of-use").map(|v| v.to_str().unwrap_or("").trim().to_string());
     let known = declared.as_deref().is_none_or(valv_policy::purpose::is_known);
     let purpose_of_use = declared.filter(|_| known);
-    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation };
+    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use, return_representation, lenient };
     let url_type = req.uri().path().split('/').nth(2).filter(|t| valv_fhir::r4::is_resource_type(t)).map(str::to_string);
     if !known {
         let e = ApiError::bad_request("X-Purpose-Of-Use must be an HL7 PurposeOfUse code such as TREAT, ETREAT, HPAYMT, HOPERAT or PATRQT");
@@ -502,7 +500,7 @@ async fn audit_entry_route(app: &App, req: Request<Incoming>, rid: &str, peer: &
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let source = peer.source();
     let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
-    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
+    let ctx = crate::request::Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true, lenient: false };
     let index = req.uri().path().trim_start_matches("/audit/entries/").to_string();
     match auditapi::entry(app, &ctx, &index).await {
         Ok(r) => Ok(r),

@@ -21,6 +21,9 @@ pub struct Ctx {
     pub purpose_of_use: Option<String>,
     /// Return the resource after a write (`Prefer: return=representation`, the default).
     pub return_representation: bool,
+    /// `Prefer: handling=lenient`: a search ignores parameters it does not support (and says
+    /// which in its self link) instead of refusing them (strict, the default).
+    pub lenient: bool,
 }
 
 /// One audit entry's varying part.

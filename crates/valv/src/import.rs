@@ -36,6 +36,7 @@ pub fn local_ctx(purpose: &str) -> Ctx {
         now: valv_server::now_ms(),
         purpose_of_use: Some(purpose.into()),
         return_representation: false,
+        lenient: false,
     }
 }
 

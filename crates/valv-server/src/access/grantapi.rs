@@ -123,7 +123,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let source = peer.source();
     let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
-    let ctx = Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true };
+    let ctx = Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true, lenient: false };
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();

@@ -211,6 +211,14 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
 
 async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
+    // Lenient: what is not supported is left out, and the self link shows what was searched.
+    let kept;
+    let pairs = if ctx.lenient {
+        kept = search::lenient_split(resource_type, pairs).0;
+        &kept[..]
+    } else {
+        pairs
+    };
     let query = crate::http::query::encode(pairs);
     let touch = Touch { interaction: "search-type", action: Action::Search, resource_type, id: None, version: None, patient: None, query: Some(query) };
     let mut req = match search::parse_request(resource_type, pairs) {

@@ -27,6 +27,15 @@ async fn sort_shape_total_and_post_search() {
     assert_eq!(codes(&s.get(&q("_sort=status,-date")).await), ["a", "b", "c", "d"], "amended before final, then newest first");
     assert_eq!(codes(&s.get(&q("_sort=code&_count=2&_offset=1")).await), ["b", "c"], "paged after sorting");
     s.get(&q("_sort=nonsense")).await.outcome(400);
+    // Prefer: handling=lenient leaves out what is not supported, and the self link says what was
+    // searched; a malformed value of a supported parameter still fails.
+    let url = q("shoesize=9&code:below=x&_sort=-date");
+    s.get(&url).await.outcome(400);
+    let lenient = s.request("GET", &url, Some(&s.data_key), None, &[("prefer", "handling=lenient")]).await;
+    assert_eq!((lenient.status, codes(&lenient)), (200, vec!["a".to_string(), "b".into(), "c".into(), "d".into()]), "{}", lenient.text);
+    let own = lenient.json["link"][0]["url"].as_str().unwrap_or("").to_string();
+    assert!(own.contains("_sort=-date") && !own.contains("shoesize") && !own.contains("below"), "{own}");
+    s.request("GET", &q("date=notadate"), Some(&s.data_key), None, &[("prefer", "handling=lenient")]).await.outcome(400);
     // Modifiers decided after decryption.
     assert_eq!(codes(&s.get(&q("status:not=final")).await), ["a"]);
     assert_eq!(s.get("/fhir/Patient?family:contains=RTSS").await.entry_ids(), vec![p.clone()]);
