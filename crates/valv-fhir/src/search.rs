@@ -740,14 +740,18 @@ fn check_inner(resource_type: &str, inner: &[(String, String)], depth: usize) ->
     Ok(())
 }
 
-/// Splits a search's parameters into those Valv supports and those it does not (unknown
-/// parameters, unsupported modifiers or values), for `Prefer: handling=lenient`. A supported
-/// parameter with a malformed value (a bad date) is kept, so that it still fails.
-pub fn lenient_split(resource_type: &str, pairs: &[(String, String)]) -> (Vec<(String, String)>, Vec<(String, String)>) {
-    pairs.iter().cloned().partition(|pair| match parse_request(resource_type, std::slice::from_ref(pair)) {
-        Ok(_) => true,
-        Err(e) => e.code != crate::IssueCode::NotSupported && !e.message.starts_with("unknown search parameter"),
-    })
+/// A search's parameters without those Valv does not support (unknown parameters, unsupported
+/// modifiers or values), for `Prefer: handling=lenient`. A supported parameter with a malformed
+/// value (a bad date) is kept, so that it still fails.
+pub fn lenient_pairs(resource_type: &str, pairs: &[(String, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .filter(|pair| match parse_request(resource_type, std::slice::from_ref(*pair)) {
+            Ok(_) => true,
+            Err(e) => e.code != crate::IssueCode::NotSupported && !e.message.starts_with("unknown search parameter"),
+        })
+        .cloned()
+        .collect()
 }
 
 fn no_modifier(raw: &str, modifier: Option<&str>) -> Result<(), FhirError> {

@@ -214,7 +214,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
     // Lenient: what is not supported is left out, and the self link shows what was searched.
     let kept;
     let pairs = if ctx.lenient {
-        kept = search::lenient_split(resource_type, pairs).0;
+        kept = search::lenient_pairs(resource_type, pairs);
         &kept[..]
     } else {
         pairs
