@@ -36,7 +36,8 @@ pub struct Entry {
     /// of a PUT's or DELETE's `request.url` (`Patient?identifier=x`).
     pub condition: Option<String>,
     pub resource: Option<Value>,
-    /// A PATCH's JSON Patch document (sent as a Binary with base64 `data`, R4 http §3.1.0.6).
+    /// A PATCH's document: a JSON Patch array (sent as a Binary with base64 `data`, R4 http
+    /// §3.1.0.6) or a FHIRPath Patch `Parameters`.
     pub patch: Option<Value>,
     /// `request.ifMatch` as a version number.
     pub if_match: Option<u64>,
@@ -156,15 +157,17 @@ fn parse_entry(i: usize, entry: Value, kind: BundleKind) -> Result<Entry, FhirEr
     Ok(Entry { full_url, method, resource_type, id, query, condition, resource, if_match, patch })
 }
 
-/// A PATCH entry's document: a Binary holding a JSON Patch, base64 in `data`.
+/// A PATCH entry's document: a Binary holding a JSON Patch, base64 in `data`, or a Parameters
+/// resource (a FHIRPath Patch), as is.
 fn patch_document(i: usize, resource: Option<Value>) -> Result<Value, FhirError> {
     use base64::Engine;
     let at = |m: &str| FhirError::processing(format!("Bundle.entry[{i}]: {m}"));
     let r = resource.ok_or_else(|| at("a PATCH entry carries its patch as a Binary resource"))?;
     match r.get("resourceType").and_then(Value::as_str) {
         Some("Binary") => {}
-        Some("Parameters") => return Err(FhirError::not_supported(format!("Bundle.entry[{i}]: FHIRPath Patch (Parameters) is not supported yet; send a JSON Patch in a Binary"))),
-        _ => return Err(at("a PATCH entry carries its patch as a Binary resource")),
+        // A FHIRPath Patch: the Parameters resource itself.
+        Some("Parameters") => return Ok(r),
+        _ => return Err(at("a PATCH entry carries its patch as a Binary (JSON Patch) or a Parameters (FHIRPath Patch) resource")),
     }
     if r.get("contentType").and_then(Value::as_str) != Some("application/json-patch+json") {
         return Err(at("the Binary of a PATCH entry must have contentType application/json-patch+json"));
@@ -295,7 +298,6 @@ mod tests {
             json!([{"resource":{"resourceType":"Patient"},"request":{"method":"POST","url":"Observation"}}]),
             json!([{"request":{"method":"PATCH","url":"Patient/1"}}]),
             json!([{"resource":{"resourceType":"Binary","contentType":"application/json-patch+json","data":"e30="},"request":{"method":"PATCH","url":"Patient/1"}}]),
-            json!([{"resource":{"resourceType":"Parameters"},"request":{"method":"PATCH","url":"Patient/1"}}]),
             json!([{"resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient?"}}]),
             json!([{"resource":{"resourceType":"Patient"},"request":{"method":"PUT","url":"Patient","ifNoneExist":"identifier=a|b"}}]),
             json!([{"request":{"method":"GET","url":"Patient/1"}}]),

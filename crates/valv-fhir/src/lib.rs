@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod capability;
 pub mod compartment;
 pub mod date;
+pub mod fhirpatch;
 mod error;
 pub mod id;
 pub mod outcome;

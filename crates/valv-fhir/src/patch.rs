@@ -1,5 +1,5 @@
 //! PATCH documents applied to a resource's JSON: JSON Patch (RFC 6902, with JSON Pointer, RFC
-//! 6901) and JSON Merge Patch (RFC 7386). Pure: the caller validates the result as a resource.
+//! 6901) and JSON Merge Patch (RFC 7386); FHIRPath Patch is [`crate::fhirpatch`]. Pure: the caller validates the result as a resource.
 //!
 //! A patch is applied to a copy, all of it or none. Its growth is bounded: `copy` can double a
 //! document with each operation, so the bytes a patch may add are counted against `limit`.

@@ -116,6 +116,22 @@ fn summarize(t: &Table, ty: &TypeDef, value: &Value) -> Value {
     }
 }
 
+/// Whether the element reached from a resource of `resource_type` through the element names
+/// `path` (indices left out: `["name", "given"]`) repeats (an array in JSON); `None` when the
+/// path names no element, or passes through a resource (`contained`).
+pub fn repeats(resource_type: &str, path: &[&str]) -> Option<bool> {
+    let t = table().ok()?;
+    let mut ty = t.lookup(resource_type)?;
+    let (last, through) = path.split_last()?;
+    for name in through {
+        match ty.elems.get(name)?.target {
+            Target::Complex(i) => ty = &t.types[i],
+            _ => return None,
+        }
+    }
+    ty.elems.get(last).map(|e| e.array)
+}
+
 /// Whether `element` is a required top-level element of the resource type.
 pub fn is_required(resource_type: &str, element: &str) -> bool {
     table().is_ok_and(|t| t.lookup(resource_type).is_some_and(|ty| ty.required.iter().any(|r| r.name == element)))

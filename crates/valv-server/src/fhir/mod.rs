@@ -590,7 +590,8 @@ async fn transaction_once(app: &App, ctx: &Ctx, mut entries: Vec<bundle::Entry>)
         let at = |err: ApiError| ApiError { diagnostics: format!("Bundle.entry[{i}]: {}", err.diagnostics), ..err };
         if let (Method::Patch, Some(doc), Some(id)) = (e.method, e.patch.take(), e.id.clone()) {
             check_type(&e.resource_type).map_err(at)?;
-            let (body, version) = patch::patched(app, ctx, &e.resource_type, &id, &doc, PatchKind::Json, e.if_match).await.map_err(at)?;
+            let kind = if doc.is_array() { PatchKind::Json } else { PatchKind::FhirPath };
+            let (body, version) = patch::patched(app, ctx, &e.resource_type, &id, &doc, kind, e.if_match).await.map_err(at)?;
             (e.resource, e.if_match) = (Some(body), Some(version));
         }
         plans.push(conditional::plan_entry(app, ctx, e, &mut events).await.map_err(at)?);
@@ -755,7 +756,11 @@ fn batch_interaction(e: bundle::Entry) -> Result<Interaction, ApiError> {
             Some(pairs) => Interaction::ConditionalDelete { resource_type, pairs },
             None => return Err(ApiError::bad_request("a DELETE entry needs an id or search criteria in request.url")),
         },
-        (Method::Patch, Some(id)) => Interaction::Patch { resource_type, id, patch: e.patch.unwrap_or(Value::Null), kind: PatchKind::Json, if_match: e.if_match },
+        (Method::Patch, Some(id)) => {
+            let patch = e.patch.unwrap_or(Value::Null);
+            let kind = if patch.is_array() { PatchKind::Json } else { PatchKind::FhirPath };
+            Interaction::Patch { resource_type, id, patch, kind, if_match: e.if_match }
+        }
 
         (Method::Get, Some(id)) => Interaction::Read { resource_type, id },
         (Method::Get, None) => {

@@ -1,5 +1,5 @@
-//! `PATCH /fhir/{type}/{id}` (FHIR R4 http §3.1.0.6): a JSON Patch (RFC 6902) or JSON Merge
-//! Patch (RFC 7386) applied to the current version, which is then written as an update —
+//! `PATCH /fhir/{type}/{id}` (FHIR R4 http §3.1.0.6): a JSON Patch (RFC 6902), JSON Merge
+//! Patch (RFC 7386) or FHIRPath Patch applied to the current version, which is then written as an update —
 //! validated, decided, audited and versioned like a PUT of the result. The caller is decided
 //! on first, before the current version is opened: whoever may not change the resource learns
 //! nothing of it from a patch (not even whether a `test` operation holds).
@@ -19,13 +19,15 @@ pub enum PatchKind {
     Json,
     /// RFC 7386: an object merged into the resource.
     Merge,
+    /// FHIR R4 FHIRPath Patch: a `Parameters` resource of operations.
+    FhirPath,
 }
 
 impl PatchKind {
     /// The kind from the media type and the body's shape: `application/json-patch+json` and
     /// `application/merge-patch+json` say it; with FHIR JSON or plain JSON an array is a JSON
     /// Patch and an object a merge patch (as fhirpy sends one) — except a `Parameters` resource,
-    /// a FHIRPath Patch, which Valv does not apply yet.
+    /// a FHIRPath Patch.
     pub fn of(media: &str, body: &Value) -> Result<PatchKind, ApiError> {
         match (media, body) {
             ("application/json-patch+json", Value::Array(_)) => Ok(PatchKind::Json),
@@ -33,11 +35,7 @@ impl PatchKind {
             ("application/merge-patch+json", Value::Object(_)) => Ok(PatchKind::Merge),
             ("application/merge-patch+json", _) => Err(ApiError::bad_request("a JSON Merge Patch for a resource is a JSON object")),
             (_, Value::Array(_)) => Ok(PatchKind::Json),
-            (_, Value::Object(m)) if m.get("resourceType").and_then(Value::as_str) == Some("Parameters") => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "not-supported",
-                "FHIRPath Patch (a Parameters body) is not supported yet: send a JSON Patch (application/json-patch+json) or a JSON Merge Patch (application/merge-patch+json)",
-            )),
+            (_, Value::Object(m)) if m.get("resourceType").and_then(Value::as_str) == Some("Parameters") => Ok(PatchKind::FhirPath),
             (_, Value::Object(_)) => Ok(PatchKind::Merge),
             _ => Err(ApiError::bad_request("a PATCH body is a JSON Patch array or a JSON Merge Patch object")),
         }
@@ -78,6 +76,7 @@ pub(super) async fn patched(app: &App, ctx: &Ctx, resource_type: &str, id: &str,
     let next = match kind {
         PatchKind::Json => valv_fhir::patch::json_patch(&current, patch, app.max_body_bytes),
         PatchKind::Merge => valv_fhir::patch::merge_patch(&current, patch),
+        PatchKind::FhirPath => valv_fhir::fhirpatch::apply(&current, patch),
     };
     let next = match next {
         Ok(v) => v,
