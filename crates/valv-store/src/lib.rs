@@ -11,6 +11,8 @@ mod keycache;
 pub mod rewrap;
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod testkit;
 pub mod vault;
 
 pub use error::StoreError;

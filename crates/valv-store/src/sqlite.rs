@@ -1499,9 +1499,7 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
-    fn version(id: &str, v: u64) -> StoredVersion {
-        StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] }
-    }
+    use crate::testkit::version;
 
     #[tokio::test]
     async fn users_update_only_from_the_version_read_and_sessions_end() {
@@ -1569,27 +1567,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_conditional_create_commits_only_while_nothing_matches() {
         let path = temp_db();
-        let store = std::sync::Arc::new(SqliteStore::open(&path).expect("open"));
-        let unless = Filter { resource_type: "Patient".into(), token_groups: vec![vec![[6; 16]]], ..Filter::default() };
-        // Sixteen at once, so that several land in one group commit of the writer.
-        let tasks: Vec<_> = (0..16)
-            .map(|i| {
-                let (s, unless) = (store.clone(), unless.clone());
-                tokio::spawn(async move {
-                    s.commit(vec![Write { expect: Expect::Absent, version: version(&format!("c{i}"), 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(unless) }]).await
-                })
-            })
-            .collect();
-        let mut outcomes = Vec::new();
-        for t in tasks {
-            outcomes.push(t.await.expect("task"));
-        }
-        assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
-        assert!(outcomes.iter().all(|o| o.is_ok() || matches!(o, Err(StoreError::Matched(_)))), "{outcomes:?}");
-        assert_eq!(store.search(&unless).await.expect("search").len(), 1);
-        let other = Filter { token_groups: vec![vec![[7; 16]]], ..unless.clone() };
-        store.commit(vec![Write { expect: Expect::Absent, version: version("d", 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(other) }]).await.expect("create");
-        drop(store);
+        crate::testkit::concurrent_conditional_creates_make_one(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

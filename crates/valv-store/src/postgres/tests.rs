@@ -25,9 +25,7 @@ fn entry(n: u8) -> AuditRow {
     AuditRow { leaf_hash: [n; 32], sealed: vec![n; 40], patient_token: None, query_sealed: None }
 }
 
-fn version(id: &str, v: u64) -> StoredVersion {
-    StoredVersion { resource_type: "Patient".into(), id: id.into(), version: v, patient: Some(id.into()), deleted: false, last_updated: v as i64, body: vec![v as u8; 40] }
-}
+use crate::testkit::version;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_serving_role_appends_and_reads_the_audit_log_but_can_never_change_it() {
@@ -138,28 +136,7 @@ async fn keys_are_stored_once_rewrapped_by_compare_and_swap_and_never_again_afte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_conditional_creates_of_one_condition_make_one_row() {
     let pg = Cluster::start();
-    let store = Arc::new(migrated(&pg).await);
-    let unless = Filter { resource_type: "Patient".into(), token_groups: vec![vec![[6; 16]]], ..Filter::default() };
-    // Sixteen creates of different ids under one condition, their tokens meeting it, and one
-    // unconditional create beside them: the condition lets exactly one of the sixteen through.
-    let tasks: Vec<_> = (0..16)
-        .map(|i| {
-            let (s, unless) = (store.clone(), unless.clone());
-            tokio::spawn(async move {
-                s.commit(vec![Write { expect: Expect::Absent, version: version(&format!("c{i}"), 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(unless) }]).await
-            })
-        })
-        .collect();
-    let mut outcomes = Vec::new();
-    for t in tasks {
-        outcomes.push(t.await.expect("task"));
-    }
-    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
-    assert!(outcomes.iter().all(|o| o.is_ok() || matches!(o, Err(StoreError::Matched(_)))), "{outcomes:?}");
-    assert_eq!(store.search(&unless).await.expect("search").len(), 1);
-    // A condition that nothing meets lets the create through.
-    let other = Filter { token_groups: vec![vec![[7; 16]]], ..unless.clone() };
-    store.commit(vec![Write { expect: Expect::Absent, version: version("d", 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(other) }]).await.expect("create");
+    crate::testkit::concurrent_conditional_creates_make_one(Arc::new(migrated(&pg).await)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

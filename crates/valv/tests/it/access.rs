@@ -70,6 +70,34 @@ pub(crate) async fn organization(s: &Server, name: &str, part_of: Option<&str>) 
 /// An account to make: user name, role, units, Practitioner id, Patient id.
 pub(crate) type Spec<'a> = (String, &'a str, Vec<String>, Option<String>, Option<String>);
 
+/// A server with one physician on the care team of one patient (`mine`) and another patient
+/// they have no relationship with (`other`): the setup of the tests that something never reaches
+/// past need-to-know.
+pub(crate) struct Ward {
+    pub(crate) s: Server,
+    /// The physician's session token.
+    pub(crate) token: String,
+    pub(crate) mine: String,
+    pub(crate) other: String,
+    /// The server's clock (set by the test).
+    pub(crate) now: i64,
+}
+
+/// [`Ward`], the two Patients named with the family names given.
+pub(crate) async fn ward(tag: &str, mine_family: &str, other_family: &str) -> Ward {
+    let s = Server::start_configured(tag, &[], LONG_SESSIONS);
+    let mut now = now_ms();
+    s.set_clock(now);
+    let id = |v: Value| v["id"].as_str().expect("id").to_string();
+    let dr = id(create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Ward"}]})).await);
+    let mine = id(create(&s, &json!({"resourceType": "Patient", "name": [{"family": mine_family}]})).await);
+    let other = id(create(&s, &json!({"resourceType": "Patient", "name": [{"family": other_family}]})).await);
+    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let spec: Vec<Spec> = vec![("dr.ward".into(), "physician", vec![], Some(dr), None)];
+    let token = people(&s, &mut now, &spec).await["dr.ward"].token.clone();
+    Ward { s, token, mine, other, now }
+}
+
 /// A person with an account: created by the admin, enrolled with a TOTP secret.
 pub(crate) struct Person {
     pub(crate) username: String,

@@ -1,7 +1,7 @@
 //! Conditional create, update and delete (If-None-Exist, `PUT`/`DELETE [type]?criteria`) and
 //! update-as-create with client-chosen ids (FHIR R4 http §3.1.0.4, §3.1.0.8–9).
 
-use crate::access::{body_for, care_team, create, people, Spec, LONG_SESSIONS};
+use crate::access::{body_for, create, ward, Ward};
 use crate::harness::Server;
 use serde_json::{json, Value};
 
@@ -113,18 +113,10 @@ async fn a_put_to_a_new_id_creates_it_unless_switched_off() {
 
 #[tokio::test]
 async fn a_condition_matching_a_patient_the_caller_may_not_see_is_refused_and_recorded_there() {
-    let s = Server::start_configured("cond-policy", &[], LONG_SESSIONS);
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
-    s.set_clock(now);
-    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Ek"}]})).await["id"].as_str().expect("id").to_string();
-    let mine = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
-    let other = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
-    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let Ward { s, token: t, mine, other, .. } = ward("cond-policy", "Mine", "Other").await;
     let mut hidden = body_for("Observation", &other);
     hidden["identifier"] = json!([{"system": "urn:lab", "value": "L-1"}]);
     create(&s, &hidden).await;
-    let spec: Vec<Spec> = vec![("dr.ek".into(), "physician", vec![], Some(dr), None)];
-    let t = people(&s, &mut now, &spec).await["dr.ek"].token.clone();
     let mut body = body_for("Observation", &mine);
     body["identifier"] = json!([{"system": "urn:lab", "value": "L-1"}]);
     let denied_before = s.request("GET", &format!("/fhir/AuditEvent?patient={other}&outcome=4"), Some(&s.auditor_key), None, &[]).await.total();

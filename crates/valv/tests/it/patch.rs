@@ -1,7 +1,7 @@
 //! PATCH with JSON Patch (RFC 6902) and JSON Merge Patch (RFC 7386): applied to the current
 //! version and written as an update, decided before anything is opened.
 
-use crate::access::{body_for, care_team, create, people, Spec, LONG_SESSIONS};
+use crate::access::{body_for, create, ward, Ward};
 use crate::harness::Server;
 use serde_json::{json, Value};
 
@@ -71,17 +71,9 @@ async fn json_and_merge_patches_write_new_versions_and_bad_ones_change_nothing()
 
 #[tokio::test]
 async fn a_patch_is_decided_before_the_resource_is_opened() {
-    let s = Server::start_configured("patch-policy", &[], LONG_SESSIONS);
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
-    s.set_clock(now);
-    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Ek"}]})).await["id"].as_str().expect("id").to_string();
-    let mine = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
-    let other = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
-    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let Ward { s, token: t, mine, other, .. } = ward("patch-policy", "Mine", "Other").await;
     let theirs = create(&s, &body_for("Observation", &other)).await["id"].as_str().expect("id").to_string();
     let own = create(&s, &body_for("Observation", &mine)).await["id"].as_str().expect("id").to_string();
-    let spec: Vec<Spec> = vec![("dr.ek".into(), "physician", vec![], Some(dr), None)];
-    let t = people(&s, &mut now, &spec).await["dr.ek"].token.clone();
     let send = |id: String, ops: Value| {
         let (s, t) = (&s, t.clone());
         async move { s.request_raw("PATCH", &format!("/fhir/Observation/{id}"), Some(&t), Some(serde_json::to_vec(&ops).expect("json")), &[JSON_PATCH]).await }

@@ -1,7 +1,7 @@
 //! Shaping search results: `_sort` on any parameter, `_include`/`_revinclude` (decided per
 //! included resource), `_elements`, `_summary`, `_total`, and `POST [type]/_search`.
 
-use crate::access::{care_team, create, people, Spec, LONG_SESSIONS};
+use crate::access::{create, ward, Ward};
 use crate::harness::Server;
 use serde_json::{json, Value};
 
@@ -70,13 +70,7 @@ async fn sort_shape_total_and_post_search() {
 
 #[tokio::test]
 async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
-    let s = Server::start_configured("includes", &[], LONG_SESSIONS);
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
-    s.set_clock(now);
-    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Inc"}]})).await["id"].as_str().expect("id").to_string();
-    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Mine"}]})).await["id"].as_str().expect("id").to_string();
-    let other = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Other"}]})).await["id"].as_str().expect("id").to_string();
-    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let Ward { s, token: t, mine, other, .. } = ward("includes", "Mine", "Other").await;
     let enc = create(&s, &json!({"resourceType": "Encounter", "status": "finished", "class": {"code": "AMB"}, "subject": {"reference": format!("Patient/{mine}")}})).await["id"].as_str().expect("id").to_string();
     // My patient's Observation names the other patient as performer; the other's names mine.
     let mut o = observation(&mine, "m", "final", "2024-01-01");
@@ -105,8 +99,6 @@ async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
     assert_eq!(mode_ids(&rev, "include").len(), 1, "the other patient's Observation naming mine: {}", rev.text);
 
     // The physician: the other patient and their Observation are left out, never disclosed.
-    let spec: Vec<Spec> = vec![("dr.inc".into(), "physician", vec![], Some(dr), None)];
-    let t = people(&s, &mut now, &spec).await["dr.inc"].token.clone();
     let before = s.request("GET", &format!("/fhir/AuditEvent?patient={mine}&outcome=0"), Some(&s.auditor_key), None, &[]).await.total();
     let theirs_too = s.request("GET", &format!("/fhir/Observation?_id={mine_obs}&_include=Observation:subject&_include=Observation:performer"), Some(&t), None, &[]).await;
     assert_eq!(theirs_too.status, 200, "{}", theirs_too.text);
@@ -123,18 +115,11 @@ async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
 
 #[tokio::test]
 async fn everything_returns_the_patients_record_paged_and_decided() {
-    let s = Server::start_configured("everything", &[], LONG_SESSIONS);
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
-    s.set_clock(now);
-    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Every"}]})).await["id"].as_str().expect("id").to_string();
-    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Whole"}]})).await["id"].as_str().expect("id").to_string();
-    let other = create(&s, &json!({"resourceType": "Patient"})).await["id"].as_str().expect("id").to_string();
-    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let Ward { s, token: t, mine, other, now } = ward("everything", "Whole", "Other").await;
     for (p, code) in [(&mine, "a"), (&mine, "b"), (&other, "x")] {
         create(&s, &observation(p, code, "final", "2024-01-01")).await;
     }
-    now += 60_000;
-    s.set_clock(now);
+    s.set_clock(now + 60_000);
     let late = create(&s, &observation(&mine, "c", "final", "2024-02-01")).await;
     let since = late["meta"]["lastUpdated"].as_str().expect("lastUpdated").to_string();
 
@@ -153,8 +138,6 @@ async fn everything_returns_the_patients_record_paged_and_decided() {
     s.get(&format!("/fhir/Patient/{mine}/$everything?start=2020")).await.outcome(400);
     s.get("/fhir/Patient/nobody/$everything").await.outcome(404);
 
-    let spec: Vec<Spec> = vec![("dr.every".into(), "physician", vec![], Some(dr), None)];
-    let t = people(&s, &mut now, &spec).await["dr.every"].token.clone();
     let theirs = s.request("GET", &format!("/fhir/Patient/{mine}/$everything"), Some(&t), None, &[]).await;
     assert_eq!((theirs.status, theirs.total()), (200, 5), "{}", theirs.text);
     s.request("GET", &format!("/fhir/Patient/{other}/$everything"), Some(&t), None, &[]).await.outcome(403);
@@ -164,13 +147,7 @@ async fn everything_returns_the_patients_record_paged_and_decided() {
 
 #[tokio::test]
 async fn chains_and_has_search_as_the_caller() {
-    let s = Server::start_configured("chains", &[], LONG_SESSIONS);
-    let mut now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64;
-    s.set_clock(now);
-    let dr = create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Chain"}]})).await["id"].as_str().expect("id").to_string();
-    let mine = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Chainsson"}]})).await["id"].as_str().expect("id").to_string();
-    let other = create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Otherberg"}]})).await["id"].as_str().expect("id").to_string();
-    create(&s, &care_team(&mine, std::slice::from_ref(&dr), "attending", None)).await;
+    let Ward { s, token: t, mine, other, .. } = ward("chains", "Chainsson", "Otherberg").await;
     for (p, code) in [(&mine, "m"), (&mine, "m2"), (&other, "t")] {
         create(&s, &observation(p, code, "final", "2024-01-01")).await;
     }
@@ -193,8 +170,6 @@ async fn chains_and_has_search_as_the_caller() {
 
     // The physician's chains only reach what they may search: the other patient's name finds
     // nothing, though that patient's Observation exists.
-    let spec: Vec<Spec> = vec![("dr.chain".into(), "physician", vec![], Some(dr), None)];
-    let t = people(&s, &mut now, &spec).await["dr.chain"].token.clone();
     let as_dr = |q: &str| {
         let (s, t, q) = (&s, t.clone(), q.to_string());
         async move { s.request("GET", &format!("/fhir/{q}"), Some(&t), None, &[]).await }
