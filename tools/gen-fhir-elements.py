@@ -198,36 +198,10 @@ def choice_groups(elements):
     return groups
 
 
-def summary_elements(profiles, definitions, log):
-    """{(schema type name, element or choice base)} that the R4 StructureDefinitions mark
-    isSummary, for resources and their backbone elements (what `_summary=true` returns)."""
-    found = set()
-    for bundle in profiles:
-        for entry in bundle.get("entry", []):
-            sd = entry.get("resource", {})
-            if sd.get("resourceType") != "StructureDefinition" or sd.get("derivation") == "constraint":
-                continue
-            if sd.get("fhirVersion") != "4.0.1" or sd.get("kind") != "resource":
-                continue
-            for el in sd.get("snapshot", {}).get("element", []):
-                parts = el.get("path", "").split(".")
-                if not el.get("isSummary") or len(parts) < 2:
-                    continue
-                owner = parts[0] if len(parts) == 2 else f"{parts[0]}_{cap(parts[-2])}"
-                name = parts[-1][:-3] if parts[-1].endswith("[x]") else parts[-1]
-                if owner not in definitions:
-                    log(f"summary {el['path']}: no {owner} in the schema; left out")
-                    continue
-                found.add((owner, name))
-    return found
-
-
-def required_primitives(profiles, definitions, log):
-    """{(schema type name, element)} of the primitive elements the R4
-    StructureDefinitions require (min >= 1). A path's owner is the resource or
-    datatype for one segment, else its backbone type, which the schema names
-    Root_LastSegment (Bundle.entry.request -> Bundle_Request)."""
-    found = set()
+def r4_elements(profiles, log):
+    """(StructureDefinition, element) of every snapshot element of the base R4
+    (4.0.1) definitions in `profiles`; definitions of other versions are logged
+    and skipped, profiles (constraints) ignored."""
     for bundle in profiles:
         for entry in bundle.get("entry", []):
             sd = entry.get("resource", {})
@@ -237,19 +211,49 @@ def required_primitives(profiles, definitions, log):
                 log(f"skipped StructureDefinition {sd.get('name')} of FHIR {sd.get('fhirVersion')}")
                 continue
             for el in sd.get("snapshot", {}).get("element", []):
-                path = el.get("path", "")
-                parts = path.split(".")
-                if el.get("min", 0) < 1 or len(parts) < 2 or path.endswith("[x]"):
-                    continue
-                codes = [t.get("code", "") for t in el.get("type", [])]
-                if len(codes) != 1 or codes[0] not in PRIMITIVES and not codes[0].startswith("http://hl7.org/fhirpath"):
-                    continue
-                owner = parts[0] if len(parts) == 2 else f"{parts[0]}_{cap(parts[-2])}"
-                props = definitions.get(owner, {}).get("properties", {})
-                if parts[-1] not in props:
-                    log(f"required {path}: no {owner}.{parts[-1]} in the schema; left out")
-                    continue
-                found.add((owner, parts[-1]))
+                yield sd, el
+
+
+def owner_of(parts):
+    """The schema type holding the element at a path: the resource or datatype
+    for one segment, else its backbone type, which the schema names
+    Root_LastSegment (Bundle.entry.request -> Bundle_Request)."""
+    return parts[0] if len(parts) == 2 else f"{parts[0]}_{cap(parts[-2])}"
+
+
+def summary_elements(profiles, definitions, log):
+    """{(schema type name, element or choice base)} that the R4 StructureDefinitions mark
+    isSummary, for resources and their backbone elements (what `_summary=true` returns)."""
+    found = set()
+    for sd, el in r4_elements(profiles, log):
+        parts = el.get("path", "").split(".")
+        if sd.get("kind") != "resource" or not el.get("isSummary") or len(parts) < 2:
+            continue
+        owner, name = owner_of(parts), parts[-1].removesuffix("[x]")
+        if owner not in definitions:
+            log(f"summary {el['path']}: no {owner} in the schema; left out")
+            continue
+        found.add((owner, name))
+    return found
+
+
+def required_primitives(profiles, definitions, log):
+    """{(schema type name, element)} of the primitive elements the R4
+    StructureDefinitions require (min >= 1)."""
+    found = set()
+    for _, el in r4_elements(profiles, log):
+        path = el.get("path", "")
+        parts = path.split(".")
+        if el.get("min", 0) < 1 or len(parts) < 2 or path.endswith("[x]"):
+            continue
+        codes = [t.get("code", "") for t in el.get("type", [])]
+        if len(codes) != 1 or codes[0] not in PRIMITIVES and not codes[0].startswith("http://hl7.org/fhirpath"):
+            continue
+        owner = owner_of(parts)
+        if parts[-1] not in definitions.get(owner, {}).get("properties", {}):
+            log(f"required {path}: no {owner}.{parts[-1]} in the schema; left out")
+            continue
+        found.add((owner, parts[-1]))
     return found
 
 
