@@ -202,7 +202,9 @@ impl Reply {
         e
     }
 
-    fn into_response(self, base: &str) -> Response<Full<Bytes>> {
+    /// The HTTP response; `pretty` (`_pretty=true`) indents a JSON body, numbers and member order
+    /// unchanged.
+    fn into_response(self, base: &str, pretty: bool) -> Response<Full<Bytes>> {
         let mut builder = Response::builder().status(self.status);
         if let Some(url) = &self.redirect {
             builder = builder.header(header::LOCATION, url);
@@ -220,6 +222,10 @@ impl Reply {
             (Some((ct, bytes)), _) => (ct, bytes),
             (None, Some(body)) => (FHIR_JSON, Bytes::from(serde_json::to_vec(&body).unwrap_or_default())),
             (None, None) => return builder.body(Full::new(Bytes::new())).unwrap_or_default(),
+        };
+        let bytes = match pretty && ct == FHIR_JSON {
+            true => serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| serde_json::to_vec_pretty(&v).ok()).map_or(bytes, Bytes::from),
+            false => bytes,
         };
         builder.header(header::CONTENT_TYPE, ct).body(Full::new(bytes)).unwrap_or_default()
     }
@@ -287,6 +293,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     let rid = request_id();
     let method = req.method().clone();
     let version = req.version();
+    let pretty = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "_pretty=true"));
     let (route, result) = match throttle(&app, &req, peer) {
         Ok(charge_on_401) => {
             let (route, result) = dispatch(&app, req, &rid, peer).await;
@@ -299,7 +306,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
         Err((wait, first)) => ("rate_limited", Err(rate_limited(&app, &rid, peer, wait, first).await)),
     };
     let mut resp = match result {
-        Ok(r) => r.into_response(&app.base_url),
+        Ok(r) => r.into_response(&app.base_url, pretty),
         Err(e) => error_response(&e),
     };
     if method == Method::HEAD {

@@ -188,6 +188,9 @@ async fn decimals_keep_their_precision_and_form() {
             assert!(text.contains(written), "{written} kept as sent: {text}");
         }
     }
+    // _pretty=true indents, and changes no value.
+    let pretty = s.get(&format!("/fhir/Observation/{id}?_pretty=true")).await;
+    assert!(pretty.text.contains("\n  \"resourceType\": \"Observation\"") && pretty.text.contains("\"value\": 1.50"), "{}", pretty.text);
     // Not a decimal where R4 wants an integer.
     let bad = format!(r#"{{"resourceType":"Observation","status":"final","code":{{"text":"x"}},"subject":{{"reference":"Patient/{p}"}},"valueInteger":3.0}}"#);
     s.request_raw("POST", "/fhir/Observation", Some(&s.data_key), Some(bad.into_bytes()), &[("content-type", "application/fhir+json")]).await.outcome(400);
