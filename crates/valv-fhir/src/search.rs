@@ -800,6 +800,13 @@ fn apply_result_param(req: &mut SearchRequest, resource_type: &str, name: &str, 
             }
             req.shape = Shape::Elements(names);
         }
+        // `_include=*`: every reference parameter of the searched type.
+        "_include" if value == "*" => req.includes.extend(
+            params_for(resource_type)
+                .iter()
+                .filter(|d| d.kind == ParamKind::Reference)
+                .map(|def| Include { source: resource_type.to_string(), def, target: None, iterate }),
+        ),
         "_include" => req.includes.push(parse_include(name, value, iterate)?),
         "_revinclude" => req.revincludes.push(parse_include(name, value, iterate)?),
         "_format" if !value.contains("json") => {

@@ -110,7 +110,10 @@ async fn includes_bring_only_what_the_caller_may_read_and_are_audited() {
     let after = s.request("GET", &format!("/fhir/AuditEvent?patient={mine}&outcome=0"), Some(&s.auditor_key), None, &[]).await.total();
     assert!(after >= before + 3, "search entries and the include's read: {before} -> {after}");
     s.request("GET", "/fhir/Observation?_include=Observation:code", Some(&t), None, &[]).await.outcome(400);
-    s.request("GET", "/fhir/Observation?_include=*", Some(&t), None, &[]).await.outcome(400);
+    // _include=* follows every reference parameter, each target still decided on its own.
+    let star = s.request("GET", &format!("/fhir/Observation?_id={mine_obs}&_include=*"), Some(&t), None, &[]).await;
+    assert_eq!(mode_ids(&star, "include"), { let mut v = vec![format!("Encounter/{enc}"), format!("Patient/{mine}")]; v.sort(); v }, "{}", star.text);
+    s.request("GET", "/fhir/Observation?_revinclude=*", Some(&t), None, &[]).await.outcome(400);
 }
 
 #[tokio::test]
