@@ -212,13 +212,8 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
 async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     // Lenient: what is not supported is left out, and the self link shows what was searched.
-    let kept;
-    let pairs = if ctx.lenient {
-        kept = search::lenient_pairs(resource_type, pairs);
-        &kept[..]
-    } else {
-        pairs
-    };
+    let pairs: std::borrow::Cow<[(String, String)]> = if ctx.lenient { search::lenient_pairs(resource_type, pairs).into() } else { pairs.into() };
+    let pairs = &pairs[..];
     let query = crate::http::query::encode(pairs);
     let touch = Touch { interaction: "search-type", action: Action::Search, resource_type, id: None, version: None, patient: None, query: Some(query) };
     let mut req = match search::parse_request(resource_type, pairs) {
@@ -464,7 +459,12 @@ fn write_touch<'a>(interaction: &'static str, action: Action, resource_type: &'a
 async fn create(app: &App, ctx: &Ctx, resource_type: &str, body: Value) -> Result<Reply, ApiError> {
     check_type(resource_type)?;
     check_body(resource_type, &body)?;
-    create_as(app, ctx, resource_type, &vault::new_id()?, body, None).await?.ok_or_else(|| ApiError::internal("a create without a condition matched one"))
+    create_unconditional(app, ctx, resource_type, &vault::new_id()?, body).await
+}
+
+/// [`create_as`] without a condition, which therefore always creates.
+async fn create_unconditional(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value) -> Result<Reply, ApiError> {
+    create_as(app, ctx, resource_type, id, body, None).await?.ok_or_else(|| ApiError::internal("a create without a condition matched one"))
 }
 
 /// Creates `body` (checked) under `id`, decided and audited; with `unless`, only if nothing
@@ -505,7 +505,7 @@ async fn update(app: &App, ctx: &Ctx, resource_type: &str, id: &str, body: Value
     if app.vault.locate(resource_type, id).await?.is_none() {
         if app.update_create && if_match.is_none() {
             // Update-as-create: the client's id. Decided as a create on the body's patients.
-            return create_as(app, ctx, resource_type, id, body, None).await?.ok_or_else(|| ApiError::internal("a create without a condition matched one"));
+            return create_unconditional(app, ctx, resource_type, id, body).await;
         }
         // Refused as an existing one of a patient the caller may not see would be, so that a
         // PUT cannot probe ids.
