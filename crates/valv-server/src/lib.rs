@@ -30,13 +30,13 @@ pub mod people;
 pub mod request;
 
 use audit::{api as auditapi, compact, log as auditlog};
-use http::{limits, metrics, query, tls};
+use http::{body::Body, limits, metrics, query, tls};
 use people::{api as authapi, identity, oidc};
 use access::grantapi;
 
 use crate::error::ApiError;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -89,6 +89,8 @@ pub struct App {
     pub erasure: erasure::ErasureSettings,
     /// Whether a PUT to an unknown id creates the resource with that id (`[fhir] update_create`).
     pub update_create: bool,
+    /// Bulk Data export jobs and their (sealed) files.
+    pub exports: fhir::Exports,
 }
 
 impl App {
@@ -147,17 +149,21 @@ pub struct Reply {
     pub redirect: Option<String>,
     /// A Set-Cookie header (browser sign-in).
     pub set_cookie: Option<String>,
+    /// A body streamed as it is produced, with its content type (an export's file).
+    pub stream: Option<(&'static str, Body)>,
+    /// Further headers (an asynchronous request's Content-Location, X-Progress, Retry-After).
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl Reply {
     pub fn json(status: StatusCode, body: Value) -> Self {
-        Reply { status, body: Some(body), resource: None, location: false, text: None, redirect: None, set_cookie: None }
+        Reply { body: Some(body), ..Self::empty(status) }
     }
     pub fn text(content_type: &'static str, text: String) -> Self {
         Self::text_with_status(StatusCode::OK, content_type, text)
     }
     pub fn text_with_status(status: StatusCode, content_type: &'static str, text: String) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: Some((content_type, Bytes::from(text))), redirect: None, set_cookie: None }
+        Reply { text: Some((content_type, Bytes::from(text))), ..Self::empty(status) }
     }
     /// 302 to `url`.
     pub fn redirect(url: String) -> Self {
@@ -165,22 +171,18 @@ impl Reply {
     }
     /// A status without a body (204).
     pub fn empty(status: StatusCode) -> Self {
-        Reply { status, body: None, resource: None, location: false, text: None, redirect: None, set_cookie: None }
+        Reply { status, body: None, resource: None, location: false, text: None, redirect: None, set_cookie: None, stream: None, headers: Vec::new() }
     }
     /// A stored resource's JSON bytes as they are.
     pub fn raw_resource(status: StatusCode, v: &valv_store::StoredVersion, json: Vec<u8>) -> Self {
         Reply {
-            status,
-            body: None,
             resource: Some((v.resource_type.clone(), v.id.clone(), v.version, v.last_updated)),
-            location: false,
             text: Some((FHIR_JSON, Bytes::from(json))),
-            redirect: None,
-            set_cookie: None,
+            ..Self::empty(status)
         }
     }
     pub fn resource(status: StatusCode, r: Resource) -> Self {
-        Reply { status, body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), location: false, text: None, redirect: None, set_cookie: None }
+        Reply { body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), ..Self::empty(status) }
     }
 
     /// This reply as a batch-response entry.
@@ -204,7 +206,7 @@ impl Reply {
 
     /// The HTTP response; `pretty` (`_pretty=true`) indents a JSON body, numbers and member order
     /// unchanged.
-    fn into_response(self, base: &str, pretty: bool) -> Response<Full<Bytes>> {
+    fn into_response(self, base: &str, pretty: bool) -> Response<Body> {
         let mut builder = Response::builder().status(self.status);
         if let Some(url) = &self.redirect {
             builder = builder.header(header::LOCATION, url);
@@ -218,16 +220,22 @@ impl Reply {
                 builder = builder.header(header::LOCATION, format!("{base}/{t}/{id}/_history/{v}"));
             }
         }
+        for (name, value) in &self.headers {
+            builder = builder.header(*name, value);
+        }
+        if let Some((ct, body)) = self.stream {
+            return builder.header(header::CONTENT_TYPE, ct).body(body).unwrap_or_default();
+        }
         let (ct, bytes) = match (self.text, self.body) {
             (Some((ct, bytes)), _) => (ct, bytes),
             (None, Some(body)) => (FHIR_JSON, Bytes::from(serde_json::to_vec(&body).unwrap_or_default())),
-            (None, None) => return builder.body(Full::new(Bytes::new())).unwrap_or_default(),
+            (None, None) => return builder.body(Body::empty()).unwrap_or_default(),
         };
         let bytes = match pretty && ct == FHIR_JSON {
             true => serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| serde_json::to_vec_pretty(&v).ok()).map_or(bytes, Bytes::from),
             false => bytes,
         };
-        builder.header(header::CONTENT_TYPE, ct).body(Full::new(bytes)).unwrap_or_default()
+        builder.header(header::CONTENT_TYPE, ct).body(Body::full(bytes)).unwrap_or_default()
     }
 }
 
@@ -255,7 +263,7 @@ pub fn http_date(ms: i64) -> String {
     )
 }
 
-fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+fn error_response(e: &ApiError) -> Response<Body> {
     let body = serde_json::to_vec(&e.outcome()).unwrap_or_default();
     let mut r = Response::builder().status(e.status).header(header::CONTENT_TYPE, FHIR_JSON);
     if e.status == StatusCode::UNAUTHORIZED {
@@ -264,7 +272,7 @@ fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     if let Some(seconds) = e.retry_after {
         r = r.header(header::RETRY_AFTER, seconds.to_string());
     }
-    r.body(Full::new(Bytes::from(body))).unwrap_or_default()
+    r.body(Body::full(Bytes::from(body))).unwrap_or_default()
 }
 
 fn security_headers(h: &mut HeaderMap) {
@@ -288,7 +296,7 @@ fn request_id() -> String {
 }
 
 /// One request, start to finish: route, run, add headers, count, log.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let started = Instant::now();
     let rid = request_id();
     let method = req.method().clone();
@@ -311,7 +319,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     };
     if method == Method::HEAD {
         // Headers only: a body on a HEAD response is a protocol error in HTTP/2.
-        *resp.body_mut() = Full::new(Bytes::new());
+        *resp.body_mut() = Body::empty();
     }
     security_headers(resp.headers_mut());
     if let Ok(v) = HeaderValue::from_str(&rid) {
@@ -548,6 +556,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         }
     };
     let conditional_create = if_none_exist.is_some();
+    let prefer = req.headers().get("prefer").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let segs: Vec<String> = path["/fhir".len()..].split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     // `POST [type]/_search`: the parameters in a form body, added to any in the URL.
@@ -575,7 +584,24 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
     };
     let not_allowed = |allowed: &str| ApiError::method_not_allowed(format!("{method} is not allowed on {path}; allowed: {allowed}"));
     let t = |s: &str| s.to_string();
+    let respond_async = prefer.contains("respond-async");
     let interaction = match (segs.as_slice(), body) {
+        (["$export"] | ["Patient", "$export"] | ["Group", _, "$export"], body) if method == Method::GET || method == Method::POST => {
+            let level = match segs.as_slice() {
+                ["Group", id, _] => fhir::ExportLevel::Group(t(id)),
+                ["Patient", _] => fhir::ExportLevel::Patient,
+                _ => fhir::ExportLevel::System,
+            };
+            let mut pairs = pairs;
+            if let Some(b) = &body {
+                pairs.extend(fhir::export_pairs(b)?);
+            }
+            I::Export { level, pairs, respond_async }
+        }
+        (["$export-status", job], None) if method == Method::GET => I::ExportStatus { job: t(job) },
+        (["$export-status", job], None) if method == Method::DELETE => I::ExportCancel { job: t(job) },
+        (["$export-status", _], _) => return Err(not_allowed("GET (status), DELETE (cancel)")),
+        (["$export-file", job, n], None) if method == Method::GET => I::ExportFile { job: t(job), n: t(n) },
         ([], Some(body)) if method == Method::POST => I::Bundle { body },
         ([], _) => return Err(not_allowed("POST (transaction or batch Bundle)")),
         ([rt], None) if method == Method::GET => I::Search { resource_type: t(rt), pairs },
@@ -730,6 +756,7 @@ async fn read_body_bytes(app: &App, req: Request<Incoming>, media: &[&str]) -> R
 /// retries: a duplicate).
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>) {
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(fhir::run_exports(app.clone()));
     accept_until(app.clone(), listener, tls, shutdown, drain_rx).await;
     let open = app.limits.open_connections();
     tracing::info!(open, grace_secs = app.limits.settings.shutdown_grace.as_secs(), "shutting down: no new connections; finishing requests in flight");

@@ -32,11 +32,13 @@ pub struct FhirConfig {
     /// client's id (R4 `updateCreate`; on, as in HAPI). Off: such a PUT is refused and every id
     /// is the server's.
     pub update_create: bool,
+    /// How long a Bulk Data export's files are kept after the export finishes (then deleted).
+    pub export_expiry_seconds: u64,
 }
 
 impl Default for FhirConfig {
     fn default() -> Self {
-        FhirConfig { update_create: true }
+        FhirConfig { update_create: true, export_expiry_seconds: 3600 }
     }
 }
 
@@ -850,6 +852,9 @@ impl Config {
                 "0" | "false" | "no" => false,
                 _ => return Err(format!("VALV_FHIR_UPDATE_CREATE must be true or false, got '{v}'")),
             };
+        }
+        if let Some(v) = get("VALV_FHIR_EXPORT_EXPIRY_SECONDS") {
+            self.fhir.export_expiry_seconds = v.parse().map_err(|_| format!("VALV_FHIR_EXPORT_EXPIRY_SECONDS must be a number of seconds, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;

@@ -2,13 +2,14 @@
 //! act -> respond. Every interaction, whether it arrives on its own or inside a batch, runs
 //! through [`execute`]; transactions run through [`transaction`] so they commit atomically.
 
-
+mod bulk;
 mod chain;
 mod conditional;
 mod everything;
 pub mod export;
 mod include;
 mod patch;
+pub use bulk::{pairs_from_parameters as export_pairs, run as run_exports, Exports, Level as ExportLevel, NDJSON};
 pub use patch::PatchKind;
 use crate::audit::{AuditEvent, Outcome};
 pub use crate::request::{authenticate, record_unaudited, Ctx};
@@ -49,6 +50,14 @@ pub enum Interaction {
     ExportRecord { id: String, body: Value },
     /// `GET /fhir/Patient/{id}/$everything`
     Everything { id: String, pairs: Vec<(String, String)> },
+    /// `GET|POST /fhir/$export`, `/fhir/Patient/$export`, `/fhir/Group/{id}/$export`
+    Export { level: ExportLevel, pairs: Vec<(String, String)>, respond_async: bool },
+    /// `GET /fhir/$export-status/{job}`
+    ExportStatus { job: String },
+    /// `DELETE /fhir/$export-status/{job}`
+    ExportCancel { job: String },
+    /// `GET /fhir/$export-file/{job}/{n}`
+    ExportFile { job: String, n: String },
 }
 
 impl Interaction {
@@ -68,6 +77,9 @@ impl Interaction {
             | Interaction::Patch { resource_type, .. } => resource_type,
             Interaction::Bundle { .. } => "Bundle",
             Interaction::AccessLog { .. } | Interaction::BreakGlass { .. } | Interaction::ExportRecord { .. } | Interaction::Everything { .. } => "Patient",
+            Interaction::Export { level: ExportLevel::Patient, .. } => "Patient",
+            Interaction::Export { level: ExportLevel::Group(_), .. } => "Group",
+            Interaction::Export { .. } | Interaction::ExportStatus { .. } | Interaction::ExportCancel { .. } | Interaction::ExportFile { .. } => "",
         }
     }
 
@@ -86,6 +98,9 @@ impl Interaction {
             Interaction::BreakGlass { .. } => "fhir_break_glass",
             Interaction::ExportRecord { .. } => "fhir_export_record",
             Interaction::Everything { .. } => "fhir_everything",
+            Interaction::Export { .. } => "fhir_export",
+            Interaction::ExportStatus { .. } | Interaction::ExportCancel { .. } => "fhir_export_status",
+            Interaction::ExportFile { .. } => "fhir_export_file",
         }
     }
 }
@@ -160,6 +175,10 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::BreakGlass { id, body } => crate::access::grantapi::break_glass(app, ctx, &id, body).await,
         Interaction::ExportRecord { id, body } => export::export_record(app, ctx, &id, body).await,
         Interaction::Everything { id, pairs } => everything::everything(app, ctx, &id, &pairs).await,
+        Interaction::Export { level, pairs, respond_async } => bulk::kick_off(app, ctx, level, &pairs, respond_async).await,
+        Interaction::ExportStatus { job } => bulk::status(app, ctx, &job).await,
+        Interaction::ExportCancel { job } => bulk::cancel(app, ctx, &job).await,
+        Interaction::ExportFile { job, n } => bulk::file(app, ctx, &job, &n).await,
         Interaction::HistoryInstance { resource_type, id, pairs } => history(app, ctx, &resource_type, Some(&id), &pairs).await,
         Interaction::HistoryType { resource_type, pairs } => history(app, ctx, &resource_type, None, &pairs).await,
         Interaction::Create { resource_type, body, if_none_exist: None } => create(app, ctx, &resource_type, body).await,

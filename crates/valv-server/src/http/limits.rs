@@ -502,19 +502,19 @@ impl InFlight {
 /// connection is done with it (hyper drops a body after queueing its last frame), so the close
 /// never overtakes the response it follows.
 pub struct ClosingBody {
-    body: http_body_util::Full<bytes::Bytes>,
+    body: super::body::Body,
     close: Option<Arc<Activity>>,
 }
 
 impl ClosingBody {
-    pub fn new(body: http_body_util::Full<bytes::Bytes>, close: Option<Arc<Activity>>) -> Self {
+    pub fn new(body: super::body::Body, close: Option<Arc<Activity>>) -> Self {
         ClosingBody { body, close }
     }
 }
 
 impl hyper::body::Body for ClosingBody {
     type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
+    type Error = std::io::Error;
 
     fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         std::pin::Pin::new(&mut self.body).poll_frame(cx)

@@ -1,6 +1,7 @@
 //! What belongs to the connection and the HTTP layer: limits on what a client can hold
-//! (connections, bodies, rates), TLS configuration, metrics, query strings.
+//! (connections, bodies, rates), response bodies (whole or streamed), TLS configuration, metrics, query strings.
 
+pub mod body;
 pub mod limits;
 pub mod metrics;
 pub mod query;

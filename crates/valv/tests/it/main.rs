@@ -7,6 +7,7 @@ mod audit;
 mod backup;
 mod auditprivacy;
 mod auditsearch;
+mod bulk;
 mod bundles;
 mod clients;
 mod conditional;
