@@ -61,7 +61,13 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str, upda
         patient["operation"] = json!([{"name": "access-log", "definition": "urn:valv:operation:access-log",
             "documentation": "Who accessed this patient's record, each entry with its inclusion proof, the signed checkpoint and the log key"},
             {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
-            "documentation": "The Patient and the resources it owns, paged (_type, _since, _count, _offset); each type decided on its own"}]);
+            "documentation": "The Patient and the resources it owns, paged (_type, _since, _count, _offset); each type decided on its own"},
+            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+            "documentation": "Bulk Data export of every patient's resources the caller may read (Prefer: respond-async; _type, _since, _typeFilter)"}]);
+    }
+    if let Some(group) = resources.iter_mut().find(|r| r["type"] == "Group") {
+        group["operation"] = json!([{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+            "documentation": "Bulk Data export of the Group's active member Patients' resources the caller may read"}]);
     }
     json!({
         "resourceType": "CapabilityStatement",
@@ -71,6 +77,7 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str, upda
         "publisher": "Valv",
         "software": {"name": "Valv", "version": software_version},
         "implementation": {"description": "Valv patient-record server", "url": base},
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json"],
         "rest": [{
@@ -82,6 +89,8 @@ pub fn capability_statement(software_version: &str, date: &str, base: &str, upda
             },
             "resource": resources,
             "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+                "documentation": "Bulk Data export (IG v2) of every resource the caller may read, each decided on its patient; NDJSON files sealed at rest, downloaded with the same credential"}],
         }]
     })
 }
@@ -104,6 +113,10 @@ mod tests {
         assert_eq!((obs["conditionalCreate"].clone(), obs["conditionalDelete"].clone(), obs["updateCreate"].clone()), (json!(true), json!("single"), json!(true)));
         let off = capability_statement("0.1.0", "2026-01-01", "https://localhost/fhir", false);
         assert!(off["rest"][0]["resource"].as_array().expect("resources").iter().filter(|r| r["type"] != "AuditEvent").all(|r| r["updateCreate"] == false));
+        let op = |r: &Value| r["operation"].as_array().map(|ops| ops.iter().filter_map(|o| o["name"].as_str().map(str::to_string)).collect::<Vec<_>>()).unwrap_or_default();
+        assert_eq!(op(&cs["rest"][0]), ["export"], "system-level $export");
+        let group = cs["rest"][0]["resource"].as_array().and_then(|r| r.iter().find(|e| e["type"] == "Group")).cloned().expect("Group listed");
+        assert_eq!(op(&group), ["export"]);
         crate::r4::validate(&cs).expect("the CapabilityStatement is valid R4");
     }
 }
