@@ -15,6 +15,7 @@ mod crud;
 mod disk;
 mod erase;
 mod errors;
+mod examples;
 mod exhaustion;
 mod export;
 mod facts;
