@@ -9,21 +9,12 @@ pub fn is_storable(resource_type: &str) -> bool {
     !matches!(resource_type, "Parameters" | "OperationOutcome" | "AuditEvent")
 }
 
-fn kind_code(k: ParamKind) -> &'static str {
-    match k {
-        ParamKind::Token => "token",
-        ParamKind::String => "string",
-        ParamKind::Reference => "reference",
-        ParamKind::Date => "date",
-    }
-}
-
 fn resource_entry(t: &str, update_create: bool) -> Value {
     let mut params = vec![
         json!({"name":"_id","type":"token"}),
         json!({"name":"_lastUpdated","type":"date"}),
     ];
-    params.extend(params_for(t).iter().map(|p| json!({"name": p.name, "type": kind_code(p.kind)})));
+    params.extend(params_for(t).iter().map(|p| json!({"name": p.name, "type": p.kind.code()})));
     let interactions: Vec<Value> = ["read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create", "search-type"]
         .iter()
         .map(|c| json!({ "code": c }))

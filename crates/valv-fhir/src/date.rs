@@ -185,6 +185,13 @@ pub enum Prefix {
     Lt,
     Ge,
     Le,
+    /// Starts after the search value's range ends.
+    Sa,
+    /// Ends before the search value's range starts.
+    Eb,
+    /// Approximately: within 10% of the search value (for dates: its range widened by a tenth of
+    /// its width, and at least a day, on each side — Valv has no "now" to take 10% of the gap to).
+    Ap,
 }
 
 impl Prefix {
@@ -201,9 +208,9 @@ impl Prefix {
             "lt" => Prefix::Lt,
             "ge" => Prefix::Ge,
             "le" => Prefix::Le,
-            "sa" | "eb" | "ap" => {
-                return Err(FhirError::not_supported(format!("search prefix '{p}' is not supported")))
-            }
+            "sa" => Prefix::Sa,
+            "eb" => Prefix::Eb,
+            "ap" => Prefix::Ap,
             _ => return Ok((Prefix::Eq, value)),
         };
         Ok((prefix, rest))
@@ -221,6 +228,12 @@ impl Prefix {
             Prefix::Lt => lt,
             Prefix::Ge => gt || eq,
             Prefix::Le => lt || eq,
+            Prefix::Sa => target.start >= search.end,
+            Prefix::Eb => target.end <= search.start,
+            Prefix::Ap => {
+                let near = approximately(search);
+                target.start < near.end && near.start < target.end
+            }
         }
     }
 
@@ -235,8 +248,17 @@ impl Prefix {
             Prefix::Ge => Some(Interval { start: search.start, end: all.end }),
             Prefix::Lt => Some(Interval { start: all.start, end: search.start }),
             Prefix::Le => Some(Interval { start: all.start, end: search.end }),
+            Prefix::Sa => Some(Interval { start: search.end, end: all.end }),
+            Prefix::Eb => Some(Interval { start: all.start, end: search.start }),
+            Prefix::Ap => Some(approximately(search)),
         }
     }
+}
+
+/// A date search value's range for `ap`: widened by a tenth of its width, at least a day, each side.
+fn approximately(search: &Interval) -> Interval {
+    let pad = ((search.end.saturating_sub(search.start)) / 10).max(86_400);
+    Interval { start: search.start.saturating_sub(pad).max(Interval::ALL.start), end: search.end.saturating_add(pad).min(Interval::ALL.end) }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,10 +13,13 @@ pub mod date;
 pub mod fhirpatch;
 mod error;
 pub mod id;
+pub mod number;
 pub mod outcome;
 pub mod patch;
 pub mod r4;
 pub mod reference;
 pub mod search;
+#[cfg(test)]
+mod search_kinds_tests;
 
 pub use error::{FhirError, IssueCode};

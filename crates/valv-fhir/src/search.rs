@@ -16,23 +16,58 @@ pub enum ParamKind {
     String,
     Reference,
     Date,
+    Number,
+    Quantity,
+    Uri,
+    Composite,
 }
 
-#[derive(Debug)]
+impl ParamKind {
+    /// The R4 name of the kind (`SearchParameter.type`).
+    pub fn code(self) -> &'static str {
+        match self {
+            ParamKind::Token => "token",
+            ParamKind::String => "string",
+            ParamKind::Reference => "reference",
+            ParamKind::Date => "date",
+            ParamKind::Number => "number",
+            ParamKind::Quantity => "quantity",
+            ParamKind::Uri => "uri",
+            ParamKind::Composite => "composite",
+        }
+    }
+
+    fn parse(code: &str) -> Option<ParamKind> {
+        [ParamKind::Token, ParamKind::String, ParamKind::Reference, ParamKind::Date, ParamKind::Number, ParamKind::Quantity, ParamKind::Uri, ParamKind::Composite]
+            .into_iter()
+            .find(|k| k.code() == code)
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct ParamDef {
     pub name: &'static str,
     pub kind: ParamKind,
-    /// Element paths (dot-separated; `x[x]` matches any choice-type element `x…`).
+    /// Element paths: names separated by `.`, `x[x]` for any choice-type element `x…`,
+    /// `x[field=value]` for the elements `x` whose `field` is `value`; `""` is the resource.
     pub paths: &'static [&'static str],
     /// For references: the only target type that counts (e.g. `patient` -> Patient).
     pub target: Option<&'static str>,
+    /// Whether the blind index holds keys for it. The parameters generated from the R4
+    /// definitions beyond the hand-picked ones below are not indexed: they are decided after
+    /// decryption, among the candidates the other conditions (and the caller's access) leave,
+    /// and add no token to the store (docs/SECURITY.md §3.5).
+    pub indexed: bool,
+    /// A composite's parts, in the order of the value's `$`-separated parts, their paths relative
+    /// to each element at `paths`.
+    pub components: &'static [ParamDef],
 }
 
 const fn p(name: &'static str, kind: ParamKind, paths: &'static [&'static str]) -> ParamDef {
-    ParamDef { name, kind, paths, target: None }
+    ParamDef { name, kind, paths, target: None, indexed: true, components: &[] }
 }
 const fn patient(paths: &'static [&'static str]) -> ParamDef {
-    ParamDef { name: "patient", kind: ParamKind::Reference, paths, target: Some("Patient") }
+    ParamDef { name: "patient", kind: ParamKind::Reference, paths, target: Some("Patient"), indexed: true, components: &[] }
 }
 
 use ParamKind::{Date as D, Reference as R, String as S, Token as T};
@@ -136,8 +171,62 @@ const CONSENT: &[ParamDef] = &[
     p("actor", R, &["provision.actor.reference"]),
 ];
 
-/// The search parameters of a resource type (beyond `_id` and `_lastUpdated`, which every type has).
+/// The search parameters of a resource type (beyond `_id` and `_lastUpdated`, which every type
+/// has): the indexed ones below, then every other R4 parameter of the type from the generated
+/// table (`r4/search-params.txt`, `tools/gen-search-params.py`), decided after decryption.
 pub fn params_for(resource_type: &str) -> &'static [ParamDef] {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<&'static str, &'static [ParamDef]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(build_table).get(resource_type).copied().unwrap_or(&[])
+}
+
+/// The generated R4 parameters, one line each: type, name, kind, paths, target, components.
+pub(crate) const GENERATED: &str = include_str!("r4/search-params.txt");
+
+/// Built once per process; the definitions live as long as it (leaked on purpose: they are
+/// `'static` like the hand-written ones, so search requests can hold them).
+fn build_table() -> std::collections::HashMap<&'static str, &'static [ParamDef]> {
+    let mut by_type: std::collections::HashMap<&'static str, Vec<ParamDef>> = std::collections::HashMap::new();
+    for t in crate::r4::resource_types() {
+        by_type.insert(t, indexed_params(t).to_vec());
+    }
+    for line in GENERATED.lines() {
+        let Some((t, def)) = generated_def(line) else { continue };
+        let Some(defs) = by_type.get_mut(t) else { continue };
+        if !defs.iter().any(|d| d.name == def.name) {
+            defs.push(def);
+        }
+    }
+    by_type.into_iter().map(|(t, defs)| (t, &*Box::leak(defs.into_boxed_slice()))).collect()
+}
+
+fn leak_paths(text: &'static str, sep: char) -> &'static [&'static str] {
+    Box::leak(text.split(sep).collect::<Vec<_>>().into_boxed_slice())
+}
+
+/// One line of the generated table; `None` for a line that does not parse (the unit test
+/// `generated_table_parses` checks there are none).
+pub(crate) fn generated_def(line: &'static str) -> Option<(&'static str, ParamDef)> {
+    let f: Vec<&'static str> = line.split('\t').collect();
+    let [t, name, kind, paths, target, components] = f[..] else { return None };
+    let kind = ParamKind::parse(kind)?;
+    let components: &'static [ParamDef] = if components == "-" {
+        &[]
+    } else {
+        let parts = components
+            .split(';')
+            .map(|c| {
+                let (k, paths) = c.split_once('=')?;
+                Some(ParamDef { name, kind: ParamKind::parse(k)?, paths: leak_paths(paths, ','), target: None, indexed: false, components: &[] })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Box::leak(parts.into_boxed_slice())
+    };
+    let target = (target != "-").then_some(target);
+    Some((t, ParamDef { name, kind, paths: leak_paths(paths, '|'), target, indexed: false, components }))
+}
+
+/// The hand-picked parameters the blind index holds keys for.
+fn indexed_params(resource_type: &str) -> &'static [ParamDef] {
     match resource_type {
         "Patient" => PATIENT,
         "Practitioner" => PRACTITIONER,
@@ -161,7 +250,12 @@ pub fn params_for(resource_type: &str) -> &'static [ParamDef] {
 /// given name of both).
 pub fn values_at<'a>(resource: &'a Value, path: &str) -> Vec<&'a Value> {
     let mut current = vec![resource];
-    for segment in path.split('.') {
+    for segment in segments(path) {
+        // `name[field=value]`: only the elements whose `field` is `value`.
+        let (segment, only) = match segment.split_once('[').filter(|_| !segment.ends_with("[x]")) {
+            Some((name, filter)) => (name, filter.strip_suffix(']').and_then(|f| f.split_once('='))),
+            None => (segment, None),
+        };
         let mut next = Vec::new();
         for v in current {
             let Value::Object(map) = v else { continue };
@@ -182,9 +276,34 @@ pub fn values_at<'a>(resource: &'a Value, path: &str) -> Vec<&'a Value> {
                 }
             }
         }
+        if let Some((field, value)) = only {
+            next.retain(|v| v.get(field).and_then(Value::as_str) == Some(value));
+        }
         current = next;
     }
     current
+}
+
+/// A path's segments: split at the dots outside `[...]` (a filter's value may hold dots); none
+/// for `""`, the resource itself.
+fn segments(path: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in path.char_indices() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth = depth.saturating_sub(1),
+            '.' if depth == 0 => {
+                out.push(&path[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !path.is_empty() {
+        out.push(&path[start..]);
+    }
+    out
 }
 
 /// One index key of a resource: the parameter and the key string (hashed by the store).
@@ -201,7 +320,7 @@ pub const PREFIX_SLOTS: usize = 16;
 /// All index keys of a resource for its type's search parameters.
 pub fn index_keys(resource_type: &str, resource: &Value) -> Vec<IndexKey> {
     let mut out = Vec::new();
-    for def in params_for(resource_type) {
+    for def in params_for(resource_type).iter().filter(|d| d.indexed) {
         let mut keys: Vec<String> = Vec::new();
         for path in def.paths {
             for v in values_at(resource, path) {
@@ -218,6 +337,7 @@ pub fn index_keys(resource_type: &str, resource: &Value) -> Vec<IndexKey> {
                             keys.extend(date::index_keys(&i));
                         }
                     }
+                    ParamKind::Number | ParamKind::Quantity | ParamKind::Uri | ParamKind::Composite => {}
                 }
             }
         }
@@ -472,6 +592,20 @@ pub enum Alternative {
     Identifier(String),
     /// `:of-type` (identifiers): `type` has the coding `system|code`, and `value` is the value.
     OfType { system: String, code: String, value: String },
+    // Kinds decided after decryption.
+    Number(Prefix, crate::number::SearchNumber),
+    Quantity(Prefix, crate::number::SearchQuantity),
+    /// A uri, exactly; `:below` — the value starts with it; `:above` — it starts with the value.
+    Uri { value: String, relation: UriRelation },
+    /// A composite's parts, matched together on one element.
+    Composite(Vec<Alternative>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UriRelation {
+    Exact,
+    Below,
+    Above,
 }
 
 /// How deep chains and `_has` may nest (`a.b.c` is two).
@@ -493,11 +627,22 @@ impl Condition {
     /// The index keys a matching resource carries at least one of, or `None` when this
     /// condition cannot narrow the candidates (e.g. a `ne` date).
     pub fn candidate_keys(&self) -> Option<Vec<String>> {
-        let Test::Indexed { alternatives, .. } = &self.test else { return None };
+        let Test::Indexed { def, alternatives } = &self.test else { return None };
+        if !def.indexed {
+            return None;
+        }
         let mut keys = Vec::new();
         for alt in alternatives {
             match alt {
-                Alternative::Missing(_) | Alternative::Contains(_) | Alternative::Text(_) | Alternative::Identifier(_) | Alternative::OfType { .. } => return None,
+                Alternative::Missing(_)
+                | Alternative::Contains(_)
+                | Alternative::Text(_)
+                | Alternative::Identifier(_)
+                | Alternative::OfType { .. }
+                | Alternative::Number(..)
+                | Alternative::Quantity(..)
+                | Alternative::Uri { .. }
+                | Alternative::Composite(_) => return None,
                 Alternative::Token(k) => keys.push(k.clone()),
                 Alternative::String { value, exact: true } => keys.push(format!("e:{value}")),
                 Alternative::String { value, exact: false } => {
@@ -517,6 +662,7 @@ impl Condition {
         match &self.test {
             Test::Id(_) | Test::LastUpdated(_) => true,
             Test::Chain { .. } | Test::Has { .. } | Test::Not { .. } => false,
+            Test::Indexed { def, .. } if !def.indexed => false,
             Test::Indexed { alternatives, .. } => alternatives.iter().all(|a| match a {
                 Alternative::Token(_) | Alternative::Reference(_) => true,
                 Alternative::String { value, exact } => *exact || normalize(value).chars().count() <= PREFIX_SLOTS,
@@ -586,6 +732,20 @@ fn alternative_matches(def: &ParamDef, alt: &Alternative, values: &[&Value]) -> 
                 cs.iter().any(|c| c.get("system").and_then(Value::as_str) == Some(system) && c.get("code").and_then(Value::as_str) == Some(code))
             });
             typed && id.get("value").and_then(Value::as_str) == Some(value)
+        }),
+        Alternative::Number(prefix, n) => values.iter().filter_map(|v| v.as_f64()).any(|x| crate::number::matches(*prefix, n, x)),
+        Alternative::Quantity(prefix, q) => values.iter().any(|v| crate::number::quantity_matches(*prefix, q, v)),
+        Alternative::Uri { value, relation } => values.iter().filter_map(|v| v.as_str()).any(|u| match relation {
+            UriRelation::Exact => u == value,
+            UriRelation::Below => u.starts_with(value.as_str()),
+            UriRelation::Above => value.starts_with(u),
+        }),
+        // Every part on the same element (`code-value-quantity`: that code with that value).
+        Alternative::Composite(parts) => values.iter().any(|element| {
+            def.components.iter().zip(parts).all(|(component, part)| {
+                let inner: Vec<&Value> = component.paths.iter().flat_map(|p| values_at(element, p)).collect();
+                alternative_matches(component, part, &inner)
+            })
         }),
     }
 }
@@ -891,6 +1051,10 @@ pub fn sort_value(key: &SortKey, resource: &Value) -> Option<SortValue> {
                 reference_keys(v, def.target, &mut keys);
                 all.extend(keys.iter().filter_map(|k| k.strip_prefix("r:")).map(|r| SortValue::Text(r.to_string())));
             }
+            ParamKind::Number => all.extend(v.as_f64().map(SortValue::number)),
+            ParamKind::Quantity => all.extend(v.get("value").and_then(Value::as_f64).map(SortValue::number)),
+            ParamKind::Uri => all.extend(v.as_str().map(|u| SortValue::Text(u.to_string()))),
+            ParamKind::Composite => {}
         }
     }
     if key.descending { all.into_iter().max() } else { all.into_iter().min() }
@@ -915,6 +1079,15 @@ pub fn reference_targets(def: &ParamDef, resource: &Value, target: Option<&str>)
 pub enum SortValue {
     Time(i64),
     Text(String),
+    /// A number as an integer in the same order (IEEE 754 bits, negatives flipped).
+    Number(i64),
+}
+
+impl SortValue {
+    fn number(x: f64) -> SortValue {
+        let bits = x.to_bits() as i64;
+        SortValue::Number(bits ^ (((bits >> 63) as u64) >> 1) as i64)
+    }
 }
 
 /// Orders resources by `_sort` keys (stable: ties keep the store's order).
@@ -1023,6 +1196,25 @@ fn parse_alternative(def: &ParamDef, modifier: Option<&str>, v: &str, raw: &str)
         (ParamKind::Date, None) => {
             let (prefix, interval) = parse_date_alt(v)?;
             Ok(Alternative::Date(prefix, interval))
+        }
+        (ParamKind::Number, None) => {
+            let (prefix, rest) = Prefix::split(v)?;
+            Ok(Alternative::Number(prefix, crate::number::parse(rest)?))
+        }
+        (ParamKind::Quantity, None) => {
+            let (prefix, rest) = Prefix::split(v)?;
+            Ok(Alternative::Quantity(prefix, crate::number::parse_quantity(rest)?))
+        }
+        (ParamKind::Uri, None) => Ok(Alternative::Uri { value: v.to_string(), relation: UriRelation::Exact }),
+        (ParamKind::Uri, Some("below")) => Ok(Alternative::Uri { value: v.to_string(), relation: UriRelation::Below }),
+        (ParamKind::Uri, Some("above")) => Ok(Alternative::Uri { value: v.to_string(), relation: UriRelation::Above }),
+        (ParamKind::Composite, None) => {
+            let parts: Vec<&str> = v.split('$').collect();
+            if parts.len() != def.components.len() {
+                return Err(FhirError::invalid(format!("'{raw}' is a composite of {} parts separated by '$'", def.components.len())));
+            }
+            let parts = def.components.iter().zip(parts).map(|(c, part)| parse_alternative(c, None, part, raw)).collect::<Result<_, _>>()?;
+            Ok(Alternative::Composite(parts))
         }
         (_, Some("missing")) => match v {
             "true" => Ok(Alternative::Missing(true)),

@@ -222,13 +222,10 @@ impl Filters {
     fn time_bounds(&self) -> (Option<i64>, Option<i64>) {
         let (mut lower, mut upper): (Option<i64>, Option<i64>) = (None, None);
         for (p, d) in &self.dates {
-            let (lo, hi) = match p {
-                Prefix::Ge => (Some(d.start), None),
-                Prefix::Gt => (Some(d.end), None),
-                Prefix::Le => (None, Some(d.end)),
-                Prefix::Lt => (None, Some(d.start)),
-                Prefix::Eq => (Some(d.start), Some(d.end)),
-                Prefix::Ne => (None, None),
+            let all = valv_fhir::date::Interval::ALL;
+            let (lo, hi) = match p.candidate_interval(d) {
+                Some(i) => ((i.start > all.start).then_some(i.start), (i.end < all.end).then_some(i.end)),
+                None => (None, None),
             };
             if let Some(lo) = lo {
                 lower = Some(lower.map_or(lo * 1000, |l| l.max(lo * 1000)));

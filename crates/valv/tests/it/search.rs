@@ -140,3 +140,49 @@ async fn paging_follows_next_links_and_totals_are_exact() {
     let sorted = s.get(&format!("/fhir/Observation?patient={p}&_sort=-_lastUpdated&_count=1")).await;
     assert_eq!(sorted.json["entry"][0]["resource"]["code"]["text"], "n24");
 }
+
+/// Parameters generated from the R4 definitions (decided after decryption, no index keys):
+/// through the server, under the policy, in every kind the generated table adds.
+#[tokio::test]
+async fn generated_parameters_search_through_the_server_under_the_policy() {
+    use crate::access::{create, ward, Ward};
+    let Ward { s, token: t, mine, other, .. } = ward("generated", "Gensson", "Othergen").await;
+    let goal = |p: &str, status: &str| json!({"resourceType": "Goal", "lifecycleStatus": status, "description": {"text": "walk"}, "subject": {"reference": format!("Patient/{p}")}});
+    let mine_goal = create(&s, &goal(&mine, "active")).await["id"].as_str().expect("id").to_string();
+    create(&s, &goal(&other, "active")).await;
+    let obs = |p: &str, value: u32| {
+        let mut o = json!({"resourceType": "Observation", "status": "final", "code": cc("http://loinc.org", "8480-6"), "subject": {"reference": format!("Patient/{p}")}});
+        o["valueQuantity"] = json!({"value": value, "unit": "mm[Hg]", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"});
+        o
+    };
+    let high = create(&s, &obs(&mine, 150)).await["id"].as_str().expect("id").to_string();
+    let low = create(&s, &obs(&mine, 110)).await["id"].as_str().expect("id").to_string();
+    create(&s, &obs(&other, 160)).await;
+    let ids = |r: crate::harness::Resp| {
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.entry_ids()
+    };
+    // Reference (Goal.patient), token, quantity, composite, sort by a quantity.
+    assert_eq!(ids(s.get(&format!("/fhir/Goal?patient={mine}")).await), vec![mine_goal.clone()]);
+    assert_eq!(ids(s.get("/fhir/Goal?lifecycle-status=active").await).len(), 2);
+    assert_eq!(ids(s.get(&format!("/fhir/Observation?patient={mine}&value-quantity=gt120")).await), vec![high.clone()]);
+    assert_eq!(ids(s.get(&format!("/fhir/Observation?patient={mine}&code-value-quantity=http://loinc.org|8480-6$lt120")).await), vec![low.clone()]);
+    assert_eq!(ids(s.get(&format!("/fhir/Observation?patient={mine}&_sort=-value-quantity")).await), vec![high.clone(), low.clone()]);
+    // The physician finds only their patient's, whichever patient the query names.
+    assert_eq!(ids(s.request("GET", "/fhir/Goal?lifecycle-status=active", Some(&t), None, &[]).await), vec![mine_goal]);
+    assert!(ids(s.request("GET", &format!("/fhir/Goal?patient={other}"), Some(&t), None, &[]).await).is_empty());
+    let theirs = ids(s.request("GET", "/fhir/Observation?value-quantity=gt100", Some(&t), None, &[]).await);
+    assert_eq!(theirs.len(), 2, "the other patient's 160 is not found");
+    // Malformed values of the new kinds: 400.
+    s.get("/fhir/Observation?value-quantity=high").await.outcome(400);
+    s.get("/fhir/Observation?code-value-quantity=8480-6").await.outcome(400);
+    // The CapabilityStatement lists them with their kinds.
+    let cs = s.get("/fhir/metadata").await;
+    let params = |t: &str| -> Vec<(String, String)> {
+        cs.json["rest"][0]["resource"].as_array().expect("resources").iter().find(|r| r["type"] == t).expect("type")["searchParam"]
+            .as_array().expect("params").iter().map(|p| (p["name"].as_str().unwrap_or("").to_string(), p["type"].as_str().unwrap_or("").to_string())).collect()
+    };
+    assert!(params("Goal").contains(&("patient".into(), "reference".into())));
+    assert!(params("Observation").contains(&("code-value-quantity".into(), "composite".into())));
+    assert!(params("RiskAssessment").contains(&("probability".into(), "number".into())));
+}
