@@ -1097,23 +1097,78 @@ pub fn sort_resources<T>(items: &mut [T], keys: &[SortKey], resource: impl Fn(&T
     }
     let mut decorated: Vec<(Vec<Option<SortValue>>, usize)> =
         items.iter().enumerate().map(|(i, t)| (keys.iter().map(|k| resource(t).and_then(|r| sort_value(k, r))).collect(), i)).collect();
-    decorated.sort_by(|(a, ai), (b, bi)| {
-        for (k, (x, y)) in keys.iter().zip(a.iter().zip(b.iter())) {
-            let o = match (x, y) {
-                (Some(x), Some(y)) if k.descending => y.cmp(x),
-                (Some(x), Some(y)) => x.cmp(y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            };
-            if o != std::cmp::Ordering::Equal {
-                return o;
-            }
-        }
-        ai.cmp(bi)
-    });
+    decorated.sort_by(|(a, ai), (b, bi)| compare_sort_values(keys, a, b).then(ai.cmp(bi)));
     let order: Vec<usize> = decorated.into_iter().map(|(_, i)| i).collect();
     permute(items, &order);
+}
+
+/// Orders items by sort values computed beforehand ([`sort_values_of`]), stably.
+pub fn sort_by_values<T>(items: &mut [(Vec<Option<SortValue>>, T)], keys: &[SortKey]) {
+    items.sort_by(|(a, _), (b, _)| compare_sort_values(keys, a, b));
+}
+
+fn compare_sort_values(keys: &[SortKey], a: &[Option<SortValue>], b: &[Option<SortValue>]) -> std::cmp::Ordering {
+    for (k, (x, y)) in keys.iter().zip(a.iter().zip(b.iter())) {
+        let o = match (x, y) {
+            (Some(x), Some(y)) if k.descending => y.cmp(x),
+            (Some(x), Some(y)) => x.cmp(y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        };
+        if o != std::cmp::Ordering::Equal {
+            return o;
+        }
+    }
+    std::cmp::Ordering::Equal
+}
+
+/// The sort values of a resource's JSON for `keys`, reading only the top-level elements the keys
+/// need (the rest is skipped, never built): ordering a thousand resources costs a scan of each,
+/// not a thousand trees. `None` for JSON that is not an object.
+pub fn sort_values_of(keys: &[SortKey], json: &[u8]) -> Option<Vec<Option<SortValue>>> {
+    let mut wanted: Vec<&str> = vec!["id", "meta"];
+    for k in keys {
+        if let SortBy::Param(def) = k.by {
+            wanted.extend(def.paths.iter().filter_map(|p| segments(p).first().map(|s| s.split('[').next().unwrap_or(s))));
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let partial = serde::de::DeserializeSeed::deserialize(TopLevel(&wanted), &mut de).ok()?;
+    Some(keys.iter().map(|k| sort_value(k, &partial)).collect())
+}
+
+/// Deserializes a JSON object keeping only the members named (or, for a choice stem such as
+/// `effective`, the members it starts, `effectiveDateTime`).
+struct TopLevel<'a>(&'a [&'a str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let keep = self.0.iter().any(|w| key == *w || (key.starts_with(w) && choice_of(w, &key)));
+            if keep {
+                out.insert(key.into_owned(), map.next_value::<Value>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 /// Rearranges `items` so that position `n` holds what was at `order[n]`.

@@ -197,3 +197,18 @@ fn generated_table_parses_and_covers_r4() {
     let claim: Vec<&str> = params_for("Claim").iter().map(|d| d.name).collect();
     assert!(claim.contains(&"patient") && claim.contains(&"created"), "{claim:?}");
 }
+
+#[test]
+fn sort_values_from_the_partial_parse_equal_those_of_the_whole_resource() {
+    use crate::search::{sort_value, sort_values_of};
+    for r in resources() {
+        let t = r["resourceType"].as_str().expect("type");
+        let bytes = serde_json::to_vec(&r).expect("json");
+        for sort in ["date", "-date", "value-quantity", "-value-quantity", "family", "_id", "-_lastUpdated", "code", "subject", "probability", "url", "status,-date", "phone"] {
+            let Ok(req) = parse_request(t, &pairs(&format!("_sort={sort}"))) else { continue };
+            let whole: Vec<_> = req.sort_keys.iter().map(|k| sort_value(k, &r)).collect();
+            assert_eq!(sort_values_of(&req.sort_keys, &bytes), Some(whole), "{t} {} _sort={sort}", r["id"]);
+        }
+    }
+    assert_eq!(sort_values_of(&[], b"[1]"), None, "not an object");
+}

@@ -538,8 +538,10 @@ impl Vault {
             }
             return Ok(SearchPage { total, resources });
         }
-        // Some condition needs the plaintext, or the order does: decrypt every candidate and
-        // test precisely.
+        if exact {
+            return self.sorted_page(resource_type, req, &candidates, now).await;
+        }
+        // Some condition needs the plaintext: decrypt every candidate and test precisely.
         let mut matched = Vec::new();
         for chunk in candidates.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
@@ -554,6 +556,38 @@ impl Vault {
         valv_fhir::search::sort_resources(&mut matched, &req.sort_keys, |r: &Resource| r.body.as_ref());
         let total = matched.len();
         let resources = if req.count_only { Vec::new() } else { matched.into_iter().skip(req.offset).take(req.count).collect() };
+        Ok(SearchPage { total, resources })
+    }
+
+    /// A page of index-exact matches in `_sort` order: every candidate is decrypted, but only
+    /// the elements the sort keys need are read from it; the page alone is parsed whole.
+    async fn sorted_page(&self, resource_type: &str, req: &SearchRequest, candidates: &[Located], now: i64) -> Result<SearchPage, StoreError> {
+        let mut keyed: Vec<(Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>))> = Vec::with_capacity(candidates.len());
+        for chunk in candidates.chunks(500) {
+            let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
+            for v in self.store.read_many(resource_type, &ids).await? {
+                let plain = self.open_bytes(&v, now).await?;
+                let values = valv_fhir::search::sort_values_of(&req.sort_keys, &plain)
+                    .ok_or_else(|| StoreError::Integrity(format!("stored JSON of {resource_type}/{} is not an object", v.id)))?;
+                keyed.push((values, (v, plain)));
+            }
+        }
+        valv_fhir::search::sort_by_values(&mut keyed, &req.sort_keys);
+        let total = keyed.len();
+        if req.count_only {
+            return Ok(SearchPage { total, resources: Vec::new() });
+        }
+        let mut resources = Vec::new();
+        for (_, (v, plain)) in keyed.into_iter().skip(req.offset).take(req.count) {
+            let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
+            // As in `search`: an index row copied in the database must not add a result.
+            if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
+                INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
+                continue;
+            }
+            resources.push(Resource { resource_type: v.resource_type, id: v.id, version: v.version, last_updated: v.last_updated, deleted: v.deleted, patient: v.patient, body: Some(body) });
+        }
         Ok(SearchPage { total, resources })
     }
 
