@@ -562,7 +562,9 @@ impl Vault {
     /// A page of index-exact matches in `_sort` order: every candidate is decrypted, but only
     /// the elements the sort keys need are read from it; the page alone is parsed whole.
     async fn sorted_page(&self, resource_type: &str, req: &SearchRequest, candidates: &[Located], now: i64) -> Result<SearchPage, StoreError> {
-        let mut keyed: Vec<(Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>))> = Vec::with_capacity(candidates.len());
+        // Each candidate's sort values, with its row and plaintext.
+        type Keyed = (Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>));
+        let mut keyed: Vec<Keyed> = Vec::with_capacity(candidates.len());
         for chunk in candidates.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
             for v in self.store.read_many(resource_type, &ids).await? {
