@@ -1,7 +1,8 @@
 //! Property test of search: for random patients and observations and random searches, the
 //! vault's results are exactly what decrypting everything and filtering with a straightforward
 //! matcher written here — independent of `valv_fhir::search`'s index keys and matching — gives,
-//! and none belongs to a patient the caller may not see.
+//! and none belongs to a patient the caller may not see. The searches mix indexed parameters
+//! with a generated one (`value-quantity`, decided after decryption).
 
 use super::*;
 use crate::sqlite::SqliteStore;
@@ -19,14 +20,14 @@ const CODES: &[&str] = &["8867-4", "8310-5", "2339-0"];
 struct World {
     /// (family, gender, birth year)
     patients: Vec<(usize, usize, i32)>,
-    /// (patient index, status, code, day of January 2020)
-    observations: Vec<(usize, usize, usize, u32)>,
+    /// (patient index, status, code, day of January 2020, value in mg)
+    observations: Vec<(usize, usize, usize, u32, u32)>,
 }
 
 fn world() -> impl Strategy<Value = World> {
     prop::collection::vec((0..FAMILIES.len(), 0..GENDERS.len(), 1950..1956i32), 2..7).prop_flat_map(|patients| {
         let n = patients.len();
-        prop::collection::vec((0..n, 0..STATUSES.len(), 0..CODES.len(), 1..11u32), 0..14)
+        prop::collection::vec((0..n, 0..STATUSES.len(), 0..CODES.len(), 1..11u32, 0..20u32), 0..14)
             .prop_map(move |observations| World { patients: patients.clone(), observations })
     })
 }
@@ -57,6 +58,8 @@ fn observation_condition() -> impl Strategy<Value = (String, String)> {
         prop::sample::select(CODES.to_vec()).prop_map(|v| ("code".to_string(), v.to_string())),
         (0..7usize).prop_map(|i| ("patient".to_string(), format!("{{p{i}}}"))),
         (prop::sample::select(vec!["ge", "lt", "eq"]), 1..12u32).prop_map(|(p, d)| ("date".to_string(), format!("{p}2020-01-{d:02}"))),
+        // A generated parameter (no index keys): decided after decryption.
+        (prop::sample::select(vec!["ge", "lt", "eq"]), 0..21u32).prop_map(|(p, v)| ("value-quantity".to_string(), format!("{p}{v}||mg"))),
     ]
 }
 
@@ -93,13 +96,14 @@ fn holds(world: &World, ids: &[String], resource_type: &str, index: usize, (name
             _ => unreachable!("generated parameters only"),
         };
     }
-    let (p, s, c, day) = world.observations[index];
+    let (p, s, c, day, mg) = world.observations[index];
     match name {
         "status" => STATUSES[s] == value,
         "status:not" => STATUSES[s] != value,
         "code" => value == CODES[c] || value == format!("http://loinc.org|{}", CODES[c]),
         "patient" => value == ids[p],
         "date" => compare(&value[..2], i64::from(day), value[10..].parse().unwrap_or(0)),
+        "value-quantity" => compare(&value[..2], i64::from(mg), value[2..value.len() - 4].parse().unwrap_or(-1)),
         _ => unreachable!("generated parameters only"),
     }
 }
@@ -123,10 +127,11 @@ proptest! {
                 ids.push(id);
             }
             let mut obs_ids = Vec::new();
-            for &(p, s, c, day) in &world.observations {
+            for &(p, s, c, day, mg) in &world.observations {
                 let id = new_id().expect("id");
                 let body = json!({"resourceType": "Observation", "status": STATUSES[s], "code": {"coding": [{"system": "http://loinc.org", "code": CODES[c]}]},
-                    "subject": {"reference": format!("Patient/{}", ids[p])}, "effectiveDateTime": format!("2020-01-{day:02}")});
+                    "subject": {"reference": format!("Patient/{}", ids[p])}, "effectiveDateTime": format!("2020-01-{day:02}"),
+                    "valueQuantity": {"value": mg, "unit": "mg", "system": "http://unitsofmeasure.org", "code": "mg"}});
                 vault.commit(vec![WriteOp::Create { resource_type: "Observation".into(), id: id.clone(), body, unless: None }], 1).await.expect("observation");
                 obs_ids.push(id);
             }
