@@ -777,7 +777,12 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
 
 /// A search's SQL and its arguments (the same text for the same shape: cached statements).
 fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
-    let mut sql = String::from("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE r.type = ? AND r.deleted = 0");
+    // With tokens, the rows come from the token lists (rowid lookups, already in rid order);
+    // `+` keeps SQLite from walking every resource of the type through the type index instead
+    // and testing each against the lists (11-14 ms instead of 0.5 ms for a patient's
+    // Observations among 49k, bench/README "Searches among 100k resources").
+    let type_term = if filter.token_groups.is_empty() { "r.type = ?" } else { "+r.type = ?" };
+    let mut sql = format!("SELECT r.id, r.version, r.patient, r.deleted, r.last_updated FROM resources r WHERE {type_term} AND r.deleted = 0");
     let mut args: Vec<rusqlite::types::Value> = vec![filter.resource_type.clone().into()];
     for group in &filter.token_groups {
         sql.push_str(" AND r.rid IN (SELECT rid FROM search_tokens WHERE token IN (");
