@@ -36,8 +36,13 @@ pub fn parse(text: &str) -> Result<SearchNumber, FhirError> {
         return Err(bad());
     }
     let value: f64 = text.parse().map_err(|_| bad())?;
-    let places = i32::try_from(fraction.len()).map_err(|_| bad())? - exponent;
-    Ok(SearchNumber { value, half_unit: 0.5 * 10f64.powi(-places) })
+    // Beyond what a double holds (1e±308), a search number means nothing: refused, not wrapped.
+    let places = i32::try_from(fraction.len()).ok().and_then(|f| f.checked_sub(exponent)).filter(|p| p.abs() <= 330).ok_or_else(bad)?;
+    let half_unit = 0.5 * 10f64.powi(-places);
+    if !value.is_finite() || !half_unit.is_finite() || half_unit == 0.0 {
+        return Err(bad());
+    }
+    Ok(SearchNumber { value, half_unit })
 }
 
 pub fn parse_quantity(text: &str) -> Result<SearchQuantity, FhirError> {
@@ -103,7 +108,7 @@ mod tests {
         assert!(matches(Prefix::Eq, &n, 140.0) && !matches(Prefix::Eq, &n, 150.0));
         assert!(matches(Prefix::Gt, &parse("5").expect("n"), 5.1) && !matches(Prefix::Gt, &parse("5").expect("n"), 5.0));
         assert!(matches(Prefix::Ap, &parse("100").expect("n"), 109.0) && !matches(Prefix::Ap, &parse("100").expect("n"), 111.0));
-        for bad in ["", "x", "1.", ".5", "1e", "--1", "1,5"] {
+        for bad in ["", "x", "1.", ".5", "1e", "--1", "1,5", "1e-2147483648", "0.00e-2147483647", "1e400", "1e-400"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

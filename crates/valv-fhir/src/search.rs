@@ -1271,6 +1271,9 @@ fn parse_alternative(def: &ParamDef, modifier: Option<&str>, v: &str, raw: &str)
             let parts = def.components.iter().zip(parts).map(|(c, part)| parse_alternative(c, None, part, raw)).collect::<Result<_, _>>()?;
             Ok(Alternative::Composite(parts))
         }
+        // A composite's elements are present whenever the resource is: `:missing` on one would
+        // always say "present".
+        (ParamKind::Composite, Some("missing")) => Err(FhirError::not_supported(format!("':missing' does not apply to a composite parameter: '{raw}'"))),
         (_, Some("missing")) => match v {
             "true" => Ok(Alternative::Missing(true)),
             "false" => Ok(Alternative::Missing(false)),

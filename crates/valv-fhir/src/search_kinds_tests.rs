@@ -177,6 +177,8 @@ fn malformed_values_of_the_new_kinds_are_refused() {
         ("Observation", "value-quantity:contains=5"),
         ("ValueSet", "url:contains=x"),
         ("Observation", "code:below=x"),
+        ("Observation", "code-value-quantity:missing=true"),
+        ("RiskAssessment", "probability=1e-2147483648"),
     ] {
         assert!(parse_request(t, &pairs(q)).is_err(), "{t}?{q}");
     }

@@ -100,6 +100,14 @@ pub fn new_id() -> Result<String, StoreError> {
     Ok(valv_fhir::id::uuid_from_bytes(random_bytes()?))
 }
 
+/// A candidate's sort values, with its row and plaintext.
+type Keyed = (Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>));
+
+/// Where a version read back lies, to decide it as a listed candidate was decided.
+fn located(v: &StoredVersion) -> Located {
+    Located { id: v.id.clone(), version: v.version, patient: v.patient.clone(), deleted: v.deleted, last_updated: v.last_updated }
+}
+
 pub struct Vault {
     store: Arc<dyn Store>,
     provider: Arc<dyn KeyProvider>,
@@ -526,6 +534,10 @@ impl Vault {
             let ids: Vec<String> = candidates.iter().skip(req.offset).take(req.count).map(|l| l.id.clone()).collect();
             let mut resources = Vec::with_capacity(ids.len());
             for v in self.store.read_many(resource_type, &ids).await? {
+                // Deleted or moved to another patient since it was listed: not a result.
+                if v.deleted || !visible(&located(&v)) {
+                    continue;
+                }
                 let r = self.open_version(v, now).await?;
                 // The index is not authenticated: a token row copied in the database must not
                 // put a resource into results it does not match.
@@ -538,39 +550,27 @@ impl Vault {
             }
             return Ok(SearchPage { total, resources });
         }
-        if exact {
-            return self.sorted_page(resource_type, req, &candidates, now).await;
-        }
-        // Some condition needs the plaintext: decrypt every candidate and test precisely.
-        let mut matched = Vec::new();
+        // Every candidate decrypted: tested when some condition needs the plaintext, and its sort
+        // values taken; what is kept is its plaintext bytes, not a parsed tree, and only the page
+        // is parsed whole.
+        let mut keyed: Vec<Keyed> = Vec::new();
         for chunk in candidates.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
             for v in self.store.read_many(resource_type, &ids).await? {
-                let r = self.open_version(v, now).await?;
-                let body = r.body.as_ref();
-                if body.is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
-                    matched.push(r);
+                if v.deleted || !visible(&located(&v)) {
+                    continue;
                 }
-            }
-        }
-        valv_fhir::search::sort_resources(&mut matched, &req.sort_keys, |r: &Resource| r.body.as_ref());
-        let total = matched.len();
-        let resources = if req.count_only { Vec::new() } else { matched.into_iter().skip(req.offset).take(req.count).collect() };
-        Ok(SearchPage { total, resources })
-    }
-
-    /// A page of index-exact matches in `_sort` order: every candidate is decrypted, but only
-    /// the elements the sort keys need are read from it; the page alone is parsed whole.
-    async fn sorted_page(&self, resource_type: &str, req: &SearchRequest, candidates: &[Located], now: i64) -> Result<SearchPage, StoreError> {
-        // Each candidate's sort values, with its row and plaintext.
-        type Keyed = (Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>));
-        let mut keyed: Vec<Keyed> = Vec::with_capacity(candidates.len());
-        for chunk in candidates.chunks(500) {
-            let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
-            for v in self.store.read_many(resource_type, &ids).await? {
                 let plain = self.open_bytes(&v, now).await?;
-                let values = valv_fhir::search::sort_values_of(&req.sort_keys, &plain)
-                    .ok_or_else(|| StoreError::Integrity(format!("stored JSON of {resource_type}/{} is not an object", v.id)))?;
+                let values = if exact {
+                    valv_fhir::search::sort_values_of(&req.sort_keys, &plain)
+                        .ok_or_else(|| StoreError::Integrity(format!("stored JSON of {resource_type}/{} is not an object", v.id)))?
+                } else {
+                    let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
+                    if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
+                        continue;
+                    }
+                    req.sort_keys.iter().map(|k| valv_fhir::search::sort_value(k, &body)).collect()
+                };
                 keyed.push((values, (v, plain)));
             }
         }
@@ -582,7 +582,7 @@ impl Vault {
         let mut resources = Vec::new();
         for (_, (v, plain)) in keyed.into_iter().skip(req.offset).take(req.count) {
             let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
-            // As in `search`: an index row copied in the database must not add a result.
+            // As above: an index row copied in the database must not add a result.
             if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
                 INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");

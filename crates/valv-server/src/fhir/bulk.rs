@@ -6,10 +6,11 @@
 //! URL cancels a job or deletes its files.
 //!
 //! Never a side door: the export runs as the caller. Each type is decided as a search at the
-//! kick-off, and each resource as a read of its own patient (decided once per type and patient,
-//! as a search's results are); what the caller may not read is left out. When the files are
-//! written, one audit entry per type and patient exported is made durable BEFORE the manifest
-//! exists, and every download of a file is recorded too.
+//! kick-off and again when the job runs, and each resource as a read of its own patient when it
+//! is read (decided once per type and patient, as a search's results are); what the caller may
+//! not read then is left out. When the files are written, one audit entry per type and patient
+//! exported is made durable BEFORE the manifest exists; every download of a file is decided
+//! again (the type, at that time) and recorded. A file holding a patient erased since is gone.
 //!
 //! At rest the files are age-encrypted (X25519, ChaCha20-Poly1305 in 64 KiB chunks) to a key
 //! made for the job and held only in this process's memory: a restart leaves them unreadable,
@@ -36,7 +37,7 @@ use zeroize::Zeroizing;
 
 pub const NDJSON: &str = "application/fhir+ndjson";
 
-/// Resources per file at most (a file is started before a piece would pass it).
+/// Resources per file at most (a new file is started before a piece would pass it).
 const LINES_PER_FILE: usize = 100_000;
 
 /// Resources read, decrypted and handed to the file writer at a time.
@@ -44,6 +45,16 @@ const PIECE: usize = 500;
 
 /// Jobs kept at once (queued, running, or waiting to be downloaded); 429 beyond.
 const MAX_JOBS: usize = 16;
+
+/// Jobs one caller may keep at once (one of them queued or running).
+const MAX_JOBS_PER_CALLER: usize = 3;
+
+/// Downloads streaming at once, server-wide (each holds an open file and a decryption); 429
+/// beyond.
+const MAX_DOWNLOADS: usize = 8;
+
+/// How long a download waits for a client that does not read before it gives up.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a client polling a job that is not finished is asked to wait, in seconds.
 const RETRY_AFTER: u64 = 2;
@@ -88,6 +99,7 @@ pub struct Exports {
     queue: mpsc::UnboundedSender<Arc<Job>>,
     /// Taken by [`run`] when the server starts.
     pending: Mutex<Option<mpsc::UnboundedReceiver<Arc<Job>>>>,
+    downloads: Arc<tokio::sync::Semaphore>,
 }
 
 struct Job {
@@ -121,7 +133,8 @@ struct Plan {
 enum State {
     Queued,
     Running,
-    Done { files: Vec<OutFile>, transaction_time: i64, expires: i64 },
+    /// `patients`: whose data the files hold (a job is dropped when one of them is erased).
+    Done { files: Vec<OutFile>, transaction_time: i64, expires: i64, patients: Arc<HashSet<String>> },
     Failed { message: String, expires: i64 },
 }
 
@@ -141,6 +154,7 @@ impl Exports {
             jobs: Mutex::new(HashMap::new()),
             queue,
             pending: Mutex::new(Some(pending)),
+            downloads: Arc::new(tokio::sync::Semaphore::new(MAX_DOWNLOADS)),
         }
     }
 
@@ -174,13 +188,20 @@ impl Exports {
         job
     }
 
-    /// The caller's job: another's is as unknown as one that never was.
-    fn owned(&self, id: &str, ctx: &Ctx, now: i64) -> Result<Arc<Job>, ApiError> {
+    /// The caller's job: another's is as unknown as one that never was. A finished job holding
+    /// data of a patient erased since is deleted first.
+    fn owned(&self, app: &App, id: &str, ctx: &Ctx, now: i64) -> Result<Arc<Job>, ApiError> {
         self.sweep(now);
-        match self.jobs().get(id) {
-            Some(j) if j.owner == ctx.principal.id => Ok(j.clone()),
-            _ => Err(ApiError::not_found(format!("no export job '{id}' of yours (it may have expired, been cancelled, or belong to another server)"))),
+        let job = self.jobs().get(id).filter(|j| j.owner == ctx.principal.id).cloned();
+        if let Some(j) = &job {
+            if let State::Done { patients, .. } = j.state() {
+                if patients.iter().any(|p| app.vault.is_erased(p)) {
+                    self.remove(id);
+                    return Err(ApiError::not_found(format!("export job '{id}' was deleted: a patient whose data it held has been erased")));
+                }
+            }
         }
+        job.ok_or_else(|| ApiError::not_found(format!("no export job '{id}' of yours (it may have expired, been cancelled, or belong to another server)")))
     }
 }
 
@@ -191,6 +212,20 @@ impl Job {
 
     fn set(&self, s: State) {
         *self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = s;
+    }
+}
+
+/// The caller as at the kick-off, at another time (decisions and audit entries are made when
+/// the job reads and records, not when it was asked for).
+fn at(ctx: &Ctx, now: i64) -> Ctx {
+    Ctx {
+        principal: ctx.principal.clone(),
+        request_id: ctx.request_id.clone(),
+        source: ctx.source.clone(),
+        now,
+        purpose_of_use: ctx.purpose_of_use.clone(),
+        return_representation: true,
+        lenient: false,
     }
 }
 
@@ -215,18 +250,15 @@ pub async fn run(app: Arc<App>) {
     // Files left by an earlier process cannot be read any more (their keys were only in its
     // memory): they go.
     delete_files(&app.exports.dir);
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-    loop {
-        let job = tokio::select! {
-            job = queue.recv() => match job {
-                Some(j) => j,
-                None => return,
-            },
-            _ = tick.tick() => {
-                app.exports.sweep(app.clock.now_ms());
-                continue;
-            }
-        };
+    let sweeper = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            sweeper.exports.sweep(sweeper.clock.now_ms());
+        }
+    });
+    while let Some(job) = queue.recv().await {
         if job.cancelled.load(Ordering::Acquire) {
             continue;
         }
@@ -235,7 +267,7 @@ pub async fn run(app: Arc<App>) {
         let now = app.clock.now_ms();
         let expires = now.saturating_add(app.exports.expiry_ms);
         match outcome {
-            Ok((files, transaction_time)) => job.set(State::Done { files, transaction_time, expires }),
+            Ok((files, transaction_time, patients)) => job.set(State::Done { files, transaction_time, expires, patients: Arc::new(patients) }),
             Err(e) => {
                 delete_files(&app.exports.job_dir(&job.id));
                 if !job.cancelled.load(Ordering::Acquire) {
@@ -296,19 +328,9 @@ pub async fn kick_off(app: &App, ctx: &Ctx, level: Level, pairs: &[(String, Stri
         enforce(app, ctx, &touch, d).await?;
         return Err(ApiError::forbidden("nothing here may be exported by you"));
     };
-    let now = app.clock.now_ms();
-    app.exports.sweep(now);
-    if app.exports.jobs().values().any(|j| j.owner == ctx.principal.id && matches!(j.state(), State::Queued | State::Running)) {
-        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", "you have an export running: wait for it, or cancel it (DELETE its status URL)").retry_after(RETRY_AFTER));
-    }
-    if app.exports.jobs().len() >= MAX_JOBS {
-        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("this server keeps {MAX_JOBS} exports at a time; retry when one is downloaded or deleted")).retry_after(60));
-    }
+    app.exports.sweep(app.clock.now_ms());
     let id = valv_store::vault::new_id()?;
     let request = format!("{}/{}{}{query}", app.base_url, level.path(), if query.is_empty() { "" } else { "?" });
-    let mut event = ctx.permitted(&touch, 202, &permit)?;
-    event.reason = format!("{}; export {id} of {} type(s) accepted", permit.reason, types.len());
-    audit(app, vec![event]).await?;
     let job = Arc::new(Job {
         id: id.clone(),
         owner: ctx.principal.id.clone(),
@@ -328,7 +350,28 @@ pub async fn kick_off(app: &App, ctx: &Ctx, level: Level, pairs: &[(String, Stri
         written: AtomicU64::new(0),
         state: Mutex::new(State::Queued),
     });
-    app.exports.jobs().insert(id.clone(), job.clone());
+    // The limits are checked and the slot taken under one lock: concurrent kick-offs cannot all
+    // pass the checks.
+    {
+        let mut jobs = app.exports.jobs();
+        let mine: Vec<&Arc<Job>> = jobs.values().filter(|j| j.owner == ctx.principal.id).collect();
+        if mine.iter().any(|j| matches!(j.state(), State::Queued | State::Running)) {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", "you have an export running: wait for it, or cancel it (DELETE its status URL)").retry_after(RETRY_AFTER));
+        }
+        if mine.len() >= MAX_JOBS_PER_CALLER {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("you keep {MAX_JOBS_PER_CALLER} exports already: delete one (DELETE its status URL) or let it expire")).retry_after(60));
+        }
+        if jobs.len() >= MAX_JOBS {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("this server keeps {MAX_JOBS} exports at a time; retry when one is downloaded or deleted")).retry_after(60));
+        }
+        jobs.insert(id.clone(), job.clone());
+    }
+    let mut event = ctx.permitted(&touch, 202, &permit)?;
+    event.reason = format!("{}; export {id} of {} type(s) accepted", permit.reason, job.plan.types.len());
+    if let Err(e) = audit(app, vec![event]).await {
+        app.exports.remove(&id);
+        return Err(e);
+    }
     if app.exports.queue.send(job).is_err() {
         app.exports.remove(&id);
         return Err(ApiError::unavailable("exports are not running on this server"));
@@ -440,7 +483,7 @@ struct Piece {
 
 /// Writes the job's files; returns them, and the transaction time (resources changed after it
 /// are left for the next export with `_since`).
-async fn export(app: &App, job: &Job) -> Result<(Vec<OutFile>, i64), ApiError> {
+async fn export(app: &App, job: &Job) -> Result<(Vec<OutFile>, i64, HashSet<String>), ApiError> {
     let transaction_time = app.clock.now_ms();
     let dir = app.exports.job_dir(&job.id);
     create_private_dir(&dir).map_err(|e| ApiError::internal(format!("cannot create the export's folder: {e}")))?;
@@ -452,7 +495,8 @@ async fn export(app: &App, job: &Job) -> Result<(Vec<OutFile>, i64), ApiError> {
     let files = writer.await.map_err(|e| ApiError::internal(format!("the export's writer stopped: {e}")))??;
     let exported = read?;
     record(app, job, &exported).await?;
-    Ok((files, transaction_time))
+    let patients = exported.keys().filter_map(|(_, p)| p.clone()).collect();
+    Ok((files, transaction_time, patients))
 }
 
 /// Reads, decides, decrypts and filters every resource of the plan into pieces for the writer;
@@ -461,7 +505,15 @@ async fn read_resources(app: &App, job: &Job, transaction_time: i64, tx: &mpsc::
     let plan = &job.plan;
     let mut exported: BTreeMap<(String, Option<String>), usize> = BTreeMap::new();
     for resource_type in &plan.types {
-        let filter = Filter::new(app, &job.ctx, Action::Read, resource_type);
+        // Decided now, not at the kick-off: a grant or care relationship that ended meanwhile
+        // no longer counts. A type the caller may no longer search at all is left out.
+        let ctx = at(&job.ctx, app.clock.now_ms());
+        let subject = app.access.subject(&ctx.principal);
+        let type_touch = Touch { interaction: "export", action: Action::Search, resource_type, id: None, version: None, patient: None, query: None };
+        if !app.access.may_search(&subject, &ctx.question(&type_touch)).permit {
+            continue;
+        }
+        let filter = Filter::new(app, &ctx, Action::Read, resource_type);
         let type_filters: Vec<SearchRequest> =
             plan.type_filters.get(resource_type).into_iter().flatten().map(|q| search::parse_request(resource_type, q)).collect::<Result<_, _>>()?;
         let all = app.vault.store().search(&valv_store::Filter { resource_type: resource_type.clone(), ..Default::default() }).await?;
@@ -492,7 +544,7 @@ async fn read_resources(app: &App, job: &Job, transaction_time: i64, tx: &mpsc::
                 if v.deleted || v.last_updated > transaction_time || !filter.visible(v.patient.as_deref()) {
                     continue;
                 }
-                let bytes = app.vault.open_bytes(&v, job.ctx.now).await?;
+                let bytes = app.vault.open_bytes(&v, ctx.now).await?;
                 if !type_filters.is_empty() || bytes.contains(&b'\n') {
                     let body: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("stored JSON is unreadable: {e}")))?;
                     if !type_filters.is_empty() && !type_filters.iter().any(|f| f.conditions.iter().all(|c| c.matches(resource_type, &body))) {
@@ -521,12 +573,15 @@ fn write_files(dir: &Path, recipient: &valv_age::Recipient, mut rx: mpsc::Receiv
     let mut files: Vec<OutFile> = Vec::new();
     let mut open: Option<valv_age::Writer<std::io::BufWriter<std::fs::File>>> = None;
     while let Some(piece) = rx.blocking_recv() {
-        let continues = files.last().is_some_and(|f| f.resource_type == piece.resource_type && f.count < LINES_PER_FILE);
+        let continues = files.last().is_some_and(|f| f.resource_type == piece.resource_type && f.count + piece.count <= LINES_PER_FILE);
         if !continues || open.is_none() {
             if let Some(w) = open.take() {
                 finish(w).map_err(|e| failed(&e))?;
             }
-            let file = std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(file_name(files.len()))).map_err(|e| failed(&e))?;
+            let file = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join(file_name(files.len()))).map_err(|e| failed(&e))?
+            };
             let random = valv_age::Randomness { file_key: valv_store::vault::random_bytes()?, ephemeral: vec![valv_store::vault::random_bytes()?], nonce: valv_store::vault::random_bytes()? };
             open = Some(valv_age::encrypt(std::io::BufWriter::new(file), std::slice::from_ref(recipient), random).map_err(|e| failed(&e))?);
             files.push(OutFile { resource_type: piece.resource_type.clone(), count: 0 });
@@ -555,14 +610,17 @@ fn file_name(n: usize) -> String {
 /// One read entry per type and patient exported, durable before the manifest exists.
 async fn record(app: &App, job: &Job, exported: &BTreeMap<(String, Option<String>), usize>) -> Result<(), ApiError> {
     let query = crate::http::query::encode(&[("job".to_string(), job.id.clone())]);
+    // Stamped when recorded (the log's time order), the kick-off's time in the reason.
+    let ctx = at(&job.ctx, app.clock.now_ms());
+    let asked = date::format_instant(job.ctx.now);
     let mut filters: HashMap<&str, Filter<'_>> = HashMap::new();
     let mut events = Vec::new();
     for ((resource_type, patient), count) in exported {
-        let filter = filters.entry(resource_type).or_insert_with(|| Filter::new(app, &job.ctx, Action::Read, resource_type));
+        let filter = filters.entry(resource_type).or_insert_with(|| Filter::new(app, &ctx, Action::Read, resource_type));
         let touch = Touch { interaction: "export", action: Action::Read, resource_type, id: None, version: None, patient: patient.as_deref(), query: Some(query.clone()) };
         let permit = filter.permit(patient.as_deref());
-        let mut e = job.ctx.permitted(&touch, 200, &permit)?;
-        e.reason = format!("{}; {count} resource(s) exported", permit.reason);
+        let mut e = ctx.permitted(&touch, 200, &permit)?;
+        e.reason = format!("{}; {count} resource(s) exported (asked for at {asked})", permit.reason);
         events.push(e);
         if events.len() == AUDIT_BATCH {
             audit(app, std::mem::take(&mut events)).await?;
@@ -577,7 +635,7 @@ async fn record(app: &App, job: &Job, exported: &BTreeMap<(String, Option<String
 /// `GET /fhir/$export-status/{id}`: 202 with progress while the job runs, the manifest when it
 /// is done, its error when it failed.
 pub async fn status(app: &App, ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
-    let job = app.exports.owned(id, ctx, app.clock.now_ms())?;
+    let job = app.exports.owned(app, id, ctx, app.clock.now_ms())?;
     match job.state() {
         State::Queued | State::Running => {
             let mut reply = Reply::empty(StatusCode::ACCEPTED);
@@ -590,7 +648,7 @@ pub async fn status(app: &App, ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
             Ok(reply)
         }
         State::Failed { message, .. } => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "exception", format!("the export failed: {message}"))),
-        State::Done { files, transaction_time, expires } => {
+        State::Done { files, transaction_time, expires, .. } => {
             let output: Vec<Value> = files
                 .iter()
                 .enumerate()
@@ -615,19 +673,29 @@ pub async fn status(app: &App, ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
 
 /// `DELETE /fhir/$export-status/{id}`: cancels a job that runs, deletes the files of one done.
 pub async fn cancel(app: &App, ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
-    app.exports.owned(id, ctx, app.clock.now_ms())?;
+    app.exports.owned(app, id, ctx, app.clock.now_ms())?;
     app.exports.remove(id);
     Ok(Reply::empty(StatusCode::ACCEPTED))
 }
 
 /// `GET /fhir/$export-file/{id}/{n}`: one file, decrypted as it is sent. Recorded first.
 pub async fn file(app: &App, ctx: &Ctx, id: &str, n: &str) -> Result<Reply, ApiError> {
-    let job = app.exports.owned(id, ctx, app.clock.now_ms())?;
+    let job = app.exports.owned(app, id, ctx, app.clock.now_ms())?;
     let State::Done { files, .. } = job.state() else {
         return Err(ApiError::not_found(format!("export {id} has no files yet")));
     };
     let index: usize = n.parse().map_err(|_| ApiError::not_found(format!("export {id} has no file '{n}'")))?;
     let out = files.get(index).ok_or_else(|| ApiError::not_found(format!("export {id} has no file '{n}'")))?;
+    let query = crate::http::query::encode(&[("job".to_string(), id.to_string()), ("file".to_string(), n.to_string())]);
+    let touch = Touch { interaction: "export-file", action: Action::Read, resource_type: &out.resource_type, id: None, version: None, patient: None, query: Some(query) };
+    // Decided again: a caller who may no longer search the type gets nothing (403, recorded).
+    let subject = app.access.subject(&ctx.principal);
+    let asked = Touch { interaction: "export-file", action: Action::Search, resource_type: &out.resource_type, id: None, version: None, patient: None, query: None };
+    let decision = app.access.may_search(&subject, &ctx.question(&asked));
+    let permit = enforce(app, ctx, &touch, decision).await?;
+    let Ok(slot) = app.exports.downloads.clone().try_acquire_owned() else {
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "throttled", format!("{MAX_DOWNLOADS} export files are being downloaded; retry shortly")).retry_after(5));
+    };
     let path = app.exports.job_dir(id).join(file_name(index));
     let identity = valv_age::Identity::from_bytes(*job.secret);
     // The header is checked before anything is answered; the body streams after.
@@ -638,30 +706,42 @@ pub async fn file(app: &App, ctx: &Ctx, id: &str, n: &str) -> Result<Reply, ApiE
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
     .map_err(|e| ApiError::internal(format!("export file {id}/{n} cannot be opened: {e}")))?;
-    let query = crate::http::query::encode(&[("job".to_string(), id.to_string()), ("file".to_string(), n.to_string())]);
-    let touch = Touch { interaction: "export-file", action: Action::Read, resource_type: &out.resource_type, id: None, version: None, patient: None, query: Some(query) };
-    let permit = Permit { reason: format!("export {id} file {n}: {} resource(s), each decided and recorded when exported", out.count), purpose: None };
-    audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
+    let mut event = ctx.permitted(&touch, 200, &permit)?;
+    event.reason = format!("{}; export {id} file {n}: {} resource(s), each decided and recorded when exported", permit.reason, out.count);
+    audit(app, vec![event]).await?;
     let (tx, body) = Body::channel();
-    tokio::task::spawn_blocking(move || stream_out(reader, &tx));
+    tokio::spawn(stream_out(reader, tx, slot));
     Ok(Reply { stream: Some((NDJSON, body)), ..Reply::empty(StatusCode::OK) })
 }
 
-/// Decrypts into the response in 64 KiB pieces; stops when the client goes away.
-fn stream_out(mut reader: impl Read, tx: &mpsc::Sender<Result<Bytes, std::io::Error>>) {
-    loop {
-        let mut buf = vec![0u8; 64 * 1024];
-        match reader.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
+/// Decrypts into the response in 64 KiB pieces, each on a blocking thread only while it is
+/// decrypted (a client that reads slowly holds no thread); gives up on a client that stops
+/// reading for [`SEND_TIMEOUT`] or goes away. `_slot` is the download's place in
+/// [`MAX_DOWNLOADS`].
+async fn stream_out<R: Read + Send + 'static>(reader: R, tx: mpsc::Sender<Result<Bytes, std::io::Error>>, _slot: tokio::sync::OwnedSemaphorePermit) {
+    let mut reader = Some(reader);
+    while let Some(mut r) = reader.take() {
+        let piece = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let read = r.read(&mut buf).map(|n| {
                 buf.truncate(n);
-                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                buf
+            });
+            (r, read)
+        })
+        .await;
+        let Ok((r, read)) = piece else { return };
+        match read {
+            Ok(buf) if buf.is_empty() => return,
+            Ok(buf) => {
+                if tx.send_timeout(Ok(Bytes::from(buf)), SEND_TIMEOUT).await.is_err() {
                     return;
                 }
+                reader = Some(r);
             }
             Err(e) => {
                 tracing::error!(error = %e, "an export file failed to decrypt while being sent");
-                let _ = tx.blocking_send(Err(e));
+                let _ = tx.send_timeout(Err(e), SEND_TIMEOUT).await;
                 return;
             }
         }

@@ -101,7 +101,13 @@ async fn bulk_export_holds_only_what_the_caller_may_read() {
     // The files are sealed at rest: the job's folder holds age files, not the record.
     let job = status.rsplit('/').next().expect("job id").to_string();
     let folder = s.data.join("exports").join(&job);
-    let sealed = std::fs::read_dir(&folder).expect("the job's folder").map(|e| std::fs::read(e.expect("entry").path()).expect("read")).collect::<Vec<_>>();
+    let mut sealed = Vec::new();
+    for entry in std::fs::read_dir(&folder).expect("the job's folder") {
+        let path = entry.expect("entry").path();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).expect("metadata").permissions().mode() & 0o777, 0o600, "{}", path.display());
+        sealed.push(std::fs::read(&path).expect("read"));
+    }
     assert!(!sealed.is_empty());
     for f in &sealed {
         assert!(f.starts_with(b"age-encryption.org/v1\n"), "an age file");
@@ -141,9 +147,15 @@ async fn bulk_export_parameters_errors_and_expiry() {
         assert_eq!(s.post("/fhir/Observation", &observation(&p, code)).await.status, 201);
     }
     let key = s.data_key.clone();
+    // Each run deletes its job after the download (a caller keeps three at most).
     let run = |path: &'static str| {
         let (s, key) = (&s, key.clone());
-        async move { download(s, &key, &finished(s, &key, &kick_off(s, &key, path).await).await).await }
+        async move {
+            let status = kick_off(s, &key, path).await;
+            let got = download(s, &key, &finished(s, &key, &status).await).await;
+            assert_eq!(s.request("DELETE", &status, Some(&key), None, &[]).await.status, 202);
+            got
+        }
     };
     let filtered = run("/fhir/Patient/$export?_type=Observation&_typeFilter=Observation%3Fcode%3Da").await;
     assert_eq!(filtered.len(), 1, "{filtered:?}");
@@ -155,8 +167,39 @@ async fn bulk_export_parameters_errors_and_expiry() {
     let body = json!({"resourceType": "Parameters", "parameter": [{"name": "_type", "valueString": "Patient"}]});
     let r = s.request("POST", "/fhir/$export", Some(&key), Some(&body), ASYNC).await;
     assert_eq!(r.status, 202, "{}", r.text);
-    let posted = download(&s, &key, &finished(&s, &key, &path_of(r.header("content-location").expect("location"))).await).await;
+    let posted_status = path_of(r.header("content-location").expect("location"));
+    let posted = download(&s, &key, &finished(&s, &key, &posted_status).await).await;
     assert_eq!(ids_of(&posted, "Patient"), BTreeSet::from([p.clone()]));
+    assert_eq!(s.request("DELETE", &posted_status, Some(&key), None, &[]).await.status, 202);
+
+    // Eight kick-offs at once by one caller: one is accepted, the others are told to wait.
+    let mut racing = Vec::new();
+    for _ in 0..8 {
+        let (c, key) = (s.client(), key.clone());
+        racing.push(tokio::spawn(async move { c.try_request("GET", "/fhir/$export?_type=Patient", Some(&key), None, ASYNC).await.expect("request") }));
+    }
+    let mut accepted = Vec::new();
+    for r in racing {
+        let r = r.await.expect("task");
+        match r.status {
+            202 => accepted.push(path_of(r.header("content-location").expect("location"))),
+            429 => assert!(r.header("retry-after").is_some()),
+            other => panic!("{other}: {}", r.text),
+        }
+    }
+    assert_eq!(accepted.len(), 1, "one running job per caller");
+    // A caller keeps three jobs at most.
+    assert_eq!(finished(&s, &key, &accepted[0]).await.status, 200);
+    let mut kept = accepted.clone();
+    for _ in 0..2 {
+        let status = kick_off(&s, &key, "/fhir/$export?_type=Patient").await;
+        assert_eq!(finished(&s, &key, &status).await.status, 200);
+        kept.push(status);
+    }
+    s.request("GET", "/fhir/$export?_type=Patient", Some(&key), None, ASYNC).await.outcome(429);
+    for status in &kept {
+        assert_eq!(s.request("DELETE", status, Some(&key), None, &[]).await.status, 202);
+    }
 
     // Refused precisely, nothing started.
     s.request("GET", "/fhir/$export", Some(&key), None, &[]).await.outcome(400);
@@ -175,4 +218,29 @@ async fn bulk_export_parameters_errors_and_expiry() {
     s.set_clock(valv_server::now_ms() + 2 * 3600 * 1000);
     s.request("GET", &status, Some(&key), None, &[]).await.outcome(404);
     assert!(!folder.exists(), "expired files are deleted");
+}
+
+#[tokio::test]
+async fn an_export_holding_an_erased_patient_is_deleted() {
+    let s = Server::start("bulkerase");
+    let p = s.post("/fhir/Patient", &json!({"resourceType": "Patient", "name": [{"family": "Goneberg"}]})).await.id();
+    assert_eq!(s.post("/fhir/Observation", &observation(&p, "a")).await.status, 201);
+    let key = s.data_key.clone();
+    let status = kick_off(&s, &key, "/fhir/$export?_type=Observation").await;
+    let manifest = finished(&s, &key, &status).await;
+    assert_eq!(download(&s, &key, &manifest).await.len(), 1);
+    let folder = s.data.join("exports").join(status.rsplit('/').next().expect("job"));
+    crate::harness::run_ok(&s.data, &["erase", "--patient", &p, "--reason", "GDPR Art. 17 test"]);
+    // The server takes the erasure in within its refresh; then the job and its files are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = 0;
+    while std::time::Instant::now() < deadline {
+        last = s.request("GET", &status, Some(&key), None, &[]).await.status;
+        if last == 404 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(last, 404, "the job is deleted");
+    assert!(!folder.exists(), "its files are deleted");
 }
