@@ -7,6 +7,7 @@
 //!   patient, so a ciphertext moved elsewhere fails to open.
 //! - [`blind`]: blind-index tokens, HMAC-SHA256 over a search parameter and a normalised value.
 //! - [`mac`]: MACs over records the server trusts, so database writes without the keys are caught.
+//! - [`stream`]: files sealed in 64 KiB segments (a streaming AEAD), any byte range opened alone.
 
 pub mod aead;
 pub mod blind;
@@ -15,6 +16,7 @@ pub mod hex;
 pub mod keys;
 pub mod mac;
 pub mod provider;
+pub mod stream;
 
 pub use aead::{open, seal, Aad, BulkOpener, Cipher, OpenInPlace};
 pub use blind::BlindIndexKey;
