@@ -4,6 +4,12 @@
 //! patient data in their names or metadata. Writes are streamed in pieces and become visible
 //! only when finished (written to a temporary name, synced, renamed); reads are by byte range, so
 //! a Range request reads only the segments it covers.
+//!
+//! Which key seals a file is the caller's choice ([`sealed`] takes any data key). It must not be
+//! the patient's data key itself: `valv keys rotate --patient` replaces that key and re-seals
+//! the patient's resources, which would leave files sealed under the old one unreadable. The plan
+//! for the `Binary` API: a random key per file, kept sealed under the patient's key in the store
+//! (re-sealed by rotation like a resource body, destroyed with the patient's key by erasure).
 
 pub mod sealed;
 
