@@ -14,7 +14,8 @@
 # (transaction Bundles), loaded with `valv import` into Valv and POSTed bundle by bundle (one
 # client) to Helios — the import figures. Then ROUNDS interleaved rounds of SECONDS each with
 # `wrk -t2 -c32` (the load generator shares the two cores): reads by id of Patient and
-# Observation (random ids of the loaded data), search Observation?patient=<random patient>,
+# Observation (random ids of the loaded data), search Observation?_count=20&patient=<random
+# patient> (the same page size for both),
 # create Observation. Prints the machine, every round, then medians and the ratios the issue
 # asks for. Needs wrk, python3, cargo. Stops everything it started.
 set -euo pipefail
@@ -173,8 +174,8 @@ for round in $(seq "$ROUNDS"); do
   measure helios.patient -s "$out/list.lua" "$helios_base" -- "$out/helios.patients" "/Patient/"
   measure valv.observation -s "$out/list.lua" "$valv_base" -- "$out/valv.observations" "/fhir/Observation/" "$key"
   measure helios.observation -s "$out/list.lua" "$helios_base" -- "$out/helios.observations" "/Observation/"
-  measure valv.search -s "$out/list.lua" "$valv_base" -- "$out/valv.patients" "/fhir/Observation?patient=" "$key"
-  measure helios.search -s "$out/list.lua" "$helios_base" -- "$out/helios.patients" "/Observation?patient="
+  measure valv.search -s "$out/list.lua" "$valv_base" -- "$out/valv.patients" "/fhir/Observation?_count=20&patient=" "$key"
+  measure helios.search -s "$out/list.lua" "$helios_base" -- "$out/helios.patients" "/Observation?_count=20&patient="
   measure valv.create -s "$out/create.lua" "$valv_base/Observation" -- "$vp" "$key"
   measure helios.create -s "$out/create.lua" "$helios_base/Observation" -- "$hp"
 done
