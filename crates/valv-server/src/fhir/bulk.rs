@@ -637,9 +637,9 @@ async fn record(app: &App, job: &Job, exported: &BTreeMap<(String, Option<String
 pub async fn status(app: &App, ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     let job = app.exports.owned(app, id, ctx, app.clock.now_ms())?;
     match job.state() {
-        State::Queued | State::Running => {
+        state @ (State::Queued | State::Running) => {
             let mut reply = Reply::empty(StatusCode::ACCEPTED);
-            let progress = match job.state() {
+            let progress = match state {
                 State::Queued => "queued".to_string(),
                 _ => format!("{} resources written", job.written.load(Ordering::Relaxed)),
             };

@@ -281,7 +281,8 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         links.push(bundle::link("next", &format!("{}/{resource_type}?{}", app.base_url, crate::http::query::encode(&next))));
     }
     let entry = |r: Resource, mode: &str| {
-        let body = r.body.map(|b| search::shape_resource(&b, &req.shape));
+        // Whole resources go into the Bundle as they are (no copy); only a shaped one is rebuilt.
+        let body = r.body.map(|b| if req.shape == search::Shape::Full { b } else { search::shape_resource(&b, &req.shape) });
         json!({"fullUrl": format!("{}/{}/{}", app.base_url, r.resource_type, r.id), "resource": body, "search": {"mode": mode}})
     };
     let mut entries: Vec<Value> = page.resources.into_iter().map(|r| entry(r, "match")).collect();
