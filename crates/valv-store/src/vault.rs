@@ -103,6 +103,13 @@ pub fn new_id() -> Result<String, StoreError> {
 /// A candidate's sort values, with its row and plaintext.
 type Keyed = (Vec<Option<valv_fhir::search::SortValue>>, (StoredVersion, Vec<u8>));
 
+/// Counts and logs a search result the index selected but the resource does not match (the
+/// index is not authenticated: a token row copied in the database).
+fn index_mismatch(resource_type: &str) {
+    INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
+}
+
 /// Where a version read back lies, to decide it as a listed candidate was decided.
 fn located(v: &StoredVersion) -> Located {
     Located { id: v.id.clone(), version: v.version, patient: v.patient.clone(), deleted: v.deleted, last_updated: v.last_updated }
@@ -544,8 +551,7 @@ impl Vault {
                 if r.body.as_ref().is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
                     resources.push(r);
                 } else {
-                    INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
+                    index_mismatch(resource_type);
                 }
             }
             return Ok(SearchPage { total, resources });
@@ -584,8 +590,7 @@ impl Vault {
             let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
             // As above: an index row copied in the database must not add a result.
             if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
-                INDEX_MISMATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(resource_type, "search index entry does not match its resource; ignored (index tampering?)");
+                index_mismatch(resource_type);
                 continue;
             }
             resources.push(Resource { resource_type: v.resource_type, id: v.id, version: v.version, last_updated: v.last_updated, deleted: v.deleted, patient: v.patient, body: Some(body) });

@@ -271,7 +271,8 @@ pub async fn run(app: Arc<App>) {
             Err(e) => {
                 delete_files(&app.exports.job_dir(&job.id));
                 if !job.cancelled.load(Ordering::Acquire) {
-                    tracing::error!(error = %e.diagnostics, "an export failed; its files are deleted");
+                    // The reason goes to the job's owner (its status), not to the log: it can echo a query.
+                    tracing::error!(job = %job.id, "an export failed; its files are deleted");
                 }
                 job.set(State::Failed { message: e.diagnostics, expires });
             }
