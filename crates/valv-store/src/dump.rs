@@ -7,7 +7,7 @@
 //! ended after the backup (a logout, a revocation) cannot come back with it. Search tokens are
 //! not rows either: each resource carries its current tokens and the load indexes them again.
 
-use crate::{ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
+use crate::{ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, FileRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
 use std::collections::BTreeMap;
 use valv_audit::ledger::Erasure;
 use valv_audit::Frontier;
@@ -52,6 +52,8 @@ pub enum Row {
     AuditEntry { index: u64, row: AuditRow },
     AuditTile(AuditTile),
     Checkpoint(StoredCheckpoint),
+    /// A file-backed Binary's content record (its object travels separately).
+    File(FileRow),
 }
 
 impl Row {
@@ -69,6 +71,7 @@ impl Row {
             Row::AuditEntry { .. } => "audit_entries",
             Row::AuditTile(_) => "audit_tiles",
             Row::Checkpoint(_) => "audit_checkpoints",
+            Row::File(_) => "files",
         }
     }
 
@@ -119,6 +122,10 @@ impl Row {
             Row::Checkpoint(c) => {
                 e.u64(c.size).bytes(&c.root).str(&c.note);
                 11
+            }
+            Row::File(f) => {
+                e.str(&f.binary_id).str(&f.object).str(&f.patient).bytes(&f.sealed_key).u64(f.size).bytes(&f.sha256).str(&f.scan).i64(f.created);
+                12
             }
         };
         *buf = e.finish();
@@ -177,6 +184,16 @@ impl Row {
                 hashes: d.bytes()?.chunks(32).map(<[u8; 32]>::try_from).collect::<Result<_, _>>().map_err(|_| BackupError::Malformed("a tile is not whole hashes".into()))?,
             }),
             11 => Row::Checkpoint(StoredCheckpoint { size: d.u64()?, root: d.array()?, note: d.string()? }),
+            12 => Row::File(FileRow {
+                binary_id: d.string()?,
+                object: d.string()?,
+                patient: d.string()?,
+                sealed_key: d.bytes()?.to_vec(),
+                size: d.u64()?,
+                sha256: d.array()?,
+                scan: d.string()?,
+                created: d.i64()?,
+            }),
             _ => return Ok(None),
         };
         d.finish()?;

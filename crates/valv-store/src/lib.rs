@@ -177,6 +177,30 @@ pub struct ErasedPatient {
     pub tokens: u64,
     /// Whether a data key was destroyed (a patient with no resource may have none).
     pub key_destroyed: bool,
+    /// The objects of the patient's files, whose rows were deleted: the caller deletes them
+    /// from the file store (they are unreadable already: their keys were sealed under the
+    /// destroyed data key).
+    pub objects: Vec<String>,
+}
+
+/// The stored content of a file-backed `Binary` (issue 13): where its sealed object is, the
+/// file's own key sealed under the patient's data key (so a rotation re-seals it and an erasure
+/// leaves it unreadable), and what it holds. Files never change: one row per Binary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRow {
+    /// The Binary whose content this is.
+    pub binary_id: String,
+    /// The object's name in the file store: random, unrelated to patient or Binary.
+    pub object: String,
+    pub patient: String,
+    /// The file key, sealed under the patient's data key and bound to the Binary and patient.
+    pub sealed_key: Vec<u8>,
+    /// Plaintext bytes.
+    pub size: u64,
+    pub sha256: [u8; 32],
+    /// `pending`, `clean`, `infected`, `unscannable` (over the scanner's limits) or `failed`.
+    pub scan: String,
+    pub created: i64,
 }
 
 /// A request to erase a patient, waiting for a second person (or decided). `sealed` holds the
@@ -244,14 +268,30 @@ pub trait Store: Send + Sync {
     /// under it. [`StoreError::KeyChanged`] if the key is no longer stored as `old`;
     /// [`StoreError::Conflict`] if `bodies` is not exactly the patient's versions (one was
     /// written meanwhile). Nothing changes on failure.
-    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError>;
+    /// Each of their file keys (by object) is re-sealed too: `file_keys` must be exactly the
+    /// patient's files, else [`StoreError::Conflict`].
+    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], file_keys: &[(String, Vec<u8>)], now: i64) -> Result<(), StoreError>;
+    /// Records a file, only if the patient's data key is still stored as `sealed_with` (the key
+    /// its file key was sealed under), else [`StoreError::KeyChanged`]; a conflict if the Binary
+    /// has a file already.
+    async fn put_file(&self, file: &FileRow, sealed_with: &[u8]) -> Result<(), StoreError>;
+    /// The file of a Binary, if it has one.
+    async fn file(&self, binary_id: &str) -> Result<Option<FileRow>, StoreError>;
+    /// Every file of a patient (what a key rotation re-seals), by object.
+    async fn patient_files(&self, patient: &str) -> Result<Vec<FileRow>, StoreError>;
+    /// Sets a file's scan status; false if no such file.
+    async fn set_file_scan(&self, object: &str, scan: &str) -> Result<bool, StoreError>;
+    /// Up to `limit` files whose scan status is `pending`, oldest first.
+    async fn files_to_scan(&self, limit: usize) -> Result<Vec<FileRow>, StoreError>;
+    /// Forgets a file whose Binary was never committed (a failed upload); false if none.
+    async fn delete_file(&self, object: &str) -> Result<bool, StoreError>;
     /// How many wrapped keys each (provider, KEK id, version) holds, and the oldest wrap.
     async fn key_census(&self) -> Result<Vec<KeyCensus>, StoreError>;
     /// When a named key was created, if it exists.
     async fn key_created(&self, name: &str) -> Result<Option<i64>, StoreError>;
     /// Erases a patient in one durable transaction: records the erasure (next sequence number),
-    /// destroys their data key and deletes the search tokens of the resources they own; their
-    /// sealed versions stay, unreadable. From then on no key is ever created under their name
+    /// destroys their data key, deletes the search tokens of the resources they own and their
+    /// file rows (the objects are the caller's to delete); their sealed versions stay, unreadable. From then on no key is ever created under their name
     /// ([`Store::put_key_if_absent`] refuses it). A conflict if they were erased already.
     async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<ErasedPatient, StoreError>;
     /// The resources a patient owns that are not deleted, as (type, id), by type then id.

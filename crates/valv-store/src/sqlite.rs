@@ -158,6 +158,21 @@ CREATE TABLE erasure_requests (
     decided_by TEXT,
     decided_at INTEGER
 );
+"#, r#"
+-- The content of file-backed Binaries (valv-files objects): each file's own key sealed under
+-- its patient's data key, its size, SHA-256 and malware-scan status.
+CREATE TABLE files (
+    binary_id TEXT PRIMARY KEY,
+    object TEXT NOT NULL UNIQUE,
+    patient TEXT NOT NULL,
+    sealed_key BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 BLOB NOT NULL,
+    scan TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE INDEX files_patient ON files (patient);
+CREATE INDEX files_scan ON files (scan, created) WHERE scan = 'pending';
 "#];
 
 const READERS: usize = 4;
@@ -906,6 +921,14 @@ fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
     Ok(WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
 }
 
+pub(crate) const FILE_COLUMNS: &str = "binary_id, object, patient, sealed_key, size, sha256, scan, created";
+
+pub(crate) fn row_to_file(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::FileRow> {
+    let hash: Vec<u8> = r.get(5)?;
+    let sha256 = hash.try_into().map_err(|_| rusqlite::Error::InvalidColumnType(5, "sha256".into(), rusqlite::types::Type::Blob))?;
+    Ok(crate::FileRow { binary_id: r.get(0)?, object: r.get(1)?, patient: r.get(2)?, sealed_key: r.get(3)?, size: r.get(4)?, sha256, scan: r.get(6)?, created: r.get(7)? })
+}
+
 fn row_to_api_key(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKeyRecord> {
     let hash: Vec<u8> = r.get(3)?;
     let mut h = [0u8; 32];
@@ -956,10 +979,15 @@ impl Store for SqliteStore {
                 }
             }
             tx.prepare_cached("UPDATE resources SET tokens = x'' WHERE patient = ?1")?.execute(params![patient])?;
+            let objects: Vec<String> = {
+                let mut stmt = tx.prepare_cached("DELETE FROM files WHERE patient = ?1 RETURNING object")?;
+                let rows = stmt.query_map(params![patient], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
             let resources: u64 = tx.prepare_cached("SELECT count(*) FROM resources WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
             let versions: u64 = tx.prepare_cached("SELECT count(*) FROM versions WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
             tx.commit()?;
-            Ok(crate::ErasedPatient { seq, resources, versions, tokens, key_destroyed })
+            Ok(crate::ErasedPatient { seq, resources, versions, tokens, key_destroyed, objects })
         })?;
         // The destroyed key's pages are overwritten in the database (secure_delete) but may
         // still sit in the WAL: copy the WAL back and truncate it now, if no reader holds it
@@ -1062,7 +1090,7 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError> {
+    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], file_keys: &[(String, Vec<u8>)], now: i64) -> Result<(), StoreError> {
         self.with_admin(|c| {
             let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let replaced = tx
@@ -1085,9 +1113,63 @@ impl Store for SqliteStore {
             if updated != bodies.len() || stored != bodies.len() {
                 return Err(StoreError::Conflict(format!("patient {patient} has {stored} versions, {} were re-sealed: written meanwhile", bodies.len())));
             }
+            let files: usize = tx.prepare_cached("SELECT count(*) FROM files WHERE patient = ?1")?.query_row(params![patient], |r| r.get(0))?;
+            let mut resealed = 0;
+            {
+                let mut put = tx.prepare_cached("UPDATE files SET sealed_key = ?2 WHERE object = ?1 AND patient = ?3")?;
+                for (object, key) in file_keys {
+                    resealed += put.execute(params![object, key, patient])?;
+                }
+            }
+            if resealed != file_keys.len() || files != file_keys.len() {
+                return Err(StoreError::Conflict(format!("patient {patient} has {files} files, {} keys were re-sealed: written meanwhile", file_keys.len())));
+            }
             tx.commit()?;
             Ok(())
         })
+    }
+
+    async fn put_file(&self, f: &crate::FileRow, sealed_with: &[u8]) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            check_sealed_with(&tx, &f.patient, sealed_with)?;
+            let n = tx
+                .prepare_cached(&format!("INSERT OR IGNORE INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))?
+                .execute(params![f.binary_id, f.object, f.patient, f.sealed_key, f.size, &f.sha256[..], f.scan, f.created])?;
+            if n == 0 {
+                return Err(StoreError::Conflict(format!("Binary/{} has its file already", f.binary_id)));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    async fn file(&self, binary_id: &str) -> Result<Option<crate::FileRow>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE binary_id = ?1"))?.query_row(params![binary_id], row_to_file).optional()?))
+    }
+
+    async fn patient_files(&self, patient: &str) -> Result<Vec<crate::FileRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE patient = ?1 ORDER BY object"))?;
+            let rows = stmt.query_map(params![patient], row_to_file)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn set_file_scan(&self, object: &str, scan: &str) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("UPDATE files SET scan = ?2 WHERE object = ?1")?.execute(params![object, scan])? > 0))
+    }
+
+    async fn files_to_scan(&self, limit: usize) -> Result<Vec<crate::FileRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {FILE_COLUMNS} FROM files WHERE scan = 'pending' ORDER BY created LIMIT ?1"))?;
+            let rows = stmt.query_map(params![limit as i64], row_to_file)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM files WHERE object = ?1")?.execute(params![object])? > 0))
     }
 
     async fn key_census(&self) -> Result<Vec<crate::KeyCensus>, StoreError> {
@@ -1573,6 +1655,15 @@ mod tests {
     async fn a_conditional_create_commits_only_while_nothing_matches() {
         let path = temp_db();
         crate::testkit::concurrent_conditional_creates_make_one(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn files_are_recorded_resealed_and_erased() {
+        let path = temp_db();
+        crate::testkit::files_are_recorded_resealed_and_erased(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

@@ -32,3 +32,57 @@ pub async fn concurrent_conditional_creates_make_one(store: Arc<dyn Store>) {
     let other = Filter { token_groups: vec![vec![[7; 16]]], ..unless.clone() };
     store.commit(vec![Write { expect: Expect::Absent, version: version("d", 1), tokens: vec![[6; 16]], sealed_with: None, unless: Some(other) }]).await.expect("create");
 }
+
+/// Files: recorded only under the patient's current key, once per Binary; listed for scanning
+/// until scanned; their keys replaced with the patient's key and only all at once; forgotten by
+/// an erasure, which hands back their objects.
+pub async fn files_are_recorded_resealed_and_erased(store: Arc<dyn Store>) {
+    use crate::{FileRow, WrappedKey};
+    let key = |b: u8| WrappedKey { provider: "file".into(), kek_id: "file-1".into(), kek_version: 1, ciphertext: vec![b; 60] };
+    let row = |binary: &str, object: &str| FileRow {
+        binary_id: binary.into(),
+        object: object.into(),
+        patient: "p1".into(),
+        sealed_key: vec![7; 60],
+        size: 5,
+        sha256: [3; 32],
+        scan: "pending".into(),
+        created: 2,
+    };
+    store.put_key_if_absent("patient:p1", &key(1), 1).await.expect("key");
+    let a = row("b-1", "0123456789abcdef0001");
+    assert!(matches!(store.put_file(&a, &key(9).ciphertext).await, Err(StoreError::KeyChanged(_))), "sealed under a key that is not stored");
+    assert_eq!(store.file("b-1").await.expect("read"), None, "nothing recorded");
+    store.put_file(&a, &key(1).ciphertext).await.expect("put");
+    assert!(matches!(store.put_file(&row("b-1", "0123456789abcdef0002"), &key(1).ciphertext).await, Err(StoreError::Conflict(_))), "one file per Binary");
+    assert_eq!(store.file("b-1").await.expect("read"), Some(a.clone()));
+    let b = row("b-2", "0123456789abcdef0003");
+    store.put_file(&b, &key(1).ciphertext).await.expect("put");
+
+    assert_eq!(store.files_to_scan(10).await.expect("pending").len(), 2);
+    assert!(store.set_file_scan(&a.object, "clean").await.expect("scan"));
+    assert!(!store.set_file_scan("0123456789abcdef9999", "clean").await.expect("scan"));
+    assert_eq!(store.files_to_scan(10).await.expect("pending"), vec![b.clone()]);
+    assert_eq!(store.file("b-1").await.expect("read").map(|f| f.scan), Some("clean".into()));
+
+    let objects: Vec<String> = store.patient_files("p1").await.expect("files").into_iter().map(|f| f.object).collect();
+    assert_eq!(objects, [a.object.clone(), b.object.clone()]);
+    let partial = [(a.object.clone(), vec![8; 60])];
+    assert!(matches!(store.replace_patient_key("p1", &key(1), &key(2), &[], &partial, 3).await, Err(StoreError::Conflict(_))), "a file left out");
+    assert_eq!(store.get_key("patient:p1").await.expect("key"), Some(key(1)), "nothing changed");
+    let all = [(a.object.clone(), vec![8; 60]), (b.object.clone(), vec![9; 60])];
+    store.replace_patient_key("p1", &key(1), &key(2), &[], &all, 3).await.expect("rotate");
+    assert_eq!(store.file("b-2").await.expect("read").map(|f| f.sealed_key), Some(vec![9; 60]));
+
+    let c = row("b-3", "0123456789abcdef0004");
+    store.put_file(&c, &key(2).ciphertext).await.expect("put under the new key");
+    assert!(store.delete_file(&c.object).await.expect("delete"));
+    assert_eq!(store.file("b-3").await.expect("read"), None);
+
+    let erased = store.erase_patient("p1", 4).await.expect("erase");
+    let mut gone = erased.objects;
+    gone.sort();
+    assert_eq!(gone, [a.object, b.object]);
+    assert!(store.patient_files("p1").await.expect("files").is_empty());
+    assert!(store.put_file(&row("b-4", "0123456789abcdef0005"), &key(2).ciphertext).await.is_err(), "nothing under an erased patient");
+}

@@ -128,6 +128,23 @@ pub struct Vault {
     erasures_seen: std::sync::atomic::AtomicU64,
 }
 
+/// What a file key is sealed to: its Binary and patient (a key moved to another row fails).
+fn file_key_aad<'a>(binary_id: &'a str, patient: &'a str) -> Aad<'a> {
+    Aad { purpose: "file-key", resource_type: "Binary", id: binary_id, version: 1, patient }
+}
+
+fn seal_file_key_with(patient_key: &DataKey, binary_id: &str, patient: &str, file_key: &DataKey) -> Result<Vec<u8>, StoreError> {
+    Ok(valv_crypto::seal(patient_key, random_bytes()?, &file_key_aad(binary_id, patient), file_key.expose()))
+}
+
+fn open_file_key_with(patient_key: &DataKey, row: &crate::FileRow) -> Result<DataKey, StoreError> {
+    let plain = zeroize::Zeroizing::new(valv_crypto::open(patient_key, &file_key_aad(&row.binary_id, &row.patient), &row.sealed_key).map_err(|e| {
+        INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StoreError::Integrity(format!("the key of the file of Binary/{} does not authenticate: {e}", row.binary_id))
+    })?);
+    DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{}: {e}", row.binary_id)))
+}
+
 fn erased(patient: &str) -> StoreError {
     StoreError::Gone(format!("the data of patient {patient} was erased"))
 }
@@ -257,13 +274,52 @@ impl Vault {
                 let plain = zeroize::Zeroizing::new(valv_crypto::open(&old_key, &aad, &v.body).map_err(|e| integrity_failure(&v, &e))?);
                 bodies.push((handle, valv_crypto::seal(&new_key, random_bytes()?, &aad, &plain)));
             }
-            match self.store.replace_patient_key(patient, &old, &new, &bodies, now).await {
+            let mut file_keys = Vec::new();
+            for f in self.store.patient_files(patient).await? {
+                let file_key = open_file_key_with(&old_key, &f)?;
+                file_keys.push((f.object.clone(), seal_file_key_with(&new_key, &f.binary_id, &f.patient, &file_key)?));
+            }
+            match self.store.replace_patient_key(patient, &old, &new, &bodies, &file_keys, now).await {
                 Ok(()) => {
                     self.cache.remove(&name);
                     return Ok(bodies.len());
                 }
                 Err(StoreError::KeyChanged(_) | StoreError::Conflict(_)) if attempt < 3 => continue,
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Records a file of `row.patient` (its `sealed_key` is filled in here): `file_key` sealed
+    /// under the patient's current data key, bound to the Binary and patient. Sealed again if
+    /// another process rotated the key meanwhile (twice at most).
+    pub async fn put_file(&self, mut row: crate::FileRow, file_key: &DataKey, now: i64) -> Result<(), StoreError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (key, wrapped) = self.key_for(Some(&row.patient), now).await?;
+            let wrapped = wrapped.ok_or_else(|| StoreError::Backend("a patient key without its wrapped form".into()))?;
+            row.sealed_key = seal_file_key_with(&key, &row.binary_id, &row.patient, file_key)?;
+            match self.store.put_file(&row, &wrapped).await {
+                Err(StoreError::KeyChanged(_)) if attempt < 3 => self.forget_keys(std::iter::once(row.patient.as_str())),
+                other => return other,
+            }
+        }
+    }
+
+    /// A file's own key, opened with its patient's data key (read again from the store if the
+    /// cached one was rotated meanwhile); fails loudly if it does not authenticate.
+    pub async fn file_key(&self, row: &crate::FileRow, now: i64) -> Result<DataKey, StoreError> {
+        let (key, wrapped) = self.key_for(Some(&row.patient), now).await?;
+        match open_file_key_with(&key, row) {
+            Ok(k) => Ok(k),
+            Err(e) => {
+                self.forget_keys(std::iter::once(row.patient.as_str()));
+                let (fresh, fresh_wrapped) = self.key_for(Some(&row.patient), now).await?;
+                if fresh_wrapped == wrapped {
+                    return Err(e);
+                }
+                open_file_key_with(&fresh, row)
             }
         }
     }
@@ -409,6 +465,9 @@ impl Vault {
                 Ok((Some(Write { expect: Expect::Absent, version: w.0, tokens: w.1, sealed_with: w.3, unless }), Committed { resource: w.2, created: true, changed: true }))
             }
             WriteOp::Update { resource_type, id, body, if_match } => {
+                if resource_type == "Binary" && self.store.file(&id).await?.is_some() {
+                    return Err(StoreError::NotAllowed(format!("Binary/{id} holds a file, and files never change: upload a new Binary instead")));
+                }
                 let current = self.store.locate(&resource_type, &id).await?.ok_or_else(|| {
                     StoreError::NotAllowed(format!(
                         "{resource_type}/{id} does not exist, and Valv assigns ids itself: create it with POST /fhir/{resource_type}"
@@ -774,6 +833,43 @@ mod tests {
         bad.body[20] ^= 1;
         assert!(matches!(server.open_bytes(&bad, 6).await, Err(StoreError::Integrity(_))));
         assert!(matches!(operator.rotate_patient_key("nobody", 6).await, Err(StoreError::NotFound(_))));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[tokio::test]
+    async fn a_file_key_survives_rotation_is_bound_to_its_binary_and_dies_with_the_patient() {
+        let path = temp_db();
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+        let provider: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::generate(random_bytes().expect("random")));
+        let operator = Vault::open(store.clone(), provider.clone(), 1).await.expect("vault");
+        let server = Vault::open(store.clone(), provider.clone(), 1).await.expect("vault");
+        let p = create(&server, "Patient", json!({"resourceType": "Patient"})).await;
+        let binary = create(&server, "Binary", json!({"resourceType": "Binary", "contentType": "image/png", "securityContext": {"reference": format!("Patient/{p}")}})).await;
+        let file_key = DataKey::from_bytes(random_bytes().expect("random"));
+        let row = crate::FileRow { binary_id: binary.clone(), object: "0123456789abcdef0001".into(), patient: p.clone(), sealed_key: Vec::new(), size: 3, sha256: [1; 32], scan: "pending".into(), created: 1 };
+        server.put_file(row, &file_key, 2).await.expect("put");
+        let stored = store.file(&binary).await.expect("read").expect("recorded");
+        assert_eq!(server.file_key(&stored, 3).await.expect("open").expose(), file_key.expose());
+
+        // Rotated by another process: the server (old key cached) still opens it, and so does a
+        // file put after the rotation with the old key cached.
+        operator.rotate_patient_key(&p, 4).await.expect("rotate");
+        let stored = store.file(&binary).await.expect("read").expect("recorded");
+        assert_eq!(server.file_key(&stored, 5).await.expect("open after rotation").expose(), file_key.expose());
+
+        // Bound to its Binary and patient: the same sealed key on another row does not open.
+        let moved = crate::FileRow { binary_id: "another".into(), ..stored.clone() };
+        assert!(matches!(server.file_key(&moved, 6).await, Err(StoreError::Integrity(_))));
+
+        // A file-backed Binary never changes.
+        let update = WriteOp::Update { resource_type: "Binary".into(), id: binary.clone(), body: json!({"resourceType": "Binary", "contentType": "text/plain"}), if_match: None };
+        assert!(matches!(server.commit(vec![update], 7).await, Err(StoreError::NotAllowed(_))));
+
+        let erased = operator.erase_patient(&p, 8).await.expect("erase");
+        assert_eq!(erased.objects, ["0123456789abcdef0001"]);
+        assert!(store.file(&binary).await.expect("read").is_none());
+        server.refresh_erasures().await.expect("refresh");
+        assert!(matches!(server.file_key(&stored, 9).await, Err(StoreError::Gone(_))), "no key opens it");
         let _ = std::fs::remove_file(&path);
     }
 }

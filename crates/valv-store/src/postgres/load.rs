@@ -180,6 +180,13 @@ async fn insert_small(c: &mut Conn, row: &Row) -> Result<(), StoreError> {
         Row::AuditTile(t) => {
             c.execute("INSERT INTO audit_tiles (level, idx, hashes) VALUES ($1, $2, $3)", &[&i16::from(t.level), &int(t.index)?, &t.hashes.concat()]).await
         }
+        Row::File(f) => {
+            c.execute(
+                &format!("INSERT INTO files ({}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)", super::store::FILE_COLUMNS),
+                &[&f.binary_id, &f.object, &f.patient, &f.sealed_key, &int(f.size)?, &&f.sha256[..], &f.scan, &f.created],
+            )
+            .await
+        }
         Row::Checkpoint(k) => c.execute("INSERT INTO audit_checkpoints (size, root, note) VALUES ($1, $2, $3)", &[&int(k.size)?, &&k.root[..], &k.note]).await,
         Row::Resource(_) | Row::Version(_) | Row::AuditEntry { .. } => return Err(StoreError::Backend("a large-table row among the small ones".into())),
     };

@@ -263,6 +263,25 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     $$;
     "#,
     ),
+    (
+        4,
+        r#"
+    -- The content of file-backed Binaries (valv-files objects): each file's own key sealed under
+    -- its patient's data key, its size, SHA-256 and malware-scan status.
+    CREATE TABLE files (
+        binary_id TEXT PRIMARY KEY,
+        object TEXT NOT NULL UNIQUE,
+        patient TEXT NOT NULL,
+        sealed_key BYTEA NOT NULL,
+        size BIGINT NOT NULL,
+        sha256 BYTEA NOT NULL,
+        scan TEXT NOT NULL,
+        created BIGINT NOT NULL
+    );
+    CREATE INDEX files_patient ON files (patient);
+    CREATE INDEX files_scan ON files (created) WHERE scan = 'pending';
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
@@ -282,4 +301,5 @@ pub(super) const SERVING_GRANTS: &[(&str, &str)] = &[
     ("audit_entries", "SELECT, INSERT"),
     ("audit_tiles", "SELECT, INSERT, UPDATE"),
     ("audit_checkpoints", "SELECT, INSERT"),
+    ("files", "SELECT, INSERT, UPDATE, DELETE"),
 ];

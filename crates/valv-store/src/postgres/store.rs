@@ -6,7 +6,7 @@
 use super::pool::Conn;
 use super::{int, is_unique_violation, pg, uint, PgStore, CONDITION_LOCK_SPACE, ERASURE_LOCK_SPACE, ERASURE_SEQ_LOCK};
 use crate::{
-    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, Filter, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
+    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, FileRow, Filter, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
     StoredVersion, Token, UserRow, WrappedKey, Write,
 };
 use async_trait::async_trait;
@@ -220,10 +220,12 @@ async fn erase_in(c: &mut Conn, patient: &str, erased_at: i64) -> Result<ErasedP
     let removed = owned.iter().map(|r| r.get::<_, &[u8]>(0).len() / TOKEN).sum::<usize>() as u64;
     c.execute("UPDATE resources SET tokens = '\\x'::bytea WHERE patient = $1", &[&patient]).await.map_err(pg("clearing token lists"))?;
     let versions: i64 = c.query_one("SELECT count(*) FROM versions WHERE patient = $1", &[&patient]).await.map_err(pg("counting versions"))?.get(0);
-    Ok(ErasedPatient { seq: uint(seq)?, resources: owned.len() as u64, versions: uint(versions)?, tokens: removed, key_destroyed })
+    let objects = c.query("DELETE FROM files WHERE patient = $1 RETURNING object", &[&patient]).await.map_err(pg("forgetting the patient's files"))?;
+    let objects = objects.iter().map(|r| r.get(0)).collect();
+    Ok(ErasedPatient { seq: uint(seq)?, resources: owned.len() as u64, versions: uint(versions)?, tokens: removed, key_destroyed, objects })
 }
 
-async fn replace_key_in(c: &mut Conn, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError> {
+async fn replace_key_in(c: &mut Conn, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], file_keys: &[(String, Vec<u8>)], now: i64) -> Result<(), StoreError> {
     let replaced = c
         .execute(
             "UPDATE data_keys SET provider = $2, kek_id = $3, kek_version = $4, wrapped = $5, created = $6, wrapped_at = $6 \
@@ -246,6 +248,55 @@ async fn replace_key_in(c: &mut Conn, patient: &str, old: &WrappedKey, new: &Wra
         .map_err(pg("re-sealing versions"))?;
     if updated != bodies.len() as u64 || uint(stored)? != bodies.len() as u64 {
         return Err(StoreError::Conflict(format!("patient {patient} has {stored} versions, {} were re-sealed: written meanwhile", bodies.len())));
+    }
+    let files: i64 = c.query_one("SELECT count(*) FROM files WHERE patient = $1", &[&patient]).await.map_err(pg("counting files"))?.get(0);
+    let (objects, keys): (Vec<&str>, Vec<&[u8]>) = file_keys.iter().map(|(o, k)| (o.as_str(), &k[..])).unzip();
+    let resealed = c
+        .execute(
+            "UPDATE files f SET sealed_key = u.key FROM unnest($1::text[], $2::bytea[]) AS u(object, key) WHERE f.object = u.object AND f.patient = $3",
+            &[&objects, &keys, &patient],
+        )
+        .await
+        .map_err(pg("re-sealing file keys"))?;
+    if resealed != file_keys.len() as u64 || uint(files)? != file_keys.len() as u64 {
+        return Err(StoreError::Conflict(format!("patient {patient} has {files} files, {} keys were re-sealed: written meanwhile", file_keys.len())));
+    }
+    Ok(())
+}
+
+pub(super) const FILE_COLUMNS: &str = "binary_id, object, patient, sealed_key, size, sha256, scan, created";
+
+pub(super) fn row_to_file(r: &Row) -> Result<FileRow, StoreError> {
+    let hash: &[u8] = r.get(5);
+    Ok(FileRow {
+        binary_id: r.get(0),
+        object: r.get(1),
+        patient: r.get(2),
+        sealed_key: r.get(3),
+        size: uint(r.get(4))?,
+        sha256: hash.try_into().map_err(|_| StoreError::Integrity("a file's SHA-256 is not 32 bytes".into()))?,
+        scan: r.get(6),
+        created: r.get(7),
+    })
+}
+
+async fn put_file_in(c: &mut Conn, f: &FileRow, sealed_with: &[u8]) -> Result<(), StoreError> {
+    let same = c
+        .query_opt("SELECT 1 FROM data_keys WHERE name = 'patient:' || $1 AND wrapped = $2 FOR SHARE", &[&f.patient, &sealed_with])
+        .await
+        .map_err(pg("checking the data key"))?;
+    if same.is_none() {
+        return Err(StoreError::KeyChanged(format!("the data key of patient {}", f.patient)));
+    }
+    let n = c
+        .execute(
+            &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING"),
+            &[&f.binary_id, &f.object, &f.patient, &f.sealed_key, &int(f.size)?, &&f.sha256[..], &f.scan, &f.created],
+        )
+        .await
+        .map_err(pg("recording a file"))?;
+    if n == 0 {
+        return Err(StoreError::Conflict(format!("Binary/{} has its file already", f.binary_id)));
     }
     Ok(())
 }
@@ -405,11 +456,49 @@ impl Store for PgStore {
         rows.iter().map(|r| Ok((r.get(0), version_at(r, 1)?))).collect()
     }
 
-    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], now: i64) -> Result<(), StoreError> {
+    async fn replace_patient_key(&self, patient: &str, old: &WrappedKey, new: &WrappedKey, bodies: &[(i64, Vec<u8>)], file_keys: &[(String, Vec<u8>)], now: i64) -> Result<(), StoreError> {
         let mut c = self.pool.get().await?;
         c.begin().await?;
-        let outcome = replace_key_in(&mut c, patient, old, new, bodies, now).await;
+        let outcome = replace_key_in(&mut c, patient, old, new, bodies, file_keys, now).await;
         c.finish(outcome).await
+    }
+
+    async fn put_file(&self, file: &FileRow, sealed_with: &[u8]) -> Result<(), StoreError> {
+        let mut c = self.pool.get().await?;
+        c.begin().await?;
+        let outcome = put_file_in(&mut c, file, sealed_with).await;
+        c.finish(outcome).await
+    }
+
+    async fn file(&self, binary_id: &str) -> Result<Option<FileRow>, StoreError> {
+        let row = self.pool.get().await?.query_opt(&format!("SELECT {FILE_COLUMNS} FROM files WHERE binary_id = $1"), &[&binary_id]).await.map_err(pg("reading a file"))?;
+        row.as_ref().map(row_to_file).transpose()
+    }
+
+    async fn patient_files(&self, patient: &str) -> Result<Vec<FileRow>, StoreError> {
+        let rows = self.pool.get().await?.query(&format!("SELECT {FILE_COLUMNS} FROM files WHERE patient = $1 ORDER BY object"), &[&patient]).await.map_err(pg("listing files"))?;
+        rows.iter().map(row_to_file).collect()
+    }
+
+    async fn set_file_scan(&self, object: &str, scan: &str) -> Result<bool, StoreError> {
+        let n = self.pool.get().await?.execute("UPDATE files SET scan = $2 WHERE object = $1", &[&object, &scan]).await.map_err(pg("recording a scan"))?;
+        Ok(n > 0)
+    }
+
+    async fn files_to_scan(&self, limit: usize) -> Result<Vec<FileRow>, StoreError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(&format!("SELECT {FILE_COLUMNS} FROM files WHERE scan = 'pending' ORDER BY created LIMIT $1"), &[&(limit as i64)])
+            .await
+            .map_err(pg("listing files to scan"))?;
+        rows.iter().map(row_to_file).collect()
+    }
+
+    async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {
+        let n = self.pool.get().await?.execute("DELETE FROM files WHERE object = $1", &[&object]).await.map_err(pg("forgetting a file"))?;
+        Ok(n > 0)
     }
 
     async fn key_census(&self) -> Result<Vec<KeyCensus>, StoreError> {
