@@ -6,6 +6,7 @@
 
 use crate::{FilesError, ObjectStore, ObjectWriter};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use valv_crypto::stream::{self, Randomness, SegmentKey, SEGMENT};
 use valv_crypto::{Aad, CryptoError, DataKey};
 
@@ -74,16 +75,16 @@ impl SealedWriter {
 }
 
 /// An object opened for reading: its header checked against the key and context given.
-pub struct SealedReader<'a> {
-    store: &'a dyn ObjectStore,
+pub struct SealedReader {
+    store: Arc<dyn ObjectStore>,
     name: String,
     key: SegmentKey,
     pub plaintext_len: u64,
     segments: u64,
 }
 
-impl<'a> SealedReader<'a> {
-    pub async fn open(store: &'a dyn ObjectStore, name: &str, key: &DataKey, context: &Aad<'_>) -> Result<SealedReader<'a>, FilesError> {
+impl SealedReader {
+    pub async fn open(store: Arc<dyn ObjectStore>, name: &str, key: &DataKey, context: &Aad<'_>) -> Result<SealedReader, FilesError> {
         let size = store.size(name).await?.ok_or_else(|| FilesError::Missing(name.to_string()))?;
         let plaintext_len = stream::plaintext_len(size).ok_or_else(|| FilesError::Sealed(format!("object {name} has a size no sealed file has (truncated?)")))?;
         let header = store.read_range(name, 0, stream::HEADER as u64).await?;
@@ -102,6 +103,32 @@ impl<'a> SealedReader<'a> {
         let mut buf = self.store.read_range(&self.name, from, to).await?;
         self.key.open_segment(index, last, &mut buf)?;
         Ok(buf)
+    }
+
+    /// How many segments the file has.
+    pub fn segments(&self) -> u64 {
+        self.segments
+    }
+
+    /// The plaintext of segments `[first, first + count)` (fewer at the end), read from the
+    /// store in one piece: a download reads a run at a time rather than a segment.
+    pub async fn segment_run(&self, first: u64, count: u64) -> Result<Vec<u8>, FilesError> {
+        let end = first.saturating_add(count).min(self.segments);
+        if first >= end {
+            return Err(FilesError::Range { name: self.name.clone(), start: first, end: first.saturating_add(count), size: self.segments });
+        }
+        let from = stream::segment_offset(first);
+        let to = if end == self.segments { stream::sealed_len(self.plaintext_len) } else { stream::segment_offset(end) };
+        let sealed = self.store.read_range(&self.name, from, to).await?;
+        let mut out = Vec::with_capacity(sealed.len());
+        let mut buf = Vec::with_capacity(stream::SEALED_SEGMENT);
+        for (i, piece) in (first..end).zip(sealed.chunks(stream::SEALED_SEGMENT)) {
+            buf.clear();
+            buf.extend_from_slice(piece);
+            self.key.open_segment(i, i + 1 == self.segments, &mut buf)?;
+            out.extend_from_slice(&buf);
+        }
+        Ok(out)
     }
 
     /// Plaintext bytes `[start, end)`, opening only the segments they lie in.
@@ -163,17 +190,25 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
             rt.block_on(async {
                 let dir = temp("prop");
-                let store = LocalDir::new(dir.clone());
+                let store: Arc<dyn ObjectStore> = Arc::new(LocalDir::new(dir.clone()));
                 let key = DataKey::from_bytes([7; 32]);
                 let plain: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
                 let name = "0123456789abcdef-0000-0000-0000-000000000001";
-                let written = put(&store, name, &key, &plain, piece).await;
+                let written = put(&*store, name, &key, &plain, piece).await;
                 prop_assert_eq!(written.plaintext_len, len as u64);
                 prop_assert_eq!(written.sealed_len, stream::sealed_len(len as u64));
                 prop_assert_eq!(written.sha256, <[u8; 32]>::from(Sha256::digest(&plain)));
-                let r = SealedReader::open(&store, name, &key, &ctx("p1")).await.expect("open");
+                let r = SealedReader::open(store.clone(), name, &key, &ctx("p1")).await.expect("open");
                 let (s, e) = (a.min(b).min(len), a.max(b).min(len));
                 prop_assert_eq!(r.range(s as u64, e as u64).await.expect("range"), plain[s..e].to_vec());
+                let (first, count) = ((a % 7) as u64, (b % 4) as u64 + 1);
+                match r.segment_run(first, count).await {
+                    Ok(run) => {
+                        let from = (first as usize * SEGMENT).min(len);
+                        prop_assert_eq!(run, plain[from..((first + count) as usize * SEGMENT).min(len)].to_vec());
+                    }
+                    Err(_) => prop_assert!(first >= r.segments()),
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 Ok(())
             })?;
@@ -183,36 +218,37 @@ mod tests {
     #[tokio::test]
     async fn nothing_planted_reaches_the_disk_and_tampering_fails_loudly() {
         let dir = temp("canary");
-        let store = LocalDir::new(dir.clone());
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalDir::new(dir.clone()));
         let key = DataKey::from_bytes([9; 32]);
         let canary = b"CANARY-Svensson-19121212-1212-";
         let plain: Vec<u8> = canary.iter().copied().cycle().take(3 * SEGMENT + 100).collect();
         let name = "0123456789abcdef-0000-0000-0000-000000000002";
-        put(&store, name, &key, &plain, 10_000).await;
+        put(&*store, name, &key, &plain, 10_000).await;
         let path = dir.join("01").join(name);
         let on_disk = std::fs::read(&path).expect("object");
         assert!(!on_disk.windows(8).any(|w| canary.windows(8).any(|c| c == w)), "no 8 bytes of the canary on disk");
         // Another patient's context, or another key: refused at the first segment.
-        let other = SealedReader::open(&store, name, &key, &ctx("p2")).await.expect("header parses");
+        let other = SealedReader::open(store.clone(), name, &key, &ctx("p2")).await.expect("header parses");
         assert!(other.range(0, 10).await.is_err());
         // One flipped byte in segment 2: that segment fails, the others still open.
         let mut tampered = on_disk.clone();
         let at = usize::try_from(stream::segment_offset(2)).expect("offset") + 5;
         tampered[at] ^= 1;
         std::fs::write(&path, &tampered).expect("write");
-        let r = SealedReader::open(&store, name, &key, &ctx("p1")).await.expect("open");
+        let r = SealedReader::open(store.clone(), name, &key, &ctx("p1")).await.expect("open");
         assert!(r.segment(2).await.is_err());
+        assert!(r.segment_run(1, 2).await.is_err(), "a run holding the tampered segment fails whole");
         assert_eq!(r.range(0, 10).await.expect("segment 0"), plain[..10].to_vec());
         // Truncated by a byte: the last segment no longer opens.
         std::fs::write(&path, &on_disk[..on_disk.len() - 1]).expect("write");
-        let r = SealedReader::open(&store, name, &key, &ctx("p1")).await.expect("a plausible size");
+        let r = SealedReader::open(store.clone(), name, &key, &ctx("p1")).await.expect("a plausible size");
         assert!(r.segment(3).await.is_err() && r.range(0, r.plaintext_len).await.is_err());
         // Cut inside a tag: no sealed file has that size.
         std::fs::write(&path, &on_disk[..usize::try_from(stream::segment_offset(3)).expect("offset") + 5]).expect("write");
-        assert!(SealedReader::open(&store, name, &key, &ctx("p1")).await.is_err());
+        assert!(SealedReader::open(store.clone(), name, &key, &ctx("p1")).await.is_err());
         // Truncated at a segment boundary: the new last segment was not sealed as last.
         std::fs::write(&path, &on_disk[..usize::try_from(stream::segment_offset(2)).expect("offset")]).expect("write");
-        let r = SealedReader::open(&store, name, &key, &ctx("p1")).await.expect("a plausible size");
+        let r = SealedReader::open(store.clone(), name, &key, &ctx("p1")).await.expect("a plausible size");
         assert!(r.segment(1).await.is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -64,12 +64,29 @@ pub async fn erase(app: &App, patient: &str, override_retention: Option<&str>, n
     let used = retention_check(app.erasure.retention_years, newest, now, patient, override_retention)?;
     let erased = app.vault.erase_patient(patient, now).await?;
     let mut summary = describe(patient, &erased);
+    summary.push_str(&delete_objects(app, &erased.objects).await);
     match write_ledger(app).await {
         Ok(places) => summary.push_str(&format!("; ledger written to {}", places.join(", "))),
         // The erasure stands (the key is gone); the ledger is rewritten whole by the next one.
         Err(e) => summary.push_str(&format!("; the ledger could not be written ({e}): copy it by hand")),
     }
     Ok((summary, used))
+}
+
+/// Deletes an erased patient's file objects (already unreadable: their keys were sealed under
+/// the destroyed data key); says how many, and how many could not be deleted.
+async fn delete_objects(app: &App, objects: &[String]) -> String {
+    let mut failed = 0;
+    for object in objects {
+        if let Err(e) = app.files.store.delete(object).await {
+            tracing::warn!(error = %e, "an erased patient's file object could not be deleted (it is unreadable)");
+            failed += 1;
+        }
+    }
+    match failed {
+        0 => format!("; {} files deleted", objects.len()),
+        n => format!("; {} files deleted, {n} left in storage, unreadable", objects.len() - n),
+    }
 }
 
 fn describe(patient: &str, e: &ErasedPatient) -> String {

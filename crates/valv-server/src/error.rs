@@ -15,11 +15,13 @@ pub struct ApiError {
     pub audited: bool,
     /// Seconds for a Retry-After header (429, 503).
     pub retry_after: Option<u64>,
+    /// The full length for a 416's `Content-Range: bytes */{length}`.
+    pub range_of: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, diagnostics: impl Into<String>) -> Self {
-        ApiError { status, code, diagnostics: diagnostics.into(), audited: false, retry_after: None }
+        ApiError { status, code, diagnostics: diagnostics.into(), audited: false, retry_after: None, range_of: None }
     }
     pub fn bad_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid", d)

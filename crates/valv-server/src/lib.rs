@@ -91,6 +91,8 @@ pub struct App {
     pub update_create: bool,
     /// Bulk Data export jobs and their (sealed) files.
     pub exports: fhir::Exports,
+    /// Where files (Binary content) are stored, and their limits.
+    pub files: fhir::binary::Files,
 }
 
 impl App {
@@ -149,8 +151,9 @@ pub struct Reply {
     pub redirect: Option<String>,
     /// A Set-Cookie header (browser sign-in).
     pub set_cookie: Option<String>,
-    /// A body streamed as it is produced, with its content type (an export's file).
-    pub stream: Option<(&'static str, Body)>,
+    /// A body streamed as it is produced, with its content type (an export's file, a Binary's
+    /// bytes in the type they were uploaded with).
+    pub stream: Option<(std::borrow::Cow<'static, str>, Body)>,
     /// Further headers (an asynchronous request's Content-Location, X-Progress, Retry-After).
     pub headers: Vec<(&'static str, String)>,
 }
@@ -224,7 +227,7 @@ impl Reply {
             builder = builder.header(*name, value);
         }
         if let Some((ct, body)) = self.stream {
-            return builder.header(header::CONTENT_TYPE, ct).body(body).unwrap_or_default();
+            return builder.header(header::CONTENT_TYPE, &*ct).body(body).unwrap_or_default();
         }
         let (ct, bytes) = match (self.text, self.body) {
             (Some((ct, bytes)), _) => (ct, bytes),
@@ -271,6 +274,9 @@ fn error_response(e: &ApiError) -> Response<Body> {
     }
     if let Some(seconds) = e.retry_after {
         r = r.header(header::RETRY_AFTER, seconds.to_string());
+    }
+    if let Some(length) = e.range_of {
+        r = r.header(header::CONTENT_RANGE, format!("bytes */{length}"));
     }
     r.body(Body::full(Bytes::from(body))).unwrap_or_default()
 }
@@ -491,6 +497,19 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
     if !known {
         let e = ApiError::bad_request("X-Purpose-Of-Use must be an HL7 PurposeOfUse code such as TREAT, ETREAT, HPAYMT, HOPERAT or PATRQT");
         return ("fhir_invalid", Err(crate::request::record_unaudited(app, &ctx, url_type.as_deref(), e).await));
+    }
+    if let Some(file) = fhir::binary::file_request(&req) {
+        let (route, result) = match file {
+            fhir::binary::FileRequest::Upload => ("fhir_binary_upload", fhir::binary::upload(app, &ctx, req).await),
+            fhir::binary::FileRequest::Download { id, version } => {
+                let head = req.method() == Method::HEAD;
+                ("fhir_binary_download", fhir::binary::download(app, &ctx, &id, version, req.headers(), head).await)
+            }
+        };
+        return match result {
+            Ok(reply) => (route, Ok(reply)),
+            Err(e) => (route, Err(crate::request::record_unaudited(app, &ctx, Some("Binary"), e).await)),
+        };
     }
     if let Err(e) = check_accept(req.headers()) {
         return ("fhir_invalid", Err(crate::request::record_unaudited(app, &ctx, url_type.as_deref(), e).await));

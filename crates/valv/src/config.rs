@@ -22,6 +22,27 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub backup: BackupConfig,
     pub fhir: FhirConfig,
+    pub files: FilesConfig,
+}
+
+/// Files: Binary content kept as sealed objects (`[files]`; docs/FILES.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// The folder objects are kept in, relative to the data directory.
+    pub dir: PathBuf,
+    /// The largest file accepted (bytes).
+    pub max_bytes: u64,
+    /// Files up to this size are also answered inline (base64 `data`) in a Binary's FHIR JSON.
+    pub inline_max_bytes: u64,
+    /// Uploads in progress at once (more are answered 503 with Retry-After).
+    pub max_uploads: usize,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig { dir: "files".into(), max_bytes: 8 << 30, inline_max_bytes: 1 << 20, max_uploads: 16 }
+    }
 }
 
 /// Choices in the FHIR interactions (`[fhir]`; docs/API.md).
@@ -855,6 +876,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_FHIR_EXPORT_EXPIRY_SECONDS") {
             self.fhir.export_expiry_seconds = v.parse().map_err(|_| format!("VALV_FHIR_EXPORT_EXPIRY_SECONDS must be a number of seconds, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_FILES_MAX_BYTES") {
+            self.files.max_bytes = v.parse().map_err(|_| format!("VALV_FILES_MAX_BYTES must be a number of bytes, got '{v}'"))?;
         }
         if let Some(v) = get("VALV_MAX_BODY_BYTES") {
             self.server.max_body_bytes = v.parse().map_err(|_| format!("VALV_MAX_BODY_BYTES must be a number of bytes, got '{v}'"))?;

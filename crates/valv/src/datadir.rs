@@ -152,6 +152,13 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         refusal_log: valv_server::audit::compact::Compactor::new(valv_server::audit::compact::REFUSAL_WINDOW),
         update_create: cfg.fhir.update_create,
         exports: valv_server::fhir::Exports::new(dir.join("exports"), cfg.fhir.export_expiry_seconds),
+        files: valv_server::fhir::binary::Files::new(
+            Arc::new(valv_files::LocalDir::new(resolve(dir, &cfg.files.dir))),
+            cfg.files.max_bytes,
+            cfg.files.inline_max_bytes,
+            false,
+            cfg.files.max_uploads,
+        ),
         erasure: valv_server::erasure::ErasureSettings::new(
             cfg.retention.years,
             std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d)).or_else(|| crate::backup::last_dir(dir))).collect(),

@@ -712,7 +712,7 @@ pub async fn file(app: &App, ctx: &Ctx, id: &str, n: &str) -> Result<Reply, ApiE
     audit(app, vec![event]).await?;
     let (tx, body) = Body::channel();
     tokio::spawn(stream_out(reader, tx, slot));
-    Ok(Reply { stream: Some((NDJSON, body)), ..Reply::empty(StatusCode::OK) })
+    Ok(Reply { stream: Some((NDJSON.into(), body)), ..Reply::empty(StatusCode::OK) })
 }
 
 /// Decrypts into the response in 64 KiB pieces, each on a blocking thread only while it is

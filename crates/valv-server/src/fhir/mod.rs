@@ -6,6 +6,7 @@ mod bulk;
 mod chain;
 mod conditional;
 mod everything;
+pub mod binary;
 pub mod export;
 mod include;
 mod patch;
@@ -210,16 +211,24 @@ async fn read(app: &App, ctx: &Ctx, resource_type: &str, id: &str, version: Opti
     let permit = authorize(app, ctx, &touch).await?;
     let opened = match &stored {
         Some(v) if v.deleted => Err(ApiError::new(StatusCode::GONE, "deleted", format!("{resource_type}/{id} has been deleted"))),
-        Some(v) => app.vault.open_bytes(v, ctx.now).await.map_err(ApiError::from),
+        Some(v) if resource_type == "Binary" => match app.vault.open_bytes(v, ctx.now).await {
+            Ok(bytes) => binary::json_view(app, ctx, v, bytes).await,
+            Err(e) => Err(e.into()),
+        },
+        Some(v) => app.vault.open_bytes(v, ctx.now).await.map(|b| (b, None)).map_err(ApiError::from),
         None => Err(ApiError::not_found(match version {
             None => format!("{resource_type}/{id} is not known"),
             Some(v) => format!("{resource_type}/{id} has no version {v}"),
         })),
     };
     match (opened, stored) {
-        (Ok(bytes), Some(v)) => {
+        (Ok((bytes, note)), Some(v)) => {
             let touch = Touch { version: Some(v.version), ..touch };
-            audit(app, vec![ctx.permitted(&touch, 200, &permit)?]).await?;
+            let mut entry = ctx.permitted(&touch, 200, &permit)?;
+            if let Some(note) = note {
+                entry.reason = format!("{}; {note}", entry.reason);
+            }
+            audit(app, vec![entry]).await?;
             // The stored JSON is exactly the representation: sent as it is, not re-serialised.
             Ok(Reply::raw_resource(StatusCode::OK, &v, bytes))
         }

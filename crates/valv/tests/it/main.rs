@@ -19,6 +19,7 @@ mod examples;
 mod exhaustion;
 mod export;
 mod facts;
+mod files;
 mod failover;
 mod faults;
 mod harness;

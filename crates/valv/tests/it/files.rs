@@ -1,0 +1,214 @@
+//! Files as Binary content (issue 13): raw upload with `X-Security-Context`, raw download with
+//! Range, FHIR JSON with base64 data for small files; decided on the patient, audited with the
+//! SHA-256; sealed at rest (no planted byte on disk); tampered, truncated and swapped objects
+//! fail loudly; an erased patient's files are gone.
+
+use crate::access::{ward, Ward};
+use crate::harness::{run_ok, Resp, Server};
+use base64::Engine as _;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+const CANARY: &[u8] = b"CANARY-XRAY-Lindqvist-19640312-4455-";
+const SEGMENT: usize = 64 * 1024;
+
+/// Three full segments and a part of a fourth, the canary planted all through it.
+fn xray() -> Vec<u8> {
+    CANARY.iter().copied().cycle().take(3 * SEGMENT + 1234).collect()
+}
+
+async fn upload(s: &Server, token: &str, patient: &str, content_type: &str, bytes: &[u8]) -> Resp {
+    let context = format!("Patient/{patient}");
+    s.request_raw("POST", "/fhir/Binary", Some(token), Some(bytes.to_vec()), &[("content-type", content_type), ("x-security-context", &context)]).await
+}
+
+async fn raw(s: &Server, token: &str, id: &str, range: Option<&str>) -> Resp {
+    let mut headers = vec![("accept", "image/png")];
+    if let Some(r) = range {
+        headers.push(("range", r));
+    }
+    s.request("GET", &format!("/fhir/Binary/{id}"), Some(token), None, &headers).await
+}
+
+/// Every object file under the data directory's `files/`.
+fn objects(data: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(data.join("files")) else { return out };
+    for d in dirs.flatten() {
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn audit_log(data: &Path) -> Vec<Value> {
+    run_ok(data, &["audit", "export"]).lines().map(|l| serde_json::from_str::<Value>(l).expect("jsonl")["entry"].clone()).collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
+    let Ward { s, token, mine, other, .. } = ward("files", "Lindqvist", "Grannlund").await;
+    let content = xray();
+    let sha = Sha256::digest(&content);
+
+    // Refusals that store nothing.
+    let no_context = s.request_raw("POST", "/fhir/Binary", Some(&token), Some(content.clone()), &[("content-type", "image/png")]).await;
+    assert!(no_context.outcome(400).contains("X-Security-Context"));
+    let bad_context = s.request_raw("POST", "/fhir/Binary", Some(&token), Some(b"x".to_vec()), &[("content-type", "image/png"), ("x-security-context", "Patient/../../etc")]).await;
+    bad_context.outcome(400);
+    let no_type = s.request_raw("POST", "/fhir/Binary", Some(&token), Some(b"x".to_vec()), &[("content-type", ""), ("x-security-context", &format!("Patient/{mine}"))]).await;
+    assert!(no_type.status == 415 || no_type.status == 400, "{}", no_type.text);
+    upload(&s, &token, &other, "image/png", &content).await.outcome(403);
+    upload(&s, &s.data_key, "no-such-patient", "image/png", b"x").await.outcome(422);
+    assert!(objects(&s.data).is_empty(), "nothing stored by a refused upload");
+
+    // The physician of the care team uploads; the answer is the Binary with the file's facts.
+    let up = upload(&s, &token, &mine, "image/png", &content).await;
+    assert_eq!(up.status, 201, "{}", up.text);
+    let id = up.id();
+    assert!(up.header("location").is_some_and(|l| l.ends_with(&format!("/Binary/{id}/_history/1"))));
+    assert_eq!(up.json["contentType"], "image/png");
+    assert_eq!(up.json["securityContext"]["reference"], format!("Patient/{mine}"));
+    let facts = &up.json["extension"][0]["extension"];
+    assert_eq!(facts[0]["valueDecimal"], content.len() as u64);
+    assert_eq!(facts[1]["valueBase64Binary"], base64::engine::general_purpose::STANDARD.encode(sha));
+    assert_eq!(objects(&s.data).len(), 1);
+
+    // Raw bytes back, whole and by range.
+    let whole = raw(&s, &token, &id, None).await;
+    assert_eq!(whole.status, 200, "{}", whole.text);
+    assert_eq!(whole.bytes, content);
+    assert_eq!(whole.header("content-type"), Some("image/png"));
+    assert_eq!(whole.header("accept-ranges"), Some("bytes"));
+    assert_eq!(whole.header("content-length"), Some(content.len().to_string().as_str()));
+    assert_eq!(whole.header("repr-digest"), Some(format!("sha-256=:{}:", base64::engine::general_purpose::STANDARD.encode(sha)).as_str()));
+    let len = content.len();
+    for (range, a, b) in [
+        ("bytes=0-0", 0, 1),
+        ("bytes=65535-65536", SEGMENT - 1, SEGMENT + 1),
+        ("bytes=65536-131071", SEGMENT, 2 * SEGMENT),
+        ("bytes=100-70000", 100, 70_001),
+        (&format!("bytes={}-", len - 1), len - 1, len),
+        ("bytes=-100", len - 100, len),
+        ("bytes=196000-999999999", 196_000, len),
+    ] {
+        let r = raw(&s, &token, &id, Some(range)).await;
+        assert_eq!(r.status, 206, "{range}: {}", r.text);
+        assert_eq!(r.bytes, content[a..b], "{range}");
+        assert_eq!(r.header("content-range"), Some(format!("bytes {a}-{}/{len}", b - 1).as_str()), "{range}");
+    }
+    for range in [format!("bytes={len}-"), "bytes=5-4".to_string(), "bytes=-0".to_string(), "bytes=x-1".to_string()] {
+        let r = raw(&s, &token, &id, Some(&range)).await;
+        r.outcome(416);
+        assert_eq!(r.header("content-range"), Some(format!("bytes */{len}").as_str()), "{range}");
+    }
+    let head = s.request("HEAD", &format!("/fhir/Binary/{id}"), Some(&token), None, &[("accept", "image/png")]).await;
+    assert_eq!((head.status, head.bytes.len()), (200, 0));
+    assert_eq!(head.header("content-length"), Some(len.to_string().as_str()));
+
+    // As FHIR JSON: the Binary with its bytes as base64 (it is under the inline limit).
+    let json = s.request("GET", &format!("/fhir/Binary/{id}"), Some(&token), None, &[("accept", "application/fhir+json")]).await;
+    assert_eq!(json.status, 200, "{}", json.text);
+    assert_eq!(base64::engine::general_purpose::STANDARD.decode(json.json["data"].as_str().expect("data")).expect("base64"), content);
+    // Files never change.
+    let update = serde_json::json!({"resourceType": "Binary", "id": id, "contentType": "text/plain"});
+    s.request("PUT", &format!("/fhir/Binary/{id}"), Some(&s.data_key), Some(&update), &[]).await.outcome(405);
+
+    // Another patient's file: refused to the physician outside that care team, both ways.
+    let theirs = upload(&s, &s.data_key, &other, "application/pdf", b"%PDF-1.7 referral").await;
+    assert_eq!(theirs.status, 201, "{}", theirs.text);
+    raw(&s, &token, &theirs.id(), None).await.outcome(403);
+    raw(&s, &token, &theirs.id(), Some("bytes=0-3")).await.outcome(403);
+    s.request("GET", &format!("/fhir/Binary/{}", theirs.id()), Some(&token), None, &[]).await.outcome(403);
+    // An unknown id is refused the same way to a person (403 tells nothing).
+    raw(&s, &token, "no-such-binary", None).await.outcome(403);
+
+    // Audited: the upload with its hash and size, each read and range read with the hash, the
+    // refusals as denials.
+    let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+    let log = audit_log(&s.data);
+    let of = |interaction: &str, status: u64| log.iter().filter(|e| e["resource_id"] == id.as_str() && e["interaction"] == interaction && e["status"] == status).collect::<Vec<_>>();
+    assert!(of("create", 201).iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains(&format!("sha256={hex} bytes={len}")))), "{log:?}");
+    assert!(of("read", 200).iter().all(|e| e["reason"].as_str().is_some_and(|r| r.contains(&hex))) && !of("read", 200).is_empty());
+    assert!(of("read", 206).iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("bytes 65535-65536/"))));
+    assert!(log.iter().any(|e| e["resource_id"] == theirs.id().as_str() && e["outcome"] == "denied" || e["resource_id"] == theirs.id().as_str() && e["status"] == 403), "{log:?}");
+
+    // Sealed at rest: no 8 bytes of the canary in any file under the data directory (database,
+    // WAL, objects, logs).
+    for f in walk(&s.data) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!CANARY.windows(12).any(|w| contains(&bytes, w)), "canary bytes in {}", f.display());
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_truncated_and_swapped_files_fail_loudly_and_erasure_removes_them() {
+    let s = Server::start("files-tamper");
+    let key = s.data_key.clone();
+    let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Tamper"}]})).await.id();
+    let a_bytes: Vec<u8> = (0..2 * SEGMENT + 10).map(|i| (i % 251) as u8).collect();
+    let b_bytes: Vec<u8> = (0..2 * SEGMENT + 10).map(|i| (i % 241) as u8).collect();
+    let a = upload(&s, &key, &patient, "application/dicom", &a_bytes).await.id();
+    let paths_a = objects(&s.data);
+    let b = upload(&s, &key, &patient, "application/dicom", &b_bytes).await.id();
+    let path_b = objects(&s.data).into_iter().find(|p| !paths_a.contains(p)).expect("b's object");
+    let path_a = paths_a[0].clone();
+    assert_eq!(raw(&s, &key, &a, None).await.bytes, a_bytes);
+    let (orig_a, orig_b) = (std::fs::read(&path_a).expect("a"), std::fs::read(&path_b).expect("b"));
+
+    // Never the wrong bytes: a failure is an error status or a broken transfer.
+    let fails = |r: Result<Resp, String>, want: &[u8], what: &str| match r {
+        Err(_) => {}
+        Ok(r) => assert!(r.status >= 400 || (r.status < 300 && r.bytes != want && r.bytes.len() < want.len()), "{what}: {} with {} bytes", r.status, r.bytes.len()),
+    };
+    let get = |id: String| {
+        let c = s.client();
+        let key = key.clone();
+        async move { c.try_request("GET", &format!("/fhir/Binary/{id}"), Some(&key), None, &[("accept", "application/octet-stream")]).await }
+    };
+
+    let mut flipped = orig_a.clone();
+    flipped[31 + SEGMENT + 16 + 7] ^= 1; // a byte of the second segment
+    std::fs::write(&path_a, &flipped).expect("tamper");
+    fails(get(a.clone()).await, &a_bytes, "a flipped bit");
+    let first = raw(&s, &key, &a, Some("bytes=0-99")).await;
+    assert_eq!((first.status, &first.bytes[..]), (206, &a_bytes[..100]), "the untouched first segment still reads");
+    std::fs::write(&path_a, &orig_a[..orig_a.len() - 1]).expect("truncate");
+    fails(get(a.clone()).await, &a_bytes, "truncated");
+    std::fs::write(&path_a, &orig_a[..31 + SEGMENT + 16]).expect("truncate at a boundary");
+    fails(get(a.clone()).await, &a_bytes, "truncated at a segment boundary");
+    std::fs::write(&path_a, &orig_b).expect("swap");
+    std::fs::write(&path_b, &orig_a).expect("swap");
+    fails(get(a.clone()).await, &a_bytes, "another file's object");
+    fails(get(b.clone()).await, &b_bytes, "another file's object");
+    std::fs::write(&path_a, &orig_a).expect("restore");
+    std::fs::write(&path_b, &orig_b).expect("restore");
+    assert_eq!(raw(&s, &key, &b, None).await.bytes, b_bytes, "restored objects read again");
+
+    // Erased: the objects are deleted and the Binaries are gone.
+    let out = run_ok(&s.data, &["erase", "--patient", &patient, "--reason", "GDPR Art. 17 request 2026-301"]);
+    assert!(out.contains("2 files deleted"), "{out}");
+    assert!(objects(&s.data).is_empty());
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(raw(&s, &key, &a, None).await.status, 410);
+}
