@@ -37,11 +37,55 @@ pub struct FilesConfig {
     pub inline_max_bytes: u64,
     /// Uploads in progress at once (more are answered 503 with Retry-After).
     pub max_uploads: usize,
+    /// `local` (the folder `dir`) or `s3` (an S3-compatible bucket; credentials from the
+    /// environment only: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).
+    pub backend: String,
+    pub s3_bucket: String,
+    pub s3_region: String,
+    /// An endpoint other than AWS's (Garage, MinIO, a VPC endpoint): https unless on loopback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// A CA certificate (PEM) for the endpoint, relative to the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_ca_file: Option<PathBuf>,
+    /// Prepended to every object name.
+    pub s3_prefix: String,
 }
 
 impl Default for FilesConfig {
     fn default() -> Self {
-        FilesConfig { dir: "files".into(), max_bytes: 8 << 30, inline_max_bytes: 1 << 20, max_uploads: 16 }
+        FilesConfig {
+            dir: "files".into(),
+            max_bytes: 8 << 30,
+            inline_max_bytes: 1 << 20,
+            max_uploads: 16,
+            backend: "local".into(),
+            s3_bucket: String::new(),
+            s3_region: "us-east-1".into(),
+            s3_endpoint: None,
+            s3_ca_file: None,
+            s3_prefix: String::new(),
+        }
+    }
+}
+
+impl FilesConfig {
+    /// The object store this names.
+    pub fn store(&self, data_dir: &Path) -> Result<std::sync::Arc<dyn valv_files::ObjectStore>, String> {
+        match self.backend.as_str() {
+            "local" => Ok(std::sync::Arc::new(valv_files::LocalDir::new(resolve(data_dir, &self.dir)))),
+            "s3" => {
+                let settings = valv_files::s3::S3Settings {
+                    bucket: self.s3_bucket.clone(),
+                    region: self.s3_region.clone(),
+                    endpoint: self.s3_endpoint.clone(),
+                    ca_file: self.s3_ca_file.as_ref().map(|f| resolve(data_dir, f)),
+                    prefix: self.s3_prefix.clone(),
+                };
+                Ok(std::sync::Arc::new(valv_files::s3::S3::from_env(&settings)?))
+            }
+            other => Err(format!("[files] backend must be \"local\" or \"s3\", got \"{other}\"")),
+        }
     }
 }
 
@@ -876,6 +920,18 @@ impl Config {
         }
         if let Some(v) = get("VALV_FHIR_EXPORT_EXPIRY_SECONDS") {
             self.fhir.export_expiry_seconds = v.parse().map_err(|_| format!("VALV_FHIR_EXPORT_EXPIRY_SECONDS must be a number of seconds, got '{v}'"))?;
+        }
+        if let Some(v) = get("VALV_FILES_BACKEND") {
+            self.files.backend = v;
+        }
+        if let Some(v) = get("VALV_FILES_S3_BUCKET") {
+            self.files.s3_bucket = v;
+        }
+        if let Some(v) = get("VALV_FILES_S3_REGION") {
+            self.files.s3_region = v;
+        }
+        if let Some(v) = get("VALV_FILES_S3_ENDPOINT") {
+            self.files.s3_endpoint = Some(v);
         }
         if let Some(v) = get("VALV_FILES_MAX_BYTES") {
             self.files.max_bytes = v.parse().map_err(|_| format!("VALV_FILES_MAX_BYTES must be a number of bytes, got '{v}'"))?;

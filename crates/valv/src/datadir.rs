@@ -153,7 +153,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
         update_create: cfg.fhir.update_create,
         exports: valv_server::fhir::Exports::new(dir.join("exports"), cfg.fhir.export_expiry_seconds),
         files: valv_server::fhir::binary::Files::new(
-            Arc::new(valv_files::LocalDir::new(resolve(dir, &cfg.files.dir))),
+            cfg.files.store(dir)?,
             cfg.files.max_bytes,
             cfg.files.inline_max_bytes,
             false,

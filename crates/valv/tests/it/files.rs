@@ -212,3 +212,41 @@ async fn tampered_truncated_and_swapped_files_fail_loudly_and_erasure_removes_th
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(raw(&s, &key, &a, None).await.status, 410);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_on_s3_hold_nothing_planted_and_are_erased_there() {
+    let g = valv_testgarage::Garage::start();
+    let toml = format!("[files]\nbackend = \"s3\"\ns3_bucket = \"{}\"\ns3_region = \"{}\"\ns3_endpoint = \"{}\"\ns3_prefix = \"valv/\"\n", g.bucket, g.region, g.endpoint);
+    let env = [("AWS_ACCESS_KEY_ID", g.key_id.as_str()), ("AWS_SECRET_ACCESS_KEY", g.secret.as_str())];
+    let s = Server::start_configured_everywhere("files-s3", &env, &toml);
+    let key = s.data_key.clone();
+    let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Lindqvist"}]})).await.id();
+    let content = xray();
+    let up = upload(&s, &key, &patient, "image/png", &content).await;
+    assert_eq!(up.status, 201, "{}", up.text);
+    let id = up.id();
+    assert_eq!(raw(&s, &key, &id, None).await.bytes, content);
+    let r = raw(&s, &key, &id, Some("bytes=65530-65545")).await;
+    assert_eq!((r.status, &r.bytes[..]), (206, &content[65_530..65_546]));
+    assert!(objects(&s.data).is_empty(), "nothing in the local folder");
+
+    // What the bucket holds, read back through the S3 API: sealed bytes only, no metadata, and
+    // a random name under the prefix.
+    let object = s.db().query("SELECT object FROM files")[0][0].clone();
+    assert!(!object.contains(&patient) && !object.contains(&id));
+    let settings = valv_files::s3::S3Settings { bucket: g.bucket.clone(), region: g.region.clone(), endpoint: Some(g.endpoint.clone()), ca_file: None, prefix: "valv/".into() };
+    let bucket = valv_files::s3::S3::connect(&settings, g.key_id.clone(), g.secret.clone(), None).expect("client");
+    use valv_files::ObjectStore as _;
+    let size = bucket.size(&object).await.expect("size").expect("in the bucket");
+    assert_eq!(size, valv_crypto::stream::sealed_len(content.len() as u64));
+    let stored = bucket.read_range(&object, 0, size).await.expect("read back");
+    assert!(!CANARY.windows(12).any(|w| contains(&stored, w)), "canary bytes in the bucket");
+    for f in walk(g.files()).into_iter().chain(walk(&s.data)) {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        assert!(!CANARY.windows(12).any(|w| contains(&bytes, w)), "canary bytes in {}", f.display());
+    }
+
+    let out = crate::harness::run_ok_env(&s.data, &["erase", "--patient", &patient, "--reason", "GDPR Art. 17 request 2026-302"], &env);
+    assert!(out.contains("1 files deleted"), "{out}");
+    assert_eq!(bucket.size(&object).await.expect("size"), None, "deleted from the bucket");
+}

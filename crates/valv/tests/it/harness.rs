@@ -282,6 +282,14 @@ impl Server {
         Self::start_at_with(dir, data, env, "", env)
     }
 
+    /// As [`Server::start_configured`], with `env` given also to `init` and the harness's
+    /// other commands.
+    pub fn start_configured_everywhere(tag: &str, env: &[(&str, &str)], toml: &str) -> Server {
+        let dir = temp_dir(tag);
+        let data = dir.join("valv-data");
+        Self::start_at_with(dir, data, env, toml, env)
+    }
+
     fn start_at(dir: PathBuf, data: PathBuf, env: &[(&str, &str)], toml: &str) -> Server {
         Self::start_at_with(dir, data, env, toml, &[])
     }
@@ -308,7 +316,13 @@ impl Server {
                     continue;
                 }
                 let key = line.split('=').next().unwrap_or("").trim();
-                let existing = text.lines().find(|l| l.split('=').next().is_some_and(|k| k.trim() == key)).map(str::to_string);
+                // The key as written in the same section (`backend` is in [store] and [files]).
+                let in_section = |l: &&str| l.split('=').next().is_some_and(|k| k.trim() == key);
+                let existing = match &section {
+                    Some(header) => text.lines().skip_while(|l| l.trim() != header).skip(1).take_while(|l| !l.trim_start().starts_with('[')).find(in_section),
+                    None => text.lines().find(in_section),
+                }
+                .map(str::to_string);
                 match (existing, &section) {
                     (Some(old), _) => text = text.replacen(&old, line, 1),
                     (None, Some(header)) => text = text.replacen(&format!("{header}\n"), &format!("{header}\n{line}\n"), 1),
