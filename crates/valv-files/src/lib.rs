@@ -11,6 +11,7 @@
 //! for the `Binary` API: a random key per file, kept sealed under the patient's key in the store
 //! (re-sealed by rotation like a resource body, destroyed with the patient's key by erasure).
 
+pub mod clamd;
 pub mod s3;
 pub mod sealed;
 

@@ -776,6 +776,7 @@ async fn read_body_bytes(app: &App, req: Request<Incoming>, media: &[&str]) -> R
 pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::ServerConfig>, shutdown: impl Future<Output = ()>) {
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(fhir::run_exports(app.clone()));
+    tokio::spawn(fhir::scan::run(app.clone()));
     accept_until(app.clone(), listener, tls, shutdown, drain_rx).await;
     let open = app.limits.open_connections();
     tracing::info!(open, grace_secs = app.limits.settings.shutdown_grace.as_secs(), "shutting down: no new connections; finishing requests in flight");

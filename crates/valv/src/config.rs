@@ -50,6 +50,15 @@ pub struct FilesConfig {
     pub s3_ca_file: Option<PathBuf>,
     /// Prepended to every object name.
     pub s3_prefix: String,
+    /// ClamAV's daemon on this machine (`unix:/run/clamav/clamd.ctl` or `127.0.0.1:3310`): new
+    /// files are `pending`, and not served, until it has scanned them. Unset: no scanning.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clamd: Option<String>,
+    /// The largest file given to the scanner; larger ones are marked `unscannable`. Keep it at
+    /// or below clamd's `StreamMaxLength` (at most 4 GiB).
+    pub scan_max_bytes: u64,
+    /// Serve files marked `unscannable` (beyond the scanner's limits). Off: they are refused.
+    pub serve_unscannable: bool,
 }
 
 impl Default for FilesConfig {
@@ -65,11 +74,22 @@ impl Default for FilesConfig {
             s3_endpoint: None,
             s3_ca_file: None,
             s3_prefix: String::new(),
+            clamd: None,
+            scan_max_bytes: 25 << 20,
+            serve_unscannable: false,
         }
     }
 }
 
 impl FilesConfig {
+    /// The malware scanner, if one is configured.
+    pub fn scanner(&self) -> Result<Option<valv_server::fhir::scan::Scanner>, String> {
+        match &self.clamd {
+            None => Ok(None),
+            Some(a) => Ok(Some(valv_server::fhir::scan::Scanner { clamd: valv_files::clamd::Clamd::parse(a)?, max_bytes: self.scan_max_bytes })),
+        }
+    }
+
     /// The object store this names.
     pub fn store(&self, data_dir: &Path) -> Result<std::sync::Arc<dyn valv_files::ObjectStore>, String> {
         match self.backend.as_str() {
@@ -932,6 +952,9 @@ impl Config {
         }
         if let Some(v) = get("VALV_FILES_S3_ENDPOINT") {
             self.files.s3_endpoint = Some(v);
+        }
+        if let Some(v) = get("VALV_FILES_CLAMD") {
+            self.files.clamd = Some(v).filter(|v| !v.is_empty());
         }
         if let Some(v) = get("VALV_FILES_MAX_BYTES") {
             self.files.max_bytes = v.parse().map_err(|_| format!("VALV_FILES_MAX_BYTES must be a number of bytes, got '{v}'"))?;

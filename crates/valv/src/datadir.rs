@@ -156,7 +156,8 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
             cfg.files.store(dir)?,
             cfg.files.max_bytes,
             cfg.files.inline_max_bytes,
-            false,
+            cfg.files.scanner()?,
+            cfg.files.serve_unscannable,
             cfg.files.max_uploads,
         ),
         erasure: valv_server::erasure::ErasureSettings::new(

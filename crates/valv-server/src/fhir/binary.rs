@@ -50,16 +50,20 @@ pub struct Files {
     pub max_bytes: u64,
     /// Files up to this size are also answered as FHIR JSON with base64 `data`.
     pub inline_max_bytes: u64,
-    /// Whether a malware scanner checks new files (they are `pending` until it has); without
-    /// one they are recorded `unscanned`.
-    pub scanning: bool,
+    /// The malware scanner, if one is configured: new files are `pending` until it has
+    /// scanned them; without one they are recorded `unscanned`.
+    pub scanner: Option<super::scan::Scanner>,
+    /// Wakes the scanner when a file has been stored.
+    pub scan_wake: tokio::sync::Notify,
+    /// Whether files beyond the scanner's limits (`unscannable`) are served anyway.
+    pub serve_unscannable: bool,
     /// Uploads in progress at once (each holds a segment buffer and a store writer).
     uploads: tokio::sync::Semaphore,
 }
 
 impl Files {
-    pub fn new(store: Arc<dyn ObjectStore>, max_bytes: u64, inline_max_bytes: u64, scanning: bool, max_uploads: usize) -> Self {
-        Files { store, max_bytes, inline_max_bytes, scanning, uploads: tokio::sync::Semaphore::new(max_uploads.max(1)) }
+    pub fn new(store: Arc<dyn ObjectStore>, max_bytes: u64, inline_max_bytes: u64, scanner: Option<super::scan::Scanner>, serve_unscannable: bool, max_uploads: usize) -> Self {
+        Files { store, max_bytes, inline_max_bytes, scanner, scan_wake: tokio::sync::Notify::new(), serve_unscannable, uploads: tokio::sync::Semaphore::new(max_uploads.max(1)) }
     }
 }
 
@@ -107,7 +111,7 @@ fn wants_raw(h: &HeaderMap) -> bool {
 }
 
 /// What a file's segments are bound to: its Binary and patient (version 1: files never change).
-fn file_aad<'a>(binary_id: &'a str, patient: &'a str) -> Aad<'a> {
+pub(super) fn file_aad<'a>(binary_id: &'a str, patient: &'a str) -> Aad<'a> {
     Aad { purpose: "file", resource_type: "Binary", id: binary_id, version: 1, patient }
 }
 
@@ -201,6 +205,7 @@ pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Repl
             return Err(audit_failure(app, ctx, &touch, e).await);
         }
     };
+    app.files.scan_wake.notify_one();
     let reason = format!("{}; file sha256={} bytes={}", permit.reason, valv_crypto::hex::encode(&stored.sha256), stored.size);
     let done = Touch { version: Some(1), ..touch };
     audit(app, vec![ctx.event(&done, crate::audit::Outcome::Success, 201, &reason)?]).await?;
@@ -251,7 +256,7 @@ async fn store(app: &App, mut body: Incoming, object: &str, id: &str, patient: &
         sealed_key: Vec::new(),
         size: written.plaintext_len,
         sha256: written.sha256,
-        scan: if app.files.scanning { "pending" } else { "unscanned" }.to_string(),
+        scan: if app.files.scanner.is_some() { "pending" } else { "unscanned" }.to_string(),
         created: now,
     };
     if let Err(e) = app.vault.put_file(row.clone(), &file_key, now).await {
@@ -303,7 +308,7 @@ pub async fn json_view(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion, plai
     let Some(file) = app.vault.store().file(&v.id).await? else { return Ok((plain, None)) };
     let mut body: Value = serde_json::from_slice(&plain).map_err(|_| vault_integrity())?;
     describe(&mut body, &file);
-    if file.size <= app.files.inline_max_bytes && check_scan(&file).is_ok() {
+    if file.size <= app.files.inline_max_bytes && check_scan(&file, app.files.serve_unscannable).is_ok() {
         if let (_, Content::File(_, reader)) = open_content(app, ctx, v).await? {
             let bytes = reader.range(0, file.size).await.map_err(file_error)?;
             body["data"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
@@ -454,7 +459,7 @@ async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Re
         tracing::error!("a file record names another patient than its Binary (tampering?)");
         return Err(vault_integrity());
     }
-    check_scan(&file)?;
+    check_scan(&file, app.files.serve_unscannable)?;
     let key = app.vault.file_key(&file, ctx.now).await?;
     let reader = SealedReader::open(app.files.store.clone(), &file.object, &key, &file_aad(&file.binary_id, &file.patient)).await.map_err(file_error)?;
     if reader.plaintext_len != file.size {
@@ -464,10 +469,12 @@ async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Re
     Ok((content_type, Content::File(file, Box::new(reader))))
 }
 
-/// Only files that passed the scan (or were stored without a scanner) are served.
-fn check_scan(file: &FileRow) -> Result<(), ApiError> {
+/// Only files that passed the scan (or were stored without a scanner, or are beyond its limits
+/// where the operator allows those) are served.
+fn check_scan(file: &FileRow, serve_unscannable: bool) -> Result<(), ApiError> {
     match file.scan.as_str() {
         "clean" | "unscanned" => Ok(()),
+        "unscannable" if serve_unscannable => Ok(()),
         "pending" => Err(ApiError::new(StatusCode::CONFLICT, "transient", "the file is waiting for its malware scan; try again shortly").retry_after(2)),
         "infected" => Err(ApiError::new(StatusCode::FORBIDDEN, "security", "the file failed its malware scan (infected): it is never served")),
         "unscannable" => Err(ApiError::new(StatusCode::FORBIDDEN, "security", "the file is beyond the malware scanner's limits and was not passed: it is not served")),

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub backups_written: AtomicU64,
     pub backup_failures: AtomicU64,
     pub backup_last_success: AtomicU64,
+    /// Files the malware scanner passed, found infected, or could not scan.
+    pub files_clean: AtomicU64,
+    pub files_infected: AtomicU64,
+    pub files_not_scanned: AtomicU64,
 }
 
 impl Metrics {
@@ -102,6 +106,9 @@ impl Metrics {
             ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),
             ("valv_backups_written_total", "Scheduled backups written ([backup] every_secs).", &self.backups_written),
             ("valv_backup_failures_total", "Scheduled backups that failed (each retried, and recorded in the audit log).", &self.backup_failures),
+            ("valv_files_clean_total", "Files the malware scanner passed.", &self.files_clean),
+            ("valv_files_infected_total", "Files the malware scanner found infected (never served).", &self.files_infected),
+            ("valv_files_not_scanned_total", "Files beyond the scanner's limits or that it failed on (not served unless files.serve_unscannable).", &self.files_not_scanned),
         ] {
             write_metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
         }

@@ -250,3 +250,104 @@ async fn files_on_s3_hold_nothing_planted_and_are_erased_there() {
     assert!(out.contains("1 files deleted"), "{out}");
     assert_eq!(bucket.size(&object).await.expect("size"), None, "deleted from the bucket");
 }
+
+/// A real clamd (Debian's clamav-daemon) on a free loopback port, with a database of one
+/// signature: the EICAR test file's MD5 (`sigtool --md5`), since freshclam cannot reach its
+/// mirrors here. Its stream limit is 1 MiB, as the server's `files.scan_max_bytes`.
+struct Clamd {
+    dir: PathBuf,
+    child: std::process::Child,
+    port: u16,
+}
+
+const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+impl Clamd {
+    fn start() -> Clamd {
+        let dir = std::env::temp_dir().join(format!("valv-clamd-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(dir.join("db")).expect("clamd dir");
+        std::fs::write(dir.join("eicar.com"), EICAR).expect("eicar");
+        let sig = std::process::Command::new("sigtool").arg("--md5").arg(dir.join("eicar.com")).output().expect("sigtool (apt-get install clamav-daemon; .ci/run does)");
+        assert!(sig.status.success(), "sigtool: {}", String::from_utf8_lossy(&sig.stderr));
+        std::fs::write(dir.join("db/eicar.hdb"), &sig.stdout).expect("signature");
+        std::fs::remove_file(dir.join("eicar.com")).expect("remove eicar");
+        let port = free_port();
+        let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+        let conf = format!(
+            "Foreground yes\nDatabaseDirectory {d}/db\nTCPSocket {port}\nTCPAddr 127.0.0.1\nStreamMaxLength 1M\nLogFile {d}/clamd.log\nPidFile {d}/clamd.pid\n{user}",
+            d = dir.display(),
+            user = if root { "User root\n" } else { "" }
+        );
+        std::fs::write(dir.join("clamd.conf"), conf).expect("clamd.conf");
+        let program = if Path::new("/usr/sbin/clamd").exists() { "/usr/sbin/clamd" } else { "clamd" };
+        let child = std::process::Command::new(program)
+            .arg("-c")
+            .arg(dir.join("clamd.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("clamd (apt-get install clamav-daemon; .ci/run does)");
+        let c = Clamd { dir, child, port };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(60), "clamd did not start: {}", std::fs::read_to_string(c.dir.join("clamd.log")).unwrap_or_default());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        c
+    }
+}
+
+impl Drop for Clamd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The file's status as a read shows it, once it is no longer pending.
+async fn scanned(s: &Server, key: &str, id: &str) -> Resp {
+    for _ in 0..200 {
+        let r = raw(s, key, id, None).await;
+        if r.status != 409 {
+            return r;
+        }
+        assert!(r.header("retry-after").is_some(), "409 without Retry-After");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("Binary/{id} stayed pending for 20 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
+    let clamd = Clamd::start();
+    let toml = format!("[files]\nclamd = \"127.0.0.1:{}\"\nscan_max_bytes = 1048576\n", clamd.port);
+    let s = Server::start_configured("files-scan", &[], &toml);
+    let key = s.data_key.clone();
+    let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Scan"}]})).await.id();
+
+    let infected = upload(&s, &key, &patient, "application/octet-stream", EICAR).await;
+    assert_eq!(infected.status, 201, "{}", infected.text);
+    assert_eq!(infected.json["extension"][0]["extension"][2]["valueCode"], "pending");
+    let clean = upload(&s, &key, &patient, "text/plain", b"an ordinary referral letter").await.id();
+    // Over the scanner's limit: marked, not passed.
+    let big: Vec<u8> = (0..(1 << 20) + 10).map(|i| (i % 249) as u8).collect();
+    let large = upload(&s, &key, &patient, "application/dicom", &big).await.id();
+
+    let r = scanned(&s, &key, &infected.id()).await;
+    assert!(r.outcome(403).contains("infected"));
+    assert_eq!(scanned(&s, &key, &clean).await.bytes, b"an ordinary referral letter");
+    assert!(scanned(&s, &key, &large).await.outcome(403).contains("scanner's limits"));
+    // Never served by any road: not as a range, not inline in FHIR JSON.
+    raw(&s, &key, &infected.id(), Some("bytes=0-10")).await.outcome(403);
+    let json = s.request("GET", &format!("/fhir/Binary/{}", infected.id()), Some(&key), None, &[("accept", "application/fhir+json")]).await;
+    assert_eq!(json.status, 200, "{}", json.text);
+    assert!(json.json.get("data").is_none(), "no data for an infected file: {}", json.text);
+    assert_eq!(json.json["extension"][0]["extension"][2]["valueCode"], "infected");
+    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+    assert!(metrics.lines().any(|l| l == "valv_files_infected_total 1"), "{metrics}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
