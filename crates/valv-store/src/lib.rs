@@ -203,6 +203,28 @@ pub struct FileRow {
     pub created: i64,
 }
 
+/// A short-lived ticket to a file (issue 13): only the SHA-256 of its secret is kept. Tickets
+/// are ephemeral, like sessions: they are not in backups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketRow {
+    pub hash: [u8; 32],
+    /// A public handle (audit entries name it; the secret is never logged).
+    pub id: String,
+    pub binary_id: String,
+    pub version: u64,
+    /// The person it was issued to (a user id).
+    pub agent: String,
+    pub purpose: String,
+    pub expires: i64,
+    /// Requests it allows, and those made so far.
+    pub uses: u32,
+    pub used: u32,
+    pub revoked: bool,
+    pub created: i64,
+    /// MAC over the fields that never change (rows forged in the database are refused).
+    pub mac: Vec<u8>,
+}
+
 /// A request to erase a patient, waiting for a second person (or decided). `sealed` holds the
 /// legal basis and who asked, sealed and bound to the id and patient.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +378,18 @@ pub trait Store: Send + Sync {
     async fn delete_sessions_before(&self, created_before: i64) -> Result<usize, StoreError>;
     /// Ends every session of a user; returns how many there were.
     async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError>;
+    /// Stores a new ticket.
+    async fn put_ticket(&self, ticket: &TicketRow) -> Result<(), StoreError>;
+    /// Spends one use of the ticket with this hash if it is unexpired at `now`, not revoked and
+    /// not used up (atomically: concurrent uses never exceed `uses`); `Ok((row, true))` with the
+    /// row after the use, `Ok((row, false))` for a ticket that may not be used, `None` if unknown.
+    async fn use_ticket(&self, hash: &[u8; 32], now: i64) -> Result<Option<(TicketRow, bool)>, StoreError>;
+    /// Revokes one ticket by its hash; false if unknown or revoked already.
+    async fn revoke_ticket(&self, hash: &[u8; 32]) -> Result<bool, StoreError>;
+    /// Revokes every live ticket of a Binary issued to `agent`; how many.
+    async fn revoke_tickets(&self, binary_id: &str, agent: &str) -> Result<usize, StoreError>;
+    /// Deletes tickets that expired before `before`; how many.
+    async fn delete_tickets_before(&self, before: i64) -> Result<usize, StoreError>;
     /// Appends audit entries durably (fsync) in order; returns the leaf index of the first.
     /// There is no call that edits or removes entries.
     async fn append_audit(&self, rows: Vec<AuditRow>) -> Result<u64, StoreError>;

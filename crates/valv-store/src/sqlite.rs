@@ -173,6 +173,24 @@ CREATE TABLE files (
 );
 CREATE INDEX files_patient ON files (patient);
 CREATE INDEX files_scan ON files (scan, created) WHERE scan = 'pending';
+"#, r#"
+-- Short-lived tickets to files: the SHA-256 of each secret, uses spent atomically.
+CREATE TABLE file_tickets (
+    hash BLOB PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    binary_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    uses INTEGER NOT NULL,
+    used INTEGER NOT NULL,
+    revoked INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    mac BLOB NOT NULL
+);
+CREATE INDEX file_tickets_binary ON file_tickets (binary_id, agent);
+CREATE INDEX file_tickets_expires ON file_tickets (expires);
 "#];
 
 const READERS: usize = 4;
@@ -921,6 +939,27 @@ fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
     Ok(WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
 }
 
+const TICKET_COLUMNS: &str = "hash, id, binary_id, version, agent, purpose, expires, uses, used, revoked, created, mac";
+
+fn row_to_ticket(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::TicketRow> {
+    let hash: Vec<u8> = r.get(0)?;
+    let hash = hash.try_into().map_err(|_| rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob))?;
+    Ok(crate::TicketRow {
+        hash,
+        id: r.get(1)?,
+        binary_id: r.get(2)?,
+        version: r.get(3)?,
+        agent: r.get(4)?,
+        purpose: r.get(5)?,
+        expires: r.get(6)?,
+        uses: r.get(7)?,
+        used: r.get(8)?,
+        revoked: r.get(9)?,
+        created: r.get(10)?,
+        mac: r.get(11)?,
+    })
+}
+
 pub(crate) const FILE_COLUMNS: &str = "binary_id, object, patient, sealed_key, size, sha256, scan, created";
 
 pub(crate) fn row_to_file(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::FileRow> {
@@ -1170,6 +1209,40 @@ impl Store for SqliteStore {
 
     async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {
         self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM files WHERE object = ?1")?.execute(params![object])? > 0))
+    }
+
+    async fn put_ticket(&self, t: &crate::TicketRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.prepare_cached(&format!("INSERT INTO file_tickets ({TICKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))?
+                .execute(params![&t.hash[..], t.id, t.binary_id, t.version, t.agent, t.purpose, t.expires, t.uses, t.used, t.revoked, t.created, t.mac])?;
+            Ok(())
+        })
+    }
+
+    async fn use_ticket(&self, hash: &[u8; 32], now: i64) -> Result<Option<(crate::TicketRow, bool)>, StoreError> {
+        self.with_admin(|c| {
+            let spent = c
+                .prepare_cached(&format!("UPDATE file_tickets SET used = used + 1 WHERE hash = ?1 AND NOT revoked AND used < uses AND expires > ?2 RETURNING {TICKET_COLUMNS}"))?
+                .query_row(params![&hash[..], now], row_to_ticket)
+                .optional()?;
+            if let Some(t) = spent {
+                return Ok(Some((t, true)));
+            }
+            let refused = c.prepare_cached(&format!("SELECT {TICKET_COLUMNS} FROM file_tickets WHERE hash = ?1"))?.query_row(params![&hash[..]], row_to_ticket).optional()?;
+            Ok(refused.map(|t| (t, false)))
+        })
+    }
+
+    async fn revoke_ticket(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE hash = ?1 AND NOT revoked")?.execute(params![&hash[..]])? > 0))
+    }
+
+    async fn revoke_tickets(&self, binary_id: &str, agent: &str) -> Result<usize, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE binary_id = ?1 AND agent = ?2 AND NOT revoked")?.execute(params![binary_id, agent])?))
+    }
+
+    async fn delete_tickets_before(&self, before: i64) -> Result<usize, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM file_tickets WHERE expires < ?1")?.execute(params![before])?))
     }
 
     async fn key_census(&self) -> Result<Vec<crate::KeyCensus>, StoreError> {
@@ -1655,6 +1728,15 @@ mod tests {
     async fn a_conditional_create_commits_only_while_nothing_matches() {
         let path = temp_db();
         crate::testkit::concurrent_conditional_creates_make_one(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tickets_are_spent_atomically() {
+        let path = temp_db();
+        crate::testkit::tickets_are_spent_atomically(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

@@ -86,3 +86,47 @@ pub async fn files_are_recorded_resealed_and_erased(store: Arc<dyn Store>) {
     assert!(store.patient_files("p1").await.expect("files").is_empty());
     assert!(store.put_file(&row("b-4", "0123456789abcdef0005"), &key(2).ciphertext).await.is_err(), "nothing under an erased patient");
 }
+
+/// Tickets: eight concurrent uses of a two-use ticket spend exactly two; an expired, used-up or
+/// revoked ticket is handed back refused with its row; an unknown one is `None`.
+pub async fn tickets_are_spent_atomically(store: Arc<dyn Store>) {
+    use crate::TicketRow;
+    let ticket = |b: u8, expires: i64| TicketRow {
+        hash: [b; 32],
+        id: format!("t{b}"),
+        binary_id: "b-1".into(),
+        version: 1,
+        agent: "u-1".into(),
+        purpose: "TREAT".into(),
+        expires,
+        uses: 2,
+        used: 0,
+        revoked: false,
+        created: 1,
+        mac: vec![b; 32],
+    };
+    store.put_ticket(&ticket(1, 1_000)).await.expect("put");
+    let uses = (0..8).map(|_| {
+        let s = store.clone();
+        tokio::spawn(async move { s.use_ticket(&[1; 32], 500).await.expect("use").is_some_and(|(_, ok)| ok) })
+    });
+    let mut granted = 0;
+    for u in uses {
+        granted += usize::from(u.await.expect("task"));
+    }
+    assert_eq!(granted, 2, "exactly the uses it allows");
+    let (row, ok) = store.use_ticket(&[1; 32], 500).await.expect("use").expect("known");
+    assert!(!ok && row.used == 2 && row.id == "t1");
+    assert_eq!(store.use_ticket(&[9; 32], 500).await.expect("use"), None);
+
+    store.put_ticket(&ticket(2, 1_000)).await.expect("put");
+    assert!(matches!(store.use_ticket(&[2; 32], 1_000).await.expect("use"), Some((_, false))), "expired at its expiry");
+    store.put_ticket(&ticket(3, 1_000)).await.expect("put");
+    assert!(store.revoke_ticket(&[3; 32]).await.expect("revoke"));
+    assert!(!store.revoke_ticket(&[3; 32]).await.expect("revoke"), "once");
+    assert!(matches!(store.use_ticket(&[3; 32], 10).await.expect("use"), Some((t, false)) if t.revoked));
+    store.put_ticket(&ticket(4, 1_000)).await.expect("put");
+    assert_eq!(store.revoke_tickets("b-1", "u-1").await.expect("revoke"), 3, "every one not revoked yet (1, 2 and 4)");
+    assert!(matches!(store.use_ticket(&[4; 32], 10).await.expect("use"), Some((_, false))));
+    assert_eq!(store.delete_tickets_before(1_001).await.expect("delete"), 4);
+}

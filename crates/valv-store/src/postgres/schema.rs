@@ -282,6 +282,28 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX files_scan ON files (created) WHERE scan = 'pending';
     "#,
     ),
+    (
+        5,
+        r#"
+    -- Short-lived tickets to files: the SHA-256 of each secret, uses spent atomically.
+    CREATE TABLE file_tickets (
+        hash BYTEA PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        binary_id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        agent TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        expires BIGINT NOT NULL,
+        uses INTEGER NOT NULL,
+        used INTEGER NOT NULL,
+        revoked BOOLEAN NOT NULL,
+        created BIGINT NOT NULL,
+        mac BYTEA NOT NULL
+    );
+    CREATE INDEX file_tickets_binary ON file_tickets (binary_id, agent);
+    CREATE INDEX file_tickets_expires ON file_tickets (expires);
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
@@ -302,4 +324,5 @@ pub(super) const SERVING_GRANTS: &[(&str, &str)] = &[
     ("audit_tiles", "SELECT, INSERT, UPDATE"),
     ("audit_checkpoints", "SELECT, INSERT"),
     ("files", "SELECT, INSERT, UPDATE, DELETE"),
+    ("file_tickets", "SELECT, INSERT, UPDATE, DELETE"),
 ];

@@ -6,7 +6,7 @@
 use super::pool::Conn;
 use super::{int, is_unique_violation, pg, uint, PgStore, CONDITION_LOCK_SPACE, ERASURE_LOCK_SPACE, ERASURE_SEQ_LOCK};
 use crate::{
-    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, FileRow, Filter, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
+    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, FileRow, Filter, TicketRow, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
     StoredVersion, Token, UserRow, WrappedKey, Write,
 };
 use async_trait::async_trait;
@@ -264,6 +264,27 @@ async fn replace_key_in(c: &mut Conn, patient: &str, old: &WrappedKey, new: &Wra
     Ok(())
 }
 
+const TICKET_COLUMNS: &str = "hash, id, binary_id, version, agent, purpose, expires, uses, used, revoked, created, mac";
+
+fn row_to_ticket(r: &Row) -> Result<TicketRow, StoreError> {
+    let hash: &[u8] = r.get(0);
+    let count = |i: usize| u32::try_from(r.get::<_, i32>(i)).map_err(|_| StoreError::Integrity("a negative ticket count".into()));
+    Ok(TicketRow {
+        hash: hash.try_into().map_err(|_| StoreError::Integrity("a ticket hash is not 32 bytes".into()))?,
+        id: r.get(1),
+        binary_id: r.get(2),
+        version: uint(r.get(3))?,
+        agent: r.get(4),
+        purpose: r.get(5),
+        expires: r.get(6),
+        uses: count(7)?,
+        used: count(8)?,
+        revoked: r.get(9),
+        created: r.get(10),
+        mac: r.get(11),
+    })
+}
+
 pub(super) const FILE_COLUMNS: &str = "binary_id, object, patient, sealed_key, size, sha256, scan, created";
 
 pub(super) fn row_to_file(r: &Row) -> Result<FileRow, StoreError> {
@@ -494,6 +515,57 @@ impl Store for PgStore {
             .await
             .map_err(pg("listing files to scan"))?;
         rows.iter().map(row_to_file).collect()
+    }
+
+    async fn put_ticket(&self, t: &TicketRow) -> Result<(), StoreError> {
+        let (uses, used) = (i32::try_from(t.uses).map_err(|_| StoreError::Backend("ticket uses".into()))?, i32::try_from(t.used).map_err(|_| StoreError::Backend("ticket uses".into()))?);
+        self.pool
+            .get()
+            .await?
+            .execute(
+                &format!("INSERT INTO file_tickets ({TICKET_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                &[&&t.hash[..], &t.id, &t.binary_id, &int(t.version)?, &t.agent, &t.purpose, &t.expires, &uses, &used, &t.revoked, &t.created, &t.mac],
+            )
+            .await
+            .map_err(pg("storing a ticket"))?;
+        Ok(())
+    }
+
+    async fn use_ticket(&self, hash: &[u8; 32], now: i64) -> Result<Option<(TicketRow, bool)>, StoreError> {
+        let mut c = self.pool.get().await?;
+        let spent = c
+            .query_opt(
+                &format!("UPDATE file_tickets SET used = used + 1 WHERE hash = $1 AND NOT revoked AND used < uses AND expires > $2 RETURNING {TICKET_COLUMNS}"),
+                &[&&hash[..], &now],
+            )
+            .await
+            .map_err(pg("using a ticket"))?;
+        if let Some(r) = spent {
+            return Ok(Some((row_to_ticket(&r)?, true)));
+        }
+        let refused = c.query_opt(&format!("SELECT {TICKET_COLUMNS} FROM file_tickets WHERE hash = $1"), &[&&hash[..]]).await.map_err(pg("reading a ticket"))?;
+        refused.as_ref().map(|r| row_to_ticket(r).map(|t| (t, false))).transpose()
+    }
+
+    async fn revoke_ticket(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        let n = self.pool.get().await?.execute("UPDATE file_tickets SET revoked = true WHERE hash = $1 AND NOT revoked", &[&&hash[..]]).await.map_err(pg("revoking a ticket"))?;
+        Ok(n > 0)
+    }
+
+    async fn revoke_tickets(&self, binary_id: &str, agent: &str) -> Result<usize, StoreError> {
+        let n = self
+            .pool
+            .get()
+            .await?
+            .execute("UPDATE file_tickets SET revoked = true WHERE binary_id = $1 AND agent = $2 AND NOT revoked", &[&binary_id, &agent])
+            .await
+            .map_err(pg("revoking tickets"))?;
+        Ok(n as usize)
+    }
+
+    async fn delete_tickets_before(&self, before: i64) -> Result<usize, StoreError> {
+        let n = self.pool.get().await?.execute("DELETE FROM file_tickets WHERE expires < $1", &[&before]).await.map_err(pg("deleting expired tickets"))?;
+        Ok(n as usize)
     }
 
     async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {

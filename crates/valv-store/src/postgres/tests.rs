@@ -140,6 +140,12 @@ async fn concurrent_conditional_creates_of_one_condition_make_one_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_spent_atomically() {
+    let pg = Cluster::start();
+    crate::testkit::tickets_are_spent_atomically(Arc::new(migrated(&pg).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_recorded_resealed_and_erased() {
     let pg = Cluster::start();
     crate::testkit::files_are_recorded_resealed_and_erased(Arc::new(migrated(&pg).await)).await;
