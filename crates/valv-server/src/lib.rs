@@ -328,6 +328,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
         *resp.body_mut() = Body::empty();
     }
     security_headers(resp.headers_mut());
+    if route == "files_ticket" {
+        // A ticket is for viewers on other origins (an <img> in a PACS viewer).
+        resp.headers_mut().insert("cross-origin-resource-policy", HeaderValue::from_static("cross-origin"));
+    }
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -406,6 +410,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),
+        p if p.starts_with("/files/") => ("files_ticket", fhir::ticket::route(app, req, rid, peer).await),
         _ => ("unknown", Err(ApiError::not_found("no such endpoint; the FHIR API is under /fhir"))),
     }
 }
@@ -503,8 +508,16 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
             fhir::binary::FileRequest::Upload => ("fhir_binary_upload", fhir::binary::upload(app, &ctx, req).await),
             fhir::binary::FileRequest::Download { id, version } => {
                 let head = req.method() == Method::HEAD;
-                ("fhir_binary_download", fhir::binary::download(app, &ctx, &id, version, req.headers(), head).await)
+                ("fhir_binary_download", fhir::binary::download(app, &ctx, &id, version, req.headers(), head, None).await)
             }
+            fhir::binary::FileRequest::Ticket { id } => {
+                let pairs = query::parse(req.uri().query().unwrap_or("")).map_err(ApiError::bad_request);
+                ("fhir_binary_ticket", match pairs {
+                    Ok(p) => fhir::ticket::issue(app, &ctx, &id, &p).await,
+                    Err(e) => Err(e),
+                })
+            }
+            fhir::binary::FileRequest::RevokeTickets { id } => ("fhir_binary_ticket", fhir::ticket::revoke_mine(app, &ctx, &id).await),
         };
         return match result {
             Ok(reply) => (route, Ok(reply)),

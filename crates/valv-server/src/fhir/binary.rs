@@ -71,6 +71,9 @@ impl Files {
 pub enum FileRequest {
     Upload,
     Download { id: String, version: Option<u64> },
+    /// `POST /fhir/Binary/{id}/$ticket` and `DELETE` (see `fhir::ticket`).
+    Ticket { id: String },
+    RevokeTickets { id: String },
 }
 
 /// Whether the request uploads or downloads raw bytes (see the module doc); `None` leaves it to
@@ -78,14 +81,14 @@ pub enum FileRequest {
 pub fn file_request(req: &Request<Incoming>) -> Option<FileRequest> {
     let rest = req.uri().path().strip_prefix("/fhir/Binary")?;
     let query = req.uri().query().unwrap_or("");
-    if query.split('&').any(|kv| kv.starts_with("_format=")) {
-        return None;
-    }
+    let json_asked = query.split('&').any(|kv| kv.starts_with("_format="));
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (req.method(), segs.as_slice()) {
         (&Method::POST, []) if !is_fhir_json(header_str(req.headers(), header::CONTENT_TYPE)) => Some(FileRequest::Upload),
-        (&Method::GET | &Method::HEAD, [id]) if wants_raw(req.headers()) => Some(FileRequest::Download { id: id.to_string(), version: None }),
-        (&Method::GET | &Method::HEAD, [id, "_history", v]) if wants_raw(req.headers()) => {
+        (&Method::POST, [id, "$ticket"]) => Some(FileRequest::Ticket { id: id.to_string() }),
+        (&Method::DELETE, [id, "$ticket"]) => Some(FileRequest::RevokeTickets { id: id.to_string() }),
+        (&Method::GET | &Method::HEAD, [id]) if wants_raw(req.headers()) && !json_asked => Some(FileRequest::Download { id: id.to_string(), version: None }),
+        (&Method::GET | &Method::HEAD, [id, "_history", v]) if wants_raw(req.headers()) && !json_asked => {
             // An unparseable version is the FHIR read's 404 to give.
             v.parse().ok().map(|version| FileRequest::Download { id: id.to_string(), version: Some(version) })
         }
@@ -372,7 +375,8 @@ impl Content {
 }
 
 /// `GET /fhir/Binary/{id}` (or a version) with a non-JSON Accept: the bytes, or the range asked.
-pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, headers: &HeaderMap, head: bool) -> Result<Reply, ApiError> {
+/// `via` is added to the audit entry's reason (a ticket's use).
+pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, headers: &HeaderMap, head: bool, via: Option<&str>) -> Result<Reply, ApiError> {
     super::check_id(id)?;
     let stored = app.vault.fetch("Binary", id, version).await?;
     let patient = stored.as_ref().and_then(|v| v.patient.clone());
@@ -413,6 +417,9 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
     }
     if status == StatusCode::PARTIAL_CONTENT {
         reason.push_str(&format!("; bytes {start}-{}/{len}", end - 1));
+    }
+    if let Some(via) = via {
+        reason.push_str(&format!("; {via}"));
     }
     let mut permitted = ctx.permitted(&touch, status.as_u16(), &permit)?;
     permitted.reason = reason;
@@ -471,7 +478,7 @@ async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Re
 
 /// Only files that passed the scan (or were stored without a scanner, or are beyond its limits
 /// where the operator allows those) are served.
-fn check_scan(file: &FileRow, serve_unscannable: bool) -> Result<(), ApiError> {
+pub(super) fn check_scan(file: &FileRow, serve_unscannable: bool) -> Result<(), ApiError> {
     match file.scan.as_str() {
         "clean" | "unscanned" => Ok(()),
         "unscannable" if serve_unscannable => Ok(()),

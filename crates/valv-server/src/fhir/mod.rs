@@ -11,6 +11,7 @@ pub mod export;
 mod include;
 mod patch;
 pub mod scan;
+pub mod ticket;
 pub use bulk::{pairs_from_parameters as export_pairs, run as run_exports, Exports, Level as ExportLevel, NDJSON};
 pub use patch::PatchKind;
 use crate::audit::{AuditEvent, Outcome};

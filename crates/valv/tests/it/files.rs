@@ -351,3 +351,69 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
+
+/// The path of an absolute URL the server gave.
+fn path_of(url: &str) -> String {
+    url[url.find("/files/").unwrap_or_else(|| panic!("not a ticket URL: {url}"))..].to_string()
+}
+
+fn param<'a>(r: &'a Resp, name: &str) -> &'a Value {
+    r.json["parameter"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name)).unwrap_or_else(|| panic!("no {name} in {}", r.text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_open_one_file_for_one_person_briefly_a_bounded_number_of_times() {
+    let Ward { s, token, mine, other, now } = ward("files-tickets", "Lindqvist", "Grannlund").await;
+    let content = xray();
+    let id = upload(&s, &token, &mine, "image/png", &content).await.id();
+    let theirs = upload(&s, &s.data_key, &other, "image/png", b"not yours").await.id();
+
+    // Asked for by the physician: two uses, a minute.
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket?uses=2&seconds=60"), Some(&token), None, &[]).await;
+    assert_eq!(t.status, 200, "{}", t.text);
+    let url = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    let handle = param(&t, "id")["valueString"].as_str().expect("id").to_string();
+    assert_eq!(param(&t, "uses")["valueInteger"], 2);
+    assert!(!url.contains(&id) && !url.contains(&mine), "the URL names neither file nor patient");
+    // No bearer token: the ticket is the credential; a viewer on another origin may embed it.
+    let first = s.request("GET", &url, None, None, &[]).await;
+    assert_eq!((first.status, first.bytes.len()), (200, content.len()), "{}", first.text);
+    assert_eq!(first.header("cross-origin-resource-policy"), Some("cross-origin"));
+    let part = s.request("GET", &url, None, None, &[("range", "bytes=10-19")]).await;
+    assert_eq!((part.status, &part.bytes[..]), (206, &content[10..20]));
+    assert!(s.request("GET", &url, None, None, &[]).await.outcome(403).contains("used up"), "a third use");
+    // A changed character is no ticket.
+    let mut forged = url.clone();
+    let last = forged.pop().expect("char");
+    forged.push(if last == 'A' { 'B' } else { 'A' });
+    s.request("GET", &forged, None, None, &[]).await.outcome(404);
+
+    // Refused: another patient's file (outside the care team), a service, bad limits.
+    s.request("POST", &format!("/fhir/Binary/{theirs}/$ticket"), Some(&token), None, &[]).await.outcome(403);
+    s.request("POST", &format!("/fhir/Binary/{id}/$ticket"), Some(&s.data_key), None, &[]).await.outcome(403);
+    for bad in ["uses=0", "uses=101", "seconds=0", "seconds=301", "other=1"] {
+        s.request("POST", &format!("/fhir/Binary/{id}/$ticket?{bad}"), Some(&token), None, &[]).await.outcome(400);
+    }
+
+    // Expired after its lifetime (the server's clock moved on).
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket?seconds=5"), Some(&token), None, &[]).await;
+    let short = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    s.set_clock(now + 6_000);
+    assert!(s.request("GET", &short, None, None, &[]).await.outcome(403).contains("expired"));
+    // Revoked by its holder, and all of the person's by the person.
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket?uses=5"), Some(&token), None, &[]).await;
+    let held = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    assert_eq!(s.request("DELETE", &held, None, None, &[]).await.status, 200);
+    assert!(s.request("GET", &held, None, None, &[]).await.outcome(403).contains("revoked"));
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket?uses=5"), Some(&token), None, &[]).await;
+    let later = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    assert_eq!(s.request("DELETE", &format!("/fhir/Binary/{id}/$ticket"), Some(&token), None, &[]).await.status, 200);
+    assert!(s.request("GET", &later, None, None, &[]).await.outcome(403).contains("revoked"));
+
+    // Each use audited as the physician, with the ticket's handle and the file's hash.
+    let log = audit_log(&s.data);
+    let uses: Vec<&Value> = log.iter().filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(&format!("ticket {handle} use ")))).collect();
+    assert_eq!(uses.len(), 2, "{uses:?}");
+    assert!(uses.iter().all(|e| e["agent_id"] != "" && e["resource_id"] == id.as_str() && e["reason"].as_str().is_some_and(|r| r.contains("sha256="))));
+    assert!(log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r == format!("ticket {handle} used up"))), "the refused third use");
+}
