@@ -17,7 +17,7 @@ pub mod sealed;
 
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FilesError {
@@ -90,23 +90,33 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
+/// Bytes a local write gathers before handing them to the disk (one blocking-thread hop each).
+const WRITE_BATCH: usize = 1 << 20;
+
 struct LocalWriter {
     file: tokio::fs::File,
     partial: PathBuf,
     path: PathBuf,
     size: u64,
+    held: Vec<u8>,
     finished: bool,
 }
 
 #[async_trait]
 impl ObjectWriter for LocalWriter {
     async fn write(&mut self, piece: &[u8]) -> Result<(), FilesError> {
-        self.file.write_all(piece).await?;
+        self.held.extend_from_slice(piece);
         self.size += piece.len() as u64;
+        if self.held.len() >= WRITE_BATCH {
+            self.file.write_all(&self.held).await?;
+            self.held.clear();
+        }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<u64, FilesError> {
+        let held = std::mem::take(&mut self.held);
+        self.file.write_all(&held).await?;
         self.file.flush().await?;
         self.file.sync_all().await?;
         if tokio::fs::try_exists(&self.path).await? {
@@ -145,7 +155,7 @@ impl ObjectStore for LocalDir {
             std::io::ErrorKind::AlreadyExists => FilesError::Exists(name.to_string()),
             _ => FilesError::Io(e),
         })?;
-        Ok(Box::new(LocalWriter { file, partial, path, size: 0, finished: false }))
+        Ok(Box::new(LocalWriter { file, partial, path, size: 0, held: Vec::with_capacity(WRITE_BATCH + 65_600), finished: false }))
     }
 
     async fn size(&self, name: &str) -> Result<Option<u64>, FilesError> {
@@ -156,20 +166,27 @@ impl ObjectStore for LocalDir {
         }
     }
 
+    /// One blocking-thread hop per read (open, size, positioned read), not one per call.
     async fn read_range(&self, name: &str, start: u64, end: u64) -> Result<Vec<u8>, FilesError> {
-        let mut file = match tokio::fs::File::open(self.path(name)?).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(FilesError::Missing(name.to_string())),
-            Err(e) => return Err(e.into()),
-        };
-        let size = file.metadata().await?.len();
-        if start > end || end > size {
-            return Err(FilesError::Range { name: name.to_string(), start, end, size });
-        }
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        let mut buf = vec![0u8; usize::try_from(end - start).map_err(|_| FilesError::Range { name: name.to_string(), start, end, size })?];
-        file.read_exact(&mut buf).await?;
-        Ok(buf)
+        use std::os::unix::fs::FileExt;
+        let path = self.path(name)?;
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || {
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(FilesError::Missing(name)),
+                Err(e) => return Err(e.into()),
+            };
+            let size = file.metadata()?.len();
+            if start > end || end > size {
+                return Err(FilesError::Range { name, start, end, size });
+            }
+            let mut buf = vec![0u8; usize::try_from(end - start).map_err(|_| FilesError::Range { name: name.clone(), start, end, size })?];
+            file.read_exact_at(&mut buf, start)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| FilesError::Io(std::io::Error::other(format!("a file read was cancelled: {e}"))))?
     }
 
     async fn delete(&self, name: &str) -> Result<(), FilesError> {

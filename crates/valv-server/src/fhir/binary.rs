@@ -38,8 +38,12 @@ use valv_store::FileRow;
 /// The extension a file-backed Binary carries in its FHIR JSON: size, SHA-256, scan status.
 pub const FILE_EXTENSION: &str = "https://valv.dev/fhir/StructureDefinition/file";
 
-/// Segments a download reads and decrypts per store read (1 MiB).
-const RUN: u64 = 16;
+/// Segments a download reads and decrypts per store read, and sends as one piece (256 KiB).
+const RUN: u64 = 1;
+/// What one streaming download holds at most: the pieces waiting in its channel, the run being
+/// read (sealed and opened). Taken from the server's body-memory budget while it streams, so
+/// that downloads in all hold a bounded amount (503 beyond).
+const DOWNLOAD_MEMORY: usize = (crate::http::body::STREAM_DEPTH + 2) * RUN as usize * SEGMENT;
 /// How long a download waits for a slow client to take the next piece before giving up.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -411,6 +415,13 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
         }
     };
     let touch = Touch { version: Some(v.version), ..touch };
+    let memory = match (&content, head || start == end) {
+        (Content::File(..), false) => match app.limits.reserve(DOWNLOAD_MEMORY) {
+            Ok(r) => Some(r),
+            Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+        },
+        _ => None,
+    };
     let mut reason = permit.reason.clone();
     if let Content::File(f, _) = &content {
         reason.push_str(&format!("; file sha256={}", valv_crypto::hex::encode(&f.sha256)));
@@ -444,7 +455,7 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
     } else {
         match content {
             Content::Inline(bytes) => crate::http::body::Body::full(bytes.slice(start as usize..end as usize)),
-            Content::File(_, reader) => stream_file(*reader, start, end),
+            Content::File(_, reader) => stream_file(*reader, start, end, memory),
         }
     };
     reply.stream = Some((content_type.into(), body));
@@ -491,9 +502,11 @@ pub(super) fn check_scan(file: &FileRow, serve_unscannable: bool) -> Result<(), 
 
 /// Decrypts `[start, end)` a run of segments at a time into a streamed body; a segment that
 /// fails to open ends the body early (the client sees a truncated transfer, never wrong bytes).
-fn stream_file(reader: SealedReader, start: u64, end: u64) -> crate::http::body::Body {
+fn stream_file(reader: SealedReader, start: u64, end: u64, memory: Option<crate::http::limits::Reservation>) -> crate::http::body::Body {
     let (tx, body) = crate::http::body::Body::channel();
     tokio::spawn(async move {
+        // Held until the last piece is handed over.
+        let _memory = memory;
         let seg = SEGMENT as u64;
         let mut at = start;
         while at < end {
