@@ -16,6 +16,33 @@ use valv_store::dump::{Census, Row};
 
 /// The frame kind of a data-directory file (store rows use kinds below 0x80).
 pub const FILE_KIND: u8 = 0x80;
+/// The frame kind of a piece of a file object (issue 13): its name, offset and sealed bytes.
+/// The objects of every file record in the snapshot follow the rows, in pieces of [`CHUNK`].
+pub const OBJECT_KIND: u8 = 0x81;
+/// What the manifest counts objects as (beside the tables' rows).
+pub const OBJECTS_TALLY: &str = "file_objects";
+
+/// A piece of a file object carried in a backup (still sealed under the file's own key).
+pub struct ObjectPiece {
+    pub name: String,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl ObjectPiece {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::new();
+        e.str(&self.name).u64(self.offset).bytes(&self.bytes);
+        e.finish()
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, valv_backup::BackupError> {
+        let mut d = Dec::new(payload);
+        let piece = ObjectPiece { name: d.string()?, offset: d.u64()?, bytes: d.bytes()?.to_vec() };
+        d.finish()?;
+        Ok(piece)
+    }
+}
 /// The name under which the configuration travels.
 pub const CONFIG_FILE: &str = "valv.toml";
 /// The name under which a file KEK travels (restored to the configured key file's place).
@@ -120,6 +147,8 @@ pub async fn write<W: Write + Send + 'static>(
     };
     let keys = app.log_keys();
     let store = app.vault.store().clone();
+    let objects = app.files.store.clone();
+    let runtime = tokio::runtime::Handle::current();
     let source = store.backend();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Row>>(4);
     let writer = tokio::task::spawn_blocking(move || -> Result<Written<W>, String> {
@@ -132,14 +161,34 @@ pub async fn write<W: Write + Send + 'static>(
             }
             let mut census = Census::default();
             let (mut rows, mut payload) = (0u64, Vec::new());
+            let mut names = Vec::new();
             while let Some(batch) = rx.blocking_recv() {
                 for row in &batch {
                     census.add(row);
+                    if let Row::File(f) = row {
+                        names.push(f.object.clone());
+                    }
                     let kind = row.encode_into(&mut payload);
                     frames.frame(kind, &payload).map_err(|e| failed(&e))?;
                 }
                 rows += batch.len() as u64;
                 progress(rows);
+            }
+            // The objects the snapshot's file records name (immutable; one erased since the
+            // snapshot is gone and left out: the ledger erases its record again on restore).
+            for name in &names {
+                let Some(size) = runtime.block_on(objects.size(name)).map_err(|e| failed(&e))? else { continue };
+                census.tally.row(OBJECTS_TALLY);
+                let mut offset = 0;
+                loop {
+                    let end = size.min(offset + CHUNK as u64);
+                    let bytes = runtime.block_on(objects.read_range(name, offset, end)).map_err(|e| failed(&e))?;
+                    frames.frame(OBJECT_KIND, &ObjectPiece { name: name.clone(), offset, bytes }.encode()).map_err(|e| failed(&e))?;
+                    offset = end;
+                    if offset >= size {
+                        break;
+                    }
+                }
             }
             let signer = keys.signer()?;
             let manifest = census.manifest(keys.origin(), now, source, frames.digest());

@@ -19,7 +19,7 @@ use std::time::Instant;
 use valv_audit::ledger::Ledger;
 use valv_backup::frame::{Digest32, Frame};
 use valv_backup::{FrameReader, Manifest};
-use valv_server::backup::{DirFile, CONFIG_FILE, FILE_KIND, KEK_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
+use valv_server::backup::{DirFile, ObjectPiece, CONFIG_FILE, FILE_KIND, KEK_FILE, OBJECTS_TALLY, OBJECT_KIND, TLS_CERT_FILE, TLS_KEY_FILE};
 use valv_server::erasure::LEDGER_FILE;
 use valv_store::dump::{BulkLoad, Census, Row};
 use valv_store::sqlite::Access;
@@ -107,6 +107,7 @@ const LOAD_BATCH: usize = 16_384;
 /// What the reading thread hands over.
 enum Msg {
     File(DirFile),
+    Object(ObjectPiece),
     Rows(Vec<Row>),
     End { manifest: String, digest: Digest32 },
     Failed(String),
@@ -139,6 +140,12 @@ fn read_all(input: impl std::io::Read, identities: &[valv_age::Identity], tx: &t
     loop {
         match frames.next_frame().map_err(|e| e.to_string())? {
             Some(Frame::Row(FILE_KIND, payload)) => send(Msg::File(DirFile::decode(payload).map_err(|e| e.to_string())?))?,
+            Some(Frame::Row(OBJECT_KIND, payload)) => {
+                if !batch.is_empty() {
+                    send(Msg::Rows(std::mem::take(&mut batch)))?;
+                }
+                send(Msg::Object(ObjectPiece::decode(payload).map_err(|e| e.to_string())?))?;
+            }
             Some(Frame::Row(kind, payload)) => {
                 let row = Row::decode(kind, payload).map_err(|e| e.to_string())?.ok_or_else(|| format!("the backup holds frames of an unknown kind {kind}"))?;
                 batch.push(row);
@@ -185,10 +192,11 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
     let (ledger_path, ledger_text, ledger_patients) = read_ledger(req)?;
     let mut rx = spawn_reader(req.file, identities)?;
 
-    let mut loader = Loader { target, drill, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new() };
+    let mut loader = Loader { target, drill, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new(), objects: None, writing: None };
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
+            Msg::Object(piece) => loader.object(piece).await?,
             Msg::Rows(rows) => loader.rows(rows).await?,
             Msg::End { manifest, digest } => break (manifest, digest),
             Msg::Failed(e) => return Err(e),
@@ -242,7 +250,14 @@ struct Loader<'a> {
     erased: HashSet<String>,
     /// Up to three data keys per KEK version, for sample decryptions.
     samples: BTreeMap<(String, String, u32), Vec<String>>,
+    /// The file store objects go to (the configuration's; a drill's own folder).
+    objects: Option<std::sync::Arc<dyn valv_files::ObjectStore>>,
+    writing: Option<Restoring>,
 }
+
+/// The file object being restored: its name, bytes so far, and its writer (`None` when the
+/// store holds it already: restored into the bucket it came from).
+type Restoring = (String, u64, Option<Box<dyn valv_files::ObjectWriter>>);
 
 impl Loader<'_> {
     fn file(&mut self, f: DirFile) -> Result<(), String> {
@@ -321,7 +336,48 @@ impl Loader<'_> {
         self.load().await?.load(&rows).await.map_err(|e| format!("loading the backup: {e}"))
     }
 
+    /// A piece of a file object: pieces come in order, an object's first at offset 0.
+    async fn object(&mut self, piece: ObjectPiece) -> Result<(), String> {
+        self.load().await?;
+        if self.objects.is_none() {
+            let store: std::sync::Arc<dyn valv_files::ObjectStore> = if self.drill {
+                std::sync::Arc::new(valv_files::LocalDir::new(self.target.join("files")))
+            } else {
+                Config::load(self.target)?.files.store(self.target)?
+            };
+            self.objects = Some(store);
+        }
+        let store = self.objects.clone().ok_or("no file store")?;
+        if piece.offset == 0 {
+            self.finish_object().await?;
+            self.census.tally.row(OBJECTS_TALLY);
+            let writer = match store.create(&piece.name).await {
+                Ok(w) => Some(w),
+                Err(valv_files::FilesError::Exists(_)) => None,
+                Err(e) => return Err(format!("restoring file object {}: {e}", piece.name)),
+            };
+            self.writing = Some((piece.name.clone(), 0, writer));
+        }
+        let Some((name, written, writer)) = self.writing.as_mut() else { return Err("the backup holds a file object's piece before its start".into()) };
+        if *name != piece.name || *written != piece.offset {
+            return Err(format!("the backup's file object {} is not whole (a piece at {} after {written} bytes of {name})", piece.name, piece.offset));
+        }
+        if let Some(w) = writer.as_mut() {
+            w.write(&piece.bytes).await.map_err(|e| format!("restoring file object {name}: {e}"))?;
+        }
+        *written += piece.bytes.len() as u64;
+        Ok(())
+    }
+
+    async fn finish_object(&mut self) -> Result<(), String> {
+        if let Some((name, _, Some(w))) = self.writing.take() {
+            w.finish().await.map_err(|e| format!("restoring file object {name}: {e}"))?;
+        }
+        Ok(())
+    }
+
     async fn finish(&mut self) -> Result<Census, String> {
+        self.finish_object().await?;
         self.load().await?;
         let load = self.load.take().ok_or("no store")?;
         load.finish().await.map_err(|e| format!("loading the backup: {e}"))?;
@@ -391,6 +447,9 @@ async fn reapply_erasures(app: &valv_server::App, census: &Census, manifest: &Ma
     let newer = &ledger.erasures[ours.len()..];
     for e in newer {
         let done = app.vault.store().erase_patient(&e.patient, e.erased_at).await.map_err(|x| format!("re-applying erasure #{} of patient {}: {x}", e.seq, e.patient))?;
+        for object in &done.objects {
+            app.files.store.delete(object).await.map_err(|x| format!("re-applying erasure #{}: deleting a file object: {x}", e.seq))?;
+        }
         if done.seq != e.seq {
             return Err(format!("re-applying erasure #{}: it became #{}", e.seq, done.seq));
         }

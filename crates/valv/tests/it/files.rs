@@ -417,3 +417,38 @@ async fn tickets_open_one_file_for_one_person_briefly_a_bounded_number_of_times(
     assert!(uses.iter().all(|e| e["agent_id"] != "" && e["resource_id"] == id.as_str() && e["reason"].as_str().is_some_and(|r| r.contains("sha256="))));
     assert!(log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r == format!("ticket {handle} used up"))), "the refused third use");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_carry_the_files_and_an_erasure_after_the_backup_removes_them_on_restore() {
+    let mut s = Server::start("files-backup");
+    let key = s.data_key.clone();
+    let kept = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Kept"}]})).await.id();
+    let gone = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Gone"}]})).await.id();
+    // Over a backup piece (1 MiB) so that an object travels in several.
+    let big: Vec<u8> = CANARY.iter().copied().cycle().take((5 << 20) / 2).collect();
+    let a = upload(&s, &key, &kept, "application/dicom", &big).await.id();
+    let b = upload(&s, &key, &gone, "application/pdf", b"%PDF-1.7 a referral").await.id();
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).expect("random");
+    let identity = valv_age::Identity::from_bytes(secret);
+    let id_file = s.dir.join("identity.txt");
+    std::fs::write(&id_file, format!("{}\n", identity.to_bech32().as_str())).expect("identity");
+    let out = s.dir.join("backups").join("one.age");
+    std::fs::create_dir_all(out.parent().expect("folder")).expect("folder");
+    run_ok(&s.data, &["backup", "--out", out.to_str().expect("path"), "--recipient", &identity.recipient().to_bech32()]);
+    let backup = std::fs::read(&out).expect("backup");
+    assert!(!CANARY.windows(12).any(|w| contains(&backup, w)), "the backup holds no plaintext of the file");
+    // Erased after the backup: the ledger beside the backup erases it again on restore.
+    run_ok(&s.data, &["erase", "--patient", &gone, "--reason", "GDPR Art. 17 request 2026-303"]);
+
+    s.kill9();
+    std::fs::remove_dir_all(&s.data).expect("wipe");
+    let restored = run_ok(&s.data, &["restore", out.to_str().expect("path"), "--identity", id_file.to_str().expect("path")]);
+    assert!(restored.contains("1 more re-applied from the ledger"), "{restored}");
+    assert_eq!(objects(&s.data).len(), 1, "the kept file's object only");
+    s.restart();
+    let back = raw(&s, &key, &a, None).await;
+    assert_eq!((back.status, back.bytes.len()), (200, big.len()));
+    assert!(back.bytes == big, "byte-identical after the restore");
+    assert_eq!(raw(&s, &key, &b, None).await.status, 410, "the erased patient's file");
+}
