@@ -316,10 +316,7 @@ pub async fn json_view(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion, plai
     let mut body: Value = serde_json::from_slice(&plain).map_err(|_| vault_integrity())?;
     describe(&mut body, &file);
     if file.size <= app.files.inline_max_bytes && check_scan(&file, app.files.serve_unscannable).is_ok() {
-        if let (_, Content::File(_, reader)) = open_content(app, ctx, v).await? {
-            let bytes = reader.range(0, file.size).await.map_err(file_error)?;
-            body["data"] = Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
-        }
+        body["data"] = Value::String(base64::engine::general_purpose::STANDARD.encode(read_whole(app, &file, ctx.now).await?));
     }
     let note = format!("file sha256={}", valv_crypto::hex::encode(&file.sha256));
     Ok((serde_json::to_vec(&body).map_err(|e| ApiError::internal(format!("serialising: {e}")))?, Some(note)))
@@ -485,6 +482,17 @@ async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Re
         return Err(vault_integrity());
     }
     Ok((content_type, Content::File(file, Box::new(reader))))
+}
+
+/// A small file's bytes whole (inline `data`, patient exports), checked against its record.
+pub(super) async fn read_whole(app: &App, file: &FileRow, now: i64) -> Result<Vec<u8>, ApiError> {
+    let key = app.vault.file_key(file, now).await?;
+    let reader = SealedReader::open(app.files.store.clone(), &file.object, &key, &file_aad(&file.binary_id, &file.patient)).await.map_err(file_error)?;
+    if reader.plaintext_len != file.size {
+        tracing::error!("a stored file's length differs from its record (truncated or replaced?)");
+        return Err(vault_integrity());
+    }
+    reader.range(0, file.size).await.map_err(file_error)
 }
 
 /// Only files that passed the scan (or were stored without a scanner, or are beyond its limits

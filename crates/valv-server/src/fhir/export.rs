@@ -17,6 +17,10 @@ use valv_policy::Action;
 pub const README: &str = "This archive is a patient's record as Valv held it when it was exported.
 
 <Type>.ndjson      every current resource of the patient, one FHIR R4 JSON resource per line
+files/Binary-<id>  (when there are any) the patient's files: the bytes of file-backed Binaries
+files.json         every file with its Binary, media type, size, SHA-256 (hex) and malware-scan
+                   status, and why one was left out (not passed by the scan, or beyond the
+                   archive's allowance for files: fetch it with GET /fhir/Binary/<id>)
 access-log.json    (when the exporter may see it) who accessed the record: a FHIR Parameters resource with, for each entry of
                    the audit log naming the patient, its canonical bytes, its leaf hash and an
                    inclusion proof against the checkpoint below, and the entry as an AuditEvent
@@ -36,14 +40,21 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
     // Each type's file whole in memory: one type of one patient.
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut resources = 0;
+    let mut media = BTreeMap::new();
     for (resource_type, id) in owned.iter().filter(|(t, _)| include(t)) {
         let stored = app.vault.fetch(resource_type, id, None).await?.ok_or_else(|| ApiError::internal(format!("{resource_type}/{id} vanished")))?;
         let bytes = app.vault.open_bytes(&stored, now).await?;
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("{resource_type}/{id}: {e}")))?;
+        if resource_type == "Binary" {
+            media.insert(id.clone(), value.get("contentType").cloned().unwrap_or(Value::Null));
+        }
         let file = files.entry(format!("{resource_type}.ndjson")).or_default();
         serde_json::to_writer(&mut *file, &value).map_err(|e| ApiError::internal(e.to_string()))?;
         file.push(b'\n');
         resources += 1;
+    }
+    if include("Binary") {
+        add_files(app, &media, &mut files, now).await?;
     }
     // The access log goes in only for a caller `$access-log` would show it to (a read of the
     // patient's AuditEvents): reading someone's record does not entitle one to see who else did.
@@ -61,6 +72,35 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
     }
     files.insert("README.txt".into(), README.as_bytes().to_vec());
     Ok((files, resources, entries))
+}
+
+/// The archive's allowance for files' bytes (it is built in memory); larger files are listed.
+const FILES_BYTES: u64 = 64 << 20;
+
+/// The patient's file-backed Binaries (`media`: id -> contentType) as `files/Binary-<id>`, up
+/// to [`FILES_BYTES`] in all, and `files.json` listing each.
+async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTreeMap<String, Vec<u8>>, now: i64) -> Result<(), ApiError> {
+    let mut listed = Vec::new();
+    let mut total = 0;
+    for (id, content_type) in media {
+        let Some(f) = app.vault.store().file(id).await? else { continue };
+        let mut entry = serde_json::json!({"binary": format!("Binary/{id}"), "contentType": content_type, "size": f.size, "sha256": valv_crypto::hex::encode(&f.sha256), "scan": f.scan});
+        if super::binary::check_scan(&f, app.files.serve_unscannable).is_err() {
+            entry["leftOut"] = Value::from("not passed by the malware scan");
+        } else if total + f.size > FILES_BYTES {
+            entry["leftOut"] = Value::from(format!("beyond the archive's allowance for files ({FILES_BYTES} bytes): fetch it with GET /fhir/Binary/{id}"));
+        } else {
+            let name = format!("files/Binary-{id}");
+            files.insert(name.clone(), super::binary::read_whole(app, &f, now).await?);
+            entry["file"] = Value::from(name);
+            total += f.size;
+        }
+        listed.push(entry);
+    }
+    if !listed.is_empty() {
+        files.insert("files.json".into(), serde_json::to_vec_pretty(&listed).map_err(|e| ApiError::internal(e.to_string()))?);
+    }
+    Ok(())
 }
 
 /// Parses `age1…` recipients, each one or a 400.

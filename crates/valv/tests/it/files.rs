@@ -452,3 +452,28 @@ async fn backups_carry_the_files_and_an_erasure_after_the_backup_removes_them_on
     assert!(back.bytes == big, "byte-identical after the restore");
     assert_eq!(raw(&s, &key, &b, None).await.status, 410, "the erased patient's file");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patients_export_holds_their_files_opened_by_the_reference_age() {
+    let s = Server::start("files-export");
+    let key = s.data_key.clone();
+    let p = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Exported"}]})).await.id();
+    let scan: Vec<u8> = (0..200_000).map(|i| (i % 253) as u8).collect();
+    let id = upload(&s, &key, &p, "image/jpeg", &scan).await.id();
+    let work = s.dir.join("export-work");
+    std::fs::create_dir_all(&work).expect("work");
+    let keyfile = work.join("patient.key");
+    assert!(std::process::Command::new("age-keygen").arg("-o").arg(&keyfile).output().expect("age-keygen (apt-get install age)").status.success());
+    let recipient = std::fs::read_to_string(&keyfile).expect("key").lines().find_map(|l| l.strip_prefix("# public key: ")).expect("public key").to_string();
+    let out = work.join("record.age");
+    run_ok(&s.data, &["export", "--patient", &p, "--recipient", &recipient, "--out", out.to_str().expect("path")]);
+    let tar = std::process::Command::new("age").arg("-d").arg("-i").arg(&keyfile).arg(&out).output().expect("age");
+    assert!(tar.status.success(), "{}", String::from_utf8_lossy(&tar.stderr));
+    std::fs::write(work.join("x.tar"), &tar.stdout).expect("tar");
+    assert!(std::process::Command::new("tar").arg("-xf").arg("x.tar").current_dir(&work).status().expect("tar").success());
+    assert_eq!(std::fs::read(work.join(format!("files/Binary-{id}"))).expect("the file in the archive"), scan);
+    let listed: Value = serde_json::from_slice(&std::fs::read(work.join("files.json")).expect("files.json")).expect("JSON");
+    assert_eq!(listed[0]["binary"], format!("Binary/{id}"));
+    assert_eq!(listed[0]["contentType"], "image/jpeg");
+    assert_eq!(listed[0]["sha256"], Sha256::digest(&scan).iter().map(|b| format!("{b:02x}")).collect::<String>());
+}
