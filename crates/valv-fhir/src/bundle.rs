@@ -223,6 +223,12 @@ fn rewrite(value: &mut Value, map: &HashMap<String, String>) -> Result<(), Strin
                     } else if s.starts_with("urn:uuid:") || s.starts_with("urn:oid:") {
                         return Err(s.clone());
                     }
+                } else if let ("url", Value::String(s)) = (k.as_str(), &mut *v) {
+                    // A `url` naming an entry (an Attachment's: R4 §3.1.0.11.2 rewrites url and
+                    // uri elements too); other urn: URLs are left as they are.
+                    if let Some(target) = map.get(s.as_str()) {
+                        *s = target.clone();
+                    }
                 } else {
                     rewrite(v, map)?;
                 }
@@ -281,6 +287,14 @@ mod tests {
         })
         .expect("resolves");
         assert_eq!(entries[1].resource.as_ref().map(|r| r["subject"]["reference"].clone()), Some(json!("Patient/id1")));
+        // An Attachment's url naming an entry is rewritten too; an extension's url is not.
+        let (_, mut entries) = parse(tx(json!([{"fullUrl":"urn:uuid:bin","resource":{"resourceType":"Binary","contentType":"text/plain"},"request":{"method":"POST","url":"Binary"}},
+            {"resource":{"resourceType":"DocumentReference","content":[{"attachment":{"url":"urn:uuid:bin"}}],"extension":[{"url":"http://x/y"}]},"request":{"method":"POST","url":"DocumentReference"}}]))).expect("parses");
+        let mut n = 0;
+        resolve_references(&mut entries, || { n += 1; format!("b{n}") }).expect("resolves");
+        let doc = entries[1].resource.as_ref().expect("resource");
+        assert_eq!(doc["content"][0]["attachment"]["url"], json!("Binary/b1"));
+        assert_eq!(doc["extension"][0]["url"], json!("http://x/y"));
     }
 
     #[test]

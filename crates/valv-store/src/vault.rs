@@ -145,6 +145,34 @@ fn open_file_key_with(patient_key: &DataKey, row: &crate::FileRow) -> Result<Dat
     DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{}: {e}", row.binary_id)))
 }
 
+/// What one commit writes, for the checks that must see it before it is stored: the Patients it
+/// writes (others may be placed with them) and the Binaries, with the patient each will be of
+/// (documents may point at them).
+struct InCommit {
+    patients: HashSet<String>,
+    binaries: std::collections::HashMap<String, Option<String>>,
+}
+
+impl InCommit {
+    fn of(ops: &[WriteOp]) -> Self {
+        let mut written = InCommit { patients: HashSet::new(), binaries: Default::default() };
+        for op in ops {
+            if let WriteOp::Create { resource_type, id, body, .. } | WriteOp::Update { resource_type, id, body, .. } = op {
+                match resource_type.as_str() {
+                    "Patient" => {
+                        written.patients.insert(id.clone());
+                    }
+                    "Binary" => {
+                        written.binaries.insert(id.clone(), compartment::patients(resource_type, id, body).into_iter().next());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        written
+    }
+}
+
 fn erased(patient: &str) -> StoreError {
     StoreError::Gone(format!("the data of patient {patient} was erased"))
 }
@@ -409,15 +437,9 @@ impl Vault {
         }
         let mut writes = Vec::with_capacity(ops.len());
         let mut results = Vec::with_capacity(ops.len());
-        let written_patients: HashSet<String> = ops
-            .iter()
-            .filter_map(|op| match op {
-                WriteOp::Create { resource_type, id, .. } | WriteOp::Update { resource_type, id, .. } if resource_type == "Patient" => Some(id.clone()),
-                _ => None,
-            })
-            .collect();
+        let written = InCommit::of(&ops);
         for op in ops {
-            let (write, committed) = self.prepare(op, &written_patients, now).await?;
+            let (write, committed) = self.prepare(op, &written, now).await?;
             writes.extend(write);
             results.push(committed);
         }
@@ -458,7 +480,7 @@ impl Vault {
     }
 
     /// The write an operation needs (none for deleting what is already deleted) and its result.
-    async fn prepare(&self, op: WriteOp, written: &HashSet<String>, now: i64) -> Result<(Option<Write>, Committed), StoreError> {
+    async fn prepare(&self, op: WriteOp, written: &InCommit, now: i64) -> Result<(Option<Write>, Committed), StoreError> {
         match op {
             WriteOp::Create { resource_type, id, body, unless } => {
                 let w = self.seal_version(&resource_type, &id, 1, body, written, now).await?;
@@ -528,9 +550,9 @@ impl Vault {
     /// A resource may only be placed in the compartment of a patient that exists (or is written in
     /// the same commit): otherwise any client could make the vault mint keys for invented ids and
     /// file data under them. Checked before any key is looked up or created.
-    async fn check_owner_exists(&self, resource_type: &str, id: &str, patient: Option<&str>, written: &HashSet<String>) -> Result<(), StoreError> {
+    async fn check_owner_exists(&self, resource_type: &str, id: &str, patient: Option<&str>, written: &InCommit) -> Result<(), StoreError> {
         let Some(p) = patient else { return Ok(()) };
-        if resource_type == "Patient" || written.contains(p) {
+        if resource_type == "Patient" || written.patients.contains(p) {
             return Ok(());
         }
         match self.store.locate("Patient", p).await? {
@@ -541,15 +563,50 @@ impl Vault {
         }
     }
 
+    /// A DocumentReference's or Media's attachment that names a Binary on this server (a
+    /// relative reference, `Binary/{id}`) must name one of the same patient: a document cannot
+    /// point a reader at another patient's file. Absolute URLs are not resolved.
+    async fn check_attachments(&self, resource_type: &str, id: &str, body: &Value, patient: Option<&str>, written: &InCommit) -> Result<(), StoreError> {
+        let path = match resource_type {
+            "DocumentReference" => "content.attachment.url",
+            "Media" => "content.url",
+            _ => return Ok(()),
+        };
+        for url in search::values_at(body, path).into_iter().filter_map(Value::as_str) {
+            let Some(target) = valv_fhir::reference::parse(url).filter(|r| r.resource_type == "Binary") else { continue };
+            // A Binary written in the same commit (a transaction's `urn:uuid:` reference).
+            if let Some(owner) = written.binaries.get(&target.id) {
+                if owner.as_deref() == patient {
+                    continue;
+                }
+                return Err(StoreError::Invalid(valv_fhir::FhirError::processing(format!(
+                    "{resource_type}/{id}'s attachment names Binary/{}, which is another patient's data (or no patient's)",
+                    target.id
+                ))));
+            }
+            let problem = match self.store.locate("Binary", &target.id).await? {
+                Some(l) if !l.deleted && l.patient.as_deref() == patient => continue,
+                Some(l) if !l.deleted => "another patient's data (or no patient's)",
+                _ => "not on this server",
+            };
+            return Err(StoreError::Invalid(valv_fhir::FhirError::processing(format!(
+                "{resource_type}/{id}'s attachment names Binary/{}, which is {problem}",
+                target.id
+            ))));
+        }
+        Ok(())
+    }
+
     /// Validates a body, stamps id and meta, seals it and computes its tokens; also the wrapped
     /// form of the patient key it was sealed with.
-    async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &HashSet<String>, now: i64)
+    async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &InCommit, now: i64)
         -> Result<(StoredVersion, Vec<Token>, Resource, Option<Arc<[u8]>>), StoreError> {
         stamp(&mut body, id, version, now)?;
         r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
         let patients = compartment::patients(resource_type, id, &body);
         let patient = patients.into_iter().next();
         self.check_owner_exists(resource_type, id, patient.as_deref(), written).await?;
+        self.check_attachments(resource_type, id, &body, patient.as_deref(), written).await?;
         let (key, sealed_with) = self.key_for(patient.as_deref(), now).await?;
         let plain = serde_json::to_vec(&body).map_err(|e| StoreError::Backend(format!("serialising: {e}")))?;
         let aad = Aad { purpose: "resource", resource_type, id, version, patient: patient.as_deref().unwrap_or("") };

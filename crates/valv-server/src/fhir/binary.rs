@@ -122,21 +122,31 @@ pub(super) fn file_aad<'a>(binary_id: &'a str, patient: &'a str) -> Aad<'a> {
     Aad { purpose: "file", resource_type: "Binary", id: binary_id, version: 1, patient }
 }
 
-/// The patient an upload is for, from `X-Security-Context: Patient/{id}`.
-fn security_context(h: &HeaderMap) -> Result<String, ApiError> {
+/// What an upload names as its security context: `Patient/{id}`, or a resource of the patient
+/// (`DocumentReference/{id}`, …), as (type, id).
+fn security_context(h: &HeaderMap) -> Result<(String, String), ApiError> {
     let value = h
         .get("x-security-context")
         .ok_or_else(|| ApiError::bad_request("a file upload needs X-Security-Context: Patient/{id}, the patient whose data the file is"))?
         .to_str()
         .map_err(|_| ApiError::bad_request("X-Security-Context must be visible ASCII"))?
         .trim();
-    match value.strip_prefix("Patient/") {
-        Some(id) if valv_fhir::id::is_valid_id(id) => Ok(id.to_string()),
+    match value.split_once('/') {
+        Some((t, id)) if valv_fhir::compartment::is_patient_data_type(t) && valv_fhir::id::is_valid_id(id) => Ok((t.to_string(), id.to_string())),
         _ => Err(ApiError::bad_request(format!(
-            "X-Security-Context must name a patient as Patient/{{id}}, got '{}'",
+            "X-Security-Context must name the patient (Patient/{{id}}) or a resource of theirs (e.g. DocumentReference/{{id}}), got '{}'",
             value.chars().take(80).collect::<String>()
         ))),
     }
+}
+
+/// The patient a security context belongs to (`None` when it names nothing on this server, or
+/// a resource of no patient).
+async fn context_patient(app: &App, (resource_type, id): &(String, String)) -> Result<Option<String>, ApiError> {
+    if resource_type == "Patient" {
+        return Ok(Some(id.clone()));
+    }
+    Ok(app.vault.locate(resource_type, id).await?.filter(|l| !l.deleted).and_then(|l| l.patient))
 }
 
 /// The uploaded file's media type: required, and a FHIR code (no control characters).
@@ -171,17 +181,25 @@ fn vault_integrity() -> ApiError {
     ApiError::internal("stored data failed its integrity check; the incident has been logged")
 }
 
-fn upload_touch<'a>(id: &'a str, patient: &'a str) -> Touch<'a> {
-    Touch { interaction: "create", action: Action::Create, resource_type: "Binary", id: Some(id), version: None, patient: Some(patient), query: None }
+fn upload_touch<'a>(id: &'a str, patient: Option<&'a str>) -> Touch<'a> {
+    Touch { interaction: "create", action: Action::Create, resource_type: "Binary", id: Some(id), version: None, patient, query: None }
 }
 
 /// `POST /fhir/Binary` with the file as the body.
 pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply, ApiError> {
     let content_type = upload_content_type(req.headers())?;
-    let patient = security_context(req.headers())?;
+    let context = security_context(req.headers())?;
     let id = vault::new_id()?;
-    let touch = upload_touch(&id, &patient);
+    // Decided on the patient the context belongs to; one that names nothing here is decided as
+    // no patient's (people are refused, as for another patient's), so that existence is not told.
+    let owner = context_patient(app, &context).await?;
+    let touch = upload_touch(&id, owner.as_deref());
     let permit = authorize(app, ctx, &touch).await?;
+    let Some(patient) = owner else {
+        let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", format!("{}/{} names no patient's data on this server", context.0, context.1));
+        return Err(audit_failure(app, ctx, &touch, e).await);
+    };
+    let touch = upload_touch(&id, Some(&patient));
     let declared = header_str(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.files.max_bytes) {
         return Err(audit_failure(app, ctx, &touch, too_large(app)).await);

@@ -130,6 +130,34 @@ async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
     // An unknown id is refused the same way to a person (403 tells nothing).
     raw(&s, &token, "no-such-binary", None).await.outcome(403);
 
+    // A document of the patient as the security context: the file is that patient's.
+    let doc = |binary: &str, patient: &str| serde_json::json!({"resourceType": "DocumentReference", "status": "current",
+        "subject": {"reference": format!("Patient/{patient}")}, "content": [{"attachment": {"contentType": "image/png", "url": format!("Binary/{binary}")}}]});
+    let docref = s.post("/fhir/DocumentReference", &doc(&id, &mine)).await;
+    assert_eq!(docref.status, 201, "a document of the patient pointing at their file: {}", docref.text);
+    let context = format!("DocumentReference/{}", docref.id());
+    let via = s.request_raw("POST", "/fhir/Binary", Some(&token), Some(b"page 2".to_vec()), &[("content-type", "image/png"), ("x-security-context", &context)]).await;
+    assert_eq!(via.status, 201, "{}", via.text);
+    assert_eq!(via.json["securityContext"]["reference"], format!("Patient/{mine}"), "resolved to the patient it belongs to");
+    // A document cannot point at another patient's file, nor at none.
+    assert!(s.post("/fhir/DocumentReference", &doc(&theirs.id(), &mine)).await.outcome(422).contains("another patient"));
+    assert!(s.post("/fhir/DocumentReference", &doc("no-such-binary", &mine)).await.outcome(422).contains("not on this server"));
+    // In one transaction: a Binary and the document pointing at it by its urn:uuid.
+    let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:7c5a6b0e-1f0e-4d7a-9d55-000000000001", "request": {"method": "POST", "url": "Binary"},
+         "resource": {"resourceType": "Binary", "contentType": "text/plain", "securityContext": {"reference": format!("Patient/{mine}")}, "data": "aGVsbG8="}},
+        {"request": {"method": "POST", "url": "DocumentReference"}, "resource": {"resourceType": "DocumentReference", "status": "current",
+         "subject": {"reference": format!("Patient/{mine}")}, "content": [{"attachment": {"url": "urn:uuid:7c5a6b0e-1f0e-4d7a-9d55-000000000001"}}]}}]});
+    let tx = s.post("/fhir", &bundle).await;
+    assert_eq!(tx.status, 200, "{}", tx.text);
+    let doc_at = tx.json["entry"][1]["response"]["location"].as_str().expect("location");
+    let stored = s.get(&doc_at[doc_at.find("/fhir/").expect("path")..]).await;
+    assert!(stored.json["content"][0]["attachment"]["url"].as_str().is_some_and(|u| u.starts_with("Binary/")), "resolved, so checked: {}", stored.text);
+    // A context naming nothing: refused to a person as another patient's would be, 422 to a service.
+    let nothing = [("content-type", "image/png"), ("x-security-context", "DocumentReference/no-such-doc")];
+    s.request_raw("POST", "/fhir/Binary", Some(&token), Some(b"x".to_vec()), &nothing).await.outcome(403);
+    s.request_raw("POST", "/fhir/Binary", Some(&s.data_key), Some(b"x".to_vec()), &nothing).await.outcome(422);
+
     // Audited: the upload with its hash and size, each read and range read with the hash, the
     // refusals as denials.
     let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
