@@ -17,6 +17,11 @@ use valv_fhir::{compartment, date, r4, search};
 
 const TENANT_KEY: &str = "tenant";
 
+/// The extension a file-backed Binary's FHIR JSON carries in `meta` (size, SHA-256, scan status;
+/// R4's Binary has no `extension` of its own): the server's to state, so a client's copy of it is
+/// never stored.
+pub const FILE_EXTENSION: &str = "https://valv.dev/fhir/StructureDefinition/file";
+
 /// Stored versions that failed to authenticate, over the process's life (for metrics).
 static INTEGRITY_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -143,6 +148,16 @@ fn open_file_key_with(patient_key: &DataKey, row: &crate::FileRow) -> Result<Dat
         StoreError::Integrity(format!("the key of the file of Binary/{} does not authenticate: {e}", row.binary_id))
     })?);
     DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{}: {e}", row.binary_id)))
+}
+
+/// Removes a client's copy of [`FILE_EXTENSION`] (it would claim a scan status it never had).
+fn strip_file_extension(body: &mut Value) {
+    let Some(obj) = body.get_mut("meta").and_then(Value::as_object_mut) else { return };
+    let Some(list) = obj.get_mut("extension").and_then(Value::as_array_mut) else { return };
+    list.retain(|e| e.get("url").and_then(Value::as_str) != Some(FILE_EXTENSION));
+    if list.is_empty() {
+        obj.remove("extension");
+    }
 }
 
 /// What one commit writes, for the checks that must see it before it is stored: the Patients it
@@ -602,6 +617,9 @@ impl Vault {
     async fn seal_version(&self, resource_type: &str, id: &str, version: u64, mut body: Value, written: &InCommit, now: i64)
         -> Result<(StoredVersion, Vec<Token>, Resource, Option<Arc<[u8]>>), StoreError> {
         stamp(&mut body, id, version, now)?;
+        if resource_type == "Binary" {
+            strip_file_extension(&mut body);
+        }
         r4::validate(&body).map_err(|e| StoreError::Invalid(valv_fhir::FhirError::structure(e.to_string())))?;
         let patients = compartment::patients(resource_type, id, &body);
         let patient = patients.into_iter().next();

@@ -192,7 +192,7 @@ async fn restore_into(req: &Request<'_>, target: &Path, drill: bool) -> Result<R
     let (ledger_path, ledger_text, ledger_patients) = read_ledger(req)?;
     let mut rx = spawn_reader(req.file, identities)?;
 
-    let mut loader = Loader { target, drill, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new(), objects: None, writing: None };
+    let mut loader = Loader { target, drill, load: None, files: Vec::new(), census: Census::default(), erased: ledger_patients, samples: BTreeMap::new(), objects: None, expected: Default::default(), writing: None };
     let (signed, digest) = loop {
         match rx.recv().await.ok_or("the reader stopped")? {
             Msg::File(f) => loader.file(f)?,
@@ -252,6 +252,8 @@ struct Loader<'a> {
     samples: BTreeMap<(String, String, u32), Vec<String>>,
     /// The file store objects go to (the configuration's; a drill's own folder).
     objects: Option<std::sync::Arc<dyn valv_files::ObjectStore>>,
+    /// Each file record's object and the size its sealed object has.
+    expected: std::collections::HashMap<String, u64>,
     writing: Option<Restoring>,
 }
 
@@ -312,6 +314,9 @@ impl Loader<'_> {
     async fn rows(&mut self, mut rows: Vec<Row>) -> Result<(), String> {
         for row in &rows {
             self.census.add(row);
+            if let Row::File(f) = row {
+                self.expected.insert(f.object.clone(), valv_crypto::stream::sealed_len(f.size));
+            }
         }
         rows.retain_mut(|row| match row {
             Row::DataKey { name, key, .. } => {
@@ -353,7 +358,14 @@ impl Loader<'_> {
             self.census.tally.row(OBJECTS_TALLY);
             let writer = match store.create(&piece.name).await {
                 Ok(w) => Some(w),
-                Err(valv_files::FilesError::Exists(_)) => None,
+                // Restored into the store it came from: the object must be the one recorded.
+                Err(valv_files::FilesError::Exists(_)) => {
+                    let held = store.size(&piece.name).await.map_err(|e| format!("restoring file object {}: {e}", piece.name))?;
+                    if held.is_none() || held != self.expected.get(&piece.name).copied() {
+                        return Err(format!("restoring file object {}: the file store holds another object (or a partial one) under its name", piece.name));
+                    }
+                    None
+                }
                 Err(e) => return Err(format!("restoring file object {}: {e}", piece.name)),
             };
             self.writing = Some((piece.name.clone(), 0, writer));
@@ -425,6 +437,12 @@ fn rebase_for_drill(config: &[u8]) -> Result<String, String> {
         if absolute(value).is_some_and(|p| always || !p.exists()) {
             *value = toml::Value::String(inside.into());
         }
+    }
+    // A drill's file objects stay in its own folder, whatever store the backup came from: its
+    // re-applied erasures must delete nothing from the live one.
+    if let Some(files) = table.get_mut("files").and_then(|s| s.as_table_mut()) {
+        files.insert("backend".into(), toml::Value::String("local".into()));
+        files.insert("dir".into(), toml::Value::String("files".into()));
     }
     toml::to_string(&table).map_err(|e| format!("the backup's configuration: {e}"))
 }

@@ -35,8 +35,7 @@ use valv_policy::Action;
 use valv_store::vault::{self, random_bytes, WriteOp};
 use valv_store::FileRow;
 
-/// The extension a file-backed Binary carries in its FHIR JSON: size, SHA-256, scan status.
-pub const FILE_EXTENSION: &str = "https://valv.dev/fhir/StructureDefinition/file";
+pub use valv_store::vault::FILE_EXTENSION;
 
 /// Segments a download reads and decrypts per store read, and sends as one piece (256 KiB).
 const RUN: u64 = 1;
@@ -217,6 +216,9 @@ pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Repl
     };
     audit(app, vec![ctx.permitted(&touch, 0, &permit)?]).await?;
     let object = valv_crypto::hex::encode(&random_bytes::<16>()?);
+    // Removes the object and its record unless the Binary commits: also when the request is
+    // dropped half way (a reset stream, the shutdown's grace running out).
+    let mut guard = Unfinished { store: app.vault.store().clone(), files: app.files.store.clone(), object: Some(object.clone()) };
     let stored = match store(app, req.into_body(), &object, &id, &patient, ctx.now).await {
         Ok(s) => s,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
@@ -225,11 +227,9 @@ pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Repl
     let op = WriteOp::Create { resource_type: "Binary".into(), id: id.clone(), body, unless: None };
     let committed = match super::commit(app, vec![op], ctx.now).await.map_err(ApiError::from).and_then(|mut c| c.pop().ok_or_else(|| ApiError::internal("the store returned no result"))) {
         Ok(c) => c,
-        Err(e) => {
-            forget(app, &object).await;
-            return Err(audit_failure(app, ctx, &touch, e).await);
-        }
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
+    guard.object = None;
     app.files.scan_wake.notify_one();
     let reason = format!("{}; file sha256={} bytes={}", permit.reason, valv_crypto::hex::encode(&stored.sha256), stored.size);
     let done = Touch { version: Some(1), ..touch };
@@ -298,17 +298,32 @@ fn upload_deadline(app: &App, start: tokio::time::Instant, received: u64) -> tok
     start + s.body_grace + std::time::Duration::from_secs_f64(received as f64 / s.body_min_bytes_per_sec.max(1) as f64)
 }
 
-/// Removes a file whose Binary was never committed.
-async fn forget(app: &App, object: &str) {
-    if let Err(e) = app.vault.store().delete_file(object).await {
-        tracing::warn!(error = %e, "a failed upload's file record could not be removed");
-    }
-    if let Err(e) = app.files.store.delete(object).await {
-        tracing::warn!(error = %e, "a failed upload's object could not be removed");
+/// An upload whose Binary has not committed: dropped while it still holds the object, it
+/// removes the object and its record (on a task of its own: a drop cannot wait).
+struct Unfinished {
+    store: Arc<dyn valv_store::Store>,
+    files: Arc<dyn ObjectStore>,
+    object: Option<String>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (store, files) = (self.store.clone(), self.files.clone());
+        runtime.spawn(async move {
+            if let Err(e) = store.delete_file(&object).await {
+                tracing::warn!(error = %e, "an unfinished upload's file record could not be removed");
+            }
+            if let Err(e) = files.delete(&object).await {
+                tracing::warn!(error = %e, "an unfinished upload's object could not be removed");
+            }
+        });
     }
 }
 
-/// Adds the file's size, SHA-256 and scan status to a Binary's FHIR JSON.
+/// Adds the file's size, SHA-256 and scan status to a Binary's FHIR JSON (in `meta`: R4's
+/// Binary is no DomainResource and has no `extension` of its own).
 pub fn describe(body: &mut Value, file: &FileRow) {
     let sha = base64::engine::general_purpose::STANDARD.encode(file.sha256);
     let ext = json!({"url": FILE_EXTENSION, "extension": [
@@ -316,7 +331,9 @@ pub fn describe(body: &mut Value, file: &FileRow) {
         {"url": "sha256", "valueBase64Binary": sha},
         {"url": "scan", "valueCode": file.scan},
     ]});
-    if let Some(o) = body.as_object_mut() {
+    let Some(root) = body.as_object_mut() else { return };
+    let meta = root.entry("meta").or_insert_with(|| json!({}));
+    if let Some(o) = meta.as_object_mut() {
         match o.get_mut("extension").and_then(Value::as_array_mut) {
             Some(list) => list.push(ext),
             None => {
@@ -482,8 +499,21 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
 async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Result<(String, Content), ApiError> {
     let plain = app.vault.open_bytes(v, ctx.now).await?;
     let body: Value = serde_json::from_slice(&plain).map_err(|_| vault_integrity())?;
-    let content_type = body.get("contentType").and_then(Value::as_str).unwrap_or("application/octet-stream").to_string();
+    // A JSON Binary's contentType is only a FHIR code: one that is no valid header value is
+    // answered as bytes.
+    let content_type = body
+        .get("contentType")
+        .and_then(Value::as_str)
+        .filter(|t| hyper::header::HeaderValue::from_str(t).is_ok())
+        .unwrap_or("application/octet-stream")
+        .to_string();
     let Some(file) = app.vault.store().file(&v.id).await? else {
+        if app.files.scanner.is_some() {
+            // Sent as FHIR JSON, its data never went through the scanner: it is FHIR data to
+            // API clients (in the JSON), never bytes handed to a viewer.
+            return Err(ApiError::new(StatusCode::FORBIDDEN, "security", format!(
+                "Binary/{} was created as FHIR JSON and its data was never scanned for malware: read it as FHIR JSON, or upload the file raw", v.id)));
+        }
         let data = body.get("data").and_then(Value::as_str).ok_or_else(|| ApiError::not_found(format!("Binary/{} holds no data", v.id)))?;
         let bytes = base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|_| vault_integrity())?;
         return Ok((content_type, Content::Inline(Bytes::from(bytes))));

@@ -35,7 +35,8 @@ bytes, RFC 6962) against the checkpoint's root with its proof (golang.org/x/mod/
 /// The archive's files (name -> bytes) for `patient`, with the resources of the types `include`
 /// admits, and the access log when it admits `AuditEvent`; returns them and how many resources
 /// and access-log entries they hold.
-pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> bool + Sync), now: i64) -> Result<(BTreeMap<String, Vec<u8>>, usize, usize), ApiError> {
+/// The files' bytes are paid for from `memory` (three times: the file, the tar, its sealed copy).
+pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> bool + Sync), now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(BTreeMap<String, Vec<u8>>, usize, usize), ApiError> {
     let owned = app.vault.store().resources_of(patient).await?;
     // Each type's file whole in memory: one type of one patient.
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -54,7 +55,7 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
         resources += 1;
     }
     if include("Binary") {
-        add_files(app, &media, &mut files, now).await?;
+        add_files(app, &media, &mut files, now, memory).await?;
     }
     // The access log goes in only for a caller `$access-log` would show it to (a read of the
     // patient's AuditEvents): reading someone's record does not entitle one to see who else did.
@@ -79,7 +80,7 @@ const FILES_BYTES: u64 = 64 << 20;
 
 /// The patient's file-backed Binaries (`media`: id -> contentType) as `files/Binary-<id>`, up
 /// to [`FILES_BYTES`] in all, and `files.json` listing each.
-async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTreeMap<String, Vec<u8>>, now: i64) -> Result<(), ApiError> {
+async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTreeMap<String, Vec<u8>>, now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(), ApiError> {
     let mut listed = Vec::new();
     let mut total = 0;
     for (id, content_type) in media {
@@ -91,6 +92,7 @@ async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTree
             entry["leftOut"] = Value::from(format!("beyond the archive's allowance for files ({FILES_BYTES} bytes): fetch it with GET /fhir/Binary/{id}"));
         } else {
             let name = format!("files/Binary-{id}");
+            app.limits.grow(memory, usize::try_from(f.size.saturating_mul(3)).unwrap_or(usize::MAX))?;
             files.insert(name.clone(), super::binary::read_whole(app, &f, now).await?);
             entry["file"] = Value::from(name);
             total += f.size;
@@ -173,8 +175,12 @@ async fn archive(app: &App, ctx: &Ctx, patient: &str, recipients: &[Recipient]) 
         let q = valv_policy::Question { action: Action::Read, resource_type, patient: Some(patient), now: ctx.now, purpose: ctx.purpose() };
         app.access.decide(&subject, &q).permit
     };
-    let (files, resources, entries) = record_files(app, patient, &include, ctx.now).await?;
-    Ok((seal(Vec::new(), recipients, &files, ctx.now)?, resources, entries))
+    let mut memory = app.limits.reserve(0)?;
+    let (files, resources, entries) = record_files(app, patient, &include, ctx.now, &mut memory).await?;
+    // Encrypting up to 64 MiB is CPU work: off the request threads.
+    let (recipients, now) = (recipients.to_vec(), ctx.now);
+    let sealed = tokio::task::spawn_blocking(move || seal(Vec::new(), &recipients, &files, now)).await.map_err(|e| ApiError::internal(format!("sealing the archive: {e}")))??;
+    Ok((sealed, resources, entries))
 }
 
 /// A POSIX ustar header for a regular file (names here are short and ASCII).

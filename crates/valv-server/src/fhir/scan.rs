@@ -21,6 +21,10 @@ pub struct Scanner {
 
 /// Files scanned per look at the store.
 const BATCH: usize = 8;
+/// How long clamd may take to accept a piece, and to answer once the file is sent.
+const CLAMD_TIMEOUT: Duration = Duration::from_secs(120);
+/// Attempts at one file before it is marked `failed` (clamd keeps failing on it).
+const ATTEMPTS: u32 = 3;
 /// Segments decrypted and sent per piece (1 MiB).
 const RUN: u64 = 16;
 
@@ -28,8 +32,9 @@ const RUN: u64 = 16;
 pub async fn run(app: Arc<App>) {
     let Some(scanner) = app.files.scanner.as_ref() else { return };
     let mut unreachable_logged = false;
+    let mut attempts = std::collections::HashMap::new();
     loop {
-        match scan_pending(&app, scanner).await {
+        match scan_pending(&app, scanner, &mut attempts).await {
             Ok(n) => {
                 unreachable_logged = false;
                 if n == BATCH {
@@ -50,15 +55,27 @@ pub async fn run(app: Arc<App>) {
     }
 }
 
-/// Scans up to [`BATCH`] pending files; how many were looked at.
-async fn scan_pending(app: &App, scanner: &Scanner) -> Result<usize, String> {
+/// Scans up to [`BATCH`] pending files; how many were looked at. A file clamd or the storage
+/// fails on stays pending for the next round, up to [`ATTEMPTS`] times, then is `failed`: one
+/// file cannot hold up the others.
+async fn scan_pending(app: &App, scanner: &Scanner, attempts: &mut std::collections::HashMap<String, u32>) -> Result<usize, String> {
     let files = app.vault.store().files_to_scan(BATCH).await.map_err(|e| e.to_string())?;
+    let mut last_error = None;
     for f in &files {
         let status = match scan(app, scanner, f).await {
             Ok(s) => s,
-            // The store or clamd failed: leave it pending, try again later.
-            Err(e) => return Err(e),
+            Err(e) => {
+                let n = attempts.entry(f.object.clone()).or_insert(0);
+                *n += 1;
+                if *n < ATTEMPTS {
+                    last_error = Some(e);
+                    continue;
+                }
+                tracing::warn!(error = %e, binary = %f.binary_id, "the malware scanner failed on a file {ATTEMPTS} times: marked failed");
+                "failed"
+            }
         };
+        attempts.remove(&f.object);
         app.vault.store().set_file_scan(&f.object, status).await.map_err(|e| e.to_string())?;
         let counter = match status {
             "infected" => &app.metrics.files_infected,
@@ -71,7 +88,16 @@ async fn scan_pending(app: &App, scanner: &Scanner) -> Result<usize, String> {
             tracing::warn!(binary = %f.binary_id, "a file was found infected by the malware scanner; it is never served");
         }
     }
-    Ok(files.len())
+    match last_error {
+        Some(e) if files.len() < BATCH => Err(e),
+        _ => Ok(files.len()),
+    }
+}
+
+/// A storage error that will not pass by trying again (the object does not authenticate, is
+/// missing or short), against one that may (I/O).
+fn lasting(e: &valv_files::FilesError) -> bool {
+    !matches!(e, valv_files::FilesError::Io(_))
 }
 
 /// The scan status a file earns.
@@ -85,27 +111,31 @@ async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str,
         Err(valv_store::StoreError::Gone(_)) => return Ok("failed"),
         Err(e) => return Err(e.to_string()),
     };
-    let reader = match SealedReader::open(app.files.store.clone(), &f.object, &key, &super::binary::file_aad(&f.binary_id, &f.patient)).await {
-        Ok(r) => r,
-        Err(e) => {
+    let broken = |e: valv_files::FilesError| {
+        if lasting(&e) {
             tracing::error!(error = %e, binary = %f.binary_id, "a stored file failed its integrity check while being scanned");
-            return Ok("failed");
+            Ok("failed")
+        } else {
+            Err(format!("reading the file to scan: {e}"))
         }
     };
-    let mut session = scanner.clamd.start().await.map_err(|e| format!("clamd: {e}"))?;
+    let reader = match SealedReader::open(app.files.store.clone(), &f.object, &key, &super::binary::file_aad(&f.binary_id, &f.patient)).await {
+        Ok(r) => r,
+        Err(e) => return broken(e),
+    };
+    let timed = |what: &'static str| move |_| format!("clamd: no answer in {} s while {what}", CLAMD_TIMEOUT.as_secs());
+    let mut session = tokio::time::timeout(CLAMD_TIMEOUT, scanner.clamd.start()).await.map_err(timed("connecting"))?.map_err(|e| format!("clamd: {e}"))?;
     let mut at = 0;
     while at < reader.segments() {
         let run = match reader.segment_run(at, RUN).await {
             Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, binary = %f.binary_id, "a stored file failed its integrity check while being scanned");
-                return Ok("failed");
-            }
+            Err(e) => return broken(e),
         };
-        session.send(&run).await.map_err(|e| format!("clamd: {e}"))?;
+        tokio::time::timeout(CLAMD_TIMEOUT, session.send(&run)).await.map_err(timed("taking the file"))?.map_err(|e| format!("clamd: {e}"))?;
         at += RUN;
     }
-    Ok(match session.finish().await.map_err(|e| format!("clamd: {e}"))? {
+    let verdict = tokio::time::timeout(CLAMD_TIMEOUT, session.finish()).await.map_err(timed("answering"))?.map_err(|e| format!("clamd: {e}"))?;
+    Ok(match verdict {
         Verdict::Clean => "clean",
         Verdict::Infected(_) => "infected",
         Verdict::TooLarge => "unscannable",

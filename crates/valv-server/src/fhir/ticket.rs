@@ -67,8 +67,9 @@ fn limits(pairs: &[(String, String)]) -> Result<(u32, i64), ApiError> {
     Ok((uses, seconds))
 }
 
+/// Decided as its uses are: a read of that version of the Binary.
 fn ticket_touch<'a>(id: &'a str, patient: Option<&'a str>) -> Touch<'a> {
-    Touch { interaction: "ticket", action: Action::Read, resource_type: "Binary", id: Some(id), version: None, patient, query: None }
+    Touch { interaction: "ticket", action: Action::VRead, resource_type: "Binary", id: Some(id), version: None, patient, query: None }
 }
 
 /// `POST /fhir/Binary/{id}/$ticket`: a ticket to the Binary's current version for the caller.

@@ -37,7 +37,7 @@ fn tls_config(s: &Server, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
 }
 
 /// A TLS connection from `source` (ALPN `alpn`; none: the server detects the protocol).
-async fn connect(s: &Server, source: IpAddr, alpn: &[&[u8]]) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
+pub(crate) async fn connect(s: &Server, source: IpAddr, alpn: &[&[u8]]) -> std::io::Result<TlsStream<tokio::net::TcpStream>> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(source, 0))?;
     let tcp = sock.connect(SocketAddr::new(LEGIT, s.port)).await?;

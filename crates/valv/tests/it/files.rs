@@ -76,7 +76,8 @@ async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
     assert!(up.header("location").is_some_and(|l| l.ends_with(&format!("/Binary/{id}/_history/1"))));
     assert_eq!(up.json["contentType"], "image/png");
     assert_eq!(up.json["securityContext"]["reference"], format!("Patient/{mine}"));
-    let facts = &up.json["extension"][0]["extension"];
+    let facts = &up.json["meta"]["extension"][0]["extension"];
+    valv_fhir::r4::validate(&up.json).unwrap_or_else(|e| panic!("the answer is valid R4: {e:?}"));
     assert_eq!(facts[0]["valueDecimal"], content.len() as u64);
     assert_eq!(facts[1]["valueBase64Binary"], base64::engine::general_purpose::STANDARD.encode(sha));
     assert_eq!(objects(&s.data).len(), 1);
@@ -117,6 +118,7 @@ async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
     let json = s.request("GET", &format!("/fhir/Binary/{id}"), Some(&token), None, &[("accept", "application/fhir+json")]).await;
     assert_eq!(json.status, 200, "{}", json.text);
     assert_eq!(base64::engine::general_purpose::STANDARD.decode(json.json["data"].as_str().expect("data")).expect("base64"), content);
+    valv_fhir::r4::validate(&json.json).unwrap_or_else(|e| panic!("the JSON read is valid R4: {e:?}"));
     // Files never change.
     let update = serde_json::json!({"resourceType": "Binary", "id": id, "contentType": "text/plain"});
     s.request("PUT", &format!("/fhir/Binary/{id}"), Some(&s.data_key), Some(&update), &[]).await.outcome(405);
@@ -196,6 +198,22 @@ async fn tampered_truncated_and_swapped_files_fail_loudly_and_erasure_removes_th
     let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Tamper"}]})).await.id();
     let a_bytes: Vec<u8> = (0..2 * SEGMENT + 10).map(|i| (i % 251) as u8).collect();
     let b_bytes: Vec<u8> = (0..2 * SEGMENT + 10).map(|i| (i % 241) as u8).collect();
+    // An upload cut off half way (the connection dropped) leaves nothing behind.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = crate::exhaustion::connect(&s, "127.0.0.1".parse().expect("ip"), &[b"http/1.1"]).await.expect("connect");
+        let head = format!("POST /fhir/Binary HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\ncontent-type: application/dicom\r\nx-security-context: Patient/{patient}\r\ncontent-length: 10000000\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.expect("headers");
+        conn.write_all(&vec![7u8; 300_000]).await.expect("a part of the body");
+        conn.flush().await.expect("flush");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        drop(conn);
+        let start = std::time::Instant::now();
+        while !objects(&s.data).is_empty() || walk(&s.data.join("files")).iter().any(|p| p.extension().is_some_and(|e| e == "partial")) {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5), "a cut-off upload left {:?}", walk(&s.data.join("files")));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     let a = upload(&s, &key, &patient, "application/dicom", &a_bytes).await.id();
     let paths_a = objects(&s.data);
     let b = upload(&s, &key, &patient, "application/dicom", &b_bytes).await.id();
@@ -354,9 +372,19 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     let key = s.data_key.clone();
     let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Scan"}]})).await.id();
 
+    // Sent as FHIR JSON (never scanned), with a forged file extension claiming a clean scan: the
+    // extension is dropped, and the bytes are not served raw while a scanner is configured.
+    let forged = serde_json::json!({"resourceType": "Binary", "contentType": "application/octet-stream",
+        "securityContext": {"reference": format!("Patient/{patient}")}, "data": base64::engine::general_purpose::STANDARD.encode(EICAR),
+        "meta": {"extension": [{"url": "https://valv.dev/fhir/StructureDefinition/file", "extension": [{"url": "scan", "valueCode": "clean"}]}]}});
+    let json_binary = s.post("/fhir/Binary", &forged).await;
+    assert_eq!(json_binary.status, 201, "{}", json_binary.text);
+    assert!(json_binary.json["meta"].get("extension").is_none(), "the forged extension is not kept: {}", json_binary.text);
+    assert!(raw(&s, &key, &json_binary.id(), None).await.outcome(403).contains("never scanned"));
+
     let infected = upload(&s, &key, &patient, "application/octet-stream", EICAR).await;
     assert_eq!(infected.status, 201, "{}", infected.text);
-    assert_eq!(infected.json["extension"][0]["extension"][2]["valueCode"], "pending");
+    assert_eq!(infected.json["meta"]["extension"][0]["extension"][2]["valueCode"], "pending");
     let clean = upload(&s, &key, &patient, "text/plain", b"an ordinary referral letter").await.id();
     // Over the scanner's limit: marked, not passed.
     let big: Vec<u8> = (0..(1 << 20) + 10).map(|i| (i % 249) as u8).collect();
@@ -371,7 +399,7 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     let json = s.request("GET", &format!("/fhir/Binary/{}", infected.id()), Some(&key), None, &[("accept", "application/fhir+json")]).await;
     assert_eq!(json.status, 200, "{}", json.text);
     assert!(json.json.get("data").is_none(), "no data for an infected file: {}", json.text);
-    assert_eq!(json.json["extension"][0]["extension"][2]["valueCode"], "infected");
+    assert_eq!(json.json["meta"]["extension"][0]["extension"][2]["valueCode"], "infected");
     let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
     assert!(metrics.lines().any(|l| l == "valv_files_infected_total 1"), "{metrics}");
 }
