@@ -304,6 +304,7 @@ struct Clamd {
     dir: PathBuf,
     child: std::process::Child,
     port: u16,
+    scratch: PathBuf,
 }
 
 const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
@@ -319,9 +320,14 @@ impl Clamd {
         std::fs::remove_file(dir.join("eicar.com")).expect("remove eicar");
         let port = free_port();
         let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
+        // clamd keeps each stream in a temporary file while it scans: on a tmpfs, never a disk
+        // (docs/FILES.md).
+        let scratch = if Path::new("/dev/shm").is_dir() { PathBuf::from(format!("/dev/shm/valv-clamd-{port}")) } else { dir.join("tmp") };
+        std::fs::create_dir_all(&scratch).expect("clamd scratch");
         let conf = format!(
-            "Foreground yes\nDatabaseDirectory {d}/db\nTCPSocket {port}\nTCPAddr 127.0.0.1\nStreamMaxLength 1M\nLogFile {d}/clamd.log\nPidFile {d}/clamd.pid\n{user}",
+            "Foreground yes\nDatabaseDirectory {d}/db\nTemporaryDirectory {t}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nStreamMaxLength 1M\nLogFile {d}/clamd.log\nPidFile {d}/clamd.pid\n{user}",
             d = dir.display(),
+            t = scratch.display(),
             user = if root { "User root\n" } else { "" }
         );
         std::fs::write(dir.join("clamd.conf"), conf).expect("clamd.conf");
@@ -333,7 +339,7 @@ impl Clamd {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("clamd (apt-get install clamav-daemon; .ci/run does)");
-        let c = Clamd { dir, child, port };
+        let c = Clamd { dir, child, port, scratch };
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(start.elapsed() < std::time::Duration::from_secs(60), "clamd did not start: {}", std::fs::read_to_string(c.dir.join("clamd.log")).unwrap_or_default());
@@ -348,6 +354,7 @@ impl Drop for Clamd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 
@@ -402,6 +409,7 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     assert_eq!(json.json["meta"]["extension"][0]["extension"][2]["valueCode"], "infected");
     let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
     assert!(metrics.lines().any(|l| l == "valv_files_infected_total 1"), "{metrics}");
+    assert!(walk(&clamd.scratch).is_empty(), "clamd left decrypted files in its temporary folder");
 }
 
 fn free_port() -> u16 {
