@@ -170,9 +170,9 @@ async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
     assert!(of("read", 206).iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("bytes 65535-65536/"))));
     assert!(log.iter().any(|e| e["resource_id"] == theirs.id().as_str() && e["outcome"] == "denied" || e["resource_id"] == theirs.id().as_str() && e["status"] == 403), "{log:?}");
 
-    // Sealed at rest: no 8 bytes of the canary in any file under the data directory (database,
-    // WAL, objects, logs).
-    for f in walk(&s.data) {
+    // Sealed at rest: no 12 bytes of the canary in any file under the test's folder (database,
+    // WAL, objects, the server's log).
+    for f in walk(&s.dir) {
         let bytes = std::fs::read(&f).unwrap_or_default();
         assert!(!CANARY.windows(12).any(|w| contains(&bytes, w)), "canary bytes in {}", f.display());
     }
@@ -251,12 +251,52 @@ async fn tampered_truncated_and_swapped_files_fail_loudly_and_erasure_removes_th
     std::fs::write(&path_b, &orig_b).expect("restore");
     assert_eq!(raw(&s, &key, &b, None).await.bytes, b_bytes, "restored objects read again");
 
-    // Erased: the objects are deleted and the Binaries are gone.
+    // Another patient's object in this file's place fails too.
+    let other = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Other"}]})).await.id();
+    let before = objects(&s.data);
+    let c = upload(&s, &key, &other, "application/dicom", &a_bytes).await.id();
+    let path_c = objects(&s.data).into_iter().find(|p| !before.contains(p)).expect("c's object");
+    let orig_c = std::fs::read(&path_c).expect("c");
+    std::fs::write(&path_a, &orig_c).expect("swap across patients");
+    fails(get(a.clone()).await, &a_bytes, "another patient's object");
+    std::fs::write(&path_a, &orig_a).expect("restore");
+    assert_eq!(raw(&s, &key, &c, None).await.bytes, a_bytes);
+
+    // Erased: the objects are deleted, the Binaries are gone, and no data key the server holds
+    // opens the file keys any more (they were sealed under the destroyed one).
+    let sealed = sealed_file_keys(&s.data, &patient);
+    let on_sqlite = std::env::var("VALV_TEST_STORE").map_or(true, |v| v != "postgres");
+    assert_eq!(sealed.len(), if on_sqlite { 2 } else { 0 }, "both file keys read from the SQLite file");
+    assert!(sealed.iter().all(|k| opens_with_any_key(&s.data, k)), "the check opens them before");
     let out = run_ok(&s.data, &["erase", "--patient", &patient, "--reason", "GDPR Art. 17 request 2026-301"]);
     assert!(out.contains("2 files deleted"), "{out}");
-    assert!(objects(&s.data).is_empty());
+    assert_eq!(objects(&s.data), vec![path_c], "the other patient's object only");
+    assert!(!sealed.iter().any(|k| opens_with_any_key(&s.data, k)), "a file key still opens after the erasure");
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     assert_eq!(raw(&s, &key, &a, None).await.status, 410);
+}
+
+/// On SQLite: the patient's file keys as stored (Binary id, sealed key); empty on PostgreSQL.
+fn sealed_file_keys(data: &Path, patient: &str) -> Vec<(String, String, Vec<u8>)> {
+    let Ok(db) = rusqlite::Connection::open_with_flags(data.join("valv.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return Vec::new() };
+    let Ok(mut q) = db.prepare("SELECT binary_id, patient, sealed_key FROM files WHERE patient = ?1") else { return Vec::new() };
+    q.query_map([patient], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("query").map(|r| r.expect("row")).collect()
+}
+
+/// Whether any data key stored in the directory (unwrapped with its key file) opens a file key.
+fn opens_with_any_key(data: &Path, (binary, patient, sealed): &(String, String, Vec<u8>)) -> bool {
+    use valv_crypto::KeyProvider as _;
+    let kek = valv_crypto::LocalKeyProvider::parse(&std::fs::read_to_string(data.join("keys/kek.key")).expect("key file")).expect("kek");
+    let db = rusqlite::Connection::open_with_flags(data.join("valv.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("db");
+    let mut q = db.prepare("SELECT name, provider, kek_id, kek_version, wrapped FROM data_keys").expect("keys");
+    let keys: Vec<valv_crypto::DataKey> = q
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, valv_crypto::WrappedKey { provider: r.get(1)?, kek_id: r.get(2)?, kek_version: r.get(3)?, ciphertext: r.get(4)? })))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .map(|(name, w)| kek.unwrap(&w, &name).expect("every stored key unwraps"))
+        .collect();
+    let aad = valv_crypto::Aad { purpose: "file-key", resource_type: "Binary", id: binary, version: 1, patient };
+    keys.iter().any(|k| valv_crypto::open(k, &aad, sealed).is_ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
