@@ -203,6 +203,27 @@ pub struct FileRow {
     pub created: i64,
 }
 
+/// A resumable upload in progress (issue 13): the parts received so far are objects of their
+/// own (`<object>-<part>`), sealed under the file's key, which is sealed under the patient's data
+/// key as a file's is. Ephemeral: not in backups; a rotation of the patient's key ends it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRow {
+    pub id: String,
+    pub binary_id: String,
+    pub object: String,
+    pub patient: String,
+    /// The person or service that started it (only they may continue it).
+    pub agent: String,
+    pub sealed_key: Vec<u8>,
+    pub content_type: String,
+    /// The declared length, and the bytes received in whole parts so far.
+    pub length: u64,
+    pub received: u64,
+    pub parts: u32,
+    pub created: i64,
+    pub expires: i64,
+}
+
 /// A short-lived ticket to a file (issue 13): only the SHA-256 of its secret is kept. Tickets
 /// are ephemeral, like sessions: they are not in backups.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +399,15 @@ pub trait Store: Send + Sync {
     async fn delete_sessions_before(&self, created_before: i64) -> Result<usize, StoreError>;
     /// Ends every session of a user; returns how many there were.
     async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError>;
+    /// Stores a new upload session.
+    async fn put_upload(&self, upload: &UploadRow) -> Result<(), StoreError>;
+    async fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError>;
+    /// Records a part: `received` and `parts` move on only if `received` is still `from`
+    /// (another request did not store a part meanwhile); whether it did.
+    async fn advance_upload(&self, id: &str, from: u64, received: u64, parts: u32) -> Result<bool, StoreError>;
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError>;
+    /// Up to `limit` sessions that expired before `now`.
+    async fn expired_uploads(&self, now: i64, limit: usize) -> Result<Vec<UploadRow>, StoreError>;
     /// Stores a new ticket.
     async fn put_ticket(&self, ticket: &TicketRow) -> Result<(), StoreError>;
     /// Spends one use of the ticket with this hash if it is unexpired at `now`, not revoked and

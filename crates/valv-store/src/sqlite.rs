@@ -191,6 +191,23 @@ CREATE TABLE file_tickets (
 );
 CREATE INDEX file_tickets_binary ON file_tickets (binary_id, agent);
 CREATE INDEX file_tickets_expires ON file_tickets (expires);
+"#, r#"
+-- Resumable uploads in progress: the file key sealed under the patient's, parts received.
+CREATE TABLE uploads (
+    id TEXT PRIMARY KEY,
+    binary_id TEXT NOT NULL,
+    object TEXT NOT NULL,
+    patient TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    sealed_key BLOB NOT NULL,
+    content_type TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    received INTEGER NOT NULL,
+    parts INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
+CREATE INDEX uploads_expires ON uploads (expires);
 "#];
 
 const READERS: usize = 4;
@@ -939,6 +956,25 @@ fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
     Ok(WrappedKey { provider: r.get(0)?, kek_id: r.get(1)?, kek_version: r.get(2)?, ciphertext: r.get(3)? })
 }
 
+const UPLOAD_COLUMNS: &str = "id, binary_id, object, patient, agent, sealed_key, content_type, length, received, parts, created, expires";
+
+fn row_to_upload(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::UploadRow> {
+    Ok(crate::UploadRow {
+        id: r.get(0)?,
+        binary_id: r.get(1)?,
+        object: r.get(2)?,
+        patient: r.get(3)?,
+        agent: r.get(4)?,
+        sealed_key: r.get(5)?,
+        content_type: r.get(6)?,
+        length: r.get(7)?,
+        received: r.get(8)?,
+        parts: r.get(9)?,
+        created: r.get(10)?,
+        expires: r.get(11)?,
+    })
+}
+
 const TICKET_COLUMNS: &str = "hash, id, binary_id, version, agent, purpose, expires, uses, used, revoked, created, mac";
 
 fn row_to_ticket(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::TicketRow> {
@@ -1209,6 +1245,34 @@ impl Store for SqliteStore {
 
     async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {
         self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM files WHERE object = ?1")?.execute(params![object])? > 0))
+    }
+
+    async fn put_upload(&self, u: &crate::UploadRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            c.prepare_cached(&format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))?
+                .execute(params![u.id, u.binary_id, u.object, u.patient, u.agent, u.sealed_key, u.content_type, u.length, u.received, u.parts, u.created, u.expires])?;
+            Ok(())
+        })
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<crate::UploadRow>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = ?1"))?.query_row(params![id], row_to_upload).optional()?))
+    }
+
+    async fn advance_upload(&self, id: &str, from: u64, received: u64, parts: u32) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("UPDATE uploads SET received = ?3, parts = ?4 WHERE id = ?1 AND received = ?2")?.execute(params![id, from, received, parts])? > 0))
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
+        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute(params![id])? > 0))
+    }
+
+    async fn expired_uploads(&self, now: i64, limit: usize) -> Result<Vec<crate::UploadRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE expires < ?1 ORDER BY expires LIMIT ?2"))?;
+            let rows = stmt.query_map(params![now, limit as i64], row_to_upload)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     async fn put_ticket(&self, t: &crate::TicketRow) -> Result<(), StoreError> {
@@ -1728,6 +1792,15 @@ mod tests {
     async fn a_conditional_create_commits_only_while_nothing_matches() {
         let path = temp_db();
         crate::testkit::concurrent_conditional_creates_make_one(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn uploads_advance_only_from_where_they_are() {
+        let path = temp_db();
+        crate::testkit::uploads_advance_only_from_where_they_are(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

@@ -130,3 +130,35 @@ pub async fn tickets_are_spent_atomically(store: Arc<dyn Store>) {
     assert!(matches!(store.use_ticket(&[4; 32], 10).await.expect("use"), Some((_, false))));
     assert_eq!(store.delete_tickets_before(1_001).await.expect("delete"), 4);
 }
+
+/// Uploads: a part is recorded only on top of the count it was received after (two requests
+/// racing with the same offset: one wins); expired sessions are listed; deleted once.
+pub async fn uploads_advance_only_from_where_they_are(store: Arc<dyn Store>) {
+    use crate::UploadRow;
+    let u = UploadRow {
+        id: "u1".into(),
+        binary_id: "b1".into(),
+        object: "0123456789abcdef".into(),
+        patient: "p1".into(),
+        agent: "a1".into(),
+        sealed_key: vec![1; 60],
+        content_type: "application/dicom".into(),
+        length: 100,
+        received: 0,
+        parts: 0,
+        created: 1,
+        expires: 50,
+    };
+    store.put_upload(&u).await.expect("put");
+    assert_eq!(store.upload("u1").await.expect("read"), Some(u.clone()));
+    assert!(store.advance_upload("u1", 0, 40, 1).await.expect("advance"));
+    assert!(!store.advance_upload("u1", 0, 40, 1).await.expect("advance"), "a second part at the same offset is refused");
+    assert!(store.advance_upload("u1", 40, 100, 2).await.expect("advance"));
+    let now = store.upload("u1").await.expect("read").expect("there");
+    assert_eq!((now.received, now.parts), (100, 2));
+    assert!(store.expired_uploads(50, 10).await.expect("expired").is_empty(), "not before its expiry");
+    assert_eq!(store.expired_uploads(51, 10).await.expect("expired").len(), 1);
+    assert!(store.delete_upload("u1").await.expect("delete"));
+    assert!(!store.delete_upload("u1").await.expect("delete"));
+    assert_eq!(store.upload("u1").await.expect("read"), None);
+}

@@ -304,6 +304,27 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX file_tickets_expires ON file_tickets (expires);
     "#,
     ),
+    (
+        6,
+        r#"
+    -- Resumable uploads in progress: the file key sealed under the patient's, parts received.
+    CREATE TABLE uploads (
+        id TEXT PRIMARY KEY,
+        binary_id TEXT NOT NULL,
+        object TEXT NOT NULL,
+        patient TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        sealed_key BYTEA NOT NULL,
+        content_type TEXT NOT NULL,
+        length BIGINT NOT NULL,
+        received BIGINT NOT NULL,
+        parts INTEGER NOT NULL,
+        created BIGINT NOT NULL,
+        expires BIGINT NOT NULL
+    );
+    CREATE INDEX uploads_expires ON uploads (expires);
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
@@ -325,4 +346,5 @@ pub(super) const SERVING_GRANTS: &[(&str, &str)] = &[
     ("audit_checkpoints", "SELECT, INSERT"),
     ("files", "SELECT, INSERT, UPDATE, DELETE"),
     ("file_tickets", "SELECT, INSERT, UPDATE, DELETE"),
+    ("uploads", "SELECT, INSERT, UPDATE, DELETE"),
 ];

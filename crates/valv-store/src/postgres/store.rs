@@ -6,7 +6,7 @@
 use super::pool::Conn;
 use super::{int, is_unique_violation, pg, uint, PgStore, CONDITION_LOCK_SPACE, ERASURE_LOCK_SPACE, ERASURE_SEQ_LOCK};
 use crate::{
-    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, FileRow, Filter, TicketRow, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
+    ApiKeyRecord, AuditRow, AuditTile, ErasedPatient, ErasureRequestRow, ErasureRow, Expect, FileRow, Filter, TicketRow, UploadRow, GrantRow, KeyCensus, Located, Order, SessionRow, Store, StoreError, StoredCheckpoint,
     StoredVersion, Token, UserRow, WrappedKey, Write,
 };
 use async_trait::async_trait;
@@ -264,6 +264,25 @@ async fn replace_key_in(c: &mut Conn, patient: &str, old: &WrappedKey, new: &Wra
     Ok(())
 }
 
+const UPLOAD_COLUMNS: &str = "id, binary_id, object, patient, agent, sealed_key, content_type, length, received, parts, created, expires";
+
+fn row_to_upload(r: &Row) -> Result<UploadRow, StoreError> {
+    Ok(UploadRow {
+        id: r.get(0),
+        binary_id: r.get(1),
+        object: r.get(2),
+        patient: r.get(3),
+        agent: r.get(4),
+        sealed_key: r.get(5),
+        content_type: r.get(6),
+        length: uint(r.get(7))?,
+        received: uint(r.get(8))?,
+        parts: u32::try_from(r.get::<_, i32>(9)).map_err(|_| StoreError::Integrity("a negative part count".into()))?,
+        created: r.get(10),
+        expires: r.get(11),
+    })
+}
+
 const TICKET_COLUMNS: &str = "hash, id, binary_id, version, agent, purpose, expires, uses, used, revoked, created, mac";
 
 fn row_to_ticket(r: &Row) -> Result<TicketRow, StoreError> {
@@ -515,6 +534,53 @@ impl Store for PgStore {
             .await
             .map_err(pg("listing files to scan"))?;
         rows.iter().map(row_to_file).collect()
+    }
+
+    async fn put_upload(&self, u: &UploadRow) -> Result<(), StoreError> {
+        let parts = i32::try_from(u.parts).map_err(|_| StoreError::Backend("upload parts".into()))?;
+        self.pool
+            .get()
+            .await?
+            .execute(
+                &format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
+                &[&u.id, &u.binary_id, &u.object, &u.patient, &u.agent, &u.sealed_key, &u.content_type, &int(u.length)?, &int(u.received)?, &parts, &u.created, &u.expires],
+            )
+            .await
+            .map_err(pg("storing an upload"))?;
+        Ok(())
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadRow>, StoreError> {
+        let row = self.pool.get().await?.query_opt(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE id = $1"), &[&id]).await.map_err(pg("reading an upload"))?;
+        row.as_ref().map(row_to_upload).transpose()
+    }
+
+    async fn advance_upload(&self, id: &str, from: u64, received: u64, parts: u32) -> Result<bool, StoreError> {
+        let parts = i32::try_from(parts).map_err(|_| StoreError::Backend("upload parts".into()))?;
+        let n = self
+            .pool
+            .get()
+            .await?
+            .execute("UPDATE uploads SET received = $3, parts = $4 WHERE id = $1 AND received = $2", &[&id, &int(from)?, &int(received)?, &parts])
+            .await
+            .map_err(pg("recording an upload's part"))?;
+        Ok(n > 0)
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
+        let n = self.pool.get().await?.execute("DELETE FROM uploads WHERE id = $1", &[&id]).await.map_err(pg("ending an upload"))?;
+        Ok(n > 0)
+    }
+
+    async fn expired_uploads(&self, now: i64, limit: usize) -> Result<Vec<UploadRow>, StoreError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query(&format!("SELECT {UPLOAD_COLUMNS} FROM uploads WHERE expires < $1 ORDER BY expires LIMIT $2"), &[&now, &(limit as i64)])
+            .await
+            .map_err(pg("listing expired uploads"))?;
+        rows.iter().map(row_to_upload).collect()
     }
 
     async fn put_ticket(&self, t: &TicketRow) -> Result<(), StoreError> {

@@ -140,6 +140,12 @@ async fn concurrent_conditional_creates_of_one_condition_make_one_row() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_advance_only_from_where_they_are() {
+    let pg = Cluster::start();
+    crate::testkit::uploads_advance_only_from_where_they_are(Arc::new(migrated(&pg).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_are_spent_atomically() {
     let pg = Cluster::start();
     crate::testkit::tickets_are_spent_atomically(Arc::new(migrated(&pg).await)).await;
