@@ -518,6 +518,10 @@ async fn fhir_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -
                 })
             }
             fhir::binary::FileRequest::RevokeTickets { id } => ("fhir_binary_ticket", fhir::ticket::revoke_mine(app, &ctx, &id).await),
+            fhir::binary::FileRequest::UploadStart => ("fhir_binary_upload", fhir::resumable::start(app, &ctx, req).await),
+            fhir::binary::FileRequest::UploadAppend { session } => ("fhir_binary_upload", fhir::resumable::append(app, &ctx, &session, req).await),
+            fhir::binary::FileRequest::UploadStatus { session } => ("fhir_binary_upload", fhir::resumable::status(app, &ctx, &session).await),
+            fhir::binary::FileRequest::UploadAbort { session } => ("fhir_binary_upload", fhir::resumable::abort(app, &ctx, &session).await),
         };
         return match result {
             Ok(reply) => (route, Ok(reply)),
@@ -790,6 +794,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, tls: Arc<rustls::Server
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(fhir::run_exports(app.clone()));
     tokio::spawn(fhir::scan::run(app.clone()));
+    tokio::spawn(fhir::resumable::sweep(app.clone()));
     accept_until(app.clone(), listener, tls, shutdown, drain_rx).await;
     let open = app.limits.open_connections();
     tracing::info!(open, grace_secs = app.limits.settings.shutdown_grace.as_secs(), "shutting down: no new connections; finishing requests in flight");

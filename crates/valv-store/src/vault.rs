@@ -142,12 +142,12 @@ fn seal_file_key_with(patient_key: &DataKey, binary_id: &str, patient: &str, fil
     Ok(valv_crypto::seal(patient_key, random_bytes()?, &file_key_aad(binary_id, patient), file_key.expose()))
 }
 
-fn open_file_key_with(patient_key: &DataKey, row: &crate::FileRow) -> Result<DataKey, StoreError> {
-    let plain = zeroize::Zeroizing::new(valv_crypto::open(patient_key, &file_key_aad(&row.binary_id, &row.patient), &row.sealed_key).map_err(|e| {
+fn open_file_key_with(patient_key: &DataKey, binary_id: &str, patient: &str, sealed: &[u8]) -> Result<DataKey, StoreError> {
+    let plain = zeroize::Zeroizing::new(valv_crypto::open(patient_key, &file_key_aad(binary_id, patient), sealed).map_err(|e| {
         INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        StoreError::Integrity(format!("the key of the file of Binary/{} does not authenticate: {e}", row.binary_id))
+        StoreError::Integrity(format!("the key of the file of Binary/{binary_id} does not authenticate: {e}"))
     })?);
-    DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{}: {e}", row.binary_id)))
+    DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{binary_id}: {e}")))
 }
 
 /// Removes a client's copy of [`FILE_EXTENSION`] (it would claim a scan status it never had).
@@ -319,7 +319,7 @@ impl Vault {
             }
             let mut file_keys = Vec::new();
             for f in self.store.patient_files(patient).await? {
-                let file_key = open_file_key_with(&old_key, &f)?;
+                let file_key = open_file_key_with(&old_key, &f.binary_id, &f.patient, &f.sealed_key)?;
                 file_keys.push((f.object.clone(), seal_file_key_with(&new_key, &f.binary_id, &f.patient, &file_key)?));
             }
             match self.store.replace_patient_key(patient, &old, &new, &bodies, &file_keys, now).await {
@@ -353,16 +353,28 @@ impl Vault {
     /// A file's own key, opened with its patient's data key (read again from the store if the
     /// cached one was rotated meanwhile); fails loudly if it does not authenticate.
     pub async fn file_key(&self, row: &crate::FileRow, now: i64) -> Result<DataKey, StoreError> {
-        let (key, wrapped) = self.key_for(Some(&row.patient), now).await?;
-        match open_file_key_with(&key, row) {
+        self.open_sealed_file_key(&row.binary_id, &row.patient, &row.sealed_key, now).await
+    }
+
+    /// A file key for an upload in progress, sealed under the patient's current data key
+    /// (bound to the Binary and patient as a stored file's is).
+    pub async fn seal_file_key(&self, patient: &str, binary_id: &str, file_key: &DataKey, now: i64) -> Result<Vec<u8>, StoreError> {
+        let (key, _) = self.key_for(Some(patient), now).await?;
+        seal_file_key_with(&key, binary_id, patient, file_key)
+    }
+
+    /// Opens a file key sealed by [`Vault::seal_file_key`] or [`Vault::put_file`].
+    pub async fn open_sealed_file_key(&self, binary_id: &str, patient: &str, sealed: &[u8], now: i64) -> Result<DataKey, StoreError> {
+        let (key, wrapped) = self.key_for(Some(patient), now).await?;
+        match open_file_key_with(&key, binary_id, patient, sealed) {
             Ok(k) => Ok(k),
             Err(e) => {
-                self.forget_keys(std::iter::once(row.patient.as_str()));
-                let (fresh, fresh_wrapped) = self.key_for(Some(&row.patient), now).await?;
+                self.forget_keys(std::iter::once(patient));
+                let (fresh, fresh_wrapped) = self.key_for(Some(patient), now).await?;
                 if fresh_wrapped == wrapped {
                     return Err(e);
                 }
-                open_file_key_with(&fresh, row)
+                open_file_key_with(&fresh, binary_id, patient, sealed)
             }
         }
     }

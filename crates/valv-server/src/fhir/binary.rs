@@ -74,6 +74,11 @@ impl Files {
 pub enum FileRequest {
     Upload,
     Download { id: String, version: Option<u64> },
+    /// A resumable upload: started, continued, asked about, abandoned (see `fhir::resumable`).
+    UploadStart,
+    UploadAppend { session: String },
+    UploadStatus { session: String },
+    UploadAbort { session: String },
     /// `POST /fhir/Binary/{id}/$ticket` and `DELETE` (see `fhir::ticket`).
     Ticket { id: String },
     RevokeTickets { id: String },
@@ -87,6 +92,10 @@ pub fn file_request(req: &Request<Incoming>) -> Option<FileRequest> {
     let json_asked = query.split('&').any(|kv| kv.starts_with("_format="));
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (req.method(), segs.as_slice()) {
+        (&Method::POST, ["$upload"]) => Some(FileRequest::UploadStart),
+        (&Method::PATCH, ["$upload", s]) => Some(FileRequest::UploadAppend { session: s.to_string() }),
+        (&Method::HEAD, ["$upload", s]) => Some(FileRequest::UploadStatus { session: s.to_string() }),
+        (&Method::DELETE, ["$upload", s]) => Some(FileRequest::UploadAbort { session: s.to_string() }),
         (&Method::POST, []) if !is_fhir_json(header_str(req.headers(), header::CONTENT_TYPE)) => Some(FileRequest::Upload),
         (&Method::POST, [id, "$ticket"]) => Some(FileRequest::Ticket { id: id.to_string() }),
         (&Method::DELETE, [id, "$ticket"]) => Some(FileRequest::RevokeTickets { id: id.to_string() }),
@@ -123,7 +132,7 @@ pub(super) fn file_aad<'a>(binary_id: &'a str, patient: &'a str) -> Aad<'a> {
 
 /// What an upload names as its security context: `Patient/{id}`, or a resource of the patient
 /// (`DocumentReference/{id}`, …), as (type, id).
-fn security_context(h: &HeaderMap) -> Result<(String, String), ApiError> {
+pub(super) fn security_context(h: &HeaderMap) -> Result<(String, String), ApiError> {
     let value = h
         .get("x-security-context")
         .ok_or_else(|| ApiError::bad_request("a file upload needs X-Security-Context: Patient/{id}, the patient whose data the file is"))?
@@ -141,7 +150,7 @@ fn security_context(h: &HeaderMap) -> Result<(String, String), ApiError> {
 
 /// The patient a security context belongs to (`None` when it names nothing on this server, or
 /// a resource of no patient).
-async fn context_patient(app: &App, (resource_type, id): &(String, String)) -> Result<Option<String>, ApiError> {
+pub(super) async fn context_patient(app: &App, (resource_type, id): &(String, String)) -> Result<Option<String>, ApiError> {
     if resource_type == "Patient" {
         return Ok(Some(id.clone()));
     }
@@ -149,7 +158,7 @@ async fn context_patient(app: &App, (resource_type, id): &(String, String)) -> R
 }
 
 /// The uploaded file's media type: required, and a FHIR code (no control characters).
-fn upload_content_type(h: &HeaderMap) -> Result<String, ApiError> {
+pub(super) fn upload_content_type(h: &HeaderMap) -> Result<String, ApiError> {
     let ct = header_str(h, header::CONTENT_TYPE).map(str::trim).unwrap_or("");
     let valid = !ct.is_empty() && ct.len() <= 255 && ct.contains('/') && ct.chars().all(|c| c.is_ascii_graphic() || c == ' ') && !ct.contains("  ");
     if valid {
@@ -159,7 +168,7 @@ fn upload_content_type(h: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-fn file_error(e: FilesError) -> ApiError {
+pub(super) fn file_error(e: FilesError) -> ApiError {
     match e {
         FilesError::Sealed(m) => {
             tracing::error!(error = %m, "a stored file failed its integrity check");
@@ -180,7 +189,7 @@ fn vault_integrity() -> ApiError {
     ApiError::internal("stored data failed its integrity check; the incident has been logged")
 }
 
-fn upload_touch<'a>(id: &'a str, patient: Option<&'a str>) -> Touch<'a> {
+pub(super) fn upload_touch<'a>(id: &'a str, patient: Option<&'a str>) -> Touch<'a> {
     Touch { interaction: "create", action: Action::Create, resource_type: "Binary", id: Some(id), version: None, patient, query: None }
 }
 
@@ -241,15 +250,39 @@ pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Repl
     Ok(reply)
 }
 
-fn too_large(app: &App) -> ApiError {
+pub(super) fn too_large(app: &App) -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the file exceeds this server's limit of {} bytes", app.files.max_bytes))
 }
 
 /// Streams the body into a new sealed object and records it; on any failure nothing is left.
-async fn store(app: &App, mut body: Incoming, object: &str, id: &str, patient: &str, now: i64) -> Result<FileRow, ApiError> {
+async fn store(app: &App, body: Incoming, object: &str, id: &str, patient: &str, now: i64) -> Result<FileRow, ApiError> {
     let file_key = DataKey::from_bytes(random_bytes()?);
     let random = Randomness { salt: random_bytes()?, nonce_prefix: random_bytes()? };
     let mut writer = SealedWriter::create(&*app.files.store, object, &file_key, &file_aad(id, patient), &random).await.map_err(file_error)?;
+    receive(app, body, &mut writer, app.files.max_bytes).await?;
+    let written = writer.finish().await.map_err(file_error)?;
+    record(app, id, object, patient, &written, &file_key, now).await
+}
+
+/// Records a finished file under its patient (its key sealed under theirs).
+pub(super) async fn record(app: &App, id: &str, object: &str, patient: &str, written: &valv_files::sealed::Written, file_key: &DataKey, now: i64) -> Result<FileRow, ApiError> {
+    let row = FileRow {
+        binary_id: id.to_string(),
+        object: object.to_string(),
+        patient: patient.to_string(),
+        sealed_key: Vec::new(),
+        size: written.plaintext_len,
+        sha256: written.sha256,
+        scan: if app.files.scanner.is_some() { "pending" } else { "unscanned" }.to_string(),
+        created: now,
+    };
+    app.vault.put_file(row.clone(), file_key, now).await?;
+    Ok(row)
+}
+
+/// Streams a request body into `writer`, at most `limit` bytes, kept to the minimum rate (no
+/// total time limit: a large file on a slow link is legitimate); how many bytes came.
+pub(super) async fn receive(app: &App, mut body: Incoming, writer: &mut SealedWriter, limit: u64) -> Result<u64, ApiError> {
     let limits = &app.limits;
     let start = tokio::time::Instant::now();
     let mut received: u64 = 0;
@@ -267,28 +300,13 @@ async fn store(app: &App, mut body: Incoming, object: &str, id: &str, patient: &
         let Some(frame) = frame else { break };
         let Ok(data) = frame.map_err(|_| ApiError::bad_request("the file could not be read to its end (the upload was cut off)"))?.into_data() else { continue };
         received += data.len() as u64;
-        if received > app.files.max_bytes {
+        if received > limit {
             limits.counters.bodies_too_large.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(too_large(app));
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too-costly", format!("the body exceeds the {limit} bytes it may have")));
         }
         writer.write(&data).await.map_err(file_error)?;
     }
-    let written = writer.finish().await.map_err(file_error)?;
-    let row = FileRow {
-        binary_id: id.to_string(),
-        object: object.to_string(),
-        patient: patient.to_string(),
-        sealed_key: Vec::new(),
-        size: written.plaintext_len,
-        sha256: written.sha256,
-        scan: if app.files.scanner.is_some() { "pending" } else { "unscanned" }.to_string(),
-        created: now,
-    };
-    if let Err(e) = app.vault.put_file(row.clone(), &file_key, now).await {
-        let _ = app.files.store.delete(object).await;
-        return Err(e.into());
-    }
-    Ok(row)
+    Ok(received)
 }
 
 /// A file's body has no total time limit (a large file on a slow link is legitimate), only
@@ -300,10 +318,10 @@ fn upload_deadline(app: &App, start: tokio::time::Instant, received: u64) -> tok
 
 /// An upload whose Binary has not committed: dropped while it still holds the object, it
 /// removes the object and its record (on a task of its own: a drop cannot wait).
-struct Unfinished {
-    store: Arc<dyn valv_store::Store>,
-    files: Arc<dyn ObjectStore>,
-    object: Option<String>,
+pub(super) struct Unfinished {
+    pub(super) store: Arc<dyn valv_store::Store>,
+    pub(super) files: Arc<dyn ObjectStore>,
+    pub(super) object: Option<String>,
 }
 
 impl Drop for Unfinished {

@@ -10,6 +10,7 @@ pub mod binary;
 pub mod export;
 mod include;
 mod patch;
+pub mod resumable;
 pub mod scan;
 pub mod ticket;
 pub use bulk::{pairs_from_parameters as export_pairs, run as run_exports, Exports, Level as ExportLevel, NDJSON};

@@ -581,3 +581,70 @@ async fn a_patients_export_holds_their_files_opened_by_the_reference_age() {
     assert_eq!(listed[0]["contentType"], "image/jpeg");
     assert_eq!(listed[0]["sha256"], Sha256::digest(&scan).iter().map(|b| format!("{b:02x}")).collect::<String>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumable_upload_survives_a_cut_off_part_and_becomes_one_file() {
+    let s = Server::start("files-resumable");
+    let key = s.data_key.clone();
+    let p = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Resumed"}]})).await.id();
+    let content: Vec<u8> = (0..3 * SEGMENT + 777).map(|i| (i * 7 % 251) as u8).collect();
+    let context = format!("Patient/{p}");
+    let total = content.len().to_string();
+    let start = |length: &str| {
+        let (s, key, context, length) = (&s, key.clone(), context.clone(), length.to_string());
+        async move { s.request_raw("POST", "/fhir/Binary/$upload", Some(&key), None, &[("content-type", "image/png"), ("x-security-context", &context), ("upload-length", &length)]).await }
+    };
+    start("").await.outcome(400);
+    start(&(9u64 << 30).to_string()).await.outcome(413);
+    let started = start(&total).await;
+    assert_eq!(started.status, 201, "{}", started.text);
+    let location = started.header("location").expect("Location");
+    let session = location[location.find("/fhir/").expect("path")..].to_string();
+    assert_eq!(started.header("upload-offset"), Some("0"));
+    let part = |from: usize, to: usize, offset: usize| {
+        let (s, key, session, body) = (&s, key.clone(), session.clone(), content[from..to].to_vec());
+        async move { s.request_raw("PATCH", &session, Some(&key), Some(body), &[("content-type", "application/offset+octet-stream"), ("upload-offset", &offset.to_string())]).await }
+    };
+    let first = part(0, 100_000, 0).await;
+    assert_eq!((first.status, first.header("upload-offset")), (204, Some("100000")), "{}", first.text);
+    part(0, 100_000, 0).await.outcome(409);
+    // Another client cannot continue it.
+    let auditor = s.auditor_key.clone();
+    s.request_raw("PATCH", &session, Some(&auditor), Some(content[100_000..].to_vec()), &[("content-type", "application/offset+octet-stream"), ("upload-offset", "100000")]).await.outcome(404);
+
+    // A part cut off half way counts for nothing.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut conn = crate::exhaustion::connect(&s, "127.0.0.1".parse().expect("ip"), &[b"http/1.1"]).await.expect("connect");
+        let head = format!("PATCH {session} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {key}\r\ncontent-type: application/offset+octet-stream\r\nupload-offset: 100000\r\ncontent-length: 97385\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.expect("headers");
+        conn.write_all(&content[100_000..150_000]).await.expect("half a part");
+        conn.flush().await.expect("flush");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let head = s.request("HEAD", &session, Some(&key), None, &[]).await;
+    assert_eq!((head.status, head.header("upload-offset"), head.header("upload-length")), (200, Some("100000"), Some(total.as_str())));
+    assert_eq!(objects(&s.data).len(), 1, "the first part only: {:?}", objects(&s.data));
+
+    let last = part(100_000, content.len(), 100_000).await;
+    assert_eq!(last.status, 201, "{}", last.text);
+    let id = last.id();
+    assert_eq!(last.json["meta"]["extension"][0]["extension"][1]["valueBase64Binary"], base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&content)));
+    assert_eq!(raw(&s, &key, &id, None).await.bytes, content, "the parts became one file");
+    assert_eq!(objects(&s.data).len(), 1, "the parts are gone, the file's object stays");
+    assert_eq!(s.request("HEAD", &session, Some(&key), None, &[]).await.status, 404, "the session is over");
+
+    // Abandoned: nothing stays.
+    let other = start(&total).await;
+    let loc = other.header("location").expect("Location");
+    let abandoned = loc[loc.find("/fhir/").expect("path")..].to_string();
+    let r = s.request_raw("PATCH", &abandoned, Some(&key), Some(content[..5000].to_vec()), &[("content-type", "application/offset+octet-stream"), ("upload-offset", "0")]).await;
+    assert_eq!(r.status, 204, "{}", r.text);
+    assert_eq!(s.request("DELETE", &abandoned, Some(&key), None, &[]).await.status, 204);
+    assert_eq!(s.request("HEAD", &abandoned, Some(&key), None, &[]).await.status, 404);
+    assert_eq!(objects(&s.data).len(), 1, "the abandoned part is gone");
+    let log = audit_log(&s.data);
+    assert!(log.iter().any(|e| e["interaction"] == "upload-part" && e["reason"].as_str().is_some_and(|r| r.contains("bytes 0-99999/"))), "each part audited");
+    assert!(log.iter().any(|e| e["status"] == 201 && e["reason"].as_str().is_some_and(|r| r.contains("resumable upload in 2 parts; file sha256="))));
+}
