@@ -90,11 +90,13 @@ pub async fn start(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply
         created: ctx.now,
         expires: ctx.now + LIFETIME_MS,
     };
-    let touch = upload_touch(&id, Some(&session.patient));
-    let mut entry = ctx.permitted(&Touch { interaction: "upload-start", ..touch }, 201, &permit)?;
+    let touch = Touch { interaction: "upload-start", ..upload_touch(&id, Some(&session.patient)) };
+    if let Err(e) = app.vault.store().put_upload(&session).await {
+        return Err(audit_failure(app, ctx, &touch, e.into()).await);
+    }
+    let mut entry = ctx.permitted(&touch, 201, &permit)?;
     entry.reason = format!("{}; resumable upload of {length} bytes", entry.reason);
     audit(app, vec![entry]).await?;
-    app.vault.store().put_upload(&session).await?;
     let mut reply = Reply::empty(StatusCode::CREATED);
     reply.headers.push(("location", format!("{}/Binary/$upload/{}", app.base_url, session.id)));
     progress(&mut reply, &session);
