@@ -505,7 +505,10 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
     } else {
         match content {
             Content::Inline(bytes) => crate::http::body::Body::full(bytes.slice(start as usize..end as usize)),
-            Content::File(_, reader) => stream_file(*reader, start, end, memory),
+            Content::File(f, reader) => {
+                let whole = start == 0 && end == f.size;
+                stream_file(*reader, start, end, memory, whole.then_some(f.sha256))
+            }
         }
     };
     reply.stream = Some((content_type.into(), body));
@@ -558,7 +561,12 @@ pub(super) async fn read_whole(app: &App, file: &FileRow, now: i64) -> Result<Ve
         tracing::error!("a stored file's length differs from its record (truncated or replaced?)");
         return Err(vault_integrity());
     }
-    reader.range(0, file.size).await.map_err(file_error)
+    let bytes = reader.range(0, file.size).await.map_err(file_error)?;
+    if <[u8; 32]>::from(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) != file.sha256 {
+        tracing::error!("a stored file's content does not match its recorded SHA-256 (record or object replaced?)");
+        return Err(vault_integrity());
+    }
+    Ok(bytes)
 }
 
 /// Only files that passed the scan (or were stored without a scanner, or are beyond its limits
@@ -576,13 +584,17 @@ pub(super) fn check_scan(file: &FileRow, serve_unscannable: bool) -> Result<(), 
 
 /// Decrypts `[start, end)` a run of segments at a time into a streamed body; a segment that
 /// fails to open ends the body early (the client sees a truncated transfer, never wrong bytes).
-fn stream_file(reader: SealedReader, start: u64, end: u64, memory: Option<crate::http::limits::Reservation>) -> crate::http::body::Body {
+/// A whole file is also checked against its recorded SHA-256 (`expect`): its last piece is sent
+/// only if the digest of everything before and it matches.
+fn stream_file(reader: SealedReader, start: u64, end: u64, memory: Option<crate::http::limits::Reservation>, expect: Option<[u8; 32]>) -> crate::http::body::Body {
     let (tx, body) = crate::http::body::Body::channel();
     tokio::spawn(async move {
+        use sha2::Digest as _;
         // Held until the last piece is handed over.
         let _memory = memory;
         let seg = SEGMENT as u64;
         let mut at = start;
+        let mut digest = expect.map(|_| sha2::Sha256::new());
         while at < end {
             let first = at / seg;
             // Only the segments the range covers are read and opened.
@@ -603,6 +615,14 @@ fn stream_file(reader: SealedReader, start: u64, end: u64, memory: Option<crate:
             }
             let piece = Bytes::from(run).slice(a..b);
             at = base + b as u64;
+            if let Some(d) = digest.as_mut() {
+                d.update(&piece);
+            }
+            if at >= end && digest.take().is_some_and(|d| Some(<[u8; 32]>::from(d.finalize())) != expect) {
+                tracing::error!("a stored file's content does not match its recorded SHA-256 (record or object replaced?)");
+                let _ = tx.send(Err(std::io::Error::other("the file does not match its recorded SHA-256"))).await;
+                return;
+            }
             match tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(piece))).await {
                 Ok(Ok(())) => {}
                 _ => return,

@@ -251,6 +251,19 @@ async fn tampered_truncated_and_swapped_files_fail_loudly_and_erasure_removes_th
     std::fs::write(&path_b, &orig_b).expect("restore");
     assert_eq!(raw(&s, &key, &b, None).await.bytes, b_bytes, "restored objects read again");
 
+    // A record whose SHA-256 was changed in the database: a whole read fails at its last piece
+    // (the segments all authenticate, the content is not the one recorded); ranges still read.
+    let db = s.db();
+    let hex_of = if db.is_postgres() { "encode(sha256, 'hex')" } else { "hex(sha256)" };
+    let original = db.query(&format!("SELECT {hex_of} FROM files WHERE binary_id = '{b}'"));
+    let zeros = if db.is_postgres() { "decode(repeat('00', 32), 'hex')" } else { "zeroblob(32)" };
+    assert_eq!(db.execute(&format!("UPDATE files SET sha256 = {zeros} WHERE binary_id = '{b}'")), 1);
+    fails(get(b.clone()).await, &b_bytes, "a changed SHA-256");
+    assert_eq!(raw(&s, &key, &b, Some("bytes=0-9")).await.bytes, b_bytes[..10], "a range is not the whole file");
+    let hex_back = if db.is_postgres() { format!("decode('{}', 'hex')", original[0][0].to_lowercase()) } else { format!("x'{}'", original[0][0]) };
+    assert_eq!(db.execute(&format!("UPDATE files SET sha256 = {hex_back} WHERE binary_id = '{b}'")), 1);
+    assert_eq!(raw(&s, &key, &b, None).await.bytes, b_bytes, "the record restored");
+
     // Another patient's object in this file's place fails too.
     let other = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Other"}]})).await.id();
     let before = objects(&s.data);
