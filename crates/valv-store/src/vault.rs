@@ -143,11 +143,25 @@ fn seal_file_key_with(patient_key: &DataKey, binary_id: &str, patient: &str, fil
 }
 
 fn open_file_key_with(patient_key: &DataKey, binary_id: &str, patient: &str, sealed: &[u8]) -> Result<DataKey, StoreError> {
-    let plain = zeroize::Zeroizing::new(valv_crypto::open(patient_key, &file_key_aad(binary_id, patient), sealed).map_err(|e| {
-        INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        StoreError::Integrity(format!("the key of the file of Binary/{binary_id} does not authenticate: {e}"))
-    })?);
+    let plain = zeroize::Zeroizing::new(valv_crypto::open(patient_key, &file_key_aad(binary_id, patient), sealed).map_err(|e| file_key_failure(binary_id, OpenFailure::Crypto(e)))?);
     DataKey::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{binary_id}: {e}")))
+}
+
+/// Why [`Vault::open_under`] opened nothing: no key, or the sealed bytes do not authenticate.
+enum OpenFailure {
+    Store(StoreError),
+    Crypto(valv_crypto::CryptoError),
+}
+
+/// A file key that does not open (counted as an integrity failure), or the store's error.
+fn file_key_failure(binary_id: &str, e: OpenFailure) -> StoreError {
+    match e {
+        OpenFailure::Store(e) => e,
+        OpenFailure::Crypto(e) => {
+            INTEGRITY_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            StoreError::Integrity(format!("the key of the file of Binary/{binary_id} does not authenticate: {e}"))
+        }
+    }
 }
 
 /// Removes a client's copy of [`FILE_EXTENSION`] (it would claim a scan status it never had).
@@ -365,16 +379,26 @@ impl Vault {
 
     /// Opens a file key sealed by [`Vault::seal_file_key`] or [`Vault::put_file`].
     pub async fn open_sealed_file_key(&self, binary_id: &str, patient: &str, sealed: &[u8], now: i64) -> Result<DataKey, StoreError> {
-        let (key, wrapped) = self.key_for(Some(patient), now).await?;
-        match open_file_key_with(&key, binary_id, patient, sealed) {
-            Ok(k) => Ok(k),
-            Err(e) => {
-                self.forget_keys(std::iter::once(patient));
-                let (fresh, fresh_wrapped) = self.key_for(Some(patient), now).await?;
+        let aad = file_key_aad(binary_id, patient);
+        let plain = self.open_under(Some(patient), now, |key| valv_crypto::open(key, &aad, sealed)).await.map_err(|e| file_key_failure(binary_id, e))?;
+        DataKey::from_slice(&zeroize::Zeroizing::new(plain)).map_err(|e| StoreError::Integrity(format!("the key of the file of Binary/{binary_id}: {e}")))
+    }
+
+    /// Opens what is sealed under a patient's data key (or the tenant key). The cached key may
+    /// have been rotated by another process: on failure the stored one is read, and tried only
+    /// if it is another key. The error is the last attempt's.
+    async fn open_under(&self, patient: Option<&str>, now: i64, open: impl Fn(&DataKey) -> Result<Vec<u8>, valv_crypto::CryptoError>) -> Result<Vec<u8>, OpenFailure> {
+        let (key, wrapped) = self.key_for(patient, now).await.map_err(OpenFailure::Store)?;
+        match (open(&key), patient) {
+            (Ok(plain), _) => Ok(plain),
+            (Err(e), None) => Err(OpenFailure::Crypto(e)),
+            (Err(e), Some(p)) => {
+                self.forget_keys(std::iter::once(p));
+                let (fresh, fresh_wrapped) = self.key_for(Some(p), now).await.map_err(OpenFailure::Store)?;
                 if fresh_wrapped == wrapped {
-                    return Err(e);
+                    return Err(OpenFailure::Crypto(e));
                 }
-                open_file_key_with(&fresh, binary_id, patient, sealed)
+                open(&fresh).map_err(OpenFailure::Crypto)
             }
         }
     }
@@ -396,22 +420,11 @@ impl Vault {
     /// The plaintext JSON of a stored (not deleted) version; fails loudly if it does not
     /// authenticate under its patient's key and its own type, id and version.
     pub async fn open_bytes(&self, v: &StoredVersion, now: i64) -> Result<Vec<u8>, StoreError> {
-        let (key, wrapped) = self.key_for(v.patient.as_deref(), now).await?;
         let aad = resource_aad(v);
-        match (valv_crypto::open(&key, &aad, &v.body), v.patient.as_deref()) {
-            (Ok(plain), _) => Ok(plain),
-            (Err(e), None) => Err(integrity_failure(v, &e)),
-            // The cached key may have been rotated by another process: read the stored one, and
-            // try again only if it is another key.
-            (Err(e), Some(p)) => {
-                self.forget_keys(std::iter::once(p));
-                let (fresh, fresh_wrapped) = self.key_for(Some(p), now).await?;
-                if fresh_wrapped == wrapped {
-                    return Err(integrity_failure(v, &e));
-                }
-                valv_crypto::open(&fresh, &aad, &v.body).map_err(|e| integrity_failure(v, &e))
-            }
-        }
+        self.open_under(v.patient.as_deref(), now, |key| valv_crypto::open(key, &aad, &v.body)).await.map_err(|e| match e {
+            OpenFailure::Store(e) => e,
+            OpenFailure::Crypto(e) => integrity_failure(v, &e),
+        })
     }
 
     /// Opens a stored version (a deletion has no body).
@@ -942,7 +955,9 @@ mod tests {
         // file put after the rotation with the old key cached.
         operator.rotate_patient_key(&p, 4).await.expect("rotate");
         let stored = store.file(&binary).await.expect("read").expect("recorded");
+        let failures = integrity_failures();
         assert_eq!(server.file_key(&stored, 5).await.expect("open after rotation").expose(), file_key.expose());
+        assert_eq!(integrity_failures(), failures, "a rotation is no integrity failure");
 
         // Bound to its Binary and patient: the same sealed key on another row does not open.
         let moved = crate::FileRow { binary_id: "another".into(), ..stored.clone() };
