@@ -17,7 +17,7 @@
 //! of the content is a new Binary.
 
 use crate::error::ApiError;
-use crate::request::{audit, audit_failure, authorize, Ctx, Touch};
+use crate::request::{audit, audit_failure, authorize, Ctx, Permit, Touch};
 use crate::{App, Reply};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -196,28 +196,12 @@ pub(super) fn upload_touch<'a>(id: &'a str, patient: Option<&'a str>) -> Touch<'
 /// `POST /fhir/Binary` with the file as the body.
 pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply, ApiError> {
     let content_type = upload_content_type(req.headers())?;
-    let context = security_context(req.headers())?;
     let id = vault::new_id()?;
-    // Decided on the patient the context belongs to; one that names nothing here is decided as
-    // no patient's (people are refused, as for another patient's), so that existence is not told.
-    let owner = context_patient(app, &context).await?;
-    let touch = upload_touch(&id, owner.as_deref());
-    let permit = authorize(app, ctx, &touch).await?;
-    let Some(patient) = owner else {
-        let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", format!("{}/{} names no patient's data on this server", context.0, context.1));
-        return Err(audit_failure(app, ctx, &touch, e).await);
-    };
+    let (patient, permit) = decide_upload(app, ctx, req.headers(), &id, "create").await?;
     let touch = upload_touch(&id, Some(&patient));
     let declared = header_str(req.headers(), header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.files.max_bytes) {
         return Err(audit_failure(app, ctx, &touch, too_large(app)).await);
-    }
-    match app.vault.locate("Patient", &patient).await? {
-        Some(l) if !l.deleted && !app.vault.is_erased(&patient) => {}
-        _ => {
-            let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", format!("Patient/{patient} does not exist on this server"));
-            return Err(audit_failure(app, ctx, &touch, e).await);
-        }
     }
     let Ok(_slot) = app.files.uploads.try_acquire() else {
         let e = ApiError::unavailable("too many uploads are in progress; try again shortly").retry_after(5);
@@ -232,20 +216,45 @@ pub async fn upload(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Repl
         Ok(s) => s,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
-    let body = json!({"resourceType": "Binary", "contentType": content_type, "securityContext": {"reference": format!("Patient/{patient}")}});
-    let op = WriteOp::Create { resource_type: "Binary".into(), id: id.clone(), body, unless: None };
+    commit_upload(app, ctx, &touch, &mut guard, &content_type, &stored, &permit.reason).await
+}
+
+/// Decides an upload (in one request or resumable) for the patient its `X-Security-Context`
+/// names, who must exist and not be erased (no key is ever made for an invented id): the
+/// patient and the permit. A context that names nothing here is decided as no patient's —
+/// people are refused as for another patient's, so existence is not told — then 422.
+pub(super) async fn decide_upload(app: &App, ctx: &Ctx, headers: &HeaderMap, id: &str, interaction: &'static str) -> Result<(String, Permit), ApiError> {
+    let context = security_context(headers)?;
+    let owner = context_patient(app, &context).await?;
+    let touch = Touch { interaction, ..upload_touch(id, owner.as_deref()) };
+    let permit = authorize(app, ctx, &touch).await?;
+    let refused = match owner.as_deref() {
+        None => format!("{}/{} names no patient's data on this server", context.0, context.1),
+        Some(p) => match app.vault.locate("Patient", p).await? {
+            Some(l) if !l.deleted && !app.vault.is_erased(p) => return Ok((p.to_string(), permit)),
+            _ => format!("Patient/{p} does not exist on this server"),
+        },
+    };
+    Err(audit_failure(app, ctx, &touch, ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", refused)).await)
+}
+
+/// Commits the Binary of a stored and recorded file (its guard disarmed then), wakes the
+/// scanner, and records the upload's success with `note`, the SHA-256 and size: the 201 answer.
+pub(super) async fn commit_upload(app: &App, ctx: &Ctx, touch: &Touch<'_>, guard: &mut Unfinished, content_type: &str, stored: &FileRow, note: &str) -> Result<Reply, ApiError> {
+    let body = json!({"resourceType": "Binary", "contentType": content_type, "securityContext": {"reference": format!("Patient/{}", stored.patient)}});
+    let op = WriteOp::Create { resource_type: "Binary".into(), id: stored.binary_id.clone(), body, unless: None };
     let committed = match super::commit(app, vec![op], ctx.now).await.map_err(ApiError::from).and_then(|mut c| c.pop().ok_or_else(|| ApiError::internal("the store returned no result"))) {
         Ok(c) => c,
-        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+        Err(e) => return Err(audit_failure(app, ctx, touch, e).await),
     };
     guard.object = None;
     app.files.scan_wake.notify_one();
-    let reason = format!("{}; file sha256={} bytes={}", permit.reason, valv_crypto::hex::encode(&stored.sha256), stored.size);
-    let done = Touch { version: Some(1), ..touch };
+    let reason = format!("{note}; file sha256={} bytes={}", valv_crypto::hex::encode(&stored.sha256), stored.size);
+    let done = Touch { version: Some(1), query: None, ..*touch };
     audit(app, vec![ctx.event(&done, crate::audit::Outcome::Success, 201, &reason)?]).await?;
     let mut reply = super::write_reply(ctx, StatusCode::CREATED, committed.resource);
     if let Some(body) = reply.body.as_mut() {
-        describe(body, &stored);
+        describe(body, stored);
     }
     Ok(reply)
 }

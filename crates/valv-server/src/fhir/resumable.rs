@@ -19,7 +19,7 @@
 //! patient for the person or service that started the session (nobody else may continue it)
 //! and audited. Sessions last a day; `sweep` removes expired ones with their parts.
 
-use super::binary::{context_patient, file_aad, file_error, receive, record, security_context, too_large, upload_content_type, upload_touch, Unfinished};
+use super::binary::{commit_upload, decide_upload, file_aad, file_error, receive, record, too_large, upload_content_type, upload_touch, Unfinished};
 use crate::error::ApiError;
 use crate::request::{audit, audit_failure, authorize, Ctx, Touch};
 use crate::{App, Reply};
@@ -31,7 +31,7 @@ use std::time::Duration;
 use valv_crypto::stream::Randomness;
 use valv_crypto::{Aad, DataKey};
 use valv_files::sealed::{SealedReader, SealedWriter};
-use valv_store::vault::{self, random_bytes, WriteOp};
+use valv_store::vault::{self, random_bytes};
 use valv_store::UploadRow;
 
 /// How long a session may take from its start.
@@ -61,16 +61,10 @@ fn progress(reply: &mut Reply, u: &UploadRow) {
 /// `POST /fhir/Binary/$upload`: starts a session.
 pub async fn start(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply, ApiError> {
     let content_type = upload_content_type(req.headers())?;
-    let context = security_context(req.headers())?;
     let length = header_u64(req.headers(), "upload-length")?;
     let id = vault::new_id()?;
-    let owner = context_patient(app, &context).await?;
-    let touch = Touch { interaction: "upload-start", ..upload_touch(&id, owner.as_deref()) };
-    let permit = authorize(app, ctx, &touch).await?;
-    let Some(patient) = owner.clone() else {
-        let e = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "processing", format!("{}/{} names no patient's data on this server", context.0, context.1));
-        return Err(audit_failure(app, ctx, &touch, e).await);
-    };
+    let (patient, permit) = decide_upload(app, ctx, req.headers(), &id, "upload-start").await?;
+    let touch = Touch { interaction: "upload-start", ..upload_touch(&id, Some(&patient)) };
     if length == 0 || length > app.files.max_bytes {
         let e = if length == 0 { ApiError::bad_request("Upload-Length must be at least 1 byte (send an empty file in one request)") } else { too_large(app) };
         return Err(audit_failure(app, ctx, &touch, e).await);
@@ -81,7 +75,7 @@ pub async fn start(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply
         binary_id: id.clone(),
         object: valv_crypto::hex::encode(&random_bytes::<16>()?),
         sealed_key: app.vault.seal_file_key(&patient, &id, &file_key, ctx.now).await?,
-        patient,
+        patient: patient.clone(),
         agent: ctx.principal.id.clone(),
         content_type,
         length,
@@ -90,7 +84,6 @@ pub async fn start(app: &App, ctx: &Ctx, req: Request<Incoming>) -> Result<Reply
         created: ctx.now,
         expires: ctx.now + LIFETIME_MS,
     };
-    let touch = Touch { interaction: "upload-start", ..upload_touch(&id, Some(&session.patient)) };
     if let Err(e) = app.vault.store().put_upload(&session).await {
         return Err(audit_failure(app, ctx, &touch, e.into()).await);
     }
@@ -224,22 +217,8 @@ async fn complete(app: &App, ctx: &Ctx, u: UploadRow, file_key: &DataKey) -> Res
         Ok(s) => s,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
-    let body = serde_json::json!({"resourceType": "Binary", "contentType": u.content_type, "securityContext": {"reference": format!("Patient/{}", u.patient)}});
-    let op = WriteOp::Create { resource_type: "Binary".into(), id: u.binary_id.clone(), body, unless: None };
-    let committed = match super::commit(app, vec![op], ctx.now).await.map_err(ApiError::from).and_then(|mut c| c.pop().ok_or_else(|| ApiError::internal("the store returned no result"))) {
-        Ok(c) => c,
-        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
-    };
-    guard.object = None;
+    let mut reply = commit_upload(app, ctx, &touch, &mut guard, &u.content_type, &stored, &format!("resumable upload in {} parts", u.parts)).await?;
     discard(app, &u).await;
-    app.files.scan_wake.notify_one();
-    let done = Touch { version: Some(1), ..touch };
-    let reason = format!("resumable upload in {} parts; file sha256={} bytes={}", u.parts, valv_crypto::hex::encode(&stored.sha256), stored.size);
-    audit(app, vec![ctx.event(&done, crate::audit::Outcome::Success, 201, &reason)?]).await?;
-    let mut reply = super::write_reply(ctx, StatusCode::CREATED, committed.resource);
-    if let Some(body) = reply.body.as_mut() {
-        super::binary::describe(body, &stored);
-    }
     progress(&mut reply, &u);
     Ok(reply)
 }

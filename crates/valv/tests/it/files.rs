@@ -608,6 +608,10 @@ async fn a_resumable_upload_survives_a_cut_off_part_and_becomes_one_file() {
         async move { s.request_raw("POST", "/fhir/Binary/$upload", Some(&key), None, &[("content-type", "image/png"), ("x-security-context", &context), ("upload-length", &length)]).await }
     };
     start("").await.outcome(400);
+    // A patient that does not exist: refused, and no data key is made for the invented id.
+    let ghost = s.request_raw("POST", "/fhir/Binary/$upload", Some(&key), None, &[("content-type", "image/png"), ("x-security-context", "Patient/no-such-patient"), ("upload-length", "10")]).await;
+    assert!(ghost.outcome(422).contains("does not exist"));
+    assert_eq!(s.db().query("SELECT count(*) FROM data_keys WHERE name = 'patient:no-such-patient'")[0][0], "0");
     start(&(9u64 << 30).to_string()).await.outcome(413);
     let started = start(&total).await;
     assert_eq!(started.status, 201, "{}", started.text);
