@@ -16,6 +16,9 @@ impl From<CryptoError> for FilesError {
     }
 }
 
+/// Segments a whole-file reader (a scan, the joining of an upload's parts) reads at a time (1 MiB).
+pub const READ_RUN: u64 = 16;
+
 pub struct SealedWriter {
     out: Box<dyn ObjectWriter>,
     key: SegmentKey,

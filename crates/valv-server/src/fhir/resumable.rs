@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use valv_crypto::stream::Randomness;
 use valv_crypto::{Aad, DataKey};
-use valv_files::sealed::{SealedReader, SealedWriter};
+use valv_files::sealed::{SealedReader, SealedWriter, READ_RUN};
 use valv_store::vault::{self, random_bytes};
 use valv_store::UploadRow;
 
@@ -197,10 +197,8 @@ async fn complete(app: &App, ctx: &Ctx, u: UploadRow, file_key: &DataKey) -> Res
         let mut writer = SealedWriter::create(&*app.files.store, &u.object, file_key, &file_aad(&u.binary_id, &u.patient), &random).await.map_err(file_error)?;
         for n in 0..u.parts {
             let part = SealedReader::open(app.files.store.clone(), &part_name(&u.object, n), file_key, &part_aad(&u, n)).await.map_err(file_error)?;
-            let mut at = 0;
-            while at < part.segments() {
-                writer.write(&part.segment_run(at, 16).await.map_err(file_error)?).await.map_err(file_error)?;
-                at += 16;
+            for at in (0..part.segments()).step_by(READ_RUN as usize) {
+                writer.write(&part.segment_run(at, READ_RUN).await.map_err(file_error)?).await.map_err(file_error)?;
             }
         }
         let written = writer.finish().await.map_err(file_error)?;

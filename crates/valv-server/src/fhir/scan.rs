@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use valv_files::clamd::{Clamd, Verdict};
-use valv_files::sealed::SealedReader;
+use valv_files::sealed::{SealedReader, READ_RUN};
 use valv_store::FileRow;
 
 /// Where the scanner is and the largest file it is given.
@@ -25,8 +25,6 @@ const BATCH: usize = 8;
 const CLAMD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Attempts at one file before it is marked `failed` (clamd keeps failing on it).
 const ATTEMPTS: u32 = 3;
-/// Segments decrypted and sent per piece (1 MiB).
-const RUN: u64 = 16;
 
 /// Scans pending files for as long as the server runs (nothing when no scanner is configured).
 pub async fn run(app: Arc<App>) {
@@ -125,14 +123,12 @@ async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str,
     };
     let timed = |what: &'static str| move |_| format!("clamd: no answer in {} s while {what}", CLAMD_TIMEOUT.as_secs());
     let mut session = tokio::time::timeout(CLAMD_TIMEOUT, scanner.clamd.start()).await.map_err(timed("connecting"))?.map_err(|e| format!("clamd: {e}"))?;
-    let mut at = 0;
-    while at < reader.segments() {
-        let run = match reader.segment_run(at, RUN).await {
+    for at in (0..reader.segments()).step_by(READ_RUN as usize) {
+        let run = match reader.segment_run(at, READ_RUN).await {
             Ok(r) => r,
             Err(e) => return broken(e),
         };
         tokio::time::timeout(CLAMD_TIMEOUT, session.send(&run)).await.map_err(timed("taking the file"))?.map_err(|e| format!("clamd: {e}"))?;
-        at += RUN;
     }
     let verdict = tokio::time::timeout(CLAMD_TIMEOUT, session.finish()).await.map_err(timed("answering"))?.map_err(|e| format!("clamd: {e}"))?;
     Ok(match verdict {

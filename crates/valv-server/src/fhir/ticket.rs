@@ -37,19 +37,29 @@ fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// The fields a ticket's MAC covers: all but the uses spent and the revocation, which change.
+fn mac_fields(t: &TicketRow) -> [Vec<u8>; 9] {
+    [
+        t.hash.to_vec(),
+        t.id.as_bytes().to_vec(),
+        t.binary_id.as_bytes().to_vec(),
+        t.version.to_be_bytes().to_vec(),
+        t.agent.as_bytes().to_vec(),
+        t.purpose.as_bytes().to_vec(),
+        t.expires.to_be_bytes().to_vec(),
+        t.uses.to_be_bytes().to_vec(),
+        t.created.to_be_bytes().to_vec(),
+    ]
+}
+
 fn mac(app: &App, t: &TicketRow) -> Vec<u8> {
-    app.records.tag(
-        "file-ticket",
-        &[&t.hash, t.id.as_bytes(), t.binary_id.as_bytes(), &t.version.to_be_bytes(), t.agent.as_bytes(), t.purpose.as_bytes(), &t.expires.to_be_bytes(), &t.uses.to_be_bytes(), &t.created.to_be_bytes()],
-    )
+    let fields = mac_fields(t);
+    app.records.tag("file-ticket", &fields.each_ref().map(Vec::as_slice))
 }
 
 fn mac_ok(app: &App, t: &TicketRow) -> bool {
-    app.records.verify(
-        "file-ticket",
-        &[&t.hash, t.id.as_bytes(), t.binary_id.as_bytes(), &t.version.to_be_bytes(), t.agent.as_bytes(), t.purpose.as_bytes(), &t.expires.to_be_bytes(), &t.uses.to_be_bytes(), &t.created.to_be_bytes()],
-        &t.mac,
-    )
+    let fields = mac_fields(t);
+    app.records.verify("file-ticket", &fields.each_ref().map(Vec::as_slice), &t.mac)
 }
 
 /// `uses` and `seconds` from the query (1 and 300 when absent).

@@ -505,6 +505,13 @@ async fn tickets_open_one_file_for_one_person_briefly_a_bounded_number_of_times(
     forged.push(if last == 'A' { 'B' } else { 'A' });
     s.request("GET", &forged, None, None, &[]).await.outcome(404);
 
+    // A ticket whose row was altered in the database (more uses granted) no longer opens.
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket"), Some(&token), None, &[]).await;
+    let altered = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    let altered_id = param(&t, "id")["valueString"].as_str().expect("id").to_string();
+    assert_eq!(s.db().execute(&format!("UPDATE file_tickets SET uses = 100 WHERE id = '{altered_id}'")), 1);
+    s.request("GET", &altered, None, None, &[]).await.outcome(404);
+
     // Refused: another patient's file (outside the care team), a service, bad limits.
     s.request("POST", &format!("/fhir/Binary/{theirs}/$ticket"), Some(&token), None, &[]).await.outcome(403);
     s.request("POST", &format!("/fhir/Binary/{id}/$ticket"), Some(&s.data_key), None, &[]).await.outcome(403);
