@@ -1681,6 +1681,20 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
+    /// A database file and its WAL and shared-memory files, removed.
+    fn remove_db(path: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    /// Runs a check every backend must pass (`crate::testkit`) on a fresh database.
+    async fn run_kit<F: std::future::Future<Output = ()>>(kit: impl FnOnce(std::sync::Arc<dyn Store>) -> F) {
+        let path = temp_db();
+        kit(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
+        remove_db(&path);
+    }
+
     fn temp_db() -> std::path::PathBuf {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).expect("random");
@@ -1783,45 +1797,27 @@ mod tests {
         assert_eq!(total, 2);
         assert_eq!(hist[0].version, 2, "newest first");
         drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_db(&path);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_conditional_create_commits_only_while_nothing_matches() {
-        let path = temp_db();
-        crate::testkit::concurrent_conditional_creates_make_one(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        run_kit(crate::testkit::concurrent_conditional_creates_make_one).await;
     }
 
     #[tokio::test]
     async fn uploads_advance_only_from_where_they_are() {
-        let path = temp_db();
-        crate::testkit::uploads_advance_only_from_where_they_are(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        run_kit(crate::testkit::uploads_advance_only_from_where_they_are).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tickets_are_spent_atomically() {
-        let path = temp_db();
-        crate::testkit::tickets_are_spent_atomically(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        run_kit(crate::testkit::tickets_are_spent_atomically).await;
     }
 
     #[tokio::test]
     async fn files_are_recorded_resealed_and_erased() {
-        let path = temp_db();
-        crate::testkit::files_are_recorded_resealed_and_erased(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        run_kit(crate::testkit::files_are_recorded_resealed_and_erased).await;
     }
 
     /// Audit appends per second from 64 concurrent tasks for `secs`, in bursts of `burst` s
@@ -1897,9 +1893,7 @@ mod tests {
         let written = store.audit_size().await.expect("size") * 4096;
         let peak = watcher.join().expect("watcher");
         drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_db(&path);
         assert!(written > 8 * JOURNAL_SIZE_LIMIT as u64, "enough was written to tell: {} MiB", written >> 20);
         // The restart is looked at every GROWTH_CHECK, so the WAL overshoots by what that long
         // writes (~12 MiB here) beyond the size SQLite truncates it back to.
@@ -1937,8 +1931,6 @@ mod tests {
         }
         assert_eq!(ok, 48 + 1, "every distinct id once, the shared id once");
         drop(store);
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_db(&path);
     }
 }
