@@ -86,13 +86,6 @@ impl Garage {
         Command::new(bin()).arg("-c").arg(self.dir.join("garage.toml")).args(args).output().expect("run garage")
     }
 
-    /// Runs a `garage` command; panics with its output if it fails.
-    pub fn cli(&self, args: &[&str]) -> String {
-        let out = self.command(args);
-        assert!(out.status.success(), "garage {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).to_string()
-    }
-
     /// Runs a command until it succeeds (the node is still starting), for up to 20 s.
     fn until_ok(&self, args: &[&str]) -> String {
         let start = Instant::now();
