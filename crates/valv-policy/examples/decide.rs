@@ -130,7 +130,7 @@ fn main() {
 
 /// Reading an Observation of `patient`.
 fn q<'a>(patient: &'a str, purpose: &'a str) -> Question<'a> {
-    Question { action: Action::Read, resource_type: "Observation", patient: Some(patient), now: NOW, purpose }
+    Question { action: Action::Read, resource_type: "Observation", patient: Some(patient), now: NOW, purpose, file_scan: None }
 }
 
 struct Stats {

@@ -274,7 +274,7 @@ fn widens_own(engine: &crate::Engine, subject: &Subject, change: &Change, patien
     types.extend(change.before.named_classes(patient).into_iter().chain(change.after.named_classes(patient)).filter(|c| valv_fhir::r4::is_resource_type(c)));
     types.iter().any(|t| {
         Action::ALL.iter().any(|&action| {
-            let q = Question { action, resource_type: t, patient: Some(patient), now, purpose };
+            let q = Question { action, resource_type: t, patient: Some(patient), now, purpose, file_scan: None };
             !decide(engine, &change.before, subject, &q, settings).permit && decide(engine, &change.after, subject, &q, settings).permit
         })
     })
@@ -301,7 +301,7 @@ pub fn decide_change(engine: &crate::Engine, subject: &Subject, change: &Change,
     let targets: Vec<Option<&str>> = if change.patients.is_empty() { vec![None] } else { change.patients.iter().map(|p| Some(p.as_str())).collect() };
     let mut last = None;
     for patient in targets {
-        let q = Question { action, resource_type: &change.resource_type, patient, now, purpose };
+        let q = Question { action, resource_type: &change.resource_type, patient, now, purpose, file_scan: None };
         let before: Facts = crate::facts(&change.before, subject, &q, settings);
         let after: Facts = crate::facts(&change.after, subject, &q, settings);
         let had_provider = patient.is_some_and(|p| change.before.managing_provider(p).is_some());

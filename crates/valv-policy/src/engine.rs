@@ -52,6 +52,7 @@ pub struct Facts {
     pub token_allows: bool,
     pub same_provider: bool,
     pub purpose: String,
+    pub file_scan: String,
 }
 
 impl Facts {
@@ -73,6 +74,7 @@ impl Facts {
             b("token_allows", self.token_allows),
             b("same_provider", self.same_provider),
             ("purpose".to_string(), RestrictedExpression::new_string(self.purpose.clone())),
+            ("file_scan".to_string(), RestrictedExpression::new_string(self.file_scan.clone())),
         ]
     }
 
@@ -96,6 +98,9 @@ impl Facts {
         ];
         let mut out: Vec<String> = flags.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push(format!("purpose={}", self.purpose));
+        if !self.file_scan.is_empty() {
+            out.push(format!("file_scan={}", self.file_scan));
+        }
         out
     }
 }

@@ -134,6 +134,9 @@ impl Grant {
     }
 }
 
+/// The malware-scan statuses a stored file has (`Question::file_scan`).
+pub const FILE_SCANS: &[&str] = &["pending", "clean", "unscanned", "infected", "unscannable", "failed"];
+
 /// One question to decide.
 #[derive(Debug, Clone, Copy)]
 pub struct Question<'a> {
@@ -143,6 +146,10 @@ pub struct Question<'a> {
     pub patient: Option<&'a str>,
     pub now: i64,
     pub purpose: &'a str,
+    /// When the question is about a stored file's bytes (a raw read, range read, ticket or
+    /// inline `data`): its malware-scan status (`pending`, `clean`, `unscanned`, `infected`,
+    /// `unscannable`, `failed`). Policies see it as `context.file_scan` (`""` otherwise).
+    pub file_scan: Option<&'a str>,
 }
 
 /// Settings that change facts, not rules.
@@ -201,6 +208,7 @@ pub fn facts(dir: &Directory, subject: &Subject, q: &Question<'_>, settings: Set
         patient_data: q.patient.is_some(),
         break_glass_overrides_block: settings.break_glass_overrides_block,
         purpose: q.purpose.to_string(),
+        file_scan: q.file_scan.unwrap_or_default().to_string(),
         ..Facts::default()
     };
     if has("service") && !subject.is_service {

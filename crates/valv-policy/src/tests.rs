@@ -34,7 +34,7 @@ fn person(role: &str, practitioner: Option<&str>) -> Subject {
 
 fn ask(e: &Engine, d: &Directory, s: &Subject, action: Action, t: &str, patient: Option<&str>) -> Decision {
     let purpose = purpose::default_for(&s.roles);
-    decide(e, d, s, &Question { action, resource_type: t, patient, now: NOW, purpose }, Settings::default())
+    decide(e, d, s, &Question { action, resource_type: t, patient, now: NOW, purpose, file_scan: None }, Settings::default())
 }
 
 #[test]
@@ -144,7 +144,7 @@ fn blocks_consent_and_break_glass() {
     dr.grants.push(Grant { id: "g1".into(), kind: GrantKind::BreakGlass { patient: "p1".into() }, approved: true, revoked: false, start: NOW - 1, end: NOW + 60_000 });
     let r = ask(&e, &d, &dr, Action::Read, "Observation", Some("p1"));
     assert!(r.permit && r.break_glass && r.grant.as_deref() == Some("g1"), "{r:?}");
-    let q = Question { action: Action::Read, resource_type: "Observation", patient: Some("p1"), now: NOW, purpose: "TREAT" };
+    let q = Question { action: Action::Read, resource_type: "Observation", patient: Some("p1"), now: NOW, purpose: "TREAT", file_scan: None };
     let strict = decide(&e, &d, &dr, &q, Settings { break_glass_overrides_block: false });
     assert!(!strict.permit && strict.rules == ["patient-block"]);
     // Expired.
@@ -188,7 +188,7 @@ fn scopes_narrow_and_grant_services() {
 fn purpose_of_use_is_required_for_clinical_access() {
     let (e, d) = (Engine::with_defaults().unwrap(), world());
     let dr = person("physician", Some("dr"));
-    let q = Question { action: Action::Read, resource_type: "Observation", patient: Some("p1"), now: NOW, purpose: "HMARKT" };
+    let q = Question { action: Action::Read, resource_type: "Observation", patient: Some("p1"), now: NOW, purpose: "HMARKT", file_scan: None };
     assert!(!decide(&e, &d, &dr, &q, Settings::default()).permit);
 }
 
@@ -218,9 +218,39 @@ fn custom_policies_add_replace_and_must_validate() {
 }
 
 #[test]
+fn a_files_scan_status_is_a_fact_policies_decide_on() {
+    let d = world();
+    let dr = person("physician", Some("dr"));
+    let file = |e: &Engine, s: &Subject, scan: Option<&str>, purpose: &str| {
+        decide(e, &d, s, &Question { action: Action::Read, resource_type: "Binary", patient: Some("p1"), now: NOW, purpose, file_scan: scan }, Settings::default())
+    };
+    let e = Engine::with_defaults().unwrap();
+    assert!(file(&e, &dr, Some("clean"), "TREAT").permit);
+    assert!(file(&e, &dr, None, "TREAT").permit, "the Binary's FHIR JSON is not its bytes");
+    let infected = file(&e, &dr, Some("infected"), "TREAT");
+    assert!(!infected.permit && infected.rules == ["file-infected"], "{infected:?}");
+    assert!(infected.facts.describe().contains(&"file_scan=infected".to_string()));
+    let svc = Subject { roles: vec!["service".into()], scopes: Some(Scopes::parse("system/*.rs").unwrap()), is_service: true, ..Subject::default() };
+    assert!(!file(&e, &svc, Some("infected"), "HOPERAT").permit, "no permit outweighs it");
+    // A site's rule: files beyond the scanner's limits only for treatment.
+    let site = PolicyFile {
+        name: "site.cedar".into(),
+        text: r#"@id("unscannable-for-treatment") @reason("unscanned large files only for treatment")
+            forbid (principal, action, resource == Valv::ResourceType::"Binary") when { context.file_scan == "unscannable" && context.purpose != "TREAT" };"#
+            .into(),
+    };
+    let e = Engine::new(&[site], false).unwrap();
+    let ops = file(&e, &svc, Some("unscannable"), "HOPERAT");
+    assert!(!ops.permit && ops.rules == ["unscannable-for-treatment"], "{ops:?}");
+    assert!(file(&e, &svc, Some("unscannable"), "TREAT").permit);
+    assert!(file(&e, &svc, Some("clean"), "HOPERAT").permit);
+    assert!(file(&e, &dr, Some("unscannable"), "TREAT").permit);
+}
+
+#[test]
 fn type_level_search_is_allowed_when_some_patient_could_be_seen() {
     let e = Engine::with_defaults().unwrap();
-    let q = |t| Question { action: Action::Search, resource_type: t, patient: None, now: NOW, purpose: "TREAT" };
+    let q = |t| Question { action: Action::Search, resource_type: t, patient: None, now: NOW, purpose: "TREAT", file_scan: None };
     assert!(may_search(&e, &person("physician", None), &q("Observation"), Settings::default()).permit);
     assert!(!may_search(&e, &person("assistant", None), &q("Observation"), Settings::default()).permit);
     let admin = Subject { roles: vec!["admin".into()], ..Subject::default() };
@@ -255,7 +285,7 @@ proptest! {
         let s = Subject { roles: vec![roles[role].into()], practitioner: Some(format!("u{me}")), grants: subject_grants.clone(), ..Subject::default() };
         let e = engine();
         let target = format!("p{patient}");
-        let d_ = decide(e, &d, &s, &Question { action: Action::ALL[action], resource_type: types[ty], patient: Some(&target), now: NOW, purpose: "TREAT" }, Settings::default());
+        let d_ = decide(e, &d, &s, &Question { action: Action::ALL[action], resource_type: types[ty], patient: Some(&target), now: NOW, purpose: "TREAT", file_scan: None }, Settings::default());
         if d_.permit {
             let related = teams.iter().any(|(p, m, _, active, years)| *p == patient && *m == me && *active && NOW < end_ms(*years));
             let granted = subject_grants.iter().any(|g| g.in_force(NOW) && match &g.kind {
@@ -402,7 +432,7 @@ proptest! {
                 for pt in &c.patients {
                     for ty in valv_fhir::r4::resource_types().iter().copied().filter(|t| valv_fhir::compartment::is_compartment_type(t) || *t == "Patient") {
                         for a in Action::ALL {
-                            let q = Question { action: a, resource_type: ty, patient: Some(pt), now: NOW, purpose: purpose::default_for(&s.roles) };
+                            let q = Question { action: a, resource_type: ty, patient: Some(pt), now: NOW, purpose: purpose::default_for(&s.roles), file_scan: None };
                             let before = decide(e, &c.before, &s, &q, Settings::default()).permit;
                             let after = decide(e, &c.after, &s, &q, Settings::default()).permit;
                             prop_assert!(before || !after, "{} may now {:?} {} of {} after {}", roles[role], a, ty, pt, c.describe(Some(pt)));

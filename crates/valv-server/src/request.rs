@@ -51,7 +51,7 @@ impl Ctx {
     }
 
     pub(crate) fn question<'a>(&'a self, t: &Touch<'a>) -> Question<'a> {
-        Question { action: t.action, resource_type: t.resource_type, patient: t.patient, now: self.now, purpose: self.purpose() }
+        Question { action: t.action, resource_type: t.resource_type, patient: t.patient, now: self.now, purpose: self.purpose(), file_scan: None }
     }
 
     /// The entry of a permitted access.
@@ -108,8 +108,14 @@ pub(crate) async fn audit(app: &App, events: Vec<AuditEvent>) -> Result<(), ApiE
 
 /// Decides, and on a denial records it and returns 403.
 pub(crate) async fn authorize(app: &App, ctx: &Ctx, touch: &Touch<'_>) -> Result<Permit, ApiError> {
+    authorize_file(app, ctx, touch, None).await
+}
+
+/// As [`authorize`], for a stored file's bytes: the policy also sees its malware-scan status
+/// (`context.file_scan`).
+pub(crate) async fn authorize_file(app: &App, ctx: &Ctx, touch: &Touch<'_>, file_scan: Option<&str>) -> Result<Permit, ApiError> {
     let subject = app.access.subject(&ctx.principal);
-    let d = app.access.decide(&subject, &ctx.question(touch));
+    let d = app.access.decide(&subject, &Question { file_scan, ..ctx.question(touch) });
     enforce(app, ctx, touch, d).await
 }
 
@@ -170,7 +176,7 @@ impl Filter<'_> {
                 return d.clone();
             }
         }
-        let q = Question { action: self.action, resource_type: &self.resource_type, patient, now: self.ctx.now, purpose: self.ctx.purpose() };
+        let q = Question { action: self.action, resource_type: &self.resource_type, patient, now: self.ctx.now, purpose: self.ctx.purpose(), file_scan: None };
         let d = self.app.access.decide(&self.subject, &q);
         if let Ok(mut seen) = self.seen.lock() {
             seen.insert(patient.map(str::to_string), d.clone());

@@ -26,7 +26,7 @@ pub async fn run(opened: &Opened, req: Request<'_>) -> Result<String, String> {
         return Err(format!("there is no patient {} here", req.patient));
     }
     let mut memory = app.limits.reserve(0).map_err(|e| e.diagnostics)?;
-    let (files, resources, entries) = export::record_files(app, req.patient, &|_| true, now, &mut memory).await.map_err(|e| e.diagnostics)?;
+    let (files, resources, entries) = export::record_files(app, req.patient, &|_, _| true, now, &mut memory).await.map_err(|e| e.diagnostics)?;
     let file = std::fs::OpenOptions::new().write(true).create_new(true).open(req.out).map_err(|e| format!("{}: {e}", req.out.display()))?;
     if let Err(e) = export::seal(std::io::BufWriter::new(file), &recipients, &files, now).and_then(|mut w| w.flush().map_err(|e| valv_server::error::ApiError::internal(e.to_string()))) {
         let _ = std::fs::remove_file(req.out);

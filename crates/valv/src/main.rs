@@ -214,6 +214,10 @@ enum PolicyAction {
         /// HL7 PurposeOfUse code (default: the user's role's).
         #[arg(long)]
         purpose: Option<String>,
+        /// Ask about a stored file's bytes with this malware-scan status (pending, clean,
+        /// unscanned, infected, unscannable, failed): what policies see as `context.file_scan`.
+        #[arg(long)]
+        file_scan: Option<String>,
     },
 }
 
@@ -453,8 +457,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {
             policycmd::validate(&dir, policy_dir.as_deref(), replace_defaults.then_some(true))
         }
-        Command::Policy { action: PolicyAction::Explain { user, patient, action, resource_type, purpose } } => {
-            policycmd::explain(&dir, policycmd::ExplainArgs { user, patient, action, resource_type, purpose }).await
+        Command::Policy { action: PolicyAction::Explain { user, patient, action, resource_type, purpose, file_scan } } => {
+            policycmd::explain(&dir, policycmd::ExplainArgs { user, patient, action, resource_type, purpose, file_scan }).await
         }
         Command::Synth { patients, out, seed } => {
             let seed = match seed {

@@ -31,6 +31,7 @@ pub struct ExplainArgs {
     pub action: String,
     pub resource_type: String,
     pub purpose: Option<String>,
+    pub file_scan: Option<String>,
 }
 
 /// Prints the decision for `args` as the running configuration would make it now, with the
@@ -40,6 +41,12 @@ pub async fn explain(data_dir: &Path, args: ExplainArgs) -> Result<(), String> {
     let action = Action::parse(&args.action).ok_or_else(|| format!("unknown action '{}' (read, vread, search, history, create, update, delete)", args.action))?;
     if !valv_fhir::r4::is_resource_type(&args.resource_type) {
         return Err(format!("'{}' is not a FHIR R4 resource type", args.resource_type));
+    }
+    if let Some(scan) = args.file_scan.as_deref().filter(|s| !valv_policy::FILE_SCANS.contains(s)) {
+        return Err(format!("'{scan}' is not a file scan status ({})", valv_policy::FILE_SCANS.join(", ")));
+    }
+    if args.file_scan.is_some() && args.resource_type != "Binary" {
+        return Err("--file-scan asks about a file's bytes: give --type Binary".into());
     }
     let in_compartment = valv_fhir::compartment::is_patient_data_type(&args.resource_type);
     if in_compartment && args.patient.is_none() {
@@ -56,7 +63,7 @@ pub async fn explain(data_dir: &Path, args: ExplainArgs) -> Result<(), String> {
         None => valv_policy::purpose::default_for(&principal.roles).to_string(),
     };
     let patient = if in_compartment { args.patient.as_deref() } else { None };
-    let question = Question { action, resource_type: &args.resource_type, patient, now, purpose: &purpose };
+    let question = Question { action, resource_type: &args.resource_type, patient, now, purpose: &purpose, file_scan: args.file_scan.as_deref() };
     let decision = app.access.decide(&app.access.subject(&principal), &question);
     let detail = format!("policy-explain {} {} patient {}: {}", action.cedar_name(), args.resource_type, patient.unwrap_or("-"), decision.reason());
     valv_server::people::api::audit_local(app, "policy-explain", Some(&user), detail, now).await.map_err(|e| e.diagnostics)?;

@@ -17,7 +17,7 @@
 //! of the content is a new Binary.
 
 use crate::error::ApiError;
-use crate::request::{audit, audit_failure, authorize, Ctx, Permit, Touch};
+use crate::request::{audit, audit_failure, authorize, authorize_file, Ctx, Permit, Touch};
 use crate::{App, Reply};
 use base64::Engine as _;
 use bytes::Bytes;
@@ -377,7 +377,7 @@ pub async fn json_view(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion, plai
     let Some(file) = app.vault.store().file(&v.id).await? else { return Ok((plain, None)) };
     let mut body: Value = serde_json::from_slice(&plain).map_err(|_| vault_integrity())?;
     describe(&mut body, &file);
-    if file.size <= app.files.inline_max_bytes && check_scan(&file, app.files.serve_unscannable).is_ok() {
+    if file.size <= app.files.inline_max_bytes && may_serve(app, ctx, &file) {
         body["data"] = Value::String(base64::engine::general_purpose::STANDARD.encode(read_whole(app, &file, ctx.now).await?));
     }
     let note = format!("file sha256={}", valv_crypto::hex::encode(&file.sha256));
@@ -452,13 +452,17 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
         patient: patient.as_deref(),
         query: None,
     };
-    let permit = authorize(app, ctx, &touch).await?;
+    let file = match &stored {
+        Some(v) if !v.deleted => app.vault.store().file(id).await?,
+        _ => None,
+    };
+    let permit = authorize_file(app, ctx, &touch, file.as_ref().map(|f| f.scan.as_str())).await?;
     let v = match stored {
         Some(v) if v.deleted => return Err(audit_failure(app, ctx, &touch, ApiError::new(StatusCode::GONE, "deleted", format!("Binary/{id} has been deleted"))).await),
         Some(v) => v,
         None => return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("Binary/{id} is not known"))).await),
     };
-    let (content_type, content) = match open_content(app, ctx, &v).await {
+    let (content_type, content) = match open_content(app, ctx, &v, file).await {
         Ok(c) => c,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
@@ -524,9 +528,10 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
     Ok(reply)
 }
 
-/// The Binary's media type and content, if it may be served: a file must have passed (or not
-/// need) its malware scan, belong to the Binary's patient and open under its key.
-async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Result<(String, Content), ApiError> {
+/// The Binary's media type and content (`file`: its file record, if it is file-backed), if it
+/// may be served: a file must have passed (or not need) its malware scan, belong to the
+/// Binary's patient and open under its key.
+async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion, file: Option<FileRow>) -> Result<(String, Content), ApiError> {
     let plain = app.vault.open_bytes(v, ctx.now).await?;
     let body: Value = serde_json::from_slice(&plain).map_err(|_| vault_integrity())?;
     // A JSON Binary's contentType is only a FHIR code: one that is no valid header value is
@@ -537,7 +542,7 @@ async fn open_content(app: &App, ctx: &Ctx, v: &valv_store::StoredVersion) -> Re
         .filter(|t| hyper::header::HeaderValue::from_str(t).is_ok())
         .unwrap_or("application/octet-stream")
         .to_string();
-    let Some(file) = app.vault.store().file(&v.id).await? else {
+    let Some(file) = file else {
         if app.files.scanner.is_some() {
             // Sent as FHIR JSON, its data never went through the scanner: it is FHIR data to
             // API clients (in the JSON), never bytes handed to a viewer.
@@ -576,6 +581,24 @@ pub(super) async fn read_whole(app: &App, file: &FileRow, now: i64) -> Result<Ve
         return Err(vault_integrity());
     }
     Ok(bytes)
+}
+
+/// Whether `file`'s bytes may go to the caller beside an access already decided and audited
+/// (inline `data`): its scan passed and the policy, seeing the scan status,
+/// permits reading it. A refusal here leaves the bytes out, quietly.
+fn may_serve(app: &App, ctx: &Ctx, file: &FileRow) -> bool {
+    if check_scan(file, app.files.serve_unscannable).is_err() {
+        return false;
+    }
+    let q = valv_policy::Question {
+        action: Action::Read,
+        resource_type: "Binary",
+        patient: Some(&file.patient),
+        now: ctx.now,
+        purpose: ctx.purpose(),
+        file_scan: Some(&file.scan),
+    };
+    app.access.decide(&app.access.subject(&ctx.principal), &q).permit
 }
 
 /// Only files that passed the scan (or were stored without a scanner, or are beyond its limits

@@ -120,7 +120,7 @@ async fn gather(app: &App, ctx: &Ctx, patient: &str, params: &Params) -> Result<
     }
     let subject = app.access.subject(&ctx.principal);
     let readable = |resource_type: &str| {
-        let q = valv_policy::Question { action: Action::Read, resource_type, patient: Some(patient), now: ctx.now, purpose: ctx.purpose() };
+        let q = valv_policy::Question { action: Action::Read, resource_type, patient: Some(patient), now: ctx.now, purpose: ctx.purpose(), file_scan: None };
         app.access.decide(&subject, &q).permit
     };
     // Sealed rows carry their last-updated time in the clear: `_since` and the total need no

@@ -33,16 +33,17 @@ bytes, RFC 6962) against the checkpoint's root with its proof (golang.org/x/mod/
 ";
 
 /// The archive's files (name -> bytes) for `patient`, with the resources of the types `include`
-/// admits, and the access log when it admits `AuditEvent`; returns them and how many resources
-/// and access-log entries they hold.
+/// admits (asked with `None`), the access log when it admits `AuditEvent`, and each file's bytes
+/// when it admits reading them (asked with the file's scan status); returns them and how many
+/// resources and access-log entries they hold.
 /// The files' bytes are paid for from `memory` (three times: the file, the tar, its sealed copy).
-pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> bool + Sync), now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(BTreeMap<String, Vec<u8>>, usize, usize), ApiError> {
+pub async fn record_files(app: &App, patient: &str, include: &Include<'_>, now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(BTreeMap<String, Vec<u8>>, usize, usize), ApiError> {
     let owned = app.vault.store().resources_of(patient).await?;
     // Each type's file whole in memory: one type of one patient.
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut resources = 0;
     let mut media = BTreeMap::new();
-    for (resource_type, id) in owned.iter().filter(|(t, _)| include(t)) {
+    for (resource_type, id) in owned.iter().filter(|(t, _)| include(t, None)) {
         let stored = app.vault.fetch(resource_type, id, None).await?.ok_or_else(|| ApiError::internal(format!("{resource_type}/{id} vanished")))?;
         let bytes = app.vault.open_bytes(&stored, now).await?;
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::internal(format!("{resource_type}/{id}: {e}")))?;
@@ -54,13 +55,13 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
         file.push(b'\n');
         resources += 1;
     }
-    if include("Binary") {
-        add_files(app, &media, &mut files, now, memory).await?;
+    if include("Binary", None) {
+        add_files(app, &media, include, &mut files, now, memory).await?;
     }
     // The access log goes in only for a caller `$access-log` would show it to (a read of the
     // patient's AuditEvents): reading someone's record does not entitle one to see who else did.
     let mut entries = 0;
-    if include("AuditEvent") {
+    if include("AuditEvent", None) {
         let log = crate::audit::api::access_log_parameters(app, patient, crate::audit::api::View::Restricted, now).await.map_err(|e| match e {
             crate::audit::api::AccessLogError::Entry(e) | crate::audit::api::AccessLogError::Api(e) => e,
         })?;
@@ -75,12 +76,16 @@ pub async fn record_files(app: &App, patient: &str, include: &(dyn Fn(&str) -> b
     Ok((files, resources, entries))
 }
 
+/// Whether the caller may read a type of the patient's data (with a file's scan status: that
+/// file's bytes).
+pub type Include<'a> = dyn Fn(&str, Option<&str>) -> bool + Sync + 'a;
+
 /// The archive's allowance for files' bytes (it is built in memory); larger files are listed.
 const FILES_BYTES: u64 = 64 << 20;
 
 /// The patient's file-backed Binaries (`media`: id -> contentType) as `files/Binary-<id>`, up
 /// to [`FILES_BYTES`] in all, and `files.json` listing each.
-async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTreeMap<String, Vec<u8>>, now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(), ApiError> {
+async fn add_files(app: &App, media: &BTreeMap<String, Value>, include: &Include<'_>, files: &mut BTreeMap<String, Vec<u8>>, now: i64, memory: &mut crate::http::limits::Reservation) -> Result<(), ApiError> {
     let mut listed = Vec::new();
     let mut total = 0;
     for (id, content_type) in media {
@@ -88,6 +93,8 @@ async fn add_files(app: &App, media: &BTreeMap<String, Value>, files: &mut BTree
         let mut entry = serde_json::json!({"binary": format!("Binary/{id}"), "contentType": content_type, "size": f.size, "sha256": valv_crypto::hex::encode(&f.sha256), "scan": f.scan});
         if super::binary::check_scan(&f, app.files.serve_unscannable).is_err() {
             entry["leftOut"] = Value::from("not passed by the malware scan");
+        } else if !include("Binary", Some(&f.scan)) {
+            entry["leftOut"] = Value::from(format!("the access policy does not let the exporter read a file whose scan is '{}'", f.scan));
         } else if total + f.size > FILES_BYTES {
             entry["leftOut"] = Value::from(format!("beyond the archive's allowance for files ({FILES_BYTES} bytes): fetch it with GET /fhir/Binary/{id}"));
         } else {
@@ -171,8 +178,8 @@ async fn archive(app: &App, ctx: &Ctx, patient: &str, recipients: &[Recipient]) 
         return Err(ApiError::not_found(format!("Patient/{patient} is not known")));
     }
     let subject = app.access.subject(&ctx.principal);
-    let include = |resource_type: &str| {
-        let q = valv_policy::Question { action: Action::Read, resource_type, patient: Some(patient), now: ctx.now, purpose: ctx.purpose() };
+    let include = |resource_type: &str, file_scan: Option<&str>| {
+        let q = valv_policy::Question { action: Action::Read, resource_type, patient: Some(patient), now: ctx.now, purpose: ctx.purpose(), file_scan };
         app.access.decide(&subject, &q).permit
     };
     let mut memory = app.limits.reserve(0)?;

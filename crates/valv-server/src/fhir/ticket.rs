@@ -16,7 +16,7 @@
 use crate::audit::Outcome;
 use crate::error::ApiError;
 use crate::people::auth::{user_principal, PrincipalKind};
-use crate::request::{audit, audit_failure, authorize, Ctx, Touch};
+use crate::request::{audit, audit_failure, authorize_file, Ctx, Touch};
 use crate::{App, Peer, Reply};
 use base64::Engine as _;
 use hyper::body::Incoming;
@@ -92,14 +92,18 @@ pub async fn issue(app: &App, ctx: &Ctx, id: &str, pairs: &[(String, String)]) -
     let stored = app.vault.fetch("Binary", id, None).await?;
     let patient = stored.as_ref().and_then(|v| v.patient.clone());
     let touch = ticket_touch(id, patient.as_deref());
-    let permit = authorize(app, ctx, &touch).await?;
+    let file = match &stored {
+        Some(v) if !v.deleted => app.vault.store().file(id).await?,
+        _ => None,
+    };
+    let permit = authorize_file(app, ctx, &touch, file.as_ref().map(|f| f.scan.as_str())).await?;
     let v = match stored {
         Some(v) if !v.deleted => v,
         Some(_) => return Err(audit_failure(app, ctx, &touch, ApiError::new(StatusCode::GONE, "deleted", format!("Binary/{id} has been deleted"))).await),
         None => return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("Binary/{id} is not known"))).await),
     };
-    if let Some(file) = app.vault.store().file(id).await? {
-        if let Err(e) = super::binary::check_scan(&file, app.files.serve_unscannable) {
+    if let Some(file) = &file {
+        if let Err(e) = super::binary::check_scan(file, app.files.serve_unscannable) {
             return Err(audit_failure(app, ctx, &touch, e).await);
         }
     }

@@ -549,6 +549,13 @@ async fn policy_explain_names_the_rule_and_a_custom_policy_changes_the_decision(
     assert!(out.contains("decision: DENY") && out.contains("no policy permits"), "{out}");
     let bad = crate::harness::valv().arg("--data-dir").arg(&s.data).args(["policy", "explain", "--user", "sara.nurse", "--patient", &patient, "--type", "Spaceship"]).output().expect("run");
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a FHIR R4 resource type"));
+    // A file's bytes: the scan status is a fact (an infected file is refused whatever else permits).
+    let file = |scan: &str| run_ok(&data, &["policy", "explain", "--user", "sara.nurse", "--patient", &patient, "--type", "Binary", "--file-scan", scan]);
+    let out = file("infected");
+    assert!(out.contains("decision: DENY") && out.contains("file-infected") && out.contains("file_scan=infected"), "{out}");
+    assert!(file("clean").contains("decision: PERMIT"));
+    let bad = crate::harness::valv().arg("--data-dir").arg(&s.data).args(["policy", "explain", "--user", "sara.nurse", "--patient", &patient, "--type", "Binary", "--file-scan", "dirty"]).output().expect("run");
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("not a file scan status"));
     assert_eq!(s.request("GET", &format!("/fhir/MedicationRequest/{mr}"), Some(&nurse), None, &[]).await.status, 200);
 
     // Moving another patient's Observation into her patient's record is a write to both records.

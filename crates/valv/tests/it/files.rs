@@ -427,7 +427,20 @@ async fn scanned(s: &Server, key: &str, id: &str) -> Resp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     let clamd = Clamd::start();
-    let toml = format!("[files]\nclamd = \"127.0.0.1:{}\"\nscan_max_bytes = 1048576\n", clamd.port);
+    // The site serves files beyond the scanner's limits, and its policy only for treatment.
+    let policies = clamd.dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("policy dir");
+    std::fs::write(
+        policies.join("site.cedar"),
+        "@id(\"site-unscannable-for-treatment\")\n@reason(\"files the scanner could not pass are opened for treatment only\")\n\
+         forbid (principal, action, resource == Valv::ResourceType::\"Binary\") when { context.file_scan == \"unscannable\" && context.purpose != \"TREAT\" };\n",
+    )
+    .expect("policy");
+    let toml = format!(
+        "[files]\nclamd = \"127.0.0.1:{}\"\nscan_max_bytes = 1048576\nserve_unscannable = true\n[policy]\ndir = \"{}\"\n",
+        clamd.port,
+        policies.display()
+    );
     let s = Server::start_configured("files-scan", &[], &toml);
     let key = s.data_key.clone();
     let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Scan"}]})).await.id();
@@ -451,9 +464,20 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     let large = upload(&s, &key, &patient, "application/dicom", &big).await.id();
 
     let r = scanned(&s, &key, &infected.id()).await;
-    assert!(r.outcome(403).contains("infected"));
+    assert!(r.outcome(403).contains("deny: file-infected"), "the policy names the refusal: {}", r.text);
     assert_eq!(scanned(&s, &key, &clean).await.bytes, b"an ordinary referral letter");
-    assert!(scanned(&s, &key, &large).await.outcome(403).contains("scanner's limits"));
+    // The scan status is a fact of the site's policy: the loader's operations purpose is refused
+    // the unscannable file (and the refusal audited under the site's rule), treatment is not.
+    assert!(scanned(&s, &key, &large).await.outcome(403).contains("site-unscannable-for-treatment"));
+    let treat = s.request("GET", &format!("/fhir/Binary/{large}"), Some(&key), None, &[("accept", "application/dicom"), ("x-purpose-of-use", "TREAT")]).await;
+    assert_eq!((treat.status, treat.header("x-scan-status")), (200, Some("unscannable")), "{}", treat.text);
+    assert!(treat.bytes == big, "the unscannable file's bytes, for treatment");
+    let denials: Vec<String> = audit_log(&s.data)
+        .iter()
+        .filter(|e| e["outcome"] == "denied" && e["resource_id"] == large.as_str())
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(!denials.is_empty() && denials.iter().all(|r| r == "deny: site-unscannable-for-treatment"), "{denials:?}");
     // Never served by any road: not as a range, not inline in FHIR JSON.
     raw(&s, &key, &infected.id(), Some("bytes=0-10")).await.outcome(403);
     let json = s.request("GET", &format!("/fhir/Binary/{}", infected.id()), Some(&key), None, &[("accept", "application/fhir+json")]).await;
