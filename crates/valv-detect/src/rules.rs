@@ -84,7 +84,7 @@ pub fn observe(config: &Config, state: &mut State, e: &Entry) -> Vec<Alert> {
     let mut alerts = Vec::new();
     let span = config.window_seconds.saturating_mul(1000);
     let flood_span = config.flood_window_seconds.saturating_mul(1000);
-    if e.index % SWEEP_EVERY == 0 {
+    if e.index.is_multiple_of(SWEEP_EVERY) {
         sweep(state, e.time, span.max(flood_span));
     }
     let account = (!e.agent_id.is_empty()).then_some(e.agent_id.as_str());
