@@ -37,7 +37,7 @@ use valv_store::FileRow;
 
 pub use valv_store::vault::FILE_EXTENSION;
 
-/// Segments a download reads and decrypts per store read, and sends as one piece (256 KiB).
+/// Segments a download reads and decrypts per store read, and sends as one piece (64 KiB).
 const RUN: u64 = 1;
 /// What one streaming download holds at most: the pieces waiting in its channel, the run being
 /// read (sealed and opened). Taken from the server's body-memory budget while it streams, so
@@ -62,11 +62,13 @@ pub struct Files {
     pub serve_unscannable: bool,
     /// Uploads in progress at once (each holds a segment buffer and a store writer).
     uploads: tokio::sync::Semaphore,
+    /// Resumable uploads with a part being written by this server: one part at a time each.
+    pub(super) sessions_writing: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Files {
     pub fn new(store: Arc<dyn ObjectStore>, max_bytes: u64, inline_max_bytes: u64, scanner: Option<super::scan::Scanner>, serve_unscannable: bool, max_uploads: usize) -> Self {
-        Files { store, max_bytes, inline_max_bytes, scanner, scan_wake: tokio::sync::Notify::new(), serve_unscannable, uploads: tokio::sync::Semaphore::new(max_uploads.max(1)) }
+        Files { store, max_bytes, inline_max_bytes, scanner, scan_wake: tokio::sync::Notify::new(), serve_unscannable, uploads: tokio::sync::Semaphore::new(max_uploads.max(1)), sessions_writing: Default::default() }
     }
 }
 
@@ -452,13 +454,16 @@ pub async fn download(app: &App, ctx: &Ctx, id: &str, version: Option<u64>, head
         patient: patient.as_deref(),
         query: None,
     };
+    // An earlier version of a deleted Binary stays in its history, but its bytes are not served
+    // (nor through a ticket to that version).
+    let deleted_since = version.is_some() && app.vault.store().locate("Binary", id).await?.is_some_and(|l| l.deleted);
     let file = match &stored {
-        Some(v) if !v.deleted => app.vault.store().file(id).await?,
+        Some(v) if !v.deleted && !deleted_since => app.vault.store().file(id).await?,
         _ => None,
     };
     let permit = authorize_file(app, ctx, &touch, file.as_ref().map(|f| f.scan.as_str())).await?;
     let v = match stored {
-        Some(v) if v.deleted => return Err(audit_failure(app, ctx, &touch, ApiError::new(StatusCode::GONE, "deleted", format!("Binary/{id} has been deleted"))).await),
+        Some(v) if v.deleted || deleted_since => return Err(audit_failure(app, ctx, &touch, ApiError::new(StatusCode::GONE, "deleted", format!("Binary/{id} has been deleted"))).await),
         Some(v) => v,
         None => return Err(audit_failure(app, ctx, &touch, ApiError::not_found(format!("Binary/{id} is not known"))).await),
     };

@@ -147,6 +147,18 @@ pub async fn append(app: &App, ctx: &Ctx, session: &str, req: Request<Incoming>)
     let offset = header_u64(req.headers(), "upload-offset")?;
     let touch = Touch { interaction: "upload-part", ..upload_touch(&u.binary_id, Some(&u.patient)) };
     let permit = authorize(app, ctx, &touch).await?;
+    let Some(_writing) = Writing::claim(app, &u.id) else {
+        let e = ApiError::new(StatusCode::CONFLICT, "conflict", "a part of this upload is being written by another request: HEAD tells where the upload is; retry from there").retry_after(1);
+        return Err(audit_failure(app, ctx, &touch, e).await);
+    };
+    // Read again under the claim: a request that held it may have moved the upload on.
+    let u = session_of(app, ctx, session).await?;
+    if offset == u.length && u.received == u.length {
+        // Every byte arrived but the join failed (a 5xx answered the last part): an empty PATCH
+        // at the end tries it again.
+        let file_key = app.vault.open_sealed_file_key(&u.binary_id, &u.patient, &u.sealed_key, ctx.now).await?;
+        return complete(app, ctx, u, &file_key).await;
+    }
     if offset != u.received {
         let mut e = ApiError::new(StatusCode::CONFLICT, "conflict", format!("Upload-Offset {offset} is not where the upload is ({} bytes received): HEAD tells, send from there", u.received));
         e = audit_failure(app, ctx, &touch, e).await;
@@ -158,10 +170,20 @@ pub async fn append(app: &App, ctx: &Ctx, session: &str, req: Request<Incoming>)
     let file_key = app.vault.open_sealed_file_key(&u.binary_id, &u.patient, &u.sealed_key, ctx.now).await?;
     let n = u.parts;
     let name = part_name(&u.object, n);
-    let mut guard = Unfinished { store: app.vault.store().clone(), files: app.files.store.clone(), object: Some(name.clone()) };
+    let mut guard = Unfinished { store: app.vault.store().clone(), files: app.files.store.clone(), object: None };
     let random = Randomness { salt: random_bytes()?, nonce_prefix: random_bytes()? };
     let stored = async {
-        let mut writer = SealedWriter::create(&*app.files.store, &name, &file_key, &part_aad(&u, n), &random).await.map_err(file_error)?;
+        let mut writer = match SealedWriter::create(&*app.files.store, &name, &file_key, &part_aad(&u, n), &random).await {
+            Ok(w) => w,
+            // Another request is writing this part (a client's retry), or a failed one's part
+            // is still being removed: the part is not this request's to remove.
+            Err(valv_files::FilesError::Exists(_)) => {
+                return Err(ApiError::new(StatusCode::CONFLICT, "conflict", "this part is being written by another request (or a failed one is being removed): HEAD tells where the upload is; retry from there").retry_after(1))
+            }
+            Err(e) => return Err(file_error(e)),
+        };
+        // From here the part is this request's: removed if it does not become part of the upload.
+        guard.object = Some(name.clone());
         let got = receive(app, req.into_body(), &mut writer, u.length - u.received).await?;
         writer.finish().await.map_err(file_error)?;
         Ok::<u64, ApiError>(got)
@@ -188,13 +210,36 @@ pub async fn append(app: &App, ctx: &Ctx, session: &str, req: Request<Incoming>)
     complete(app, ctx, u, &file_key).await
 }
 
+/// A session's claim to write its next part on this server, released when dropped.
+struct Writing<'a> {
+    app: &'a App,
+    session: String,
+}
+
+impl<'a> Writing<'a> {
+    fn claim(app: &'a App, session: &str) -> Option<Writing<'a>> {
+        let mut writing = app.files.sessions_writing.lock().ok()?;
+        writing.insert(session.to_string()).then(|| Writing { app, session: session.to_string() })
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut writing) = self.app.files.sessions_writing.lock() {
+            writing.remove(&self.session);
+        }
+    }
+}
+
 /// The last byte arrived: the parts become the file, recorded and committed.
 async fn complete(app: &App, ctx: &Ctx, u: UploadRow, file_key: &DataKey) -> Result<Reply, ApiError> {
     let touch = upload_touch(&u.binary_id, Some(&u.patient));
-    let mut guard = Unfinished { store: app.vault.store().clone(), files: app.files.store.clone(), object: Some(u.object.clone()) };
+    let mut guard = Unfinished { store: app.vault.store().clone(), files: app.files.store.clone(), object: None };
     let random = Randomness { salt: random_bytes()?, nonce_prefix: random_bytes()? };
     let joined = async {
         let mut writer = SealedWriter::create(&*app.files.store, &u.object, file_key, &file_aad(&u.binary_id, &u.patient), &random).await.map_err(file_error)?;
+        // From here the object is this request's: removed unless its Binary commits.
+        guard.object = Some(u.object.clone());
         for n in 0..u.parts {
             let part = SealedReader::open(app.files.store.clone(), &part_name(&u.object, n), file_key, &part_aad(&u, n)).await.map_err(file_error)?;
             for at in (0..part.segments()).step_by(READ_RUN as usize) {

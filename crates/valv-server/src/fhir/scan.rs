@@ -62,7 +62,9 @@ async fn scan_pending(app: &App, scanner: &Scanner, attempts: &mut std::collecti
     for f in &files {
         let status = match scan(app, scanner, f).await {
             Ok(s) => s,
-            Err(e) => {
+            // clamd is down: no file's fault, so none is counted; all stay pending.
+            Err(Failure::Unreachable(e)) => return Err(e),
+            Err(Failure::File(e)) => {
                 let n = attempts.entry(f.object.clone()).or_insert(0);
                 *n += 1;
                 if *n < ATTEMPTS {
@@ -98,8 +100,22 @@ fn lasting(e: &valv_files::FilesError) -> bool {
     !matches!(e, valv_files::FilesError::Io(_))
 }
 
+/// Why a file could not be scanned this time.
+enum Failure {
+    /// clamd could not be reached: try again later, the file is not to blame.
+    Unreachable(String),
+    /// Scanning this file failed (counted towards marking it `failed`).
+    File(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::File(e)
+    }
+}
+
 /// The scan status a file earns.
-async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str, String> {
+async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str, Failure> {
     if f.size > scanner.max_bytes {
         return Ok("unscannable");
     }
@@ -107,14 +123,14 @@ async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str,
         Ok(k) => k,
         // Erased meanwhile (its record goes with the erasure) or unreadable: nothing to serve.
         Err(valv_store::StoreError::Gone(_)) => return Ok("failed"),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(Failure::File(e.to_string())),
     };
     let broken = |e: valv_files::FilesError| {
         if lasting(&e) {
             tracing::error!(error = %e, binary = %f.binary_id, "a stored file failed its integrity check while being scanned");
             Ok("failed")
         } else {
-            Err(format!("reading the file to scan: {e}"))
+            Err(Failure::File(format!("reading the file to scan: {e}")))
         }
     };
     let reader = match SealedReader::open(app.files.store.clone(), &f.object, &key, &super::binary::file_aad(&f.binary_id, &f.patient)).await {
@@ -122,7 +138,10 @@ async fn scan(app: &App, scanner: &Scanner, f: &FileRow) -> Result<&'static str,
         Err(e) => return broken(e),
     };
     let timed = |what: &'static str| move |_| format!("clamd: no answer in {} s while {what}", CLAMD_TIMEOUT.as_secs());
-    let mut session = tokio::time::timeout(CLAMD_TIMEOUT, scanner.clamd.start()).await.map_err(timed("connecting"))?.map_err(|e| format!("clamd: {e}"))?;
+    let mut session = tokio::time::timeout(CLAMD_TIMEOUT, scanner.clamd.start())
+        .await
+        .map_err(|e| Failure::Unreachable(timed("connecting")(e)))?
+        .map_err(|e| Failure::Unreachable(format!("clamd: {e}")))?;
     for at in (0..reader.segments()).step_by(READ_RUN as usize) {
         let run = match reader.segment_run(at, READ_RUN).await {
             Ok(r) => r,

@@ -364,6 +364,10 @@ const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TES
 
 impl Clamd {
     fn start() -> Clamd {
+        Clamd::start_on(free_port())
+    }
+
+    fn start_on(port: u16) -> Clamd {
         let dir = std::env::temp_dir().join(format!("valv-clamd-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(dir.join("db")).expect("clamd dir");
         std::fs::write(dir.join("eicar.com"), EICAR).expect("eicar");
@@ -371,7 +375,6 @@ impl Clamd {
         assert!(sig.status.success(), "sigtool: {}", String::from_utf8_lossy(&sig.stderr));
         std::fs::write(dir.join("db/eicar.hdb"), &sig.stdout).expect("signature");
         std::fs::remove_file(dir.join("eicar.com")).expect("remove eicar");
-        let port = free_port();
         let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
         // clamd keeps each stream in a temporary file while it scans: on a tmpfs, never a disk
         // (docs/FILES.md).
@@ -489,6 +492,24 @@ async fn the_real_clamd_marks_eicar_infected_and_it_is_never_served() {
     assert!(walk(&clamd.scratch).is_empty(), "clamd left decrypted files in its temporary folder");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_stay_pending_while_clamd_is_down_and_are_scanned_when_it_returns() {
+    let port = free_port();
+    let toml = format!("[files]\nclamd = \"127.0.0.1:{port}\"\nscan_max_bytes = 1048576\n");
+    let s = Server::start_configured("files-scan-outage", &[], &toml);
+    let key = s.data_key.clone();
+    let patient = s.post("/fhir/Patient", &serde_json::json!({"resourceType": "Patient", "name": [{"family": "Outage"}]})).await.id();
+    let id = upload(&s, &key, &patient, "text/plain", b"scanned later").await.id();
+    // The scanner tries every 2 s and gives up on a file after 3 failures of its own: clamd
+    // being away is none, so the file waits.
+    tokio::time::sleep(std::time::Duration::from_secs(9)).await;
+    let waiting = raw(&s, &key, &id, None).await;
+    assert!(waiting.outcome(409).contains("waiting for its malware scan"), "{}", waiting.text);
+    let _clamd = Clamd::start_on(port);
+    let r = scanned(&s, &key, &id).await;
+    assert_eq!((r.status, r.header("x-scan-status"), &r.bytes[..]), (200, Some("clean"), &b"scanned later"[..]), "{}", r.text);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
@@ -564,6 +585,15 @@ async fn tickets_open_one_file_for_one_person_briefly_a_bounded_number_of_times(
     assert_eq!(uses.len(), 2, "{uses:?}");
     assert!(uses.iter().all(|e| e["agent_id"] != "" && e["resource_id"] == id.as_str() && e["reason"].as_str().is_some_and(|r| r.contains("sha256="))));
     assert!(log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r == format!("ticket {handle} used up"))), "the refused third use");
+
+    // A deleted Binary's bytes are gone from every road: its current id, its earlier version,
+    // and a ticket issued before the deletion.
+    let t = s.request("POST", &format!("/fhir/Binary/{id}/$ticket?uses=5"), Some(&token), None, &[]).await;
+    let before = path_of(param(&t, "url")["valueUrl"].as_str().expect("url"));
+    assert_eq!(s.request("DELETE", &format!("/fhir/Binary/{id}"), Some(&token), None, &[]).await.status, 200);
+    raw(&s, &token, &id, None).await.outcome(410);
+    s.request("GET", &format!("/fhir/Binary/{id}/_history/1"), Some(&token), None, &[("accept", "image/png")]).await.outcome(410);
+    s.request("GET", &before, None, None, &[]).await.outcome(410);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -675,7 +705,17 @@ async fn a_resumable_upload_survives_a_cut_off_part_and_becomes_one_file() {
     assert_eq!((head.status, head.header("upload-offset"), head.header("upload-length")), (200, Some("100000"), Some(total.as_str())));
     assert_eq!(objects(&s.data).len(), 1, "the first part only: {:?}", objects(&s.data));
 
-    let last = part(100_000, content.len(), 100_000).await;
+    // A client's retry racing its first try: one part is stored, the other refused, and the
+    // refused one removes nothing of it.
+    let (a, b) = tokio::join!(part(100_000, 150_000, 100_000), part(100_000, 150_000, 100_000));
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [204, 409], "{} / {}", a.text, b.text);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(s.request("HEAD", &session, Some(&key), None, &[]).await.header("upload-offset"), Some("150000"));
+    assert_eq!(objects(&s.data).len(), 2, "two parts: {:?}", objects(&s.data));
+
+    let last = part(150_000, content.len(), 150_000).await;
     assert_eq!(last.status, 201, "{}", last.text);
     let id = last.id();
     assert_eq!(last.json["meta"]["extension"][0]["extension"][1]["valueBase64Binary"], base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&content)));
@@ -694,5 +734,5 @@ async fn a_resumable_upload_survives_a_cut_off_part_and_becomes_one_file() {
     assert_eq!(objects(&s.data).len(), 1, "the abandoned part is gone");
     let log = audit_log(&s.data);
     assert!(log.iter().any(|e| e["interaction"] == "upload-part" && e["reason"].as_str().is_some_and(|r| r.contains("bytes 0-99999/"))), "each part audited");
-    assert!(log.iter().any(|e| e["status"] == 201 && e["reason"].as_str().is_some_and(|r| r.contains("resumable upload in 2 parts; file sha256="))));
+    assert!(log.iter().any(|e| e["status"] == 201 && e["reason"].as_str().is_some_and(|r| r.contains("resumable upload in 3 parts; file sha256="))));
 }
