@@ -144,6 +144,11 @@ async fn files_stream_in_and_out_by_range_sealed_decided_and_audited() {
     // A document cannot point at another patient's file, nor at none.
     assert!(s.post("/fhir/DocumentReference", &doc(&theirs.id(), &mine)).await.outcome(422).contains("another patient"));
     assert!(s.post("/fhir/DocumentReference", &doc("no-such-binary", &mine)).await.outcome(422).contains("not on this server"));
+    // Media the same (its content is one attachment).
+    let media = |binary: &str| serde_json::json!({"resourceType": "Media", "status": "completed", "subject": {"reference": format!("Patient/{mine}")},
+        "content": {"contentType": "image/png", "url": format!("Binary/{binary}")}});
+    assert!(s.post("/fhir/Media", &media(&theirs.id())).await.outcome(422).contains("another patient"));
+    assert_eq!(s.post("/fhir/Media", &media(&via.id())).await.status, 201);
     // In one transaction: a Binary and the document pointing at it by its urn:uuid.
     let bundle = serde_json::json!({"resourceType": "Bundle", "type": "transaction", "entry": [
         {"fullUrl": "urn:uuid:7c5a6b0e-1f0e-4d7a-9d55-000000000001", "request": {"method": "POST", "url": "Binary"},
@@ -340,7 +345,8 @@ async fn files_on_s3_hold_nothing_planted_and_are_erased_there() {
     assert_eq!(size, valv_crypto::stream::sealed_len(content.len() as u64));
     let stored = bucket.read_range(&object, 0, size).await.expect("read back");
     assert!(!CANARY.windows(12).any(|w| contains(&stored, w)), "canary bytes in the bucket");
-    for f in walk(g.files()).into_iter().chain(walk(&s.data)) {
+    // The bucket's folders on Garage's disk, and everything of the server's (its log included).
+    for f in walk(g.files()).into_iter().chain(walk(&s.dir)) {
         let bytes = std::fs::read(&f).unwrap_or_default();
         assert!(!CANARY.windows(12).any(|w| contains(&bytes, w)), "canary bytes in {}", f.display());
     }
