@@ -7,7 +7,7 @@
 //! ended after the backup (a logout, a revocation) cannot come back with it. Search tokens are
 //! not rows either: each resource carries its current tokens and the load indexes them again.
 
-use crate::{ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, FileRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
+use crate::{AlertRow, ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, FileRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
 use std::collections::BTreeMap;
 use valv_audit::ledger::Erasure;
 use valv_audit::Frontier;
@@ -54,6 +54,7 @@ pub enum Row {
     Checkpoint(StoredCheckpoint),
     /// A file-backed Binary's content record (its object travels separately).
     File(FileRow),
+    Alert(AlertRow),
 }
 
 impl Row {
@@ -72,6 +73,7 @@ impl Row {
             Row::AuditTile(_) => "audit_tiles",
             Row::Checkpoint(_) => "audit_checkpoints",
             Row::File(_) => "files",
+            Row::Alert(_) => "alerts",
         }
     }
 
@@ -102,6 +104,10 @@ impl Row {
             Row::Grant(g) => {
                 e.str(&g.id).u64(g.version).bytes(&g.sealed);
                 6
+            }
+            Row::Alert(a) => {
+                e.str(&a.id).i64(a.time).str(&a.rule).str(&a.severity).bytes(&a.sealed);
+                13
             }
             Row::Erasure(r) => {
                 e.u64(r.seq).str(&r.patient).i64(r.erased_at);
@@ -194,6 +200,7 @@ impl Row {
                 scan: d.string()?,
                 created: d.i64()?,
             }),
+            13 => Row::Alert(AlertRow { id: d.string()?, time: d.i64()?, rule: d.string()?, severity: d.string()?, sealed: d.bytes()?.to_vec() }),
             _ => return Ok(None),
         };
         d.finish()?;

@@ -224,6 +224,28 @@ pub struct UploadRow {
     pub expires: i64,
 }
 
+/// An alert of the detection engine (issue 15): the alert itself sealed with the audit key
+/// (rule, subject, explanation, evidence), with what lists need beside it. Alerts are only ever
+/// added; they are in backups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRow {
+    /// `<leaf index>-<rule>`: raising the same alert again stores nothing new.
+    pub id: String,
+    pub time: i64,
+    pub rule: String,
+    pub severity: String,
+    pub sealed: Vec<u8>,
+}
+
+/// How far the detection engine has read the audit log: `next` is the first leaf index it has
+/// not seen; `state` its rules' state (sealed) as of leaf index `state_at` (≤ `next`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetectionRow {
+    pub next: u64,
+    pub state_at: u64,
+    pub state: Vec<u8>,
+}
+
 /// A short-lived ticket to a file (issue 13): only the SHA-256 of its secret is kept. Tickets
 /// are ephemeral, like sessions: they are not in backups.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,6 +430,15 @@ pub trait Store: Send + Sync {
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError>;
     /// Up to `limit` sessions that expired before `now`.
     async fn expired_uploads(&self, now: i64, limit: usize) -> Result<Vec<UploadRow>, StoreError>;
+    /// The detection engine's progress, if it has saved any.
+    async fn detection(&self) -> Result<Option<DetectionRow>, StoreError>;
+    /// Adds `alerts` (an id already stored is left as it is) and saves the progress, in one
+    /// transaction, if the stored progress is still at `from` (`None`: none saved yet); false,
+    /// changing nothing, if another detector moved it meanwhile.
+    async fn save_detection(&self, from: Option<u64>, progress: &DetectionRow, alerts: &[AlertRow]) -> Result<bool, StoreError>;
+    /// Up to `limit` alerts, newest first, raised before `before` (ms; `i64::MAX` for all).
+    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<AlertRow>, StoreError>;
+    async fn alert(&self, id: &str) -> Result<Option<AlertRow>, StoreError>;
     /// Stores a new ticket.
     async fn put_ticket(&self, ticket: &TicketRow) -> Result<(), StoreError>;
     /// Spends one use of the ticket with this hash if it is unexpired at `now`, not revoked and

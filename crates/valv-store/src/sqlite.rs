@@ -208,6 +208,24 @@ CREATE TABLE uploads (
     expires INTEGER NOT NULL
 );
 CREATE INDEX uploads_expires ON uploads (expires);
+"#, r#"
+-- The detection engine (issue 15): its alerts, sealed, only ever added; and how far it read.
+CREATE TABLE alerts (
+    id TEXT PRIMARY KEY,
+    time INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    sealed BLOB NOT NULL
+);
+CREATE INDEX alerts_time ON alerts (time);
+CREATE TRIGGER alerts_no_update BEFORE UPDATE ON alerts BEGIN SELECT RAISE(ABORT, 'alerts are append-only'); END;
+CREATE TRIGGER alerts_no_delete BEFORE DELETE ON alerts BEGIN SELECT RAISE(ABORT, 'alerts are append-only'); END;
+CREATE TABLE detection (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    next INTEGER NOT NULL,
+    state_at INTEGER NOT NULL,
+    state BLOB NOT NULL
+);
 "#];
 
 const READERS: usize = 4;
@@ -958,6 +976,10 @@ fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
 
 const UPLOAD_COLUMNS: &str = "id, binary_id, object, patient, agent, sealed_key, content_type, length, received, parts, created, expires";
 
+fn row_to_alert(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::AlertRow> {
+    Ok(crate::AlertRow { id: r.get(0)?, time: r.get(1)?, rule: r.get(2)?, severity: r.get(3)?, sealed: r.get(4)? })
+}
+
 fn row_to_upload(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::UploadRow> {
     Ok(crate::UploadRow {
         id: r.get(0)?,
@@ -1273,6 +1295,44 @@ impl Store for SqliteStore {
             let rows = stmt.query_map(params![now, limit as i64], row_to_upload)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
+    }
+
+    async fn detection(&self) -> Result<Option<crate::DetectionRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT next, state_at, state FROM detection WHERE id = 1")?;
+            Ok(stmt.query_row([], |r| Ok(crate::DetectionRow { next: r.get(0)?, state_at: r.get(1)?, state: r.get(2)? })).optional()?)
+        })
+    }
+
+    async fn save_detection(&self, from: Option<u64>, progress: &crate::DetectionRow, alerts: &[crate::AlertRow]) -> Result<bool, StoreError> {
+        self.with_admin(|c| {
+            let tx = c.unchecked_transaction()?;
+            let p = progress;
+            let moved = match from {
+                None => tx.prepare_cached("INSERT OR IGNORE INTO detection (id, next, state_at, state) VALUES (1, ?1, ?2, ?3)")?.execute(params![p.next, p.state_at, p.state])?,
+                Some(f) => tx.prepare_cached("UPDATE detection SET next = ?1, state_at = ?2, state = ?3 WHERE id = 1 AND next = ?4")?.execute(params![p.next, p.state_at, p.state, f])?,
+            };
+            if moved == 0 {
+                return Ok(false);
+            }
+            for a in alerts {
+                tx.prepare_cached("INSERT OR IGNORE INTO alerts (id, time, rule, severity, sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![a.id, a.time, a.rule, a.severity, a.sealed])?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT id, time, rule, severity, sealed FROM alerts WHERE time < ?1 ORDER BY time DESC, id DESC LIMIT ?2")?;
+            let rows = stmt.query_map(params![before, limit as i64], row_to_alert)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    async fn alert(&self, id: &str) -> Result<Option<crate::AlertRow>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT id, time, rule, severity, sealed FROM alerts WHERE id = ?1")?.query_row(params![id], row_to_alert).optional()?))
     }
 
     async fn put_ticket(&self, t: &crate::TicketRow) -> Result<(), StoreError> {
@@ -1808,6 +1868,11 @@ mod tests {
     #[tokio::test]
     async fn uploads_advance_only_from_where_they_are() {
         run_kit(crate::testkit::uploads_advance_only_from_where_they_are).await;
+    }
+
+    #[tokio::test]
+    async fn detection_progress_and_alerts() {
+        run_kit(crate::testkit::detection_saves_alerts_with_its_progress_once).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -162,3 +162,22 @@ pub async fn uploads_advance_only_from_where_they_are(store: Arc<dyn Store>) {
     assert!(!store.delete_upload("u1").await.expect("delete"));
     assert_eq!(store.upload("u1").await.expect("read"), None);
 }
+
+pub async fn detection_saves_alerts_with_its_progress_once(store: Arc<dyn Store>) {
+    use crate::{AlertRow, DetectionRow};
+    let alert = |id: &str, time: i64| AlertRow { id: id.into(), time, rule: "mfa-failures".into(), severity: "high".into(), sealed: vec![7; 40] };
+    assert_eq!(store.detection().await.expect("read"), None);
+    let first = DetectionRow { next: 10, state_at: 0, state: vec![1, 2] };
+    assert!(store.save_detection(None, &first, &[alert("4-mfa-failures", 100)]).await.expect("save"));
+    assert!(!store.save_detection(None, &first, &[alert("5-x", 100)]).await.expect("save"), "a second first save is refused");
+    let second = DetectionRow { next: 20, state_at: 10, state: vec![3] };
+    assert!(!store.save_detection(Some(5), &second, &[alert("12-x", 200)]).await.expect("save"), "a stale position is refused");
+    // The same alert again (a replay) changes nothing; a new one is added.
+    assert!(store.save_detection(Some(10), &second, &[alert("4-mfa-failures", 999), alert("12-mfa-failures", 200)]).await.expect("save"));
+    assert_eq!(store.detection().await.expect("read"), Some(second));
+    let all = store.alerts(i64::MAX, 10).await.expect("list");
+    assert_eq!(all.iter().map(|a| (a.id.as_str(), a.time)).collect::<Vec<_>>(), [("12-mfa-failures", 200), ("4-mfa-failures", 100)]);
+    assert_eq!(store.alerts(200, 10).await.expect("list").len(), 1, "before 200 only");
+    assert_eq!(store.alert("4-mfa-failures").await.expect("read").map(|a| a.time), Some(100));
+    assert_eq!(store.alert("5-x").await.expect("read"), None, "nothing of a refused save");
+}

@@ -325,6 +325,30 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     CREATE INDEX uploads_expires ON uploads (expires);
     "#,
     ),
+    (
+        7,
+        r#"
+    -- The detection engine (issue 15): its alerts, sealed, only ever added; and how far it read.
+    CREATE TABLE alerts (
+        id TEXT PRIMARY KEY,
+        time BIGINT NOT NULL,
+        rule TEXT NOT NULL,
+        severity TEXT NOT NULL,
+        sealed BYTEA NOT NULL
+    );
+    CREATE INDEX alerts_time ON alerts (time);
+    CREATE TRIGGER alerts_no_change BEFORE UPDATE OR DELETE ON alerts
+        FOR EACH ROW EXECUTE FUNCTION valv_audit_append_only();
+    CREATE TRIGGER alerts_no_truncate BEFORE TRUNCATE ON alerts
+        FOR EACH STATEMENT EXECUTE FUNCTION valv_audit_append_only();
+    CREATE TABLE detection (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        next BIGINT NOT NULL,
+        state_at BIGINT NOT NULL,
+        state BYTEA NOT NULL
+    );
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
@@ -347,4 +371,6 @@ pub(super) const SERVING_GRANTS: &[(&str, &str)] = &[
     ("files", "SELECT, INSERT, UPDATE, DELETE"),
     ("file_tickets", "SELECT, INSERT, UPDATE, DELETE"),
     ("uploads", "SELECT, INSERT, UPDATE, DELETE"),
+    ("alerts", "SELECT, INSERT"),
+    ("detection", "SELECT, INSERT, UPDATE"),
 ];

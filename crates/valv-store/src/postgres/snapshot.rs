@@ -53,6 +53,8 @@ async fn read_all(c: &mut Conn, out: &Sender<Vec<Row>>) -> Result<(), StoreError
     send(out, rows.iter().map(|r| Ok(Row::Grant(GrantRow { id: r.get(0), version: uint(r.get(1))?, sealed: r.get(2) }))).collect::<Result<_, StoreError>>()?).await?;
     let rows = c.query(&format!("SELECT {} FROM files ORDER BY binary_id", super::store::FILE_COLUMNS), &[]).await.map_err(pg("reading files"))?;
     send(out, rows.iter().map(|r| super::store::row_to_file(r).map(Row::File)).collect::<Result<_, StoreError>>()?).await?;
+    let rows = c.query("SELECT id, time, rule, severity, sealed FROM alerts ORDER BY id", &[]).await.map_err(pg("reading alerts"))?;
+    send(out, rows.iter().map(|r| Row::Alert(super::store::row_to_alert(r))).collect()).await?;
     let rows = c.query("SELECT seq, patient, erased_at FROM erasures ORDER BY seq", &[]).await.map_err(pg("reading erasures"))?;
     send(out, rows.iter().map(|r| Ok(Row::Erasure(ErasureRow { seq: uint(r.get(0))?, patient: r.get(1), erased_at: r.get(2) }))).collect::<Result<_, StoreError>>()?).await?;
     let rows = c.query("SELECT id, patient, sealed, requested_at, state, decided_by, decided_at FROM erasure_requests ORDER BY id", &[]).await.map_err(pg("reading erasure requests"))?;

@@ -320,6 +320,29 @@ pub(super) fn row_to_file(r: &Row) -> Result<FileRow, StoreError> {
     })
 }
 
+pub(super) fn row_to_alert(r: &Row) -> crate::AlertRow {
+    crate::AlertRow { id: r.get(0), time: r.get(1), rule: r.get(2), severity: r.get(3), sealed: r.get(4) }
+}
+
+/// [`Store::save_detection`] inside a transaction: a `Conflict` when the progress moved.
+async fn save_detection_in(c: &mut Conn, from: Option<u64>, p: &crate::DetectionRow, alerts: &[crate::AlertRow]) -> Result<(), StoreError> {
+    let (next, state_at) = (int(p.next)?, int(p.state_at)?);
+    let moved = match from {
+        None => c.execute("INSERT INTO detection (id, next, state_at, state) VALUES (1, $1, $2, $3) ON CONFLICT DO NOTHING", &[&next, &state_at, &p.state]).await,
+        Some(f) => c.execute("UPDATE detection SET next = $1, state_at = $2, state = $3 WHERE id = 1 AND next = $4", &[&next, &state_at, &p.state, &int(f)?]).await,
+    }
+    .map_err(pg("saving the detection progress"))?;
+    if moved == 0 {
+        return Err(StoreError::Conflict("another detector moved the detection progress".into()));
+    }
+    for a in alerts {
+        c.execute("INSERT INTO alerts (id, time, rule, severity, sealed) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING", &[&a.id, &a.time, &a.rule, &a.severity, &a.sealed])
+            .await
+            .map_err(pg("adding an alert"))?;
+    }
+    Ok(())
+}
+
 async fn put_file_in(c: &mut Conn, f: &FileRow, sealed_with: &[u8]) -> Result<(), StoreError> {
     let same = c
         .query_opt("SELECT 1 FROM data_keys WHERE name = 'patient:' || $1 AND wrapped = $2 FOR SHARE", &[&f.patient, &sealed_with])
@@ -581,6 +604,37 @@ impl Store for PgStore {
             .await
             .map_err(pg("listing expired uploads"))?;
         rows.iter().map(row_to_upload).collect()
+    }
+
+    async fn detection(&self) -> Result<Option<crate::DetectionRow>, StoreError> {
+        let row = self.pool.get().await?.query_opt("SELECT next, state_at, state FROM detection WHERE id = 1", &[]).await.map_err(pg("reading the detection progress"))?;
+        row.map(|r| Ok(crate::DetectionRow { next: uint(r.get(0))?, state_at: uint(r.get(1))?, state: r.get(2) })).transpose()
+    }
+
+    async fn save_detection(&self, from: Option<u64>, progress: &crate::DetectionRow, alerts: &[crate::AlertRow]) -> Result<bool, StoreError> {
+        let mut c = self.pool.get().await?;
+        c.begin().await?;
+        let outcome = save_detection_in(&mut c, from, progress, alerts).await;
+        match c.finish(outcome).await {
+            Err(StoreError::Conflict(_)) => Ok(false),
+            other => other.map(|()| true),
+        }
+    }
+
+    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+        let rows = self
+            .pool
+            .get()
+            .await?
+            .query("SELECT id, time, rule, severity, sealed FROM alerts WHERE time < $1 ORDER BY time DESC, id DESC LIMIT $2", &[&before, &(limit as i64)])
+            .await
+            .map_err(pg("listing alerts"))?;
+        Ok(rows.iter().map(row_to_alert).collect())
+    }
+
+    async fn alert(&self, id: &str) -> Result<Option<crate::AlertRow>, StoreError> {
+        let row = self.pool.get().await?.query_opt("SELECT id, time, rule, severity, sealed FROM alerts WHERE id = $1", &[&id]).await.map_err(pg("reading an alert"))?;
+        Ok(row.as_ref().map(row_to_alert))
     }
 
     async fn put_ticket(&self, t: &TicketRow) -> Result<(), StoreError> {

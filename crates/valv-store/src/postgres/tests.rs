@@ -146,6 +146,12 @@ async fn uploads_advance_only_from_where_they_are() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detection_progress_and_alerts() {
+    let pg = Cluster::start();
+    crate::testkit::detection_saves_alerts_with_its_progress_once(Arc::new(migrated(&pg).await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tickets_are_spent_atomically() {
     let pg = Cluster::start();
     crate::testkit::tickets_are_spent_atomically(Arc::new(migrated(&pg).await)).await;
