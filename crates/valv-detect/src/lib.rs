@@ -101,6 +101,7 @@ impl Severity {
 /// One alert: which rule, about whom (`account:<user id>`, `address:<ip>`, `all`), when (the
 /// time of the entry that raised it), in words, and the evidence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Alert {
     /// `<leaf index of the entry that raised it>-<rule>`: the same alert raised again (after a
     /// restart) has the same id.
@@ -124,6 +125,13 @@ pub struct Detector {
 impl Detector {
     pub fn new(config: Config) -> Detector {
         Detector { config, state: rules::State::default() }
+    }
+
+    /// A new detector that starts reading at leaf index `next`.
+    pub fn starting_at(config: Config, next: u64) -> Detector {
+        let mut d = Detector::new(config);
+        d.state.next = next;
+        d
     }
 
     /// A detector that continues from a saved [`Detector::state`].

@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// The server runs the detection engine (`[detect] enabled`).
+    pub enabled: bool,
     /// The span of the sign-in rules, in seconds.
     pub window_seconds: i64,
     /// Wrong passwords for one account within the span.
@@ -35,6 +37,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            enabled: true,
             window_seconds: 600,
             guesses_per_account: 5,
             failures_per_address: 20,

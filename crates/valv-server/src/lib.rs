@@ -21,6 +21,7 @@ pub mod access;
 pub mod audit;
 pub mod backup;
 pub mod clock;
+pub mod detect;
 pub mod erasure;
 pub mod error;
 pub mod fhir;
@@ -407,6 +408,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         p if p.starts_with("/admin/break-glass") || p.starts_with("/admin/support-grants") => ("admin_grants", grantapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/erasures" || p.starts_with("/admin/erasures/") => ("admin_erasures", erasure::admin_route(app, req, rid, peer).await),
+        p if p == "/admin/alerts" || p.starts_with("/admin/alerts/") => ("admin_alerts", detect::api::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),

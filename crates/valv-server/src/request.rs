@@ -247,7 +247,7 @@ async fn bearer_principal(app: &App, authorization: Option<&str>, now: i64) -> R
             Err(reason @ "storage") => Err((ApiError::unavailable("sessions cannot be checked right now"), reason)),
             Err(reason) => Err((ApiError::unauthorized("the access token is not valid or the session has ended; sign in again"), reason)),
         },
-        Ok(token) => auth::authenticate(&**app.vault.store(), &app.records, token).await.map_err(|e| (e, "invalid-credential")),
+        Ok(token) => auth::authenticate(&**app.vault.store(), &app.records, token).await,
         Err(e) => Err((e, if authorization.is_some() { "malformed-credential" } else { "no-credential" })),
     }
 }

@@ -23,6 +23,8 @@ pub struct Config {
     pub backup: BackupConfig,
     pub fhir: FhirConfig,
     pub files: FilesConfig,
+    /// The detection engine's rules and thresholds (docs/DETECTION.md).
+    pub detect: valv_detect::Config,
 }
 
 /// Files: Binary content kept as sealed objects (`[files]`; docs/FILES.md).

@@ -1,6 +1,7 @@
 //! The `valv` command: serve the API, initialise a data directory, manage API keys, generate
 //! synthetic patients and import FHIR bundles.
 
+mod alerts;
 mod backup;
 mod certificate;
 mod config;
@@ -73,6 +74,15 @@ enum Command {
     Audit {
         #[command(subcommand)]
         action: AuditAction,
+    },
+    /// List the detection engine's alerts, newest first (docs/DETECTION.md).
+    Alerts {
+        /// How many (1 to 10000).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Check access policies, or explain one decision.
     Policy {
@@ -453,6 +463,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Audit { action } => audit(&dir, action).await,
+        Command::Alerts { limit, json } => alerts::list(&dir, limit, json).await,
         Command::User { action } => user(&dir, action).await,
         Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {
             policycmd::validate(&dir, policy_dir.as_deref(), replace_defaults.then_some(true))
@@ -537,6 +548,9 @@ async fn serve(opened: datadir::Opened, bound: Option<std::net::TcpListener>) ->
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(1));
     // Data keys not under the current KEK version (after `valv keys rotate`) are rewrapped.
     valv_server::keys::spawn_rewrap(opened.app.clone(), std::time::Duration::from_secs(5));
+    if opened.config.detect.enabled {
+        valv_server::detect::spawn(opened.app.clone(), opened.config.detect.clone());
+    }
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::audit::siem::spawn(opened.app.clone(), siem)?;
     }

@@ -50,9 +50,19 @@ pub struct Metrics {
     pub files_clean: AtomicU64,
     pub files_infected: AtomicU64,
     pub files_not_scanned: AtomicU64,
+    /// Alerts raised by this process's detection engine, by rule and severity.
+    alerts: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Stored audit entries the detection engine has not read yet (a gauge).
+    pub detection_lag: AtomicU64,
 }
 
 impl Metrics {
+    pub fn alert_raised(&self, rule: &str, severity: &'static str) {
+        if let Ok(mut a) = self.alerts.lock() {
+            *a.entry((rule.to_string(), severity)).or_default() += 1;
+        }
+    }
+
     pub fn observe(&self, route: &'static str, status: u16, elapsed: Duration) {
         if let Ok(mut r) = self.requests.lock() {
             *r.entry((route, status)).or_default() += 1;
@@ -90,6 +100,12 @@ impl Metrics {
                 let _ = writeln!(out, "valv_http_request_duration_seconds_count{{route=\"{route}\"}} {}", h.count);
             }
         }
+        out.push_str("# HELP valv_alerts_total Alerts raised by the detection engine, by rule and severity.\n# TYPE valv_alerts_total counter\n");
+        if let Ok(a) = self.alerts.lock() {
+            for ((rule, severity), n) in a.iter() {
+                let _ = writeln!(out, "valv_alerts_total{{rule=\"{rule}\",severity=\"{severity}\"}} {n}");
+            }
+        }
         for (name, help, v) in [
             ("valv_audit_entries_total", "Audit entries made durable.", &self.audit_entries),
             ("valv_audit_failures_total", "Requests refused because their audit entry could not be made durable.", &self.audit_failures),
@@ -116,6 +132,7 @@ impl Metrics {
         write_metric(&mut out, "counter", "valv_search_index_mismatches_total", "Search candidates dropped because their decrypted body does not match the query (index rows edited or copied in the database).", valv_store::vault::index_mismatches());
         write_metric(&mut out, "gauge", "valv_siem_lag_entries", "Stored audit entries not yet forwarded to the SIEM collector.", self.siem_lag.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_backup_last_success_seconds", "When the last scheduled backup was written (Unix time; 0: none yet).", self.backup_last_success.load(Ordering::Relaxed));
+        write_metric(&mut out, "gauge", "valv_detection_lag_entries", "Stored audit entries the detection engine has not read yet.", self.detection_lag.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_keys_to_rewrap", "Data keys not yet under the current KEK version, as last counted.", self.keys_to_rewrap.load(Ordering::Relaxed));
         out
     }

@@ -138,23 +138,26 @@ pub fn user_principal(user: &crate::people::identity::User) -> Principal {
     }
 }
 
-/// Resolves an API key to a principal.
-pub async fn authenticate(store: &dyn Store, macs: &RecordMac, token: &str) -> Result<Principal, ApiError> {
+/// Resolves an API key to a principal; a refusal comes with the reason its audit entry records
+/// (`invalid-credential`, or `revoked-key` for a key that was revoked: the answer is the same).
+pub async fn authenticate(store: &dyn Store, macs: &RecordMac, token: &str) -> Result<Principal, (ApiError, &'static str)> {
+    let invalid = |reason| (ApiError::unauthorized("the bearer credential is not valid"), reason);
     if !token.starts_with("valv_") || token.len() != 69 {
-        return Err(ApiError::unauthorized("the bearer credential is not valid"));
+        return Err(invalid("invalid-credential"));
     }
-    let record = store.find_api_key(&hash_api_key(token)).await.map_err(ApiError::from)?;
+    let record = store.find_api_key(&hash_api_key(token)).await.map_err(|e| (ApiError::from(e), "storage"))?;
     if let Some(r) = record.as_ref().filter(|r| !api_key_mac_ok(macs, r)) {
         tracing::error!(key_id = %r.id, "API key record fails its MAC: inserted or altered outside Valv");
-        return Err(ApiError::unauthorized("the bearer credential is not valid"));
+        return Err(invalid("invalid-credential"));
     }
     match record {
         Some(r) if r.revoked.is_none() => {
-            let scopes = valv_policy::Scopes::parse(&r.scopes).map_err(|_| ApiError::unauthorized("the bearer credential is not valid"))?;
+            let scopes = valv_policy::Scopes::parse(&r.scopes).map_err(|_| invalid("invalid-credential"))?;
             Ok(Principal::basic(PrincipalKind::Service, r.id, r.name, vec![r.role], (!scopes.is_empty()).then_some(scopes)))
         }
-        // Unknown and revoked keys get the same answer.
-        _ => Err(ApiError::unauthorized("the bearer credential is not valid")),
+        // Unknown and revoked keys get the same answer; only the audit entry tells them apart.
+        Some(_) => Err(invalid("revoked-key")),
+        None => Err(invalid("invalid-credential")),
     }
 }
 

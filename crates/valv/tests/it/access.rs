@@ -11,7 +11,7 @@ const MIN: i64 = 60_000;
 /// FAST, with sessions that survive the test clock's jumps.
 pub(crate) const LONG_SESSIONS: &str = "[auth]\nrate_per_minute = 10000\nrate_burst = 10000\nlogin_floor_ms = 0\nsession_idle_minutes = 240\n";
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_millis() as i64
 }
 

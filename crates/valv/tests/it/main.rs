@@ -12,6 +12,7 @@ mod bundles;
 mod clients;
 mod conditional;
 mod crud;
+mod detect;
 mod disk;
 mod erase;
 mod errors;

@@ -1,0 +1,135 @@
+//! The detection engine through the real server (issue 15): each intrusion rule fires on a
+//! constructed attack and stays silent on its legitimate twin; alerts are read by auditors only,
+//! with evidence that checks against the signed checkpoint; a restart neither repeats nor skips.
+
+use crate::access::{people, Spec, LONG_SESSIONS};
+use crate::harness::{run_ok, Server};
+use crate::identity::{login, totp, PASSWORD};
+use base64::Engine as _;
+use serde_json::Value;
+
+async fn alerts(s: &Server) -> Vec<Value> {
+    let r = s.request("GET", "/admin/alerts?limit=500", Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json["alerts"].as_array().cloned().unwrap_or_default()
+}
+
+fn count(list: &[Value], rule: &str) -> usize {
+    list.iter().filter(|a| a["rule"] == rule).count()
+}
+
+/// The alerts once `done` holds for them (the engine reads the log a moment after the fact).
+async fn until(s: &Server, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    for _ in 0..100 {
+        let list = alerts(s).await;
+        if done(&list) {
+            return list;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let list = alerts(s).await;
+    panic!("the expected alerts did not come within 20 s: {list:#?}");
+}
+
+fn b64(text: &str) -> [u8; 32] {
+    base64::engine::general_purpose::STANDARD.decode(text).expect("base64").try_into().expect("32 bytes")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a_restart() {
+    let mut s = Server::start_configured("detect", &[], LONG_SESSIONS);
+    let mut now = crate::access::now_ms();
+    s.set_clock(now);
+    let spec: Vec<Spec> = ["eva.guessed", "olle.typo", "mia.mfa"].iter().map(|u| (u.to_string(), "nurse", vec![], None, None)).collect();
+    let people = people(&s, &mut now, &spec).await;
+    now += 30_000;
+    s.set_clock(now);
+
+    // The twin: one mistyped password, then the right one.
+    assert_eq!(login(&s, "olle.typo", "correct horse battery stapel", Some(&totp(&people["olle.typo"].secret, now))).await.status, 401);
+    assert_eq!(login(&s, "olle.typo", PASSWORD, Some(&totp(&people["olle.typo"].secret, now))).await.status, 200);
+    // Password guessing on one account.
+    for i in 0..6 {
+        assert_eq!(login(&s, "eva.guessed", &format!("guess number {i}"), Some("123456")).await.status, 401);
+    }
+    // Second factors guessed with the right password.
+    for code in ["000000", "111111", "222222"] {
+        assert_eq!(login(&s, "mia.mfa", PASSWORD, Some(code)).await.status, 401);
+    }
+    // A revoked API key presented again.
+    let key = run_ok(&s.data, &["apikey", "create", "--name", "old-lab", "--role", "service", "--scope", "system/Observation.r"]).lines().last().expect("key").trim().to_string();
+    run_ok(&s.data, &["apikey", "revoke", "old-lab"]);
+    assert_eq!(s.request("GET", "/fhir/Observation", Some(&key), None, &[]).await.status, 401);
+    let list = until(&s, |l| count(l, "password-guessing-account") == 1 && count(l, "mfa-failures") == 1 && count(l, "revoked-credential") == 1).await;
+    assert_eq!(list.len(), 3, "nothing else (no alert for the mistyped password): {list:#?}");
+    let mfa = list.iter().find(|a| a["rule"] == "mfa-failures").expect("mfa");
+    assert!(mfa["severity"] == "high" && mfa["explanation"].as_str().is_some_and(|t| t.contains("3 wrong second factors")), "{mfa}");
+
+    // Credential stuffing: the same address tries names it does not know.
+    for i in 0..5 {
+        assert_eq!(login(&s, &format!("someone.{i}"), "Summer2026!", None).await.status, 401);
+    }
+    // A flood of requests without credentials from one address (many at once: refusals within a
+    // second share one compacted audit entry, answered when it is durable).
+    let client = std::sync::Arc::new(Server::client_for(&s.data, s.port, ""));
+    // Waves within the server's connections per address.
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..7 {
+        let mut wave = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let client = client.clone();
+            wave.spawn(async move { client.get("/fhir/Patient", None).await.map(|r| r.status) });
+        }
+        while let Some(status) = wave.join_next().await {
+            *answers.entry(format!("{:?}", status.expect("task"))).or_insert(0) += 1;
+        }
+    }
+    assert!(answers.keys().all(|k| k == "Ok(401)" || k == "Ok(429)"), "{answers:?}");
+    let list = until(&s, |l| count(l, "credential-stuffing") == 1 && count(l, "unauthenticated-flood") == 1).await;
+    let stuffing = list.iter().find(|a| a["rule"] == "credential-stuffing").expect("stuffing");
+    assert!(stuffing["subject"].as_str().is_some_and(|t| t.starts_with("address:")), "{stuffing}");
+
+    // Evidence: each entry's inclusion proof checks against the signed checkpoint.
+    let guess = list.iter().find(|a| a["rule"] == "password-guessing-account").expect("guessing");
+    let id = guess["id"].as_str().expect("id").to_string();
+    assert_eq!(guess["evidence"].as_array().map(Vec::len), Some(5), "the five wrong passwords that reached the threshold: {guess}");
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let one = s.request("GET", &format!("/admin/alerts/{id}"), Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(one.status, 200, "{}", one.text);
+    let verifier = valv_audit::Verifier::from_vkey(one.json["logKey"].as_str().expect("key").trim()).expect("vkey");
+    let checkpoint = valv_audit::open_checkpoint(one.json["checkpoint"].as_str().expect("note"), std::slice::from_ref(&verifier)).expect("signed");
+    for e in one.json["evidence"].as_array().expect("evidence") {
+        let proof: Vec<[u8; 32]> = e["proof"].as_array().expect("proof").iter().map(|h| b64(h.as_str().expect("hash"))).collect();
+        let index = e["index"].as_u64().expect("index");
+        valv_audit::merkle::verify_inclusion(index, checkpoint.size, &b64(e["leafHash"].as_str().expect("leaf")), &proof, &checkpoint.root).expect("the evidence is in the log");
+    }
+    // Auditors only; nothing else, and never a change.
+    assert_eq!(s.request("GET", "/admin/alerts", Some(&s.data_key), None, &[]).await.status, 403);
+    assert_eq!(s.request("GET", "/admin/alerts", None, None, &[]).await.status, 401);
+    assert_eq!(s.request("DELETE", &format!("/admin/alerts/{id}"), Some(&s.auditor_key), None, &[]).await.status, 405);
+    s.request("GET", "/admin/alerts?limit=0", Some(&s.auditor_key), None, &[]).await.outcome(400);
+    s.request("GET", "/admin/alerts/x'%20OR%201=1", Some(&s.auditor_key), None, &[]).await.outcome(400);
+
+    // Carried to the audit log (and so to the SIEM), counted, and on the console.
+    let log = run_ok(&s.data, &["audit", "export"]);
+    assert!(log.lines().any(|l| l.contains("\"interaction\":\"alert\"") && l.contains(&id)), "the alert is an audit entry");
+    let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
+    assert!(metrics.contains("valv_alerts_total{rule=\"mfa-failures\",severity=\"high\"} 1"), "{metrics}");
+    let console = run_ok(&s.data, &["alerts", "--json"]);
+    assert_eq!(console.lines().count(), list.len(), "{console}");
+
+    // Restart: nothing raised again, nothing skipped (a new attack after it is seen).
+    let before: Vec<String> = list.iter().map(|a| a["id"].as_str().expect("id").to_string()).collect();
+    s.restart();
+    now += 11 * 60_000;
+    s.set_clock(now);
+    assert_eq!(s.request("GET", "/fhir/Observation", Some(&key), None, &[]).await.status, 401);
+    let after = until(&s, |l| count(l, "revoked-credential") == 2).await;
+    let ids: Vec<&str> = after.iter().map(|a| a["id"].as_str().expect("id")).collect();
+    let mut unique = ids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), ids.len(), "no alert twice: {ids:?}");
+    assert!(before.iter().all(|b| ids.contains(&b.as_str())), "the earlier alerts are kept");
+    assert_eq!(after.len(), before.len() + 1, "exactly the new one: {after:#?}");
+}
