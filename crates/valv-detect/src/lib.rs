@@ -16,7 +16,7 @@
 //! - `unauthenticated-flood` / `distributed-flood`: requests refused before anyone was
 //!   identified, from one address or from all together.
 
-mod rules;
+pub mod rules;
 mod window;
 
 pub use rules::Config;
@@ -58,13 +58,11 @@ impl Entry {
     }
 
     /// How many attempts the entry stands for: a compacted entry (`… (xN from this address, …;
-    /// compacted)`) stands for its first attempt and N more.
+    /// compacted)`) stands for the N attempts after the first of its window (which has an entry
+    /// of its own).
     pub fn weight(&self) -> u64 {
         let Some(rest) = self.reason.strip_suffix("; compacted)") else { return 1 };
-        rest.rsplit_once(" (x")
-            .and_then(|(_, tail)| tail.split_once(' '))
-            .and_then(|(n, _)| n.parse::<u64>().ok())
-            .map_or(1, |n| n.saturating_add(1))
+        rest.rsplit_once(" (x").and_then(|(_, tail)| tail.split_once(' ')).and_then(|(n, _)| n.parse::<u64>().ok()).map_or(1, |n| n.max(1))
     }
 
     /// The reason without a compaction note.

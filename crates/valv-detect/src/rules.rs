@@ -52,8 +52,35 @@ impl Default for Config {
     }
 }
 
-/// Keys (accounts, addresses) followed per rule at most; beyond, new keys wait until stale ones
-/// are forgotten (the `distributed-flood` rule still counts everything).
+impl Config {
+    /// Refuses spans and thresholds that make no sense (one line for the operator).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, seconds) in [("window_seconds", self.window_seconds), ("flood_window_seconds", self.flood_window_seconds)] {
+            if !(1..=86_400).contains(&seconds) {
+                return Err(format!("[detect] {name} must be 1 to 86400, got {seconds}"));
+            }
+        }
+        let thresholds = [
+            ("guesses_per_account", self.guesses_per_account),
+            ("failures_per_address", self.failures_per_address),
+            ("accounts_per_address", self.accounts_per_address),
+            ("mfa_failures", self.mfa_failures),
+            ("stale_credentials_per_address", self.stale_credentials_per_address),
+            ("flood_per_address", self.flood_per_address),
+            ("flood_total", self.flood_total),
+        ];
+        if let Some((name, _)) = thresholds.iter().find(|(_, n)| *n == 0) {
+            return Err(format!("[detect] {name} must be at least 1"));
+        }
+        if self.accounts_per_address > crate::window::MAX_EVENTS as u64 {
+            return Err(format!("[detect] accounts_per_address must be at most {}", crate::window::MAX_EVENTS));
+        }
+        Ok(())
+    }
+}
+
+/// Keys (accounts, addresses) followed per rule at most; beyond, further keys are counted
+/// together in one window ([`OVERFLOW`]) until stale ones are forgotten.
 pub const MAX_KEYS: usize = 20_000;
 /// Addresses remembered per account for `new-address` (the most recently used).
 const ADDRESSES_PER_ACCOUNT: usize = 16;
@@ -84,116 +111,187 @@ const STALE_REASONS: &[&str] = &["session-expired", "idle-timeout", "unknown-ses
 
 pub fn observe(config: &Config, state: &mut State, e: &Entry) -> Vec<Alert> {
     state.next = e.index + 1;
-    let mut alerts = Vec::new();
     let span = config.window_seconds.saturating_mul(1000);
-    let flood_span = config.flood_window_seconds.saturating_mul(1000);
     if e.index.is_multiple_of(SWEEP_EVERY) {
-        sweep(state, e.time, span.max(flood_span));
+        sweep(state, e.time, span.max(config.flood_window_seconds.saturating_mul(1000)));
     }
-    let account = (!e.agent_id.is_empty()).then_some(e.agent_id.as_str());
-    let reason = e.base_reason();
-    let event = |key: Option<&str>| Event { time: e.time, index: e.index, weight: e.weight(), key: key.map(str::to_string) };
-    let mut alert = |rule: &str, severity: Severity, subject: String, explanation: String, evidence: Vec<u64>| {
-        alerts.push(Alert { id: format!("{}-{rule}", e.index), rule: rule.to_string(), severity, subject, time: e.time, explanation, evidence });
-    };
-
-    if e.interaction == "login" && e.denied() {
-        let minutes = span / 60_000;
-        if let Some(acc) = account.filter(|_| PASSWORD_REASONS.contains(&reason)) {
-            if let Some(w) = window(state, "password-guessing-account", acc) {
-                w.push(event(None), span);
-                if w.fire(w.count() >= config.guesses_per_account, e.time, span) {
-                    let text = format!("{} failed sign-ins with a wrong password for account {acc} within {minutes} min", w.count());
-                    alert("password-guessing-account", Severity::Medium, format!("account:{acc}"), text, w.evidence());
-                }
-            }
-        }
-        if let Some(acc) = account.filter(|_| MFA_REASONS.contains(&reason)) {
-            if let Some(w) = window(state, "mfa-failures", acc) {
-                w.push(event(None), span);
-                if w.fire(w.count() >= config.mfa_failures, e.time, span) {
-                    let text = format!("{} wrong second factors for account {acc} within {minutes} min: its password was given correctly each time", w.count());
-                    alert("mfa-failures", Severity::High, format!("account:{acc}"), text, w.evidence());
-                }
-            }
-        }
-        let source = e.source_address.as_str();
-        if let Some(w) = window(state, "password-guessing-address", source) {
-            w.push(event(account), span);
-            if w.fire(w.count() >= config.failures_per_address, e.time, span) {
-                let text = format!("{} failed sign-ins from address {source} within {minutes} min", w.count());
-                alert("password-guessing-address", Severity::Medium, format!("address:{source}"), text, w.evidence());
-            }
-            // Counted in the address's window (each unknown user name as one more account); the
-            // rule's own window only keeps it to one alert per span.
-            let (distinct, evidence, named) = (w.distinct() as u64, w.evidence(), w.keys().join(", "));
-            if let Some(s) = window(state, "credential-stuffing", source) {
-                if s.fire(distinct >= config.accounts_per_address, e.time, span) {
-                    let text = format!("failed sign-ins against {distinct} accounts from address {source} within {minutes} min (known accounts: {named})");
-                    alert("credential-stuffing", Severity::High, format!("address:{source}"), text, evidence);
-                }
-            }
-        }
-    }
-
-    if matches!(e.interaction.as_str(), "login" | "login-sso") && e.outcome == "success" && config.new_address {
-        if let Some(acc) = account {
-            if let Some(text) = note_address(state, acc, &e.source_address) {
-                alert("new-address", Severity::Low, format!("account:{acc}"), text, vec![e.index]);
-            }
-        }
-    }
-
-    if e.interaction == "authenticate" && e.denied() {
-        let source = e.source_address.as_str();
-        if REVOKED_REASONS.contains(&reason) {
-            if let Some(w) = window(state, "revoked-credential", source) {
-                w.push(event(None), span);
-                if w.fire(true, e.time, span) {
-                    let what = if reason == "revoked-key" { "a revoked API key" } else { "a session ended by an administrator or an account change" };
-                    let text = format!("{what} presented from address {source}{}", account.map(|a| format!(" (account {a})")).unwrap_or_default());
-                    alert("revoked-credential", Severity::Medium, format!("address:{source}"), text, w.evidence());
-                }
-            }
-        }
-        if STALE_REASONS.contains(&reason) {
-            if let Some(w) = window(state, "stale-credentials", source) {
-                w.push(event(None), span);
-                if w.fire(w.count() >= config.stale_credentials_per_address, e.time, span) {
-                    let text = format!("{} expired or unknown session tokens presented from address {source} within {} min", w.count(), span / 60_000);
-                    alert("revoked-credential", Severity::Medium, format!("address:{source}"), text, w.evidence());
-                }
-            }
-        }
-    }
-
-    if e.agent_id.is_empty() && e.denied() && matches!(e.interaction.as_str(), "authenticate" | "rate-limit" | "ticket") {
-        let source = e.source_address.as_str();
-        let seconds = flood_span / 1000;
-        if let Some(w) = window(state, "unauthenticated-flood", source) {
-            w.push(event(None), flood_span);
-            if w.fire(w.count() >= config.flood_per_address, e.time, flood_span) {
-                let text = format!("{} requests refused before anyone was identified from address {source} within {seconds} s", w.count());
-                alert("unauthenticated-flood", Severity::High, format!("address:{source}"), text, w.evidence());
-            }
-        }
-        let w = &mut state.total_flood;
-        w.push(event(Some(source)), flood_span);
-        if w.fire(w.count() >= config.flood_total, e.time, flood_span) {
-            let text = format!("{} requests refused before anyone was identified from {} addresses within {seconds} s", w.count(), w.distinct());
-            alert("distributed-flood", Severity::High, "all".to_string(), text, w.evidence());
-        }
-    }
-    alerts
+    let mut raised = Raised { entry: e, alerts: Vec::new() };
+    let j = Judged { e, account: (!e.agent_id.is_empty()).then_some(e.agent_id.as_str()), reason: e.base_reason(), source: address_key(&e.source_address) };
+    password_guessing(config, state, &j, &mut raised);
+    refused_sign_ins(config, state, &j, &mut raised);
+    new_address(config, state, &j, &mut raised);
+    presented_credentials(config, state, &j, &mut raised);
+    floods(config, state, &j, &mut raised);
+    raised.alerts
 }
 
-/// The window of `rule` for `key`, made if there is room for it.
-fn window<'a>(state: &'a mut State, rule: &str, key: &str) -> Option<&'a mut Window> {
-    let of_rule = state.windows.entry(rule.to_string()).or_default();
-    if !of_rule.contains_key(key) && of_rule.len() >= MAX_KEYS {
-        return None;
+/// What the rules read of an entry, worked out once.
+struct Judged<'a> {
+    e: &'a Entry,
+    account: Option<&'a str>,
+    reason: &'a str,
+    /// The address as the per-address rules count it ([`address_key`]).
+    source: String,
+}
+
+impl Judged<'_> {
+    fn event(&self, key: Option<&str>) -> Event {
+        Event { time: self.e.time, index: self.e.index, weight: self.e.weight(), key: key.map(str::to_string) }
     }
-    Some(of_rule.entry(key.to_string()).or_default())
+}
+
+/// The alerts one entry raises, each named `<index>-<rule>`.
+struct Raised<'a> {
+    entry: &'a Entry,
+    alerts: Vec<Alert>,
+}
+
+impl Raised<'_> {
+    fn alert(&mut self, rule: &str, severity: Severity, subject: String, explanation: String, evidence: Vec<u64>) {
+        let e = self.entry;
+        self.alerts.push(Alert { id: format!("{}-{rule}", e.index), rule: rule.to_string(), severity, subject, time: e.time, explanation, evidence });
+    }
+}
+
+/// `password-guessing-account`: wrong passwords for one account, at sign-in or when changing
+/// the password.
+fn password_guessing(config: &Config, state: &mut State, j: &Judged<'_>, out: &mut Raised<'_>) {
+    let e = j.e;
+    let wrong = (e.interaction == "login" && PASSWORD_REASONS.contains(&j.reason)) || (e.interaction == "password-change" && e.status == 403);
+    let (Some(acc), true) = (j.account, e.denied() && wrong) else { return };
+    let span = config.window_seconds.saturating_mul(1000);
+    let w = window(state, "password-guessing-account", acc);
+    w.push(j.event(None), span);
+    if w.fire(w.count() >= config.guesses_per_account, e.time, span) {
+        let text = format!("{} failed sign-ins with a wrong password for account {acc} within {} min", w.count(), span / 60_000);
+        out.alert("password-guessing-account", Severity::Medium, format!("account:{acc}"), text, w.evidence());
+    }
+}
+
+/// Refused sign-ins (401; not malformed requests nor the server's own failures):
+/// `mfa-failures` per account, `password-guessing-address` and `credential-stuffing` per address.
+fn refused_sign_ins(config: &Config, state: &mut State, j: &Judged<'_>, out: &mut Raised<'_>) {
+    let e = j.e;
+    if !(e.interaction == "login" && e.denied() && e.status == 401) {
+        return;
+    }
+    let span = config.window_seconds.saturating_mul(1000);
+    let minutes = span / 60_000;
+    if let Some(acc) = j.account.filter(|_| MFA_REASONS.contains(&j.reason)) {
+        let w = window(state, "mfa-failures", acc);
+        w.push(j.event(None), span);
+        if w.fire(w.count() >= config.mfa_failures, e.time, span) {
+            let text = format!("{} wrong second factors for account {acc} within {minutes} min: its password was given correctly each time", w.count());
+            out.alert("mfa-failures", Severity::High, format!("account:{acc}"), text, w.evidence());
+        }
+    }
+    let source = j.source.as_str();
+    // The account tried: a known one's id, or an unknown name's keyed token (`unknown:…`).
+    let tried = j.account.or(e.resource_id.as_deref());
+    let w = window(state, "password-guessing-address", source);
+    w.push(j.event(tried), span);
+    if w.fire(w.count() >= config.failures_per_address, e.time, span) {
+        let text = format!("{} failed sign-ins from address {source} within {minutes} min", w.count());
+        out.alert("password-guessing-address", Severity::Medium, format!("address:{source}"), text, w.evidence());
+    }
+    // Counted in the address's window; the rule's own window keeps it to one alert per span.
+    let distinct = w.distinct() as u64;
+    if distinct < config.accounts_per_address {
+        return;
+    }
+    let (evidence, named) = (w.evidence(), w.keys().join(", "));
+    if window(state, "credential-stuffing", source).fire(true, e.time, span) {
+        let text = format!("failed sign-ins against {distinct} accounts from address {source} within {minutes} min ({named})");
+        out.alert("credential-stuffing", Severity::High, format!("address:{source}"), text, evidence);
+    }
+}
+
+/// `new-address`: a sign-in from an address the account has not signed in from before.
+fn new_address(config: &Config, state: &mut State, j: &Judged<'_>, out: &mut Raised<'_>) {
+    let e = j.e;
+    if !(config.new_address && matches!(e.interaction.as_str(), "login" | "login-sso") && e.outcome == "success") {
+        return;
+    }
+    let Some(acc) = j.account else { return };
+    if let Some(text) = note_address(state, acc, &j.source) {
+        out.alert("new-address", Severity::Low, format!("account:{acc}"), text, vec![e.index]);
+    }
+}
+
+/// `revoked-credential`: a revoked credential presented, or stale ones again and again.
+fn presented_credentials(config: &Config, state: &mut State, j: &Judged<'_>, out: &mut Raised<'_>) {
+    let e = j.e;
+    if !(e.interaction == "authenticate" && e.denied()) {
+        return;
+    }
+    let span = config.window_seconds.saturating_mul(1000);
+    let source = j.source.as_str();
+    if REVOKED_REASONS.contains(&j.reason) {
+        let w = window(state, "revoked-credential", source);
+        w.push(j.event(None), span);
+        if w.fire(true, e.time, span) {
+            let what = if j.reason == "revoked-key" { "a revoked API key" } else { "a session ended by an administrator or an account change" };
+            let text = format!("{what} presented from address {source}{}", j.account.map(|a| format!(" (account {a})")).unwrap_or_default());
+            out.alert("revoked-credential", Severity::Medium, format!("address:{source}"), text, w.evidence());
+        }
+    }
+    if STALE_REASONS.contains(&j.reason) {
+        let w = window(state, "stale-credentials", source);
+        w.push(j.event(None), span);
+        if w.fire(w.count() >= config.stale_credentials_per_address, e.time, span) {
+            let text = format!("{} expired or unknown session tokens presented from address {source} within {} min", w.count(), span / 60_000);
+            out.alert("revoked-credential", Severity::Medium, format!("address:{source}"), text, w.evidence());
+        }
+    }
+}
+
+/// `unauthenticated-flood` per address and `distributed-flood` from all: requests refused before
+/// anyone was identified. The server's own failures (a database or identity provider away, 5xx)
+/// are not the callers'.
+fn floods(config: &Config, state: &mut State, j: &Judged<'_>, out: &mut Raised<'_>) {
+    let e = j.e;
+    if !(e.agent_id.is_empty() && e.denied() && e.status < 500 && matches!(e.interaction.as_str(), "authenticate" | "rate-limit" | "ticket")) {
+        return;
+    }
+    let span = config.flood_window_seconds.saturating_mul(1000);
+    let seconds = span / 1000;
+    let source = j.source.as_str();
+    let w = window(state, "unauthenticated-flood", source);
+    w.push(j.event(None), span);
+    if w.fire(w.count() >= config.flood_per_address, e.time, span) {
+        let text = format!("{} requests refused before anyone was identified from address {source} within {seconds} s", w.count());
+        out.alert("unauthenticated-flood", Severity::High, format!("address:{source}"), text, w.evidence());
+    }
+    let w = &mut state.total_flood;
+    w.push(j.event(Some(source)), span);
+    if w.fire(w.count() >= config.flood_total, e.time, span) {
+        let text = format!("{} requests refused before anyone was identified from {} or more addresses within {seconds} s", w.count(), w.distinct());
+        out.alert("distributed-flood", Severity::High, "all".to_string(), text, w.evidence());
+    }
+}
+
+/// Where windows go once a rule follows [`MAX_KEYS`] keys: all further ones counted together.
+pub const OVERFLOW: &str = "(more keys than followed)";
+
+/// The window of `rule` for `key` (or, with no room for another key, the overflow window).
+fn window<'a>(state: &'a mut State, rule: &str, key: &str) -> &'a mut Window {
+    let of_rule = state.windows.entry(rule.to_string()).or_default();
+    let key = if !of_rule.contains_key(key) && of_rule.len() >= MAX_KEYS { OVERFLOW } else { key };
+    of_rule.entry(key.to_string()).or_default()
+}
+
+/// What a per-address rule counts by: an IPv4 address, or the /64 of an IPv6 address (one host
+/// is usually given a whole /64; the server's rate limits count the same way). Anything else
+/// (the console's `local`) as it is.
+pub fn address_key(address: &str) -> String {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => format!("{}/64", std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        Ok(ip) => ip.to_string(),
+        Err(_) => address.to_string(),
+    }
 }
 
 /// Remembers that `account` signed in from `address`; words for an alert when the account has

@@ -19,18 +19,24 @@ impl Log {
 
     /// One entry at `secs` after T0.
     fn entry(&mut self, secs: i64, interaction: &str, outcome: &str, agent: &str, source: &str, reason: &str) {
+        self.entry_about(secs, interaction, outcome, agent, source, reason, None, None);
+    }
+
+    /// The same with a status (default: 200 or 401) and a `resource_id`.
+    #[allow(clippy::too_many_arguments)]
+    fn entry_about(&mut self, secs: i64, interaction: &str, outcome: &str, agent: &str, source: &str, reason: &str, status: Option<u16>, resource: Option<&str>) {
         let e = Entry {
             index: self.next,
             time: T0 + secs * 1000,
             interaction: interaction.into(),
             outcome: outcome.into(),
-            status: if outcome == "success" { 200 } else { 401 },
+            status: status.unwrap_or(if outcome == "success" { 200 } else { 401 }),
             agent_id: agent.into(),
             roles: Vec::new(),
             source_address: source.into(),
             patient: None,
             resource_type: None,
-            resource_id: None,
+            resource_id: resource.map(str::to_string),
             reason: reason.into(),
         };
         self.next += 1;
@@ -55,6 +61,12 @@ fn password_guessing_on_an_account_and_its_twin() {
     // More failures in the same span: no second alert.
     log.entry(200, "login", "denied", "u1", "10.0.0.9", "locked");
     assert_eq!(log.alerts.len(), 1);
+    // Guessing through a password change (403 there) counts the same.
+    let mut change = Log::new();
+    for i in 0..5 {
+        change.entry_about(i * 10, "password-change", "denied", "u3", "10.0.0.9", "the current password is not correct", Some(403), None);
+    }
+    assert_eq!(change.rules(), ["password-guessing-account"]);
 
     // The twin: a person who mistypes four times, spread out, then signs in.
     let mut twin = Log::new();
@@ -74,11 +86,30 @@ fn failures_from_one_address_and_credential_stuffing() {
     }
     assert_eq!(log.rules(), ["credential-stuffing"]);
     assert!(log.alerts[0].explanation.contains("5 accounts") && log.alerts[0].explanation.contains("u0, u1"), "{:?}", log.alerts);
-    // Unknown user names count as accounts too; twenty failures from the address in all.
+    // Unknown user names count by their token; twenty failures from the address in all.
     for i in 5..20 {
-        log.entry(i, "login", "denied", "", "203.0.113.5", "unknown-user");
+        log.entry_about(i, "login", "denied", "", "203.0.113.5", "unknown-user", None, Some(&format!("unknown:{i:04x}")));
     }
     assert_eq!(log.rules(), ["credential-stuffing", "password-guessing-address"]);
+
+    // One person mistyping their own user name five times is one name, not five accounts; a
+    // broken client's malformed requests (400) are not sign-in failures at all.
+    let mut typo = Log::new();
+    for i in 0..5 {
+        typo.entry_about(i * 20, "login", "denied", "", "10.2.2.2", "unknown-user", None, Some("unknown:00aa"));
+    }
+    for i in 0..30 {
+        typo.entry_about(200 + i, "login", "denied", "", "10.2.2.2", "the body is not valid JSON", Some(400), None);
+    }
+    assert!(typo.alerts.is_empty(), "{:?}", typo.alerts);
+
+    // IPv6: every address of one /64 is one source (as the server's rate limits count).
+    let mut v6 = Log::new();
+    for i in 0..5 {
+        v6.entry(i, "login", "denied", &format!("u{i}"), &format!("2001:db8:5:6::{:x}", i + 1), "wrong-password");
+    }
+    assert_eq!(v6.rules(), ["credential-stuffing"]);
+    assert_eq!(v6.alerts[0].subject, "address:2001:db8:5:6::/64");
 
     // The twin: a ward's shared terminal, three people mistyping once each.
     let mut twin = Log::new();
@@ -139,16 +170,24 @@ fn floods_count_compacted_entries_by_what_they_stand_for() {
     let mut log = Log::new();
     log.entry(0, "authenticate", "denied", "", "192.0.2.1", "no-credential");
     log.entry(1, "authenticate", "denied", "", "192.0.2.1", "no-credential (x150 from this address, 1 to 999 ms; compacted)");
-    assert!(log.alerts.is_empty());
     log.entry(2, "rate-limit", "denied", "", "192.0.2.1", "too-many-unauthenticated-requests-from-address (x148 from this address, 0 to 9000 ms; compacted)");
+    assert!(log.alerts.is_empty(), "1 + 150 + 148 = 299 requests");
+    log.entry(3, "authenticate", "denied", "", "192.0.2.1", "no-credential");
     assert_eq!(log.rules(), ["unauthenticated-flood"]);
-    // Many addresses, each below its own threshold.
+    // Many addresses, each below its own threshold, each request an entry of its own: counted
+    // whole, however many (far beyond the events a window keeps).
     let mut spread = Log::new();
-    for i in 0..30 {
-        spread.entry(i, "authenticate", "denied", "", &format!("198.18.0.{i}"), "invalid-credential (x99 from this address, 0 to 999 ms; compacted)");
+    for i in 0..3000 {
+        spread.entry(i / 60, "authenticate", "denied", "", &format!("198.18.{}.{}", i / 250, i % 250), "invalid-credential");
     }
     assert_eq!(spread.rules(), ["distributed-flood"]);
-    assert!(spread.alerts[0].explanation.contains("from 30 addresses"), "{:?}", spread.alerts);
+    assert!(spread.alerts[0].explanation.starts_with("3000 requests"), "{:?}", spread.alerts);
+    // The server's own failures (503: its identity provider away) are no flood.
+    let mut outage = Log::new();
+    for i in 0..400 {
+        outage.entry_about(i / 10, "authenticate", "denied", "", "10.0.0.1", "oidc-provider-unreachable", Some(503), None);
+    }
+    assert!(outage.alerts.is_empty(), "{:?}", outage.alerts);
     // A busy hour of ordinary expired tokens from the clinic's NAT: no flood.
     let mut twin = Log::new();
     for i in 0..250 {
@@ -158,11 +197,26 @@ fn floods_count_compacted_entries_by_what_they_stand_for() {
 }
 
 #[test]
+fn configuration_is_checked() {
+    assert!(Config::default().check().is_ok());
+    assert!(Config { window_seconds: 0, ..Config::default() }.check().expect_err("refused").contains("window_seconds"));
+    assert!(Config { flood_total: 0, ..Config::default() }.check().expect_err("refused").contains("flood_total"));
+    assert!(Config { accounts_per_address: 10_000, ..Config::default() }.check().is_err());
+}
+
+#[test]
+fn addresses_are_counted_as_the_rate_limits_count_them() {
+    assert_eq!(rules::address_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+    assert_eq!(rules::address_key("::ffff:192.0.2.7"), "192.0.2.7");
+    assert_eq!((rules::address_key("10.0.0.1"), rules::address_key("local")), ("10.0.0.1".to_string(), "local".to_string()));
+}
+
+#[test]
 fn weight_and_reason_of_compacted_entries() {
     let e = |reason: &str| Entry::parse(7, format!(r#"{{"time":1,"interaction":"authenticate","outcome":"denied","reason":"{reason}"}}"#).as_bytes()).expect("parses");
     assert_eq!((e("no-credential").weight(), e("no-credential").base_reason()), (1, "no-credential"));
     let c = e("no-credential (x41 from this address, 10 to 990 ms; compacted)");
-    assert_eq!((c.weight(), c.base_reason(), c.index), (42, "no-credential", 7));
+    assert_eq!((c.weight(), c.base_reason(), c.index), (41, "no-credential", 7));
     assert_eq!(e("odd (xZ from; compacted)").weight(), 1);
     assert!(Entry::parse(0, b"{\"time\":\"yesterday\"}").is_err());
 }

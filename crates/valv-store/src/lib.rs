@@ -436,8 +436,9 @@ pub trait Store: Send + Sync {
     /// transaction, if the stored progress is still at `from` (`None`: none saved yet); false,
     /// changing nothing, if another detector moved it meanwhile.
     async fn save_detection(&self, from: Option<u64>, progress: &DetectionRow, alerts: &[AlertRow]) -> Result<bool, StoreError>;
-    /// Up to `limit` alerts, newest first, raised before `before` (ms; `i64::MAX` for all).
-    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<AlertRow>, StoreError>;
+    /// Up to `limit` alerts, newest first (by time, then id), after the alert `before` names
+    /// (its time and id: the last of the previous page) or from the newest.
+    async fn alerts(&self, before: Option<(i64, &str)>, limit: usize) -> Result<Vec<AlertRow>, StoreError>;
     async fn alert(&self, id: &str) -> Result<Option<AlertRow>, StoreError>;
     /// Stores a new ticket.
     async fn put_ticket(&self, ticket: &TicketRow) -> Result<(), StoreError>;

@@ -1323,10 +1323,11 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+    async fn alerts(&self, before: Option<(i64, &str)>, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+        let (time, id) = before.map_or((i64::MAX, String::new()), |(t, i)| (t, i.to_string()));
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT id, time, rule, severity, sealed FROM alerts WHERE time < ?1 ORDER BY time DESC, id DESC LIMIT ?2")?;
-            let rows = stmt.query_map(params![before, limit as i64], row_to_alert)?;
+            let mut stmt = c.prepare_cached("SELECT id, time, rule, severity, sealed FROM alerts WHERE time < ?1 OR (time = ?1 AND id < ?2) ORDER BY time DESC, id DESC LIMIT ?3")?;
+            let rows = stmt.query_map(params![time, id, limit as i64], row_to_alert)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }

@@ -175,9 +175,15 @@ pub async fn detection_saves_alerts_with_its_progress_once(store: Arc<dyn Store>
     // The same alert again (a replay) changes nothing; a new one is added.
     assert!(store.save_detection(Some(10), &second, &[alert("4-mfa-failures", 999), alert("12-mfa-failures", 200)]).await.expect("save"));
     assert_eq!(store.detection().await.expect("read"), Some(second));
-    let all = store.alerts(i64::MAX, 10).await.expect("list");
-    assert_eq!(all.iter().map(|a| (a.id.as_str(), a.time)).collect::<Vec<_>>(), [("12-mfa-failures", 200), ("4-mfa-failures", 100)]);
-    assert_eq!(store.alerts(200, 10).await.expect("list").len(), 1, "before 200 only");
+    // Two alerts of one entry share a time: paging goes by time and id, skipping neither.
+    let third = DetectionRow { next: 30, state_at: 20, state: vec![4] };
+    assert!(store.save_detection(Some(20), &third, &[alert("12-credential-stuffing", 200)]).await.expect("save"));
+    let all = store.alerts(None, 10).await.expect("list");
+    assert_eq!(all.iter().map(|a| (a.id.as_str(), a.time)).collect::<Vec<_>>(), [("12-mfa-failures", 200), ("12-credential-stuffing", 200), ("4-mfa-failures", 100)]);
+    let first = store.alerts(None, 1).await.expect("page");
+    let second = store.alerts(Some((first[0].time, &first[0].id)), 1).await.expect("page");
+    assert_eq!(second[0].id, "12-credential-stuffing", "the one with the same time, not skipped");
+    assert_eq!(store.alerts(Some((200, "12-credential-stuffing")), 10).await.expect("list").len(), 1);
     assert_eq!(store.alert("4-mfa-failures").await.expect("read").map(|a| a.time), Some(100));
     assert_eq!(store.alert("5-x").await.expect("read"), None, "nothing of a refused save");
 }

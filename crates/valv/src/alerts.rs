@@ -12,7 +12,7 @@ pub async fn list(data_dir: &Path, limit: usize, json: bool) -> Result<(), Strin
     let app = &opened.app;
     let now = app.clock.now_ms();
     let cipher = valv_crypto::Cipher::new(&app.vault.named_key("audit", now).await.map_err(|e| e.to_string())?);
-    let rows = app.vault.store().alerts(i64::MAX, limit).await.map_err(|e| e.to_string())?;
+    let rows = app.vault.store().alerts(None, limit).await.map_err(|e| e.to_string())?;
     for row in &rows {
         let a = valv_server::detect::api::open_alert(&cipher, row).map_err(|e| e.diagnostics)?;
         if json {

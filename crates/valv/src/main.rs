@@ -527,6 +527,7 @@ async fn load_demo(opened: &datadir::Opened) -> Result<(), String> {
 }
 
 async fn serve(opened: datadir::Opened, bound: Option<std::net::TcpListener>) -> Result<(), String> {
+    opened.config.detect.check()?;
     let (cert, key) = datadir::tls_files(&opened)?;
     let cert_pem = std::fs::read(&cert).map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     let key_pem = zeroize::Zeroizing::new(std::fs::read(&key).map_err(|e| format!("TLS key {}: {e}", key.display()))?);

@@ -1,5 +1,6 @@
 //! `/admin/alerts`: the detection engine's alerts for auditors (the policy's admin area
-//! `alerts`). `GET /admin/alerts[?before=<ms>&limit=N]` lists them newest first;
+//! `alerts`). `GET /admin/alerts[?before=<alert id>&limit=N]` lists them newest first (a full
+//! page links the next);
 //! `GET /admin/alerts/{id}` shows one with its evidence: each audit entry's leaf hash and
 //! inclusion proof against the latest signed checkpoint, that checkpoint and the log's key, so
 //! the evidence can be checked without trusting this server. Every request is audited.
@@ -54,26 +55,43 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
 }
 
 async fn list(app: &App, query: &str) -> Result<(Value, usize), ApiError> {
-    let mut before = i64::MAX;
+    let mut before = None;
     let mut limit = 100;
     for (k, v) in crate::http::query::parse(query).map_err(ApiError::bad_request)? {
         match k.as_str() {
-            "before" => before = v.parse().map_err(|_| ApiError::bad_request(format!("'before' is a time in ms since the epoch, got '{v}'")))?,
+            // The last alert of the previous page: the page after it.
+            "before" => {
+                check_id(&v)?;
+                let row = app.vault.store().alert(&v).await?.ok_or_else(|| ApiError::bad_request(format!("'before' names no alert: '{v}'")))?;
+                before = Some((row.time, row.id));
+            }
             "limit" => limit = v.parse().ok().filter(|n| (1..=MAX_LIMIT).contains(n)).ok_or_else(|| ApiError::bad_request(format!("'limit' must be 1 to {MAX_LIMIT}, got '{v}'")))?,
             other => return Err(ApiError::bad_request(format!("/admin/alerts takes 'before' and 'limit', not '{other}'"))),
         }
     }
     let cipher = audit_cipher(app).await?;
-    let rows = app.vault.store().alerts(before, limit).await?;
+    let rows = app.vault.store().alerts(before.as_ref().map(|(t, id)| (*t, id.as_str())), limit).await?;
     let alerts = rows.iter().map(|r| open_alert(&cipher, r).map(|a| to_json(&a))).collect::<Result<Vec<_>, _>>()?;
     let n = alerts.len();
-    Ok((json!({"alerts": alerts}), n))
+    let mut body = json!({"alerts": alerts});
+    if n == limit {
+        if let Some(last) = rows.last() {
+            body["next"] = json!(format!("/admin/alerts?before={}&limit={limit}", last.id));
+        }
+    }
+    Ok((body, n))
+}
+
+/// An alert id is `<leaf index>-<rule>`.
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(ApiError::bad_request("an alert id is <leaf index>-<rule>"));
+    }
+    Ok(())
 }
 
 async fn one(app: &App, id: &str) -> Result<Value, ApiError> {
-    if id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(ApiError::bad_request("an alert id is <leaf index>-<rule>"));
-    }
+    check_id(id)?;
     let row = app.vault.store().alert(id).await?.ok_or_else(|| ApiError::not_found(format!("no alert {id}")))?;
     let alert = open_alert(&audit_cipher(app).await?, &row)?;
     let store = app.vault.store();

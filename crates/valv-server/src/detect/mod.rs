@@ -92,11 +92,13 @@ impl Engine {
     async fn step(&mut self) -> Result<Step, String> {
         let cipher = self.cipher().await?;
         let store = self.app.vault.store().clone();
-        let size = store.audit_size().await.map_err(|e| format!("reading the audit log size: {e}"))?;
         let mut detector = match self.detector.take() {
             Some(d) => d,
-            None => self.load(&cipher, size).await?,
+            None => self.load(&cipher).await?,
         };
+        // Read after the progress: the log only grows, so it is at least as long as any progress
+        // read before it.
+        let size = store.audit_size().await.map_err(|e| format!("reading the audit log size: {e}"))?;
         let from = detector.next_index();
         self.app.metrics.detection_lag.store(size.saturating_sub(from), Ordering::Relaxed);
         if from >= size {
@@ -112,8 +114,16 @@ impl Engine {
         }
         let (state_at, state) = self.state.as_ref().map(|(at, s, _)| (*at, s.clone())).unwrap_or_default();
         let rows = alerts.iter().map(|a| seal_alert(&cipher, a)).collect::<Result<Vec<_>, _>>()?;
-        if !alerts.is_empty() {
-            record(&self.app, &alerts).await?;
+        // Alerts already stored (raised again by a detector that lost a race, or judging a
+        // restored log again) are not written to the audit log again.
+        let mut new = Vec::new();
+        for a in &alerts {
+            if store.alert(&a.id).await.map_err(|e| format!("reading an alert: {e}"))?.is_none() {
+                new.push(a.clone());
+            }
+        }
+        if !new.is_empty() {
+            record(&self.app, &new).await?;
         }
         let progress = DetectionRow { next, state_at, state };
         if !store.save_detection(self.stored, &progress, &rows).await.map_err(|e| format!("saving the detection progress: {e}"))? {
@@ -122,7 +132,7 @@ impl Engine {
             return Ok(Step::More);
         }
         self.stored = Some(next);
-        for a in &alerts {
+        for a in &new {
             self.app.metrics.alert_raised(&a.rule, a.severity.as_str());
             tracing::warn!(alert = %a.id, rule = %a.rule, severity = a.severity.as_str(), "alert raised");
         }
@@ -133,7 +143,7 @@ impl Engine {
 
     /// The detector as stored: its saved state, brought up to the saved progress by reading the
     /// entries in between again (what they raised is stored already).
-    async fn load(&mut self, cipher: &Cipher, size: u64) -> Result<Detector, String> {
+    async fn load(&mut self, cipher: &Cipher) -> Result<Detector, String> {
         let store = self.app.vault.store().clone();
         let Some(saved) = store.detection().await.map_err(|e| format!("reading the detection progress: {e}"))? else {
             self.stored = None;
@@ -141,6 +151,9 @@ impl Engine {
             return Ok(Detector::new(self.config.clone()));
         };
         self.stored = Some(saved.next);
+        // Read after the progress (which another server may move on at any time), so a log
+        // shorter than it is one that really shrank.
+        let size = store.audit_size().await.map_err(|e| format!("reading the audit log size: {e}"))?;
         if saved.next > size {
             // The log is shorter than what was read (restored from a backup): what follows is
             // new, so judge it from the log's end with fresh rules.

@@ -229,7 +229,12 @@ async fn login(app: &App, body: &Value, rid: &str, source: &str, now: i64) -> Re
         LoginOutcome::Failed { user, reason, locked_now } => {
             app.metrics.login_failures.fetch_add(1, Ordering::Relaxed);
             let agent = user.as_ref().map_or(NOBODY, user_who);
-            let mut events = vec![event(rid, source, now, "login", Outcome::Denied, StatusCode::UNAUTHORIZED, &agent, user.as_ref(), reason)?];
+            let mut refused = event(rid, source, now, "login", Outcome::Denied, StatusCode::UNAUTHORIZED, &agent, user.as_ref(), reason)?;
+            if user.is_none() {
+                refused.resource_type = Some("User".into());
+                refused.resource_id = Some(app.identity.unknown_name_token(&attempt.username));
+            }
+            let mut events = vec![refused];
             if locked_now {
                 app.metrics.lockouts.fetch_add(1, Ordering::Relaxed);
                 let until = user.as_ref().and_then(|u| u.failures.locked_until).map(valv_fhir::date::format_instant).unwrap_or_default();

@@ -253,6 +253,14 @@ impl Identity {
         })
     }
 
+    /// What the audit entry of a sign-in under an unknown name records instead of the name: a
+    /// keyed token (`unknown:<16 hex>`, under its own purpose, so it matches no stored user name
+    /// token), telling the same mistyped name from many different ones (credential stuffing).
+    pub fn unknown_name_token(&self, username: &str) -> String {
+        let t = self.blind.token("User", "failed-sign-in-name", username);
+        format!("unknown:{}", valv_crypto::hex::encode(&t[..8]))
+    }
+
     fn name_token(&self, username: &str) -> [u8; 16] {
         self.blind.token("User", "username", username)
     }

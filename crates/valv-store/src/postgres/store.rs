@@ -621,12 +621,13 @@ impl Store for PgStore {
         }
     }
 
-    async fn alerts(&self, before: i64, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+    async fn alerts(&self, before: Option<(i64, &str)>, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
+        let (time, id) = before.unwrap_or((i64::MAX, ""));
         let rows = self
             .pool
             .get()
             .await?
-            .query("SELECT id, time, rule, severity, sealed FROM alerts WHERE time < $1 ORDER BY time DESC, id DESC LIMIT $2", &[&before, &(limit as i64)])
+            .query("SELECT id, time, rule, severity, sealed FROM alerts WHERE (time, id) < ($1, $2) ORDER BY time DESC, id DESC LIMIT $3", &[&time, &id, &(limit as i64)])
             .await
             .map_err(pg("listing alerts"))?;
         Ok(rows.iter().map(row_to_alert).collect())
