@@ -273,6 +273,16 @@ pub async fn authenticate(app: &App, authorization: Option<&str>, cert: &crate::
     }
 }
 
+/// The context of an `/admin/…` request: its caller authenticated (a failure audited and
+/// answered 401), no purpose of use declared.
+pub(crate) async fn admin_ctx(app: &App, req: &hyper::Request<hyper::body::Incoming>, rid: &str, peer: &crate::Peer) -> Result<Ctx, ApiError> {
+    let now = app.clock.now_ms();
+    let source = peer.source();
+    let authz = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let principal = authenticate(app, authz, &peer.cert, rid, &source, now).await?;
+    Ok(Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true, lenient: false })
+}
+
 /// The entry of a request refused before anyone was identified (failed authentication, rate
 /// limit): no agent, no patient, only where it came from and why.
 pub(crate) fn anonymous_event(interaction: &'static str, now: i64, request_id: &str, source: &str, status: StatusCode, reason: &str) -> Result<AuditEvent, ApiError> {

@@ -119,11 +119,8 @@ pub async fn break_glass(app: &App, ctx: &Ctx, patient: &str, body: Value) -> Re
 
 /// `/admin/break-glass…` and `/admin/support-grants…`.
 pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> Result<Reply, ApiError> {
-    let now = app.clock.now_ms();
-    let source = peer.source();
-    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
-    let ctx = Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true, lenient: false };
+    let ctx = crate::request::admin_ctx(app, &req, rid, peer).await?;
+    let now = ctx.now;
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let method = req.method().clone();

@@ -11,7 +11,7 @@ use crate::request::{audit, Ctx};
 use crate::{App, Peer, Reply};
 use base64::Engine as _;
 use hyper::body::Incoming;
-use hyper::{header, Method, Request, StatusCode};
+use hyper::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 use valv_detect::Alert;
 use valv_store::AlertRow;
@@ -20,17 +20,13 @@ use valv_store::AlertRow;
 const MAX_LIMIT: usize = 500;
 
 pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> Result<Reply, ApiError> {
-    let now = app.clock.now_ms();
-    let source = peer.source();
-    let authz = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let principal = crate::request::authenticate(app, authz.as_deref(), &peer.cert, rid, &source, now).await?;
-    let ctx = Ctx { principal, request_id: rid.to_string(), source, now, purpose_of_use: None, return_representation: true, lenient: false };
+    let ctx = crate::request::admin_ctx(app, &req, rid, peer).await?;
     let segs: Vec<String> = req.uri().path().trim_start_matches("/admin/alerts").split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let query = req.uri().query().unwrap_or("").to_string();
     if req.method() != Method::GET {
         return Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "alerts are read with GET; they are never changed"));
     }
-    let d = app.access.decide_admin(&ctx.principal, "alerts", now);
+    let d = app.access.decide_admin(&ctx.principal, "alerts", ctx.now);
     if !d.permit {
         let e = ApiError::forbidden(format!("access denied ({})", d.reason()));
         audit(app, vec![event(&ctx, "alerts-read", Outcome::Denied, 403, None, &d.reason())?]).await?;
