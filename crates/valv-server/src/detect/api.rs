@@ -3,7 +3,8 @@
 //! page links the next);
 //! `GET /admin/alerts/{id}` shows one with its evidence: each audit entry's leaf hash and
 //! inclusion proof against the latest signed checkpoint, that checkpoint and the log's key, so
-//! the evidence can be checked without trusting this server. Every request is audited.
+//! the evidence can be checked without trusting this server. Every request that names a caller
+//! is audited (a method other than GET too: 405).
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::error::ApiError;
@@ -23,9 +24,6 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let ctx = crate::request::admin_ctx(app, &req, rid, peer).await?;
     let segs: Vec<String> = req.uri().path().trim_start_matches("/admin/alerts").split('/').filter(|s| !s.is_empty()).map(str::to_string).collect();
     let query = req.uri().query().unwrap_or("").to_string();
-    if req.method() != Method::GET {
-        return Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "alerts are read with GET; they are never changed"));
-    }
     let d = app.access.decide_admin(&ctx.principal, "alerts", ctx.now);
     if !d.permit {
         let e = ApiError::forbidden(format!("access denied ({})", d.reason()));
@@ -33,6 +31,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
         return Err(e.recorded());
     }
     let result = match segs.as_slice() {
+        _ if req.method() != Method::GET => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "not-supported", "alerts are read with GET; they are never changed")),
         [] => list(app, &query).await.map(|(body, n)| (body, None, format!("{n} alerts listed"))),
         [id] => one(app, id).await.map(|body| (body, Some(id.clone()), "alert read with its evidence".to_string())),
         _ => Err(ApiError::not_found("no such alerts path")),

@@ -115,6 +115,7 @@ async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a
     assert_eq!(s.request("GET", "/admin/alerts", Some(&s.data_key), None, &[]).await.status, 403);
     assert_eq!(s.request("GET", "/admin/alerts", None, None, &[]).await.status, 401);
     assert_eq!(s.request("DELETE", &format!("/admin/alerts/{id}"), Some(&s.auditor_key), None, &[]).await.status, 405);
+    assert_eq!(s.request("GET", &format!("/admin/alerts/{id}"), Some(&s.auditor_key), None, &[]).await.status, 200, "still there");
     s.request("GET", "/admin/alerts?limit=0", Some(&s.auditor_key), None, &[]).await.outcome(400);
     s.request("GET", "/admin/alerts?before=99999-nothing", Some(&s.auditor_key), None, &[]).await.outcome(400);
     // Paged: each page links the next, and the pages together are the list.
@@ -131,6 +132,7 @@ async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a
     // Carried to the audit log (and so to the SIEM), counted, and on the console.
     let log = run_ok(&s.data, &["audit", "export"]);
     assert!(log.lines().any(|l| l.contains("\"interaction\":\"alert\"") && l.contains(&id)), "the alert is an audit entry");
+    assert!(log.lines().any(|l| l.contains("\"interaction\":\"alerts-read\"") && l.contains("\"status\":405")), "the refused DELETE is audited");
     let metrics = s.request("GET", "/metrics", None, None, &[]).await.text;
     assert!(metrics.contains("valv_alerts_total{rule=\"mfa-failures\",severity=\"high\"} 1"), "{metrics}");
     let console = run_ok(&s.data, &["alerts", "--json"]);
