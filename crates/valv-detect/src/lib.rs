@@ -15,11 +15,18 @@
 //!   or expired credentials presented again and again from one address,
 //! - `unauthenticated-flood` / `distributed-flood`: requests refused before anyone was
 //!   identified, from one address or from all together.
+//!
+//! And the snooping rules ([`snoop`]): accesses by people allowed to make them that the record
+//! does not explain, flagged by what makes them suspect.
 
 pub mod rules;
+pub mod simulate;
+pub mod snoop;
 mod window;
 
 pub use rules::Config;
+pub use snoop::record::{Episode, EPISODE_TYPES};
+pub use snoop::AccessFacts;
 use serde::{Deserialize, Serialize};
 
 /// What the rules read of an audit entry (its canonical JSON has more).
@@ -148,9 +155,26 @@ impl Detector {
         self.state.next
     }
 
-    /// Shows one entry to every rule; the alerts it raises.
+    /// Shows one entry to every rule; the alerts it raises. A patient access
+    /// ([`Entry::is_patient_access`]) waits for the snooping rules: see [`Detector::due`].
     pub fn observe(&mut self, entry: &Entry) -> Vec<Alert> {
         rules::observe(&self.config, &mut self.state, entry)
+    }
+
+    /// The patient accesses due for judgment at `now` (`explain_delay_minutes` after they were
+    /// made, or early when too many wait), oldest first: the caller works out each one's
+    /// [`AccessFacts`] from the record as it is now and passes it to [`Detector::judge`].
+    pub fn due(&mut self, now: i64) -> Vec<snoop::Access> {
+        snoop::due(&mut self.state.snoop, now, self.config.explain_delay_minutes.saturating_mul(60_000))
+    }
+
+    /// Judges one access that was due; the alerts it raises.
+    pub fn judge(&mut self, access: &snoop::Access, facts: &AccessFacts<'_>) -> Vec<Alert> {
+        let mut out = Vec::new();
+        if self.config.snooping {
+            snoop::judge(&self.config.snoop(), &mut self.state.snoop, access, facts, &mut out);
+        }
+        out
     }
 }
 

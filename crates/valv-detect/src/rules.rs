@@ -32,6 +32,38 @@ pub struct Config {
     pub flood_total: u64,
     /// Raise `new-address` for a sign-in from an address the account has not used before.
     pub new_address: bool,
+    /// Run the snooping rules (docs/DETECTION.md "The snooping rules").
+    pub snooping: bool,
+    /// An access is judged this many minutes after it was made (the record's reason for it,
+    /// such as the encounter, is often registered after the first look).
+    pub explain_delay_minutes: i64,
+    /// An episode explains accesses this many hours before and after it.
+    pub explain_hours: i64,
+    /// An order explains accesses for this many days after it.
+    pub order_days: i64,
+    /// `snooping-after-care`: a first unexplained access this many days after the last visit.
+    pub after_care_days: i64,
+    /// `snooping-volume`: at least this many unexplained patients in a day…
+    pub volume_min_patients: u64,
+    /// …and this many times the person's usual (the larger of their and their unit's average).
+    pub volume_factor: u64,
+    /// Days of history the usual is the average of.
+    pub baseline_days: u64,
+    /// `snooping-off-hours`: an hour of the week holding less than this share (per mille) of
+    /// the unit's accesses…
+    pub off_hours_per_mille: u64,
+    /// …once the unit has been seen making this many.
+    pub off_hours_learn: u64,
+    /// Local time for hours and days, as minutes east of UTC (Sweden: 60, in summer 120).
+    pub utc_offset_minutes: i64,
+    /// `break-glass-frequent`: this many break-glass grants…
+    pub break_glass_count: u64,
+    /// …within this many days.
+    pub break_glass_days: i64,
+    /// `access-widening`: changes widening access to this many patients in a day.
+    pub widening_patients: u64,
+    /// `large-export`: one caller exporting this many patients in a day.
+    pub export_patients: u64,
 }
 
 impl Default for Config {
@@ -48,6 +80,21 @@ impl Default for Config {
             flood_per_address: 300,
             flood_total: 3000,
             new_address: true,
+            snooping: true,
+            explain_delay_minutes: 60,
+            explain_hours: 24,
+            order_days: 30,
+            after_care_days: 365,
+            volume_min_patients: 10,
+            volume_factor: 3,
+            baseline_days: 14,
+            off_hours_per_mille: 2,
+            off_hours_learn: 500,
+            utc_offset_minutes: 0,
+            break_glass_count: 3,
+            break_glass_days: 30,
+            widening_patients: 10,
+            export_patients: 100,
         }
     }
 }
@@ -72,10 +119,50 @@ impl Config {
         if let Some((name, _)) = thresholds.iter().find(|(_, n)| *n == 0) {
             return Err(format!("[detect] {name} must be at least 1"));
         }
-        if self.accounts_per_address > crate::window::MAX_EVENTS as u64 {
-            return Err(format!("[detect] accounts_per_address must be at most {}", crate::window::MAX_EVENTS));
+        for (name, n) in [("accounts_per_address", self.accounts_per_address), ("widening_patients", self.widening_patients), ("export_patients", self.export_patients)] {
+            if n > crate::window::MAX_EVENTS as u64 {
+                return Err(format!("[detect] {name} must be at most {}", crate::window::MAX_EVENTS));
+            }
+        }
+        let ranges = [
+            ("explain_delay_minutes", self.explain_delay_minutes, 0, 24 * 60),
+            ("explain_hours", self.explain_hours, 0, 24 * 30),
+            ("order_days", self.order_days, 0, 365),
+            ("after_care_days", self.after_care_days, 1, 3650),
+            ("volume_min_patients", self.volume_min_patients as i64, 1, 1000),
+            ("volume_factor", self.volume_factor as i64, 1, 100),
+            ("baseline_days", self.baseline_days as i64, 1, 90),
+            ("off_hours_per_mille", self.off_hours_per_mille as i64, 0, 1000),
+            ("off_hours_learn", self.off_hours_learn as i64, 1, 1 << 20),
+            ("utc_offset_minutes", self.utc_offset_minutes, -14 * 60, 14 * 60),
+            ("break_glass_count", self.break_glass_count as i64, 1, 512),
+            ("break_glass_days", self.break_glass_days, 1, 365),
+            ("widening_patients", self.widening_patients as i64, 1, 512),
+            ("export_patients", self.export_patients as i64, 1, 512),
+        ];
+        if let Some((name, v, lo, hi)) = ranges.iter().find(|(_, v, lo, hi)| v < lo || v > hi) {
+            return Err(format!("[detect] {name} must be {lo} to {hi}, got {v}"));
         }
         Ok(())
+    }
+
+    /// The snooping rules' settings in the units they count in.
+    pub fn snoop(&self) -> crate::snoop::Settings {
+        const HOUR: i64 = 3_600_000;
+        crate::snoop::Settings {
+            margins: crate::snoop::record::Margins { visit_ms: self.explain_hours * HOUR, order_ms: self.order_days * 24 * HOUR },
+            after_care_ms: self.after_care_days * 24 * HOUR,
+            volume_min: self.volume_min_patients as usize,
+            volume_factor: self.volume_factor,
+            baseline_days: self.baseline_days as usize,
+            off_hours_per_mille: self.off_hours_per_mille,
+            off_hours_learn: self.off_hours_learn,
+            utc_offset_ms: self.utc_offset_minutes * 60_000,
+            break_glass_count: self.break_glass_count,
+            break_glass_ms: self.break_glass_days * 24 * HOUR,
+            widening_patients: self.widening_patients as usize,
+            export_patients: self.export_patients as usize,
+        }
     }
 }
 
@@ -97,6 +184,8 @@ pub struct State {
     total_flood: Window,
     /// Per account, the addresses it signed in from, most recent last.
     addresses: HashMap<String, VecDeque<String>>,
+    #[serde(default)]
+    pub(crate) snoop: crate::snoop::State,
 }
 
 /// Second-factor failures: the password was right.
@@ -112,8 +201,10 @@ const STALE_REASONS: &[&str] = &["session-expired", "idle-timeout", "unknown-ses
 pub fn observe(config: &Config, state: &mut State, e: &Entry) -> Vec<Alert> {
     state.next = e.index + 1;
     let span = config.window_seconds.saturating_mul(1000);
+    let snoop = config.snoop();
     if e.index.is_multiple_of(SWEEP_EVERY) {
         sweep(state, e.time, span.max(config.flood_window_seconds.saturating_mul(1000)));
+        crate::snoop::sweep(&snoop, &mut state.snoop, e.time);
     }
     let mut raised = Raised { entry: e, alerts: Vec::new() };
     let j = Judged { e, account: (!e.agent_id.is_empty()).then_some(e.agent_id.as_str()), reason: e.base_reason(), source: address_key(&e.source_address) };
@@ -122,6 +213,9 @@ pub fn observe(config: &Config, state: &mut State, e: &Entry) -> Vec<Alert> {
     new_address(config, state, &j, &mut raised);
     presented_credentials(config, state, &j, &mut raised);
     floods(config, state, &j, &mut raised);
+    if config.snooping {
+        crate::snoop::observe(&snoop, &mut state.snoop, e, &mut raised.alerts);
+    }
     raised.alerts
 }
 
