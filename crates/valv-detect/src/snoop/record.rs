@@ -16,7 +16,7 @@ pub enum Kind {
     Visit,
     /// An order: accesses from a margin before it until it has had time to be carried out.
     Order,
-    /// A care-team membership: accesses within its span only (it names the person).
+    /// A person's care-team membership: accesses within its span only.
     Team,
 }
 
@@ -115,7 +115,9 @@ fn care_team(body: &Value, reference: &str) -> Vec<Episode> {
     let participants = body.get("participant").and_then(Value::as_array).into_iter().flatten();
     participants
         .filter_map(|p| {
-            let member = local(p.get("member"))?;
+            // A unit on the team is the permission to look, not a reason: only a person named on
+            // it explains their own accesses.
+            let member = local(p.get("member")).filter(|m| m.starts_with("Practitioner/"))?;
             let (s, e) = span_or_always(p.get("period"))?;
             (s.max(start) < e.min(end)).then(|| Episode { reference: reference.to_string(), kind: Kind::Team, start: s.max(start), end: e.min(end), actors: vec![member] })
         })
@@ -219,6 +221,8 @@ mod tests {
         assert!(explain(&eps, &a, ms("2026-03-02"), M).is_none());
         let inactive = json!({"resourceType": "CareTeam", "id": "t2", "status": "inactive", "period": {"start": "2026-01-01"}, "participant": [{"member": {"reference": "Practitioner/a"}}]});
         assert!(Episode::parse("CareTeam", &inactive).is_empty());
+        let unit = json!({"resourceType": "CareTeam", "id": "t3", "status": "active", "participant": [{"member": {"reference": "Organization/ward"}}]});
+        assert!(Episode::parse("CareTeam", &unit).is_empty(), "a unit on a team explains nothing");
     }
 
     #[test]

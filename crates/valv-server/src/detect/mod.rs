@@ -15,6 +15,7 @@
 //! it to the SIEM forwarder; it is counted in `valv_alerts_total` and logged with ids only.
 
 pub mod api;
+mod facts;
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::App;
@@ -37,7 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Starts the task.
 pub fn spawn(app: Arc<App>, config: valv_detect::Config) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(Engine { app, config, cipher: None, detector: None, stored: None, state: None }.run())
+    tokio::spawn(Engine { app, config, cipher: None, detector: None, stored: None, state: None, facts: facts::Facts::default() }.run())
 }
 
 struct Engine {
@@ -50,6 +51,8 @@ struct Engine {
     stored: Option<u64>,
     /// The saved state: where it stands, the sealed bytes, when it was saved.
     state: Option<(u64, Vec<u8>, Instant)>,
+    /// What the snooping rules are told about each access.
+    facts: facts::Facts,
 }
 
 enum Step {
@@ -101,15 +104,20 @@ impl Engine {
         let size = store.audit_size().await.map_err(|e| format!("reading the audit log size: {e}"))?;
         let from = detector.next_index();
         self.app.metrics.detection_lag.store(size.saturating_sub(from), Ordering::Relaxed);
-        if from >= size {
+        let mut alerts = Vec::new();
+        if from < size {
+            read(&store, &cipher, from, size.min(from + BATCH), &mut |e| alerts.extend(detector.observe(e))).await?;
+        }
+        // Accesses whose time to be explained has passed (also while the log is quiet).
+        let due = detector.due(self.app.clock.now_ms());
+        alerts.extend(self.facts.judge(&self.app, &mut detector, due).await?);
+        if from >= size && alerts.is_empty() {
             self.detector = Some(detector);
             return Ok(Step::CaughtUp);
         }
-        let mut alerts = Vec::new();
-        read(&store, &cipher, from, size.min(from + BATCH), &mut |e| alerts.extend(detector.observe(e))).await?;
         let next = detector.next_index();
-        let due = self.state.as_ref().is_none_or(|(_, _, at)| at.elapsed() >= STATE_EVERY);
-        if due || !alerts.is_empty() {
+        let state_due = self.state.as_ref().is_none_or(|(_, _, at)| at.elapsed() >= STATE_EVERY);
+        if state_due || !alerts.is_empty() {
             self.state = Some((next, seal_state(&cipher, &detector.state())?, Instant::now()));
         }
         let (state_at, state) = self.state.as_ref().map(|(at, s, _)| (*at, s.clone())).unwrap_or_default();
@@ -167,6 +175,9 @@ impl Engine {
             detector.observe(e);
         })
         .await?;
+        // Accesses judged since the state was saved are judged again, silently.
+        let due = detector.due(self.app.clock.now_ms());
+        self.facts.judge(&self.app, &mut detector, due).await?;
         self.state = Some((saved.state_at, saved.state, Instant::now()));
         Ok(detector)
     }

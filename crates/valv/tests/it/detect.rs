@@ -153,3 +153,57 @@ async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a
     assert!(before.iter().all(|b| ids.contains(&b.as_str())), "the earlier alerts are kept");
     assert_eq!(after.len(), before.len() + 1, "exactly the new one: {after:#?}");
 }
+
+/// A CareTeam of `patient` with the unit as its member: the permission to look, not a reason.
+fn unit_team(patient: &str, unit: &str) -> Value {
+    serde_json::json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": format!("Patient/{patient}")},
+        "participant": [{"member": {"reference": format!("Organization/{unit}")}}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snooping_rules_flag_unexplained_looks_at_a_relative_and_a_vip_and_not_the_explained_one() {
+    use crate::access::{create, organization};
+    use serde_json::json;
+    let s = Server::start_configured("snoop", &[], &format!("{LONG_SESSIONS}[detect]\nexplain_delay_minutes = 0\n"));
+    let mut now = crate::access::now_ms();
+    s.set_clock(now);
+    let id = |v: Value| v["id"].as_str().expect("id").to_string();
+    let ward = organization(&s, "Ward 4", None).await;
+    let home = json!([{"line": ["Storgatan 12"], "city": "Mölndal", "postalCode": "43130"}]);
+    let dr = id(create(&s, &json!({"resourceType": "Practitioner", "name": [{"family": "Lindqvist"}], "address": home})).await);
+    let sister = id(create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Lindqvist", "given": ["Karin"]}], "address": home})).await);
+    let vip = id(create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Berg"}],
+        "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": "V"}]}})).await);
+    let seen = id(create(&s, &json!({"resourceType": "Patient", "name": [{"family": "Holm"}], "address": home,
+        "meta": {"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMP"}]}})).await);
+    for p in [&sister, &vip, &seen] {
+        create(&s, &unit_team(p, &ward)).await;
+    }
+    // The ward's encounter with `seen` today explains looking at their record (though they are
+    // staff and live at the same address).
+    let today = valv_fhir::date::format_instant(now - 3_600_000);
+    create(&s, &json!({"resourceType": "Encounter", "status": "in-progress", "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "subject": {"reference": format!("Patient/{seen}")}, "period": {"start": today}, "serviceProvider": {"reference": format!("Organization/{ward}")}})).await;
+    let spec: Vec<Spec> = vec![("anna.lindqvist".into(), "physician", vec![ward.clone()], Some(dr.clone()), None)];
+    let token = people(&s, &mut now, &spec).await["anna.lindqvist"].token.clone();
+    for p in [&seen, &sister, &vip] {
+        let r = s.request("GET", &format!("/fhir/Patient/{p}"), Some(&token), None, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    let list = until(&s, |l| count(l, "snooping-relative") == 1 && count(l, "snooping-sensitive") == 1).await;
+    let snooping: Vec<&Value> = list.iter().filter(|a| a["rule"].as_str().is_some_and(|r| r.starts_with("snooping"))).collect();
+    assert_eq!(snooping.len(), 2, "nothing about the explained look: {list:#?}");
+    let relative = snooping.iter().find(|a| a["rule"] == "snooping-relative").expect("relative");
+    let text = relative["explanation"].as_str().unwrap_or_default();
+    assert!(text.contains(&format!("Patient/{sister}")) && text.contains("family name and address") && relative["severity"] == "high", "{relative}");
+    assert!(!text.contains("Karin") && !text.contains("Storgatan"), "alerts name ids, never content: {text}");
+    let sensitive = snooping.iter().find(|a| a["rule"] == "snooping-sensitive").expect("sensitive");
+    assert!(sensitive["explanation"].as_str().is_some_and(|t| t.contains(&format!("Patient/{vip}")) && t.contains("restricted")), "{sensitive}");
+    assert!(!list.iter().any(|a| a["explanation"].as_str().is_some_and(|t| t.contains(&format!("Patient/{seen}")))), "{list:#?}");
+    // The evidence is the access's own audit entry.
+    let detail = s.request("GET", &format!("/admin/alerts/{}", relative["id"].as_str().expect("id")), Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(detail.status, 200, "{}", detail.text);
+    let index = detail.json["evidence"][0]["index"].as_u64().expect("an evidence index");
+    let entry = s.request("GET", &format!("/audit/entries/{index}"), Some(&s.auditor_key), None, &[]).await;
+    assert!(entry.status == 200 && entry.text.contains(&sister) && entry.text.contains("\"read\""), "{}", entry.text);
+}
