@@ -15,6 +15,7 @@ fn main() {
     }
     let (cases, caught, alerts, tp) = r.snooping;
     println!("{:<28} {cases:>6} {caught:>7} {alerts:>7} {tp:>7} {:>10.2} {:>10.2}", "snooping overall", r.recall(), r.precision());
+    println!("false alerts: {:.2} per 1,000 patient accesses", r.false_per_thousand);
     for (kind, s) in &r.intrusion_seconds {
         println!("intrusion {kind:<28} first alert after {}", s.map_or("never".to_string(), |s| format!("{s} s")));
     }

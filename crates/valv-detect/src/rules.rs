@@ -133,7 +133,7 @@ impl Config {
             ("volume_factor", self.volume_factor as i64, 1, 100),
             ("baseline_days", self.baseline_days as i64, 1, 90),
             ("off_hours_per_mille", self.off_hours_per_mille as i64, 0, 1000),
-            ("off_hours_learn", self.off_hours_learn as i64, 1, 1 << 20),
+            ("off_hours_learn", self.off_hours_learn as i64, 1, 1 << 19),
             ("utc_offset_minutes", self.utc_offset_minutes, -14 * 60, 14 * 60),
             ("break_glass_count", self.break_glass_count as i64, 1, 512),
             ("break_glass_days", self.break_glass_days, 1, 365),

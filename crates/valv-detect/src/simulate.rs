@@ -116,6 +116,8 @@ pub struct Report {
     pub rules: BTreeMap<String, (usize, usize, usize, usize)>,
     /// Snooping overall: cases, caught by any rule, alerts, true alerts.
     pub snooping: (usize, usize, usize, usize),
+    /// Alerts whose evidence holds no injected entry, per 1,000 patient accesses.
+    pub false_per_thousand: f64,
     /// Per intrusion attack: seconds from its first entry to the first alert about it.
     pub intrusion_seconds: BTreeMap<String, Option<i64>>,
     /// How long the detector took over the month's entries (facts worked out beforehand).
@@ -361,6 +363,25 @@ impl World {
         }
     }
 
+    /// The twins of exports and widening changes: a registry's service exports 60 patients a
+    /// night; registration adds people to care teams every day (widening others' access).
+    fn routine_changes(&mut self, days: i64) {
+        for day in 0..days {
+            let night = START + day * DAY + 2 * HOUR;
+            for k in 0..60 {
+                let p = self.rng.below(PATIENTS);
+                let e = entry(night + k * 1000, "export", "success", "registry-service", vec!["service".into()], Some(format!("p{p}")), "permit; 40 resource(s) exported (asked for at x)");
+                self.sims.push(Sim { entry: e, access: None, injected: None });
+            }
+            for k in 0..4 {
+                let clerk = self.staff.iter().position(|s| s.unit == 6).unwrap_or(0);
+                let p = self.rng.below(PATIENTS);
+                let e = entry(START + day * DAY + 9 * HOUR + k * HOUR, "fact-change", "success", &self.staff[clerk].id.clone(), vec!["registrar".into()], Some(format!("p{p}")), "permit; care-team widens [Practitioner/x] narrows []");
+                self.sims.push(Sim { entry: e, access: None, injected: None });
+            }
+        }
+    }
+
     /// Break-glass in an emergency: at most twice a month per physician, for a patient in the
     /// department.
     fn emergencies(&mut self, days: i64) {
@@ -409,6 +430,7 @@ impl World {
     fn inject(&mut self, days: i64) {
         self.emergencies(days);
         self.quality_review(days);
+        self.routine_changes(days);
         let common = self.family_count.clone();
         for _ in 0..10 {
             let s = self.rng.below(self.staff.len());
@@ -562,6 +584,8 @@ impl World {
         }
         report.judge_seconds = started.elapsed().as_secs_f64();
         self.score(&alerts, &mut report);
+        let false_alerts: usize = report.rules.values().map(|(_, _, alerts, tp)| alerts - tp).sum();
+        report.false_per_thousand = false_alerts as f64 * 1000.0 / report.accesses.max(1) as f64;
         report
     }
 

@@ -757,6 +757,14 @@ impl Vault {
         Ok(SearchPage { total, resources })
     }
 
+    /// The filter for resources whose string parameters hold exactly these values (as the
+    /// `:exact` modifier matches), from the blind index alone: nothing is opened, and a value may
+    /// hold a comma (which a search's query string would split).
+    pub fn exact_strings(&self, resource_type: &str, criteria: &[(&str, &str)]) -> Filter {
+        let token_groups = criteria.iter().map(|(param, value)| vec![self.blind.token(resource_type, param, &format!("e:{value}"))]).collect();
+        Filter { resource_type: resource_type.to_string(), token_groups, order: Order::Created, ..Filter::default() }
+    }
+
     /// The condition of a conditional create (`If-None-Exist`) as the store checks it: only
     /// criteria the blind index answers exactly (tokens, references, `_id`, strings up to the
     /// prefix length), since the store decides without decrypting; at least one criterion.

@@ -16,7 +16,7 @@ use crate::window::{Event, Window};
 use crate::{Alert, Entry, Severity};
 use record::{Episode, Margins};
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// What the server knows about one access beyond its audit entry.
 #[derive(Debug, Clone, Copy)]
@@ -64,12 +64,21 @@ const ROUTINE_DAYS: usize = 3;
 const MAX_ALERTED: usize = 256;
 
 /// The interactions that disclose a patient's data to the caller.
-const ACCESS_INTERACTIONS: &[&str] = &["read", "vread", "search-type", "history", "ticket"];
+const ACCESS_INTERACTIONS: &[&str] = &["read", "vread", "search-type", "history", "ticket", "export-record"];
+/// The roles whose accesses, break-glass use and fact changes are judged: care staff. Patients
+/// reading their own record and services are not the snooping rules' subject (services are
+/// counted by `large-export` only).
+pub const JUDGED_ROLES: &[&str] = &["physician", "nurse", "assistant", "external_specialist", "registrar"];
 
 impl Entry {
-    /// An access to a patient's data, made and answered: the entries the snooping rules judge.
+    /// An access to a patient's data by care staff, made and answered: the entries the snooping
+    /// rules judge.
     pub fn is_patient_access(&self) -> bool {
-        self.outcome == "success" && self.patient.is_some() && ACCESS_INTERACTIONS.contains(&self.interaction.as_str()) && !self.agent_id.is_empty()
+        self.outcome == "success" && self.patient.is_some() && ACCESS_INTERACTIONS.contains(&self.interaction.as_str()) && self.by_care_staff()
+    }
+
+    fn by_care_staff(&self) -> bool {
+        !self.agent_id.is_empty() && self.roles.iter().any(|r| JUDGED_ROLES.contains(&r.as_str()))
     }
 }
 
@@ -88,6 +97,7 @@ pub struct Access {
 const MAX_PENDING: usize = 200_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct State {
     people: HashMap<String, Person>,
     units: HashMap<String, Unit>,
@@ -104,13 +114,14 @@ pub fn due(state: &mut State, now: i64, delay: i64) -> Vec<Access> {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 struct Person {
     /// Local day number of the counts below (`None`: no access yet), and the time last seen.
     day: Option<i64>,
     last: i64,
     /// Distinct patients accessed unexplained today (hashed), with the entries.
     today: Vec<u64>,
-    today_evidence: Vec<u64>,
+    today_evidence: VecDeque<u64>,
     volume_fired: bool,
     /// (rule, patient hash) alerted today.
     alerted: Vec<(String, u64)>,
@@ -125,6 +136,7 @@ struct Person {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 struct Unit {
     /// Accesses by the unit's people per hour of the week (local time), and their total.
     hours: Vec<u64>,
@@ -132,7 +144,7 @@ struct Unit {
     /// When (local time) the unit was first seen at work: its hours are known after a week.
     since: Option<i64>,
     /// Per local day: the sum of people's unexplained counts and how many person-days.
-    days: VecDeque<(i64, u64, u64)>,
+    days: BTreeMap<i64, (u64, u64)>,
 }
 
 /// Shows one entry to the snooping rules: a patient access waits for judgment ([`due`],
@@ -147,8 +159,8 @@ pub fn observe(s: &Settings, state: &mut State, e: &Entry, out: &mut Vec<Alert>)
         return;
     }
     match e.interaction.as_str() {
-        "break-glass" if e.outcome == "success" => break_glass(s, state, e, out),
-        "fact-change" => fact_change(s, state, e, out),
+        "break-glass" if e.outcome == "success" && e.by_care_staff() => break_glass(s, state, e, out),
+        "fact-change" if e.by_care_staff() => fact_change(s, state, e, out),
         "export" if e.outcome == "success" && e.patient.is_some() => export(s, state, e, out),
         _ => {}
     }
@@ -204,9 +216,9 @@ pub fn judge(s: &Settings, state: &mut State, e: &Access, f: &AccessFacts<'_>, o
     if let Some(what) = f.sensitive {
         flag("snooping-sensitive", Severity::High, format!("the patient is marked {what}"), person);
     }
-    if let Some(end) = record::last_visit_end(f.episodes).filter(|end| !routine && first && e.time.saturating_sub(*end) > s.after_care_ms) {
-        let days = e.time.saturating_sub(end) / DAY;
-        flag("snooping-after-care", Severity::Medium, format!("the patient's last visit ended {days} days before, and the user had not opened the record lately"), person);
+    if record::last_visit_end(f.episodes, e.time).is_some_and(|end| !routine && first && e.time.saturating_sub(end) > s.after_care_ms) {
+        let days = s.after_care_ms / DAY;
+        flag("snooping-after-care", Severity::Medium, format!("the patient's last visit ended more than {days} days before, and the user had not opened the record lately"), person);
     }
     if off_hours && !routine {
         flag("snooping-off-hours", Severity::Low, format!("at an hour when the user's unit ({}) is almost never at work", f.unit), person);
@@ -214,15 +226,16 @@ pub fn judge(s: &Settings, state: &mut State, e: &Access, f: &AccessFacts<'_>, o
     if !person.today.contains(&key) && person.today.len() < MAX_TODAY {
         person.today.push(key);
     }
-    if person.today_evidence.len() < crate::window::MAX_EVIDENCE {
-        person.today_evidence.push(e.index);
+    person.today_evidence.push_back(e.index);
+    if person.today_evidence.len() > crate::window::MAX_EVIDENCE {
+        person.today_evidence.pop_front();
     }
     let usual = own.max(unit_usual);
     let threshold = (usual.saturating_mul(s.volume_factor) as usize).max(s.volume_min);
     if !person.volume_fired && person.today.len() >= threshold {
         person.volume_fired = true;
         let why = format!("user {who} opened {} patients' records today that nothing in the records explains; their usual is {usual} a day (the larger of their own and their unit's average)", person.today.len());
-        out.push(alert(e.index, e.time, who, "snooping-volume", Severity::Medium, why, person.today_evidence.clone()));
+        out.push(alert(e.index, e.time, who, "snooping-volume", Severity::Medium, why, person.today_evidence.iter().copied().collect()));
     }
 }
 
@@ -231,24 +244,20 @@ pub fn judge(s: &Settings, state: &mut State, e: &Access, f: &AccessFacts<'_>, o
 fn roll_day(s: &Settings, state: &mut State, agent: &str, unit: &str, day: i64, now: i64) {
     let person = state.people.entry(agent.to_string()).or_default();
     person.last = now;
-    if person.day != Some(day) {
+    // Only forward: an entry of the day before written after one of today (entries are not
+    // strictly in time order) counts into today.
+    if person.day.is_none_or(|d| day > d) {
         if let Some(was) = person.day {
             let count = person.today.len() as u64;
             person.history.push_back(count as u32);
-            if person.history.len() > s.baseline_days {
+            while person.history.len() > s.baseline_days {
                 person.history.pop_front();
             }
             let u = state.units.entry(person.unit.clone()).or_default();
-            match u.days.back_mut() {
-                Some((d, sum, n)) if *d == was => {
-                    *sum += count;
-                    *n += 1;
-                }
-                _ => u.days.push_back((was, count, 1)),
-            }
-            while u.days.front().is_some_and(|(d, _, _)| *d < day - s.baseline_days as i64) || u.days.len() > s.baseline_days + 1 {
-                u.days.pop_front();
-            }
+            let (sum, n) = u.days.entry(was).or_default();
+            *sum += count;
+            *n += 1;
+            u.days.retain(|d, _| *d >= day - s.baseline_days as i64);
         }
         person.day = Some(day);
         person.today.clear();
@@ -262,7 +271,7 @@ fn roll_day(s: &Settings, state: &mut State, agent: &str, unit: &str, day: i64, 
 /// The unit's average unexplained patients per person and day over the earlier days
 /// remembered (rounded up; 0 while it has none). A person's usual is the larger of theirs and it.
 fn unit_mean(s: &Settings, unit: &Unit, day: i64) -> u64 {
-    let (sum, n) = unit.days.iter().filter(|(d, _, _)| *d >= day - s.baseline_days as i64 && *d < day).fold((0, 0), |(a, b), (_, s, n)| (a + s, b + n));
+    let (sum, n) = unit.days.range(day - s.baseline_days as i64..day).fold((0, 0), |(a, b), (_, (s, n))| (a + s, b + n));
     mean(sum, n)
 }
 

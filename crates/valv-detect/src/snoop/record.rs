@@ -46,6 +46,11 @@ impl Episode {
     /// The episodes a committed resource states (a care team gives one per member); none for a
     /// resource without a usable time.
     pub fn parse(resource_type: &str, body: &Value) -> Vec<Episode> {
+        // What did not happen (or was recorded in error) explains nothing: otherwise a record
+        // naming oneself, then withdrawn, would explain any look.
+        if matches!(str_at(body, "status"), Some("entered-in-error" | "cancelled" | "noshow" | "revoked" | "not-done")) {
+            return Vec::new();
+        }
         let id = body.get("id").and_then(Value::as_str).unwrap_or_default();
         let reference = format!("{resource_type}/{id}");
         let one = |kind, span: Option<(i64, i64)>, actors: Vec<String>| match span {
@@ -66,7 +71,9 @@ impl Episode {
             }
             "ServiceRequest" | "MedicationRequest" => {
                 let mut actors: Vec<String> = local(body.get("requester")).into_iter().collect();
+                // ServiceRequest.performer is a list, MedicationRequest.performer one reference.
                 actors.extend(refs(body.get("performer"), &[]));
+                actors.extend(local(body.get("performer")));
                 one(Kind::Order, instant(body.get("authoredOn")), actors)
             }
             "DocumentReference" => {
@@ -102,9 +109,14 @@ pub fn explain<'a>(episodes: &'a [Episode], person: &[String], at: i64, margins:
     episodes.iter().find(|e| e.explains(person, at, margins))
 }
 
-/// When the patient's last visit ended (`None`: the record shows none).
-pub fn last_visit_end(episodes: &[Episode]) -> Option<i64> {
-    episodes.iter().filter(|e| e.kind == Kind::Visit).map(|e| e.end).max()
+/// When the patient's last encounter before `at` ended (`None`: the record shows none, or the
+/// patient is in an encounter at `at`: in care now). Appointments to come and notes do not count.
+pub fn last_visit_end(episodes: &[Episode], at: i64) -> Option<i64> {
+    let encounters = episodes.iter().filter(|e| e.reference.starts_with("Encounter/"));
+    if encounters.clone().any(|e| e.start <= at && at < e.end) {
+        return None;
+    }
+    encounters.filter(|e| e.end <= at).map(|e| e.end).max()
 }
 
 fn care_team(body: &Value, reference: &str) -> Vec<Episode> {
@@ -195,7 +207,9 @@ mod tests {
         assert!(explain(&eps, &other, at, M).is_none(), "someone the encounter does not involve");
         assert!(explain(&eps, &dr, ms("2026-03-05T08:00:00Z"), M).is_none(), "three days later");
         // The end is the end of the second it names.
-        assert_eq!(last_visit_end(&eps), Some(ms("2026-03-02T09:00:00Z") + 1000));
+        assert_eq!(last_visit_end(&eps, at), Some(ms("2026-03-02T09:00:00Z") + 1000));
+        assert_eq!(last_visit_end(&eps, ms("2026-03-02T08:30:00Z")), None, "in care now");
+        assert_eq!(last_visit_end(&eps, ms("2026-03-01")), None, "a visit to come is no last visit");
     }
 
     #[test]
@@ -207,6 +221,8 @@ mod tests {
         assert!(explain(&eps, &["Organization/icu".to_string()], ms("2026-06-01"), M).is_some());
         assert!(explain(&eps, &["Organization/lab".to_string()], ms("2026-03-20"), M).is_some());
         assert!(explain(&eps, &["Organization/lab".to_string()], ms("2026-04-20"), M).is_none());
+        let med = json!({"resourceType": "MedicationRequest", "id": "m1", "authoredOn": "2026-03-02", "performer": {"reference": "Practitioner/pharm"}});
+        assert!(explain(&Episode::parse("MedicationRequest", &med), &["Practitioner/pharm".to_string()], ms("2026-03-03"), M).is_some());
     }
 
     #[test]
@@ -231,6 +247,8 @@ mod tests {
             ("Encounter", json!({"id": "e", "period": {"end": "2026-01-01"}})),
             ("Encounter", json!({"id": "e", "period": {"start": "yesterday"}})),
             ("Appointment", json!({"id": "a"})),
+            ("Encounter", json!({"id": "e", "status": "entered-in-error", "period": {"start": "2026-01-01"}})),
+            ("Appointment", json!({"id": "a", "status": "cancelled", "start": "2026-01-01T10:00:00Z"})),
             ("Observation", json!({"id": "o", "effectiveDateTime": "2026-01-01"})),
         ] {
             assert!(Episode::parse(t, &body).is_empty(), "{t} {body}");

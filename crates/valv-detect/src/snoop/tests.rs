@@ -122,7 +122,7 @@ fn a_first_look_long_after_the_last_visit() {
     assert!(log.alerts.is_empty());
     log.access(T0, "dr", &dr(), "p-old", &[], None, &old);
     assert_eq!(log.rules(), ["snooping-after-care"]);
-    assert!(log.alerts[0].explanation.contains("799 days"), "{:?}", log.alerts[0]);
+    assert!(log.alerts[0].explanation.contains("more than 365 days"), "{:?}", log.alerts[0]);
     // Not a first look the next day.
     log.access(T0 + DAY, "dr", &dr(), "p-old", &[], None, &old);
     assert_eq!(log.alerts.len(), 1);
@@ -204,4 +204,55 @@ fn snooping_can_be_turned_off() {
     log.access(T0, "dr", &dr(), "p-sister", &["address"], None, &[]);
     log.entry(T0, "fact-change", "denied", "dr", Some("p1"), "forbid fact-self-widening");
     assert!(log.alerts.is_empty());
+}
+
+mod restore {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Runs `steps` (agent, patient, minutes since the last) through a detector, saving and
+    /// restoring it before step `cut`; the alerts raised.
+    fn run(steps: &[(usize, usize, i64)], cut: Option<usize>) -> Vec<Alert> {
+        let config = Config { explain_delay_minutes: 30, volume_min_patients: 3, ..Config::default() };
+        let mut d = Detector::new(config.clone());
+        let (mut t, mut out) = (T0, Vec::new());
+        let unit = [visit("Organization/ward", T0, T0 + 5 * DAY)];
+        for (i, (agent, patient, gap)) in steps.iter().enumerate() {
+            if Some(i) == cut {
+                d = Detector::restore(config.clone(), &d.state()).expect("restores");
+            }
+            t += gap * 60_000;
+            let e = Entry {
+                index: i as u64,
+                time: t,
+                interaction: "read".into(),
+                outcome: "success".into(),
+                status: 200,
+                agent_id: format!("u{agent}"),
+                roles: vec!["nurse".into()],
+                source_address: String::new(),
+                patient: Some(format!("p{patient}")),
+                resource_type: None,
+                resource_id: None,
+                reason: String::new(),
+            };
+            out.extend(d.observe(&e));
+            for due in d.due(t) {
+                let p: usize = due.patient[1..].parse().unwrap_or(0);
+                let shares: &[&str] = if p == 0 { &["address"] } else { &[] };
+                let episodes: &[Episode] = if p % 3 == 2 { &unit } else { &[] };
+                let who = dr();
+                let facts = AccessFacts { person: &who.refs, unit: who.unit, shares, sensitive: (p == 1).then_some("VIP"), episodes };
+                out.extend(d.judge(&due, &facts));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #[test]
+        fn a_restored_detector_judges_accesses_as_the_uninterrupted_one(steps in proptest::collection::vec((0usize..3, 0usize..12, 0i64..400), 1..150), cut in 0usize..150) {
+            prop_assert_eq!(run(&steps, Some(cut)), run(&steps, None));
+        }
+    }
 }

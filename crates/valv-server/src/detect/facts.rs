@@ -18,13 +18,12 @@ use valv_detect::{AccessFacts, Alert, Detector, Episode, EPISODE_TYPES};
 const FRESH: Duration = Duration::from_secs(60);
 /// People and patients cached at most (beyond, the cache starts again).
 const MAX_CACHED: usize = 10_000;
-/// Resources read per patient at most when looking for episodes (the newest of each type).
-const MAX_EPISODE_RESOURCES: usize = 2_000;
-/// A family name more patients share than this is too common to say anything.
+/// Resources of one type read per patient at most when looking for episodes (in id order, not
+/// time order: beyond, a patient's episodes are incomplete), and per store read.
+const MAX_EPISODE_RESOURCES: usize = 20_000;
+const READ_CHUNK: usize = 1_000;
+/// A family name (or an address) more patients share than this is too common to say anything.
 const COMMON_NAME: usize = 20;
-/// Roles whose accesses are judged: care staff (patients reading their own record, services and
-/// administrators are not the snooping rules' subject).
-const JUDGED_ROLES: &[&str] = valv_policy::CARE_ROLES;
 
 struct Person {
     refs: Vec<String>,
@@ -47,18 +46,28 @@ pub struct Facts {
 impl Facts {
     /// Judges the accesses that are due with what the record shows now; the alerts raised. An
     /// access whose person or patient cannot be worked out (not a care professional's account,
-    /// an erased patient) is not judged.
-    pub async fn judge(&mut self, app: &App, detector: &mut Detector, due: Vec<Access>) -> Result<Vec<Alert>, String> {
+    /// an erased patient, a record that does not read) is not judged: one bad record must not
+    /// stop detection (it is logged, with ids only).
+    pub async fn judge(&mut self, app: &App, detector: &mut Detector, due: Vec<Access>) -> Vec<Alert> {
         let mut alerts = Vec::new();
         for access in due {
-            self.person(app, &access.agent_id).await?;
-            self.patient(app, &access.patient).await?;
+            if let Err(e) = self.person(app, &access.agent_id).await {
+                tracing::warn!(error = %e, access = access.index, "the detection engine could not work out who made an access; not judged");
+                continue;
+            }
+            if !self.people.get(&access.agent_id).is_some_and(|(_, p)| p.is_some()) {
+                continue;
+            }
+            if let Err(e) = self.patient(app, &access.patient).await {
+                tracing::warn!(error = %e, access = access.index, "the detection engine could not read a patient's episodes; not judged");
+                continue;
+            }
             let (Some((_, Some(person))), Some((_, Some(patient)))) = (self.people.get(&access.agent_id), self.patients.get(&access.patient)) else { continue };
             let shares = person.shares.get(&access.patient).map_or(&[][..], Vec::as_slice);
             let facts = AccessFacts { person: &person.refs, unit: &person.unit, shares, sensitive: patient.sensitive, episodes: &patient.episodes };
             alerts.extend(detector.judge(&access, &facts));
         }
-        Ok(alerts)
+        alerts
     }
 
     async fn person(&mut self, app: &App, agent: &str) -> Result<(), String> {
@@ -69,16 +78,12 @@ impl Facts {
             self.people.clear();
         }
         let person = match app.identity.by_id(agent).await.map_err(|e| format!("reading account {agent}: {}", e.diagnostics))? {
-            Some(u) if u.patient.is_none() && u.roles.iter().any(|r| JUDGED_ROLES.contains(&r.as_str())) => {
+            Some(u) if u.patient.is_none() && u.roles.iter().any(|r| valv_detect::snoop::JUDGED_ROLES.contains(&r.as_str())) => {
                 let mut refs: Vec<String> = u.practitioner.iter().map(|p| format!("Practitioner/{p}")).collect();
                 refs.extend(u.units.iter().map(|o| format!("Organization/{o}")));
                 let unit = u.units.first().map(|o| format!("Organization/{o}")).unwrap_or_default();
                 let shares = match &u.practitioner {
-                    Some(p) => shared_with(app, p).await.unwrap_or_else(|e| {
-                        // The other rules still judge this person's accesses.
-                        tracing::warn!(error = %e, "the detection engine could not look for a person's relatives");
-                        HashMap::new()
-                    }),
+                    Some(p) => shared_with(app, p).await,
                     None => HashMap::new(),
                 };
                 Some(Person { refs, unit, shares })
@@ -116,13 +121,12 @@ async fn episodes(app: &App, patient: &str) -> Result<Vec<Episode>, String> {
     for resource_type in EPISODE_TYPES {
         let mut ids: Vec<String> = owned.iter().filter(|(t, _)| t == resource_type).map(|(_, id)| id.clone()).collect();
         ids.truncate(MAX_EPISODE_RESOURCES);
-        if ids.is_empty() {
-            continue;
-        }
-        let versions = store.read_many(resource_type, &ids).await.map_err(|e| format!("reading {resource_type}: {e}"))?;
-        for v in versions {
-            if let Ok(valv_store::vault::Resource { body: Some(body), .. }) = app.vault.open_version(v, app.clock.now_ms()).await {
-                out.extend(Episode::parse(resource_type, &body));
+        for chunk in ids.chunks(READ_CHUNK) {
+            let versions = store.read_many(resource_type, chunk).await.map_err(|e| format!("reading {resource_type}: {e}"))?;
+            for v in versions {
+                if let Ok(valv_store::vault::Resource { body: Some(body), .. }) = app.vault.open_version(v, app.clock.now_ms()).await {
+                    out.extend(Episode::parse(resource_type, &body));
+                }
             }
         }
     }
@@ -146,31 +150,30 @@ async fn sensitivity(app: &App, patient: &str) -> Result<Option<&'static str>, S
 }
 
 /// The patients with the practitioner's (uncommon) family name or their address (line and
-/// postal code), found by blind-index token: no patient's record is opened.
-async fn shared_with(app: &App, practitioner: &str) -> Result<HashMap<String, Vec<&'static str>>, String> {
+/// postal code), found by blind-index token: no patient's record is opened. A search that fails
+/// is logged and leaves its share out (the other rules still judge the person's accesses).
+async fn shared_with(app: &App, practitioner: &str) -> HashMap<String, Vec<&'static str>> {
     let mut out: HashMap<String, Vec<&'static str>> = HashMap::new();
-    let Some(body) = open(app, "Practitioner", practitioner).await? else { return Ok(out) };
-    if let Some(family) = body.pointer("/name/0/family").and_then(Value::as_str) {
-        let ids = patients_matching(app, &[("family:exact", family)]).await?;
-        if ids.len() <= COMMON_NAME {
-            ids.into_iter().for_each(|id| out.entry(id).or_default().push("family name"));
+    let body = match open(app, "Practitioner", practitioner).await {
+        Ok(Some(body)) => body,
+        Ok(None) => return out,
+        Err(e) => {
+            tracing::warn!(error = %e, "the detection engine could not read a person's Practitioner record");
+            return out;
         }
-    }
+    };
+    let family = body.pointer("/name/0/family").and_then(Value::as_str).map(|f| ("family name", vec![("family", f)]));
     let line = body.pointer("/address/0/line/0").and_then(Value::as_str);
     let postal = body.pointer("/address/0/postalCode").and_then(Value::as_str);
-    if let (Some(line), Some(postal)) = (line, postal) {
-        // `address` indexes every part of an address: the line and the postal code both match.
-        for id in patients_matching(app, &[("address:exact", line), ("address:exact", postal)]).await? {
-            out.entry(id).or_default().push("address");
+    // `address` indexes every part of an address: the line and the postal code both match.
+    let address = line.zip(postal).map(|(l, p)| ("address", vec![("address", l), ("address", p)]));
+    for (what, criteria) in family.into_iter().chain(address) {
+        let filter = app.vault.exact_strings("Patient", &criteria);
+        match app.vault.store().search(&filter).await {
+            Ok(found) if found.len() <= COMMON_NAME => found.into_iter().for_each(|l| out.entry(l.id).or_default().push(what)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "the detection engine could not search for a person's relatives"),
         }
     }
-    Ok(out)
-}
-
-async fn patients_matching(app: &App, criteria: &[(&str, &str)]) -> Result<Vec<String>, String> {
-    let pairs: Vec<(String, String)> = criteria.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let req = valv_fhir::search::parse_request("Patient", &pairs).map_err(|e| format!("a search for relatives: {e}"))?;
-    let filter = app.vault.condition("Patient", &req).map_err(|e| format!("a search for relatives: {e}"))?;
-    let found = app.vault.store().search(&filter).await.map_err(|e| format!("searching for relatives: {e}"))?;
-    Ok(found.into_iter().map(|l| l.id).collect())
+    out
 }
