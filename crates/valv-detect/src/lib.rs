@@ -1,9 +1,10 @@
 //! Detection over the audit stream. The server shows every durable audit entry, in leaf-index
 //! order, to a [`Detector`]; its rules keep bounded sliding windows per account and address and
 //! raise [`Alert`]s that name ids and addresses, never patient content, with the entry indices
-//! that are the evidence. Pure: no I/O, and the only clock is the entries' own times, so a
-//! detector restored from its [`Detector::state`] and shown the same entries raises the same
-//! alerts (the server relies on this to resume after a restart without skipping or repeating).
+//! that are the evidence. Pure: no I/O, and the only clocks are the entries' own times and the
+//! time the caller passes to [`Detector::due`], so a detector restored from its
+//! [`Detector::state`] and shown the same entries (and facts) raises the same alerts (the server
+//! relies on this to resume after a restart without skipping or repeating).
 //!
 //! The intrusion rules (docs/DETECTION.md):
 //! - `password-guessing-account`: wrong passwords for one account,
