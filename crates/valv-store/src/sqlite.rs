@@ -1051,7 +1051,10 @@ impl Store for SqliteStore {
 
     async fn erase_patient(&self, patient: &str, erased_at: i64) -> Result<crate::ErasedPatient, StoreError> {
         let erased = self.with_admin(|c| {
-            let tx = c.unchecked_transaction()?;
+            // Immediate: the transaction reads, then writes; begun deferred, a server writing the
+            // same file in between makes the upgrade fail at once (SQLITE_BUSY, which the busy
+            // timeout does not wait out) and `valv erase` answered "storage is unavailable".
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let already: bool = tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM erasures WHERE patient = ?1)")?.query_row(params![patient], |r| r.get(0))?;
             if already {
                 return Err(StoreError::Conflict(format!("patient {patient} was erased already")));
