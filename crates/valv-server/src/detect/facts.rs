@@ -177,3 +177,13 @@ async fn shared_with(app: &App, practitioner: &str) -> HashMap<String, Vec<&'sta
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    /// The detector judges the roles the policy treats as care staff: one list, kept in two
+    /// crates (the pure rules do not depend on the policy crate).
+    #[test]
+    fn the_judged_roles_are_the_policys_care_roles() {
+        assert_eq!(valv_detect::snoop::JUDGED_ROLES, valv_policy::CARE_ROLES);
+    }
+}
