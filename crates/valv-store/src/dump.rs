@@ -7,7 +7,7 @@
 //! ended after the backup (a logout, a revocation) cannot come back with it. Search tokens are
 //! not rows either: each resource carries its current tokens and the load indexes them again.
 
-use crate::{AlertRow, ApiKeyRecord, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, FileRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
+use crate::{AlertRow, ApiKeyRecord, CaseRow, AuditRow, AuditTile, ErasureRequestRow, ErasureRow, FileRow, GrantRow, StoredCheckpoint, Token, UserRow, WrappedKey};
 use std::collections::BTreeMap;
 use valv_audit::ledger::Erasure;
 use valv_audit::Frontier;
@@ -55,6 +55,7 @@ pub enum Row {
     /// A file-backed Binary's content record (its object travels separately).
     File(FileRow),
     Alert(AlertRow),
+    Case(CaseRow),
 }
 
 impl Row {
@@ -74,6 +75,7 @@ impl Row {
             Row::Checkpoint(_) => "audit_checkpoints",
             Row::File(_) => "files",
             Row::Alert(_) => "alerts",
+            Row::Case(_) => "cases",
         }
     }
 
@@ -108,6 +110,10 @@ impl Row {
             Row::Alert(a) => {
                 e.str(&a.id).i64(a.time).str(&a.rule).str(&a.severity).bytes(&a.sealed);
                 13
+            }
+            Row::Case(k) => {
+                e.str(&k.kind).str(&k.id).u64(k.version).bytes(&k.sealed);
+                14
             }
             Row::Erasure(r) => {
                 e.u64(r.seq).str(&r.patient).i64(r.erased_at);
@@ -201,6 +207,7 @@ impl Row {
                 created: d.i64()?,
             }),
             13 => Row::Alert(AlertRow { id: d.string()?, time: d.i64()?, rule: d.string()?, severity: d.string()?, sealed: d.bytes()?.to_vec() }),
+            14 => Row::Case(CaseRow { kind: d.string()?, id: d.string()?, version: d.u64()?, sealed: d.bytes()?.to_vec() }),
             _ => return Ok(None),
         };
         d.finish()?;

@@ -237,6 +237,19 @@ pub struct AlertRow {
     pub sealed: Vec<u8>,
 }
 
+/// A case file of the detection work (issue 15): a systematic review (`kind` `review`), an
+/// incident (`incident`) or a blocked address (`block`), sealed with the audit key (the AAD
+/// names kind, id and version). Changed only by naming the version replaced, like grants; never
+/// removed; in backups. Each change is also an audit entry, which is where its history lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaseRow {
+    pub kind: String,
+    pub id: String,
+    /// 1 when created; grows by one with every change.
+    pub version: u64,
+    pub sealed: Vec<u8>,
+}
+
 /// How far the detection engine has read the audit log: `next` is the first leaf index it has
 /// not seen; `state` its rules' state (sealed) as of leaf index `state_at` (≤ `next`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -440,6 +453,11 @@ pub trait Store: Send + Sync {
     /// (its time and id: the last of the previous page) or from the newest.
     async fn alerts(&self, before: Option<(i64, &str)>, limit: usize) -> Result<Vec<AlertRow>, StoreError>;
     async fn alert(&self, id: &str) -> Result<Option<AlertRow>, StoreError>;
+    /// Stores a case: version 1 creates it, version n replaces n − 1 (`Conflict` otherwise).
+    async fn put_case(&self, case: &CaseRow) -> Result<(), StoreError>;
+    async fn case(&self, kind: &str, id: &str) -> Result<Option<CaseRow>, StoreError>;
+    /// Every case of a kind, by id.
+    async fn cases(&self, kind: &str) -> Result<Vec<CaseRow>, StoreError>;
     /// Stores a new ticket.
     async fn put_ticket(&self, ticket: &TicketRow) -> Result<(), StoreError>;
     /// Spends one use of the ticket with this hash if it is unexpired at `now`, not revoked and

@@ -226,6 +226,16 @@ CREATE TABLE detection (
     state_at INTEGER NOT NULL,
     state BLOB NOT NULL
 );
+"#, r#"
+-- Reviews, incidents and blocked addresses (issue 15), sealed; changed by version, never removed.
+CREATE TABLE cases (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE TRIGGER cases_no_delete BEFORE DELETE ON cases BEGIN SELECT RAISE(ABORT, 'cases are never removed'); END;
 "#];
 
 const READERS: usize = 4;
@@ -976,6 +986,10 @@ fn row_to_wrapped(r: &rusqlite::Row<'_>) -> rusqlite::Result<WrappedKey> {
 
 const UPLOAD_COLUMNS: &str = "id, binary_id, object, patient, agent, sealed_key, content_type, length, received, parts, created, expires";
 
+fn row_to_case(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::CaseRow> {
+    Ok(crate::CaseRow { kind: r.get(0)?, id: r.get(1)?, version: r.get(2)?, sealed: r.get(3)? })
+}
+
 fn row_to_alert(r: &rusqlite::Row<'_>) -> rusqlite::Result<crate::AlertRow> {
     Ok(crate::AlertRow { id: r.get(0)?, time: r.get(1)?, rule: r.get(2)?, severity: r.get(3)?, sealed: r.get(4)? })
 }
@@ -1603,6 +1617,33 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn put_case(&self, k: &crate::CaseRow) -> Result<(), StoreError> {
+        self.with_admin(|c| {
+            let n = if k.version == 1 {
+                c.execute("INSERT OR IGNORE INTO cases (kind, id, version, sealed) VALUES (?1, ?2, ?3, ?4)", params![k.kind, k.id, k.version, k.sealed])?
+            } else {
+                c.execute("UPDATE cases SET version = ?1, sealed = ?2 WHERE kind = ?3 AND id = ?4 AND version = ?5", params![k.version, k.sealed, k.kind, k.id, k.version - 1])?
+            };
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!("{} {} was changed concurrently", k.kind, k.id)))
+            }
+        })
+    }
+
+    async fn case(&self, kind: &str, id: &str) -> Result<Option<crate::CaseRow>, StoreError> {
+        self.with_reader(|c| Ok(c.prepare_cached("SELECT kind, id, version, sealed FROM cases WHERE kind = ?1 AND id = ?2")?.query_row(params![kind, id], row_to_case).optional()?))
+    }
+
+    async fn cases(&self, kind: &str) -> Result<Vec<crate::CaseRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached("SELECT kind, id, version, sealed FROM cases WHERE kind = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![kind], row_to_case)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
     async fn put_grant(&self, g: &GrantRow) -> Result<(), StoreError> {
         self.with_admin(|c| {
             let n = if g.version == 1 {
@@ -1877,6 +1918,11 @@ mod tests {
     #[tokio::test]
     async fn detection_progress_and_alerts() {
         run_kit(crate::testkit::detection_saves_alerts_with_its_progress_once).await;
+    }
+
+    #[tokio::test]
+    async fn cases_change_by_version() {
+        run_kit(crate::testkit::cases_change_by_version_only).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,3 +187,20 @@ pub async fn detection_saves_alerts_with_its_progress_once(store: Arc<dyn Store>
     assert_eq!(store.alert("4-mfa-failures").await.expect("read").map(|a| a.time), Some(100));
     assert_eq!(store.alert("5-x").await.expect("read"), None, "nothing of a refused save");
 }
+
+pub async fn cases_change_by_version_only(store: Arc<dyn Store>) {
+    use crate::CaseRow;
+    let case = |kind: &str, id: &str, version: u64, sealed: u8| CaseRow { kind: kind.into(), id: id.into(), version, sealed: vec![sealed; 8] };
+    store.put_case(&case("incident", "i1", 1, 1)).await.expect("create");
+    assert!(matches!(store.put_case(&case("incident", "i1", 1, 2)).await, Err(StoreError::Conflict(_))), "created twice");
+    store.put_case(&case("review", "i1", 1, 3)).await.expect("same id, another kind");
+    store.put_case(&case("incident", "i1", 2, 4)).await.expect("change");
+    assert!(matches!(store.put_case(&case("incident", "i1", 2, 5)).await, Err(StoreError::Conflict(_))), "a stale change");
+    assert!(matches!(store.put_case(&case("incident", "i9", 2, 5)).await, Err(StoreError::Conflict(_))), "changing what does not exist");
+    store.put_case(&case("incident", "i0", 1, 6)).await.expect("create");
+    assert_eq!(store.case("incident", "i1").await.expect("read"), Some(case("incident", "i1", 2, 4)));
+    assert_eq!(store.case("incident", "nope").await.expect("read"), None);
+    let ids: Vec<_> = store.cases("incident").await.expect("list").into_iter().map(|k| (k.id, k.version)).collect();
+    assert_eq!(ids, [("i0".to_string(), 1), ("i1".to_string(), 2)]);
+    assert_eq!(store.cases("review").await.expect("list").len(), 1);
+}

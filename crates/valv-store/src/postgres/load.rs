@@ -189,6 +189,7 @@ async fn insert_small(c: &mut Conn, row: &Row) -> Result<(), StoreError> {
         }
         Row::Checkpoint(k) => c.execute("INSERT INTO audit_checkpoints (size, root, note) VALUES ($1, $2, $3)", &[&int(k.size)?, &&k.root[..], &k.note]).await,
         Row::Alert(a) => c.execute("INSERT INTO alerts (id, time, rule, severity, sealed) VALUES ($1, $2, $3, $4, $5)", &[&a.id, &a.time, &a.rule, &a.severity, &a.sealed]).await,
+        Row::Case(k) => c.execute("INSERT INTO cases (kind, id, version, sealed) VALUES ($1, $2, $3, $4)", &[&k.kind, &k.id, &int(k.version)?, &k.sealed]).await,
         Row::Resource(_) | Row::Version(_) | Row::AuditEntry { .. } => return Err(StoreError::Backend("a large-table row among the small ones".into())),
     };
     done.map(|_| ()).map_err(pg("loading a row"))

@@ -349,6 +349,19 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
     );
     "#,
     ),
+    (
+        8,
+        r#"
+    -- Reviews, incidents and blocked addresses (issue 15), sealed; changed by version, never removed.
+    CREATE TABLE cases (
+        kind TEXT NOT NULL,
+        id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        sealed BYTEA NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit
@@ -373,4 +386,5 @@ pub(super) const SERVING_GRANTS: &[(&str, &str)] = &[
     ("uploads", "SELECT, INSERT, UPDATE, DELETE"),
     ("alerts", "SELECT, INSERT"),
     ("detection", "SELECT, INSERT, UPDATE"),
+    ("cases", "SELECT, INSERT, UPDATE"),
 ];

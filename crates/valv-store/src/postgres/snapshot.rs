@@ -55,6 +55,8 @@ async fn read_all(c: &mut Conn, out: &Sender<Vec<Row>>) -> Result<(), StoreError
     send(out, rows.iter().map(|r| super::store::row_to_file(r).map(Row::File)).collect::<Result<_, StoreError>>()?).await?;
     let rows = c.query("SELECT id, time, rule, severity, sealed FROM alerts ORDER BY id", &[]).await.map_err(pg("reading alerts"))?;
     send(out, rows.iter().map(|r| Row::Alert(super::store::row_to_alert(r))).collect()).await?;
+    let rows = c.query("SELECT kind, id, version, sealed FROM cases ORDER BY kind, id", &[]).await.map_err(pg("reading cases"))?;
+    send(out, rows.iter().map(|r| super::store::row_to_case(r).map(Row::Case)).collect::<Result<_, StoreError>>()?).await?;
     let rows = c.query("SELECT seq, patient, erased_at FROM erasures ORDER BY seq", &[]).await.map_err(pg("reading erasures"))?;
     send(out, rows.iter().map(|r| Ok(Row::Erasure(ErasureRow { seq: uint(r.get(0))?, patient: r.get(1), erased_at: r.get(2) }))).collect::<Result<_, StoreError>>()?).await?;
     let rows = c.query("SELECT id, patient, sealed, requested_at, state, decided_by, decided_at FROM erasure_requests ORDER BY id", &[]).await.map_err(pg("reading erasure requests"))?;

@@ -320,6 +320,10 @@ pub(super) fn row_to_file(r: &Row) -> Result<FileRow, StoreError> {
     })
 }
 
+pub(super) fn row_to_case(r: &Row) -> Result<crate::CaseRow, StoreError> {
+    Ok(crate::CaseRow { kind: r.get(0), id: r.get(1), version: uint(r.get(2))?, sealed: r.get(3) })
+}
+
 pub(super) fn row_to_alert(r: &Row) -> crate::AlertRow {
     crate::AlertRow { id: r.get(0), time: r.get(1), rule: r.get(2), severity: r.get(3), sealed: r.get(4) }
 }
@@ -923,6 +927,32 @@ impl Store for PgStore {
         // The trigger tells every server; this one need not wait for its own notification.
         self.credentials.invalidate();
         Ok(n > 0)
+    }
+
+    async fn put_case(&self, k: &crate::CaseRow) -> Result<(), StoreError> {
+        let mut c = self.pool.get().await?;
+        let version = int(k.version)?;
+        let n = if k.version == 1 {
+            c.execute("INSERT INTO cases (kind, id, version, sealed) VALUES ($1, $2, $3, $4) ON CONFLICT (kind, id) DO NOTHING", &[&k.kind, &k.id, &version, &k.sealed]).await
+        } else {
+            c.execute("UPDATE cases SET version = $1, sealed = $2 WHERE kind = $3 AND id = $4 AND version = $5", &[&version, &k.sealed, &k.kind, &k.id, &(version - 1)]).await
+        }
+        .map_err(pg("storing a case"))?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(format!("{} {} was changed concurrently", k.kind, k.id)))
+        }
+    }
+
+    async fn case(&self, kind: &str, id: &str) -> Result<Option<crate::CaseRow>, StoreError> {
+        let row = self.pool.get().await?.query_opt("SELECT kind, id, version, sealed FROM cases WHERE kind = $1 AND id = $2", &[&kind, &id]).await.map_err(pg("reading a case"))?;
+        row.map(|r| row_to_case(&r)).transpose()
+    }
+
+    async fn cases(&self, kind: &str) -> Result<Vec<crate::CaseRow>, StoreError> {
+        let rows = self.pool.get().await?.query("SELECT kind, id, version, sealed FROM cases WHERE kind = $1 ORDER BY id", &[&kind]).await.map_err(pg("reading cases"))?;
+        rows.iter().map(row_to_case).collect()
     }
 
     async fn put_grant(&self, g: &GrantRow) -> Result<(), StoreError> {

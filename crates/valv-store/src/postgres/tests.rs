@@ -146,9 +146,11 @@ async fn uploads_advance_only_from_where_they_are() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn detection_progress_and_alerts() {
+async fn detection_progress_alerts_and_cases() {
     let pg = Cluster::start();
-    crate::testkit::detection_saves_alerts_with_its_progress_once(Arc::new(migrated(&pg).await)).await;
+    let store: Arc<dyn crate::Store> = Arc::new(migrated(&pg).await);
+    crate::testkit::detection_saves_alerts_with_its_progress_once(store.clone()).await;
+    crate::testkit::cases_change_by_version_only(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

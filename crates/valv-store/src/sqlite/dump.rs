@@ -93,6 +93,7 @@ fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreEr
     for_each(&tx, "SELECT id, version, sealed FROM grants ORDER BY id", &mut b, |r| Ok(Row::Grant(GrantRow { id: r.get(0)?, version: r.get(1)?, sealed: r.get(2)? })))?;
     for_each(&tx, &format!("SELECT {} FROM files ORDER BY binary_id", super::FILE_COLUMNS), &mut b, |r| Ok(Row::File(super::row_to_file(r)?)))?;
     for_each(&tx, "SELECT id, time, rule, severity, sealed FROM alerts ORDER BY id", &mut b, |r| Ok(Row::Alert(super::row_to_alert(r)?)))?;
+    for_each(&tx, "SELECT kind, id, version, sealed FROM cases ORDER BY kind, id", &mut b, |r| Ok(Row::Case(super::row_to_case(r)?)))?;
     for_each(&tx, "SELECT seq, patient, erased_at FROM erasures ORDER BY seq", &mut b, |r| Ok(Row::Erasure(ErasureRow { seq: r.get(0)?, patient: r.get(1)?, erased_at: r.get(2)? })))?;
     for_each(&tx, "SELECT id, patient, sealed, requested_at, state, decided_by, decided_at FROM erasure_requests ORDER BY id", &mut b, |r| {
         Ok(Row::ErasureRequest(ErasureRequestRow { id: r.get(0)?, patient: r.get(1)?, sealed: r.get(2)?, requested_at: r.get(3)?, state: r.get(4)?, decided_by: r.get(5)?, decided_at: r.get(6)? }))
@@ -350,6 +351,9 @@ fn load(conn: &Connection, tokens: &mut Tokens, rows: &[Row]) -> Result<(), Stor
             }
             Row::Alert(a) => {
                 tx.prepare_cached("INSERT INTO alerts (id, time, rule, severity, sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![a.id, a.time, a.rule, a.severity, a.sealed])?;
+            }
+            Row::Case(k) => {
+                tx.prepare_cached("INSERT INTO cases (kind, id, version, sealed) VALUES (?1, ?2, ?3, ?4)")?.execute(params![k.kind, k.id, k.version, k.sealed])?;
             }
         }
     }
