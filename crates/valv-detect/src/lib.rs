@@ -22,6 +22,7 @@
 
 pub mod rules;
 pub mod simulate;
+pub mod deadline;
 pub mod snoop;
 mod window;
 
@@ -31,7 +32,7 @@ pub use snoop::AccessFacts;
 use serde::{Deserialize, Serialize};
 
 /// What the rules read of an audit entry (its canonical JSON has more).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Entry {
     /// The entry's leaf index in the audit log.
     #[serde(skip)]
@@ -167,6 +168,14 @@ impl Detector {
     /// [`AccessFacts`] from the record as it is now and passes it to [`Detector::judge`].
     pub fn due(&mut self, now: i64) -> Vec<snoop::Access> {
         snoop::due(&mut self.state.snoop, now, self.config.explain_delay_minutes.saturating_mul(60_000))
+    }
+
+    /// Incidents whose GDPR notification clock is running out or has run out at `now`
+    /// ([`deadline`]).
+    pub fn deadlines(&mut self, now: i64) -> Vec<Alert> {
+        let mut out = Vec::new();
+        deadline::due(&mut self.state.deadline, self.config.incident_warn_hours.saturating_mul(3_600_000), now, &mut out);
+        out
     }
 
     /// Judges one access that was due; the alerts it raises.

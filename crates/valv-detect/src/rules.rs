@@ -64,6 +64,8 @@ pub struct Config {
     pub widening_patients: u64,
     /// `large-export`: one caller exporting this many patients in a day.
     pub export_patients: u64,
+    /// `incident-notification-due`: hours after an incident's opening without notification.
+    pub incident_warn_hours: i64,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             break_glass_days: 30,
             widening_patients: 10,
             export_patients: 100,
+            incident_warn_hours: 48,
         }
     }
 }
@@ -139,6 +142,7 @@ impl Config {
             ("break_glass_days", self.break_glass_days, 1, 365),
             ("widening_patients", self.widening_patients as i64, 1, 512),
             ("export_patients", self.export_patients as i64, 1, 512),
+            ("incident_warn_hours", self.incident_warn_hours, 1, 71),
         ];
         if let Some((name, v, lo, hi)) = ranges.iter().find(|(_, v, lo, hi)| v < lo || v > hi) {
             return Err(format!("[detect] {name} must be {lo} to {hi}, got {v}"));
@@ -186,6 +190,8 @@ pub struct State {
     addresses: HashMap<String, VecDeque<String>>,
     #[serde(default)]
     pub(crate) snoop: crate::snoop::State,
+    #[serde(default)]
+    pub(crate) deadline: crate::deadline::State,
 }
 
 /// Second-factor failures: the password was right.
@@ -213,6 +219,7 @@ pub fn observe(config: &Config, state: &mut State, e: &Entry) -> Vec<Alert> {
     new_address(config, state, &j, &mut raised);
     presented_credentials(config, state, &j, &mut raised);
     floods(config, state, &j, &mut raised);
+    crate::deadline::observe(&mut state.deadline, e);
     if config.snooping {
         crate::snoop::observe(&snoop, &mut state.snoop, e, &mut raised.alerts);
     }

@@ -14,8 +14,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 use valv_detect::Entry;
 
-/// GDPR Art. 33(1): notify the supervisory authority within 72 hours of becoming aware.
-pub const NOTIFY_WITHIN_MS: i64 = 72 * 3_600_000;
+pub use valv_detect::deadline::NOTIFY_WITHIN_MS;
 /// Most subjects (accounts, keys, addresses) one incident names.
 pub const MAX_SUBJECTS: usize = 100;
 pub const SEVERITIES: &[&str] = &["low", "medium", "high"];

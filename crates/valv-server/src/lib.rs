@@ -27,6 +27,7 @@ pub mod error;
 pub mod fhir;
 pub mod http;
 pub mod keys;
+pub mod oversight;
 pub mod people;
 pub mod request;
 
@@ -94,6 +95,8 @@ pub struct App {
     pub exports: fhir::Exports,
     /// Where files (Binary content) are stored, and their limits.
     pub files: fhir::binary::Files,
+    /// Addresses an incident blocked: refused before routing.
+    pub blocked: oversight::blocks::Blocked,
 }
 
 impl App {
@@ -309,7 +312,10 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>, peer: &Peer) -> Respo
     let method = req.method().clone();
     let version = req.version();
     let pretty = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "_pretty=true"));
+    // Everything but the liveness probe: sign-in included, the usual target of a blocked source.
+    let blocked_by = (req.uri().path() != "/healthz").then(|| app.blocked.incident(peer.addr.ip())).flatten();
     let (route, result) = match throttle(&app, &req, peer) {
+        _ if blocked_by.is_some() => ("blocked", Err(blocked(&app, &rid, peer, blocked_by.as_deref().unwrap_or_default()).await)),
         Ok(charge_on_401) => {
             let (route, result) = dispatch(&app, req, &rid, peer).await;
             if charge_on_401 && result.as_ref().is_err_and(|e| e.status == StatusCode::UNAUTHORIZED) {
@@ -367,6 +373,20 @@ fn throttle(app: &App, req: &Request<Incoming>, peer: &Peer) -> Result<bool, (u6
     }
 }
 
+/// 403 for an address an incident blocked; audited like rate-limit refusals (one entry per
+/// source and ten seconds), so a blocked flood cannot flood the log.
+async fn blocked(app: &App, rid: &str, peer: &Peer, incident: &str) -> ApiError {
+    let refusal = ApiError::forbidden(format!("requests from this address are blocked (incident {incident})"));
+    let event = match crate::request::anonymous_event("blocked", app.clock.now_ms(), rid, &peer.source(), StatusCode::FORBIDDEN, &format!("address-blocked-by-incident {incident}")) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    match app.refusal_log.record(app, event).await {
+        Ok(()) => refusal.recorded(),
+        Err(e) => e,
+    }
+}
+
 /// 429 for a source over its limit; the first refusal of a burst is audited, and those of one
 /// source share an entry per ten seconds (`compact`), so the refusals cannot flood the audit log.
 async fn rate_limited(app: &App, rid: &str, peer: &Peer, wait: u64, first: bool) -> ApiError {
@@ -409,6 +429,8 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         p if p == "/admin/users" || p.starts_with("/admin/users/") => ("admin_users", authapi::admin_route(app, req, rid, peer).await),
         p if p == "/admin/erasures" || p.starts_with("/admin/erasures/") => ("admin_erasures", erasure::admin_route(app, req, rid, peer).await),
         p if p == "/admin/alerts" || p.starts_with("/admin/alerts/") => ("admin_alerts", detect::api::admin_route(app, req, rid, peer).await),
+        p if p == "/admin/reviews" || p.starts_with("/admin/reviews/") => ("admin_reviews", oversight::reviews::admin_route(app, req, rid, peer).await),
+        p if p == "/admin/incidents" || p.starts_with("/admin/incidents/") => ("admin_incidents", oversight::incidents::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,
         p if p.starts_with("/audit/entries/") => ("audit_entry", audit_entry_route(app, req, rid, peer).await),

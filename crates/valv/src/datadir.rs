@@ -160,6 +160,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
             cfg.files.serve_unscannable,
             cfg.files.max_uploads,
         ),
+        blocked: Default::default(),
         erasure: valv_server::erasure::ErasureSettings::new(
             cfg.retention.years,
             std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d)).or_else(|| crate::backup::last_dir(dir))).collect(),

@@ -549,6 +549,9 @@ async fn serve(opened: datadir::Opened, bound: Option<std::net::TcpListener>) ->
     valv_server::access::spawn_refresh(opened.app.clone(), std::time::Duration::from_secs(1));
     // Data keys not under the current KEK version (after `valv keys rotate`) are rewrapped.
     valv_server::keys::spawn_rewrap(opened.app.clone(), std::time::Duration::from_secs(5));
+    // Addresses blocked from an incident (here, on another server, at the console): within 2 s.
+    valv_server::oversight::blocks::refresh(&opened.app).await.map_err(|e| e.diagnostics)?;
+    valv_server::oversight::blocks::spawn(opened.app.clone());
     if opened.config.detect.enabled {
         valv_server::detect::spawn(opened.app.clone(), opened.config.detect.clone());
     }

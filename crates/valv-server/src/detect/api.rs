@@ -78,7 +78,7 @@ async fn list(app: &App, query: &str) -> Result<(Value, usize), ApiError> {
 }
 
 /// An alert id is `<leaf index>-<rule>`.
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
         return Err(ApiError::bad_request("an alert id is <leaf index>-<rule>"));
     }

@@ -111,6 +111,7 @@ impl Engine {
         // Accesses whose time to be explained has passed (also while the log is quiet).
         let due = detector.due(self.app.clock.now_ms());
         alerts.extend(self.facts.judge(&self.app, &mut detector, due).await);
+        alerts.extend(detector.deadlines(self.app.clock.now_ms()));
         if from >= size && alerts.is_empty() {
             self.detector = Some(detector);
             return Ok(Step::CaughtUp);
@@ -221,7 +222,7 @@ fn seal_alert(cipher: &Cipher, a: &Alert) -> Result<AlertRow, String> {
     Ok(AlertRow { id: a.id.clone(), time: a.time, rule: a.rule.clone(), severity: a.severity.as_str().to_string(), sealed: cipher.seal(random_nonce()?, &alert_aad(&a.id), &json) })
 }
 
-fn random_nonce() -> Result<[u8; 12], String> {
+pub(crate) fn random_nonce() -> Result<[u8; 12], String> {
     let mut n = [0u8; 12];
     getrandom::fill(&mut n).map_err(|e| format!("no randomness: {e}"))?;
     Ok(n)
