@@ -9,6 +9,7 @@ mod datadir;
 mod erase;
 mod export;
 mod import;
+mod oversight;
 mod keys;
 mod policycmd;
 mod restore;
@@ -83,6 +84,16 @@ enum Command {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Systematic review of the access log (HSLF-FS 2016:40 4 kap. 9 §; docs/DETECTION.md).
+    Review {
+        #[command(subcommand)]
+        action: oversight::ReviewAction,
+    },
+    /// Incidents: open, contain, recover, notify, close (GDPR Art. 33–34; docs/DETECTION.md).
+    Incident {
+        #[command(subcommand)]
+        action: oversight::IncidentAction,
     },
     /// Check access policies, or explain one decision.
     Policy {
@@ -464,6 +475,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Audit { action } => audit(&dir, action).await,
         Command::Alerts { limit, json } => alerts::list(&dir, limit, json).await,
+        Command::Review { action } => oversight::review(&dir, action).await,
+        Command::Incident { action } => oversight::incident(&dir, action).await,
         Command::User { action } => user(&dir, action).await,
         Command::Policy { action: PolicyAction::Validate { dir: policy_dir, replace_defaults } } => {
             policycmd::validate(&dir, policy_dir.as_deref(), replace_defaults.then_some(true))

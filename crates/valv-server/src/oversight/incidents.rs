@@ -35,7 +35,8 @@ pub struct NewIncident {
     pub from: Option<i64>,
 }
 
-pub async fn open(app: &App, actor: &Actor, n: NewIncident) -> Result<(Incident, String), ApiError> {
+/// Opens incident `id` (a new id: [`super::new_record_id`]).
+pub async fn open(app: &App, actor: &Actor, id: &str, n: NewIncident) -> Result<(Incident, String), ApiError> {
     let now = app.clock.now_ms();
     let cipher = super::cipher(app).await?;
     let mut subjects = n.subjects;
@@ -53,10 +54,9 @@ pub async fn open(app: &App, actor: &Actor, n: NewIncident) -> Result<(Incident,
         earliest = Some(earliest.map_or(first, |e: i64| e.min(first)));
     }
     let window_from = n.from.or(earliest).ok_or_else(|| ApiError::bad_request("give 'from' (when the incident began) or the alerts it comes from"))?;
-    let id = valv_store::vault::new_id()?;
     let o = Opening { title: n.title, severity: n.severity, alerts: n.alerts, subjects, window_from, note: n.note };
-    let incident = Incident::open(id.clone(), o, &actor.id, now)?;
-    save(app, KIND, &id, 1, &incident).await?;
+    let incident = Incident::open(id.to_string(), o, &actor.id, now)?;
+    save(app, KIND, id, 1, &incident).await?;
     let why = format!("incident {id} opened ({}; subjects {}; alerts {})", incident.severity, incident.subjects.join(","), incident.alerts.join(","));
     Ok((incident, why))
 }
@@ -175,7 +175,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let actor = Actor::of(&ctx);
     let segs = super::segments(req.uri().path(), "/admin/incidents");
     let method = req.method().clone();
-    let id = segs.first().cloned().unwrap_or_default();
+    let id = super::record_id(&method, &segs)?;
     let d = app.access.decide_admin(&ctx.principal, "incidents", ctx.now);
     let body = if method == Method::POST && req.headers().contains_key(header::CONTENT_TYPE) { Some(crate::read_json_body(app, req).await) } else { None };
     let interaction = interaction(&method, &segs, body.as_ref().and_then(|b| b.as_ref().ok()));
@@ -183,7 +183,7 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
         let refused = Err(ApiError::forbidden(format!("access denied ({})", d.reason())));
         return actor.audited(app, interaction, (RECORD, &id), refused).await;
     }
-    let result = route(app, &actor, &method, &segs, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
+    let result = route(app, &actor, &method, &segs, &id, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
     let (status, value) = actor.audited(app, interaction, (RECORD, &id), result).await?;
     Ok(Reply::json(status, value))
 }
@@ -208,7 +208,7 @@ fn strings(body: &Value, name: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
-async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
+async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], new_id: &str, body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
     let body = body.transpose()?.unwrap_or(Value::Null);
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let now = app.clock.now_ms();
@@ -229,7 +229,7 @@ async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], body:
             for a in &n.alerts {
                 crate::detect::api::check_id(a)?;
             }
-            let (incident, why) = open(app, actor, n).await?;
+            let (incident, why) = open(app, actor, new_id, n).await?;
             Ok((StatusCode::CREATED, to_json(&incident, now), why))
         }
         ("GET", [id]) => Ok((StatusCode::OK, to_json(&get(app, id).await?.0, now), format!("incident {id} read"))),

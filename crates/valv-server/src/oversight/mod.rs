@@ -98,6 +98,20 @@ impl Actor {
     }
 }
 
+/// A new record's id: made before the work so that its audit entry names it.
+pub fn new_record_id() -> Result<String, ApiError> {
+    Ok(valv_store::vault::new_id()?)
+}
+
+/// The record a request concerns: the first path segment, or a new id for a creating POST.
+fn record_id(method: &hyper::Method, segs: &[String]) -> Result<String, ApiError> {
+    match segs.first() {
+        Some(id) => Ok(id.clone()),
+        None if method == hyper::Method::POST => new_record_id(),
+        None => Ok(String::new()),
+    }
+}
+
 /// A record id as Valv makes them (and as a path segment must be).
 fn check_id(id: &str, what: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {

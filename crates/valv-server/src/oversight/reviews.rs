@@ -32,8 +32,8 @@ pub struct NewReview {
     pub seed: Option<u64>,
 }
 
-/// Draws and stores a new review.
-pub async fn create(app: &App, actor: &Actor, r: NewReview) -> Result<(Review, String), ApiError> {
+/// Draws and stores review `id` (a new id: [`super::new_record_id`]).
+pub async fn create(app: &App, actor: &Actor, id: &str, r: NewReview) -> Result<(Review, String), ApiError> {
     let seed = match r.seed {
         Some(s) => s,
         None => u64::from_le_bytes(valv_store::vault::random_bytes::<8>()?),
@@ -49,9 +49,8 @@ pub async fn create(app: &App, actor: &Actor, r: NewReview) -> Result<(Review, S
     })
     .await?;
     let flagged = flagged(app, &population, scope.from).await?;
-    let id = valv_store::vault::new_id()?;
-    let review = review::draw(id.clone(), scope, &population, &flagged, actor.id.clone(), app.clock.now_ms())?;
-    save(app, KIND, &id, 1, &review).await?;
+    let review = review::draw(id.to_string(), scope, &population, &flagged, actor.id.clone(), app.clock.now_ms())?;
+    save(app, KIND, id, 1, &review).await?;
     let s = &review.scope;
     let drawn = review.items.iter().filter(|i| i.drawn).count();
     let why = format!(
@@ -159,14 +158,14 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let segs = super::segments(req.uri().path(), "/admin/reviews");
     let method = req.method().clone();
     let interaction = interaction(&method, &segs);
-    let id = segs.first().cloned().unwrap_or_default();
+    let id = super::record_id(&method, &segs)?;
     let d = app.access.decide_admin(&ctx.principal, "reviews", ctx.now);
     if !d.permit {
         let refused = Err(ApiError::forbidden(format!("access denied ({})", d.reason())));
         return actor.audited(app, interaction, (RECORD, &id), refused).await;
     }
     let body = if method == Method::POST && req.headers().contains_key(header::CONTENT_TYPE) { Some(crate::read_json_body(app, req).await) } else { None };
-    let result = act(app, &actor, &method, &segs, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
+    let result = act(app, &actor, &method, &segs, &id, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
     let (status, value) = actor.audited(app, interaction, (RECORD, &id), result).await?;
     Ok(Reply::json(status, value))
 }
@@ -180,7 +179,7 @@ fn interaction(method: &Method, segs: &[String]) -> &'static str {
     }
 }
 
-async fn act(app: &App, actor: &Actor, method: &Method, segs: &[String], body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
+async fn act(app: &App, actor: &Actor, method: &Method, segs: &[String], new_id: &str, body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
     let body = body.transpose()?.unwrap_or(Value::Null);
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     match (method.as_str(), segs.as_slice()) {
@@ -202,7 +201,7 @@ async fn act(app: &App, actor: &Actor, method: &Method, segs: &[String], body: O
                 size: usize::try_from(size).unwrap_or(usize::MAX),
                 seed,
             };
-            let (review, why) = create(app, actor, r).await?;
+            let (review, why) = create(app, actor, new_id, r).await?;
             Ok((StatusCode::CREATED, to_json(&review), why))
         }
         ("GET", [id]) => {
