@@ -97,6 +97,8 @@ pub enum IncidentAction {
         #[arg(long)]
         target: String,
     },
+    /// Lift the block of an address (taken from an incident).
+    Unblock { address: String },
 }
 
 fn pretty(v: &serde_json::Value) -> Result<String, String> {
@@ -196,6 +198,11 @@ async fn incident_act(app: &valv_server::App, actor: &Actor, action: IncidentAct
             let kind = valv_oversight::incident::ActionKind::parse(&action)?;
             let done = incidents::act(app, actor, &id, kind, &target).await;
             Ok(actor.audited(app, "incident-action", (I, &id), done.map(|(_, why)| (why.clone(), why))).await?)
+        }
+        IncidentAction::Unblock { address } => {
+            let ip = address.parse().map_err(|_| ApiError::bad_request(format!("'{address}' is not an IP address")))?;
+            let done = valv_server::oversight::blocks::lift(app, actor, ip).await;
+            Ok(actor.audited(app, "incident-action", (I, ""), done.map(|why| (why.clone(), why))).await?)
         }
     }
 }

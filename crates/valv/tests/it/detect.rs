@@ -14,12 +14,12 @@ async fn alerts(s: &Server) -> Vec<Value> {
     r.json["alerts"].as_array().cloned().unwrap_or_default()
 }
 
-fn count(list: &[Value], rule: &str) -> usize {
+pub(crate) fn count(list: &[Value], rule: &str) -> usize {
     list.iter().filter(|a| a["rule"] == rule).count()
 }
 
 /// The alerts once `done` holds for them (the engine reads the log a moment after the fact).
-async fn until(s: &Server, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+pub(crate) async fn until(s: &Server, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     for _ in 0..100 {
         let list = alerts(s).await;
         if done(&list) {
@@ -155,7 +155,7 @@ async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a
 }
 
 /// A CareTeam of `patient` with the unit as its member: the permission to look, not a reason.
-fn unit_team(patient: &str, unit: &str) -> Value {
+pub(crate) fn unit_team(patient: &str, unit: &str) -> Value {
     serde_json::json!({"resourceType": "CareTeam", "status": "active", "subject": {"reference": format!("Patient/{patient}")},
         "participant": [{"member": {"reference": format!("Organization/{unit}")}}]})
 }

@@ -29,6 +29,7 @@ mod identity;
 mod independent;
 mod keys;
 mod mtls;
+mod oversight;
 mod oidc;
 mod patch;
 mod results;
