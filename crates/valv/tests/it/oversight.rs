@@ -207,4 +207,17 @@ async fn an_incident_walks_from_alert_to_closed_and_its_containment_takes_effect
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(status, 200, "the block is lifted");
+
+    // The 72-hour clock: the second incident (never notified) is alerted at 48 hours and again
+    // once overdue; the first, notified in time, never.
+    s.set_clock(c.now + 49 * 3_600_000);
+    let list = until(s, |l| count(l, "incident-notification-due") == 1).await;
+    s.set_clock(c.now + 73 * 3_600_000);
+    let list2 = until(s, |l| count(l, "incident-notification-overdue") == 1).await;
+    for a in list.iter().chain(&list2).filter(|a| a["rule"].as_str().is_some_and(|r| r.starts_with("incident-"))) {
+        assert_eq!(a["subject"], format!("incident:{second}"), "{a}");
+    }
+    assert_eq!(count(&list2, "incident-notification-due"), 1, "warned once");
+    let shown = s.request("GET", &format!("/admin/incidents/{second}"), Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(shown.json["clock"]["overdue"], true, "{}", shown.text);
 }
