@@ -9,6 +9,7 @@
 //!   and when, the containment actions taken, the 72-hour notification clock, the affected
 //!   patients from the audit log, and the lessons learned it cannot close without.
 
+pub mod compliance;
 pub mod incident;
 pub mod review;
 

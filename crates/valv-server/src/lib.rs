@@ -97,6 +97,8 @@ pub struct App {
     pub files: fhir::binary::Files,
     /// Addresses an incident blocked: refused before routing.
     pub blocked: oversight::blocks::Blocked,
+    /// What the configuration says, for the compliance report.
+    pub deployment: valv_oversight::compliance::Deployment,
 }
 
 impl App {
@@ -430,6 +432,7 @@ async fn dispatch(app: &App, req: Request<Incoming>, rid: &str, peer: &Peer) -> 
         p if p == "/admin/erasures" || p.starts_with("/admin/erasures/") => ("admin_erasures", erasure::admin_route(app, req, rid, peer).await),
         p if p == "/admin/alerts" || p.starts_with("/admin/alerts/") => ("admin_alerts", detect::api::admin_route(app, req, rid, peer).await),
         p if p == "/admin/reviews" || p.starts_with("/admin/reviews/") => ("admin_reviews", oversight::reviews::admin_route(app, req, rid, peer).await),
+        "/admin/compliance" => ("admin_compliance", oversight::compliance::admin_route(app, req, rid, peer).await),
         p if p == "/admin/incidents" || p.starts_with("/admin/incidents/") => ("admin_incidents", oversight::incidents::admin_route(app, req, rid, peer).await),
         "/fhir/metadata" => ("fhir_metadata", only_get(&req).map(|()| capability(app))),
         p if p == "/fhir" || p.starts_with("/fhir/") => fhir_route(app, req, rid, peer).await,

@@ -161,6 +161,7 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
             cfg.files.max_uploads,
         ),
         blocked: Default::default(),
+        deployment: deployment(&cfg),
         erasure: valv_server::erasure::ErasureSettings::new(
             cfg.retention.years,
             std::iter::once(dir.to_path_buf()).chain(cfg.backup.dir.as_ref().map(|d| dir.join(d)).or_else(|| crate::backup::last_dir(dir))).collect(),
@@ -169,6 +170,24 @@ pub async fn open_for(dir: &Path, listen: Option<&str>, access: Access) -> Resul
     // Care teams, consents and grants are read once here; committed writes keep them current.
     app.access.load(&app.vault, now).await?;
     Ok(Opened { app: Arc::new(app), config: cfg, data_dir: dir.to_path_buf(), keys })
+}
+
+/// What the compliance report reads of the configuration.
+fn deployment(cfg: &Config) -> valv_oversight::compliance::Deployment {
+    valv_oversight::compliance::Deployment {
+        tls12_allowed: cfg.server.allow_tls12,
+        session_idle_minutes: cfg.auth.session_idle_minutes,
+        session_absolute_hours: cfg.auth.session_absolute_hours,
+        lockout_threshold: cfg.auth.lockout_threshold,
+        lockout_minutes: cfg.auth.lockout_minutes,
+        mfa_for_all_roles: cfg.auth.mfa_for_all_roles,
+        sso_providers: cfg.oidc.providers.len(),
+        key_provider: cfg.keys.provider.split(':').next().unwrap_or_default().to_string(),
+        detection: cfg.detect.enabled,
+        siem: cfg.siem.address.is_some(),
+        backup_schedule: cfg.backup.every_secs > 0,
+        retention_years: cfg.retention.years,
+    }
 }
 
 /// The store the configuration names: the embedded SQLite file, or PostgreSQL.

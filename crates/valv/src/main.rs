@@ -95,6 +95,13 @@ enum Command {
         #[command(subcommand)]
         action: oversight::IncidentAction,
     },
+    /// Report each HIPAA, GDPR and HSLF-FS control's state in this deployment, with evidence;
+    /// exits non-zero when a control fails (docs/COMPLIANCE.md).
+    Compliance {
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
     /// Check access policies, or explain one decision.
     Policy {
         #[command(subcommand)]
@@ -475,6 +482,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Audit { action } => audit(&dir, action).await,
         Command::Alerts { limit, json } => alerts::list(&dir, limit, json).await,
+        Command::Compliance { format } => oversight::compliance(&dir, &format).await,
         Command::Review { action } => oversight::review(&dir, action).await,
         Command::Incident { action } => oversight::incident(&dir, action).await,
         Command::User { action } => user(&dir, action).await,
@@ -698,7 +706,15 @@ async fn audit(dir: &std::path::Path, action: AuditAction) -> Result<(), String>
                 if report.problems.is_empty() { "the log verifies".to_string() } else { format!("{} problem(s)", report.problems.len()) }
             );
             println!("{summary}");
-            if report.problems.is_empty() { Ok(()) } else { Err("the audit log does not verify".into()) }
+            // The compliance report reads the last full verification from the log itself.
+            let now = valv_server::now_ms();
+            if report.problems.is_empty() {
+                valv_server::people::api::audit_local(&opened.app, "audit-verify", None, format!("full verification: {summary}"), now).await.map_err(|e| e.diagnostics)?;
+                Ok(())
+            } else {
+                valv_server::people::api::audit_local_failure(&opened.app, "audit-verify", format!("full verification: {summary}"), now).await.map_err(|e| e.diagnostics)?;
+                Err("the audit log does not verify".into())
+            }
         }
         AuditAction::ReAnchor { checkpoint } => {
             let note = std::fs::read_to_string(&checkpoint).map_err(|e| format!("{}: {e}", checkpoint.display()))?;

@@ -101,6 +101,30 @@ pub enum IncidentAction {
     Unblock { address: String },
 }
 
+/// `valv compliance`: the report, and an error (exit code 1) when a control fails.
+pub async fn compliance(dir: &Path, format: &str) -> Result<(), String> {
+    if format != "text" && format != "json" {
+        return Err(format!("--format is text or json, not '{format}'"));
+    }
+    let opened = datadir::open_existing(dir, valv_store::sqlite::Access::Serve).await?;
+    let app = &opened.app;
+    let actor = Actor::console().map_err(|e| e.diagnostics)?;
+    let found = valv_server::oversight::compliance::report(app).await.map(|r| {
+        let why = format!("compliance report at the console: {} passed, {} failed", r.passed, r.failed);
+        (r, why)
+    });
+    let report = actor.audited(app, "compliance-read", ("", ""), found).await.map_err(|e| e.diagnostics)?;
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    } else {
+        println!("{}", valv_server::oversight::compliance::to_text(&report));
+    }
+    if report.failed > 0 {
+        return Err(format!("{} controls fail", report.failed));
+    }
+    Ok(())
+}
+
 fn pretty(v: &serde_json::Value) -> Result<String, String> {
     serde_json::to_string_pretty(v).map_err(|e| e.to_string())
 }

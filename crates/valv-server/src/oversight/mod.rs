@@ -8,6 +8,7 @@
 //! `valv incident`) call the same functions with an [`Actor`].
 
 pub mod blocks;
+pub mod compliance;
 pub mod incidents;
 pub mod reviews;
 

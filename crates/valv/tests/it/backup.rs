@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use valv_crypto::{Aad, KeyProvider, LocalKeyProvider, WrappedKey};
 
 /// An age identity file and its recipient.
-fn identity(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn identity(dir: &Path, name: &str) -> (PathBuf, String) {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).expect("random");
     let id = valv_age::Identity::from_bytes(secret);

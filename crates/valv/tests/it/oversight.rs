@@ -221,3 +221,50 @@ async fn an_incident_walks_from_alert_to_closed_and_its_containment_takes_effect
     let shown = s.request("GET", &format!("/admin/incidents/{second}"), Some(&s.auditor_key), None, &[]).await;
     assert_eq!(shown.json["clock"]["overdue"], true, "{}", shown.text);
 }
+
+/// `valv compliance`: (exit success, stdout).
+fn compliance(s: &Server) -> (bool, String) {
+    let out = crate::harness::valv().arg("--data-dir").arg(&s.data).arg("compliance").output().expect("run valv");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+fn line<'a>(report: &'a str, control: &str) -> &'a str {
+    report.lines().find(|l| l.contains(control)).unwrap_or_else(|| panic!("no line for {control} in {report}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compliance_fails_honestly_on_a_fresh_deployment_and_passes_once_the_duties_are_done() {
+    let s = Server::start("compliance");
+    // A fresh deployment: no backup, no drill, no full verification, no review.
+    let (ok, report) = compliance(&s);
+    assert!(!ok, "failing controls exit non-zero: {report}");
+    for control in ["HIPAA 164.308(a)(7)", "HSLF-FS 2016:40 4 kap. 9 §", "HIPAA 164.308(a)(1)(ii)(D)", "HIPAA 164.312(b)"] {
+        assert!(line(&report, control).starts_with("FAIL"), "{control}: {report}");
+    }
+    assert!(line(&report, "HIPAA 164.308(a)(7)").contains("no backup found"), "{report}");
+    assert!(line(&report, "4 kap. 9").contains("no systematic review done"), "{report}");
+    assert!(line(&report, "HIPAA 164.310").starts_with("OPERATOR"), "physical security is the operator's: {report}");
+    let api = s.request("GET", "/admin/compliance", Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(api.status, 200, "{}", api.text);
+    assert!(api.json["failed"].as_u64().is_some_and(|n| n >= 4), "{}", api.text);
+
+    // The operator does the duties: a backup and its drill, a full verification, a review.
+    let (id_file, recipient) = crate::backup::identity(&s.dir, "id.txt");
+    let file = s.dir.join("weekly.age");
+    let path = |p: &std::path::Path| p.to_str().expect("path").to_string();
+    run_ok(&s, &["backup", "--out", &path(&file), "--recipient", &recipient]);
+    run_ok(&s, &["backup", "verify", &path(&file), "--identity", &path(&id_file)]);
+    run_ok(&s, &["audit", "verify"]);
+    let day = |ms: i64| valv_fhir::date::format_instant(ms);
+    let now = crate::access::now_ms();
+    let id = run_ok(&s, &["review", "sample", "--unit", "ward-1", "--from", &day(now - 30 * 86_400_000), "--to", &day(now + 60_000), "--size", "5"]);
+    let id = id.split_whitespace().nth(1).expect("review id").to_string();
+    run_ok(&s, &["review", "finish", &id]);
+    let (ok, report) = compliance(&s);
+    assert!(ok, "every control Valv can know passes: {report}");
+    assert!(line(&report, "HIPAA 164.308(a)(7)").starts_with("PASS") && line(&report, "4 kap. 9").starts_with("PASS"), "{report}");
+    let api = s.request("GET", "/admin/compliance", Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(api.json["failed"], 0, "{}", api.text);
+    let refused = s.request("GET", "/admin/compliance", Some(&s.data_key), None, &[]).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+}
