@@ -69,7 +69,7 @@ pub struct Facts {
     pub searched: (u64, Option<i64>),
     /// Break-glass grants not yet reviewed: their creation times.
     pub break_glass_pending: Vec<i64>,
-    /// Finished reviews' finishing times; reviews still open.
+    /// Finished reviews that had items: their finishing times; reviews still open.
     pub reviews_finished: Vec<i64>,
     pub reviews_open: usize,
     /// Incidents not closed: id, opened, when the notify stage was entered.

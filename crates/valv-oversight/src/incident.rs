@@ -15,6 +15,8 @@ use std::net::IpAddr;
 use valv_detect::Entry;
 
 pub use valv_detect::deadline::NOTIFY_WITHIN_MS;
+/// The affected period starts at most this long before the opening (bounds the log read).
+pub const MAX_WINDOW_MS: i64 = 400 * 86_400_000;
 /// Most subjects (accounts, keys, addresses) one incident names.
 pub const MAX_SUBJECTS: usize = 100;
 pub const SEVERITIES: &[&str] = &["low", "medium", "high"];
@@ -218,6 +220,9 @@ impl Incident {
         if o.window_from > at {
             return Err(Error::Invalid("the affected period cannot start after the opening".into()));
         }
+        if at - o.window_from > MAX_WINDOW_MS {
+            return Err(Error::Invalid("the affected period starts at most 400 days before the opening".into()));
+        }
         let step = Step { stage: Stage::Detect, by: by.to_string(), at, note: note(&o.note, "opening an incident")? };
         Ok(Incident {
             id,
@@ -320,7 +325,7 @@ impl Affected {
                     a.agents.insert(id.clone());
                 }
                 Subject::Address(ip) => {
-                    a.addresses.insert(*ip);
+                    a.addresses.insert(ip.to_canonical());
                 }
             }
         }
@@ -332,7 +337,7 @@ impl Affected {
         if e.outcome != "success" || e.time < self.from || e.time >= self.to {
             return;
         }
-        let by_subject = self.agents.contains(&e.agent_id) || e.source_address.parse::<IpAddr>().is_ok_and(|ip| self.addresses.contains(&ip));
+        let by_subject = self.agents.contains(&e.agent_id) || e.source_address.parse::<IpAddr>().is_ok_and(|ip| self.addresses.contains(&ip.to_canonical()));
         if by_subject && !patient.is_empty() {
             self.patients.insert(patient.clone());
         }

@@ -14,6 +14,10 @@ pub const VERDICTS: &[&str] = &["justified", "not-justified", "needs-follow-up"]
 
 /// Most items drawn at random in one review (flagged accesses come on top).
 pub const MAX_SIZE: usize = 10_000;
+/// Longest period one review covers (a quarter): bounds the log read for it.
+pub const MAX_PERIOD_MS: i64 = 92 * 86_400_000;
+/// Most accesses in scope held while drawing; a larger population needs a shorter period.
+pub const MAX_POPULATION: usize = 2_000_000;
 
 /// One patient access in scope: the audit entry it is, and ids only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +112,9 @@ pub fn check_scope(scope: &Scope) -> Result<(), Error> {
     if scope.from >= scope.to {
         return Err(Error::Invalid("the period must end after it starts".into()));
     }
+    if scope.to - scope.from > MAX_PERIOD_MS {
+        return Err(Error::Invalid("a review covers at most 92 days; draw one per period".into()));
+    }
     if scope.size == 0 || scope.size > MAX_SIZE {
         return Err(Error::Invalid(format!("the sample size must be 1 to {MAX_SIZE}")));
     }
@@ -171,6 +178,9 @@ impl Review {
         }
         let note = if verdict == "justified" && text.trim().is_empty() { String::new() } else { note(text, &format!("the outcome '{verdict}'"))? };
         let item = self.items.iter_mut().find(|i| i.access.index == index).ok_or_else(|| Error::Invalid(format!("audit entry {index} is not an item of review {}", self.id)))?;
+        if item.access.agent == by {
+            return Err(Error::State(format!("audit entry {index} is your own access: another auditor judges it")));
+        }
         item.outcome = Some(Outcome { verdict: verdict.to_string(), note, by: by.to_string(), at });
         Ok(())
     }
@@ -237,6 +247,7 @@ mod tests {
         assert!(matches!(r.record(idx[0], "fine", "", "aud", 2), Err(Error::Invalid(_))));
         assert!(matches!(r.record(idx[0], "not-justified", "  ", "aud", 2), Err(Error::Invalid(_))), "a finding needs a note");
         assert!(matches!(r.record(999, "justified", "", "aud", 2), Err(Error::Invalid(_))));
+        assert!(matches!(r.record(idx[0], "justified", "", &r.items[0].access.agent.clone(), 2), Err(Error::State(_))), "not one's own access");
         r.record(idx[0], "justified", "", "aud", 2).expect("record");
         r.record(idx[1], "not-justified", "no care relation", "aud", 2).expect("record");
         assert!(matches!(r.finish("aud", 3), Err(Error::State(_))));
@@ -252,6 +263,7 @@ mod tests {
         assert!(check_scope(&scope(MAX_SIZE + 1, 1)).is_err());
         assert!(check_scope(&Scope { unit: "../x".into(), ..scope(1, 1) }).is_err());
         assert!(check_scope(&Scope { from: 5, to: 5, ..scope(1, 1) }).is_err());
+        assert!(check_scope(&Scope { from: 0, to: MAX_PERIOD_MS + 1, ..scope(1, 1) }).is_err());
     }
 
     proptest! {

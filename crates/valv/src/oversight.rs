@@ -206,10 +206,7 @@ async fn incident_act(app: &valv_server::App, actor: &Actor, action: IncidentAct
             pretty(&incidents::to_json(&incident, now)).map_err(ApiError::internal)
         }
         IncidentAction::Patients { id } => {
-            let found = match incidents::get(app, &id).await {
-                Ok((i, _)) => incidents::affected(app, &i).await,
-                Err(e) => Err(e),
-            };
+            let found = incidents::list_patients(app, actor, &id).await;
             let patients = actor.audited(app, "incident-read", (I, &id), found.map(|p| { let n = p.len(); (p, format!("incident {id}: {n} affected patients listed at the console")) })).await?;
             Ok(patients.into_iter().collect::<Vec<_>>().join("\n"))
         }

@@ -65,8 +65,13 @@ pub async fn drill(req: &Request<'_>, live: &Path) -> Result<String, String> {
         Err(e) => ("FAILED", e.clone()),
     };
     let reason = format!("restore drill of {} {outcome}: {text}", req.file.display());
-    valv_server::people::api::audit_local(&opened.app, "restore-drill", None, reason.clone(), valv_server::now_ms())
-        .await
+    // A failed drill is recorded as one (outcome error): the compliance report counts only passed drills.
+    let recorded = if result.is_ok() {
+        valv_server::people::api::audit_local(&opened.app, "restore-drill", None, reason.clone(), valv_server::now_ms()).await
+    } else {
+        valv_server::people::api::audit_local_failure(&opened.app, "restore-drill", reason.clone(), valv_server::now_ms()).await
+    };
+    recorded
         .map_err(|e| format!("{reason} — but its audit entry failed: {}", e.diagnostics))?;
     result.map(|r| format!("drill passed (recorded in the audit log of {}): {}", live.display(), r.summary))
 }

@@ -51,10 +51,7 @@ impl Blocked {
 
 /// An IPv4 address reached over IPv6 (`::ffff:a.b.c.d`) is that IPv4 address.
 fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
+    ip.to_canonical()
 }
 
 fn id_of(ip: IpAddr) -> String {
@@ -91,7 +88,10 @@ pub async fn block(app: &App, actor: &Actor, ip: IpAddr, incident: &str) -> Resu
         Some((b, _)) if b.lifted.is_none() => Ok(format!("address {ip} was blocked already (incident {})", b.incident)),
         Some((_, version)) => save(app, KIND, &id, version + 1, &fresh).await.map(|()| format!("address {ip} blocked again")),
     };
-    refresh(app).await?;
+    // Saved: the block holds on every server within REFRESH whether or not this read succeeds.
+    if let Err(e) = refresh(app).await {
+        tracing::warn!(error = %e.diagnostics, "could not reread the blocked addresses after blocking one");
+    }
     result
 }
 

@@ -56,6 +56,7 @@ pub async fn open(app: &App, actor: &Actor, id: &str, n: NewIncident) -> Result<
     let window_from = n.from.or(earliest).ok_or_else(|| ApiError::bad_request("give 'from' (when the incident began) or the alerts it comes from"))?;
     let o = Opening { title: n.title, severity: n.severity, alerts: n.alerts, subjects, window_from, note: n.note };
     let incident = Incident::open(id.to_string(), o, &actor.id, now)?;
+    refuse_subject(actor, &incident.subjects)?;
     save(app, KIND, id, 1, &incident).await?;
     let why = format!("incident {id} opened ({}; subjects {}; alerts {})", incident.severity, incident.subjects.join(","), incident.alerts.join(","));
     Ok((incident, why))
@@ -73,6 +74,21 @@ pub async fn get(app: &App, id: &str) -> Result<(Incident, u64), ApiError> {
     load(app, KIND, id).await?.ok_or_else(|| ApiError::not_found(format!("no incident {id}")))
 }
 
+/// The incident, unless the actor is one of its subjects: a suspect neither reads nor steers
+/// the incident about them.
+pub async fn get_as(app: &App, actor: &Actor, id: &str) -> Result<(Incident, u64), ApiError> {
+    let (incident, version) = get(app, id).await?;
+    refuse_subject(actor, &incident.subjects)?;
+    Ok((incident, version))
+}
+
+fn refuse_subject(actor: &Actor, subjects: &[String]) -> Result<(), ApiError> {
+    if subjects.iter().any(|s| *s == format!("account:{}", actor.id) || *s == format!("key:{}", actor.id)) {
+        return Err(ApiError::forbidden("you are a subject of this incident"));
+    }
+    Ok(())
+}
+
 pub async fn list(app: &App) -> Result<Vec<Incident>, ApiError> {
     load_all(app, KIND).await
 }
@@ -83,6 +99,14 @@ pub async fn affected(app: &App, incident: &Incident) -> Result<BTreeSet<String>
     let mut a = Affected::new(&incident.subjects(), incident.window_from, Some(to));
     scan(app, incident.window_from, to, &mut |e| a.observe(e)).await?;
     Ok(a.patients)
+}
+
+/// The affected patients, each disclosure audited with the patient named (interaction
+/// `incident-patients`), so each patient's access log shows who learned of it.
+pub async fn list_patients(app: &App, actor: &Actor, id: &str) -> Result<Vec<String>, ApiError> {
+    let patients: Vec<String> = affected(app, &get_as(app, actor, id).await?.0).await?.into_iter().collect();
+    actor.disclosed(app, "incident-patients", (RECORD, id), &patients, &format!("incident {id}: listed among the patients its subjects reached")).await?;
+    Ok(patients)
 }
 
 /// The audit interaction that records entering `stage`.
@@ -96,7 +120,7 @@ pub fn stage_interaction(stage: Stage) -> &'static str {
 
 /// Enters the next stage; at notify the affected patients are counted and recorded.
 pub async fn advance(app: &App, actor: &Actor, id: &str, stage: Stage, note: &str, lessons: Option<&str>) -> Result<(Incident, String), ApiError> {
-    let (mut incident, version) = get(app, id).await?;
+    let (mut incident, version) = get_as(app, actor, id).await?;
     let affected = if stage == Stage::Notify { Some(affected(app, &incident).await?.len() as u64) } else { None };
     incident.advance(stage, note, lessons, affected, &actor.id, app.clock.now_ms())?;
     save(app, KIND, id, version + 1, &incident).await?;
@@ -106,28 +130,39 @@ pub async fn advance(app: &App, actor: &Actor, id: &str, stage: Stage, note: &st
 
 /// Executes a containment action and records it in the incident.
 pub async fn act(app: &App, actor: &Actor, id: &str, action: ActionKind, target: &str) -> Result<(Incident, String), ApiError> {
-    let (incident, _) = get(app, id).await?;
+    let (incident, _) = get_as(app, actor, id).await?;
     let subject = incident.check_action(action, target)?;
+    let own_address = actor.source.parse::<std::net::IpAddr>().ok().map(|ip| Subject::Address(ip.to_canonical()));
+    if subject == Subject::Account(actor.id.clone()) || Some(&subject) == own_address.as_ref() {
+        return Err(ApiError::forbidden(format!("{} on {subject} would act on yourself", action.as_str())));
+    }
     let now = app.clock.now_ms();
     let result = match (&subject, action) {
         (Subject::Account(user_id), ActionKind::LockAccount | ActionKind::EndSessions) => {
             let user = app.identity.by_id(user_id).await?.ok_or_else(|| ApiError::not_found(format!("no account {user_id}")))?;
             use crate::people::identity::AdminChange;
-            if action == ActionKind::LockAccount {
-                app.identity.admin(&user.username, AdminChange::Disable, now, Some(&actor.id)).await?;
-            }
-            app.identity.admin(&user.username, AdminChange::RevokeSessions, now, Some(&actor.id)).await?;
+            // Disabling ends the sessions too (the identity store's rule for a narrowing change).
+            let change = if action == ActionKind::LockAccount { AdminChange::Disable } else { AdminChange::RevokeSessions };
+            app.identity.admin(&user.username, change, now, Some(&actor.id)).await?;
             if action == ActionKind::LockAccount { format!("account {user_id} disabled and its sessions ended") } else { format!("sessions of account {user_id} ended") }
         }
         (Subject::Key(key_id), ActionKind::RevokeKey) => revoke_key(app, key_id, now).await?,
         (Subject::Address(ip), ActionKind::BlockAddress) => super::blocks::block(app, actor, *ip, id).await?,
         _ => return Err(ApiError::bad_request(format!("{} does not apply to {target}", action.as_str()))),
     };
-    // Read again: the action may take a while, and another change must not be lost.
-    let (mut incident, version) = get(app, id).await?;
-    incident.record_action(action, &subject, result.clone(), &actor.id, now);
-    save(app, KIND, id, version + 1, &incident).await?;
-    Ok((incident, format!("incident {id}: {} {subject}: {result}", action.as_str())))
+    // The action is done: record it on the incident as it is now (read again, retried against
+    // concurrent changes; recorded even if the incident was closed meanwhile — it happened).
+    let why = format!("incident {id}: {} {subject}: {result}", action.as_str());
+    for _ in 0..5 {
+        let (mut incident, version) = get(app, id).await?;
+        incident.record_action(action, &subject, result.clone(), &actor.id, now);
+        match save(app, KIND, id, version + 1, &incident).await {
+            Ok(()) => return Ok((incident, why)),
+            Err(e) if e.status == StatusCode::CONFLICT => continue,
+            Err(e) => return Err(ApiError::new(e.status, e.code, format!("{why}; but recording it on the incident failed: {}", e.diagnostics))),
+        }
+    }
+    Err(ApiError::unavailable(format!("{why}; but the incident was busy and does not record it yet: take the action again to record it")))
 }
 
 async fn revoke_key(app: &App, key_id: &str, now: i64) -> Result<String, ApiError> {
@@ -177,13 +212,15 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let method = req.method().clone();
     let id = super::record_id(&method, &segs)?;
     let d = app.access.decide_admin(&ctx.principal, "incidents", ctx.now);
-    let body = if method == Method::POST && req.headers().contains_key(header::CONTENT_TYPE) { Some(crate::read_json_body(app, req).await) } else { None };
-    let interaction = interaction(&method, &segs, body.as_ref().and_then(|b| b.as_ref().ok()));
     if !d.permit {
         let refused = Err(ApiError::forbidden(format!("access denied ({})", d.reason())));
-        return actor.audited(app, interaction, (RECORD, &id), refused).await;
+        return actor.audited(app, interaction(&method, &segs, None), (RECORD, &id), refused).await;
     }
-    let result = route(app, &actor, &method, &segs, &id, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
+    let body = if method == Method::POST && req.headers().contains_key(header::CONTENT_TYPE) { Some(crate::read_json_body(app, req).await) } else { None };
+    let interaction = interaction(&method, &segs, body.as_ref().and_then(|b| b.as_ref().ok()));
+    // Who an account reached is audit-log content: auditors only (policy `incident-patients`).
+    let may_list = app.access.decide_admin(&ctx.principal, "incident-patients", ctx.now).permit;
+    let result = route(app, &actor, &method, &segs, &id, may_list, body).await.map(|(status, value, why)| ((status, value), format!("{}; {why}", d.reason())));
     let (status, value) = actor.audited(app, interaction, (RECORD, &id), result).await?;
     Ok(Reply::json(status, value))
 }
@@ -208,7 +245,8 @@ fn strings(body: &Value, name: &str) -> Result<Vec<String>, ApiError> {
     }
 }
 
-async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], new_id: &str, body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
+#[allow(clippy::too_many_arguments)]
+async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], new_id: &str, may_list: bool, body: Option<Result<Value, ApiError>>) -> Result<(StatusCode, Value, String), ApiError> {
     let body = body.transpose()?.unwrap_or(Value::Null);
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let now = app.clock.now_ms();
@@ -232,9 +270,12 @@ async fn route(app: &App, actor: &Actor, method: &Method, segs: &[String], new_i
             let (incident, why) = open(app, actor, new_id, n).await?;
             Ok((StatusCode::CREATED, to_json(&incident, now), why))
         }
-        ("GET", [id]) => Ok((StatusCode::OK, to_json(&get(app, id).await?.0, now), format!("incident {id} read"))),
+        ("GET", [id]) => Ok((StatusCode::OK, to_json(&get_as(app, actor, id).await?.0, now), format!("incident {id} read"))),
         ("GET", [id, "patients"]) => {
-            let patients = affected(app, &get(app, id).await?.0).await?;
+            if !may_list {
+                return Err(ApiError::forbidden("only auditors list the patients an incident reached (policy incident-patients)"));
+            }
+            let patients = list_patients(app, actor, id).await?;
             let n = patients.len();
             Ok((StatusCode::OK, json!({"incident": id, "patients": patients}), format!("incident {id}: {n} affected patients listed")))
         }

@@ -80,6 +80,22 @@ impl Actor {
         })
     }
 
+    /// Audits that `patients` were disclosed to this actor (one entry each, naming the patient,
+    /// so each patient's `$access-log` shows it).
+    pub async fn disclosed(&self, app: &App, interaction: &'static str, record: (&str, &str), patients: &[String], reason: &str) -> Result<(), ApiError> {
+        let now = app.clock.now_ms();
+        let mut events = Vec::with_capacity(patients.len());
+        for p in patients {
+            let mut e = self.event(now, interaction, Outcome::Success, 200, record, reason)?;
+            e.patient = Some(p.clone());
+            events.push(e);
+        }
+        if events.is_empty() {
+            return Ok(());
+        }
+        crate::request::audit(app, events).await
+    }
+
     /// Audits the outcome of one piece of work (`record`: the kind and id it concerns, when
     /// known) and passes it on; a failure is marked recorded.
     pub async fn audited<T>(&self, app: &App, interaction: &'static str, record: (&str, &str), result: Result<(T, String), ApiError>) -> Result<T, ApiError> {
@@ -107,7 +123,7 @@ pub fn new_record_id() -> Result<String, ApiError> {
 /// The record a request concerns: the first path segment, or a new id for a creating POST.
 fn record_id(method: &hyper::Method, segs: &[String]) -> Result<String, ApiError> {
     match segs.first() {
-        Some(id) => Ok(id.clone()),
+        Some(id) => check_id(id, "a record").map(|()| id.clone()),
         None if method == hyper::Method::POST => new_record_id(),
         None => Ok(String::new()),
     }
@@ -212,7 +228,7 @@ impl From<valv_oversight::Error> for ApiError {
 
 /// The path segments after `prefix`.
 fn segments(path: &str, prefix: &str) -> Vec<String> {
-    path.trim_start_matches(prefix).split('/').filter(|s| !s.is_empty()).map(str::to_string).collect()
+    path.strip_prefix(prefix).unwrap_or(path).split('/').filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
 /// A body's string field, when present.

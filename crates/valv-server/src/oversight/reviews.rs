@@ -40,14 +40,25 @@ pub async fn create(app: &App, actor: &Actor, id: &str, r: NewReview) -> Result<
     };
     let scope = Scope { unit: r.unit, from: r.from, to: r.to, size: r.size, seed };
     review::check_scope(&scope)?;
+    if scope.to > app.clock.now_ms() {
+        return Err(ApiError::bad_request("a review covers a period that has ended ('to' is not in the future): its sample could not be drawn again"));
+    }
     let members: HashSet<String> = app.identity.list().await?.into_iter().filter(|u| u.units.contains(&scope.unit)).map(|u| u.id).collect();
     let mut population = Vec::new();
+    let mut too_many = false;
     scan(app, scope.from, scope.to, &mut |e| {
         if e.time >= scope.from && e.time < scope.to && e.is_patient_access() && members.contains(&e.agent_id) {
+            if population.len() >= review::MAX_POPULATION {
+                too_many = true;
+                return;
+            }
             population.push(review::Access { index: e.index, time: e.time, agent: e.agent_id.clone(), patient: e.patient.clone().unwrap_or_default(), interaction: e.interaction.clone() });
         }
     })
     .await?;
+    if too_many {
+        return Err(ApiError::bad_request(format!("the unit made over {} accesses in the period: review a shorter one", review::MAX_POPULATION)));
+    }
     let flagged = flagged(app, &population, scope.from).await?;
     let review = review::draw(id.to_string(), scope, &population, &flagged, actor.id.clone(), app.clock.now_ms())?;
     save(app, KIND, id, 1, &review).await?;

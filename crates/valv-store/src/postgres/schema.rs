@@ -360,6 +360,10 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
         sealed BYTEA NOT NULL,
         PRIMARY KEY (kind, id)
     );
+    CREATE TRIGGER cases_no_delete BEFORE DELETE ON cases
+        FOR EACH ROW EXECUTE FUNCTION valv_audit_append_only();
+    CREATE TRIGGER cases_no_truncate BEFORE TRUNCATE ON cases
+        FOR EACH STATEMENT EXECUTE FUNCTION valv_audit_append_only();
     "#,
     ),
 ];

@@ -25,8 +25,9 @@ struct Scene {
     now: i64,
 }
 
-async fn scene(tag: &str, reads: usize) -> Scene {
-    let s = Server::start_configured(tag, &[], &format!("{LONG_SESSIONS}[detect]\nexplain_delay_minutes = 0\n"));
+/// `sessions`: the `[auth]` settings (LONG_SESSIONS where the test moves the clock by hours).
+async fn scene(tag: &str, reads: usize, sessions: &str) -> Scene {
+    let s = Server::start_configured(tag, &[], &format!("{sessions}[detect]\nexplain_delay_minutes = 0\n"));
     let mut now = crate::access::now_ms();
     s.set_clock(now);
     let id = |v: Value| v["id"].as_str().expect("id").to_string();
@@ -70,10 +71,14 @@ fn items(review: &Value) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_draws_a_reproducible_sample_with_every_flagged_access_and_finishes_with_evidence() {
-    let c = scene("review", 8).await;
+    let c = scene("review", 8, LONG_SESSIONS).await;
     let s = &c.s;
     let day = |ms: i64| valv_fhir::date::format_instant(ms);
-    let body = json!({"unit": c.ward, "from": day(c.now - 86_400_000), "to": day(c.now + 3_600_000), "size": 3, "seed": 42});
+    // A review covers a period that has ended.
+    let future = json!({"unit": c.ward, "from": day(c.now - 86_400_000), "to": day(c.now + 3_600_000), "size": 3});
+    assert_eq!(s.request("POST", "/admin/reviews", Some(&s.auditor_key), Some(&future), &[]).await.status, 400);
+    s.set_clock(c.now + 60_000);
+    let body = json!({"unit": c.ward, "from": day(c.now - 86_400_000), "to": day(c.now + 60_000), "size": 3, "seed": 42});
     let first = s.request("POST", "/admin/reviews", Some(&s.auditor_key), Some(&body), &[]).await;
     assert_eq!(first.status, 201, "{}", first.text);
     let review = &first.json["review"];
@@ -87,7 +92,7 @@ async fn a_review_draws_a_reproducible_sample_with_every_flagged_access_and_fini
     // The same seed draws the same sample, over the API and at the console; another seed need not.
     let again = s.request("POST", "/admin/reviews", Some(&s.auditor_key), Some(&body), &[]).await;
     assert_eq!(items(&again.json), items(&first.json));
-    let console = run_ok(s, &["review", "sample", "--unit", &c.ward, "--from", &day(c.now - 86_400_000), "--to", &day(c.now + 3_600_000), "--size", "3", "--seed", "42"]);
+    let console = run_ok(s, &["review", "sample", "--unit", &c.ward, "--from", &day(c.now - 86_400_000), "--to", &day(c.now + 60_000), "--size", "3", "--seed", "42"]);
     let console_id = console.split_whitespace().nth(1).expect("review id").to_string();
     let shown: Value = serde_json::from_str(&run_ok(s, &["review", "show", &console_id])).expect("json");
     assert_eq!(items(&shown), items(&first.json));
@@ -129,7 +134,7 @@ async fn a_review_draws_a_reproducible_sample_with_every_flagged_access_and_fini
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incident_walks_from_alert_to_closed_and_its_containment_takes_effect() {
-    let c = scene("incident", 3).await;
+    let c = scene("incident", 3, LONG_SESSIONS).await;
     let s = &c.s;
     let opened = s.request("POST", "/admin/incidents", Some(&s.auditor_key), Some(&json!({"title": "Reads of a relative's record", "severity": "high", "note": "from the snooping alert", "alerts": [c.alert["id"]]})), &[]).await;
     assert_eq!(opened.status, 201, "{}", opened.text);
@@ -159,6 +164,11 @@ async fn an_incident_walks_from_alert_to_closed_and_its_containment_takes_effect
     assert_eq!(got, want);
     let api = s.request("GET", &format!("/admin/incidents/{id}/patients"), Some(&s.auditor_key), None, &[]).await;
     assert_eq!(api.json["patients"].as_array().map(Vec::len), Some(c.read.len()), "{}", api.text);
+    let admin = s.request("GET", &format!("/admin/incidents/{id}/patients"), Some(&s.admin_key), None, &[]).await;
+    assert_eq!(admin.status, 403, "who an account reached is for auditors: {}", admin.text);
+    // Each disclosure names its patient (so the patient's access log shows it).
+    let disclosed = audit_entries(s).into_iter().filter(|e| e["interaction"] == "incident-patients" && e.to_string().contains(&c.relative)).count();
+    assert_eq!(disclosed, 2, "listed twice (console, API), one entry each time");
 
     // Stages in order, through the CLI and the API; none skipped, closing needs lessons.
     assert!(run_refused(&s.data, &["incident", "stage", &id, "--to", "recover", "--note", "skipping"]).contains("next stage is contain"));
@@ -222,9 +232,9 @@ async fn an_incident_walks_from_alert_to_closed_and_its_containment_takes_effect
     assert_eq!(shown.json["clock"]["overdue"], true, "{}", shown.text);
 }
 
-/// `valv compliance`: (exit success, stdout).
+/// `valv compliance` on the server's clock: (exit success, stdout).
 fn compliance(s: &Server) -> (bool, String) {
-    let out = crate::harness::valv().arg("--data-dir").arg(&s.data).arg("compliance").output().expect("run valv");
+    let out = crate::harness::valv().arg("--data-dir").arg(&s.data).arg("compliance").env("VALV_TEST_CLOCK_FILE", s.clock_file()).output().expect("run valv");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
 }
 
@@ -234,9 +244,10 @@ fn line<'a>(report: &'a str, control: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compliance_fails_honestly_on_a_fresh_deployment_and_passes_once_the_duties_are_done() {
-    let s = Server::start("compliance");
-    // A fresh deployment: no backup, no drill, no full verification, no review.
-    let (ok, report) = compliance(&s);
+    let c = scene("compliance", 1, "").await;
+    let s = &c.s;
+    // A deployment that has not done its duties: no backup, no drill, no full verification, no review.
+    let (ok, report) = compliance(s);
     assert!(!ok, "failing controls exit non-zero: {report}");
     for control in ["HIPAA 164.308(a)(7)", "HSLF-FS 2016:40 4 kap. 9 §", "HIPAA 164.308(a)(1)(ii)(D)", "HIPAA 164.312(b)"] {
         assert!(line(&report, control).starts_with("FAIL"), "{control}: {report}");
@@ -252,15 +263,23 @@ async fn compliance_fails_honestly_on_a_fresh_deployment_and_passes_once_the_dut
     let (id_file, recipient) = crate::backup::identity(&s.dir, "id.txt");
     let file = s.dir.join("weekly.age");
     let path = |p: &std::path::Path| p.to_str().expect("path").to_string();
-    run_ok(&s, &["backup", "--out", &path(&file), "--recipient", &recipient]);
-    run_ok(&s, &["backup", "verify", &path(&file), "--identity", &path(&id_file)]);
-    run_ok(&s, &["audit", "verify"]);
+    run_ok(s, &["backup", "--out", &path(&file), "--recipient", &recipient]);
+    run_ok(s, &["backup", "verify", &path(&file), "--identity", &path(&id_file)]);
+    run_ok(s, &["audit", "verify"]);
     let day = |ms: i64| valv_fhir::date::format_instant(ms);
-    let now = crate::access::now_ms();
-    let id = run_ok(&s, &["review", "sample", "--unit", "ward-1", "--from", &day(now - 30 * 86_400_000), "--to", &day(now + 60_000), "--size", "5"]);
+    s.set_clock(c.now + 60_000);
+    // A review of a unit with nobody's accesses documents nothing: it does not count.
+    let empty = run_ok(s, &["review", "sample", "--unit", "ward-none", "--from", &day(c.now - 86_400_000), "--to", &day(c.now + 60_000), "--size", "5"]);
+    run_ok(s, &["review", "finish", empty.split_whitespace().nth(1).expect("review id")]);
+    assert!(line(&compliance(s).1, "4 kap. 9").starts_with("FAIL"));
+    let id = run_ok(s, &["review", "sample", "--unit", &c.ward, "--from", &day(c.now - 86_400_000), "--to", &day(c.now + 60_000), "--size", "5"]);
     let id = id.split_whitespace().nth(1).expect("review id").to_string();
-    run_ok(&s, &["review", "finish", &id]);
-    let (ok, report) = compliance(&s);
+    let shown: Value = serde_json::from_str(&run_ok(s, &["review", "show", &id])).expect("json");
+    for index in items(&shown) {
+        run_ok(s, &["review", "record", &id, "--entry", &index.to_string(), "--verdict", "not-justified", "--note", "a relative's record"]);
+    }
+    run_ok(s, &["review", "finish", &id]);
+    let (ok, report) = compliance(s);
     assert!(ok, "every control Valv can know passes: {report}");
     assert!(line(&report, "HIPAA 164.308(a)(7)").starts_with("PASS") && line(&report, "4 kap. 9").starts_with("PASS"), "{report}");
     let api = s.request("GET", "/admin/compliance", Some(&s.auditor_key), None, &[]).await;
