@@ -210,7 +210,11 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let actor = Actor::of(&ctx);
     let segs = super::segments(req.uri().path(), "/admin/incidents");
     let method = req.method().clone();
-    let id = super::record_id(&method, &segs)?;
+    // A malformed id is refused like any other request of a known caller: audited.
+    let id = match super::record_id(&method, &segs) {
+        Ok(id) => id,
+        Err(e) => return actor.audited(app, interaction(&method, &segs, None), (RECORD, ""), Err(e)).await,
+    };
     let d = app.access.decide_admin(&ctx.principal, "incidents", ctx.now);
     if !d.permit {
         let refused = Err(ApiError::forbidden(format!("access denied ({})", d.reason())));

@@ -169,7 +169,11 @@ pub async fn admin_route(app: &App, req: Request<Incoming>, rid: &str, peer: &Pe
     let segs = super::segments(req.uri().path(), "/admin/reviews");
     let method = req.method().clone();
     let interaction = interaction(&method, &segs);
-    let id = super::record_id(&method, &segs)?;
+    // A malformed id is refused like any other request of a known caller: audited.
+    let id = match super::record_id(&method, &segs) {
+        Ok(id) => id,
+        Err(e) => return actor.audited(app, interaction, (RECORD, ""), Err(e)).await,
+    };
     let d = app.access.decide_admin(&ctx.principal, "reviews", ctx.now);
     if !d.permit {
         let refused = Err(ApiError::forbidden(format!("access denied ({})", d.reason())));

@@ -96,6 +96,10 @@ async fn a_review_draws_a_reproducible_sample_with_every_flagged_access_and_fini
     let console_id = console.split_whitespace().nth(1).expect("review id").to_string();
     let shown: Value = serde_json::from_str(&run_ok(s, &["review", "show", &console_id])).expect("json");
     assert_eq!(items(&shown), items(&first.json));
+    // A malformed id: 400, and audited like every request of a known caller.
+    let malformed = s.request("GET", "/admin/reviews/not_an*id", Some(&s.auditor_key), None, &[]).await;
+    assert_eq!(malformed.status, 400, "{}", malformed.text);
+    assert!(audit_entries(s).iter().any(|e| e["interaction"] == "review-read" && e.to_string().contains("not_an*id")), "the refusal is audited");
     // Only auditors review: anna may not, nor see them.
     assert_eq!(s.request("GET", "/admin/reviews", Some(&c.token), None, &[]).await.status, 403);
     // Bad input changes nothing.
