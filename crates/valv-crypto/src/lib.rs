@@ -8,6 +8,7 @@
 //! - [`blind`]: blind-index tokens, HMAC-SHA256 over a search parameter and a normalised value.
 //! - [`mac`]: MACs over records the server trusts, so database writes without the keys are caught.
 //! - [`stream`]: files sealed in 64 KiB segments (a streaming AEAD), any byte range opened alone.
+//! - [`webhook`]: Standard Webhooks signatures (HMAC-SHA256) for the alert webhook.
 
 pub mod aead;
 pub mod blind;
@@ -17,6 +18,7 @@ pub mod keys;
 pub mod mac;
 pub mod provider;
 pub mod stream;
+pub mod webhook;
 
 pub use aead::{open, seal, Aad, BulkOpener, Cipher, OpenInPlace};
 pub use blind::BlindIndexKey;
@@ -24,3 +26,4 @@ pub use error::CryptoError;
 pub use keys::{DataKey, WrappedKey};
 pub use mac::RecordMac;
 pub use provider::{KeyProvider, LocalKeyProvider};
+pub use webhook::WebhookSecret;

@@ -13,6 +13,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub log: LogConfig,
     pub siem: SiemConfig,
+    pub alert_webhook: AlertWebhookConfig,
     pub audit: AuditConfig,
     pub auth: AuthConfig,
     pub mtls: MtlsConfig,
@@ -873,6 +874,42 @@ impl SiemConfig {
     }
 }
 
+/// The alert webhook: each new alert POSTed over HTTPS, signed as Standard Webhooks define
+/// (docs/DETECTION.md). Off unless `url` is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertWebhookConfig {
+    /// The receiver, `https://…`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// CA certificates (PEM) trusted for the receiver, relative to the data directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The environment variable that holds the signing secret, `whsec_<base64 of 24–64 bytes>`.
+    pub secret_env: String,
+}
+
+impl Default for AlertWebhookConfig {
+    fn default() -> Self {
+        AlertWebhookConfig { url: None, ca_file: None, secret_env: "VALV_ALERT_WEBHOOK_SECRET".into() }
+    }
+}
+
+impl AlertWebhookConfig {
+    /// The webhook's settings, `None` when it is off; `env` reads the environment.
+    pub fn settings(&self, data_dir: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Option<valv_server::detect::webhook::Settings>, String> {
+        let Some(url) = self.url.as_deref().filter(|u| !u.trim().is_empty()) else { return Ok(None) };
+        let Some(ca_file) = &self.ca_file else {
+            return Err("[alert_webhook] url is set but ca_file is not: the receiver's certificate must be checked against a CA".into());
+        };
+        let ca = resolve(data_dir, ca_file);
+        let ca_pem = std::fs::read(&ca).map_err(|e| format!("[alert_webhook] CA file {}: {e}", ca.display()))?;
+        let secret = env(&self.secret_env).ok_or_else(|| format!("[alert_webhook] the signing secret is read from the environment variable {}, which is not set", self.secret_env))?;
+        let secret = valv_crypto::WebhookSecret::parse(&secret).map_err(|e| format!("[alert_webhook] {}: {e}", self.secret_env))?;
+        Ok(Some(valv_server::detect::webhook::Settings { url: url.to_string(), ca_pem, secret }))
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".into() }
@@ -1023,6 +1060,12 @@ impl Config {
         if let Some(v) = get("VALV_SIEM_CA_FILE") {
             self.siem.ca_file = Some(v.into());
         }
+        if let Some(v) = get("VALV_ALERT_WEBHOOK_URL") {
+            self.alert_webhook.url = Some(v);
+        }
+        if let Some(v) = get("VALV_ALERT_WEBHOOK_CA_FILE") {
+            self.alert_webhook.ca_file = Some(v.into());
+        }
         self.limits.apply_env(&get)?;
         Ok(())
     }
@@ -1098,6 +1141,41 @@ mod tests {
         let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
         assert_eq!(back.siem.address.as_deref(), Some("siem.example:6514"));
         assert!(toml::from_str::<Config>("[siem]\nport = 1\n").is_err(), "unknown keys are rejected");
+    }
+
+    /// A directory removed when the test ends.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn the_alert_webhook_is_off_without_a_url_and_needs_a_ca_and_a_secret() {
+        let dir = TempDir(std::env::temp_dir().join(format!("valv-webhook-config-{}", std::process::id())));
+        std::fs::create_dir_all(dir.path()).expect("temp dir");
+        std::fs::write(dir.path().join("hook-ca.pem"), "not checked here").expect("write");
+        let secret = |v: &'static str| move |k: &str| (k == "VALV_ALERT_WEBHOOK_SECRET").then(|| v.to_string());
+        let good = secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
+        let mut c = Config::default();
+        assert!(c.alert_webhook.settings(dir.path(), &good).expect("valid").is_none());
+        c.apply_env(|k| (k == "VALV_ALERT_WEBHOOK_URL").then(|| "https://hooks.example/valv".to_string())).expect("valid");
+        assert!(c.alert_webhook.settings(dir.path(), &good).unwrap_err().contains("ca_file"));
+        c.apply_env(|k| (k == "VALV_ALERT_WEBHOOK_CA_FILE").then(|| "hook-ca.pem".to_string())).expect("valid");
+        assert!(c.alert_webhook.settings(dir.path(), |_| None).unwrap_err().contains("VALV_ALERT_WEBHOOK_SECRET"));
+        assert!(c.alert_webhook.settings(dir.path(), secret("hunter2")).unwrap_err().contains("whsec_"));
+        let s = c.alert_webhook.settings(dir.path(), &good).expect("valid").expect("on");
+        assert_eq!((s.url.as_str(), s.ca_pem.as_slice()), ("https://hooks.example/valv", b"not checked here".as_slice()));
+        let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
+        assert_eq!(back.alert_webhook.url.as_deref(), Some("https://hooks.example/valv"));
+        assert!(!c.to_toml().contains("whsec_"), "the secret is never written to the configuration");
+        assert!(toml::from_str::<Config>("[alert_webhook]\nsecret = \"whsec_x\"\n").is_err(), "an inline secret is refused");
     }
 
     #[test]

@@ -579,6 +579,9 @@ async fn serve(opened: datadir::Opened, bound: Option<std::net::TcpListener>) ->
     if let Some(siem) = opened.config.siem.settings(&opened.data_dir)? {
         valv_server::audit::siem::spawn(opened.app.clone(), siem)?;
     }
+    if let Some(webhook) = opened.config.alert_webhook.settings(&opened.data_dir, |k| std::env::var(k).ok())? {
+        valv_server::detect::webhook::spawn(opened.app.clone(), webhook)?;
+    }
     schedule::spawn(&opened)?;
     println!("Valv serving HTTPS on https://{local}/fhir (metadata: https://{local}/fhir/metadata)");
     tracing::info!(address = %local, "listening");

@@ -131,7 +131,7 @@ pub fn open_alert(cipher: &valv_crypto::Cipher, row: &AlertRow) -> Result<Alert,
     Ok(alert)
 }
 
-fn to_json(a: &Alert) -> Value {
+pub(crate) fn to_json(a: &Alert) -> Value {
     json!({
         "id": a.id,
         "time": valv_fhir::date::format_instant(a.time),

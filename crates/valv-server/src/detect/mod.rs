@@ -12,10 +12,12 @@
 //!
 //! Each alert is also written to the audit log (interaction `alert`, before the alert row: at
 //! least once, so a crash in between may write that entry twice, never lose it), which carries
-//! it to the SIEM forwarder; it is counted in `valv_alerts_total` and logged with ids only.
+//! it to the SIEM forwarder and the alert webhook ([`webhook`]); it is counted in
+//! `valv_alerts_total` and logged with ids only.
 
 pub mod api;
 mod facts;
+pub mod webhook;
 
 use crate::audit::{AuditEvent, Outcome};
 use crate::App;

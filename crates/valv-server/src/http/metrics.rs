@@ -54,6 +54,11 @@ pub struct Metrics {
     alerts: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Stored audit entries the detection engine has not read yet (a gauge).
     pub detection_lag: AtomicU64,
+    /// Alerts the webhook receiver accepted, failed attempts (each retried), and stored audit
+    /// entries the webhook has not looked at yet (a gauge); see [`crate::detect::webhook`].
+    pub webhook_delivered: AtomicU64,
+    pub webhook_failures: AtomicU64,
+    pub webhook_lag: AtomicU64,
 }
 
 impl Metrics {
@@ -119,6 +124,8 @@ impl Metrics {
             ("valv_auth_rate_limited_total", "Requests to /auth/* refused by the per-address rate limit (429).", &self.auth_rate_limited),
             ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
+            ("valv_alert_webhook_delivered_total", "Alerts the webhook receiver accepted (2xx).", &self.webhook_delivered),
+            ("valv_alert_webhook_failures_total", "Failed attempts to deliver an alert to the webhook (each retried).", &self.webhook_failures),
             ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),
             ("valv_backups_written_total", "Scheduled backups written ([backup] every_secs).", &self.backups_written),
             ("valv_backup_failures_total", "Scheduled backups that failed (each retried, and recorded in the audit log).", &self.backup_failures),
@@ -133,6 +140,7 @@ impl Metrics {
         write_metric(&mut out, "gauge", "valv_siem_lag_entries", "Stored audit entries not yet forwarded to the SIEM collector.", self.siem_lag.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_backup_last_success_seconds", "When the last scheduled backup was written (Unix time; 0: none yet).", self.backup_last_success.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_detection_lag_entries", "Stored audit entries the detection engine has not read yet.", self.detection_lag.load(Ordering::Relaxed));
+        write_metric(&mut out, "gauge", "valv_alert_webhook_lag_entries", "Stored audit entries the alert webhook has not looked through yet.", self.webhook_lag.load(Ordering::Relaxed));
         write_metric(&mut out, "gauge", "valv_keys_to_rewrap", "Data keys not yet under the current KEK version, as last counted.", self.keys_to_rewrap.load(Ordering::Relaxed));
         out
     }

@@ -152,7 +152,7 @@ fn open<T: DeserializeOwned>(cipher: &Cipher, row: &CaseRow) -> Result<T, ApiErr
 }
 
 /// One record and its version.
-async fn load<T: DeserializeOwned>(app: &App, kind: &str, id: &str) -> Result<Option<(T, u64)>, ApiError> {
+pub(crate) async fn load<T: DeserializeOwned>(app: &App, kind: &str, id: &str) -> Result<Option<(T, u64)>, ApiError> {
     let Some(row) = app.vault.store().case(kind, id).await? else { return Ok(None) };
     Ok(Some((open(&cipher(app).await?, &row)?, row.version)))
 }
@@ -164,7 +164,7 @@ async fn load_all<T: DeserializeOwned>(app: &App, kind: &str) -> Result<Vec<T>, 
 }
 
 /// Stores `value` as `version` of the record (1 creates it): a concurrent change is a 409.
-async fn save<T: Serialize>(app: &App, kind: &str, id: &str, version: u64, value: &T) -> Result<(), ApiError> {
+pub(crate) async fn save<T: Serialize>(app: &App, kind: &str, id: &str, version: u64, value: &T) -> Result<(), ApiError> {
     let json = serde_json::to_vec(value).map_err(|e| ApiError::internal(format!("encoding {kind} {id}: {e}")))?;
     let sealed = cipher(app).await?.seal(crate::detect::random_nonce().map_err(ApiError::internal)?, &aad(kind, id, version), &json);
     app.vault.store().put_case(&CaseRow { kind: kind.into(), id: id.into(), version, sealed }).await?;
