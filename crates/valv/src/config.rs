@@ -1164,13 +1164,13 @@ mod tests {
         let secret = |v: &'static str| move |k: &str| (k == "VALV_ALERT_WEBHOOK_SECRET").then(|| v.to_string());
         let good = secret("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
         let mut c = Config::default();
-        assert!(c.alert_webhook.settings(dir.path(), &good).expect("valid").is_none());
+        assert!(c.alert_webhook.settings(dir.path(), good).expect("valid").is_none());
         c.apply_env(|k| (k == "VALV_ALERT_WEBHOOK_URL").then(|| "https://hooks.example/valv".to_string())).expect("valid");
-        assert!(c.alert_webhook.settings(dir.path(), &good).unwrap_err().contains("ca_file"));
+        assert!(c.alert_webhook.settings(dir.path(), good).expect_err("refused").contains("ca_file"));
         c.apply_env(|k| (k == "VALV_ALERT_WEBHOOK_CA_FILE").then(|| "hook-ca.pem".to_string())).expect("valid");
-        assert!(c.alert_webhook.settings(dir.path(), |_| None).unwrap_err().contains("VALV_ALERT_WEBHOOK_SECRET"));
-        assert!(c.alert_webhook.settings(dir.path(), secret("hunter2")).unwrap_err().contains("whsec_"));
-        let s = c.alert_webhook.settings(dir.path(), &good).expect("valid").expect("on");
+        assert!(c.alert_webhook.settings(dir.path(), |_| None).expect_err("refused").contains("VALV_ALERT_WEBHOOK_SECRET"));
+        assert!(c.alert_webhook.settings(dir.path(), secret("hunter2")).expect_err("refused").contains("whsec_"));
+        let s = c.alert_webhook.settings(dir.path(), good).expect("valid").expect("on");
         assert_eq!((s.url.as_str(), s.ca_pem.as_slice()), ("https://hooks.example/valv", b"not checked here".as_slice()));
         let back: Config = toml::from_str(&c.to_toml()).expect("round trip");
         assert_eq!(back.alert_webhook.url.as_deref(), Some("https://hooks.example/valv"));
