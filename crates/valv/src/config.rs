@@ -906,7 +906,8 @@ impl AlertWebhookConfig {
         let ca_pem = std::fs::read(&ca).map_err(|e| format!("[alert_webhook] CA file {}: {e}", ca.display()))?;
         let secret = env(&self.secret_env).ok_or_else(|| format!("[alert_webhook] the signing secret is read from the environment variable {}, which is not set", self.secret_env))?;
         let secret = valv_crypto::WebhookSecret::parse(&secret).map_err(|e| format!("[alert_webhook] {}: {e}", self.secret_env))?;
-        Ok(Some(valv_server::detect::webhook::Settings { url: url.to_string(), ca_pem, secret }))
+        let holder = format!("{}:{}", valv_server::audit::siem::hostname(), data_dir.display());
+        Ok(Some(valv_server::detect::webhook::Settings { url: url.to_string(), ca_pem, secret, holder }))
     }
 }
 

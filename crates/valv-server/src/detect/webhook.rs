@@ -56,6 +56,9 @@ pub struct Settings {
     /// CA certificates (PEM) trusted for the receiver.
     pub ca_pem: Vec<u8>,
     pub secret: WebhookSecret,
+    /// This server as the lease holder: the same across its restarts (host and data
+    /// directory), so a restarted server takes up its own lease at once.
+    pub holder: String,
 }
 
 /// How far delivery got.
@@ -63,7 +66,7 @@ pub struct Settings {
 struct Cursor {
     next: u64,
     recent: VecDeque<String>,
-    /// The server delivering (a random id per process) and until when its lease runs.
+    /// The server delivering ([`Settings::holder`]) and until when its lease runs.
     holder: String,
     until: i64,
 }
@@ -75,7 +78,7 @@ pub fn spawn(app: Arc<App>, settings: Settings) -> Result<tokio::task::JoinHandl
     }
     let tls = crate::http::client::tls_for(&settings.ca_pem).map_err(|e| format!("[alert_webhook] ca_file: {e}"))?;
     tracing::info!(receiver = %settings.url, "delivering alerts to the webhook");
-    let me = crate::oversight::new_record_id().map_err(|e| e.diagnostics)?;
+    let me = settings.holder.clone();
     let sender = Sender { app, settings, tls, me, cursor: None, saved_at: Instant::now() };
     Ok(tokio::spawn(sender.run()))
 }

@@ -38,3 +38,4 @@ mod search;
 mod security;
 mod servers;
 mod siem;
+mod webhook;

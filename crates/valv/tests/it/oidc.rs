@@ -32,7 +32,7 @@ impl Drop for Provider {
 }
 
 /// A CA and a server certificate for localhost/127.0.0.1 signed by it: (CA PEM, cert PEM, key PEM).
-fn test_pki() -> (String, String, String) {
+pub(crate) fn test_pki() -> (String, String, String) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(rcgen::DnType::CommonName, "Valv OIDC test CA");
