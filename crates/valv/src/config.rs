@@ -887,11 +887,14 @@ pub struct AlertWebhookConfig {
     pub ca_file: Option<PathBuf>,
     /// The environment variable that holds the signing secret, `whsec_<base64 of 24–64 bytes>`.
     pub secret_env: String,
+    /// Also send each alert's explanation, which may name a patient and why the access looked
+    /// wrong: only for a receiver trusted with that. Off: ids, rule, severity and evidence only.
+    pub include_explanation: bool,
 }
 
 impl Default for AlertWebhookConfig {
     fn default() -> Self {
-        AlertWebhookConfig { url: None, ca_file: None, secret_env: "VALV_ALERT_WEBHOOK_SECRET".into() }
+        AlertWebhookConfig { url: None, ca_file: None, secret_env: "VALV_ALERT_WEBHOOK_SECRET".into(), include_explanation: false }
     }
 }
 
@@ -904,10 +907,9 @@ impl AlertWebhookConfig {
         };
         let ca = resolve(data_dir, ca_file);
         let ca_pem = std::fs::read(&ca).map_err(|e| format!("[alert_webhook] CA file {}: {e}", ca.display()))?;
-        let secret = env(&self.secret_env).ok_or_else(|| format!("[alert_webhook] the signing secret is read from the environment variable {}, which is not set", self.secret_env))?;
+        let secret = zeroize::Zeroizing::new(env(&self.secret_env).ok_or_else(|| format!("[alert_webhook] the signing secret is read from the environment variable {}, which is not set", self.secret_env))?);
         let secret = valv_crypto::WebhookSecret::parse(&secret).map_err(|e| format!("[alert_webhook] {}: {e}", self.secret_env))?;
-        let holder = format!("{}:{}", valv_server::audit::siem::hostname(), data_dir.display());
-        Ok(Some(valv_server::detect::webhook::Settings { url: url.to_string(), ca_pem, secret, holder }))
+        Ok(Some(valv_server::detect::webhook::Settings { url: url.to_string(), ca_pem, secret, include_explanation: self.include_explanation }))
     }
 }
 

@@ -27,6 +27,8 @@ struct Schedule {
     dir: PathBuf,
     every: Duration,
     keep: usize,
+    /// Environment variables the backup process is started without.
+    scrub: Vec<String>,
 }
 
 /// Starts the schedule when `[backup] every_secs` is set; the folder is made if missing.
@@ -41,6 +43,8 @@ pub fn spawn(opened: &Opened) -> Result<(), String> {
         dir,
         every: Duration::from_secs(cfg.every_secs),
         keep: cfg.keep,
+        // The child needs no secret of the server's own (the webhook's signing secret).
+        scrub: vec![opened.config.alert_webhook.secret_env.clone()],
     };
     tracing::info!(every_secs = cfg.every_secs, keep = cfg.keep, "scheduled backups on");
     tokio::spawn(schedule.run(opened.app.clone()));
@@ -56,8 +60,8 @@ impl Schedule {
                 tokio::time::sleep(wait).await;
             }
             let out = self.dir.join(file_name(valv_server::now_ms()));
-            let (exe, data_dir) = (self.exe.clone(), self.data_dir.clone());
-            let result = tokio::task::spawn_blocking(move || backup_once(&exe, &data_dir, &out)).await.unwrap_or_else(|e| Err(format!("the backup task failed: {e}")));
+            let (exe, data_dir, scrub) = (self.exe.clone(), self.data_dir.clone(), self.scrub.clone());
+            let result = tokio::task::spawn_blocking(move || backup_once(&exe, &data_dir, &out, &scrub)).await.unwrap_or_else(|e| Err(format!("the backup task failed: {e}")));
             match result {
                 Ok(()) => {
                     app.metrics.backups_written.fetch_add(1, Ordering::Relaxed);
@@ -83,8 +87,12 @@ impl Schedule {
 }
 
 /// Runs `valv backup --out FILE` on the data directory; its last line of error when it fails.
-fn backup_once(exe: &Path, data_dir: &Path, out: &Path) -> Result<(), String> {
-    let done = std::process::Command::new(exe)
+fn backup_once(exe: &Path, data_dir: &Path, out: &Path, scrub: &[String]) -> Result<(), String> {
+    let mut cmd = std::process::Command::new(exe);
+    for name in scrub {
+        cmd.env_remove(name);
+    }
+    let done = cmd
         .arg("--data-dir")
         .arg(data_dir)
         .arg("backup")

@@ -66,6 +66,7 @@ impl Facts {
             let shares = person.shares.get(&access.patient).map_or(&[][..], Vec::as_slice);
             let facts = AccessFacts { person: &person.refs, unit: &person.unit, shares, sensitive: patient.sensitive, episodes: &patient.episodes };
             alerts.extend(detector.judge(&access, &facts));
+            app.metrics.detection_judged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         alerts
     }

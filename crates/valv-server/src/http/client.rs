@@ -29,19 +29,51 @@ pub fn tls_for(ca_pem: &[u8]) -> Result<Arc<rustls::ClientConfig>, String> {
 
 /// One HTTPS request (HTTP/1.1, 10 s, answers up to 1 MiB): (status, body).
 pub async fn https(tls: &Arc<rustls::ClientConfig>, method: hyper::Method, url: &str, headers: &[(&str, String)], body: Option<String>) -> Result<(u16, Vec<u8>), String> {
-    let uri: hyper::Uri = url.parse().map_err(|_| format!("'{url}' is not a URL"))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(format!("'{url}' is not https"));
+    exchange(tls, method, url, headers, body, true).await
+}
+
+/// As [`https`], for the status alone: the answer's body is not read (a receiver's large or
+/// slow answer does not turn its 2xx into a failure).
+pub async fn https_status(tls: &Arc<rustls::ClientConfig>, method: hyper::Method, url: &str, headers: &[(&str, String)], body: Option<String>) -> Result<u16, String> {
+    exchange(tls, method, url, headers, body, false).await.map(|(status, _)| status)
+}
+
+/// `https://host:port` of a URL: what logs and errors name, never its path or query (which may
+/// carry a token).
+pub fn origin(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) => format!("https://{}:{}", u.host().unwrap_or("?"), u.port_u16().unwrap_or(443)),
+        Err(_) => "an invalid URL".into(),
     }
-    let host = uri.host().ok_or_else(|| format!("'{url}' has no host"))?.trim_start_matches('[').trim_end_matches(']').to_string();
+}
+
+/// Checks that `url` is an https URL with a host and without credentials in it.
+pub fn check_url(url: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = url.parse().map_err(|_| "the URL is not valid".to_string())?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!("{} is not https", origin(url)));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err("the URL has no host".into());
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err("the URL carries credentials (user:password@); they are not sent".into());
+    }
+    Ok(uri)
+}
+
+async fn exchange(tls: &Arc<rustls::ClientConfig>, method: hyper::Method, url: &str, headers: &[(&str, String)], body: Option<String>, read_body: bool) -> Result<(u16, Vec<u8>), String> {
+    let uri = check_url(url)?;
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string();
     let port = uri.port_u16().unwrap_or(443);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let mut connection = None;
     let work = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connect {host}:{port}: {e}"))?;
         let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
+        connection = Some(tokio::spawn(conn));
         let authority = uri.authority().map_or(host.clone(), |a| a.to_string());
         let mut req = hyper::Request::builder().method(method).uri(path).header("host", authority).header("accept", "application/json");
         for (k, v) in headers {
@@ -50,8 +82,16 @@ pub async fn https(tls: &Arc<rustls::ClientConfig>, method: hyper::Method, url: 
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
+        if !read_body {
+            return Ok((status, Vec::new()));
+        }
         let bytes = Limited::new(resp.into_body(), 1 << 20).collect().await.map_err(|e| format!("reading the answer: {e}"))?.to_bytes();
         Ok::<_, String>((status, bytes.to_vec()))
     };
-    tokio::time::timeout(Duration::from_secs(10), work).await.map_err(|_| format!("{url}: no answer in 10 s"))?
+    let result = tokio::time::timeout(Duration::from_secs(10), work).await;
+    // The connection is not kept: a peer that stalls must not hold a task after the timeout.
+    if let Some(c) = connection {
+        c.abort();
+    }
+    result.map_err(|_| format!("{}: no answer in 10 s", origin(url)))?
 }

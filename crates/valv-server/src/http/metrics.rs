@@ -54,6 +54,8 @@ pub struct Metrics {
     alerts: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Stored audit entries the detection engine has not read yet (a gauge).
     pub detection_lag: AtomicU64,
+    /// Patient accesses the snooping rules judged (with the facts worked out from the store).
+    pub detection_judged: AtomicU64,
     /// Alerts the webhook receiver accepted, failed attempts (each retried), and stored audit
     /// entries the webhook has not looked at yet (a gauge); see [`crate::detect::webhook`].
     pub webhook_delivered: AtomicU64,
@@ -124,6 +126,7 @@ impl Metrics {
             ("valv_auth_rate_limited_total", "Requests to /auth/* refused by the per-address rate limit (429).", &self.auth_rate_limited),
             ("valv_siem_forwarded_total", "Audit entries sent to the SIEM collector.", &self.siem_forwarded),
             ("valv_siem_failures_total", "Failed attempts to forward audit entries to the SIEM collector (each retried).", &self.siem_failures),
+            ("valv_detection_judged_total", "Patient accesses the snooping rules judged with the facts worked out from the store.", &self.detection_judged),
             ("valv_alert_webhook_delivered_total", "Alerts the webhook receiver accepted (2xx).", &self.webhook_delivered),
             ("valv_alert_webhook_failures_total", "Failed attempts to deliver an alert to the webhook (each retried).", &self.webhook_failures),
             ("valv_keys_rewrapped_total", "Data keys this process rewrapped under the current KEK version (rotation).", &self.keys_rewrapped),

@@ -152,9 +152,14 @@ fn open<T: DeserializeOwned>(cipher: &Cipher, row: &CaseRow) -> Result<T, ApiErr
 }
 
 /// One record and its version.
-pub(crate) async fn load<T: DeserializeOwned>(app: &App, kind: &str, id: &str) -> Result<Option<(T, u64)>, ApiError> {
+async fn load<T: DeserializeOwned>(app: &App, kind: &str, id: &str) -> Result<Option<(T, u64)>, ApiError> {
+    load_with(app, &cipher(app).await?, kind, id).await
+}
+
+/// [`load`] with the audit key's cipher at hand.
+pub(crate) async fn load_with<T: DeserializeOwned>(app: &App, cipher: &Cipher, kind: &str, id: &str) -> Result<Option<(T, u64)>, ApiError> {
     let Some(row) = app.vault.store().case(kind, id).await? else { return Ok(None) };
-    Ok(Some((open(&cipher(app).await?, &row)?, row.version)))
+    Ok(Some((open(cipher, &row)?, row.version)))
 }
 
 /// Every record of a kind, by id.
@@ -164,9 +169,14 @@ async fn load_all<T: DeserializeOwned>(app: &App, kind: &str) -> Result<Vec<T>, 
 }
 
 /// Stores `value` as `version` of the record (1 creates it): a concurrent change is a 409.
-pub(crate) async fn save<T: Serialize>(app: &App, kind: &str, id: &str, version: u64, value: &T) -> Result<(), ApiError> {
+async fn save<T: Serialize>(app: &App, kind: &str, id: &str, version: u64, value: &T) -> Result<(), ApiError> {
+    save_with(app, &cipher(app).await?, kind, id, version, value).await
+}
+
+/// [`save`] with the audit key's cipher at hand.
+pub(crate) async fn save_with<T: Serialize>(app: &App, cipher: &Cipher, kind: &str, id: &str, version: u64, value: &T) -> Result<(), ApiError> {
     let json = serde_json::to_vec(value).map_err(|e| ApiError::internal(format!("encoding {kind} {id}: {e}")))?;
-    let sealed = cipher(app).await?.seal(crate::detect::random_nonce().map_err(ApiError::internal)?, &aad(kind, id, version), &json);
+    let sealed = cipher.seal(crate::detect::random_nonce().map_err(ApiError::internal)?, &aad(kind, id, version), &json);
     app.vault.store().put_case(&CaseRow { kind: kind.into(), id: id.into(), version, sealed }).await?;
     Ok(())
 }
