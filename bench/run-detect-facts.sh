@@ -46,7 +46,8 @@ detect_set "$data" enabled false
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 base="https://127.0.0.1:$port"
 start_server() {
-  VALV_LOG=warn "$valv" --data-dir "$1" serve --listen "127.0.0.1:$port" >/dev/null 2>>"$out/server.log" &
+  # The setup opens a connection per request, far beyond a client's usual rate of new ones.
+  VALV_LIMITS_NEW_CONNECTIONS_PER_MINUTE=6000000 VALV_LIMITS_NEW_CONNECTIONS_BURST=100000 VALV_LOG=warn "$valv" --data-dir "$1" serve --listen "127.0.0.1:$port" >/dev/null 2>>"$out/server.log" &
   server_pid=$!
   for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0; sleep 0.02; done
   echo "bench: the server did not start; see $out/server.log" >&2; exit 1
@@ -55,7 +56,7 @@ stop_server() { kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; }
 metric() { curl -sk "$base/metrics" | awk -v m="$1" '$1 == m { print $2 }'; }
 
 # Two physicians (their Practitioners with a family name and an address, so the relative lookup
-# runs) in one unit; every patient on an active CareTeam of the unit.
+# runs) in one unit; every patient on an active CareTeam of the unit, their care units under it.
 start_server "$data"
 python3 - "$base" "$svc_key" "$out" <<'PY'
 import json, ssl, sys, urllib.error, urllib.request
@@ -83,6 +84,12 @@ for family in ["Lindqvist", "Bergström"]:
     doctors.append(call("POST", "/fhir/Practitioner", {"resourceType": "Practitioner", "active": True, "name": [{"family": family, "given": ["Bench"]}],
                         "address": [{"line": [f"{family}vägen 1"], "postalCode": "11122", "city": "Stockholm"}]})["id"])
 patients = all_of("/fhir/Patient?_count=1000")
+# The patients' own care units under the ward, so they are not another provider's patients.
+units = {p.get("managingOrganization", {}).get("reference", "").split("/", 1)[-1] for p in patients if p.get("managingOrganization", {}).get("reference", "").startswith("Organization/")}
+for u in units:
+    org = call("GET", "/fhir/Organization/" + u)
+    org["partOf"] = {"reference": "Organization/" + unit}
+    call("PUT", "/fhir/Organization/" + u, org)
 for p in patients:
     call("POST", "/fhir/CareTeam", {"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/" + p["id"]},
          "participant": [{"member": {"reference": "Organization/" + unit}}]})
