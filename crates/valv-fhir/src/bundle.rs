@@ -263,9 +263,95 @@ pub fn collection(kind: &str, id: &str, total: Option<usize>, links: Vec<Value>,
     Value::Object(b)
 }
 
+/// What a searchset entry holds: a resource's JSON as stored (written into the Bundle as it is,
+/// as a read sends it), or a tree built for the answer (a shaped resource, an OperationOutcome).
+pub enum EntryResource<'a> {
+    Json(&'a [u8]),
+    Tree(&'a Value),
+}
+
+/// One searchset entry: `fullUrl` (none for an outcome), the resource and its search mode.
+pub struct SearchEntry<'a> {
+    pub full_url: Option<String>,
+    pub resource: EntryResource<'a>,
+    pub mode: &'static str,
+}
+
+/// A `searchset` Bundle written straight to bytes, member for member what [`collection`] would
+/// give for the same entries: stored resources are copied in, not parsed and re-serialised.
+/// `json` of an entry must be one JSON value (a stored, authenticated resource is).
+pub fn searchset_bytes(id: &str, total: Option<usize>, links: &[Value], entries: &[SearchEntry<'_>]) -> Vec<u8> {
+    let size: usize = entries.iter().map(|e| if let EntryResource::Json(j) = e.resource { j.len() + 128 } else { 512 }).sum();
+    let mut out = Vec::with_capacity(size + 256 * (links.len() + 1));
+    out.extend_from_slice(br#"{"resourceType":"Bundle","id":"#);
+    write_json(&mut out, &id);
+    out.extend_from_slice(br#","type":"searchset""#);
+    if let Some(t) = total {
+        out.extend_from_slice(format!(r#","total":{t}"#).as_bytes());
+    }
+    if !links.is_empty() {
+        out.extend_from_slice(br#","link":"#);
+        write_json(&mut out, &links);
+    }
+    if !entries.is_empty() {
+        out.extend_from_slice(br#","entry":["#);
+        for (n, e) in entries.iter().enumerate() {
+            out.extend_from_slice(if n == 0 { b"{" } else { b",{" });
+            if let Some(url) = &e.full_url {
+                out.extend_from_slice(br#""fullUrl":"#);
+                write_json(&mut out, url);
+                out.push(b',');
+            }
+            out.extend_from_slice(br#""resource":"#);
+            match e.resource {
+                EntryResource::Json(json) => out.extend_from_slice(json),
+                EntryResource::Tree(tree) => write_json(&mut out, tree),
+            }
+            out.extend_from_slice(br#","search":{"mode":"#);
+            write_json(&mut out, &e.mode);
+            out.extend_from_slice(b"}}");
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
+    out
+}
+
+/// Appends a value's JSON; serialising strings and trees into memory cannot fail.
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    if let Err(e) = serde_json::to_writer(&mut *out, value) {
+        debug_assert!(false, "serialising into memory failed: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn searchset_bytes_are_the_collection_bundle_with_stored_json_copied_in() {
+        let stored = br#"{"resourceType":"Observation","id":"o1","valueQuantity":{"value":1.50}}"#;
+        let shaped = json!({"resourceType": "Patient", "id": "p\"1", "meta": {"tag": [{"code": "SUBSETTED"}]}});
+        let outcome = json!({"resourceType": "OperationOutcome", "issue": []});
+        let links = vec![link("self", "https://h/fhir/Observation?a=\"b\""), link("next", "https://h/fhir/x")];
+        let entries = [
+            SearchEntry { full_url: Some("https://h/fhir/Observation/o1".into()), resource: EntryResource::Json(stored), mode: "match" },
+            SearchEntry { full_url: Some("https://h/fhir/Patient/p\"1".into()), resource: EntryResource::Tree(&shaped), mode: "include" },
+            SearchEntry { full_url: None, resource: EntryResource::Tree(&outcome), mode: "outcome" },
+        ];
+        let bytes = searchset_bytes("b\u{e9}", Some(7), &links, &entries);
+        let stored_tree: Value = serde_json::from_slice(stored).expect("stored");
+        let expected = collection("searchset", "b\u{e9}", Some(7), links.clone(), vec![
+            json!({"fullUrl": "https://h/fhir/Observation/o1", "resource": stored_tree, "search": {"mode": "match"}}),
+            json!({"fullUrl": "https://h/fhir/Patient/p\"1", "resource": shaped, "search": {"mode": "include"}}),
+            json!({"resource": outcome, "search": {"mode": "outcome"}}),
+        ]);
+        assert_eq!(String::from_utf8(bytes).expect("utf-8"), serde_json::to_string(&expected).expect("json"), "same members, same order");
+        // The stored bytes go in untouched (1.50 keeps its trailing zero).
+        assert!(searchset_bytes("x", None, &[], &entries[..1]).windows(4).any(|w| w == b"1.50"));
+        let empty = searchset_bytes("x", None, &[], &[]);
+        assert_eq!(serde_json::from_slice::<Value>(&empty).expect("json"), collection("searchset", "x", None, vec![], vec![]));
+    }
 
     fn tx(entries: Value) -> Value {
         json!({"resourceType":"Bundle","type":"transaction","entry":entries})

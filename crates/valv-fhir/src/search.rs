@@ -1130,12 +1130,44 @@ pub fn sort_values_of(keys: &[SortKey], json: &[u8]) -> Option<Vec<Option<SortVa
     let mut wanted: Vec<&str> = vec!["id", "meta"];
     for k in keys {
         if let SortBy::Param(def) = k.by {
-            wanted.extend(def.paths.iter().filter_map(|p| segments(p).first().map(|s| s.split('[').next().unwrap_or(s))));
+            wanted.extend(def.paths.iter().filter_map(|p| top_member(p)));
         }
     }
-    let mut de = serde_json::Deserializer::from_slice(json);
-    let partial = serde::de::DeserializeSeed::deserialize(TopLevel(&wanted), &mut de).ok()?;
+    let partial = top_level(&wanted, json)?;
     Some(keys.iter().map(|k| sort_value(k, &partial)).collect())
+}
+
+/// Whether a resource's JSON meets every condition ([`Condition::matches`] on the whole
+/// resource), reading only the top-level elements the conditions look at: checking a page of
+/// search results costs a scan of each, not a tree of each. `None` for JSON that is not an object.
+pub fn all_match_json(conditions: &[Condition], resource_type: &str, json: &[u8]) -> Option<bool> {
+    let mut wanted: Vec<&str> = Vec::new();
+    for c in conditions {
+        match &c.test {
+            Test::Id(_) => wanted.push("id"),
+            Test::LastUpdated(_) => wanted.push("meta"),
+            // A composite's empty path is the resource itself: its components may look anywhere.
+            Test::Indexed { def, .. } | Test::Not { def, .. } if def.paths.iter().any(|p| p.is_empty()) => {
+                let whole: Value = serde_json::from_slice(json).ok().filter(Value::is_object)?;
+                return Some(conditions.iter().all(|c| c.matches(resource_type, &whole)));
+            }
+            Test::Indexed { def, .. } | Test::Not { def, .. } => wanted.extend(def.paths.iter().filter_map(|p| top_member(p))),
+            Test::Chain { .. } | Test::Has { .. } => {}
+        }
+    }
+    let partial = top_level(&wanted, json)?;
+    Some(conditions.iter().all(|c| c.matches(resource_type, &partial)))
+}
+
+/// The top-level element a path starts at (`value` for `value[x].code`).
+fn top_member(path: &str) -> Option<&str> {
+    segments(path).first().map(|s| s.split('[').next().unwrap_or(s))
+}
+
+/// The JSON object with only the `wanted` top-level members parsed; `None` if not an object.
+fn top_level(wanted: &[&str], json: &[u8]) -> Option<Value> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::de::DeserializeSeed::deserialize(TopLevel(wanted), &mut de).ok()
 }
 
 /// Deserializes a JSON object keeping only the members named (or, for a choice stem such as

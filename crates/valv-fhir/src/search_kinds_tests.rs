@@ -214,3 +214,38 @@ fn sort_values_from_the_partial_parse_equal_those_of_the_whole_resource() {
     }
     assert_eq!(sort_values_of(&[], b"[1]"), None, "not an object");
 }
+
+#[test]
+fn conditions_on_the_partial_parse_decide_as_on_the_whole_resource() {
+    use crate::search::{all_match_json, params_for};
+    let mut compared = (0, 0);
+    for r in resources() {
+        let t = r["resourceType"].as_str().expect("type");
+        let bytes = serde_json::to_vec(&r).expect("json");
+        let mut queries: Vec<String> = [
+            "_id=A", "_id=B,P1", "_lastUpdated=gt2020", "status=final", "status:not=final", "code=http://loinc.org|8480-6", "code=8480-6,72166-2",
+            "subject=Patient/p1", "patient=p2", "date=ge2024-04", "value-quantity=gt100", "component-code=8462-4", "combo-code=8462-4",
+            "family=str", "name=anna", "address-city=malmö", "phone=555-1234", "email=555-1234", "birthdate=1970", "gender=male",
+            "identifier=urn:ids|A1", "identifier:of-type=http://terminology.hl7.org/CodeSystem/v2-0203|MR|A1", "probability=gt0.1",
+            "value-concept=266919005", "code:text=glucose", "status=final&subject=Patient/p1",
+            "code-value-quantity=http://loinc.org|8480-6$gt100", "combo-code-value-quantity=8462-4$lt90", "code-value-concept=72166-2$266919005",
+        ]
+        .iter()
+        .map(|q| q.to_string())
+        .collect();
+        // Every parameter of the type with :missing, so that every path is looked at.
+        for def in params_for(t) {
+            queries.push(format!("{}:missing=true", def.name));
+            queries.push(format!("{}:missing=false", def.name));
+        }
+        for q in queries {
+            let Ok(req) = parse_request(t, &pairs(&q)) else { continue };
+            let whole = req.conditions.iter().all(|c| c.matches(t, &r));
+            assert_eq!(all_match_json(&req.conditions, t, &bytes), Some(whole), "{t} {} ?{q}", r["id"]);
+            compared.1 += 1;
+            compared.0 += usize::from(whole);
+        }
+    }
+    assert!(compared.0 > 20 && compared.1 - compared.0 > 20, "both outcomes compared: {compared:?}");
+    assert_eq!(all_match_json(&[], "Patient", b"[1]"), None, "not an object");
+}

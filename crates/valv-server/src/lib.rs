@@ -190,6 +190,10 @@ impl Reply {
             ..Self::empty(status)
         }
     }
+    /// FHIR JSON already serialised (a searchset carrying stored resources as they are).
+    pub fn raw_json(status: StatusCode, json: Vec<u8>) -> Self {
+        Reply { text: Some((FHIR_JSON, Bytes::from(json))), ..Self::empty(status) }
+    }
     pub fn resource(status: StatusCode, r: Resource) -> Self {
         Reply { body: r.body, resource: Some((r.resource_type, r.id, r.version, r.last_updated)), ..Self::empty(status) }
     }

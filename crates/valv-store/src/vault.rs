@@ -93,6 +93,65 @@ pub struct SearchPage {
     pub resources: Vec<Resource>,
 }
 
+/// A page of search results as stored: each result's plaintext JSON exactly as it was written,
+/// so that a searchset can carry the bytes as a read does, and only a caller that needs a
+/// resource's tree (includes, `_elements`) builds it.
+#[derive(Debug)]
+pub struct FoundPage {
+    /// Every match the caller may see, not only this page.
+    pub total: usize,
+    pub found: Vec<Found>,
+}
+
+/// One search result (never a deletion) with its plaintext JSON.
+#[derive(Debug)]
+pub struct Found {
+    pub resource_type: String,
+    pub id: String,
+    pub version: u64,
+    pub last_updated: i64,
+    pub patient: Option<String>,
+    pub json: Vec<u8>,
+}
+
+impl Found {
+    fn new(v: StoredVersion, json: Vec<u8>) -> Self {
+        Found { resource_type: v.resource_type, id: v.id, version: v.version, last_updated: v.last_updated, patient: v.patient, json }
+    }
+
+    /// The result with its JSON parsed.
+    pub fn into_resource(self) -> Result<Resource, StoreError> {
+        let body = self.body()?;
+        Ok(Resource {
+            resource_type: self.resource_type,
+            id: self.id,
+            version: self.version,
+            last_updated: self.last_updated,
+            deleted: false,
+            patient: self.patient,
+            body: Some(body),
+        })
+    }
+
+    /// A copy of the result with its JSON parsed.
+    pub fn to_resource(&self) -> Result<Resource, StoreError> {
+        Ok(Resource {
+            resource_type: self.resource_type.clone(),
+            id: self.id.clone(),
+            version: self.version,
+            last_updated: self.last_updated,
+            deleted: false,
+            patient: self.patient.clone(),
+            body: Some(self.body()?),
+        })
+    }
+
+    /// The JSON parsed.
+    pub fn body(&self) -> Result<Value, StoreError> {
+        serde_json::from_slice(&self.json).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))
+    }
+}
+
 /// Fresh randomness; the operating system's generator is the only source.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N], StoreError> {
     let mut b = [0u8; N];
@@ -687,37 +746,48 @@ impl Vault {
     /// see it; invisible resources are neither returned nor counted.
     pub async fn search(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
         -> Result<SearchPage, StoreError> {
+        let page = self.search_found(resource_type, req, visible, now).await?;
+        let resources = page.found.into_iter().map(Found::into_resource).collect::<Result<_, _>>()?;
+        Ok(SearchPage { total: page.total, resources })
+    }
+
+    /// [`Vault::search`] with each result's plaintext JSON as stored, not parsed.
+    pub async fn search_found(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
+        -> Result<FoundPage, StoreError> {
         let (filter, exact) = self.filter_for(resource_type, req);
         // An erased patient's resources are gone from every result (their rows stay, unreadable).
         let candidates: Vec<Located> =
             self.store.search(&filter).await?.into_iter().filter(|l| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p))).collect();
+        // The index is not authenticated: a token row copied in the database must not put a
+        // resource into results it does not match, so every result is tested on its plaintext.
+        let matches = |plain: &[u8]| {
+            valv_fhir::search::all_match_json(&req.conditions, resource_type, plain)
+                .ok_or_else(|| StoreError::Integrity(format!("stored JSON of a {resource_type} is not an object")))
+        };
         // Sorting by anything but the store's order needs every match decrypted.
         if exact && req.sort_keys.is_empty() {
             let total = candidates.len();
             if req.count_only {
-                return Ok(SearchPage { total, resources: Vec::new() });
+                return Ok(FoundPage { total, found: Vec::new() });
             }
             let ids: Vec<String> = candidates.iter().skip(req.offset).take(req.count).map(|l| l.id.clone()).collect();
-            let mut resources = Vec::with_capacity(ids.len());
+            let mut found = Vec::with_capacity(ids.len());
             for v in self.store.read_many(resource_type, &ids).await? {
                 // Deleted or moved to another patient since it was listed: not a result.
                 if v.deleted || !visible(&located(&v)) {
                     continue;
                 }
-                let r = self.open_version(v, now).await?;
-                // The index is not authenticated: a token row copied in the database must not
-                // put a resource into results it does not match.
-                if r.body.as_ref().is_some_and(|b| req.conditions.iter().all(|c| c.matches(resource_type, b))) {
-                    resources.push(r);
+                let plain = self.open_bytes(&v, now).await?;
+                if matches(&plain)? {
+                    found.push(Found::new(v, plain));
                 } else {
                     index_mismatch(resource_type);
                 }
             }
-            return Ok(SearchPage { total, resources });
+            return Ok(FoundPage { total, found });
         }
         // Every candidate decrypted: tested when some condition needs the plaintext, and its sort
-        // values taken; what is kept is its plaintext bytes, not a parsed tree, and only the page
-        // is parsed whole.
+        // values taken; what is kept is its plaintext bytes, not a parsed tree.
         let mut keyed: Vec<Keyed> = Vec::new();
         for chunk in candidates.chunks(500) {
             let ids: Vec<String> = chunk.iter().map(|l| l.id.clone()).collect();
@@ -726,35 +796,29 @@ impl Vault {
                     continue;
                 }
                 let plain = self.open_bytes(&v, now).await?;
-                let values = if exact {
-                    valv_fhir::search::sort_values_of(&req.sort_keys, &plain)
-                        .ok_or_else(|| StoreError::Integrity(format!("stored JSON of {resource_type}/{} is not an object", v.id)))?
-                } else {
-                    let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
-                    if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
-                        continue;
-                    }
-                    req.sort_keys.iter().map(|k| valv_fhir::search::sort_value(k, &body)).collect()
-                };
+                if !exact && !matches(&plain)? {
+                    continue;
+                }
+                let values = valv_fhir::search::sort_values_of(&req.sort_keys, &plain)
+                    .ok_or_else(|| StoreError::Integrity(format!("stored JSON of {resource_type}/{} is not an object", v.id)))?;
                 keyed.push((values, (v, plain)));
             }
         }
         valv_fhir::search::sort_by_values(&mut keyed, &req.sort_keys);
         let total = keyed.len();
         if req.count_only {
-            return Ok(SearchPage { total, resources: Vec::new() });
+            return Ok(FoundPage { total, found: Vec::new() });
         }
-        let mut resources = Vec::new();
+        let mut found = Vec::new();
         for (_, (v, plain)) in keyed.into_iter().skip(req.offset).take(req.count) {
-            let body: Value = serde_json::from_slice(&plain).map_err(|e| StoreError::Integrity(format!("stored JSON is unreadable: {e}")))?;
             // As above: an index row copied in the database must not add a result.
-            if !req.conditions.iter().all(|c| c.matches(resource_type, &body)) {
+            if exact && !matches(&plain)? {
                 index_mismatch(resource_type);
                 continue;
             }
-            resources.push(Resource { resource_type: v.resource_type, id: v.id, version: v.version, last_updated: v.last_updated, deleted: v.deleted, patient: v.patient, body: Some(body) });
+            found.push(Found::new(v, plain));
         }
-        Ok(SearchPage { total, resources })
+        Ok(FoundPage { total, found })
     }
 
     /// The filter for resources whose string parameters hold exactly these values (as the

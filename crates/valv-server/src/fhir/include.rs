@@ -13,7 +13,7 @@ use crate::App;
 use std::collections::{HashMap, HashSet};
 use valv_fhir::search::{self, Include, SearchRequest};
 use valv_policy::Action;
-use valv_store::vault::Resource;
+use valv_store::vault::{Found, Resource};
 
 /// Most resources one search includes; beyond, the rest are left out (and the count says so).
 pub(super) const MAX_INCLUDED: usize = 1000;
@@ -29,14 +29,14 @@ pub(super) struct Included {
     pub truncated: bool,
 }
 
-pub(super) async fn included(app: &App, ctx: &Ctx, resource_type: &str, req: &SearchRequest, page: &[Resource], query: &str) -> Result<Included, ApiError> {
+pub(super) async fn included(app: &App, ctx: &Ctx, resource_type: &str, req: &SearchRequest, page: &[Found], query: &str) -> Result<Included, ApiError> {
     let mut out = Included { resources: Vec::new(), events: Vec::new(), truncated: false };
     if req.includes.is_empty() && req.revincludes.is_empty() {
         return Ok(out);
     }
     let mut seen: HashSet<(String, String)> = page.iter().map(|r| (r.resource_type.clone(), r.id.clone())).collect();
     let mut filters: HashMap<String, Filter<'_>> = HashMap::new();
-    let mut frontier: Vec<Resource> = page.to_vec();
+    let mut frontier: Vec<Resource> = page.iter().map(Found::to_resource).collect::<Result<_, _>>()?;
     for round in 0..=MAX_ITERATIONS {
         // The first round applies every include to the matches (an `_include` only where its
         // source is the searched type); later ones only `:iterate` ones, to what the round

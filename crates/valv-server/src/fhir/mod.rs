@@ -258,16 +258,16 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
     let page = if may_match {
-        match app.vault.search(resource_type, &req, &visible, ctx.now).await {
+        match app.vault.search_found(resource_type, &req, &visible, ctx.now).await {
             Ok(p) => p,
             Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
         }
     } else {
-        vault::SearchPage { total: 0, resources: Vec::new() }
+        vault::FoundPage { total: 0, found: Vec::new() }
     };
     // One entry per patient whose data is in the response; one for the search itself otherwise.
     let mut patients: Vec<Option<&str>> = Vec::new();
-    for r in &page.resources {
+    for r in &page.found {
         let p = r.patient.as_deref();
         if !patients.contains(&p) {
             patients.push(p);
@@ -280,7 +280,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         .iter()
         .map(|p| ctx.permitted(&Touch { patient: *p, query: touch.query.clone(), ..touch }, 200, &filter.permit(*p)))
         .collect::<Result<Vec<_>, _>>()?;
-    let included = match include::included(app, ctx, resource_type, &req, &page.resources, touch.query.as_deref().unwrap_or("")).await {
+    let included = match include::included(app, ctx, resource_type, &req, &page.found, touch.query.as_deref().unwrap_or("")).await {
         Ok(i) => i,
         Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
     };
@@ -292,19 +292,42 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         next.push(("_offset".into(), (req.offset + req.count).to_string()));
         links.push(bundle::link("next", &format!("{}/{resource_type}?{}", app.base_url, crate::http::query::encode(&next))));
     }
-    let entry = |r: Resource, mode: &str| {
-        // Whole resources go into the Bundle as they are (no copy); only a shaped one is rebuilt.
-        let body = r.body.map(|b| if req.shape == search::Shape::Full { b } else { search::shape_resource(&b, &req.shape) });
-        json!({"fullUrl": format!("{}/{}/{}", app.base_url, r.resource_type, r.id), "resource": body, "search": {"mode": mode}})
+    // Whole matches go into the Bundle as the JSON they were stored as (as a read sends it);
+    // only a shaped one is parsed and rebuilt.
+    let shaped: Vec<Value> = match req.shape {
+        search::Shape::Full => Vec::new(),
+        _ => page.found.iter().map(|f| f.body().map(|b| search::shape_resource(&b, &req.shape))).collect::<Result<_, _>>()?,
     };
-    let mut entries: Vec<Value> = page.resources.into_iter().map(|r| entry(r, "match")).collect();
-    entries.extend(included.resources.into_iter().map(|r| entry(r, "include")));
-    if included.truncated {
+    let full_url = |t: &str, id: &str| format!("{}/{t}/{id}", app.base_url);
+    let mut entries: Vec<bundle::SearchEntry> = page
+        .found
+        .iter()
+        .enumerate()
+        .map(|(n, f)| bundle::SearchEntry {
+            full_url: Some(full_url(&f.resource_type, &f.id)),
+            resource: shaped.get(n).map_or(bundle::EntryResource::Json(&f.json), bundle::EntryResource::Tree),
+            mode: "match",
+        })
+        .collect();
+    // Included resources were opened as trees (their references had to be read).
+    let truncated = included.truncated;
+    let included: Vec<(String, Value)> = included
+        .resources
+        .into_iter()
+        .map(|r| {
+            let body = r.body.unwrap_or(Value::Null);
+            let body = if req.shape == search::Shape::Full { body } else { search::shape_resource(&body, &req.shape) };
+            (full_url(&r.resource_type, &r.id), body)
+        })
+        .collect();
+    entries.extend(included.iter().map(|(url, body)| bundle::SearchEntry { full_url: Some(url.clone()), resource: bundle::EntryResource::Tree(body), mode: "include" }));
+    let note = truncated.then(|| {
         let note = format!("more than {} resources were to be included; the rest are left out", include::MAX_INCLUDED);
-        entries.push(json!({"resource": valv_fhir::outcome::operation_outcome(valv_fhir::outcome::Severity::Warning, "too-costly", &note), "search": {"mode": "outcome"}}));
-    }
+        valv_fhir::outcome::operation_outcome(valv_fhir::outcome::Severity::Warning, "too-costly", &note)
+    });
+    entries.extend(note.iter().map(|n| bundle::SearchEntry { full_url: None, resource: bundle::EntryResource::Tree(n), mode: "outcome" }));
     let total = (!req.no_total).then_some(page.total);
-    Ok(Reply::json(StatusCode::OK, bundle::collection("searchset", &vault::new_id()?, total, links, entries)))
+    Ok(Reply::raw_json(StatusCode::OK, bundle::searchset_bytes(&vault::new_id()?, total, &links, &entries)))
 }
 
 async fn history(app: &App, ctx: &Ctx, resource_type: &str, id: Option<&str>, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
