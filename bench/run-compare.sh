@@ -17,7 +17,9 @@
 # Observation (random ids of the loaded data), search Observation?_count=20&patient=<random
 # patient> (the same page size for both),
 # create Observation. Prints the machine, every round, then medians and the ratios the issue
-# asks for. Needs wrk, python3, cargo. Stops everything it started.
+# asks for. Last, Valv alone is restarted with room for 256 connections from one address and read
+# by Patient id over 256 connections for SECONDS: its peak resident memory (VmHWM; the issue asks
+# < 256 MiB). Needs wrk, python3, cargo. Stops everything it started.
 set -euo pipefail
 SECONDS_PER_RUN=${1:-10}
 ROUNDS=${2:-3}
@@ -123,7 +125,8 @@ echo "$imported"
 # valv import's own rate: from its first bundle to its last commit (as Helios's, without start-up).
 valv_import=$(sed -n 's/.*(\([0-9]*\) resources\/s).*/\1/p' <<<"$imported")
 VALV_LOG=warn "$valv" --data-dir "$data" serve --listen 127.0.0.1:0 > "$out/valv.out" 2> "$out/valv.log" &
-pids+=($!)
+valv_pid=$!
+pids+=($valv_pid)
 wait_line "$out/valv.out" "Valv serving"
 valv_base=$(sed -n 's/^Valv serving HTTPS on \(https:[^ ]*\/fhir\).*/\1/p' "$out/valv.out")
 collect_ids "$out/valv" "$valv_base" "$key"
@@ -192,3 +195,17 @@ for what in patient observation search create; do
 done
 printf '%-22s %10s %20s %10s %13s %12s\n' "import (resources/s)" - "$valv_import" "$helios_import" - "$(ratio "$valv_import" "$helios_import")"
 echo "targets (issue \"speed\"): reads >= 0.33 of the ceiling and >= 2x Helios; search >= 2x Helios; creates >= 6,000/s; import >= 10,000/s"
+
+echo "== memory: Valv restarted, reads of Patient by id over 256 connections for ${SECONDS_PER_RUN}s"
+kill "$valv_pid"; wait "$valv_pid" 2>/dev/null || true
+# One source address holds all 256 (the defaults allow 64 and bursts of 200 new connections).
+printf '[limits]\nmax_connections_per_address = 512\nnew_connections_burst = 512\n' > "$data/valv.toml"
+VALV_LOG=warn "$valv" --data-dir "$data" serve --listen 127.0.0.1:0 > "$out/valv.out" 2> "$out/valv.log" &
+valv_pid=$!
+pids+=($valv_pid)
+wait_line "$out/valv.out" "Valv serving"
+valv_base=$(sed -n 's/^Valv serving HTTPS on \(https:[^ ]*\/fhir\).*/\1/p' "$out/valv.out")
+line=$(wrk -t2 -c256 -d"${SECONDS_PER_RUN}s" --latency -s "$out/list.lua" "$valv_base" -- "$out/valv.patients" "/fhir/Patient/" "$key" | grep '^RESULT' || echo "RESULT 0 0 0 -1")
+read -r _ rps p50 p99 errors <<<"$line"
+hwm=$(awk '/^VmHWM/{printf "%.0f", $2/1024}' "/proc/$valv_pid/status")
+echo "256 connections: $rps reads/s, p50 $p50 ms, p99 $p99 ms, errors $errors; Valv's peak RSS (VmHWM) $hwm MiB (target < 256 MiB)"

@@ -431,6 +431,18 @@ impl SqliteStore {
         f(&conn)
     }
 
+    /// [`Self::with_reader`] for several statements in one read transaction: one snapshot, and
+    /// one round of SQLite's file locks and WAL check instead of one per statement (each of which
+    /// discards the connection's page cache when a commit came in between).
+    fn with_snapshot<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.with_reader(|c| {
+            let tx = c.unchecked_transaction()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
     fn with_admin<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
         if self.refusing.load(Ordering::Acquire) {
             return Err(StoreError::Backend(NO_HEADROOM.into()));
@@ -1428,7 +1440,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let mut stmt = c.prepare_cached(&format!("SELECT {CURRENT_COLUMNS} FROM {CURRENT_FROM}"))?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
@@ -1442,7 +1454,7 @@ impl Store for SqliteStore {
 
     async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize)
         -> Result<(Vec<StoredVersion>, usize), StoreError> {
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let (where_, args): (&str, Vec<&dyn rusqlite::ToSql>) = match &id {
                 Some(id) => ("r.type = ?1 AND r.id = ?2", vec![&resource_type, id]),
                 None => ("r.type = ?1", vec![&resource_type]),
@@ -1520,7 +1532,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit_tiles(&self, keys: &[(u8, u64)]) -> Result<Vec<crate::AuditTile>, StoreError> {
-        self.with_reader(|c| {
+        self.with_snapshot(|c| {
             let mut get = c.prepare_cached("SELECT hashes FROM audit_tiles WHERE level = ?1 AND idx = ?2")?;
             let mut out = Vec::with_capacity(keys.len());
             for &(level, index) in keys {
