@@ -408,6 +408,16 @@ pub trait Store: Send + Sync {
     async fn commit(&self, writes: Vec<Write>) -> Result<(), StoreError>;
     /// Candidates for a search, in the filter's order, deleted resources excluded.
     async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError>;
+    /// A search's candidates and the current versions of those `page` picks from them (ids of
+    /// `filter`'s type), read in one snapshot where the backend has it cheaply (SQLite: one read
+    /// transaction); by default the search and then the reads.
+    async fn search_and_read(&self, filter: &Filter, page: &(dyn for<'c> Fn(&'c [Located]) -> Vec<String> + Sync))
+        -> Result<(Vec<Located>, Vec<StoredVersion>), StoreError> {
+        let candidates = self.search(filter).await?;
+        let ids = page(&candidates);
+        let read = self.read_many(&filter.resource_type, &ids).await?;
+        Ok((candidates, read))
+    }
     async fn insert_api_key(&self, record: &ApiKeyRecord) -> Result<(), StoreError>;
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError>;
     async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;

@@ -866,6 +866,31 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
 }
 
 /// A search's SQL and its arguments (the same text for the same shape: cached statements).
+/// A search's candidates (see [`Store::search`]).
+fn search_in(c: &Connection, filter: &Filter) -> Result<Vec<Located>, StoreError> {
+    let (sql, args) = search_sql(filter);
+    // Same query shape, same SQL text: cached like every other statement.
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt
+        .query_map(params_from_iter(args.iter()), |r| {
+            Ok(Located { id: r.get(0)?, version: r.get(1)?, patient: r.get(2)?, deleted: r.get(3)?, last_updated: r.get(4)? })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Current versions of `ids` (see [`Store::read_many`]).
+fn read_many_in(c: &Connection, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
+    let mut stmt = c.prepare_cached(&format!("SELECT {CURRENT_COLUMNS} FROM {CURRENT_FROM}"))?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(v) = current_checked(stmt.query_row(params![resource_type, id], row_to_current).optional()?)? {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
 fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
     // With tokens, the rows come from the token lists (rowid lookups, already in rid order);
     // `+` keeps SQLite from walking every resource of the type through the type index instead
@@ -1440,16 +1465,7 @@ impl Store for SqliteStore {
     }
 
     async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
-        self.with_snapshot(|c| {
-            let mut stmt = c.prepare_cached(&format!("SELECT {CURRENT_COLUMNS} FROM {CURRENT_FROM}"))?;
-            let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
-                if let Some(v) = current_checked(stmt.query_row(params![resource_type, id], row_to_current).optional()?)? {
-                    out.push(v);
-                }
-            }
-            Ok(out)
-        })
+        self.with_snapshot(|c| read_many_in(c, resource_type, ids))
     }
 
     async fn history(&self, resource_type: &str, id: Option<&str>, offset: usize, count: usize)
@@ -1577,16 +1593,15 @@ impl Store for SqliteStore {
     }
 
     async fn search(&self, filter: &Filter) -> Result<Vec<Located>, StoreError> {
-        self.with_reader(|c| {
-            let (sql, args) = search_sql(filter);
-            // Same query shape, same SQL text: cached like every other statement.
-            let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt
-                .query_map(params_from_iter(args.iter()), |r| {
-                    Ok(Located { id: r.get(0)?, version: r.get(1)?, patient: r.get(2)?, deleted: r.get(3)?, last_updated: r.get(4)? })
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+        self.with_reader(|c| search_in(c, filter))
+    }
+
+    async fn search_and_read(&self, filter: &Filter, page: &(dyn for<'c> Fn(&'c [Located]) -> Vec<String> + Sync))
+        -> Result<(Vec<Located>, Vec<StoredVersion>), StoreError> {
+        self.with_snapshot(|c| {
+            let candidates = search_in(c, filter)?;
+            let read = read_many_in(c, &filter.resource_type, &page(&candidates))?;
+            Ok((candidates, read))
         })
     }
 

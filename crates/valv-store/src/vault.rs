@@ -756,8 +756,18 @@ impl Vault {
         -> Result<FoundPage, StoreError> {
         let (filter, exact) = self.filter_for(resource_type, req);
         // An erased patient's resources are gone from every result (their rows stay, unreadable).
-        let candidates: Vec<Located> =
-            self.store.search(&filter).await?.into_iter().filter(|l| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p))).collect();
+        let shown = |l: &Located| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p));
+        // Without a sort of its own, the page is known from the candidates alone: they and the
+        // page's resources are read together.
+        let in_store_order = exact && req.sort_keys.is_empty() && !req.count_only;
+        let page_ids = |candidates: &[Located]| -> Vec<String> {
+            match in_store_order {
+                true => candidates.iter().filter(|l| shown(l)).skip(req.offset).take(req.count).map(|l| l.id.clone()).collect(),
+                false => Vec::new(),
+            }
+        };
+        let (candidates, page) = self.store.search_and_read(&filter, &page_ids).await?;
+        let candidates: Vec<Located> = candidates.into_iter().filter(|l| shown(l)).collect();
         // The index is not authenticated: a token row copied in the database must not put a
         // resource into results it does not match, so every result is tested on its plaintext.
         let matches = |plain: &[u8]| {
@@ -770,9 +780,8 @@ impl Vault {
             if req.count_only {
                 return Ok(FoundPage { total, found: Vec::new() });
             }
-            let ids: Vec<String> = candidates.iter().skip(req.offset).take(req.count).map(|l| l.id.clone()).collect();
-            let mut found = Vec::with_capacity(ids.len());
-            for v in self.store.read_many(resource_type, &ids).await? {
+            let mut found = Vec::with_capacity(page.len());
+            for v in page {
                 // Deleted or moved to another patient since it was listed: not a result.
                 if v.deleted || !visible(&located(&v)) {
                     continue;
