@@ -119,20 +119,6 @@ impl Found {
         Found { resource_type: v.resource_type, id: v.id, version: v.version, last_updated: v.last_updated, patient: v.patient, json }
     }
 
-    /// The result with its JSON parsed.
-    pub fn into_resource(self) -> Result<Resource, StoreError> {
-        let body = self.body()?;
-        Ok(Resource {
-            resource_type: self.resource_type,
-            id: self.id,
-            version: self.version,
-            last_updated: self.last_updated,
-            deleted: false,
-            patient: self.patient,
-            body: Some(body),
-        })
-    }
-
     /// A copy of the result with its JSON parsed.
     pub fn to_resource(&self) -> Result<Resource, StoreError> {
         Ok(Resource {
@@ -747,7 +733,7 @@ impl Vault {
     pub async fn search(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
         -> Result<SearchPage, StoreError> {
         let page = self.search_found(resource_type, req, visible, now).await?;
-        let resources = page.found.into_iter().map(Found::into_resource).collect::<Result<_, _>>()?;
+        let resources = page.found.iter().map(Found::to_resource).collect::<Result<_, _>>()?;
         Ok(SearchPage { total: page.total, resources })
     }
 
