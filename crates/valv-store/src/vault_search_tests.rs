@@ -158,6 +158,14 @@ proptest! {
                 prop_assert_eq!(&found, &expected, "{} {:?}", q.resource_type, pairs);
                 prop_assert_eq!(page.total, expected.len());
                 prop_assert!(page.resources.iter().all(|r| r.patient.as_ref().is_some_and(|p| visible_patients.contains(p))));
+                // A later page is that stretch of the whole list, with the same total.
+                let paged_pairs: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_count").cloned()
+                    .chain([("_count".to_string(), "2".to_string()), ("_offset".to_string(), "1".to_string())]).collect();
+                let paged_req = valv_fhir::search::parse_request(q.resource_type, &paged_pairs).expect("paged search parses");
+                let paged = vault.search(q.resource_type, &paged_req, &visible, 1).await.expect("paged search");
+                let whole: Vec<&String> = page.resources.iter().map(|r| &r.id).skip(1).take(2).collect();
+                prop_assert_eq!(paged.resources.iter().map(|r| &r.id).collect::<Vec<_>>(), whole, "{:?}", paged_pairs);
+                prop_assert_eq!(paged.total, page.total);
             }
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
