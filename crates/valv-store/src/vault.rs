@@ -747,10 +747,10 @@ impl Vault {
         // page's resources are read together.
         let in_store_order = exact && req.sort_keys.is_empty() && !req.count_only;
         let page_ids = |candidates: &[Located]| -> Vec<String> {
-            match in_store_order {
-                true => candidates.iter().filter(|l| shown(l)).skip(req.offset).take(req.count).map(|l| l.id.clone()).collect(),
-                false => Vec::new(),
+            if !in_store_order {
+                return Vec::new();
             }
+            candidates.iter().filter(|l| shown(l)).skip(req.offset).take(req.count).map(|l| l.id.clone()).collect()
         };
         let (candidates, page) = self.store.search_and_read(&filter, &page_ids).await?;
         let candidates: Vec<Located> = candidates.into_iter().filter(|l| shown(l)).collect();
