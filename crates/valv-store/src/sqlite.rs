@@ -755,7 +755,15 @@ struct Outcome {
     full: bool,
 }
 
-/// Applies each job in its own savepoint inside one transaction, then commits once.
+/// Applies each job in its own savepoint inside one transaction, then inserts the group's new
+/// search tokens, sorted, and commits once.
+///
+/// Why the tokens wait: a token lands on a random page of the token index, and every page a job
+/// changes inside its savepoint is first copied for a possible rollback — per job, so a page
+/// changed by many jobs of a group was copied as many times. Inserted after the savepoints, in
+/// key order, each page is changed once per group and nothing is copied (bench/README "Import").
+/// Tokens are only added for jobs that succeeded; a job that reads the index (a conditional
+/// create, an update removing its old tokens) first gets every waiting token inserted.
 fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
     let fail = |what: &str, e: rusqlite::Error, full: bool| Outcome { results: fail_all(group, &format!("{what}: {e}")), committed: false, full: full || is_full(&e) };
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
@@ -764,9 +772,16 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
     };
     let mut results = Vec::with_capacity(group.len());
     let mut full = false;
+    let mut waiting: Vec<(crate::Token, i64)> = Vec::new();
     for (work, _) in group {
+        if reads_index(work) {
+            if let Err(e) = insert_tokens(&tx, "search_tokens", &mut waiting) {
+                return fail("cannot index", e, full);
+            }
+        }
+        let mut added = Vec::new();
         let outcome = tx.execute_batch("SAVEPOINT job").map_err(StoreError::from).and_then(|()| match work {
-            Work::Writes(writes) => apply_writes(&tx, writes).map(|()| 0),
+            Work::Writes(writes) => apply_writes(&tx, writes, &mut added).map(|()| 0),
             Work::Audit(rows) => append_audit_rows(&tx, rows),
             Work::Key { name, key, now } => insert_key_if_absent(&tx, name, key, *now).map(|()| 0),
         });
@@ -780,12 +795,46 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
         if let Err(e) = closed {
             return fail("savepoint failed", e, full);
         }
+        if outcome.is_ok() {
+            waiting.append(&mut added);
+        }
         results.push(outcome);
+    }
+    if let Err(e) = insert_tokens(&tx, "search_tokens", &mut waiting) {
+        return fail("cannot index", e, full);
     }
     match tx.commit() {
         Ok(()) => Outcome { results, committed: true, full },
         Err(e) => fail("commit failed", e, full),
     }
+}
+
+/// Whether a job looks at the token index as it stands (so tokens waiting must be in it first).
+fn reads_index(work: &Work) -> bool {
+    matches!(work, Work::Writes(writes) if writes.iter().any(|w| w.unless.is_some() || matches!(w.expect, Expect::Version(_))))
+}
+
+/// How many (token, rid) pairs one INSERT statement carries.
+const TOKENS_PER_INSERT: usize = 64;
+
+/// Inserts (token, rid) pairs into `table` in key order, many per statement, and empties
+/// `tokens`; a pair already there is kept.
+fn insert_tokens(conn: &Connection, table: &str, tokens: &mut Vec<(crate::Token, i64)>) -> rusqlite::Result<()> {
+    tokens.sort_unstable();
+    tokens.dedup();
+    let many = format!("INSERT OR IGNORE INTO {table} (token, rid) VALUES {}", vec!["(?, ?)"; TOKENS_PER_INSERT].join(", "));
+    let mut chunks = tokens.chunks_exact(TOKENS_PER_INSERT);
+    let mut stmt = conn.prepare_cached(&many)?;
+    for chunk in &mut chunks {
+        let params: Vec<&dyn rusqlite::ToSql> = chunk.iter().flat_map(|(t, rid)| [t as &dyn rusqlite::ToSql, rid as &dyn rusqlite::ToSql]).collect();
+        stmt.execute(params.as_slice())?;
+    }
+    let mut one = conn.prepare_cached(&format!("INSERT OR IGNORE INTO {table} (token, rid) VALUES (?1, ?2)"))?;
+    for (t, rid) in chunks.remainder() {
+        one.execute(params![t, rid])?;
+    }
+    tokens.clear();
+    Ok(())
 }
 
 /// Stores a data key unless one of that name exists — and never one for an erased patient,
@@ -809,9 +858,15 @@ fn append_audit_rows(conn: &Connection, rows: &[crate::AuditRow]) -> Result<u64,
     Ok(next)
 }
 
-fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
+/// Applies `writes`; the search tokens of the versions written are added to `added`, not
+/// inserted (see [`commit_group`]).
+fn apply_writes(conn: &Connection, writes: &[Write], added: &mut Vec<(crate::Token, i64)>) -> Result<(), StoreError> {
     for w in writes {
         let v = &w.version;
+        // An earlier write of this job may be what this one checks or replaces.
+        if w.unless.is_some() || matches!(w.expect, Expect::Version(_)) {
+            insert_tokens(conn, "search_tokens", added)?;
+        }
         if let (Some(sealed_with), Some(patient)) = (&w.sealed_with, &v.patient) {
             check_sealed_with(conn, patient, sealed_with)?;
         }
@@ -857,10 +912,7 @@ fn apply_writes(conn: &Connection, writes: &[Write]) -> Result<(), StoreError> {
             "INSERT INTO versions (rid, version, deleted, patient, last_updated, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![rid, v.version, v.deleted, v.patient, v.last_updated, v.body])?;
-        let mut insert = conn.prepare_cached("INSERT OR IGNORE INTO search_tokens (token, rid) VALUES (?1, ?2)")?;
-        for t in &w.tokens {
-            insert.execute(params![&t[..], rid])?;
-        }
+        added.extend(w.tokens.iter().map(|t| (*t, rid)));
     }
     Ok(())
 }
@@ -1928,6 +1980,29 @@ mod tests {
         let (hist, total) = store.history("Patient", Some("a"), 0, 10).await.expect("history");
         assert_eq!(total, 2);
         assert_eq!(hist[0].version, 2, "newest first");
+        drop(store);
+        remove_db(&path);
+    }
+
+    #[tokio::test]
+    async fn tokens_are_indexed_for_committed_writes_only_and_follow_updates_within_a_request() {
+        let path = temp_db();
+        let store = SqliteStore::open(&path).expect("open");
+        let w = |id: &str, expect, v, token: u8| Write { expect, version: version(id, v), tokens: vec![[token; 16]], sealed_with: None, unless: None };
+        let hits = |token: u8| Filter { resource_type: "Patient".into(), token_groups: vec![vec![[token; 16]]], ..Filter::default() };
+        store.commit(vec![w("a", Expect::Absent, 1, 1)]).await.expect("create a");
+        // A failed request's tokens are not indexed: not even under the rowid its rolled-back
+        // create had, which the next create takes.
+        let failed = store.commit(vec![w("d", Expect::Absent, 1, 7), w("a", Expect::Absent, 1, 8)]).await;
+        assert!(matches!(failed, Err(StoreError::Conflict(_))), "{failed:?}");
+        store.commit(vec![w("e", Expect::Absent, 1, 9)]).await.expect("create e");
+        assert!(store.search(&hits(7)).await.expect("search").is_empty(), "a token of a failed request");
+        assert_eq!(store.search(&hits(9)).await.expect("search").len(), 1);
+        // Created and updated in one request: only the second version's token stays.
+        store.commit(vec![w("c", Expect::Absent, 1, 5), w("c", Expect::Version(1), 2, 6)]).await.expect("create and update c");
+        assert!(store.search(&hits(5)).await.expect("search").is_empty(), "the replaced version's token");
+        let found = store.search(&hits(6)).await.expect("search");
+        assert_eq!(found.iter().map(|l| (l.id.as_str(), l.version)).collect::<Vec<_>>(), [("c", 2)]);
         drop(store);
         remove_db(&path);
     }

@@ -6,7 +6,7 @@
 //! sorted, at the end, and the secondary indexes are built then too: sorting once beats inserting
 //! at random places row by row.
 
-use super::{row_to_audit, SqliteStore};
+use super::{insert_tokens, row_to_audit, SqliteStore};
 use crate::dump::{ResourceRow, Row, VersionRow};
 use crate::{ApiKeyRecord, AuditTile, ErasureRequestRow, ErasureRow, GrantRow, StoreError, StoredCheckpoint, UserRow, WrappedKey};
 use rusqlite::{params, Connection, OpenFlags};
@@ -171,9 +171,6 @@ fn resources(tx: &Connection, b: &mut Batcher) -> Result<(), StoreError> {
 /// a temporary table.
 const TOKENS_IN_MEMORY: usize = 4 << 20;
 
-/// Rows per multi-row insert of search tokens.
-const TOKENS_PER_INSERT: usize = 64;
-
 /// The search tokens of a load, inserted once, sorted, at its end: sorting once beats inserting
 /// at random places of the token table row by row. Kept in memory up to [`TOKENS_IN_MEMORY`];
 /// beyond it every run is spilled to a temporary table, which SQLite sorts on disk at the end.
@@ -195,8 +192,7 @@ impl Tokens {
 
     fn spill(&mut self, conn: &Connection) -> Result<(), StoreError> {
         conn.execute_batch("CREATE TEMP TABLE IF NOT EXISTS load_tokens (token BLOB NOT NULL, rid INTEGER NOT NULL)")?;
-        insert_tokens(conn, "temp.load_tokens", &self.pending)?;
-        self.pending.clear();
+        insert_tokens(conn, "temp.load_tokens", &mut self.pending)?;
         self.spilled = true;
         Ok(())
     }
@@ -206,28 +202,12 @@ impl Tokens {
             self.spill(conn)?;
             conn.execute_batch("INSERT INTO search_tokens (token, rid) SELECT token, rid FROM temp.load_tokens ORDER BY token, rid; DROP TABLE temp.load_tokens;")?;
         } else {
-            self.pending.sort_unstable();
-            insert_tokens(conn, "search_tokens", &self.pending)?;
+            insert_tokens(conn, "search_tokens", &mut self.pending)?;
         }
         Ok(())
     }
 }
 
-/// Inserts (token, rid) pairs into `table`, many per statement.
-fn insert_tokens(conn: &Connection, table: &str, tokens: &[([u8; 16], i64)]) -> Result<(), StoreError> {
-    let many = format!("INSERT INTO {table} (token, rid) VALUES {}", vec!["(?, ?)"; TOKENS_PER_INSERT].join(", "));
-    let mut chunks = tokens.chunks_exact(TOKENS_PER_INSERT);
-    let mut stmt = conn.prepare_cached(&many)?;
-    for chunk in &mut chunks {
-        let params: Vec<&dyn rusqlite::ToSql> = chunk.iter().flat_map(|(t, rid)| [t as &dyn rusqlite::ToSql, rid as &dyn rusqlite::ToSql]).collect();
-        stmt.execute(params.as_slice())?;
-    }
-    let mut one = conn.prepare_cached(&format!("INSERT INTO {table} (token, rid) VALUES (?1, ?2)"))?;
-    for (t, rid) in chunks.remainder() {
-        one.execute(params![t, rid])?;
-    }
-    Ok(())
-}
 
 /// A restore's new database file, loaded on a connection of its own without a journal and without
 /// an fsync per batch (a failed restore is removed whole), with a 256 MiB page cache; the search
