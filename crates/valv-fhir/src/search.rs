@@ -498,8 +498,8 @@ pub struct SearchRequest {
     pub sort_keys: Vec<SortKey>,
     /// `_summary=count` or `_count=0`: the total only.
     pub count_only: bool,
-    /// `_total=none` (or `_totalMethod=none`): no `total` in the Bundle.
-    pub no_total: bool,
+    /// `_total` (or `_totalMethod`): whether and how exactly `total` is given.
+    pub total: TotalMode,
     /// `_include` and `_include:iterate`.
     pub includes: Vec<Include>,
     /// `_revinclude` and `_revinclude:iterate`.
@@ -550,6 +550,22 @@ pub enum Shape {
 
 pub const DEFAULT_COUNT: usize = 20;
 pub const MAX_COUNT: usize = 1000;
+/// Up to how many matches a search counts exactly unless `_total=accurate` asks for the exact
+/// number whatever it costs: listing every match of a patient with 50,000 Observations cost
+/// more than 200 ordinary searches (bench/README "The comparison rerun").
+pub const EXACT_TOTAL_UP_TO: usize = 1000;
+
+/// How a search's `total` is given (`_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TotalMode {
+    /// `none`: left out.
+    None,
+    /// The default, and `estimate`: exact when there are at most [`EXACT_TOTAL_UP_TO`] matches,
+    /// else left out (the `next` link says more follow).
+    UpTo,
+    /// `accurate` (and `count`, `exact`, which fhirpy sends as `_totalMethod`): always exact.
+    Accurate,
+}
 
 /// One search parameter of the request; its alternatives (comma-separated values) are ORed, the
 /// conditions of a request are ANDed.
@@ -780,7 +796,7 @@ pub fn parse_request(resource_type: &str, pairs: &[(String, String)]) -> Result<
         sort: SortOrder::Created,
         sort_keys: Vec::new(),
         count_only: false,
-        no_total: false,
+        total: TotalMode::UpTo,
         includes: Vec::new(),
         revincludes: Vec::new(),
         shape: Shape::Full,
@@ -949,8 +965,9 @@ fn apply_result_param(req: &mut SearchRequest, resource_type: &str, name: &str, 
         },
         // `_totalMethod` is what some clients (fhirpy's count()) send for `_total`.
         "_total" | "_totalMethod" => match value {
-            "none" => req.no_total = true,
-            "estimate" | "accurate" | "count" | "exact" => req.no_total = false,
+            "none" => req.total = TotalMode::None,
+            "estimate" => req.total = TotalMode::UpTo,
+            "accurate" | "count" | "exact" => req.total = TotalMode::Accurate,
             other => return Err(FhirError::invalid(format!("{name}={other}: use none, estimate or accurate"))),
         },
         "_elements" => {

@@ -93,6 +93,8 @@ pub struct Filter {
     /// Each inner list is ORed ranges `[from, to)` of last-updated milliseconds; lists are ANDed.
     pub last_updated: Vec<Vec<(i64, i64)>>,
     pub order: Order,
+    /// At most this many candidates, the first in `order` (None: all).
+    pub limit: Option<usize>,
 }
 
 /// A service account's API key, stored by hash only.

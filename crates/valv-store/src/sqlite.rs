@@ -976,6 +976,10 @@ fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
         Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
         Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
     });
+    if let Some(limit) = filter.limit {
+        sql.push_str(" LIMIT ?");
+        args.push(i64::try_from(limit).unwrap_or(i64::MAX).into());
+    }
     (sql, args)
 }
 
@@ -983,8 +987,8 @@ fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
 /// writer inside its transaction (and under SQLite's write lock across processes), so no other
 /// write comes between this check and the insert.
 fn check_unmatched(conn: &Connection, filter: &Filter) -> Result<(), StoreError> {
-    let (sql, args) = search_sql(filter);
-    let found: Option<String> = conn.prepare_cached(&format!("{sql} LIMIT 1"))?.query_row(params_from_iter(args.iter()), |r| r.get(0)).optional()?;
+    let (sql, args) = search_sql(&Filter { limit: Some(1), ..filter.clone() });
+    let found: Option<String> = conn.prepare_cached(&sql)?.query_row(params_from_iter(args.iter()), |r| r.get(0)).optional()?;
     match found {
         Some(id) => Err(StoreError::Matched(format!("{}/{id}", filter.resource_type))),
         None => Ok(()),

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use valv_crypto::{Aad, BlindIndexKey, DataKey, KeyProvider};
-use valv_fhir::search::{SearchRequest, SortOrder, Test};
+use valv_fhir::search::{SearchRequest, SortOrder, Test, TotalMode};
 use valv_fhir::{compartment, date, r4, search};
 
 const TENANT_KEY: &str = "tenant";
@@ -88,8 +88,10 @@ pub struct Committed {
 /// A page of search results.
 #[derive(Debug)]
 pub struct SearchPage {
-    /// Every match the caller may see, not only this page.
-    pub total: usize,
+    /// How many matches the caller may see, when they were counted (see [`FoundPage::total`]).
+    pub total: Option<usize>,
+    /// Whether matches follow this page.
+    pub more: bool,
     pub resources: Vec<Resource>,
 }
 
@@ -98,9 +100,24 @@ pub struct SearchPage {
 /// resource's tree (includes, `_elements`) builds it.
 #[derive(Debug)]
 pub struct FoundPage {
-    /// Every match the caller may see, not only this page.
-    pub total: usize,
+    /// How many matches the caller may see, not only this page: always for `_total=accurate`,
+    /// a sort of the search's own and `_summary=count`; otherwise only when there are at most
+    /// [`search::EXACT_TOTAL_UP_TO`] (the rest were not listed).
+    pub total: Option<usize>,
+    /// Whether matches follow this page.
+    pub more: bool,
     pub found: Vec<Found>,
+}
+
+impl FoundPage {
+    /// A page of a search that cannot match anything.
+    pub fn empty() -> Self {
+        FoundPage { total: Some(0), more: false, found: Vec::new() }
+    }
+
+    fn counted(total: usize, req: &SearchRequest, found: Vec<Found>) -> Self {
+        FoundPage { total: Some(total), more: !req.count_only && req.offset.saturating_add(req.count) < total, found }
+    }
 }
 
 /// One search result (never a deletion) with its plaintext JSON.
@@ -734,13 +751,13 @@ impl Vault {
         -> Result<SearchPage, StoreError> {
         let page = self.search_found(resource_type, req, visible, now).await?;
         let resources = page.found.iter().map(Found::to_resource).collect::<Result<_, _>>()?;
-        Ok(SearchPage { total: page.total, resources })
+        Ok(SearchPage { total: page.total, more: page.more, resources })
     }
 
     /// [`Vault::search`] with each result's plaintext JSON as stored, not parsed.
     pub async fn search_found(&self, resource_type: &str, req: &SearchRequest, visible: &(dyn Fn(&Located) -> bool + Sync), now: i64)
         -> Result<FoundPage, StoreError> {
-        let (filter, exact) = self.filter_for(resource_type, req);
+        let (mut filter, exact) = self.filter_for(resource_type, req);
         // An erased patient's resources are gone from every result (their rows stay, unreadable).
         let shown = |l: &Located| visible(l) && !l.patient.as_deref().is_some_and(|p| self.is_erased(p));
         // Without a sort of its own, the page is known from the candidates alone: they and the
@@ -752,8 +769,25 @@ impl Vault {
             }
             candidates.iter().filter(|l| shown(l)).skip(req.offset).take(req.count).map(|l| l.id.clone()).collect()
         };
-        let (candidates, page) = self.store.search_and_read(&filter, &page_ids).await?;
-        let candidates: Vec<Located> = candidates.into_iter().filter(|l| shown(l)).collect();
+        let end = req.offset.saturating_add(req.count);
+        // Listing every match costs what the matches number: unless an exact total is asked
+        // for, the store lists the page, one more (are there more?) and enough to count up to
+        // EXACT_TOTAL_UP_TO, and no further.
+        filter.limit = match req.total {
+            _ if !in_store_order => None,
+            TotalMode::Accurate => None,
+            TotalMode::UpTo => Some(end.max(search::EXACT_TOTAL_UP_TO).saturating_add(1)),
+            TotalMode::None => Some(end.saturating_add(1)),
+        };
+        let (mut listed, mut page) = self.store.search_and_read(&filter, &page_ids).await?;
+        let mut complete = filter.limit.is_none_or(|l| listed.len() < l);
+        if !complete && listed.iter().filter(|l| shown(l)).take(end.saturating_add(1)).count() <= end {
+            // Matches the caller may not see left the listing short of this page: all of them.
+            filter.limit = None;
+            (listed, page) = self.store.search_and_read(&filter, &page_ids).await?;
+            complete = true;
+        }
+        let candidates: Vec<Located> = listed.into_iter().filter(|l| shown(l)).collect();
         // The index is not authenticated: a token row copied in the database must not put a
         // resource into results it does not match, so every result is tested on its plaintext.
         let matches = |plain: &[u8]| {
@@ -764,7 +798,7 @@ impl Vault {
         if exact && req.sort_keys.is_empty() {
             let total = candidates.len();
             if req.count_only {
-                return Ok(FoundPage { total, found: Vec::new() });
+                return Ok(FoundPage::counted(total, req, Vec::new()));
             }
             let mut found = Vec::with_capacity(page.len());
             for v in page {
@@ -779,7 +813,7 @@ impl Vault {
                     index_mismatch(resource_type);
                 }
             }
-            return Ok(FoundPage { total, found });
+            return Ok(if complete { FoundPage::counted(total, req, found) } else { FoundPage { total: None, more: true, found } });
         }
         // Every candidate decrypted: tested when some condition needs the plaintext, and its sort
         // values taken; what is kept is its plaintext bytes, not a parsed tree.
@@ -802,7 +836,7 @@ impl Vault {
         valv_fhir::search::sort_by_values(&mut keyed, &req.sort_keys);
         let total = keyed.len();
         if req.count_only {
-            return Ok(FoundPage { total, found: Vec::new() });
+            return Ok(FoundPage::counted(total, req, Vec::new()));
         }
         let mut found = Vec::new();
         for (_, (v, plain)) in keyed.into_iter().skip(req.offset).take(req.count) {
@@ -813,7 +847,7 @@ impl Vault {
             }
             found.push(Found::new(v, plain));
         }
-        Ok(FoundPage { total, found })
+        Ok(FoundPage::counted(total, req, found))
     }
 
     /// The filter for resources whose string parameters hold exactly these values (as the

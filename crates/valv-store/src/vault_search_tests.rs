@@ -156,7 +156,8 @@ proptest! {
                     .map(|i| all[i].clone())
                     .collect();
                 prop_assert_eq!(&found, &expected, "{} {:?}", q.resource_type, pairs);
-                prop_assert_eq!(page.total, expected.len());
+                prop_assert_eq!(page.total, Some(expected.len()));
+                prop_assert!(!page.more);
                 prop_assert!(page.resources.iter().all(|r| r.patient.as_ref().is_some_and(|p| visible_patients.contains(p))));
                 // A later page is that stretch of the whole list, with the same total.
                 let paged_pairs: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_count").cloned()
@@ -166,11 +167,57 @@ proptest! {
                 let whole: Vec<&String> = page.resources.iter().map(|r| &r.id).skip(1).take(2).collect();
                 prop_assert_eq!(paged.resources.iter().map(|r| &r.id).collect::<Vec<_>>(), whole, "{:?}", paged_pairs);
                 prop_assert_eq!(paged.total, page.total);
+                prop_assert_eq!(paged.more, 3 < expected.len());
+                // Without a total the store lists only up to the page and one more — and all of
+                // them when matches the caller may not see leave that short of the page.
+                let uncounted_pairs: Vec<(String, String)> = paged_pairs.iter().cloned().chain([("_total".to_string(), "none".to_string())]).collect();
+                let uncounted_req = valv_fhir::search::parse_request(q.resource_type, &uncounted_pairs).expect("uncounted search parses");
+                let uncounted = vault.search(q.resource_type, &uncounted_req, &visible, 1).await.expect("uncounted search");
+                prop_assert_eq!(uncounted.resources.iter().map(|r| &r.id).collect::<Vec<_>>(), paged.resources.iter().map(|r| &r.id).collect::<Vec<_>>());
+                prop_assert_eq!(uncounted.more, paged.more, "{:?}", uncounted_pairs);
             }
             for suffix in ["", "-wal", "-shm"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
             }
             Ok(())
         })?;
+    }
+}
+
+/// Past [`search::EXACT_TOTAL_UP_TO`] matches a search lists no further than it must unless an
+/// exact total is asked for; `_summary=count` and `_total=accurate` count them all.
+#[tokio::test]
+async fn totals_are_exact_up_to_the_bound_or_when_asked_for() {
+    let path = std::env::temp_dir().join(format!("valv-total-{}.db", u64::from_le_bytes(random_bytes().expect("random"))));
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
+    let provider: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::generate(random_bytes().expect("random")));
+    let vault = Vault::open(store, provider, 1).await.expect("vault");
+    let patient = new_id().expect("id");
+    let many = search::EXACT_TOTAL_UP_TO + 2;
+    let mut writes = vec![WriteOp::Create { resource_type: "Patient".into(), id: patient.clone(), body: json!({"resourceType": "Patient"}), unless: None }];
+    for _ in 0..many {
+        let body = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
+        writes.push(WriteOp::Create { resource_type: "Observation".into(), id: new_id().expect("id"), body, unless: None });
+    }
+    vault.commit(writes, 1).await.expect("commit");
+    let all = |_: &Located| true;
+    let search = |extra: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = [("patient", patient.as_str())].iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let req = valv_fhir::search::parse_request("Observation", &pairs).expect("parses");
+        let vault = &vault;
+        async move { vault.search("Observation", &req, &all, 1).await.expect("search") }
+    };
+    let first = search(&[("_count", "10")]).await;
+    assert_eq!((first.total, first.more, first.resources.len()), (None, true, 10), "more than the bound: not counted");
+    let accurate = search(&[("_count", "10"), ("_total", "accurate")]).await;
+    assert_eq!((accurate.total, accurate.more), (Some(many), true));
+    assert_eq!(accurate.resources.iter().map(|r| &r.id).collect::<Vec<_>>(), first.resources.iter().map(|r| &r.id).collect::<Vec<_>>());
+    let counted = search(&[("_summary", "count")]).await;
+    assert_eq!((counted.total, counted.more, counted.resources.len()), (Some(many), false, 0));
+    // A page reaching past the bound lists to its end, one more, and so counts them all.
+    let last = search(&[("_count", "10"), ("_offset", &(many - 3).to_string())]).await;
+    assert_eq!((last.total, last.more, last.resources.len()), (Some(many), false, 3));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }

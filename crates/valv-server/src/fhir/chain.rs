@@ -59,7 +59,7 @@ async fn inner_search(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(Strin
     req.count = MAX_LINK_MATCHES;
     let filter = Filter::new(app, ctx, Action::Search, resource_type);
     let page = app.vault.search(resource_type, &req, &|l: &valv_store::Located| filter.visible(l.patient.as_deref()), ctx.now).await?;
-    if page.total > MAX_LINK_MATCHES {
+    if page.more {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "too-costly",

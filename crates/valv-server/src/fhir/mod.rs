@@ -263,7 +263,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
             Err(e) => return Err(audit_failure(app, ctx, &touch, e.into()).await),
         }
     } else {
-        vault::FoundPage { total: 0, found: Vec::new() }
+        vault::FoundPage::empty()
     };
     // One entry per patient whose data is in the response; one for the search itself otherwise.
     let mut patients: Vec<Option<&str>> = Vec::new();
@@ -287,7 +287,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
     events.extend(included.events);
     audit(app, events).await?;
     let mut links = vec![bundle::link("self", &format!("{}/{resource_type}?{}", app.base_url, touch.query.as_deref().unwrap_or("")))];
-    if !req.count_only && req.offset + req.count < page.total {
+    if page.more {
         let mut next: Vec<(String, String)> = pairs.iter().filter(|(k, _)| k != "_offset").cloned().collect();
         next.push(("_offset".into(), (req.offset + req.count).to_string()));
         links.push(bundle::link("next", &format!("{}/{resource_type}?{}", app.base_url, crate::http::query::encode(&next))));
@@ -326,7 +326,7 @@ async fn search_type(app: &App, ctx: &Ctx, resource_type: &str, pairs: &[(String
         valv_fhir::outcome::operation_outcome(valv_fhir::outcome::Severity::Warning, "too-costly", &note)
     });
     entries.extend(note.iter().map(|n| bundle::SearchEntry { full_url: None, resource: bundle::EntryResource::Tree(n), mode: "outcome" }));
-    let total = (!req.no_total).then_some(page.total);
+    let total = if req.total == search::TotalMode::None { None } else { page.total };
     Ok(Reply::raw_json(StatusCode::OK, bundle::searchset_bytes(&vault::new_id()?, total, &links, &entries)))
 }
 

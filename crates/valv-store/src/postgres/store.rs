@@ -434,9 +434,9 @@ async fn check_unmatched(c: &mut Conn, filter: &Filter) -> Result<(), StoreError
         key.push_str(id);
     }
     c.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", &[&CONDITION_LOCK_SPACE, &key]).await.map_err(pg("waiting for a conditional create"))?;
-    let (sql, args) = search_sql(filter);
+    let (sql, args) = search_sql(&Filter { limit: Some(1), ..filter.clone() });
     let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|a| a.as_ref() as &(dyn ToSql + Sync)).collect();
-    match c.query_opt(&format!("{sql} LIMIT 1"), &params).await.map_err(pg("checking a condition"))? {
+    match c.query_opt(&sql, &params).await.map_err(pg("checking a condition"))? {
         Some(row) => Err(StoreError::Matched(format!("{}/{}", filter.resource_type, row.get::<_, String>(0)))),
         None => Ok(()),
     }
@@ -471,6 +471,10 @@ pub(super) fn search_sql(filter: &Filter) -> (String, Vec<Param>) {
         Order::LastUpdatedAsc => " ORDER BY r.last_updated, r.rid",
         Order::LastUpdatedDesc => " ORDER BY r.last_updated DESC, r.rid DESC",
     });
+    if let Some(limit) = filter.limit {
+        args.push(Box::new(i64::try_from(limit).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(" LIMIT ${}", args.len()));
+    }
     (sql, args)
 }
 
