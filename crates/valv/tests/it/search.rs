@@ -141,6 +141,33 @@ async fn paging_follows_next_links_and_totals_are_exact() {
     assert_eq!(sorted.json["entry"][0]["resource"]["code"]["text"], "n24");
 }
 
+/// Past 1,000 matches a search leaves `total` out (unless asked for it) and still pages on.
+#[tokio::test]
+async fn totals_past_the_bound_are_left_out_unless_asked_for() {
+    let s = Server::start("bigtotal");
+    let p = s.post("/fhir/Patient", &json!({"resourceType":"Patient","gender":"other"})).await.id();
+    for _ in 0..2 {
+        let entries: Vec<serde_json::Value> = (0..501)
+            .map(|_| json!({"resource": {"resourceType":"Observation","status":"final","code":{"text":"n"},"subject":{"reference":format!("Patient/{p}")}},
+                "request": {"method": "POST", "url": "Observation"}}))
+            .collect();
+        let r = s.post("/fhir", &json!({"resourceType":"Bundle","type":"transaction","entry": entries})).await;
+        assert_eq!(r.status, 200, "{}", &r.text[..r.text.len().min(500)]);
+    }
+    let next_of = |page: &serde_json::Value| page["link"].as_array().and_then(|l| l.iter().find(|x| x["relation"] == "next")).and_then(|x| x["url"].as_str()).map(str::to_string);
+    let first = s.get(&format!("/fhir/Observation?patient={p}&_count=10")).await;
+    assert_eq!(first.status, 200, "{}", first.text);
+    assert!(first.json.get("total").is_none(), "more than 1,000 matches: no total");
+    assert_eq!(first.entry_ids().len(), 10);
+    assert!(next_of(&first.json).is_some());
+    let accurate = s.get(&format!("/fhir/Observation?patient={p}&_count=10&_total=accurate")).await;
+    assert_eq!(accurate.total(), 1002);
+    assert_eq!(s.get(&format!("/fhir/Observation?patient={p}&_summary=count")).await.total(), 1002);
+    let last = s.get(&format!("/fhir/Observation?patient={p}&_count=10&_offset=995")).await;
+    assert_eq!((last.total(), last.entry_ids().len()), (1002, 7), "a page past the bound counts to its end");
+    assert!(next_of(&last.json).is_none());
+}
+
 /// Parameters generated from the R4 definitions (decided after decryption, no index keys):
 /// through the server, under the policy, in every kind the generated table adds.
 #[tokio::test]
