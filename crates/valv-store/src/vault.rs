@@ -102,7 +102,7 @@ pub struct SearchPage {
 pub struct FoundPage {
     /// How many matches the caller may see, not only this page: always for `_total=accurate`,
     /// a sort of the search's own and `_summary=count`; otherwise only when there are at most
-    /// [`search::EXACT_TOTAL_UP_TO`] (the rest were not listed).
+    /// [`search::EXACT_TOTAL_UP_TO`] candidates, visible or not (the rest were not listed).
     pub total: Option<usize>,
     /// Whether matches follow this page.
     pub more: bool,
