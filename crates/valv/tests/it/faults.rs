@@ -99,6 +99,7 @@ async fn a_current_version_pointer_set_back_in_the_database_is_caught() {
     assert!(!r.text.contains("female"), "the old version is not served as current");
     let found = s.get(&format!("/fhir/Patient?_id={id}")).await;
     assert!(!found.text.contains("female"), "nor through search: {}", found.text);
+    assert_eq!(found.status, 500, "the search fails as the read does: {}", found.text);
 }
 
 #[tokio::test]
