@@ -811,7 +811,12 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
 
 /// Whether a job looks at the token index as it stands (so tokens waiting must be in it first).
 fn reads_index(work: &Work) -> bool {
-    matches!(work, Work::Writes(writes) if writes.iter().any(|w| w.unless.is_some() || matches!(w.expect, Expect::Version(_))))
+    matches!(work, Work::Writes(writes) if writes.iter().any(write_reads_index))
+}
+
+/// A conditional create checks the index; an update removes its old tokens from it.
+fn write_reads_index(w: &Write) -> bool {
+    w.unless.is_some() || matches!(w.expect, Expect::Version(_))
 }
 
 /// How many (token, rid) pairs one INSERT statement carries.
@@ -864,7 +869,7 @@ fn apply_writes(conn: &Connection, writes: &[Write], added: &mut Vec<(crate::Tok
     for w in writes {
         let v = &w.version;
         // An earlier write of this job may be what this one checks or replaces.
-        if w.unless.is_some() || matches!(w.expect, Expect::Version(_)) {
+        if write_reads_index(w) {
             insert_tokens(conn, "search_tokens", added)?;
         }
         if let (Some(sealed_with), Some(patient)) = (&w.sealed_with, &v.patient) {
@@ -917,7 +922,6 @@ fn apply_writes(conn: &Connection, writes: &[Write], added: &mut Vec<(crate::Tok
     Ok(())
 }
 
-/// A search's SQL and its arguments (the same text for the same shape: cached statements).
 /// A search's candidates (see [`Store::search`]).
 fn search_in(c: &Connection, filter: &Filter) -> Result<Vec<Located>, StoreError> {
     Ok(search_rows_in(c, filter)?.0)
@@ -971,6 +975,7 @@ fn read_many_in(c: &Connection, resource_type: &str, ids: &[String]) -> Result<V
     Ok(out)
 }
 
+/// A search's SQL and its arguments (the same text for the same shape: cached statements).
 fn search_sql(filter: &Filter) -> (String, Vec<rusqlite::types::Value>) {
     // With tokens, the rows come from the token lists (rowid lookups, already in rid order);
     // `+` keeps SQLite from walking every resource of the type through the type index instead

@@ -172,7 +172,10 @@ async fn bulk_export_parameters_errors_and_expiry() {
     assert_eq!(ids_of(&posted, "Patient"), BTreeSet::from([p.clone()]));
     assert_eq!(s.request("DELETE", &posted_status, Some(&key), None, &[]).await.status, 202);
 
-    // Eight kick-offs at once by one caller: one is accepted, the others are told to wait.
+    // Eight kick-offs at once by one caller: the limits are checked and the slot taken under
+    // one lock, so they cannot all pass. One job is accepted while it is queued or running; a
+    // one-Patient job can end between two kick-offs and the next is then accepted too, but never
+    // beyond the three a caller keeps. Every refusal says when to retry.
     let mut racing = Vec::new();
     for _ in 0..8 {
         let (c, key) = (s.client(), key.clone());
@@ -187,11 +190,14 @@ async fn bulk_export_parameters_errors_and_expiry() {
             other => panic!("{other}: {}", r.text),
         }
     }
-    assert_eq!(accepted.len(), 1, "one running job per caller");
+    assert!((1..=3).contains(&accepted.len()), "one running job per caller, three kept at most: {} accepted", accepted.len());
     // A caller keeps three jobs at most.
-    assert_eq!(finished(&s, &key, &accepted[0]).await.status, 200);
-    let mut kept = accepted.clone();
-    for _ in 0..2 {
+    let mut kept = Vec::new();
+    for status in accepted {
+        assert_eq!(finished(&s, &key, &status).await.status, 200);
+        kept.push(status);
+    }
+    while kept.len() < 3 {
         let status = kick_off(&s, &key, "/fhir/$export?_type=Patient").await;
         assert_eq!(finished(&s, &key, &status).await.status, 200);
         kept.push(status);
