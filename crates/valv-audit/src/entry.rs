@@ -92,7 +92,7 @@ fn write_number(out: &mut String, n: &Number) -> Result<(), AuditError> {
     Ok(())
 }
 
-fn write_string(out: &mut String, s: &str) {
+pub(crate) fn write_string(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
