@@ -560,8 +560,8 @@ pub const EXACT_TOTAL_UP_TO: usize = 1000;
 pub enum TotalMode {
     /// `none`: left out.
     None,
-    /// The default, and `estimate`: exact when the store has at most [`EXACT_TOTAL_UP_TO`]
-    /// candidates (before the access decision), else left out (the `next` link says more follow).
+    /// The default, and `estimate`: exact when the caller may see at most [`EXACT_TOTAL_UP_TO`]
+    /// matches, else left out (the `next` link says more follow).
     UpTo,
     /// `accurate` (and `count`, `exact`, which fhirpy sends as `_totalMethod`): always exact.
     Accurate,

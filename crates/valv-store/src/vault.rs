@@ -101,8 +101,8 @@ pub struct SearchPage {
 #[derive(Debug)]
 pub struct FoundPage {
     /// How many matches the caller may see, not only this page: always for `_total=accurate`,
-    /// a sort of the search's own and `_summary=count`; otherwise only when there are at most
-    /// [`search::EXACT_TOTAL_UP_TO`] candidates, visible or not (the rest were not listed).
+    /// a sort of the search's own and `_summary=count`; otherwise only when the caller may see at
+    /// most [`search::EXACT_TOTAL_UP_TO`] matches (the rest were not listed).
     pub total: Option<usize>,
     /// Whether matches follow this page.
     pub more: bool,
@@ -781,8 +781,10 @@ impl Vault {
         };
         let (mut listed, mut page) = self.store.search_and_read(&filter, &page_ids).await?;
         let mut complete = filter.limit.is_none_or(|l| listed.len() < l);
-        if !complete && listed.iter().filter(|l| shown(l)).take(end.saturating_add(1)).count() <= end {
-            // Matches the caller may not see left the listing short of this page: all of them.
+        if !complete && !listed.iter().all(&shown) {
+            // Matches the caller may not see are among those listed: all of them, so that the
+            // page is filled and whether a total is given depends only on what the caller may
+            // see (its absence must not tell of others' records).
             filter.limit = None;
             (listed, page) = self.store.search_and_read(&filter, &page_ids).await?;
             complete = true;

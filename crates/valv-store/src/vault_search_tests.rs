@@ -192,12 +192,16 @@ async fn totals_are_exact_up_to_the_bound_or_when_asked_for() {
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).expect("open"));
     let provider: Arc<dyn KeyProvider> = Arc::new(LocalKeyProvider::generate(random_bytes().expect("random")));
     let vault = Vault::open(store, provider, 1).await.expect("vault");
-    let patient = new_id().expect("id");
+    let (patient, other) = (new_id().expect("id"), new_id().expect("id"));
     let many = search::EXACT_TOTAL_UP_TO + 2;
-    let mut writes = vec![WriteOp::Create { resource_type: "Patient".into(), id: patient.clone(), body: json!({"resourceType": "Patient"}), unless: None }];
-    for _ in 0..many {
-        let body = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{patient}")}});
-        writes.push(WriteOp::Create { resource_type: "Observation".into(), id: new_id().expect("id"), body, unless: None });
+    let mut writes = Vec::new();
+    // The other patient's twelve first: they come first in the store's order.
+    for (who, n) in [(&other, 12), (&patient, many)] {
+        writes.push(WriteOp::Create { resource_type: "Patient".into(), id: who.clone(), body: json!({"resourceType": "Patient"}), unless: None });
+        for _ in 0..n {
+            let body = json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "subject": {"reference": format!("Patient/{who}")}});
+            writes.push(WriteOp::Create { resource_type: "Observation".into(), id: new_id().expect("id"), body, unless: None });
+        }
     }
     vault.commit(writes, 1).await.expect("commit");
     let all = |_: &Located| true;
@@ -217,6 +221,13 @@ async fn totals_are_exact_up_to_the_bound_or_when_asked_for() {
     // A page reaching past the bound lists to its end, one more, and so counts them all.
     let last = search(&[("_count", "10"), ("_offset", &(many - 3).to_string())]).await;
     assert_eq!((last.total, last.more, last.resources.len()), (Some(many), false, 3));
+    // A caller who may see only the other patient's twelve, listed first among more than the
+    // bound: the total is theirs, and its absence cannot tell them of the others' records.
+    let only_other = |l: &Located| l.patient.as_deref() == Some(other.as_str());
+    let pairs = [("status", "final"), ("_count", "10")].map(|(k, v)| (k.to_string(), v.to_string()));
+    let req = valv_fhir::search::parse_request("Observation", &pairs).expect("parses");
+    let theirs = vault.search("Observation", &req, &only_other, 1).await.expect("search");
+    assert_eq!((theirs.total, theirs.more, theirs.resources.len()), (Some(12), true, 10));
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
