@@ -2,13 +2,16 @@
 # Two builds of Valv on the same data, alternated (before/after figures for one change):
 #
 #   bench/run-ab.sh BINARY_A BINARY_B [ROUNDS] [SECONDS] [PATIENTS] [REQUEST]
-#   (defaults: 3 8 200 search; REQUEST is one of search, patient, observation)
+#   (defaults: 3 8 200 search; REQUEST is one of search, patient, observation, create)
 #
 # Loads PATIENTS synthetic patients (`valv synth --seed 1`, `valv import` with BINARY_A) into one
 # data directory, then in each of ROUNDS rounds serves it with A, then with B (one server at a
 # time), each read for SECONDS with `wrk -t2 -c32` (the load generator shares the cores):
 # search = Observation?_count=20&patient=<random patient>, patient / observation = reads by id of
-# random loaded resources. Prints every run and the medians. Build a "before" binary with
+# random loaded resources, create = POST an Observation (`Prefer: return=minimal`). With
+# SEPARATE=1, A and B each serve a copy of the loaded directory of their own (for a change of the
+# on-disk layout, which the newer binary migrates and the older one then cannot read). Prints
+# every run and the medians. Build a "before" binary with
 # `git worktree add /tmp/before <rev> && cargo build --release --manifest-path /tmp/before/Cargo.toml`.
 set -euo pipefail
 a=$(realpath "$1"); b=$(realpath "$2")
@@ -33,6 +36,12 @@ function init(args)
   prefix, auth = args[2], "Bearer " .. args[3]
 end
 request = function() return wrk.format("GET", prefix .. items[math.random(#items)], {["Authorization"] = auth}) end
+if os.getenv("VALV_BENCH_CREATE") then
+  request = function()
+    local body = '{"resourceType":"Observation","status":"final","code":{"coding":[{"system":"http://loinc.org","code":"8867-4"}]},"subject":{"reference":"Patient/' .. items[math.random(#items)] .. '"},"effectiveDateTime":"2024-01-01T10:00:00Z","valueQuantity":{"value":72,"unit":"/min","system":"http://unitsofmeasure.org","code":"/min"}}'
+    return wrk.format("POST", prefix, {["Authorization"] = auth, ["Content-Type"] = "application/fhir+json", ["Prefer"] = "return=minimal"}, body)
+  end
+end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %.0f %.3f %.3f %d\n", summary.requests / (summary.duration / 1e6),
     latency:percentile(50) / 1000, latency:percentile(99) / 1000,
@@ -64,6 +73,7 @@ case "$REQUEST" in
   search) list=patients; prefix="/fhir/Observation?_count=20&patient=" ;;
   patient) list=patients; prefix="/fhir/Patient/" ;;
   observation) list=observations; prefix="/fhir/Observation/" ;;
+  create) list=patients; prefix="/fhir/Observation"; export VALV_BENCH_CREATE=1 ;;
   *) echo "bench: REQUEST is search, patient or observation" >&2; exit 1 ;;
 esac
 
@@ -71,6 +81,11 @@ declare -A R
 for round in $(seq "$ROUNDS"); do
   for which in A B; do
     bin=$a; [ "$which" = B ] && bin=$b
+    if [ "${SEPARATE:-0}" = 1 ]; then # the served directory is the one of $which
+      [ -f "$out/current" ] || { cp -a "$out/data" "$out/data-B"; echo A > "$out/current"; }
+      cur=$(cat "$out/current")
+      [ "$cur" = "$which" ] || { mv "$out/data" "$out/data-$cur"; mv "$out/data-$which" "$out/data"; echo "$which" > "$out/current"; }
+    fi
     serve "$bin"
     line=$(wrk -t2 -c32 -d"${SECS}s" --latency -s "$out/list.lua" "$base" -- "$out/$list" "$prefix" "$key" | grep '^RESULT' || echo "RESULT 0 0 0 -1")
     stop

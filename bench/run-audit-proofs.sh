@@ -30,11 +30,11 @@ port=$((20000 + RANDOM % 20000))
 url=https://127.0.0.1:$port
 
 "${3:-$bin}" --data-dir "$data" init >/dev/null 2>&1
-base=$(sqlite3 "$data/valv.db" "SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")
-sqlite3 "$data/valv.db" "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i < $n - 1)
+base=$(sqlite3 "$data/valv-audit.db" "SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")
+sqlite3 "$data/valv-audit.db" "WITH RECURSIVE c(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM c WHERE i < $n - 1)
   INSERT INTO audit_entries (idx, leaf_hash, sealed) SELECT $base + i, randomblob(32), randomblob(400) FROM c;"
 size=$((base + n))
-echo "log: $size entries; database $(du -m "$data/valv.db" | cut -f1) MiB"
+echo "log: $size entries; audit log file $(du -m "$data/valv-audit.db" | cut -f1) MiB"
 
 first=${3:-$bin}
 serve() {

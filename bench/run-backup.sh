@@ -49,10 +49,10 @@ request = function() return wrk.format("GET", "/fhir/Observation/" .. ids[math.r
 done = function(s) io.write(string.format("RPS %.0f\n", s.requests / (s.duration / 1e6))) end
 LUA
 reads() { wrk -t2 -c32 -d"$1s" -s "$out/read.lua" "$base" -- "$out/ids" | awk '/^RPS/{print $2}'; }
-count() { python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); print(c.execute(sys.argv[2]).fetchone()[0])" "$data/valv.db" "$1"; }
+count() { python3 -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('attach database ? as audit', (sys.argv[2],)); print(c.execute(sys.argv[3]).fetchone()[0])" "$data/valv.db" "$data/valv-audit.db" "$1"; }
 while [ "$(count 'select count(*) from audit_entries')" -lt "$entries" ]; do reads 20 >/dev/null; done
 resources=$(count 'select count(*) from resources')
-echo "data: $resources resources, $(count 'select count(*) from versions') versions, $(count 'select count(*) from audit_entries') audit entries, $(du -sh "$data/valv.db" | cut -f1) database"
+echo "data: $resources resources, $(count 'select count(*) from versions') versions, $(count 'select count(*) from audit_entries') audit entries, $(du -sh "$data/valv.db" | cut -f1) database, $(du -sh "$data/valv-audit.db" | cut -f1) audit log file"
 
 peak() { awk '/Maximum resident/{printf "%.0f MiB", $6/1024}' "$1"; }
 # Backups and restores first, all on the data as built (the read rounds below add entries).

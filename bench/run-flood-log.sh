@@ -24,7 +24,7 @@ VALV_LOG=warn "$valv" --data-dir "$out/d" serve --listen "127.0.0.1:$port" >/dev
 server_pid=$!
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 size() {
-  python3 -c "import sqlite3; print(*sqlite3.connect('$out/d/valv.db').execute('select count(*), coalesce(sum(length(sealed)+length(leaf_hash)+coalesce(length(patient_token),0)+coalesce(length(query_sealed),0)),0) from audit_entries').fetchone())"
+  python3 -c "import sqlite3; print(*sqlite3.connect('$out/d/valv-audit.db').execute('select count(*), coalesce(sum(length(sealed)+length(leaf_hash)+coalesce(length(patient_token),0)+coalesce(length(query_sealed),0)),0) from audit_entries').fetchone())"
 }
 read -r n0 b0 < <(size)
 wrk -t2 -c32 -d"${SECS}s" "https://127.0.0.1:$port/fhir/Patient" > "$out/wrk.txt" 2>&1

@@ -7,6 +7,15 @@
 //! headroom beside the database, spends it on a checkpoint when a write fails for lack of space,
 //! refuses writes until the WAL is checkpointed and truncated and the reserve made again, and gets
 //! there by itself once the fault is gone. An idle writer also truncates a WAL a burst left large.
+//!
+//! The audit log lives in a file of its own beside the database (`valv-audit.db` beside
+//! `valv.db`, attached to every connection as `audit`), with its own WAL: every audited request
+//! commits an entry, and a commit to the file a connection reads makes SQLite drop that
+//! connection's page cache at its next read. With the log apart, the resource tables' pages stay
+//! cached while only entries are written (reads by id and searches no longer re-read their pages
+//! from the kernel after every group commit). A transaction over both files is atomic in each
+//! file, not across them; no job writes both (a request's entry and its writes are separate jobs,
+//! each answered only after the whole group committed).
 
 mod dump;
 pub use dump::FreshLoad;
@@ -314,12 +323,39 @@ pub enum Access {
 /// clamps it to its compiled maximum, 2 GiB in the bundled build; the rest is read with pread).
 const SCAN_MMAP_BYTES: i64 = 1 << 40;
 
+/// The audit log's file beside the database file: `valv.db` -> `valv-audit.db`.
+pub fn audit_path(db: &Path) -> PathBuf {
+    let stem = db.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = match db.extension() {
+        Some(ext) => format!("{stem}-audit.{}", ext.to_string_lossy()),
+        None => format!("{stem}-audit"),
+    };
+    db.with_file_name(name)
+}
+
+/// Attaches the audit log's file as schema `audit` (created empty when missing).
+pub fn attach_audit(conn: &Connection, db: &Path) -> Result<(), StoreError> {
+    let file = audit_path(db);
+    let name = file.to_str().ok_or_else(|| StoreError::Backend(format!("{} is not a UTF-8 path", file.display())))?;
+    conn.execute("ATTACH DATABASE ?1 AS audit", [name])?;
+    Ok(())
+}
+
+/// Schemas every connection has: the database and the audit log's file.
+const SCHEMAS: [&str; 2] = ["main", "audit"];
+
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
+    attach_audit(&conn, path)?;
+    for schema in SCHEMAS {
+        let schema = Some(schema);
+        conn.pragma_update(schema, "journal_mode", "WAL")?;
+        conn.pragma_update(schema, "synchronous", "FULL")?;
+        conn.pragma_update(schema, "journal_size_limit", JOURNAL_SIZE_LIMIT)?;
+        conn.pragma_update(schema, "cache_size", CACHE_KIB)?;
+        conn.pragma_update(schema, "secure_delete", "ON")?;
+    }
     // Checkpoints are the checkpointer thread's (see CHECKPOINT_EVERY), not any commit's.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -328,14 +364,12 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
     // two writes per page (measured: more pwrite calls than the WAL itself). In memory it is a
     // copy; it lasts one group commit.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // Index inserts land on random pages, so a larger page cache saves re-reading them on every
-    // commit. No memory map for the server: with the audit log appended constantly the file grows
-    // all the time, and SQLite's remapping then costs more (page faults, TLB shootdowns) than
-    // pread saves. Scanning processes map it (see `Access::Scan`).
-    conn.pragma_update(None, "cache_size", CACHE_KIB)?;
-    // Deleted content is overwritten, so freed pages do not keep old ciphertext around longer
-    // than needed (it is encrypted either way).
-    conn.pragma_update(None, "secure_delete", "ON")?;
+    // Above, per file: index inserts land on random pages, so a larger page cache saves
+    // re-reading them on every commit. No memory map for the server: with the audit log appended
+    // constantly the file grows all the time, and SQLite's remapping then costs more (page
+    // faults, TLB shootdowns) than pread saves. Scanning processes map it (see `Access::Scan`).
+    // Deleted content is overwritten (`secure_delete`), so freed pages do not keep old
+    // ciphertext around longer than needed (it is encrypted either way).
     // One plan per statement whatever the bound values: without this, the bundled build's STAT4
     // makes SQLite re-prepare cached statements on every new binding.
     conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
@@ -352,8 +386,50 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tx.pragma_update(None, "user_version", i + 1)?;
         tx.commit()?;
     }
+    move_audit_log(conn)
+}
+
+/// The audit tables as the migrations leave them, made in the audit log's file.
+const AUDIT_TABLES: &str = "
+CREATE TABLE audit.audit_entries (idx INTEGER PRIMARY KEY, leaf_hash BLOB NOT NULL, sealed BLOB NOT NULL, patient_token BLOB, query_sealed BLOB);
+CREATE TABLE audit.audit_checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL, note TEXT NOT NULL);
+CREATE TABLE audit.audit_tiles (level INTEGER NOT NULL, idx INTEGER NOT NULL, hashes BLOB NOT NULL, PRIMARY KEY (level, idx));
+";
+
+/// The migrations create the audit tables in the database file (as the first versions kept
+/// them); they live in the audit log's file. Moved in two transactions, one per file (a
+/// transaction over both is not atomic across them): the tables are made and filled in the audit
+/// file, then dropped from the database. Interrupted between the two, the next start finds them
+/// in the database still and moves them again, replacing the partial copy. A database without
+/// them next to an audit file without them is refused: the file was lost or left behind.
+fn move_audit_log(conn: &mut Connection) -> Result<(), StoreError> {
+    let has = |c: &Connection, schema: &str| -> rusqlite::Result<bool> {
+        c.query_row(&format!("SELECT count(*) FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'audit_entries'"), [], |r| r.get::<_, i64>(0)).map(|n| n > 0)
+    };
+    if has(conn, "main")? {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute_batch("DROP TABLE IF EXISTS audit.audit_entries; DROP TABLE IF EXISTS audit.audit_checkpoints; DROP TABLE IF EXISTS audit.audit_tiles;")?;
+        tx.execute_batch(AUDIT_TABLES)?;
+        tx.execute_batch(
+            "INSERT INTO audit.audit_entries (idx, leaf_hash, sealed, patient_token, query_sealed) SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM main.audit_entries ORDER BY idx;
+             INSERT INTO audit.audit_checkpoints (size, root, note) SELECT size, root, note FROM main.audit_checkpoints ORDER BY size;
+             INSERT INTO audit.audit_tiles (level, idx, hashes) SELECT level, idx, hashes FROM main.audit_tiles ORDER BY level, idx;",
+        )?;
+        tx.execute_batch(AUDIT_PATIENT_INDEX)?;
+        tx.commit()?;
+        let tx = conn.transaction()?;
+        tx.execute_batch("DROP TABLE main.audit_entries; DROP TABLE main.audit_checkpoints; DROP TABLE main.audit_tiles;")?;
+        tx.commit()?;
+    }
+    if !has(conn, "audit")? {
+        let file = conn.path().map(|p| audit_path(Path::new(p)).display().to_string()).unwrap_or_default();
+        return Err(StoreError::Backend(format!("the audit log is missing: {file} holds no audit tables (it belongs beside the database file; restore both together)")));
+    }
     Ok(())
 }
+
+/// A patient's access log without decrypting everyone's (schema version 3 made it).
+pub(crate) const AUDIT_PATIENT_INDEX: &str = "CREATE INDEX IF NOT EXISTS audit.audit_entries_patient ON audit_entries (patient_token) WHERE patient_token IS NOT NULL";
 
 impl SqliteStore {
     fn query_checkpoints(&self, tail: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<crate::StoredCheckpoint>, StoreError> {
@@ -404,7 +480,9 @@ impl SqliteStore {
         let reader = || -> Result<Connection, StoreError> {
             let conn = connect(path)?;
             if access == Access::Scan {
-                conn.pragma_update(None, "mmap_size", SCAN_MMAP_BYTES)?;
+                for schema in SCHEMAS {
+                    conn.pragma_update(Some(schema), "mmap_size", SCAN_MMAP_BYTES)?;
+                }
             }
             Ok(conn)
         };
@@ -460,7 +538,7 @@ fn make_room(db: &Path, reserve: &Reserve) -> Result<(), StoreError> {
     let free = || reserve.free_bytes().map_err(|e| StoreError::Backend(format!("cannot read the free space beside {}: {e}", db.display())));
     let needed = |held: u64| disk::WORKING_BYTES + reserve.bytes().saturating_sub(held);
     let (mut held, mut available) = (reserve.held(), free()?);
-    if available < needed(held) && file_len(&wal_path(db)) > 0 {
+    if available < needed(held) && (file_len(&wal_path(db)) > 0 || file_len(&wal_path(&audit_path(db))) > 0) {
         let freed = reserve.release();
         if freed > 0 {
             tracing::warn!(freed_mib = freed >> 20, "disk full at start: the disk reserve is spent on checkpointing the WAL");
@@ -469,6 +547,7 @@ fn make_room(db: &Path, reserve: &Reserve) -> Result<(), StoreError> {
         if free()? >= OPEN_BYTES {
             let checkpointed = Connection::open(db).map_err(StoreError::from).and_then(|c| {
                 c.busy_timeout(BUSY_TIMEOUT)?;
+                attach_audit(&c, db)?;
                 checkpoint_truncate(&c).map_err(StoreError::from)
             });
             if let Err(e) = checkpointed {
@@ -514,9 +593,8 @@ fn is_full(e: &rusqlite::Error) -> bool {
 /// The writer thread: group commits, and the headroom that keeps a full disk survivable.
 struct Writer {
     conn: Connection,
-    db: PathBuf,
-    wal: PathBuf,
-    page_size: u64,
+    /// Each schema's file and WAL (the database, the audit log).
+    files: [DbFile; 2],
     /// `None` (tools, tests): failures are only reported, and the writer never refuses.
     reserve: Option<Reserve>,
     refusing: Arc<AtomicBool>,
@@ -527,14 +605,24 @@ struct Writer {
     last_wal_check: Option<Instant>,
 }
 
+/// One of the files the writer commits to.
+struct DbFile {
+    schema: &'static str,
+    path: PathBuf,
+    wal: PathBuf,
+    page_size: u64,
+}
+
 impl Writer {
     fn new(conn: Connection, db: &Path, reserve: Option<Reserve>, refusing: Arc<AtomicBool>, checkpoints: mpsc::SyncSender<()>) -> Result<Writer, StoreError> {
-        let page_size: u64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let file = |schema: &'static str, path: PathBuf| -> Result<DbFile, StoreError> {
+            let page_size = conn.pragma_query_value(Some(schema), "page_size", |r| r.get(0))?;
+            Ok(DbFile { schema, wal: wal_path(&path), path, page_size })
+        };
+        let files = [file("main", db.to_path_buf())?, file("audit", audit_path(db))?];
         Ok(Writer {
             conn,
-            db: db.to_path_buf(),
-            wal: wal_path(db),
-            page_size,
+            files,
             reserve,
             refusing,
             last_recovery: None,
@@ -630,22 +718,32 @@ impl Writer {
             return;
         }
         self.last_wal_check = Some(Instant::now());
-        if file_len(&self.wal) > WAL_RESTART_ABOVE {
+        if self.longest_wal() > WAL_RESTART_ABOVE {
+            // Without a schema name the checkpoint covers both files.
             if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::debug!(error = %e, "checkpoint failed");
             }
         }
     }
 
-    /// Bytes a checkpoint would add to the database file now: the database's size as of the
-    /// newest commit in the WAL minus the file's size.
+    /// Bytes a checkpoint would add to the two files now: each one's size as of the newest
+    /// commit in its WAL minus the file's size.
     fn pending_growth(&self) -> u64 {
-        let pages: u64 = self
-            .conn
-            .prepare_cached("PRAGMA page_count")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .unwrap_or(0);
-        (pages * self.page_size).saturating_sub(file_len(&self.db))
+        self.files
+            .iter()
+            .map(|f| {
+                let pages: u64 = self
+                    .conn
+                    .prepare_cached(&format!("PRAGMA {}.page_count", f.schema))
+                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                    .unwrap_or(0);
+                (pages * f.page_size).saturating_sub(file_len(&f.path))
+            })
+            .sum()
+    }
+
+    fn longest_wal(&self) -> u64 {
+        self.files.iter().map(|f| file_len(&f.wal)).max().unwrap_or(0)
     }
 
     fn refuse(&self, why: &str) {
@@ -697,7 +795,7 @@ impl Writer {
             self.recover(false);
             return;
         }
-        let wal = file_len(&self.wal);
+        let wal = self.longest_wal();
         if wal > IDLE_TRUNCATE_ABOVE {
             match checkpoint_truncate(&self.conn) {
                 Ok(true) => tracing::debug!(wal_mib = wal >> 20, "idle: the WAL is checkpointed and truncated"),
@@ -1922,8 +2020,10 @@ mod tests {
 
     /// A database file and its WAL and shared-memory files, removed.
     fn remove_db(path: &std::path::Path) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        for file in [path.to_path_buf(), audit_path(path)] {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
         }
     }
 
@@ -1956,6 +2056,45 @@ mod tests {
         store.put_key_if_absent("patient:p2", &key(3), 5).await.expect("others are not touched");
         assert_eq!(store.erasures(0).await.expect("erasures").len(), 1);
         assert!(store.erasures(1).await.expect("erasures").is_empty(), "only newer ones");
+    }
+
+    #[tokio::test]
+    async fn an_audit_log_kept_in_the_database_file_is_moved_to_its_own_once() {
+        let path = temp_db();
+        // The layout before: every table in the one file, with two entries, a checkpoint, a tile.
+        {
+            let c = Connection::open(&path).expect("open");
+            for (i, sql) in MIGRATIONS.iter().enumerate() {
+                c.execute_batch(sql).expect("migration");
+                c.pragma_update(None, "user_version", i + 1).expect("version");
+            }
+            c.execute_batch(
+                "INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token) VALUES (0, zeroblob(32), x'01', x'03030303030303030303030303030303'), (1, zeroblob(32), x'02', NULL);
+                 INSERT INTO audit_checkpoints (size, root, note) VALUES (2, zeroblob(32), 'note');
+                 INSERT INTO audit_tiles (level, idx, hashes) VALUES (0, 0, zeroblob(64));",
+            )
+            .expect("entries");
+        }
+        // A move interrupted after a partial copy into the audit file.
+        Connection::open(audit_path(&path)).expect("open").execute_batch("CREATE TABLE audit_entries (idx INTEGER PRIMARY KEY, leaf_hash BLOB, sealed BLOB); INSERT INTO audit_entries VALUES (7, x'', x'');").expect("partial");
+        let store = SqliteStore::open(&path).expect("open");
+        let rows = store.audit_entries(0, 10).await.expect("entries");
+        assert_eq!(rows.iter().map(|(i, r)| (*i, r.sealed.clone())).collect::<Vec<_>>(), [(0, vec![1]), (1, vec![2])], "copied whole, the partial copy replaced");
+        assert_eq!(store.audit_entries_for(&[3; 16]).await.expect("by patient").len(), 1, "the patient index made again");
+        assert_eq!(store.latest_checkpoint().await.expect("checkpoint").map(|c| c.size), Some(2));
+        assert_eq!(store.audit_tiles(&[(0, 0)]).await.expect("tiles").len(), 1);
+        assert_eq!(store.append_audit(vec![crate::AuditRow { leaf_hash: [1; 32], sealed: vec![3], patient_token: None, query_sealed: None }]).await.expect("append"), 2);
+        let left: i64 = Connection::open(&path).expect("open").query_row("SELECT count(*) FROM sqlite_master WHERE name LIKE 'audit%'", [], |r| r.get(0)).expect("count");
+        assert_eq!(left, 0, "the database file keeps no audit table");
+        drop(store);
+        assert_eq!(SqliteStore::open(&path).expect("again").audit_size().await.expect("size"), 3, "moved once");
+        // The audit file lost (only the database file copied): refused, not started on an empty log.
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", audit_path(&path).display()));
+        }
+        let refused = SqliteStore::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("the audit log is missing") && refused.contains("-audit.db"), "{refused}");
+        remove_db(&path);
     }
 
     #[tokio::test]

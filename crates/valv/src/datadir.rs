@@ -197,9 +197,13 @@ pub async fn open_store(dir: &Path, cfg: &Config, access: Access) -> Result<Arc<
         return Ok(Arc::new(store));
     }
     let db = resolve(dir, &cfg.storage.sqlite);
-    // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600.
-    if !db.exists() {
-        write_secret(&db, b"")?;
+    // SQLite gives its WAL and shared-memory files the database file's mode: create it 0600, and
+    // the audit log's file beside it (an empty one where the log went missing is refused by the
+    // store: it looks for the tables, not the file).
+    for file in [db.clone(), valv_store::sqlite::audit_path(&db)] {
+        if !file.exists() {
+            write_secret(&file, b"")?;
+        }
     }
     // Processes that write keep headroom for a full disk (valv_store::disk); a scan only reads.
     let reserve = (access == Access::Serve && cfg.storage.disk_reserve_mb > 0)
@@ -216,6 +220,7 @@ pub async fn open_bulk_load(dir: &Path, cfg: &Config) -> Result<valv_store::dump
     }
     let db = resolve(dir, &cfg.storage.sqlite);
     write_secret(&db, b"")?;
+    write_secret(&valv_store::sqlite::audit_path(&db), b"")?;
     Ok(valv_store::dump::BulkLoad::Sqlite(valv_store::sqlite::FreshLoad::create(&db).map_err(|e| e.to_string())?))
 }
 

@@ -20,7 +20,7 @@ const LOAD_CACHE_KIB: i64 = -262_144;
 const SECONDARY_INDEXES: &[(&str, &str)] = &[
     ("resources_type_updated", "CREATE INDEX IF NOT EXISTS resources_type_updated ON resources (type, last_updated)"),
     ("resources_patient", "CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient)"),
-    ("audit_entries_patient", "CREATE INDEX IF NOT EXISTS audit_entries_patient ON audit_entries (patient_token) WHERE patient_token IS NOT NULL"),
+    ("audit.audit_entries_patient", super::AUDIT_PATIENT_INDEX),
 ];
 
 /// Rows per batch sent (or bytes, for large bodies), whichever fills first.
@@ -62,6 +62,9 @@ fn blob<const N: usize>(v: &[u8], what: &str) -> Result<[u8; N], StoreError> {
 fn snapshot(path: &std::path::Path, out: Sender<Vec<Row>>) -> Result<(), StoreError> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(super::BUSY_TIMEOUT)?;
+    // Read-only too (an attached file takes the connection's flags). The read transaction is one
+    // snapshot per file: the audit log's is taken when it is first read, after the resources'.
+    super::attach_audit(&conn, path)?;
     let tx = conn.unchecked_transaction()?;
     let mut b = Batcher { out, rows: Vec::with_capacity(BATCH_ROWS), bytes: 0 };
     {
@@ -226,14 +229,19 @@ impl FreshLoad {
     }
 
     fn with_token_limit(path: &std::path::Path, limit: usize) -> Result<Self, StoreError> {
-        if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
-            return Err(StoreError::Backend(format!("{} is not empty", path.display())));
+        for file in [path.to_path_buf(), super::audit_path(path)] {
+            if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+                return Err(StoreError::Backend(format!("{} is not empty", file.display())));
+            }
         }
         let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "OFF")?;
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-        conn.pragma_update(None, "synchronous", "OFF")?;
-        conn.pragma_update(None, "cache_size", LOAD_CACHE_KIB)?;
+        super::attach_audit(&conn, path)?;
+        for schema in super::SCHEMAS {
+            conn.pragma_update(Some(schema), "journal_mode", "OFF")?;
+            conn.pragma_update(Some(schema), "locking_mode", "EXCLUSIVE")?;
+            conn.pragma_update(Some(schema), "synchronous", "OFF")?;
+            conn.pragma_update(Some(schema), "cache_size", LOAD_CACHE_KIB)?;
+        }
         super::migrate(&mut conn)?;
         for (name, _) in SECONDARY_INDEXES {
             conn.execute_batch(&format!("DROP INDEX {name}"))?;
@@ -255,11 +263,14 @@ impl FreshLoad {
             tx.execute_batch(create)?;
         }
         tx.commit()?;
-        conn.pragma_update(None, "locking_mode", "NORMAL")?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        for schema in super::SCHEMAS {
+            conn.pragma_update(Some(schema), "locking_mode", "NORMAL")?;
+            conn.pragma_update(Some(schema), "journal_mode", "WAL")?;
+        }
         conn.close().map_err(|(_, e)| StoreError::from(e))?;
         let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all()).map_err(|e| StoreError::Backend(format!("syncing {}: {e}", p.display())));
         sync(&path)?;
+        sync(&super::audit_path(&path))?;
         match path.parent().filter(|d| !d.as_os_str().is_empty()) {
             Some(dir) => sync(dir),
             None => Ok(()),
@@ -422,7 +433,10 @@ mod tests {
         // The indexes a load dropped are back as the migrations made them.
         let schema = |path: &std::path::Path| -> Vec<(String, String)> {
             let c = rusqlite::Connection::open(path).expect("open");
-            let mut stmt = c.prepare("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name").expect("schema");
+            super::super::attach_audit(&c, path).expect("attach");
+            let mut stmt = c
+                .prepare("SELECT name, sql FROM (SELECT * FROM main.sqlite_master UNION ALL SELECT * FROM audit.sqlite_master) WHERE type = 'index' AND sql IS NOT NULL ORDER BY name")
+                .expect("schema");
             stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").map(|r| r.expect("row")).collect()
         };
         let normal = |v: Vec<(String, String)>| v.into_iter().map(|(n, sql)| (n, sql.replace("IF NOT EXISTS ", ""))).collect::<Vec<_>>();
@@ -434,6 +448,7 @@ mod tests {
         assert!(FreshLoad::create(&b).is_err(), "only into a new file");
         drop(twice);
         for p in [a, b, spilled, c] {
+            let _ = std::fs::remove_file(super::super::audit_path(&p));
             let _ = std::fs::remove_file(p);
         }
     }

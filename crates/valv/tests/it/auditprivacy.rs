@@ -196,13 +196,14 @@ async fn an_auditor_is_shown_each_query_and_checks_it_against_the_entrys_commitm
     for (want, what) in [(P2_PNR, "personnummer"), (P2_FAMILY, "family name"), (p1.as_str(), "id"), (P2_GIVEN, "given name (batch)")] {
         assert!(seen.iter().any(|q| q.contains(want)), "the auditor sees the {what} search: {seen:?}");
     }
-    // The queries are sealed at rest: not in the database in the clear.
+    // The queries are sealed at rest: not in the audit log's file in the clear.
     let (db, wal) = if s.db().is_postgres() {
         // The rows as PostgreSQL stores them (the cluster's files are scanned by the canary test).
         let rows = s.db().query("SELECT sealed, coalesce(query_sealed, ''::bytea) FROM audit_entries");
         (rows.iter().flat_map(|r| r.iter().flat_map(|c| crate::harness::unhex(c))).collect(), Vec::new())
     } else {
-        (std::fs::read(s.data.join("valv.db")).expect("db"), std::fs::read(s.data.join("valv.db-wal")).unwrap_or_default())
+        let read = |name: &str| std::fs::read(s.data.join(name)).unwrap_or_default();
+        (read("valv-audit.db"), read("valv-audit.db-wal"))
     };
     for canary in [P2_PNR, P2_FAMILY] {
         assert!(![&db, &wal].iter().any(|b| b.windows(canary.len()).any(|w| w == canary.as_bytes())), "{canary} in the clear at rest");

@@ -157,6 +157,8 @@ async fn first_start_initialises_prints_the_key_once_and_serves_demo_data() {
     let mode = |p: &str| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(data.join(p)).expect("file").permissions()) & 0o777;
     assert_eq!(mode("keys/kek.key"), 0o600);
     assert_eq!(mode("valv.db"), 0o600);
+    assert_eq!(mode("valv-audit.db"), 0o600);
+    assert_eq!(mode("valv-audit.db-wal"), 0o600, "SQLite's files take the mode of the file they belong to");
     assert_eq!(mode("tls/key.pem"), 0o600);
     assert_eq!(mode("."), 0o700);
     // A server handle for requests; the process is ours, so the harness must not kill another.

@@ -154,8 +154,9 @@ struct Filled {
 /// is refused, then two seconds more; checks that nothing was served once the disk was full and
 /// that the server says it is not ready. The database file stays immutable.
 async fn fill_with_wal(s: &Server, mount: &Mount, path: &str) -> Filled {
-    let db = s.data.join("valv.db");
-    let wal = s.data.join("valv.db-wal");
+    // The audit log's file: every audited read commits to it (resources are only read).
+    let db = s.data.join("valv-audit.db");
+    let wal = s.data.join("valv-audit.db-wal");
     sh("chattr", &["+i", &db.display().to_string()]).expect("chattr +i");
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicUsize::new(0));
@@ -236,8 +237,8 @@ async fn a_wal_that_filled_the_disk_is_recovered_without_a_restart() {
     let mount = Mount::new(128).expect("a 128 MiB ext4 on a loop device");
     let data = mount.point.join("valv-data");
     let mut s = Server::start_on("disk", &data, &[], "");
-    let db = data.join("valv.db");
-    let wal = data.join("valv.db-wal");
+    let db = data.join("valv-audit.db");
+    let wal = data.join("valv-audit.db-wal");
     let reserve = data.join("valv.db.reserve");
     let held = |p: &Path| std::fs::metadata(p).map(|m| (m.blocks() * 512).min(m.len())).unwrap_or(0);
     assert!(held(&reserve) >= RESERVE, "the server keeps a preallocated reserve beside the database");

@@ -53,7 +53,14 @@ impl Db {
         let config = std::fs::read_to_string(data.join("valv.toml")).unwrap_or_default();
         match (postgres(), config.split_once("dbname=")) {
             (Some(pg), Some((_, rest))) => Db::Postgres(pg, rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or_default().to_string()),
-            _ => Db::Sqlite(rusqlite::Connection::open(data.join("valv.db")).expect("open the SQLite database")),
+            _ => {
+                // The audit log's file attached as the server attaches it: `audit_entries` and
+                // the other audit tables are found there by their plain names.
+                let db = data.join("valv.db");
+                let conn = rusqlite::Connection::open(&db).expect("open the SQLite database");
+                valv_store::sqlite::attach_audit(&conn, &db).expect("attach the audit log's file");
+                Db::Sqlite(conn)
+            }
         }
     }
 

@@ -62,6 +62,7 @@ async fn canaries_never_reach_the_disk_in_plaintext() {
         assert!(files.iter().any(|f| f.to_string_lossy().contains("pg_wal")), "the database is there");
     } else {
         assert!(files.iter().any(|f| f.ends_with("valv.db-wal") || f.ends_with("valv.db")), "the database is there");
+        assert!(files.iter().any(|f| f.ends_with("valv-audit.db-wal") || f.ends_with("valv-audit.db")), "the audit log's file is there");
     }
     let mut scanned = 0;
     for f in &files {
