@@ -10,7 +10,8 @@
 # search = Observation?_count=20&patient=<random patient>, patient / observation = reads by id of
 # random loaded resources, create = POST an Observation (`Prefer: return=minimal`). With
 # SEPARATE=1, A and B each serve a copy of the loaded directory of their own (for a change of the
-# on-disk layout, which the newer binary migrates and the older one then cannot read). Prints
+# on-disk layout, which the newer binary migrates and the older one then cannot read);
+# CONNECTIONS=N changes wrk's 32 connections (fewer: a lighter load, for latency). Prints
 # every run and the medians. Build a "before" binary with
 # `git worktree add /tmp/before <rev> && cargo build --release --manifest-path /tmp/before/Cargo.toml`.
 set -euo pipefail
@@ -87,11 +88,22 @@ for round in $(seq "$ROUNDS"); do
       [ "$cur" = "$which" ] || { mv "$out/data" "$out/data-$cur"; mv "$out/data-$which" "$out/data"; echo "$which" > "$out/current"; }
     fi
     serve "$bin"
-    line=$(wrk -t2 -c32 -d"${SECS}s" --latency -s "$out/list.lua" "$base" -- "$out/$list" "$prefix" "$key" | grep '^RESULT' || echo "RESULT 0 0 0 -1")
+    line=$(wrk -t2 -c"${CONNECTIONS:-32}" -d"${SECS}s" --latency -s "$out/list.lua" "$base" -- "$out/$list" "$prefix" "$key" | grep '^RESULT' || echo "RESULT 0 0 0 -1")
+    # The server's own view (its latency histogram, without the load generator's scheduling):
+    # the share of requests answered within 5 and 10 ms.
+    served=$(curl -sk "${base%/fhir}/metrics" | python3 -c '
+import sys
+b = {}
+for l in sys.stdin:
+    if l.startswith("valv_http_request_duration_seconds_bucket{route=\"fhir_"):
+        le = l.split("le=\"")[1].split("\"")[0]
+        b[le] = b.get(le, 0) + int(float(l.split()[-1]))
+n = b.get("+Inf", 0)
+print("server: <=5 ms %.2f%%, <=10 ms %.2f%%, <=25 ms %.2f%%" % tuple(100 * b.get(k, 0) / max(n, 1) for k in ("0.005", "0.01", "0.025")))' || echo "server: no metrics")
     stop
     read -r _ rps p50 p99 errors <<<"$line"
     R[$which]+="$rps "
-    printf 'round %s %s: %8s/s  p50 %6s ms  p99 %7s ms  errors %s\n' "$round" "$which" "$rps" "$p50" "$p99" "$errors"
+    printf 'round %s %s: %8s/s  p50 %6s ms  p99 %7s ms  errors %s  (%s)\n' "$round" "$which" "$rps" "$p50" "$p99" "$errors" "$served"
   done
 done
 median() { tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
