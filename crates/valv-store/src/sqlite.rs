@@ -417,9 +417,14 @@ fn move_audit_log(conn: &mut Connection) -> Result<(), StoreError> {
         )?;
         tx.execute_batch(AUDIT_PATIENT_INDEX)?;
         tx.commit()?;
+        // Without zeroing the freed pages: what they hold is in the audit file now, and zeroing
+        // a large log would write all of it again into the WAL. The pages are reused as the
+        // database grows (`VACUUM`, with the server stopped, returns them to the filesystem).
+        conn.pragma_update(Some("main"), "secure_delete", "OFF")?;
         let tx = conn.transaction()?;
         tx.execute_batch("DROP TABLE main.audit_entries; DROP TABLE main.audit_checkpoints; DROP TABLE main.audit_tiles;")?;
         tx.commit()?;
+        conn.pragma_update(Some("main"), "secure_delete", "ON")?;
     }
     if !has(conn, "audit")? {
         let file = conn.path().map(|p| audit_path(Path::new(p)).display().to_string()).unwrap_or_default();
