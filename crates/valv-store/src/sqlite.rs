@@ -408,6 +408,10 @@ fn move_audit_log(conn: &mut Connection) -> Result<(), StoreError> {
     };
     if has(conn, "main")? {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if !has(&tx, "main")? {
+            // Another process moved it while this one waited for the lock.
+            return check_audit_tables(&tx, has(&tx, "audit")?);
+        }
         tx.execute_batch("DROP TABLE IF EXISTS audit.audit_entries; DROP TABLE IF EXISTS audit.audit_checkpoints; DROP TABLE IF EXISTS audit.audit_tiles;")?;
         tx.execute_batch(AUDIT_TABLES)?;
         tx.execute_batch(
@@ -422,15 +426,20 @@ fn move_audit_log(conn: &mut Connection) -> Result<(), StoreError> {
         // database grows (`VACUUM`, with the server stopped, returns them to the filesystem).
         conn.pragma_update(Some("main"), "secure_delete", "OFF")?;
         let tx = conn.transaction()?;
-        tx.execute_batch("DROP TABLE main.audit_entries; DROP TABLE main.audit_checkpoints; DROP TABLE main.audit_tiles;")?;
+        tx.execute_batch("DROP TABLE IF EXISTS main.audit_entries; DROP TABLE IF EXISTS main.audit_checkpoints; DROP TABLE IF EXISTS main.audit_tiles;")?;
         tx.commit()?;
         conn.pragma_update(Some("main"), "secure_delete", "ON")?;
     }
-    if !has(conn, "audit")? {
-        let file = conn.path().map(|p| audit_path(Path::new(p)).display().to_string()).unwrap_or_default();
-        return Err(StoreError::Backend(format!("the audit log is missing: {file} holds no audit tables (it belongs beside the database file; restore both together)")));
+    let found = has(conn, "audit")?;
+    check_audit_tables(conn, found)
+}
+
+fn check_audit_tables(conn: &Connection, found: bool) -> Result<(), StoreError> {
+    if found {
+        return Ok(());
     }
-    Ok(())
+    let file = conn.path().map(|p| audit_path(Path::new(p)).display().to_string()).unwrap_or_default();
+    Err(StoreError::Backend(format!("the audit log is missing: {file} holds no audit tables (it belongs beside the database file; restore both together)")))
 }
 
 /// A patient's access log without decrypting everyone's (schema version 3 made it).
@@ -2063,23 +2072,40 @@ mod tests {
         assert!(store.erasures(1).await.expect("erasures").is_empty(), "only newer ones");
     }
 
+    /// The layout before the audit log had its own file: every table in the one file, with two
+    /// entries, a checkpoint and a tile.
+    fn old_layout(path: &Path) {
+        let c = Connection::open(path).expect("open");
+        for (i, sql) in MIGRATIONS.iter().enumerate() {
+            c.execute_batch(sql).expect("migration");
+            c.pragma_update(None, "user_version", i + 1).expect("version");
+        }
+        c.execute_batch(
+            "INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token) VALUES (0, zeroblob(32), x'01', x'03030303030303030303030303030303'), (1, zeroblob(32), x'02', NULL);
+             INSERT INTO audit_checkpoints (size, root, note) VALUES (2, zeroblob(32), 'note');
+             INSERT INTO audit_tiles (level, idx, hashes) VALUES (0, 0, zeroblob(64));",
+        )
+        .expect("entries");
+    }
+
+    #[tokio::test]
+    async fn two_processes_starting_together_move_the_log_once() {
+        let path = temp_db();
+        old_layout(&path);
+        let opened: Vec<_> = (0..2).map(|_| std::thread::spawn({ let p = path.clone(); move || SqliteStore::open(&p).map(|_| ()) })).collect();
+        for o in opened {
+            o.join().expect("thread").expect("both open");
+        }
+        let store = SqliteStore::open(&path).expect("open");
+        assert_eq!(store.audit_entries(0, 10).await.expect("entries").len(), 2);
+        drop(store);
+        remove_db(&path);
+    }
+
     #[tokio::test]
     async fn an_audit_log_kept_in_the_database_file_is_moved_to_its_own_once() {
         let path = temp_db();
-        // The layout before: every table in the one file, with two entries, a checkpoint, a tile.
-        {
-            let c = Connection::open(&path).expect("open");
-            for (i, sql) in MIGRATIONS.iter().enumerate() {
-                c.execute_batch(sql).expect("migration");
-                c.pragma_update(None, "user_version", i + 1).expect("version");
-            }
-            c.execute_batch(
-                "INSERT INTO audit_entries (idx, leaf_hash, sealed, patient_token) VALUES (0, zeroblob(32), x'01', x'03030303030303030303030303030303'), (1, zeroblob(32), x'02', NULL);
-                 INSERT INTO audit_checkpoints (size, root, note) VALUES (2, zeroblob(32), 'note');
-                 INSERT INTO audit_tiles (level, idx, hashes) VALUES (0, 0, zeroblob(64));",
-            )
-            .expect("entries");
-        }
+        old_layout(&path);
         // A move interrupted after a partial copy into the audit file.
         Connection::open(audit_path(&path)).expect("open").execute_batch("CREATE TABLE audit_entries (idx INTEGER PRIMARY KEY, leaf_hash BLOB, sealed BLOB); INSERT INTO audit_entries VALUES (7, x'', x'');").expect("partial");
         let store = SqliteStore::open(&path).expect("open");
