@@ -2032,12 +2032,16 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    /// A database file and its WAL and shared-memory files, removed.
+    /// A database file and the audit log's, each with its WAL and shared-memory files, removed.
     fn remove_db(path: &std::path::Path) {
-        for file in [path.to_path_buf(), audit_path(path)] {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
-            }
+        remove_sqlite_file(path);
+        remove_sqlite_file(&audit_path(path));
+    }
+
+    /// One SQLite file with its WAL and shared-memory files, removed.
+    fn remove_sqlite_file(file: &std::path::Path) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
         }
     }
 
@@ -2120,9 +2124,7 @@ mod tests {
         drop(store);
         assert_eq!(SqliteStore::open(&path).expect("again").audit_size().await.expect("size"), 3, "moved once");
         // The audit file lost (only the database file copied): refused, not started on an empty log.
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", audit_path(&path).display()));
-        }
+        remove_sqlite_file(&audit_path(&path));
         let refused = SqliteStore::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains("the audit log is missing") && refused.contains("-audit.db"), "{refused}");
         remove_db(&path);
