@@ -80,9 +80,7 @@ mod tests {
 
     impl Drop for TempDb {
         fn drop(&mut self) {
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-            }
+            crate::sqlite::remove_files(&self.0);
         }
     }
 

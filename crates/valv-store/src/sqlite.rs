@@ -333,6 +333,16 @@ pub fn audit_path(db: &Path) -> PathBuf {
     db.with_file_name(name)
 }
 
+/// A database's files removed: the database file and the audit log's, each with its WAL and
+/// shared-memory files (what a test or a measurement made in a temporary folder leaves).
+pub fn remove_files(db: &Path) {
+    for file in [db.to_path_buf(), audit_path(db)] {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+        }
+    }
+}
+
 /// Attaches the audit log's file as schema `audit` (created empty when missing).
 pub fn attach_audit(conn: &Connection, db: &Path) -> Result<(), StoreError> {
     let file = audit_path(db);
@@ -2032,12 +2042,6 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    /// A database file and the audit log's, each with its WAL and shared-memory files, removed.
-    fn remove_db(path: &std::path::Path) {
-        remove_sqlite_file(path);
-        remove_sqlite_file(&audit_path(path));
-    }
-
     /// One SQLite file with its WAL and shared-memory files, removed.
     fn remove_sqlite_file(file: &std::path::Path) {
         for suffix in ["", "-wal", "-shm"] {
@@ -2049,7 +2053,7 @@ mod tests {
     async fn run_kit<F: std::future::Future<Output = ()>>(kit: impl FnOnce(std::sync::Arc<dyn Store>) -> F) {
         let path = temp_db();
         kit(std::sync::Arc::new(SqliteStore::open(&path).expect("open"))).await;
-        remove_db(&path);
+        remove_files(&path);
     }
 
     fn temp_db() -> std::path::PathBuf {
@@ -2074,6 +2078,8 @@ mod tests {
         store.put_key_if_absent("patient:p2", &key(3), 5).await.expect("others are not touched");
         assert_eq!(store.erasures(0).await.expect("erasures").len(), 1);
         assert!(store.erasures(1).await.expect("erasures").is_empty(), "only newer ones");
+        drop(store);
+        remove_files(&path);
     }
 
     /// The layout before the audit log had its own file: every table in the one file, with two
@@ -2103,7 +2109,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("open");
         assert_eq!(store.audit_entries(0, 10).await.expect("entries").len(), 2);
         drop(store);
-        remove_db(&path);
+        remove_files(&path);
     }
 
     #[tokio::test]
@@ -2127,7 +2133,7 @@ mod tests {
         remove_sqlite_file(&audit_path(&path));
         let refused = SqliteStore::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(refused.contains("the audit log is missing") && refused.contains("-audit.db"), "{refused}");
-        remove_db(&path);
+        remove_files(&path);
     }
 
     #[tokio::test]
@@ -2145,7 +2151,7 @@ mod tests {
         // Reopening runs no migration twice.
         let store = SqliteStore::open(&path).expect("reopen");
         assert_eq!(store.audit_tiles(&[(0, 0)]).await.expect("read")[0].hashes.len(), 255);
-        let _ = std::fs::remove_file(&path);
+        remove_files(&path);
     }
 
     use crate::testkit::version;
@@ -2176,7 +2182,7 @@ mod tests {
         assert_eq!(store.delete_sessions_of("u1").await.expect("delete all"), 1);
         assert_eq!(store.session(&[4; 32]).await.expect("read"), None);
         drop(store);
-        let _ = std::fs::remove_file(&path);
+        remove_files(&path);
     }
 
     #[tokio::test]
@@ -2208,7 +2214,7 @@ mod tests {
         assert_eq!(total, 2);
         assert_eq!(hist[0].version, 2, "newest first");
         drop(store);
-        remove_db(&path);
+        remove_files(&path);
     }
 
     #[tokio::test]
@@ -2231,7 +2237,7 @@ mod tests {
         let found = store.search(&hits(6)).await.expect("search");
         assert_eq!(found.iter().map(|l| (l.id.as_str(), l.version)).collect::<Vec<_>>(), [("c", 2)]);
         drop(store);
-        remove_db(&path);
+        remove_files(&path);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2294,9 +2300,8 @@ mod tests {
             tokio::time::sleep(Duration::from_secs_f64(pause)).await;
         }
         drop(store);
-        for suffix in ["", "-wal", "-shm", ".reserve"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        remove_files(&path);
+        let _ = std::fs::remove_file(format!("{}.reserve", path.display()));
         done as f64 / busy
     }
 
@@ -2337,7 +2342,7 @@ mod tests {
         let written = store.audit_size().await.expect("size") * 4096;
         let peak = watcher.join().expect("watcher");
         drop(store);
-        remove_db(&path);
+        remove_files(&path);
         assert!(written > 8 * JOURNAL_SIZE_LIMIT as u64, "enough was written to tell: {} MiB", written >> 20);
         // The restart is looked at every GROWTH_CHECK, so the WAL overshoots by what that long
         // writes (~12 MiB here) beyond the size SQLite truncates it back to.
@@ -2375,6 +2380,6 @@ mod tests {
         }
         assert_eq!(ok, 48 + 1, "every distinct id once, the shared id once");
         drop(store);
-        remove_db(&path);
+        remove_files(&path);
     }
 }

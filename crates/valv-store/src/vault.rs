@@ -1047,7 +1047,7 @@ mod tests {
         bad.body[20] ^= 1;
         assert!(matches!(server.open_bytes(&bad, 6).await, Err(StoreError::Integrity(_))));
         assert!(matches!(operator.rotate_patient_key("nobody", 6).await, Err(StoreError::NotFound(_))));
-        let _ = std::fs::remove_file(&path);
+        crate::sqlite::remove_files(&path);
     }
 
     #[tokio::test]
@@ -1086,6 +1086,6 @@ mod tests {
         assert!(store.file(&binary).await.expect("read").is_none());
         server.refresh_erasures().await.expect("refresh");
         assert!(matches!(server.file_key(&stored, 9).await, Err(StoreError::Gone(_))), "no key opens it");
-        let _ = std::fs::remove_file(&path);
+        crate::sqlite::remove_files(&path);
     }
 }

@@ -176,9 +176,7 @@ proptest! {
                 prop_assert_eq!(uncounted.resources.iter().map(|r| &r.id).collect::<Vec<_>>(), paged.resources.iter().map(|r| &r.id).collect::<Vec<_>>());
                 prop_assert_eq!(uncounted.more, paged.more, "{:?}", uncounted_pairs);
             }
-            for suffix in ["", "-wal", "-shm"] {
-                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-            }
+            crate::sqlite::remove_files(&path);
             Ok(())
         })?;
     }
@@ -228,7 +226,5 @@ async fn totals_are_exact_up_to_the_bound_or_when_asked_for() {
     let req = valv_fhir::search::parse_request("Observation", &pairs).expect("parses");
     let theirs = vault.search("Observation", &req, &only_other, 1).await.expect("search");
     assert_eq!((theirs.total, theirs.more, theirs.resources.len()), (Some(12), true, 10));
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    crate::sqlite::remove_files(&path);
 }

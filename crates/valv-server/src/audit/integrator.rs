@@ -466,6 +466,6 @@ mod tests {
 
         // (An edited entry among the newest ones, the edge tile's, is found at start: tests/it/audit.rs.)
         drop(store);
-        let _ = std::fs::remove_file(&path);
+        valv_store::sqlite::remove_files(&path);
     }
 }

@@ -213,10 +213,10 @@ mod tests {
         assert!(failing.failed_within(crate::now_ms(), 10_000));
         assert_eq!(store.audit_size().await.expect("size"), 3, "a failed append adds nothing");
         drop(store);
-        remove_db(&path);
+        valv_store::sqlite::remove_files(&path);
     }
 
-    /// A store in a fresh database in the temporary folder (remove it with [`remove_db`]).
+    /// A store in a fresh database in the temporary folder (remove it with `valv_store::sqlite::remove_files`).
     fn temp_store() -> (std::path::PathBuf, Arc<dyn Store>) {
         let mut r = [0u8; 8];
         getrandom::fill(&mut r).expect("random");
@@ -225,11 +225,6 @@ mod tests {
         (path, store)
     }
 
-    fn remove_db(path: &std::path::Path) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
-    }
 
     /// A log holding entries of both forms — written before queries were kept apart (`query`
     /// inside the entry) and after (`query_sha256`, the query sealed beside it) — verifies; the
@@ -270,6 +265,6 @@ mod tests {
         assert_eq!((report.entries, report.checkpoints), (3, 1));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         drop(store);
-        remove_db(&path);
+        valv_store::sqlite::remove_files(&path);
     }
 }

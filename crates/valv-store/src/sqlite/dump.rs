@@ -448,8 +448,7 @@ mod tests {
         assert!(FreshLoad::create(&b).is_err(), "only into a new file");
         drop(twice);
         for p in [a, b, spilled, c] {
-            let _ = std::fs::remove_file(super::super::audit_path(&p));
-            let _ = std::fs::remove_file(p);
+            super::super::remove_files(&p);
         }
     }
 }
