@@ -351,6 +351,11 @@ enum ApikeyAction {
     Revoke { id_or_name: String },
 }
 
+/// mimalloc rather than glibc's malloc: a request allocates and frees many small buffers on
+/// several threads (bench/README.md, "mimalloc").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread starts: threads inherit the niceness of the one that makes them.
