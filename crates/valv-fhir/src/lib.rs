@@ -13,6 +13,7 @@ pub mod date;
 pub mod fhirpatch;
 mod error;
 pub mod id;
+pub mod members;
 pub mod number;
 pub mod outcome;
 pub mod patch;

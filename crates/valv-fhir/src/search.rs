@@ -458,6 +458,21 @@ fn reference_keys(v: &Value, target: Option<&str>, out: &mut Vec<String>) {
     out.push(format!("i:{}", r.id));
 }
 
+/// Whether a Reference has one of the keys `ks` that [`reference_keys`] gives it, without
+/// building them (tested on every search result).
+fn reference_has_key(v: &Value, target: Option<&str>, ks: &[String]) -> bool {
+    let Some(r) = v.get("reference").and_then(Value::as_str).and_then(reference::parse) else { return false };
+    if target.is_some_and(|t| t != r.resource_type) {
+        return false;
+    }
+    let is_key = |k: &String| match (k.strip_prefix("r:"), k.strip_prefix("i:")) {
+        (Some(key), _) => key.strip_prefix(r.resource_type.as_str()).and_then(|rest| rest.strip_prefix('/')) == Some(r.id.as_str()),
+        (None, Some(id)) => id == r.id,
+        (None, None) => false,
+    };
+    ks.iter().any(is_key)
+}
+
 fn date_value(v: &Value) -> Option<Interval> {
     match v {
         Value::String(s) => date::parse(s).ok(),
@@ -721,11 +736,7 @@ fn alternative_matches(def: &ParamDef, alt: &Alternative, values: &[&Value]) -> 
             let wanted = normalize(value);
             values.iter().flat_map(|v| string_values(v)).any(|s| if *exact { s == value } else { normalize(s).starts_with(&wanted) })
         }
-        Alternative::Reference(ks) => values.iter().any(|v| {
-            let mut keys = Vec::new();
-            reference_keys(v, def.target, &mut keys);
-            keys.iter().any(|k| ks.contains(k))
-        }),
+        Alternative::Reference(ks) => values.iter().any(|v| reference_has_key(v, def.target, ks)),
         Alternative::Date(prefix, search) => {
             values.iter().filter_map(|v| date_value(v)).any(|t| prefix.matches(search, &t))
         }
@@ -1181,43 +1192,27 @@ fn top_member(path: &str) -> Option<&str> {
     segments(path).first().map(|s| s.split('[').next().unwrap_or(s))
 }
 
-/// The JSON object with only the `wanted` top-level members parsed; `None` if not an object.
+/// The JSON object with only the `wanted` top-level members (or, for a choice stem such as
+/// `effective`, the members it starts, `effectiveDateTime`) parsed; `None` if not an object. The
+/// scan stops once each wanted name has been met: stored JSON never repeats a name.
 fn top_level(wanted: &[&str], json: &[u8]) -> Option<Value> {
-    let mut de = serde_json::Deserializer::from_slice(json);
-    serde::de::DeserializeSeed::deserialize(TopLevel(wanted), &mut de).ok()
-}
-
-/// Deserializes a JSON object keeping only the members named (or, for a choice stem such as
-/// `effective`, the members it starts, `effectiveDateTime`).
-struct TopLevel<'a>(&'a [&'a str]);
-
-impl<'de> serde::de::DeserializeSeed<'de> for TopLevel<'_> {
-    type Value = Value;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for TopLevel<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = serde_json::Map::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            let keep = self.0.iter().any(|w| key == *w || (key.starts_with(w) && choice_of(w, &key)));
-            if keep {
-                out.insert(key.into_owned(), map.next_value::<Value>()?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
+    let mut out = serde_json::Map::new();
+    let mut met = vec![false; wanted.len()];
+    let mut members = crate::members::of(json)?;
+    while !met.iter().all(|m| *m) {
+        let Some(member) = members.next() else { break };
+        let (name, raw) = member?;
+        let mut keep = false;
+        for (w, m) in wanted.iter().zip(met.iter_mut()) {
+            if name == *w || choice_of(w, &name) {
+                (keep, *m) = (true, true);
             }
         }
-        Ok(Value::Object(out))
+        if keep {
+            out.insert(name.into_owned(), serde_json::from_slice(raw).ok()?);
+        }
     }
+    Some(Value::Object(out))
 }
 
 /// Rearranges `items` so that position `n` holds what was at `order[n]`.
