@@ -1366,6 +1366,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    proptest::proptest! {
+        /// A reference has a key without building its keys exactly when building them finds it.
+        #[test]
+        fn reference_has_key_is_reference_keys_contains(
+            reference in proptest::sample::select(vec!["Patient/p1", "Patient/p1/_history/2", "Group/p1", "Patient/p10", "Patient/p", "#p1", "https://x/Patient/p1", "Patient", "Patient/"]),
+            target in proptest::sample::select(vec![None, Some("Patient"), Some("Group")]),
+            ks in proptest::collection::vec(proptest::sample::select(vec!["r:Patient/p1", "i:p1", "r:Group/p1", "r:Patient/p", "i:p10", "r:Patient/p1/", "p1", "r:Patientp1", "i:"]), 0..4),
+        ) {
+            let ks: Vec<String> = ks.into_iter().map(String::from).collect();
+            let v = json!({"reference": reference});
+            let mut built = Vec::new();
+            reference_keys(&v, target, &mut built);
+            proptest::prop_assert_eq!(reference_has_key(&v, target, &ks), built.iter().any(|k| ks.contains(k)), "{} {:?} {:?}", reference, target, ks);
+        }
+    }
+
     fn pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
         q.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
