@@ -59,7 +59,7 @@ impl<'a> Members<'a> {
     fn member(&mut self) -> Option<Option<Member<'a>>> {
         self.skip_ws();
         match (self.state, self.byte()) {
-            (_, Some(b'}')) if self.state == State::First => return None,
+            (State::First, Some(b'}')) => return None,
             (State::First, _) => {}
             (State::Next, Some(b',')) => {
                 self.at += 1;
