@@ -820,7 +820,7 @@ impl Store for PgStore {
     }
 
     async fn read_current(&self, resource_type: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
-        current_checked(self.pool.get().await?.query_opt(CURRENT, &[&resource_type, &id]).await.map_err(pg("reading a resource"))?)
+        current_checked(self.pool.shared().await?.query_opt(CURRENT, &[&resource_type, &id]).await.map_err(pg("reading a resource"))?)
     }
 
     async fn read_version(&self, resource_type: &str, id: &str, version: u64) -> Result<Option<StoredVersion>, StoreError> {
