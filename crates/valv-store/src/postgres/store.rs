@@ -830,12 +830,15 @@ impl Store for PgStore {
     }
 
     async fn read_many(&self, resource_type: &str, ids: &[String]) -> Result<Vec<StoredVersion>, StoreError> {
-        let mut c = self.pool.get().await?;
+        // All at once on a shared connection: the reads are pipelined, one round trip for a page
+        // instead of one per resource.
+        let c = self.pool.shared().await?;
+        let params: Vec<[&(dyn ToSql + Sync); 2]> = ids.iter().map(|id| [&resource_type as &(dyn ToSql + Sync), id]).collect();
+        let reads = params.iter().map(|p| c.query_opt(CURRENT, p));
+        let found = futures_util::future::try_join_all(reads).await.map_err(pg("reading a resource"))?;
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(v) = current_checked(c.query_opt(CURRENT, &[&resource_type, id]).await.map_err(pg("reading a resource"))?)? {
-                out.push(v);
-            }
+        for row in found {
+            out.extend(current_checked(row)?);
         }
         Ok(out)
     }
