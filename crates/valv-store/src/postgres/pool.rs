@@ -26,8 +26,9 @@ use tokio_postgres::{Client, Row, Statement};
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Statements cached per connection; search statements vary in shape, so the cache is bounded.
 const STATEMENT_CACHE: usize = 256;
-/// Connections shared by single-statement reads (outside the pool's count). Measured with reads
-/// by id: PostgreSQL's CPU per read -25%, reads +12% (bench/README.md, "Reads pipelined").
+/// Connections shared by single-statement reads (outside the pool's count). Measured: reads by
+/// id +14% with PostgreSQL's CPU per read -25%, searches by patient (a page's reads sent at
+/// once) 1.69x (bench/README.md, "Reads pipelined on shared connections").
 const SHARED: usize = 2;
 
 pub(super) struct Pool {
@@ -173,18 +174,24 @@ impl SharedConn {
         let s = match cached {
             Some(s) => s,
             None => {
+                // Prepared outside the lock: other readers go on meanwhile.
                 let s = self.client.prepare(sql).await?;
                 if let Ok(mut m) = self.statements.lock() {
-                    if m.len() >= STATEMENT_CACHE {
-                        m.clear();
-                    }
-                    m.insert(sql.to_string(), s.clone());
+                    remember(&mut m, sql, &s);
                 }
                 s
             }
         };
         self.client.query_opt(&s, params).await
     }
+}
+
+/// Keeps a statement prepared for `sql` in a connection's cache, bounded by [`STATEMENT_CACHE`].
+fn remember(statements: &mut HashMap<String, Statement>, sql: &str, s: &Statement) {
+    if statements.len() >= STATEMENT_CACHE {
+        statements.clear();
+    }
+    statements.insert(sql.to_string(), s.clone());
 }
 
 impl Conn {
@@ -194,10 +201,7 @@ impl Conn {
             return Ok(s.clone());
         }
         let s = self.client.prepare(sql).await?;
-        if self.statements.len() >= STATEMENT_CACHE {
-            self.statements.clear();
-        }
-        self.statements.insert(sql.to_string(), s.clone());
+        remember(&mut self.statements, sql, &s);
         Ok(s)
     }
 
