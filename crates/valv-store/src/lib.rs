@@ -326,6 +326,16 @@ pub struct SessionRow {
     pub mac: Vec<u8>,
 }
 
+/// The background duties that exactly one of the servers sharing a store carries out
+/// ([`Store::lead`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Duty {
+    /// Folding audit entries into the tree and signing checkpoints.
+    Integration,
+    /// Reading the audit log through the detection rules.
+    Detection,
+}
+
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -510,12 +520,13 @@ pub trait Store: Send + Sync {
     async fn checkpoint_at(&self, size: u64) -> Result<Option<StoredCheckpoint>, StoreError>;
     /// Every stored checkpoint, smallest size first.
     async fn checkpoints(&self) -> Result<Vec<StoredCheckpoint>, StoreError>;
-    /// Whether this process is the audit log's one integrator now (the only one that writes
-    /// tiles and signs checkpoints). SQLite: always (one serving process per file). PostgreSQL:
-    /// the servers sharing a database elect one by a session advisory lock held on a connection
-    /// of its own; when that process dies its connection closes, the lock is free, and the next
+    /// Whether this process carries out `duty` now — of the servers sharing the store, the only
+    /// one that does. SQLite: always (one serving process per file). PostgreSQL: the servers
+    /// sharing a database elect one per duty by a session advisory lock held on a connection of
+    /// their own; when that process dies its connection closes, the lock is free, and the next
     /// server to ask takes over.
-    async fn lead_integration(&self) -> Result<bool, StoreError> {
+    async fn lead(&self, duty: Duty) -> Result<bool, StoreError> {
+        let _ = duty;
         Ok(true)
     }
     /// Cheap liveness check for `/readyz`.

@@ -280,7 +280,7 @@ async fn spot_check(store: &dyn Store, size: u64) -> Result<(), String> {
 }
 
 /// Runs the integrator every `interval` until the process ends, while this process leads
-/// ([`Store::lead_integration`]: several servers on one PostgreSQL database elect one); failures
+/// ([`Store::lead`]: several servers on one PostgreSQL database elect one); failures
 /// are logged and retried. A server that takes over starts its integrator afresh from the stored
 /// tiles and checkpoint, so it continues the one tree the last leader left.
 pub fn spawn(integrator: Integrator, app: Arc<crate::App>, interval: Duration) -> tokio::task::JoinHandle<()> {
@@ -290,7 +290,7 @@ pub fn spawn(integrator: Integrator, app: Arc<crate::App>, interval: Duration) -
         let mut leading = false;
         loop {
             tokio::time::sleep(interval).await;
-            match app.vault.store().lead_integration().await {
+            match app.vault.store().lead(valv_store::Duty::Integration).await {
                 Ok(true) if !leading => {
                     leading = true;
                     tracing::info!("this server integrates the audit log and signs its checkpoints");

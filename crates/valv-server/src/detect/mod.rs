@@ -2,6 +2,10 @@
 //! the audit log after its entries are durable, in leaf order, shows each entry to the pure rules
 //! of `valv-detect`, and keeps what they raise. Never on a request's path.
 //!
+//! One engine per store: of several servers on one PostgreSQL database, the one leading the
+//! detection duty ([`valv_store::Store::lead`]) reads; the others wait to take over. Two engines
+//! reading at once would each read every entry and lose every other save to the other.
+//!
 //! Exactly once across restarts: the alerts of a batch are stored together with the new
 //! progress (the next leaf index) in one transaction, and only if the stored progress is still
 //! where this task left it (another server's detector may have moved it). The rules' state is
@@ -95,11 +99,24 @@ impl Engine {
 
     /// Reads and judges one batch of new entries; stores what it raised with the progress.
     async fn step(&mut self) -> Result<Step, String> {
-        let cipher = self.cipher().await?;
         let store = self.app.vault.store().clone();
+        if !store.lead(valv_store::Duty::Detection).await.map_err(|e| format!("asking whether this server detects: {e}"))? {
+            // Another server reads the log; should this one take over, it starts from what is
+            // stored then.
+            if self.detector.take().is_some() {
+                tracing::warn!("another server runs the detection engine now");
+            }
+            self.app.metrics.detection_lag.store(0, Ordering::Relaxed);
+            return Ok(Step::CaughtUp);
+        }
+        let cipher = self.cipher().await?;
         let mut detector = match self.detector.take() {
             Some(d) => d,
-            None => self.load(&cipher).await?,
+            None => {
+                let d = self.load(&cipher).await?;
+                tracing::info!(from = d.next_index(), "this server runs the detection engine");
+                d
+            }
         };
         // Read after the progress: the log only grows, so it is at least as long as any progress
         // read before it.

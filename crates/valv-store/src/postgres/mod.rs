@@ -37,12 +37,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The advisory lock keys ("valv" in ASCII, then a number): migrations, audit appends, the
-/// numbering of erasures, and an erasure against the creation of that patient's key (with the
+/// numbering of erasures, the two duties ([`crate::Duty`]), and an erasure against the creation of that patient's key (with the
 /// patient's hash as the second half).
 const MIGRATION_LOCK: i64 = 0x7661_6c76_0000_0001;
 const AUDIT_APPEND_LOCK: i64 = 0x7661_6c76_0000_0002;
 const ERASURE_SEQ_LOCK: i64 = 0x7661_6c76_0000_0003;
 const INTEGRATOR_LOCK: i64 = 0x7661_6c76_0000_0004;
+const DETECTOR_LOCK: i64 = 0x7661_6c76_0000_0005;
 const ERASURE_LOCK_SPACE: i32 = 0x7661_6c76;
 /// Advisory locks `(CONDITION_LOCK_SPACE, hashtext(condition))` serialise conditional creates of
 /// one condition across servers.
@@ -141,10 +142,24 @@ pub struct PgStore {
     pool: Arc<Pool>,
     audit: audit::Appender,
     creates: creates::Creator,
-    /// The connection holding the integrator's advisory lock while this process leads.
-    leader: tokio::sync::Mutex<Option<pool::Conn>>,
+    /// The connection holding the advisory locks of the duties this process leads.
+    leader: tokio::sync::Mutex<Leader>,
     /// API-key records, while a connection listens for their changes.
     credentials: Arc<credentials::KeyCache>,
+}
+
+/// A connection made to hold duty locks, and the duties it holds them for.
+#[derive(Default)]
+struct Leader {
+    conn: Option<pool::Conn>,
+    held: Vec<crate::Duty>,
+}
+
+fn duty_lock(duty: crate::Duty) -> i64 {
+    match duty {
+        crate::Duty::Integration => INTEGRATOR_LOCK,
+        crate::Duty::Detection => DETECTOR_LOCK,
+    }
 }
 
 impl PgStore {
@@ -155,7 +170,7 @@ impl PgStore {
         let (config, tls) = connection_config(settings)?;
         let pool = Arc::new(Pool::new(config.clone(), tls.clone(), settings.pool_size));
         let credentials = Arc::new(credentials::KeyCache::default());
-        let store = PgStore { audit: audit::Appender::start(pool.clone()), creates: creates::Creator::start(pool.clone()), pool, leader: tokio::sync::Mutex::new(None), credentials };
+        let store = PgStore { audit: audit::Appender::start(pool.clone()), creates: creates::Creator::start(pool.clone()), pool, leader: Default::default(), credentials };
         let version = store.schema_version().await?;
         let newest = newest_version();
         if version > newest {
@@ -173,23 +188,30 @@ impl PgStore {
         Ok(store)
     }
 
-    /// See [`crate::Store::lead_integration`]: the lock is checked on its connection each time
-    /// (a half-open connection is found by the query failing), else tried for.
-    async fn lead(&self) -> Result<bool, StoreError> {
+    /// See [`crate::Store::lead`]: the connection holding this server's duty locks is checked
+    /// each time (a half-open connection is found by the query failing; every lock on it went
+    /// with it), and a lock not held is tried for.
+    async fn hold_duty(&self, duty: crate::Duty) -> Result<bool, StoreError> {
         let mut leader = self.leader.lock().await;
-        if let Some(conn) = leader.as_mut() {
+        if let Some(conn) = leader.conn.as_mut() {
             match conn.query_one("SELECT 1", &[]).await {
-                Ok(_) => return Ok(true),
+                Ok(_) if leader.held.contains(&duty) => return Ok(true),
+                Ok(_) => {}
                 Err(e) => {
-                    *leader = None;
-                    tracing::warn!(error = %e, "the connection holding the audit integrator's lock was lost");
+                    for lost in std::mem::take(&mut leader.held) {
+                        tracing::warn!(error = %e, duty = ?lost, "the connection holding a duty's lock was lost");
+                    }
+                    leader.conn = None;
                 }
             }
         }
-        let mut conn = self.pool.connect().await?;
-        let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&INTEGRATOR_LOCK]).await.map_err(pg("asking to integrate the audit log"))?.get(0);
+        let conn = match leader.conn.as_mut() {
+            Some(c) => c,
+            None => leader.conn.insert(self.pool.connect().await?),
+        };
+        let taken: bool = conn.query_one("SELECT pg_try_advisory_lock($1)", &[&duty_lock(duty)]).await.map_err(pg("asking for a duty's lock"))?.get(0);
         if taken {
-            *leader = Some(conn);
+            leader.held.push(duty);
         }
         Ok(taken)
     }

@@ -1179,8 +1179,8 @@ impl Store for PgStore {
         self.checkpoints_where("ORDER BY size", &[]).await
     }
 
-    async fn lead_integration(&self) -> Result<bool, StoreError> {
-        self.lead().await
+    async fn lead(&self, duty: crate::Duty) -> Result<bool, StoreError> {
+        self.hold_duty(duty).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

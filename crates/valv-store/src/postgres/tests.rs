@@ -2,7 +2,7 @@
 
 use valv_testpg::Cluster;
 use super::*;
-use crate::{ApiKeyRecord, AuditRow, AuditTile, Expect, Filter, Store, StoredCheckpoint, StoredVersion, WrappedKey, Write};
+use crate::{ApiKeyRecord, AuditRow, AuditTile, Duty, Expect, Filter, Store, StoredCheckpoint, StoredVersion, WrappedKey, Write};
 
 fn settings(pg: &Cluster, role: &str) -> Settings {
     Settings { url: pg.url(role), pool_size: 4, ..Settings::default() }
@@ -234,13 +234,17 @@ async fn plaintext_to_another_machine_is_refused_and_an_unreachable_database_fai
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_server_integrates_and_another_takes_over_when_it_is_gone() {
+async fn one_server_leads_each_duty_and_another_takes_over_when_it_is_gone() {
     let pg = Cluster::start();
     let first = migrated(&pg).await;
     let second = PgStore::open(&settings(&pg, "valv_app")).await.expect("second");
-    assert!(first.lead_integration().await.expect("ask"), "the first to ask leads");
-    assert!(!second.lead_integration().await.expect("ask"), "one leader at a time");
-    assert!(first.lead_integration().await.expect("ask"), "and it keeps leading");
+    assert!(first.lead(Duty::Integration).await.expect("ask"), "the first to ask leads");
+    assert!(!second.lead(Duty::Integration).await.expect("ask"), "one leader at a time");
+    assert!(first.lead(Duty::Integration).await.expect("ask"), "and it keeps leading");
+    // Each duty has a leader of its own: the second may detect while the first integrates.
+    assert!(second.lead(Duty::Detection).await.expect("ask"), "the first to ask for detection leads it");
+    assert!(!first.lead(Duty::Detection).await.expect("ask"), "one detector at a time");
+    assert!(first.lead(Duty::Integration).await.expect("ask"), "the first still integrates");
     // The same checkpoint saved twice (a leader that lost its lock mid-step) is no error; a
     // different one for the same size is.
     let cp = StoredCheckpoint { size: 0, root: [1; 32], note: "note".into() };
@@ -254,10 +258,11 @@ async fn one_server_integrates_and_another_takes_over_when_it_is_gone() {
     assert_eq!(first.audit_tiles(&[(0, 0)]).await.expect("read")[0].hashes.len(), 5);
     drop(first);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !second.lead_integration().await.expect("ask") {
+    while !second.lead(Duty::Integration).await.expect("ask") {
         assert!(std::time::Instant::now() < deadline, "the second takes over once the first is gone");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert!(second.lead(Duty::Detection).await.expect("ask"), "and still detects");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

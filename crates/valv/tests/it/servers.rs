@@ -1,7 +1,7 @@
 //! Several Valv servers on one PostgreSQL database (issue "postgres"): any server answers any
 //! request consistently, sessions and lockouts are shared, access facts written through one are
-//! decided on by the other, and both append to one audit log that one elected integrator signs —
-//! and that another takes over when it dies. Runs only on PostgreSQL (`VALV_TEST_STORE=postgres`).
+//! decided on by the other, and both append to one audit log that one elected integrator signs
+//! and one elected detection engine reads — and that the other takes over when it dies. Runs only on PostgreSQL (`VALV_TEST_STORE=postgres`).
 
 use crate::access::{care_team, consent, actor, create, people, LONG_SESSIONS};
 use crate::harness::{postgres, run_ok, Server};
@@ -17,7 +17,7 @@ fn now_ms() -> i64 {
 }
 
 #[tokio::test]
-async fn two_servers_share_one_database_and_one_audit_log_and_the_integrator_fails_over() {
+async fn two_servers_share_one_database_and_one_audit_log_and_the_integrator_and_detector_fail_over() {
     if postgres().is_none() {
         println!("skipped: several servers on one database need the PostgreSQL backend (VALV_TEST_STORE=postgres)");
         return;
@@ -78,6 +78,9 @@ async fn two_servers_share_one_database_and_one_audit_log_and_the_integrator_fai
     let log = std::fs::read_to_string(a.dir.join("server.log")).expect("log");
     assert!(log.contains("this server integrates the audit log"), "server 1 leads");
     assert!(!std::fs::read_to_string(b.dir.join("server.log")).expect("log").contains("this server integrates the audit log"), "server 2 follows");
+    // One detection engine too (two would each read every entry and undo each other's progress).
+    assert!(log.contains("this server runs the detection engine"), "server 1 detects");
+    assert!(!std::fs::read_to_string(b.dir.join("server.log")).expect("log").contains("this server runs the detection engine"), "server 2 waits");
 
     // Server 1 dies; server 2 takes over and signs what comes next within 5 s.
     a.kill9();
@@ -91,6 +94,12 @@ async fn two_servers_share_one_database_and_one_audit_log_and_the_integrator_fai
     assert!(took < Duration::from_secs(5), "checkpoints resumed {} ms after the integrator died", took.as_millis());
     println!("checkpoints resumed {} ms after the integrator's server was killed", took.as_millis());
     assert!(std::fs::read_to_string(b.dir.join("server.log")).expect("log").contains("this server integrates the audit log"));
+    // Detection goes on on server 2: second factors guessed through it raise their alert.
+    for code in ["000000", "111111", "222222"] {
+        login(&b, "doc", PASSWORD, Some(code)).await.outcome(401);
+    }
+    crate::detect::until(&b, |l| crate::detect::count(l, "mfa-failures") == 1).await;
+    assert!(std::fs::read_to_string(b.dir.join("server.log")).expect("log").contains("this server runs the detection engine"));
 
     // The log verifies, as one tree from the first checkpoint to the last.
     let verified = run_ok(&b.data, &["audit", "verify"]);
