@@ -9,8 +9,8 @@
 //! Exactly once across restarts: the alerts of a batch are stored together with the new
 //! progress (the next leaf index) in one transaction, and only if the stored progress is still
 //! where this task left it (another server's detector may have moved it). The rules' state is
-//! saved with it (sealed with the audit key) every [`STATE_EVERY`] and whenever an alert is
-//! raised; a restarted task restores it and reads again, without raising anything, the entries
+//! saved with it (sealed with the audit key) every [`STATE_EVERY`], whenever an alert is
+//! raised and after a restart; a restarted task restores it and reads again, without raising anything, the entries
 //! between that state and the saved progress, so it ends where it stopped with the same state.
 //! An alert raised twice has the same id, and the store keeps the first.
 //!
@@ -201,8 +201,9 @@ impl Engine {
         .await?;
         // Accesses judged since the state was saved are still waiting in it: the next step judges
         // them again, raising their alerts again under the same ids (stored once; a lost one is
-        // stored now).
-        self.state = Some((saved.state_at, saved.state, Instant::now()));
+        // stored now). The state is saved anew with the next progress, so a server restarted
+        // again soon after does not read the same stretch again, and more each time.
+        self.state = None;
         Ok(detector)
     }
 }

@@ -152,6 +152,18 @@ async fn intrusion_rules_fire_on_attacks_stay_quiet_on_their_twins_and_survive_a
     assert_eq!(unique.len(), ids.len(), "no alert twice: {ids:?}");
     assert!(before.iter().all(|b| ids.contains(&b.as_str())), "the earlier alerts are kept");
     assert_eq!(after.len(), before.len() + 1, "exactly the new one: {after:#?}");
+
+    // After a restart the rules' state is saved again with the next progress, even without an
+    // alert: a server restarted again soon after does not read the same stretch again.
+    let progress = |s: &Server| s.db().query("SELECT next, state_at FROM detection").first().map(|r| (r[0].parse::<u64>().expect("next"), r[1].parse::<u64>().expect("state_at")));
+    let saved = progress(&s).expect("progress stored");
+    s.restart();
+    assert_eq!(s.get("/fhir/Observation?_count=1").await.status, 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !progress(&s).is_some_and(|(next, at)| next > saved.0 && at == next) {
+        assert!(std::time::Instant::now() < deadline, "the state was not saved again after the restart: {:?} then {:?}", saved, progress(&s));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// A CareTeam of `patient` with the unit as its member: the permission to look, not a reason.
