@@ -10,8 +10,9 @@
 //! progress (the next leaf index) in one transaction, and only if the stored progress is still
 //! where this task left it (another server's detector may have moved it). The rules' state is
 //! saved with it (sealed with the audit key) every [`STATE_EVERY`], whenever an alert is
-//! raised and after a restart; a restarted task restores it and reads again, without raising anything, the entries
-//! between that state and the saved progress, so it ends where it stopped with the same state.
+//! raised and after a restart; a restarted task restores it and reads again, without raising
+//! anything, the entries between that state and the saved progress, so it ends where it stopped
+//! with the same state.
 //! An alert raised twice has the same id, and the store keeps the first.
 //!
 //! Each alert is also written to the audit log (interaction `alert`, before the alert row: at
