@@ -37,8 +37,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The advisory lock keys ("valv" in ASCII, then a number): migrations, audit appends, the
-/// numbering of erasures, the two duties ([`crate::Duty`]), and an erasure against the creation of that patient's key (with the
-/// patient's hash as the second half).
+/// numbering of erasures, the two duties ([`crate::Duty`]), and an erasure against the creation
+/// of that patient's key (with the patient's hash as the second half).
 const MIGRATION_LOCK: i64 = 0x7661_6c76_0000_0001;
 const AUDIT_APPEND_LOCK: i64 = 0x7661_6c76_0000_0002;
 const ERASURE_SEQ_LOCK: i64 = 0x7661_6c76_0000_0003;
