@@ -334,6 +334,8 @@ pub enum Duty {
     Integration,
     /// Reading the audit log through the detection rules.
     Detection,
+    /// Forwarding the audit log to the SIEM collector.
+    Forwarding,
 }
 
 /// The persistence contract every backend implements (SQLite here, PostgreSQL later).

@@ -13,6 +13,13 @@
 //! (failures are logged without patient data, counted and retried with backoff) and shows as lag
 //! in the metrics.
 //!
+//! Of several servers on one database one forwards: the one leading the forwarding duty
+//! ([`valv_store::Store::lead`]); the others wait. The forwarder also keeps its position in the
+//! store (sealed, as the case `cursor/siem`, at most every [`SHARE_EVERY`]), and a server that
+//! takes over from another starts there (or at its own file's position, if that is further), so
+//! a takeover re-sends about a second of entries instead of the log from its start. At start a
+//! server goes by its own file, as a single server always does (delete it to re-send everything).
+//!
 //! Delivery is at least once: a crash between sending a batch and writing the position re-sends
 //! it. Each message carries its leaf index (and leaf hash) in structured data, so duplicates and
 //! gaps are recognisable. Syslog over TLS has no acknowledgements: an entry written to the
@@ -31,7 +38,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -54,6 +61,16 @@ const FACILITY: u8 = 13;
 const SD_ID: &str = "valv@32473";
 /// The file in the data directory that holds the next leaf index to forward.
 pub const POSITION_FILE: &str = "siem.position";
+/// The position shared with the other servers on the database, for one that takes over.
+const SHARED: (&str, &str) = ("cursor", "siem");
+/// The shared position is saved at most this often: what a takeover may send again.
+const SHARE_EVERY: Duration = Duration::from_secs(1);
+
+/// What [`SHARED`] holds.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedPosition {
+    next: u64,
+}
 
 /// Where and how to forward; built from the `[siem]` configuration.
 #[derive(Debug, Clone)]
@@ -87,6 +104,9 @@ pub fn spawn(app: Arc<App>, settings: Settings) -> Result<tokio::task::JoinHandl
         next,
         position_saved: true,
         cipher: None,
+        leading: false,
+        followed: false,
+        shared: None,
     };
     tracing::info!(collector = %settings.address, from_index = next, "forwarding audit entries to the SIEM collector");
     Ok(tokio::spawn(forwarder.run()))
@@ -162,6 +182,11 @@ struct Forwarder {
     /// Whether `next` is on disk (a failed position write is retried before the next batch).
     position_saved: bool,
     cipher: Option<valv_crypto::Cipher>,
+    /// Whether this server forwards now, and whether another one did since it started.
+    leading: bool,
+    followed: bool,
+    /// The version of the shared position and when it was saved, once known.
+    shared: Option<(u64, Instant)>,
 }
 
 /// What one step achieved.
@@ -192,12 +217,28 @@ impl Forwarder {
         }
     }
 
-    /// Sends at most one batch of new entries.
+    /// Sends at most one batch of new entries, if this server forwards.
     async fn step(&mut self) -> Result<Step, String> {
+        let store = self.app.vault.store().clone();
+        if !store.lead(valv_store::Duty::Forwarding).await.map_err(|e| format!("asking whether this server forwards: {e}"))? {
+            if self.leading {
+                tracing::warn!(collector = %self.address, "another server forwards audit entries to the SIEM collector now");
+            }
+            (self.leading, self.followed, self.conn) = (false, true, None);
+            self.app.metrics.siem_lag.store(0, Ordering::Relaxed);
+            return Ok(Step::CaughtUp);
+        }
+        let cipher = self.cipher().await?;
+        if !self.leading {
+            if self.followed {
+                self.take_over(&cipher).await?;
+            }
+            self.leading = true;
+            tracing::info!(collector = %self.address, from_index = self.next, "this server forwards audit entries to the SIEM collector");
+        }
         if !self.position_saved {
             self.save_position().await?;
         }
-        let store = self.app.vault.store().clone();
         let size = store.audit_size().await.map_err(|e| format!("reading the audit log size: {e}"))?;
         if self.next > size {
             // The log is shorter than what was forwarded (e.g. restored from a backup): what
@@ -215,15 +256,6 @@ impl Forwarder {
         if rows.is_empty() {
             return Err(format!("audit entries from {} are missing", self.next));
         }
-        let cipher = match &self.cipher {
-            Some(c) => c.clone(),
-            None => {
-                let k = self.app.vault.named_key("audit", crate::now_ms()).await.map_err(|e| format!("loading the audit key: {e}"))?;
-                let c = valv_crypto::Cipher::new(&k);
-                self.cipher = Some(c.clone());
-                c
-            }
-        };
         let mut buf = Vec::new();
         for (i, (stored_index, row)) in rows.iter().enumerate() {
             let index = self.next + i as u64;
@@ -252,7 +284,57 @@ impl Forwarder {
         self.app.metrics.siem_forwarded.fetch_add(sent, Ordering::Relaxed);
         self.app.metrics.siem_lag.store(size - self.next, Ordering::Relaxed);
         self.save_position().await?;
+        self.share_position(&cipher).await;
         Ok(if self.next < size { Step::More } else { Step::CaughtUp })
+    }
+
+    async fn cipher(&mut self) -> Result<valv_crypto::Cipher, String> {
+        if let Some(c) = &self.cipher {
+            return Ok(c.clone());
+        }
+        let k = self.app.vault.named_key("audit", crate::now_ms()).await.map_err(|e| format!("loading the audit key: {e}"))?;
+        let c = valv_crypto::Cipher::new(&k);
+        self.cipher = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Taking over from another server: its shared position, if further than this server's.
+    async fn take_over(&mut self, cipher: &valv_crypto::Cipher) -> Result<(), String> {
+        let stored = crate::oversight::load_with::<SharedPosition>(&self.app, cipher, SHARED.0, SHARED.1).await.map_err(|e| format!("reading the shared SIEM position: {}", e.diagnostics))?;
+        if let Some((shared, version)) = stored {
+            self.shared = Some((version, Instant::now()));
+            if shared.next > self.next {
+                (self.next, self.position_saved) = (shared.next, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Shares the position with the other servers, at most every [`SHARE_EVERY`]. A failure
+    /// only means a takeover would re-send more: logged, not fatal (the file is this server's
+    /// own record).
+    async fn share_position(&mut self, cipher: &valv_crypto::Cipher) {
+        if self.shared.is_some_and(|(_, at)| at.elapsed() < SHARE_EVERY) {
+            return;
+        }
+        let version = match self.shared {
+            Some((v, _)) => v,
+            None => match self.app.vault.store().case(SHARED.0, SHARED.1).await {
+                Ok(row) => row.map_or(0, |r| r.version),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the shared SIEM position failed");
+                    return;
+                }
+            },
+        };
+        match crate::oversight::save_with(&self.app, cipher, SHARED.0, SHARED.1, version + 1, &SharedPosition { next: self.next }).await {
+            Ok(()) => self.shared = Some((version + 1, Instant::now())),
+            Err(e) => {
+                // Another server wrote it (a handover under way): read its version next time.
+                self.shared = None;
+                tracing::warn!(error = %e.diagnostics, "saving the shared SIEM position failed");
+            }
+        }
     }
 
     async fn save_position(&mut self) -> Result<(), String> {

@@ -37,13 +37,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The advisory lock keys ("valv" in ASCII, then a number): migrations, audit appends, the
-/// numbering of erasures, the two duties ([`crate::Duty`]), and an erasure against the creation
+/// numbering of erasures, the duties ([`crate::Duty`]), and an erasure against the creation
 /// of that patient's key (with the patient's hash as the second half).
 const MIGRATION_LOCK: i64 = 0x7661_6c76_0000_0001;
 const AUDIT_APPEND_LOCK: i64 = 0x7661_6c76_0000_0002;
 const ERASURE_SEQ_LOCK: i64 = 0x7661_6c76_0000_0003;
 const INTEGRATOR_LOCK: i64 = 0x7661_6c76_0000_0004;
 const DETECTOR_LOCK: i64 = 0x7661_6c76_0000_0005;
+const FORWARDER_LOCK: i64 = 0x7661_6c76_0000_0006;
 const ERASURE_LOCK_SPACE: i32 = 0x7661_6c76;
 /// Advisory locks `(CONDITION_LOCK_SPACE, hashtext(condition))` serialise conditional creates of
 /// one condition across servers.
@@ -159,6 +160,7 @@ fn duty_lock(duty: crate::Duty) -> i64 {
     match duty {
         crate::Duty::Integration => INTEGRATOR_LOCK,
         crate::Duty::Detection => DETECTOR_LOCK,
+        crate::Duty::Forwarding => FORWARDER_LOCK,
     }
 }
 

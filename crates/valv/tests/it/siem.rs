@@ -205,3 +205,49 @@ async fn audit_entries_reach_rsyslog_over_tls_and_catch_up_after_an_outage() {
     assert_in_order(&indices, s.audit_lines());
     assert_eq!(indices.iter().filter(|&&i| i == 0).count(), 1, "a restart does not re-send the log: {indices:?}");
 }
+
+/// Two servers on one PostgreSQL database, both configured to forward: one does (no entry
+/// arrives twice while both run); when it is killed the other takes over from the position the
+/// first shared in the database, not from the start of the log (it has no position file).
+#[tokio::test]
+async fn of_two_servers_one_forwards_and_the_other_takes_over_where_it_was() {
+    if crate::harness::postgres().is_none() {
+        println!("skipped: several servers on one database need the PostgreSQL backend (VALV_TEST_STORE=postgres)");
+        return;
+    }
+    let c = Collector::start();
+    let address = format!("127.0.0.1:{}", c.port);
+    let ca = c.dir.join("ca.pem").display().to_string();
+    let mut a = Server::start_with("siem-two-a", &[("VALV_SIEM_ADDRESS", &address), ("VALV_SIEM_SERVER_NAME", "localhost"), ("VALV_SIEM_CA_FILE", &ca)]);
+    let mut b = a.sibling("siem-two-b");
+    // The copy took the first server's position file with it: without one, a takeover that
+    // ignored the shared position would send the log again from entry 0.
+    b.kill9();
+    let _ = std::fs::remove_file(b.data.join("siem.position"));
+    b.restart();
+
+    let p = a.post("/fhir/Patient", &json!({"resourceType":"Patient","name":[{"family":"Twice"}]})).await.id();
+    for s in [&a, &b, &a, &b] {
+        assert_eq!(s.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    }
+    let indices = wait_for_all(&c, &a, Duration::from_secs(15)).await;
+    assert_in_order(&indices, a.audit_lines());
+    let mut distinct = indices.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), indices.len(), "one server forwards, so no entry arrives twice: {indices:?}");
+    let log = |s: &Server| std::fs::read_to_string(s.dir.join("server.log")).expect("log");
+    assert!(log(&a).contains("this server forwards audit entries to the SIEM collector"), "server 1 forwards");
+    assert!(!log(&b).contains("this server forwards audit entries to the SIEM collector"), "server 2 waits");
+
+    // The forwarding server dies; the other sends what follows, from the shared position.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    a.kill9();
+    for _ in 0..3 {
+        assert_eq!(b.get(&format!("/fhir/Patient/{p}")).await.status, 200);
+    }
+    let indices = wait_for_all(&c, &b, Duration::from_secs(20)).await;
+    assert_in_order(&indices, b.audit_lines());
+    assert_eq!(indices.iter().filter(|&&i| i == 0).count(), 1, "the takeover did not re-send the log from its start: {indices:?}");
+    assert!(log(&b).contains("this server forwards audit entries to the SIEM collector"), "server 2 took over");
+}
