@@ -704,7 +704,7 @@ async fn parse_interaction(app: &App, req: Request<Incoming>) -> Result<(fhir::I
         },
         ([_, _], _) => return Err(not_allowed("GET (read), PUT (update), PATCH, DELETE")),
         ([rt, id, "_history"], None) if method == Method::GET => I::HistoryInstance { resource_type: t(rt), id: t(id), pairs },
-        (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id) },
+        (["Patient", id, "$access-log"], None) if method == Method::GET => I::AccessLog { id: t(id), pairs },
         (["Patient", id, "$everything"], None) if method == Method::GET => I::Everything { id: t(id), pairs },
         (["Patient", id, "$break-glass"], Some(body)) if method == Method::POST => I::BreakGlass { id: t(id), body },
         (["Patient", id, "$export-record"], Some(body)) if method == Method::POST => I::ExportRecord { id: t(id), body },

@@ -502,8 +502,11 @@ pub trait Store: Send + Sync {
     async fn audit_entries(&self, from: u64, to: u64) -> Result<Vec<(u64, AuditRow)>, StoreError>;
     /// The size of the log: one more than the highest leaf index (0 when empty).
     async fn audit_size(&self) -> Result<u64, StoreError>;
-    /// The leaf indices and rows of every entry carrying this patient token, in order.
-    async fn audit_entries_for(&self, patient_token: &Token) -> Result<Vec<(u64, AuditRow)>, StoreError>;
+    /// The leaf indices and rows of up to `limit` entries carrying this patient token with index
+    /// in `range`, in index order, or newest first when `newest_first` (a patient's entries page
+    /// by page: the by-patient index is ordered by leaf index in both backends).
+    async fn audit_entries_for(&self, patient_token: &Token, range: std::ops::Range<u64>, limit: usize, newest_first: bool)
+        -> Result<Vec<(u64, AuditRow)>, StoreError>;
     /// Leaf hashes with index in `[from, to)`, in order; an error if any index in the range is
     /// missing (so a tree is never built over a log with a hole in it).
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;

@@ -1733,10 +1733,18 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn audit_entries_for(&self, patient_token: &crate::Token) -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
+    async fn audit_entries_for(&self, patient_token: &crate::Token, range: std::ops::Range<u64>, limit: usize, newest_first: bool)
+        -> Result<Vec<(u64, crate::AuditRow)>, StoreError> {
+        // The index on patient_token holds each entry's rowid (the leaf index) in order.
+        let sql = if newest_first {
+            "SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries WHERE patient_token = ?1 AND idx >= ?2 AND idx < ?3 ORDER BY idx DESC LIMIT ?4"
+        } else {
+            "SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries WHERE patient_token = ?1 AND idx >= ?2 AND idx < ?3 ORDER BY idx LIMIT ?4"
+        };
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (from, to, limit) = (int(range.start), int(range.end), int(limit as u64));
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached("SELECT idx, leaf_hash, sealed, patient_token, query_sealed FROM audit_entries WHERE patient_token = ?1 ORDER BY idx")?;
-            let rows = stmt.query_map(params![&patient_token[..]], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
+            let rows = c.prepare_cached(sql)?.query_map(params![&patient_token[..], from, to, limit], row_to_audit)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
     }
@@ -2121,7 +2129,7 @@ mod tests {
         let store = SqliteStore::open(&path).expect("open");
         let rows = store.audit_entries(0, 10).await.expect("entries");
         assert_eq!(rows.iter().map(|(i, r)| (*i, r.sealed.clone())).collect::<Vec<_>>(), [(0, vec![1]), (1, vec![2])], "copied whole, the partial copy replaced");
-        assert_eq!(store.audit_entries_for(&[3; 16]).await.expect("by patient").len(), 1, "the patient index made again");
+        assert_eq!(store.audit_entries_for(&[3; 16], 0..u64::MAX, 10, false).await.expect("by patient").len(), 1, "the patient index made again");
         assert_eq!(store.latest_checkpoint().await.expect("checkpoint").map(|c| c.size), Some(2));
         assert_eq!(store.audit_tiles(&[(0, 0)]).await.expect("tiles").len(), 1);
         assert_eq!(store.append_audit(vec![crate::AuditRow { leaf_hash: [1; 32], sealed: vec![3], patient_token: None, query_sealed: None }]).await.expect("append"), 2);
@@ -2258,6 +2266,11 @@ mod tests {
     #[tokio::test]
     async fn cases_change_by_version() {
         run_kit(crate::testkit::cases_change_by_version_only).await;
+    }
+
+    #[tokio::test]
+    async fn a_patients_entries_page_by_page() {
+        run_kit(crate::testkit::a_patients_entries_come_page_by_page).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

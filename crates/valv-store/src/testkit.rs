@@ -204,3 +204,27 @@ pub async fn cases_change_by_version_only(store: Arc<dyn Store>) {
     assert_eq!(ids, [("i0".to_string(), 1), ("i1".to_string(), 2)]);
     assert_eq!(store.cases("review").await.expect("list").len(), 1);
 }
+
+pub async fn a_patients_entries_come_page_by_page(store: Arc<dyn Store>) {
+    use crate::AuditRow;
+    // Entries 0..12: patient A on even indices, B on odd ones, none on every third.
+    let rows = (0..12u8)
+        .map(|i| AuditRow { leaf_hash: [i; 32], sealed: vec![i; 4], patient_token: (i % 3 != 2).then_some([if i % 2 == 0 { 0xA } else { 0xB }; 16]), query_sealed: None })
+        .collect();
+    let first = store.append_audit(rows).await.expect("append");
+    let at = |i: u64| first + i;
+    let page = |range: std::ops::Range<u64>, limit: usize, newest_first: bool| {
+        let store = store.clone();
+        async move {
+            let rows = store.audit_entries_for(&[0xA; 16], range, limit, newest_first).await.expect("page");
+            rows.into_iter().map(|(i, r)| (i - first, r.sealed[0])).collect::<Vec<_>>()
+        }
+    };
+    let a: Vec<(u64, u8)> = [0, 4, 6, 10].iter().map(|&i| (i, i as u8)).collect();
+    assert_eq!(page(at(0)..u64::MAX, 100, false).await, a, "every entry of A, in order");
+    assert_eq!(page(at(0)..u64::MAX, 2, false).await, a[..2], "the first page");
+    assert_eq!(page(at(5)..u64::MAX, 2, false).await, a[2..], "the next page, after the last shown");
+    assert_eq!(page(at(0)..at(10), 3, true).await, vec![(6, 6), (4, 4), (0, 0)], "newest first, below an index");
+    assert_eq!(page(at(11)..u64::MAX, 5, false).await, vec![], "nothing beyond");
+    assert_eq!(store.audit_entries_for(&[0xC; 16], 0..u64::MAX, 5, false).await.expect("page").len(), 0, "another patient's token finds nothing");
+}

@@ -306,17 +306,27 @@ async fn scan(app: &App, cipher: &valv_crypto::Cipher, filters: &Filters, want: 
     let store = app.vault.store();
     let (lower, upper) = filters.time_bounds();
     if let Some(p) = filters.patient.as_deref() {
-        let mut rows = store.audit_entries_for(&app.vault.audit_patient_token(p)).await?;
-        rows.retain(|(i, _)| filters.before.is_none_or(|b| *i < b));
-        rows.reverse();
-        let mut matched = Vec::new();
-        for (index, row) in rows {
-            let (_, e) = open(cipher, index, &row)?;
-            if filters.matches(&e) {
-                matched.push((index, e));
+        // Every entry of the patient is looked at (so `total` is exact), newest first through
+        // the patient index, up to the same budget as any other search.
+        let token = app.vault.audit_patient_token(p);
+        let (mut end, mut matched, mut opened) = (filters.before.unwrap_or(u64::MAX), Vec::new(), 0usize);
+        loop {
+            if opened >= SCAN_BUDGET {
+                return Ok(Scan { matched, complete: false, resume: Some(end) });
+            }
+            let rows = store.audit_entries_for(&token, 0..end, SCAN_CHUNK as usize, true).await?;
+            for (index, row) in &rows {
+                let (_, e) = open(cipher, *index, row)?;
+                opened += 1;
+                end = *index;
+                if filters.matches(&e) {
+                    matched.push((*index, e));
+                }
+            }
+            if rows.len() < SCAN_CHUNK as usize {
+                return Ok(Scan { matched, complete: true, resume: None });
             }
         }
-        return Ok(Scan { matched, complete: true, resume: None });
     }
     let mut end = filters.before.unwrap_or(u64::MAX).min(store.audit_size().await?);
     if let Some(upper) = upper {
@@ -399,13 +409,48 @@ async fn app_row(app: &App, index: u64) -> Result<AuditRow, ApiError> {
     app.vault.store().audit_entries(index, index + 1).await?.pop().map(|(_, r)| r).ok_or_else(|| ApiError::internal(format!("audit entry {index} vanished")))
 }
 
+/// Entries of a patient's access log per answer at most (and when `_count` is not given).
+pub const ACCESS_LOG_PAGE: usize = 1_000;
+
+/// Which part of a patient's access log to show: the entries after a leaf index, at most a
+/// number of them (`None`: all, for the console's and `$export-record`'s files).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogPage {
+    pub after: Option<u64>,
+    pub count: Option<usize>,
+}
+
+impl LogPage {
+    /// `_count` (1 to [`ACCESS_LOG_PAGE`]) and `_after` (a leaf index); other parameters are
+    /// ignored, as before paging.
+    fn parse(pairs: &[(String, String)]) -> Result<LogPage, ApiError> {
+        let mut page = LogPage { after: None, count: Some(ACCESS_LOG_PAGE) };
+        for (k, v) in pairs {
+            match k.as_str() {
+                "_count" => match v.parse::<usize>() {
+                    Ok(n) if (1..=ACCESS_LOG_PAGE).contains(&n) => page.count = Some(n),
+                    _ => return Err(ApiError::bad_request(format!("'_count' must be a number from 1 to {ACCESS_LOG_PAGE}"))),
+                },
+                "_after" => page.after = Some(v.parse().map_err(|_| ApiError::bad_request("'_after' must be a leaf index"))?),
+                _ => {}
+            }
+        }
+        Ok(page)
+    }
+}
+
 /// Who accessed this patient's record, each entry with its canonical bytes and an inclusion
-/// proof against the latest signed checkpoint, plus that checkpoint and the log's key.
-pub async fn access_log(app: &App, ctx: &Ctx, patient: &str) -> Result<Reply, ApiError> {
+/// proof against the latest signed checkpoint, plus that checkpoint and the log's key; a page at
+/// a time, with a `next` link while there is more.
+pub async fn access_log(app: &App, ctx: &Ctx, patient: &str, pairs: &[(String, String)]) -> Result<Reply, ApiError> {
     crate::fhir::check_id(patient)?;
     let touch = Touch { interaction: "access-log", action: Action::Read, resource_type: "AuditEvent", id: None, version: None, patient: Some(patient), query: None };
+    let page = match LogPage::parse(pairs) {
+        Ok(p) => p,
+        Err(e) => return Err(audit_failure(app, ctx, &touch, e).await),
+    };
     let permit = authorize(app, ctx, &touch).await?;
-    let params = match access_log_parameters(app, patient, View::of(ctx), ctx.now).await {
+    let params = match access_log_parameters(app, patient, View::of(ctx), ctx.now, page).await {
         Ok(p) => p,
         Err(AccessLogError::Entry(err)) => return Err(audit_failure(app, ctx, &touch, err).await),
         Err(AccessLogError::Api(e)) => return Err(e),
@@ -435,42 +480,77 @@ impl From<valv_store::StoreError> for AccessLogError {
 
 /// The `Parameters` of [`access_log`], for whoever has been allowed to see it (the request path
 /// above, or `valv export` at the console, which shows the patient the restricted view).
-pub async fn access_log_parameters(app: &App, patient: &str, view: View, now: i64) -> Result<Value, AccessLogError> {
+pub async fn access_log_parameters(app: &App, patient: &str, view: View, now: i64, page: LogPage) -> Result<Value, AccessLogError> {
     let cipher = audit_cipher(app, now).await?;
     let store = app.vault.store();
     let checkpoint = store.latest_checkpoint().await?.ok_or_else(|| ApiError::unavailable("no checkpoint has been signed yet"))?;
     // The key that signed this checkpoint (after a signing-key rotation, not always the newest).
     let log_key = app.log_keys().vkey_of(&checkpoint.note).map_err(ApiError::internal)?;
     let mut params = vec![json!({"name": "checkpoint", "valueString": checkpoint.note}), json!({"name": "logKey", "valueString": log_key})];
-    for (index, row) in store.audit_entries_for(&app.vault.audit_patient_token(patient)).await? {
-        let (bytes, e) = open(&cipher, index, &row).map_err(AccessLogError::Entry)?;
-        // The index is not authenticated: only entries that name this patient belong here.
-        if e.get("patient").and_then(Value::as_str) != Some(patient) {
-            continue;
+    let shown = LogView { cipher: &cipher, store: &**store, checkpoint: &checkpoint, view };
+    let token = app.vault.audit_patient_token(patient);
+    let (mut from, limit) = (page.after.map_or(0, |a| a.saturating_add(1)), page.count.unwrap_or(usize::MAX));
+    let (mut listed, mut last) = (0usize, None);
+    'pages: loop {
+        let rows = store.audit_entries_for(&token, from..u64::MAX, ACCESS_LOG_PAGE, false).await?;
+        let more = rows.len() == ACCESS_LOG_PAGE;
+        for (index, row) in rows {
+            from = index + 1;
+            let (bytes, e) = open(&cipher, index, &row).map_err(AccessLogError::Entry)?;
+            // The index is not authenticated: only entries that name this patient belong here.
+            if e.get("patient").and_then(Value::as_str) != Some(patient) {
+                continue;
+            }
+            if listed == limit {
+                // One more is there: the next page starts after the last one shown.
+                let after = last.unwrap_or(index.saturating_sub(1));
+                let url = format!("{}/Patient/{patient}/$access-log?_count={limit}&_after={after}", app.base_url);
+                params.push(json!({"name": "next", "valueUri": url}));
+                break 'pages;
+            }
+            listed += 1;
+            last = Some(index);
+            params.push(access_log_entry(&shown, index, &row, &bytes, &e).await?);
         }
-        let query = revealed_query(&cipher, index, &row, &e, view).map_err(AccessLogError::Entry)?;
-        let mut parts = vec![json!({"name": "index", "valueString": index.to_string()})];
-        // A legacy entry's bytes hold its query: a non-auditor gets its leaf hash and proof only.
-        if view == View::Restricted && legacy_query(&e).is_some() {
-            parts.push(json!({"name": "canonicalWithheld", "valueString": WITHHELD}));
-        } else {
-            parts.push(json!({"name": "canonical", "valueString": String::from_utf8_lossy(&bytes)}));
+        if !more {
+            break;
         }
-        parts.push(json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}));
-        if index < checkpoint.size {
-            // From the stored tiles: O(log n) reads whatever the log's size.
-            let proof = crate::audit::log::inclusion(&**store, index, checkpoint.size).await.map_err(|e| match e {
-                crate::audit::log::ProofError::Invalid(m) => ApiError::internal(m),
-                crate::audit::log::ProofError::Store(s) => s.into(),
-            })?;
-            parts.extend(proof.iter().map(|h| json!({"name": "proof", "valueBase64Binary": b64(h)})));
-        } else {
-            parts.push(json!({"name": "pending", "valueString": "recorded after the latest checkpoint; ask again in a second"}));
-        }
-        parts.push(json!({"name": "event", "resource": to_audit_event(index, &e, query.as_ref(), view)}));
-        params.push(json!({"name": "entry", "part": parts}));
     }
     Ok(json!({"resourceType": "Parameters", "parameter": params}))
+}
+
+/// What every entry of one access-log answer is shown against.
+struct LogView<'a> {
+    cipher: &'a valv_crypto::Cipher,
+    store: &'a dyn valv_store::Store,
+    checkpoint: &'a valv_store::StoredCheckpoint,
+    view: View,
+}
+
+/// One entry of a patient's access log: its index, canonical bytes (or why they are withheld),
+/// leaf hash, inclusion proof (or that it is newer than the checkpoint) and AuditEvent.
+async fn access_log_entry(v: &LogView<'_>, index: u64, row: &AuditRow, bytes: &[u8], e: &Value) -> Result<Value, AccessLogError> {
+    let query = revealed_query(v.cipher, index, row, e, v.view).map_err(AccessLogError::Entry)?;
+    let mut parts = vec![json!({"name": "index", "valueString": index.to_string()})];
+    // A legacy entry's bytes hold its query: a non-auditor gets its leaf hash and proof only.
+    if v.view == View::Restricted && legacy_query(e).is_some() {
+        parts.push(json!({"name": "canonicalWithheld", "valueString": WITHHELD}));
+    } else {
+        parts.push(json!({"name": "canonical", "valueString": String::from_utf8_lossy(bytes)}));
+    }
+    parts.push(json!({"name": "leafHash", "valueBase64Binary": b64(&row.leaf_hash)}));
+    if index < v.checkpoint.size {
+        // From the stored tiles: O(log n) reads whatever the log's size.
+        let proof = crate::audit::log::inclusion(v.store, index, v.checkpoint.size).await.map_err(|e| match e {
+            crate::audit::log::ProofError::Invalid(m) => ApiError::internal(m),
+            crate::audit::log::ProofError::Store(s) => s.into(),
+        })?;
+        parts.extend(proof.iter().map(|h| json!({"name": "proof", "valueBase64Binary": b64(h)})));
+    } else {
+        parts.push(json!({"name": "pending", "valueString": "recorded after the latest checkpoint; ask again in a second"}));
+    }
+    parts.push(json!({"name": "event", "resource": to_audit_event(index, e, query.as_ref(), v.view)}));
+    Ok(json!({"name": "entry", "part": parts}))
 }
 
 #[cfg(test)]

@@ -206,7 +206,7 @@ mod tests {
         moved.leaf_hash = rows[0].1.leaf_hash;
         assert!(open_entry(&Cipher::new(&key), &moved).is_err(), "a body moved to another leaf does not open");
         let token = blind().token("AuditEvent", "patient", "patient-1");
-        let mine = store.audit_entries_for(&token).await.expect("by patient");
+        let mine = store.audit_entries_for(&token, 0..u64::MAX, 10, false).await.expect("by patient");
         assert_eq!(mine.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "the patient index finds exactly their entry");
         let failing = StoreAuditLog::new(store.clone(), key, blind(), true);
         assert!(failing.record(vec![event(3)]).await.is_err());

@@ -62,7 +62,7 @@ pub async fn record_files(app: &App, patient: &str, include: &Include<'_>, now: 
     // patient's AuditEvents): reading someone's record does not entitle one to see who else did.
     let mut entries = 0;
     if include("AuditEvent", None) {
-        let log = crate::audit::api::access_log_parameters(app, patient, crate::audit::api::View::Restricted, now).await.map_err(|e| match e {
+        let log = crate::audit::api::access_log_parameters(app, patient, crate::audit::api::View::Restricted, now, crate::audit::api::LogPage::default()).await.map_err(|e| match e {
             crate::audit::api::AccessLogError::Entry(e) | crate::audit::api::AccessLogError::Api(e) => e,
         })?;
         let checkpoint = log["parameter"][0]["valueString"].as_str().unwrap_or_default().to_string();

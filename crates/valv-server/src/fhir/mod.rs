@@ -47,7 +47,7 @@ pub enum Interaction {
     Patch { resource_type: String, id: String, patch: Value, kind: PatchKind, if_match: Option<u64> },
     Bundle { body: Value },
     /// `GET /fhir/Patient/{id}/$access-log`
-    AccessLog { id: String },
+    AccessLog { id: String, pairs: Vec<(String, String)> },
     /// `POST /fhir/Patient/{id}/$break-glass`
     BreakGlass { id: String, body: Value },
     /// `POST /fhir/Patient/{id}/$export-record`
@@ -175,7 +175,7 @@ pub async fn execute(app: &App, ctx: &Ctx, interaction: Interaction) -> Result<R
         Interaction::VRead { resource_type, id, version } => read(app, ctx, &resource_type, &id, Some(version)).await,
         Interaction::Search { resource_type, pairs } if resource_type == "AuditEvent" => crate::audit::api::search(app, ctx, &pairs).await,
         Interaction::Search { resource_type, pairs } => search_type(app, ctx, &resource_type, &pairs).await,
-        Interaction::AccessLog { id } => crate::audit::api::access_log(app, ctx, &id).await,
+        Interaction::AccessLog { id, pairs } => crate::audit::api::access_log(app, ctx, &id, &pairs).await,
         Interaction::BreakGlass { id, body } => crate::access::grantapi::break_glass(app, ctx, &id, body).await,
         Interaction::ExportRecord { id, body } => export::export_record(app, ctx, &id, body).await,
         Interaction::Everything { id, pairs } => everything::everything(app, ctx, &id, &pairs).await,

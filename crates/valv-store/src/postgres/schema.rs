@@ -366,6 +366,14 @@ pub(super) const MIGRATIONS: &[(i32, &str)] = &[
         FOR EACH STATEMENT EXECUTE FUNCTION valv_audit_append_only();
     "#,
     ),
+    (
+        9,
+        r#"
+    -- A patient's access log page by page: their entries in leaf order straight from the index.
+    CREATE INDEX audit_entries_patient_idx ON audit_entries (patient_token, idx) WHERE patient_token IS NOT NULL;
+    DROP INDEX audit_entries_patient;
+    "#,
+    ),
 ];
 
 /// What the serving role may do, table by table (granted again after every migration). Audit

@@ -1106,8 +1106,13 @@ impl Store for PgStore {
         uint(size)
     }
 
-    async fn audit_entries_for(&self, patient_token: &Token) -> Result<Vec<(u64, AuditRow)>, StoreError> {
-        let rows = self.pool.get().await?.query(&format!("{AUDIT_COLUMNS} WHERE patient_token = $1 ORDER BY idx"), &[&&patient_token[..]]).await.map_err(pg("reading the audit log"))?;
+    async fn audit_entries_for(&self, patient_token: &Token, range: std::ops::Range<u64>, limit: usize, newest_first: bool) -> Result<Vec<(u64, AuditRow)>, StoreError> {
+        // Migration 9's index on (patient_token, idx) reads a page in order and stops.
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let sql = format!("{AUDIT_COLUMNS} WHERE patient_token = $1 AND idx >= $2 AND idx < $3 ORDER BY idx {order} LIMIT $4");
+        let (from, to) = (i64::try_from(range.start).unwrap_or(i64::MAX), i64::try_from(range.end).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.pool.get().await?.query(&sql, &[&&patient_token[..], &from, &to, &limit]).await.map_err(pg("reading the audit log"))?;
         rows.iter().map(audit_row).collect()
     }
 

@@ -150,7 +150,8 @@ async fn detection_progress_alerts_and_cases() {
     let pg = Cluster::start();
     let store: Arc<dyn crate::Store> = Arc::new(migrated(&pg).await);
     crate::testkit::detection_saves_alerts_with_its_progress_once(store.clone()).await;
-    crate::testkit::cases_change_by_version_only(store).await;
+    crate::testkit::cases_change_by_version_only(store.clone()).await;
+    crate::testkit::a_patients_entries_come_page_by_page(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -276,6 +276,29 @@ async fn auditors_read_the_log_as_audit_events_and_a_patients_access_log_verifie
         }
     }
     assert!(proven >= 2, "{}", log.text);
+
+    // Page by page (`_count`, then each answer's `next`): the same entries in the same order.
+    // Every request for the log is itself an entry naming the patient, so the log grows as it
+    // is paged: the first pages are compared with the whole answer above.
+    let indices = |v: &serde_json::Value| -> Vec<String> {
+        let params = v["parameter"].as_array().cloned().unwrap_or_default();
+        params.iter().filter(|x| x["name"] == "entry").map(|e| e["part"][0]["valueString"].as_str().expect("index").to_string()).collect()
+    };
+    let all = indices(&log.json);
+    let (mut paged, mut path) = (Vec::new(), format!("/fhir/Patient/{p}/$access-log?_count=1"));
+    while paged.len() < all.len() {
+        let page = s.request("GET", &path, Some(&auditor), None, &[]).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        let got = indices(&page.json);
+        assert_eq!(got.len(), 1, "one entry a page: {}", page.text);
+        paged.extend(got);
+        let next = page.json["parameter"].as_array().and_then(|ps| ps.iter().find(|x| x["name"] == "next")).and_then(|x| x["valueUri"].as_str()).expect("a next link while there is more");
+        path = next[next.find("/fhir/").expect("a Valv URL")..].to_string();
+    }
+    assert_eq!(paged, all, "the pages hold the whole log in order");
+    for bad in ["_count=0", "_count=1001", "_count=x", "_after=-1", "_after=one"] {
+        s.request("GET", &format!("/fhir/Patient/{p}/$access-log?{bad}"), Some(&auditor), None, &[]).await.outcome(400);
+    }
     // One entry's canonical bytes, for auditors.
     let one = s.request("GET", "/audit/entries/0", Some(&auditor), None, &[]).await;
     assert_eq!(one.status, 200, "{}", one.text);
