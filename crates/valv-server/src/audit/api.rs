@@ -491,9 +491,11 @@ pub async fn access_log_parameters(app: &App, patient: &str, view: View, now: i6
     let token = app.vault.audit_patient_token(patient);
     let (mut from, limit) = (page.after.map_or(0, |a| a.saturating_add(1)), page.count.unwrap_or(usize::MAX));
     let (mut listed, mut last) = (0usize, None);
+    // The page and one more (to know whether a next page exists), at most a page per read.
+    let chunk = limit.saturating_add(1).min(ACCESS_LOG_PAGE);
     'pages: loop {
-        let rows = store.audit_entries_for(&token, from..u64::MAX, ACCESS_LOG_PAGE, false).await?;
-        let more = rows.len() == ACCESS_LOG_PAGE;
+        let rows = store.audit_entries_for(&token, from..u64::MAX, chunk, false).await?;
+        let more = rows.len() == chunk;
         for (index, row) in rows {
             from = index + 1;
             let (bytes, e) = open(&cipher, index, &row).map_err(AccessLogError::Entry)?;
