@@ -35,8 +35,12 @@ use valv_store::{AlertRow, DetectionRow};
 
 /// How often the log is looked at once the task has caught up.
 const POLL: Duration = Duration::from_millis(250);
-/// Entries read per batch (and per saved progress).
+/// Entries judged per step (and per saved progress).
 const BATCH: u64 = 2048;
+/// Entries read from the store at once, between which the task yields: a read and its
+/// decryption hold a runtime thread (and, on SQLite, one of the readers' connections) that
+/// requests are waiting for.
+const READ_CHUNK: u64 = 128;
 /// The rules' state is saved at least this often (and with every alert).
 const STATE_EVERY: Duration = Duration::from_secs(10);
 /// Waits after a failure: doubling up to the last.
@@ -209,11 +213,15 @@ impl Engine {
     }
 }
 
-/// Opens entries `[from, to)` and shows each, in order, to `judge`.
+/// Opens entries `[from, to)` and shows each, in order, to `judge`, [`READ_CHUNK`] at a time,
+/// yielding to requests in between.
 async fn read(store: &Arc<dyn valv_store::Store>, cipher: &Cipher, from: u64, to: u64, judge: &mut (dyn FnMut(&Entry) + Send)) -> Result<(), String> {
     let mut at = from;
     while at < to {
-        let end = to.min(at + BATCH);
+        if at > from {
+            tokio::task::yield_now().await;
+        }
+        let end = to.min(at + READ_CHUNK);
         let rows = store.audit_entries(at, end).await.map_err(|e| format!("reading audit entries from {at}: {e}"))?;
         for (index, row) in &rows {
             if *index != at {
