@@ -141,8 +141,8 @@ impl Pool {
         Ok(Lease { pool: self, conn: Some(conn), _permit: permit })
     }
 
-    /// A new connection; outside the pool's count when called directly (the integrator's lock
-    /// holder keeps one of its own).
+    /// A new connection; outside the pool's count when called directly (the holder of this
+    /// server's duty locks keeps one of its own).
     pub(super) async fn connect(&self) -> Result<Conn, StoreError> {
         let (client, task) = self.open().await?;
         Ok(Conn { client, task, statements: HashMap::new(), in_transaction: false })

@@ -1110,8 +1110,8 @@ impl Store for PgStore {
         // Migration 9's index on (patient_token, idx) reads a page in order and stops.
         let order = if newest_first { "DESC" } else { "ASC" };
         let sql = format!("{AUDIT_COLUMNS} WHERE patient_token = $1 AND idx >= $2 AND idx < $3 ORDER BY idx {order} LIMIT $4");
-        let (from, to) = (i64::try_from(range.start).unwrap_or(i64::MAX), i64::try_from(range.end).unwrap_or(i64::MAX));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let (from, to, limit) = (clamp(range.start), clamp(range.end), clamp(limit as u64));
         let rows = self.pool.get().await?.query(&sql, &[&&patient_token[..], &from, &to, &limit]).await.map_err(pg("reading the audit log"))?;
         rows.iter().map(audit_row).collect()
     }
