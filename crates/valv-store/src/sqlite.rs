@@ -287,12 +287,17 @@ const NO_HEADROOM: &str = "disk full: writes are refused until the WAL has been 
     (the disk is full, or the database file cannot be written)";
 
 /// What the writer thread commits: resource writes, audit entries (answered with the first
-/// leaf index), or a new data key.
+/// leaf index), a new data key, or any other write ([`SqliteStore::write`]).
 enum Work {
     Writes(Vec<Write>),
     Audit(Vec<crate::AuditRow>),
     Key { name: String, key: WrappedKey, now: i64 },
+    Run(Run),
 }
+
+/// A write run inside a group commit; `Fn`, since a group runs again after a checkpoint made
+/// room for it.
+type Run = Box<dyn Fn(&Connection) -> Result<(), StoreError> + Send>;
 
 type Job = (Work, oneshot::Sender<Result<u64, StoreError>>);
 
@@ -300,7 +305,8 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     writer: Mutex<mpsc::Sender<Job>>,
-    /// Small administrative writes (keys, API keys) go through their own connection.
+    /// Rare administrative writes (erasure, key rewrapping, accounts) and reads that must see
+    /// the newest commit go through their own connection.
     admin: Mutex<Connection>,
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
@@ -480,6 +486,25 @@ impl SqliteStore {
             .send((work, tx))
             .map_err(|_| StoreError::Backend("the writer thread has stopped".into()))?;
         rx.await.map_err(|_| StoreError::Backend("the writer thread dropped a commit".into()))?
+    }
+
+    /// Runs `f` on the writer thread, in a savepoint of the next group commit, and returns what
+    /// it returned once that commit is durable. For the writes the server makes all the time
+    /// (detection progress, tiles, checkpoints, sessions): on a connection of their own they
+    /// waited for the writer's lock in SQLite's busy handler, asleep on a runtime thread, which
+    /// stalled every request queued on that thread (wrk's p99 at full load 34–69 ms, 8–13 ms
+    /// without them; bench/README.md).
+    async fn write<T: Send + 'static>(&self, f: impl Fn(&Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let slot = Arc::new(Mutex::new(None));
+        let out = slot.clone();
+        let run: Run = Box::new(move |c| {
+            let value = f(c)?;
+            *out.lock().map_err(|_| StoreError::Backend("write result lock poisoned".into()))? = Some(value);
+            Ok(())
+        });
+        self.submit(Work::Run(run)).await?;
+        let value = slot.lock().map_err(|_| StoreError::Backend("write result lock poisoned".into()))?.take();
+        value.ok_or_else(|| StoreError::Backend("the writer thread committed a write without running it".into()))
     }
 
     /// Opens (creating if needed) the database file and runs pending migrations.
@@ -906,6 +931,7 @@ fn commit_group(conn: &mut Connection, group: &[Job]) -> Outcome {
             Work::Writes(writes) => apply_writes(&tx, writes, &mut added).map(|()| 0),
             Work::Audit(rows) => append_audit_rows(&tx, rows),
             Work::Key { name, key, now } => insert_key_if_absent(&tx, name, key, *now).map(|()| 0),
+            Work::Run(run) => run(&tx).map(|()| 0),
         });
         // A statement can fail for lack of space too (a spilled cache page); the message is
         // all that is left of it here.
@@ -1588,22 +1614,21 @@ impl Store for SqliteStore {
     }
 
     async fn save_detection(&self, from: Option<u64>, progress: &crate::DetectionRow, alerts: &[crate::AlertRow]) -> Result<bool, StoreError> {
-        self.with_admin(|c| {
-            let tx = c.unchecked_transaction()?;
-            let p = progress;
+        let (p, alerts) = (progress.clone(), alerts.to_vec());
+        self.write(move |c| {
             let moved = match from {
-                None => tx.prepare_cached("INSERT OR IGNORE INTO detection (id, next, state_at, state) VALUES (1, ?1, ?2, ?3)")?.execute(params![p.next, p.state_at, p.state])?,
-                Some(f) => tx.prepare_cached("UPDATE detection SET next = ?1, state_at = ?2, state = ?3 WHERE id = 1 AND next = ?4")?.execute(params![p.next, p.state_at, p.state, f])?,
+                None => c.prepare_cached("INSERT OR IGNORE INTO detection (id, next, state_at, state) VALUES (1, ?1, ?2, ?3)")?.execute(params![p.next, p.state_at, p.state])?,
+                Some(f) => c.prepare_cached("UPDATE detection SET next = ?1, state_at = ?2, state = ?3 WHERE id = 1 AND next = ?4")?.execute(params![p.next, p.state_at, p.state, f])?,
             };
             if moved == 0 {
                 return Ok(false);
             }
-            for a in alerts {
-                tx.prepare_cached("INSERT OR IGNORE INTO alerts (id, time, rule, severity, sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![a.id, a.time, a.rule, a.severity, a.sealed])?;
+            for a in &alerts {
+                c.prepare_cached("INSERT OR IGNORE INTO alerts (id, time, rule, severity, sealed) VALUES (?1, ?2, ?3, ?4, ?5)")?.execute(params![a.id, a.time, a.rule, a.severity, a.sealed])?;
             }
-            tx.commit()?;
             Ok(true)
         })
+        .await
     }
 
     async fn alerts(&self, before: Option<(i64, &str)>, limit: usize) -> Result<Vec<crate::AlertRow>, StoreError> {
@@ -1771,17 +1796,14 @@ impl Store for SqliteStore {
         if tiles.is_empty() {
             return Ok(());
         }
-        self.with_admin(|c| {
-            let tx = c.unchecked_transaction()?;
-            {
-                let mut put = tx.prepare_cached("INSERT OR REPLACE INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)")?;
-                for t in &tiles {
-                    put.execute(params![t.level, t.index, t.hashes.concat()])?;
-                }
+        self.write(move |c| {
+            let mut put = c.prepare_cached("INSERT OR REPLACE INTO audit_tiles (level, idx, hashes) VALUES (?1, ?2, ?3)")?;
+            for t in &tiles {
+                put.execute(params![t.level, t.index, t.hashes.concat()])?;
             }
-            tx.commit()?;
             Ok(())
         })
+        .await
     }
 
     async fn audit_tiles(&self, keys: &[(u8, u64)]) -> Result<Vec<crate::AuditTile>, StoreError> {
@@ -1805,10 +1827,12 @@ impl Store for SqliteStore {
     }
 
     async fn save_checkpoint(&self, cp: &crate::StoredCheckpoint) -> Result<(), StoreError> {
-        self.with_admin(|c| {
-            c.execute("INSERT INTO audit_checkpoints (size, root, note) VALUES (?1, ?2, ?3)", params![cp.size, &cp.root[..], cp.note])?;
+        let cp = cp.clone();
+        self.write(move |c| {
+            c.prepare_cached("INSERT INTO audit_checkpoints (size, root, note) VALUES (?1, ?2, ?3)")?.execute(params![cp.size, &cp.root[..], cp.note])?;
             Ok(())
         })
+        .await
     }
 
     async fn latest_checkpoint(&self) -> Result<Option<crate::StoredCheckpoint>, StoreError> {
@@ -1882,7 +1906,8 @@ impl Store for SqliteStore {
     }
 
     async fn put_case(&self, k: &crate::CaseRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let k = k.clone();
+        self.write(move |c| {
             let n = if k.version == 1 {
                 c.execute("INSERT OR IGNORE INTO cases (kind, id, version, sealed) VALUES (?1, ?2, ?3, ?4)", params![k.kind, k.id, k.version, k.sealed])?
             } else {
@@ -1894,6 +1919,7 @@ impl Store for SqliteStore {
                 Err(StoreError::Conflict(format!("{} {} was changed concurrently", k.kind, k.id)))
             }
         })
+        .await
     }
 
     async fn case(&self, kind: &str, id: &str) -> Result<Option<crate::CaseRow>, StoreError> {
@@ -2012,10 +2038,12 @@ impl Store for SqliteStore {
     }
 
     async fn touch_session(&self, token_hash: &[u8; 32], last_seen: i64) -> Result<(), StoreError> {
-        self.with_admin(|c| {
-            c.execute("UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE token_hash = ?2", params![last_seen, &token_hash[..]])?;
+        let token_hash = *token_hash;
+        self.write(move |c| {
+            c.prepare_cached("UPDATE sessions SET last_seen = max(last_seen, ?1) WHERE token_hash = ?2")?.execute(params![last_seen, &token_hash[..]])?;
             Ok(())
         })
+        .await
     }
 
     async fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
@@ -2374,6 +2402,43 @@ mod tests {
             let bursts = appends_per_second(true, 6.0, 1.0, 1.5).await;
             println!("round {round}: sustained, no reserve {plain:.0}/s; sustained, with reserve {headroom:.0}/s; 1 s bursts after idle truncation {bursts:.0}/s");
         }
+    }
+
+    /// The writes a server makes all the time go through the writer thread: with the admin
+    /// connection held elsewhere they still finish (on that connection they waited for the
+    /// writer's lock in SQLite's busy handler, asleep on a runtime thread).
+    #[test]
+    fn background_writes_never_wait_for_the_admin_connection() {
+        let path = temp_db();
+        let store = std::sync::Arc::new(SqliteStore::open(&path).expect("open"));
+        let held = store.admin.lock().expect("admin");
+        let (done, finished) = std::sync::mpsc::channel();
+        let s = store.clone();
+        let writes = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            rt.block_on(async {
+                let progress = crate::DetectionRow { next: 3, state_at: 3, state: vec![1] };
+                let alert = crate::AlertRow { id: "2-r".into(), time: 1, rule: "r".into(), severity: "high".into(), sealed: vec![2] };
+                assert!(s.save_detection(None, &progress, &[alert]).await.expect("detection"));
+                s.put_audit_tiles(vec![crate::AuditTile { level: 0, index: 0, hashes: vec![[7; 32]] }]).await.expect("tiles");
+                s.save_checkpoint(&crate::StoredCheckpoint { size: 1, root: [7; 32], note: "n".into() }).await.expect("checkpoint");
+                s.put_case(&crate::CaseRow { kind: "siem".into(), id: "cursor".into(), version: 1, sealed: vec![3] }).await.expect("case");
+                s.touch_session(&[9; 32], 5).await.expect("session");
+            });
+            let _ = done.send(());
+        });
+        let outcome = finished.recv_timeout(Duration::from_secs(10));
+        drop(held);
+        writes.join().expect("writes");
+        assert!(outcome.is_ok(), "a background write waited for the admin connection");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        rt.block_on(async {
+            assert_eq!(store.detection().await.expect("read").map(|d| d.next), Some(3));
+            assert_eq!(store.latest_checkpoint().await.expect("read").map(|c| c.size), Some(1));
+            assert_eq!(store.case("siem", "cursor").await.expect("read").map(|c| c.sealed), Some(vec![3]));
+        });
+        drop(store);
+        remove_files(&path);
     }
 
     #[tokio::test]
