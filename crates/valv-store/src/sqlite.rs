@@ -305,8 +305,8 @@ pub struct SqliteStore {
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
     writer: Mutex<mpsc::Sender<Job>>,
-    /// Rare administrative writes (erasure, key rewrapping, accounts) and reads that must see
-    /// the newest commit go through their own connection.
+    /// Erasure and key rewrapping (large, rare, and followed by a checkpoint of their own) go
+    /// through their own connection; every other write through the writer thread.
     admin: Mutex<Connection>,
     /// Set while the writer refuses writes for lack of headroom; the admin connection refuses
     /// then too (its writes would eat the room kept for the checkpoint) and `ping` fails.
@@ -489,11 +489,11 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer thread, in a savepoint of the next group commit, and returns what
-    /// it returned once that commit is durable. For the writes the server makes all the time
-    /// (detection progress, tiles, checkpoints, sessions): on a connection of their own they
-    /// waited for the writer's lock in SQLite's busy handler, asleep on a runtime thread, which
-    /// stalled every request queued on that thread (wrk's p99 at full load 34–69 ms, 8–13 ms
-    /// without them; bench/README.md).
+    /// it returned once that commit is durable. Every write but erasure and rewrapping goes this
+    /// way: on a connection of its own it waited for the writer's lock in SQLite's busy handler,
+    /// asleep on a runtime thread, stalling every request queued on that thread — the detection
+    /// engine's progress alone put wrk's p99 at full load at 28–40 ms instead of 8–12 ms
+    /// (bench/README.md), and a flood of failed sign-ins would have done the same.
     async fn write<T: Send + 'static>(&self, f: impl Fn(&Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
         let slot = Arc::new(Mutex::new(None));
         let out = slot.clone();
@@ -1403,7 +1403,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_erasure_request(&self, r: &crate::ErasureRequestRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let r = r.clone();
+        self.write(move |c| {
             let n = c
                 .prepare_cached("INSERT OR IGNORE INTO erasure_requests (id, patient, sealed, requested_at, state) VALUES (?1, ?2, ?3, ?4, ?5)")?
                 .execute(params![r.id, r.patient, r.sealed, r.requested_at, r.state])?;
@@ -1412,6 +1413,7 @@ impl Store for SqliteStore {
             }
             Ok(())
         })
+        .await
     }
 
     async fn erasure_requests(&self) -> Result<Vec<crate::ErasureRequestRow>, StoreError> {
@@ -1425,19 +1427,23 @@ impl Store for SqliteStore {
     }
 
     async fn decide_erasure_request(&self, id: &str, state: &str, by: &str, at: i64) -> Result<bool, StoreError> {
-        self.with_admin(|c| {
+        let (id, state, by) = (id.to_string(), state.to_string(), by.to_string());
+        self.write(move |c| {
             Ok(c.prepare_cached("UPDATE erasure_requests SET state = ?2, decided_by = ?3, decided_at = ?4 WHERE id = ?1 AND state = 'pending'")?
                 .execute(params![id, state, by, at])?
                 > 0)
         })
+        .await
     }
 
     async fn reopen_erasure_request(&self, id: &str) -> Result<bool, StoreError> {
-        self.with_admin(|c| {
+        let id = id.to_string();
+        self.write(move |c| {
             Ok(c.prepare_cached("UPDATE erasure_requests SET state = 'pending', decided_by = NULL, decided_at = NULL WHERE id = ?1 AND state = 'approved'")?
                 .execute(params![id])?
                 > 0)
         })
+        .await
     }
 
     async fn resources_of(&self, patient: &str) -> Result<Vec<(String, String)>, StoreError> {
@@ -1536,18 +1542,18 @@ impl Store for SqliteStore {
     }
 
     async fn put_file(&self, f: &crate::FileRow, sealed_with: &[u8]) -> Result<(), StoreError> {
-        self.with_admin(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
-            check_sealed_with(&tx, &f.patient, sealed_with)?;
-            let n = tx
+        let (f, sealed_with) = (f.clone(), sealed_with.to_vec());
+        self.write(move |c| {
+            check_sealed_with(c, &f.patient, &sealed_with)?;
+            let n = c
                 .prepare_cached(&format!("INSERT OR IGNORE INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"))?
                 .execute(params![f.binary_id, f.object, f.patient, f.sealed_key, f.size, &f.sha256[..], f.scan, f.created])?;
             if n == 0 {
                 return Err(StoreError::Conflict(format!("Binary/{} has its file already", f.binary_id)));
             }
-            tx.commit()?;
             Ok(())
         })
+        .await
     }
 
     async fn file(&self, binary_id: &str) -> Result<Option<crate::FileRow>, StoreError> {
@@ -1563,7 +1569,8 @@ impl Store for SqliteStore {
     }
 
     async fn set_file_scan(&self, object: &str, scan: &str) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("UPDATE files SET scan = ?2 WHERE object = ?1")?.execute(params![object, scan])? > 0))
+        let (object, scan) = (object.to_string(), scan.to_string());
+        self.write(move |c| Ok(c.prepare_cached("UPDATE files SET scan = ?2 WHERE object = ?1")?.execute(params![object, scan])? > 0)).await
     }
 
     async fn files_to_scan(&self, limit: usize) -> Result<Vec<crate::FileRow>, StoreError> {
@@ -1575,15 +1582,18 @@ impl Store for SqliteStore {
     }
 
     async fn delete_file(&self, object: &str) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM files WHERE object = ?1")?.execute(params![object])? > 0))
+        let object = object.to_string();
+        self.write(move |c| Ok(c.prepare_cached("DELETE FROM files WHERE object = ?1")?.execute(params![object])? > 0)).await
     }
 
     async fn put_upload(&self, u: &crate::UploadRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let u = u.clone();
+        self.write(move |c| {
             c.prepare_cached(&format!("INSERT INTO uploads ({UPLOAD_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))?
                 .execute(params![u.id, u.binary_id, u.object, u.patient, u.agent, u.sealed_key, u.content_type, u.length, u.received, u.parts, u.created, u.expires])?;
             Ok(())
         })
+        .await
     }
 
     async fn upload(&self, id: &str) -> Result<Option<crate::UploadRow>, StoreError> {
@@ -1591,11 +1601,13 @@ impl Store for SqliteStore {
     }
 
     async fn advance_upload(&self, id: &str, from: u64, received: u64, parts: u32) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("UPDATE uploads SET received = ?3, parts = ?4 WHERE id = ?1 AND received = ?2")?.execute(params![id, from, received, parts])? > 0))
+        let id = id.to_string();
+        self.write(move |c| Ok(c.prepare_cached("UPDATE uploads SET received = ?3, parts = ?4 WHERE id = ?1 AND received = ?2")?.execute(params![id, from, received, parts])? > 0)).await
     }
 
     async fn delete_upload(&self, id: &str) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute(params![id])? > 0))
+        let id = id.to_string();
+        self.write(move |c| Ok(c.prepare_cached("DELETE FROM uploads WHERE id = ?1")?.execute(params![id])? > 0)).await
     }
 
     async fn expired_uploads(&self, now: i64, limit: usize) -> Result<Vec<crate::UploadRow>, StoreError> {
@@ -1645,15 +1657,18 @@ impl Store for SqliteStore {
     }
 
     async fn put_ticket(&self, t: &crate::TicketRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let t = t.clone();
+        self.write(move |c| {
             c.prepare_cached(&format!("INSERT INTO file_tickets ({TICKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"))?
                 .execute(params![&t.hash[..], t.id, t.binary_id, t.version, t.agent, t.purpose, t.expires, t.uses, t.used, t.revoked, t.created, t.mac])?;
             Ok(())
         })
+        .await
     }
 
     async fn use_ticket(&self, hash: &[u8; 32], now: i64) -> Result<Option<(crate::TicketRow, bool)>, StoreError> {
-        self.with_admin(|c| {
+        let hash = *hash;
+        self.write(move |c| {
             let spent = c
                 .prepare_cached(&format!("UPDATE file_tickets SET used = used + 1 WHERE hash = ?1 AND NOT revoked AND used < uses AND expires > ?2 RETURNING {TICKET_COLUMNS}"))?
                 .query_row(params![&hash[..], now], row_to_ticket)
@@ -1664,18 +1679,21 @@ impl Store for SqliteStore {
             let refused = c.prepare_cached(&format!("SELECT {TICKET_COLUMNS} FROM file_tickets WHERE hash = ?1"))?.query_row(params![&hash[..]], row_to_ticket).optional()?;
             Ok(refused.map(|t| (t, false)))
         })
+        .await
     }
 
     async fn revoke_ticket(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE hash = ?1 AND NOT revoked")?.execute(params![&hash[..]])? > 0))
+        let hash = *hash;
+        self.write(move |c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE hash = ?1 AND NOT revoked")?.execute(params![&hash[..]])? > 0)).await
     }
 
     async fn revoke_tickets(&self, binary_id: &str, agent: &str) -> Result<usize, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE binary_id = ?1 AND agent = ?2 AND NOT revoked")?.execute(params![binary_id, agent])?))
+        let (binary_id, agent) = (binary_id.to_string(), agent.to_string());
+        self.write(move |c| Ok(c.prepare_cached("UPDATE file_tickets SET revoked = 1 WHERE binary_id = ?1 AND agent = ?2 AND NOT revoked")?.execute(params![binary_id, agent])?)).await
     }
 
     async fn delete_tickets_before(&self, before: i64) -> Result<usize, StoreError> {
-        self.with_admin(|c| Ok(c.prepare_cached("DELETE FROM file_tickets WHERE expires < ?1")?.execute(params![before])?))
+        self.write(move |c| Ok(c.prepare_cached("DELETE FROM file_tickets WHERE expires < ?1")?.execute(params![before])?)).await
     }
 
     async fn key_census(&self) -> Result<Vec<crate::KeyCensus>, StoreError> {
@@ -1867,7 +1885,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_api_key(&self, k: &ApiKeyRecord) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let k = k.clone();
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO api_keys (id, name, role, hash, created, revoked, mac, scopes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![k.id, k.name, k.role, &k.hash[..], k.created, k.revoked, k.mac, k.scopes],
@@ -1880,6 +1899,7 @@ impl Store for SqliteStore {
             })?;
             Ok(())
         })
+        .await
     }
 
     async fn find_api_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKeyRecord>, StoreError> {
@@ -1899,10 +1919,12 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_api_key(&self, id: &str, revoked: i64, mac: &[u8]) -> Result<bool, StoreError> {
-        self.with_admin(|c| {
+        let (id, mac) = (id.to_string(), mac.to_vec());
+        self.write(move |c| {
             let n = c.execute("UPDATE api_keys SET revoked = ?1, mac = ?2 WHERE id = ?3 AND revoked IS NULL", params![revoked, mac, id])?;
             Ok(n > 0)
         })
+        .await
     }
 
     async fn put_case(&self, k: &crate::CaseRow) -> Result<(), StoreError> {
@@ -1935,7 +1957,8 @@ impl Store for SqliteStore {
     }
 
     async fn put_grant(&self, g: &GrantRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let g = g.clone();
+        self.write(move |c| {
             let n = if g.version == 1 {
                 c.execute("INSERT OR IGNORE INTO grants (id, version, sealed) VALUES (?1, ?2, ?3)", params![g.id, g.version, g.sealed])?
             } else {
@@ -1947,6 +1970,7 @@ impl Store for SqliteStore {
                 Err(StoreError::Conflict(format!("grant {} was changed concurrently", g.id)))
             }
         })
+        .await
     }
 
     async fn grants(&self) -> Result<Vec<GrantRow>, StoreError> {
@@ -1958,7 +1982,8 @@ impl Store for SqliteStore {
     }
 
     async fn insert_user(&self, u: &UserRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let u = u.clone();
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO users (id, username_token, version, sealed, enrollment_hash) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![u.id, &u.username_token[..], u.version, u.sealed, u.enrollment_hash.as_ref().map(|h| &h[..])],
@@ -1971,10 +1996,12 @@ impl Store for SqliteStore {
             })?;
             Ok(())
         })
+        .await
     }
 
     async fn update_user(&self, u: &UserRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let u = u.clone();
+        self.write(move |c| {
             let n = c.execute(
                 "UPDATE users SET version = ?1, sealed = ?2, enrollment_hash = ?3 WHERE id = ?4 AND version = ?5",
                 params![u.version, u.sealed, u.enrollment_hash.as_ref().map(|h| &h[..]), u.id, u.version.saturating_sub(1)],
@@ -1985,6 +2012,7 @@ impl Store for SqliteStore {
                 Err(StoreError::Conflict(format!("user {} was changed concurrently", u.id)))
             }
         })
+        .await
     }
 
     async fn user(&self, id: &str) -> Result<Option<UserRow>, StoreError> {
@@ -2012,13 +2040,15 @@ impl Store for SqliteStore {
     }
 
     async fn insert_session(&self, s: &SessionRow) -> Result<(), StoreError> {
-        self.with_admin(|c| {
+        let s = s.clone();
+        self.write(move |c| {
             c.execute(
                 "INSERT INTO sessions (token_hash, user_id, created, last_seen, mac) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![&s.token_hash[..], s.user_id, s.created, s.last_seen, s.mac],
             )?;
             Ok(())
         })
+        .await
     }
 
     async fn session(&self, token_hash: &[u8; 32]) -> Result<Option<SessionRow>, StoreError> {
@@ -2047,15 +2077,17 @@ impl Store for SqliteStore {
     }
 
     async fn delete_session(&self, token_hash: &[u8; 32]) -> Result<bool, StoreError> {
-        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])? > 0))
+        let token_hash = *token_hash;
+        self.write(move |c| Ok(c.execute("DELETE FROM sessions WHERE token_hash = ?1", params![&token_hash[..]])? > 0)).await
     }
 
     async fn delete_sessions_before(&self, created_before: i64) -> Result<usize, StoreError> {
-        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE created < ?1", params![created_before])?))
+        self.write(move |c| Ok(c.execute("DELETE FROM sessions WHERE created < ?1", params![created_before])?)).await
     }
 
     async fn delete_sessions_of(&self, user_id: &str) -> Result<usize, StoreError> {
-        self.with_admin(|c| Ok(c.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])?))
+        let user_id = user_id.to_string();
+        self.write(move |c| Ok(c.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])?)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
