@@ -507,6 +507,14 @@ pub trait Store: Send + Sync {
     /// by page: the by-patient index is ordered by leaf index in both backends).
     async fn audit_entries_for(&self, patient_token: &Token, range: std::ops::Range<u64>, limit: usize, newest_first: bool)
         -> Result<Vec<(u64, AuditRow)>, StoreError>;
+    /// Up to `limit` leaf indices of entries carrying a patient token that `audit_entries_for`
+    /// would not find: SQLite keeps its by-patient lookup in a table of its own, where a removed
+    /// pair would hide an entry from the patient's access log while the log itself still
+    /// verifies; `valv audit verify` reports these. PostgreSQL's lookup is an index of the
+    /// entries themselves and finds none.
+    async fn patient_entries_unfound(&self, _limit: usize) -> Result<Vec<u64>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Leaf hashes with index in `[from, to)`, in order; an error if any index in the range is
     /// missing (so a tree is never built over a log with a hole in it).
     async fn audit_leaves(&self, from: u64, to: u64) -> Result<Vec<[u8; 32]>, StoreError>;

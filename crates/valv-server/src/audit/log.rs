@@ -18,6 +18,8 @@ use valv_crypto::{BulkOpener, DataKey};
 use valv_store::{Store, StoreError, StoredCheckpoint};
 
 const CHUNK: u64 = 10_000;
+/// Entries missing from the by-patient lookup named at most (the first of them).
+const UNFOUND_SHOWN: usize = 20;
 
 /// What `valv audit verify` found.
 #[derive(Debug, Default)]
@@ -92,6 +94,9 @@ pub async fn verify(store: &Arc<dyn Store>, audit_key: &DataKey, log_keys: &[Ver
     }
     for (first, copy) in rebuild.copies(&**store).await? {
         report.problems.push(format!("entry {copy} duplicates entry {first} (a copied row)"));
+    }
+    for idx in store.patient_entries_unfound(UNFOUND_SHOWN).await? {
+        report.problems.push(format!("entry {idx} is missing from the by-patient lookup: the patient's access log would not show it (the by-patient table was edited)"));
     }
     let frontier_size = rebuild.frontier.size();
     for (source, cp_size, cp_root) in wanted {

@@ -3,8 +3,8 @@
 //! takes no reader from the server's pool. A restore loads into a new file through a connection
 //! of its own without a journal ([`FreshLoad`]), one transaction per batch; search tokens are
 //! collected (in memory, or spilled sorted to a temporary table past a limit) and inserted once,
-//! sorted, at the end, and the secondary indexes are built then too: sorting once beats inserting
-//! at random places row by row.
+//! sorted, at the end, and the secondary indexes (and the audit log's by-patient table) are
+//! built then too: sorting once beats inserting at random places row by row.
 
 use super::{insert_tokens, row_to_audit, SqliteStore};
 use crate::dump::{ResourceRow, Row, VersionRow};
@@ -20,7 +20,6 @@ const LOAD_CACHE_KIB: i64 = -262_144;
 const SECONDARY_INDEXES: &[(&str, &str)] = &[
     ("resources_type_updated", "CREATE INDEX IF NOT EXISTS resources_type_updated ON resources (type, last_updated)"),
     ("resources_patient", "CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient)"),
-    ("audit.audit_entries_patient", super::AUDIT_PATIENT_INDEX),
 ];
 
 /// Rows per batch sent (or bytes, for large bodies), whichever fills first.
@@ -262,6 +261,7 @@ impl FreshLoad {
         for (_, create) in SECONDARY_INDEXES {
             tx.execute_batch(create)?;
         }
+        super::index_by_patient(&tx)?;
         tx.commit()?;
         for schema in super::SCHEMAS {
             conn.pragma_update(Some(schema), "locking_mode", "NORMAL")?;
