@@ -132,7 +132,7 @@ valv_base=$(sed -n 's/^Valv serving HTTPS on \(https:[^ ]*\/fhir\).*/\1/p' "$out
 collect_ids "$out/valv" "$valv_base" "$key"
 
 hport=$(free_port)
-(cd "$out" && "$hfs" --port "$hport" > "$out/hfs.out" 2>&1) &
+(cd "$out" && exec "$hfs" --port "$hport" > "$out/hfs.out" 2>&1) &
 pids+=($!)
 for _ in $(seq 300); do curl -s -o /dev/null "http://127.0.0.1:$hport/metadata" && break; sleep 0.1; done
 helios_base="http://127.0.0.1:$hport"
