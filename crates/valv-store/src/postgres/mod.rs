@@ -18,6 +18,7 @@
 
 mod audit;
 mod creates;
+mod reads;
 mod credentials;
 mod load;
 mod pool;
@@ -143,6 +144,7 @@ pub struct PgStore {
     pool: Arc<Pool>,
     audit: audit::Appender,
     creates: creates::Creator,
+    reads: reads::Reader,
     /// The connection holding the advisory locks of the duties this process leads.
     leader: tokio::sync::Mutex<Leader>,
     /// API-key records, while a connection listens for their changes.
@@ -172,7 +174,7 @@ impl PgStore {
         let (config, tls) = connection_config(settings)?;
         let pool = Arc::new(Pool::new(config.clone(), tls.clone(), settings.pool_size));
         let credentials = Arc::new(credentials::KeyCache::default());
-        let store = PgStore { audit: audit::Appender::start(pool.clone()), creates: creates::Creator::start(pool.clone()), pool, leader: Default::default(), credentials };
+        let store = PgStore { audit: audit::Appender::start(pool.clone()), creates: creates::Creator::start(pool.clone()), reads: reads::Reader::start(pool.clone()), pool, leader: Default::default(), credentials };
         let version = store.schema_version().await?;
         let newest = newest_version();
         if version > newest {

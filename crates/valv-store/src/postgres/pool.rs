@@ -170,19 +170,26 @@ type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
 
 impl SharedConn {
     pub(super) async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, tokio_postgres::Error> {
-        let cached = self.statements.lock().ok().and_then(|m| m.get(sql).cloned());
-        let s = match cached {
-            Some(s) => s,
-            None => {
-                // Prepared outside the lock: other readers go on meanwhile.
-                let s = self.client.prepare(sql).await?;
-                if let Ok(mut m) = self.statements.lock() {
-                    remember(&mut m, sql, &s);
-                }
-                s
-            }
-        };
+        let s = self.statement(sql).await?;
         self.client.query_opt(&s, params).await
+    }
+
+    pub(super) async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let s = self.statement(sql).await?;
+        self.client.query(&s, params).await
+    }
+
+    async fn statement(&self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        let cached = self.statements.lock().ok().and_then(|m| m.get(sql).cloned());
+        if let Some(s) = cached {
+            return Ok(s);
+        }
+        // Prepared outside the lock: other readers go on meanwhile.
+        let s = self.client.prepare(sql).await?;
+        if let Ok(mut m) = self.statements.lock() {
+            remember(&mut m, sql, &s);
+        }
+        Ok(s)
     }
 }
 

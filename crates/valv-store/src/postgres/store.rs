@@ -53,9 +53,14 @@ fn version_at(r: &Row, at: usize) -> Result<StoredVersion, StoreError> {
 }
 
 fn current_checked(row: Option<Row>) -> Result<Option<StoredVersion>, StoreError> {
+    current_checked_at(row, 0)
+}
+
+/// [`current_checked`] for a row whose version columns start at column `at`.
+pub(super) fn current_checked_at(row: Option<Row>, at: usize) -> Result<Option<StoredVersion>, StoreError> {
     let Some(r) = row else { return Ok(None) };
-    let v = version_at(&r, 0)?;
-    let pointer: i64 = r.get(7);
+    let v = version_at(&r, at)?;
+    let pointer: i64 = r.get(at + 7);
     if uint(pointer)? != v.version {
         return Err(StoreError::Integrity(format!(
             "{}/{}: the current-version pointer ({pointer}) disagrees with the newest stored version ({}): altered outside Valv",
@@ -820,7 +825,7 @@ impl Store for PgStore {
     }
 
     async fn read_current(&self, resource_type: &str, id: &str) -> Result<Option<StoredVersion>, StoreError> {
-        current_checked(self.pool.shared().await?.query_opt(CURRENT, &[&resource_type, &id]).await.map_err(pg("reading a resource"))?)
+        self.reads.read(resource_type, id).await
     }
 
     async fn read_version(&self, resource_type: &str, id: &str, version: u64) -> Result<Option<StoredVersion>, StoreError> {

@@ -454,3 +454,22 @@ async fn concurrent_creates_share_groups_and_keep_their_own_outcomes() {
     assert!(store.read_current("Patient", "p63-b").await.expect("read").is_some());
     assert!(store.read_current("Patient", "taken-b").await.expect("read").is_none(), "nothing of the failed request stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_by_id_each_get_their_own_resource() {
+    let pg = Cluster::start();
+    let store = Arc::new(migrated(&pg).await);
+    let create = |id: String| Write { expect: Expect::Absent, version: version(&id, 1), tokens: vec![], sealed_with: None, unless: None };
+    store.commit((0..32).map(|n| create(format!("r{n}"))).collect()).await.expect("created");
+    // Reads of present and absent ids at once: gathered into shared statements, each answered
+    // with its own row or none.
+    let mut reads = tokio::task::JoinSet::new();
+    for n in 0..64 {
+        let store = store.clone();
+        reads.spawn(async move { (n, store.read_current("Patient", &format!("r{n}")).await.expect("read")) });
+    }
+    while let Some(joined) = reads.join_next().await {
+        let (n, found) = joined.expect("task");
+        assert_eq!(found.map(|v| v.id), (n < 32).then(|| format!("r{n}")), "read {n}");
+    }
+}
