@@ -478,8 +478,7 @@ CREATE TABLE IF NOT EXISTS audit.audit_by_patient_upto (id INTEGER PRIMARY KEY C
 /// Adds the by-patient pairs of the entries appended since the last call, sorted (each page of
 /// the table written once per call); returns how many entries it looked at.
 pub(crate) fn index_by_patient(conn: &Connection) -> rusqlite::Result<u64> {
-    let upto: u64 = conn.prepare_cached("SELECT coalesce((SELECT upto FROM audit_by_patient_upto WHERE id = 1), 0)")?.query_row([], |r| r.get(0))?;
-    let end: u64 = conn.prepare_cached("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")?.query_row([], |r| r.get(0))?;
+    let (upto, end) = by_patient_bounds(conn)?;
     if end <= upto {
         return Ok(0);
     }
@@ -490,6 +489,13 @@ pub(crate) fn index_by_patient(conn: &Connection) -> rusqlite::Result<u64> {
     .execute(params![upto, end])?;
     conn.prepare_cached("INSERT OR REPLACE INTO audit_by_patient_upto (id, upto) VALUES (1, ?1)")?.execute(params![end])?;
     Ok(end - upto)
+}
+
+/// The first leaf index without its by-patient pair yet, and the log's size.
+fn by_patient_bounds(conn: &Connection) -> rusqlite::Result<(u64, u64)> {
+    let upto: u64 = conn.prepare_cached("SELECT coalesce((SELECT upto FROM audit_by_patient_upto WHERE id = 1), 0)")?.query_row([], |r| r.get(0))?;
+    let end: u64 = conn.prepare_cached("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries")?.query_row([], |r| r.get(0))?;
+    Ok((upto, end))
 }
 
 /// A log made before the by-patient table had an index on the entries (schema version 3 made
@@ -552,6 +558,17 @@ impl SqliteStore {
         self.submit(Work::Run(run)).await?;
         let value = slot.lock().map_err(|_| StoreError::Backend("write result lock poisoned".into()))?.take();
         value.ok_or_else(|| StoreError::Backend("the writer thread committed a write without running it".into()))
+    }
+
+    /// Has the writer add the by-patient pairs still waiting ([`index_by_patient`]) — only when
+    /// some wait, so that reading a patient's entries page by page costs the writer one step at
+    /// most, and nothing once the log is idle.
+    async fn index_waiting_by_patient(&self) -> Result<(), StoreError> {
+        let waiting = self.with_reader(|c| Ok(by_patient_bounds(c).map(|(upto, end)| end > upto)?))?;
+        if waiting {
+            self.write(|c| index_by_patient(c).map_err(StoreError::from)).await?;
+        }
+        Ok(())
     }
 
     /// Opens (creating if needed) the database file and runs pending migrations.
@@ -1856,7 +1873,7 @@ impl Store for SqliteStore {
         // The entries the writer has not added to the by-patient table yet are added first; an
         // entry is read only when its own token matches (a pair added in the database by hand
         // does not show a patient someone else's entry).
-        self.write(|c| index_by_patient(c).map_err(StoreError::from)).await?;
+        self.index_waiting_by_patient().await?;
         let sql = if newest_first {
             "SELECT e.idx, e.leaf_hash, e.sealed, e.patient_token, e.query_sealed FROM audit_by_patient p JOIN audit_entries e ON e.idx = p.idx \
              WHERE p.patient_token = ?1 AND p.idx >= ?2 AND p.idx < ?3 AND e.patient_token = p.patient_token ORDER BY p.idx DESC LIMIT ?4"
@@ -1873,7 +1890,7 @@ impl Store for SqliteStore {
     }
 
     async fn patient_entries_unfound(&self, limit: usize) -> Result<Vec<u64>, StoreError> {
-        self.write(|c| index_by_patient(c).map_err(StoreError::from)).await?;
+        self.index_waiting_by_patient().await?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.with_reader(|c| {
             let sql = "SELECT e.idx FROM audit_entries e WHERE e.patient_token IS NOT NULL \

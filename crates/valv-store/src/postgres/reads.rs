@@ -58,11 +58,8 @@ async fn run(pool: Arc<Pool>, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
 async fn read_group(pool: &Pool, group: Vec<Job>) {
     let types: Vec<&str> = group.iter().map(|(t, _, _)| t.as_str()).collect();
     let ids: Vec<&str> = group.iter().map(|(_, i, _)| i.as_str()).collect();
-    let rows = match pool.shared().await {
-        Ok(c) => c.query(GROUPED, &[&types, &ids]).await.map_err(pg("reading resources")),
-        Err(e) => Err(e),
-    };
-    let rows = match rows {
+    let rows = async { pool.shared().await?.query(GROUPED, &[&types, &ids]).await.map_err(pg("reading resources")) };
+    let rows = match rows.await {
         Ok(rows) => rows,
         Err(e) => {
             let message = e.to_string();
